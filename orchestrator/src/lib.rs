@@ -1,0 +1,389 @@
+//! Orchestrator: the public `Ghostwriter` service. Each write goes Retrieve → Rank →
+//! (Summarize ∥ Synthesize) → Generate over gRPC, under the caller's deadline, and comes back
+//! with its provenance: which documents were used, the summary, the important words, the preset
+//! and each stage's latency.
+
+pub mod preset;
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use ghostwriter_common::server::StageServer;
+use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
+use ghostwriter_proto::v1::generate_request::Input;
+use ghostwriter_proto::v1::generator_client::GeneratorClient;
+use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
+use ghostwriter_proto::v1::ranker_client::RankerClient;
+use ghostwriter_proto::v1::retriever_client::RetrieverClient;
+use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
+use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
+use ghostwriter_proto::v1::write_stream_response::Event;
+use ghostwriter_proto::v1::{
+    GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput, Provenance,
+    RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SynthesizeRequest, WriteRequest,
+    WriteResponse, WriteStreamResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+pub use preset::{PRESETS, Preset};
+
+/// The paper's immediate-context length, in characters.
+pub const DEFAULT_CONTEXT_CHARS: usize = 150;
+/// Longest immediate context a request may ask for.
+const MAX_CONTEXT_CHARS: u32 = 20_000;
+/// Longest user id.
+const MAX_USER_ID: usize = 512;
+
+/// Where the stages are, and request defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OrchestratorConfig {
+    /// Retriever endpoint.
+    #[arg(long = "retriever-url", env = "GHOSTWRITER_RETRIEVER_URL", default_value = "http://127.0.0.1:50052")]
+    pub retriever_url: String,
+    /// Ranker endpoint.
+    #[arg(long = "ranker-url", env = "GHOSTWRITER_RANKER_URL", default_value = "http://127.0.0.1:50053")]
+    pub ranker_url: String,
+    /// Summarizer endpoint.
+    #[arg(long = "summarizer-url", env = "GHOSTWRITER_SUMMARIZER_URL", default_value = "http://127.0.0.1:50054")]
+    pub summarizer_url: String,
+    /// Generator endpoint.
+    #[arg(long = "generator-url", env = "GHOSTWRITER_GENERATOR_URL", default_value = "http://127.0.0.1:50055")]
+    pub generator_url: String,
+    /// Synthesizer endpoint.
+    #[arg(long = "synthesizer-url", env = "GHOSTWRITER_SYNTHESIZER_URL", default_value = "http://127.0.0.1:50056")]
+    pub synthesizer_url: String,
+    /// Past documents fetched per write (the ranker orders them; the synthesizer's corpus).
+    #[arg(long = "max-candidates", env = "GHOSTWRITER_MAX_CANDIDATES", default_value_t = 200)]
+    pub max_candidates: u32,
+    /// Deadline of a write whose caller sets none, in seconds.
+    #[arg(long = "request-timeout", env = "GHOSTWRITER_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout_secs: u64,
+}
+
+/// Clients of every stage.
+#[derive(Clone)]
+struct Stages {
+    retriever: RetrieverClient<Channel>,
+    ranker: RankerClient<Channel>,
+    summarizer: SummarizerClient<Channel>,
+    synthesizer: SynthesizerClient<Channel>,
+    generator: GeneratorClient<Channel>,
+}
+
+const LIMIT: usize = 256 << 20;
+
+impl Stages {
+    fn connect(c: &OrchestratorConfig) -> Result<Self, Status> {
+        Ok(Self {
+            retriever: RetrieverClient::new(client::channel(&c.retriever_url)?)
+                .max_decoding_message_size(LIMIT)
+                .max_encoding_message_size(LIMIT),
+            ranker: RankerClient::new(client::channel(&c.ranker_url)?).max_encoding_message_size(LIMIT),
+            summarizer: SummarizerClient::new(client::channel(&c.summarizer_url)?),
+            synthesizer: SynthesizerClient::new(client::channel(&c.synthesizer_url)?).max_encoding_message_size(LIMIT),
+            generator: GeneratorClient::new(client::channel(&c.generator_url)?),
+        })
+    }
+}
+
+/// The public service.
+#[derive(Clone)]
+pub struct OrchestratorService {
+    stages: Stages,
+    config: OrchestratorConfig,
+}
+
+/// A validated write with everything resolved.
+struct Plan {
+    preset: Preset,
+    user_id: String,
+    context: String,
+    timestamp: Option<i64>,
+    doc_id: String,
+    generation: ghostwriter_proto::v1::GenerationParams,
+    ranked_entries: bool,
+    summary: bool,
+    synthesis: bool,
+    retrieval: bool,
+    deadline: Option<Instant>,
+    started: Instant,
+}
+
+/// The immediate context: title and start joined, cut to `chars` characters.
+pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
+    let joined = match (title.trim().is_empty(), start.is_empty()) {
+        (true, _) => start.to_string(),
+        (false, true) => title.trim().to_string(),
+        (false, false) => format!("{}\n{}", title.trim(), start),
+    };
+    joined.chars().take(chars).collect()
+}
+
+fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
+    latencies.push(StageLatency { stage: stage.into(), millis: since.elapsed().as_secs_f64() * 1e3 });
+}
+
+impl OrchestratorService {
+    /// Clients of the stages in `config` (connections are made lazily).
+    pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
+        Ok(Self { stages: Stages::connect(&config)?, config })
+    }
+
+    fn plan(&self, request: Request<WriteRequest>) -> Result<Plan, Status> {
+        let started = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), started)
+            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let r = request.into_inner();
+        if r.user_id.trim().is_empty() {
+            return Err(Status::invalid_argument("user_id is empty"));
+        }
+        if r.user_id.len() > MAX_USER_ID {
+            return Err(Status::invalid_argument(format!("user_id is limited to {MAX_USER_ID} bytes")));
+        }
+        if r.title.trim().is_empty() && r.start.trim().is_empty() {
+            return Err(Status::invalid_argument("the document start is empty: set start (and optionally title)"));
+        }
+        let chars = r.title.chars().count() + r.start.chars().count();
+        if chars > MAX_DOCUMENT_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"
+            )));
+        }
+        let preset = preset::find(&r.preset).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown preset {:?}; known presets: {}", r.preset, preset::names()))
+        })?;
+        let o = r.options.unwrap_or_default();
+        if o.context_chars > MAX_CONTEXT_CHARS {
+            return Err(Status::invalid_argument(format!("context_chars is limited to {MAX_CONTEXT_CHARS}")));
+        }
+        let context_chars = if o.context_chars == 0 { DEFAULT_CONTEXT_CHARS } else { o.context_chars as usize };
+        let context = immediate_context(&r.title, &r.start, context_chars);
+        let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
+        Ok(Plan {
+            preset,
+            user_id: r.user_id,
+            context,
+            timestamp: r.timestamp,
+            doc_id: r.doc_id,
+            generation: o.generation.unwrap_or_default(),
+            ranked_entries: retrieval && preset.ranked_entries && !o.disable_ranked_entries,
+            summary: retrieval && preset.summary && !o.disable_summary,
+            synthesis: retrieval && preset.synthesis && !o.disable_synthesis,
+            retrieval,
+            deadline,
+            started,
+        })
+    }
+
+    /// Runs every stage before generation; returns the generator's request and the provenance.
+    async fn prepare(&self, plan: &Plan) -> Result<(GenerateRequest, Provenance), Status> {
+        let mut s = self.stages.clone();
+        let mut provenance = Provenance {
+            preset: plan.preset.name.to_string(),
+            immediate_context: plan.context.clone(),
+            ..Default::default()
+        };
+        let mut input = PersonalizedInput { passage_start: plan.context.clone(), ..Default::default() };
+        if plan.retrieval {
+            let t = Instant::now();
+            let retrieved = s
+                .retriever
+                .retrieve(deadline::request(
+                    RetrieveRequest {
+                        user_id: plan.user_id.clone(),
+                        query: plan.context.clone(),
+                        before_timestamp: plan.timestamp,
+                        current_doc_id: plan.doc_id.clone(),
+                        limit: self.config.max_candidates,
+                    },
+                    plan.deadline,
+                )?)
+                .await
+                .map_err(|e| client::stage_status("retriever", e))?
+                .into_inner();
+            timed(&mut provenance.latencies, "retriever", t);
+            provenance.history_size = retrieved.total_history;
+            let candidates = retrieved.documents;
+            if !candidates.is_empty() {
+                let corpus: Vec<String> = candidates
+                    .iter()
+                    .filter_map(|c| c.document.as_ref())
+                    .map(|d| format!("{}\n{}", d.title, d.text))
+                    .collect();
+                let t = Instant::now();
+                let entries = s
+                    .ranker
+                    .rank(deadline::request(
+                        RankRequest {
+                            query: plan.context.clone(),
+                            candidates,
+                            strategy: plan.preset.ranking.unwrap_or_default() as i32,
+                            budget_chars: 0,
+                        },
+                        plan.deadline,
+                    )?)
+                    .await
+                    .map_err(|e| client::stage_status("ranker", e))?
+                    .into_inner()
+                    .entries;
+                timed(&mut provenance.latencies, "ranker", t);
+
+                let summarize = async {
+                    if !plan.summary {
+                        return Ok(None);
+                    }
+                    let t = Instant::now();
+                    let request = deadline::request(SummarizeRequest { entries: entries.clone(), max_new_tokens: 0 }, plan.deadline)?;
+                    let summary = s.summarizer.summarize(request).await.map_err(|e| client::stage_status("summarizer", e))?;
+                    Ok::<_, Status>(Some((summary.into_inner().summary, t.elapsed())))
+                };
+                let synthesize = async {
+                    if !plan.synthesis {
+                        return Ok(None);
+                    }
+                    let t = Instant::now();
+                    let request = deadline::request(SynthesizeRequest { documents: corpus, max_words: 0 }, plan.deadline)?;
+                    let words = s.synthesizer.synthesize(request).await.map_err(|e| client::stage_status("synthesizer", e))?;
+                    Ok::<_, Status>(Some((words.into_inner().words, t.elapsed())))
+                };
+                let (summary, words) = tokio::try_join!(summarize, synthesize)?;
+                let millis = |d: Duration| d.as_secs_f64() * 1e3;
+                if let Some((summary, took)) = summary {
+                    provenance.latencies.push(StageLatency { stage: "summarizer".into(), millis: millis(took) });
+                    input.summary = summary.clone();
+                    provenance.summary = summary;
+                }
+                if let Some((words, took)) = words {
+                    provenance.latencies.push(StageLatency { stage: "synthesizer".into(), millis: millis(took) });
+                    input.important_words = words.into_iter().map(|w| w.word).collect();
+                    provenance.important_words = input.important_words.clone();
+                }
+                if plan.ranked_entries || plan.summary {
+                    provenance.doc_ids = entries.iter().map(|e| e.doc_id.clone()).collect();
+                }
+                if plan.ranked_entries {
+                    input.past_passages = entries.into_iter().map(|e| e.text).collect();
+                }
+            }
+        }
+        provenance.no_history = provenance.history_size == 0;
+        let generate = GenerateRequest { input: Some(Input::Personalized(input)), params: Some(plan.generation.clone()) };
+        Ok((generate, provenance))
+    }
+
+    fn finish(plan: &Plan, mut provenance: Provenance, generation: GenerateResponse, generator_took: Duration) -> WriteResponse {
+        provenance.latencies.push(StageLatency { stage: "generator".into(), millis: generator_took.as_secs_f64() * 1e3 });
+        provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
+        WriteResponse {
+            text: generation.text.clone(),
+            document: format!("{}{}", plan.context, generation.text),
+            provenance: Some(provenance),
+            generation: Some(generation),
+        }
+    }
+}
+
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Ghostwriter for OrchestratorService {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+        let plan = self.plan(request)?;
+        let (generate, provenance) = self.prepare(&plan).await?;
+        let t = Instant::now();
+        let generation = self
+            .stages
+            .generator
+            .clone()
+            .generate(deadline::request(generate, plan.deadline)?)
+            .await
+            .map_err(|e| client::stage_status("generator", e))?
+            .into_inner();
+        let response = Self::finish(&plan, provenance, generation, t.elapsed());
+        tracing::info!(user = %plan.user_id, preset = plan.preset.name, millis = response.provenance.as_ref().map_or(0.0, |p| p.total_millis), "write");
+        Ok(Response::new(response))
+    }
+
+    type WriteStreamStream = StreamOf<WriteStreamResponse>;
+
+    async fn write_stream(&self, request: Request<WriteRequest>) -> Result<Response<Self::WriteStreamStream>, Status> {
+        let plan = self.plan(request)?;
+        let (generate, provenance) = self.prepare(&plan).await?;
+        let t = Instant::now();
+        let mut upstream = self
+            .stages
+            .generator
+            .clone()
+            .generate_stream(deadline::request(generate, plan.deadline)?)
+            .await
+            .map_err(|e| client::stage_status("generator", e))?
+            .into_inner();
+        let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
+        tokio::spawn(async move {
+            let event = |e: Event| Ok(WriteStreamResponse { event: Some(e) });
+            if tx.send(event(Event::Provenance(provenance.clone()))).await.is_err() {
+                return;
+            }
+            // Dropping `upstream` when the caller goes away cancels generation downstream.
+            while let Some(message) = upstream.next().await {
+                let out = match message {
+                    Ok(m) => match m.summary {
+                        Some(generation) => {
+                            let done = Self::finish(&plan, provenance.clone(), generation, t.elapsed());
+                            let _ = tx.send(event(Event::Done(done))).await;
+                            return;
+                        }
+                        None => event(Event::Text(m.text)),
+                    },
+                    Err(e) => Err(client::stage_status("generator", e)),
+                };
+                let failed = out.is_err();
+                if tx.send(out).await.is_err() || failed {
+                    return;
+                }
+            }
+            let _ = tx.send(Err(Status::unavailable("generator stage: the stream ended before the text was complete"))).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let response = self
+            .stages
+            .retriever
+            .clone()
+            .ingest(deadline::request(request.into_inner(), deadline)?)
+            .await
+            .map_err(|e| client::stage_status("retriever", e))?;
+        Ok(response)
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown`.
+pub async fn serve(config: OrchestratorConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter").await;
+    let service = OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+    let routes = routes.add_service(
+        GhostwriterServer::new(service).max_decoding_message_size(LIMIT).max_encoding_message_size(LIMIT),
+    );
+    server.serve_after(routes, listener, shutdown, async { Ok(()) }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immediate_context_joins_title_and_cuts() {
+        assert_eq!(immediate_context("Great", "strings last", 150), "Great\nstrings last");
+        assert_eq!(immediate_context("", "abcdef", 3), "abc");
+        assert_eq!(immediate_context("T", "", 150), "T");
+        assert_eq!(immediate_context("", "héllo", 2), "hé");
+    }
+}

@@ -1,0 +1,51 @@
+//! Client channels to other stages, and errors that name the stage that failed.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Opens a lazy channel to a stage: no connection is made until the first call, and a stage
+/// that is down fails that call quickly (connect timeout) instead of hanging.
+pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint URL {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    Ok(endpoint.connect_lazy())
+}
+
+/// Rewrites a failed call's status so it names the stage. Transport failures (the stage is down
+/// or unreachable) become UNAVAILABLE; the stage's own errors keep their code.
+pub fn stage_status(stage: &str, status: tonic::Status) -> tonic::Status {
+    let message = format!("{stage} stage: {}", status.message());
+    match status.code() {
+        tonic::Code::Unknown if status.message().contains("transport") => {
+            tonic::Status::unavailable(message)
+        }
+        code => tonic::Status::new(code, message),
+    }
+}
+
+/// Polls the standard health service at `url` until `service` (`""` for the whole server)
+/// reports SERVING, or fails after `timeout` with the last status seen.
+pub async fn wait_until_serving(url: &str, service: &str, timeout: Duration) -> Result<(), tonic::Status> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let started = std::time::Instant::now();
+    let mut client = HealthClient::new(channel(url)?);
+    let mut last = String::from("no answer");
+    while started.elapsed() < timeout {
+        let mut request = tonic::Request::new(HealthCheckRequest { service: service.into() });
+        request.set_timeout(Duration::from_secs(1));
+        match client.check(request).await {
+            Ok(r) if r.get_ref().status() == ServingStatus::Serving => return Ok(()),
+            Ok(r) => last = format!("{:?}", r.get_ref().status()),
+            Err(e) => last = e.message().to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(tonic::Status::unavailable(format!("{url} not SERVING after {timeout:?}: {last}")))
+}

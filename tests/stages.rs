@@ -1,0 +1,107 @@
+//! Stage lifecycle: health reports SERVING only once models are loaded, a stopped stage gives
+//! UNAVAILABLE naming it, and the generator's tokenizer matches the model's vocabulary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ghostwriter::embedded::Embedded;
+use ghostwriter::proto::generator_client::GeneratorClient;
+use ghostwriter::proto::{GenerateRequest, GenerationParams, PersonalizedInput, WriteOptions, WriteRequest};
+use ghostwriter_common::shutdown;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_only_once_the_model_is_loaded() {
+    let models = common::model_dir();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (trigger, stop) = shutdown::channel();
+    let config = common::config(std::env::temp_dir()).generator;
+    let server = tokio::spawn(ghostwriter_generator::serve(config, models, listener, stop));
+    let mut health = HealthClient::new(ghostwriter_common::client::channel(&url).unwrap());
+    let check = |service: &str| HealthCheckRequest { service: service.into() };
+    let first = health.check(check("ghostwriter.v1.Generator")).await.unwrap().into_inner();
+    assert_eq!(first.status(), ServingStatus::NotServing, "SERVING before the model loaded");
+    let mut generator = GeneratorClient::connect(url.clone()).await.unwrap();
+    let request = GenerateRequest {
+        input: Some(ghostwriter::proto::generate_request::Input::Personalized(PersonalizedInput {
+            passage_start: "The strings".into(),
+            ..Default::default()
+        })),
+        params: Some(GenerationParams { max_new_tokens: 3, ..Default::default() }),
+    };
+    let early = generator.generate(request.clone()).await;
+    if let Err(status) = &early {
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    ghostwriter_common::client::wait_until_serving(&url, "ghostwriter.v1.Generator", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = generator.generate(request).await.unwrap().into_inner();
+    assert_eq!(r.generated_tokens, 3);
+    trigger.trigger();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_stage_gives_unavailable_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut embedded = Embedded::start(common::config(dir.path().join("index")), common::model_dir(), listener).await.unwrap();
+    let docs: Vec<_> = (0..3)
+        .map(|i| ghostwriter::proto::Document {
+            user_id: "u".into(),
+            doc_id: format!("d{i}"),
+            timestamp: i,
+            title: String::new(),
+            text: format!("review number {i} of a guitar tuner"),
+        })
+        .collect();
+    common::ingest(&embedded.url(), &docs).await;
+    let mut client = common::client(&embedded.url()).await;
+    let request = WriteRequest {
+        user_id: "u".into(),
+        start: "guitar tuner".into(),
+        preset: "rank-doc-bm25".into(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams { max_new_tokens: 2, ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client.write(request.clone()).await.expect("healthy pipeline");
+    for stage in ["ranker", "retriever"] {
+        embedded.stop_stage(stage).await.unwrap();
+        let started = Instant::now();
+        let mut r = tonic::Request::new(request.clone());
+        r.set_timeout(Duration::from_secs(30));
+        let status = client.write(r).await.expect_err("stage is down");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(stage), "{:?} does not name {stage}", status.message());
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+    embedded.shutdown().await;
+}
+
+#[test]
+fn tokenizer_from_gguf_matches_the_vocabulary() {
+    let path = common::model_dir().join(ghostwriter_common::models::GENERATOR_Q8_0);
+    let (content, _) = ghostwriter_generator::gguf::read_content(&path).unwrap();
+    let tokenizer = ghostwriter_generator::gguf::tokenizer(&content.metadata).unwrap();
+    let tokens = |s: &str| tokenizer.encode(s, false).unwrap().get_tokens().to_vec();
+    let ids = |s: &str| tokenizer.encode(s, false).unwrap().get_ids().to_vec();
+    // Byte-level BPE: a space joins the next word ("Ġ").
+    assert_eq!(tokens("Hello world"), vec!["Hello", "Ġworld"]);
+    // Digits are split one by one (the `smollm` pre-tokenizer).
+    assert_eq!(tokens("2024"), vec!["2", "0", "2", "4"]);
+    // Control tokens are recognized whole.
+    assert_eq!(ids("user").len(), 1);
+    assert_eq!(ids("<|im_start|>user"), vec![1, ids("user")[0]]);
+    assert_eq!(ids("<|im_end|>"), vec![2]);
+    for s in ["Great strings, 5/5!\n\nWould buy again.", "naïve café — “quotes”", "  two  spaces"] {
+        assert_eq!(tokenizer.decode(&ids(s), false).unwrap(), s);
+    }
+}
