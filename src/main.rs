@@ -396,3 +396,13 @@ impl ParseDefaults for EmbeddedConfig {
         Wrapper::parse_from(["demo"]).config
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

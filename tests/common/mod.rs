@@ -56,28 +56,31 @@ pub struct Shared {
 /// Starts a topology on a runtime that outlives every test, running `setup` once against it.
 pub fn shared<F>(setup: F) -> &'static Shared
 where
-    F: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    F: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + 'static,
 {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         ghostwriter_common::telemetry::init_logging();
-        let rt = RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-        });
-        let dir = tempfile::tempdir().expect("tempdir");
         let models = model_dir();
-        let (url, stage_urls) = rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let embedded = Embedded::start(config(dir.path().join("index")), models, listener).await.expect("start");
-            let url = embedded.url();
-            let stages = embedded.addrs.keys().map(|k| (*k, embedded.stage_url(k).unwrap())).collect();
-            // The topology lives as long as the test binary.
-            std::mem::forget(embedded);
-            (url, stages)
-        });
-        rt.block_on(setup(url.clone()));
-        Shared { url, stage_urls, _dir: dir }
+        // Tests run inside their own runtimes: the shared topology gets a runtime of its own,
+        // built and driven from a plain thread, and never dropped.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (url, stage_urls) = rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let embedded = Embedded::start(config(dir.path().join("index")), models, listener).await.expect("start");
+                let url = embedded.url();
+                let stages = embedded.addrs.keys().map(|k| (*k, embedded.stage_url(k).unwrap())).collect();
+                std::mem::forget(embedded);
+                (url, stages)
+            });
+            rt.block_on(setup(url.clone()));
+            std::mem::forget(rt);
+            Shared { url, stage_urls, _dir: dir }
+        })
+        .join()
+        .expect("starting the shared topology")
     })
 }
 

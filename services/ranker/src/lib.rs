@@ -30,7 +30,7 @@ pub struct RankerConfig {
     pub embedder_dir: Option<PathBuf>,
     /// Device of the embedding model: cpu, cuda or cuda:N.
     #[arg(long = "embedder-device", env = "GHOSTWRITER_EMBEDDER_DEVICE", default_value = "cpu")]
-    pub device: String,
+    pub embedder_device: String,
     /// Document embeddings kept in memory (1.5 KB each), so a user's history is embedded once.
     #[arg(long = "embedding-cache", env = "GHOSTWRITER_EMBEDDING_CACHE", default_value_t = 20_000)]
     pub cache_entries: usize,
@@ -167,7 +167,7 @@ pub async fn serve(config: RankerConfig, model_dir: PathBuf, listener: TcpListen
         .embedder_dir
         .clone()
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::EMBEDDER_DIR));
-    let device = ghostwriter_common::device::parse(&config.device)?;
+    let device = ghostwriter_common::device::parse(&config.embedder_device)?;
     let cache_entries = config.cache_entries;
     let loading_cell = cell.clone();
     let loader = async move {

@@ -53,12 +53,16 @@ pub fn order_and_cut(candidates: &[Candidate], scores: &[f32], budget: usize) ->
             continue;
         }
         let n = text.chars().count();
-        let text = if n <= left { text.to_string() } else { cut(text, left) };
-        left -= text.chars().count().min(left);
-        if text.is_empty() {
-            break;
+        if n <= left {
+            left -= n;
+            entries.push(Entry { doc_id: c.doc_id.clone(), text: text.to_string(), score: scores[i], timestamp: c.timestamp });
+            continue;
         }
-        entries.push(Entry { doc_id: c.doc_id.clone(), text, score: scores[i], timestamp: c.timestamp });
+        let text = cut(text, left);
+        if !text.is_empty() {
+            entries.push(Entry { doc_id: c.doc_id.clone(), text, score: scores[i], timestamp: c.timestamp });
+        }
+        break;
     }
     entries
 }
