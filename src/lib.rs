@@ -2,6 +2,7 @@
 //! Personalize" (Li et al., 2023). This crate is the `ghostwriter` command: model management,
 //! the embedded one-process topology, document loaders and the client side of the API.
 
+pub mod bench;
 pub mod embedded;
 pub mod loaders;
 pub mod models;

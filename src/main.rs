@@ -75,6 +75,22 @@ enum Command {
     },
     /// List the presets.
     Presets,
+    /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
+    /// on real data; writes JSON.
+    Bench {
+        /// Documents to ingest (JSONL or Amazon .json.gz).
+        #[arg(long, env = "GHOSTWRITER_BENCH_DATA", default_value_os_t = ghostwriter::bench::default_data())]
+        data: PathBuf,
+        /// Writes to time.
+        #[arg(long, env = "GHOSTWRITER_BENCH_WRITES", default_value_t = 10)]
+        writes: usize,
+        /// Decode-rate runs (128 tokens each).
+        #[arg(long, env = "GHOSTWRITER_BENCH_DECODE_RUNS", default_value_t = 3)]
+        decode_runs: usize,
+        /// Where to write the JSON report (also printed).
+        #[arg(long, env = "GHOSTWRITER_BENCH_OUT", default_value = "bench.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,10 +99,10 @@ enum ModelsCommand {
     /// services load (idempotent).
     Pull {
         /// Where to put the files (overrides --model-dir).
-        #[arg(long)]
+        #[arg(long, env = "GHOSTWRITER_PULL_DIR")]
         dir: Option<PathBuf>,
         /// Check the digests of files already present too.
-        #[arg(long)]
+        #[arg(long, env = "GHOSTWRITER_PULL_VERIFY")]
         verify: bool,
     },
 }
@@ -128,49 +144,49 @@ struct WriteArgs {
     #[arg(long, env = "GHOSTWRITER_URL", default_value = "http://127.0.0.1:50051")]
     to: String,
     /// The author.
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
     /// Title of the document.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", env = "GHOSTWRITER_TITLE")]
     title: String,
     /// The start of the document.
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_START")]
     start: String,
     /// Preset (see `ghostwriter presets`).
-    #[arg(long, default_value = "full")]
+    #[arg(long, default_value = "full", env = "GHOSTWRITER_PRESET")]
     preset: String,
     /// Print the whole response, provenance included, as JSON.
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_JSON")]
     json: bool,
     /// Print the text as it is generated.
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_STREAM")]
     stream: bool,
     /// Tokens to generate at most (0 = server default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_WRITE_MAX_NEW_TOKENS")]
     max_new_tokens: u32,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TEMPERATURE")]
     temperature: f32,
     /// Nucleus sampling threshold (0 or 1 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TOP_P")]
     top_p: f32,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_SEED")]
     seed: u64,
     /// Stop string (repeatable).
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_STOP")]
     stop: Vec<String>,
     /// When the document is written (unix seconds); only earlier documents are used.
-    #[arg(long)]
+    #[arg(long, env = "GHOSTWRITER_TIMESTAMP")]
     timestamp: Option<i64>,
     /// Id of the document being written.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", env = "GHOSTWRITER_DOC_ID")]
     doc_id: String,
     /// Characters of title+start used as the immediate context (0 = the paper's 150).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_CONTEXT_CHARS")]
     context_chars: u32,
     /// Deadline of the request in seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT")]
     timeout: u64,
 }
 
@@ -193,6 +209,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
         Command::Write(args) => write(args).await,
         Command::Demo { listen } => demo(listen, model_dir).await,
+        Command::Bench { data, writes, decode_runs, out } => {
+            tokio::task::spawn_blocking({
+                let dir = model_dir.clone();
+                move || models::ensure(&dir)
+            })
+            .await??;
+            let exe = std::env::current_exe()?;
+            let report = ghostwriter::bench::run(&exe, &model_dir, &data, writes, decode_runs).await?;
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&out, &text)?;
+            println!("{text}");
+            Ok(())
+        }
         Command::Presets => {
             for p in ghostwriter_orchestrator::PRESETS {
                 println!("{:<18} {}", p.name, p.description);

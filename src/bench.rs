@@ -1,0 +1,207 @@
+//! `ghostwriter bench`: measures the targets of the spine on real data, with every stage its own
+//! process (as Kubernetes runs them), and writes JSON.
+//!
+//! Measured: ingest time, generator decode rate (single stream, greedy), per-stage latency of
+//! real writes, the orchestrator's own overhead (its total minus the time spent waiting on
+//! stages, summarizer and synthesizer counted once since they run in parallel), and the
+//! resident memory of every stage process after ingest and writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ghostwriter_common::client::wait_until_serving;
+use ghostwriter_proto::v1::generate_request::Input;
+use ghostwriter_proto::v1::generator_client::GeneratorClient;
+use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
+use ghostwriter_proto::v1::{
+    Document, GenerateRequest, GenerationParams, IngestRequest, WriteOptions, WriteRequest,
+};
+use serde_json::{Value, json};
+
+use crate::loaders;
+
+/// Stage processes of a local multi-process topology; killed on drop.
+pub struct Processes {
+    children: Vec<(&'static str, Child)>,
+    /// URL of each stage.
+    pub urls: BTreeMap<&'static str, String>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Processes {
+    /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
+    /// loopback ports, and waits until each reports SERVING.
+    pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
+        let mut urls = BTreeMap::new();
+        for stage in ["retriever", "ranker", "summarizer", "synthesizer", "generator", "orchestrator"] {
+            urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
+        }
+        let mut me = Self { children: Vec::new(), urls: urls.clone() };
+        let listen = |s: &str| urls[s].trim_start_matches("http://").to_string();
+        let stage_args: Vec<(&'static str, Vec<String>)> = vec![
+            ("retriever", vec!["--index-dir".into(), index_dir.display().to_string()]),
+            ("ranker", vec![]),
+            ("synthesizer", vec![]),
+            ("generator", vec![]),
+            ("summarizer", vec!["--generator-url".into(), urls["generator"].clone()]),
+            (
+                "orchestrator",
+                vec![
+                    "--retriever-url".into(), urls["retriever"].clone(),
+                    "--ranker-url".into(), urls["ranker"].clone(),
+                    "--summarizer-url".into(), urls["summarizer"].clone(),
+                    "--synthesizer-url".into(), urls["synthesizer"].clone(),
+                    "--generator-url".into(), urls["generator"].clone(),
+                ],
+            ),
+        ];
+        for (stage, args) in stage_args {
+            let child = Command::new(exe)
+                .arg("--model-dir")
+                .arg(model_dir)
+                .args(["serve", "--listen", &listen(stage), stage])
+                .args(&args)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting the {stage} process"))?;
+            me.children.push((stage, child));
+        }
+        for (stage, url) in &urls {
+            wait_until_serving(url, "", Duration::from_secs(120))
+                .await
+                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
+        }
+        Ok(me)
+    }
+
+    /// Resident memory of each process, in MB (Linux `/proc`).
+    pub fn rss_mb(&self) -> BTreeMap<&'static str, f64> {
+        self.children
+            .iter()
+            .filter_map(|(stage, child)| {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+                Some((*stage, kb / 1024.0))
+            })
+            .collect()
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the benchmark; returns the JSON report.
+pub async fn run(exe: &Path, model_dir: &Path, data: &Path, writes: usize, decode_runs: usize) -> anyhow::Result<Value> {
+    let work = tempfile::tempdir()?;
+    let started = Instant::now();
+    let procs = Processes::start(exe, model_dir, &work.path().join("index")).await?;
+    let ready_s = started.elapsed().as_secs_f64();
+    let rss_idle = procs.rss_mb();
+    let url = procs.urls["orchestrator"].clone();
+    let mut client = GhostwriterClient::connect(url.clone()).await?.max_encoding_message_size(256 << 20);
+
+    let path = data.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
+    let t = Instant::now();
+    for chunk in loaded.documents.chunks(1000) {
+        client.ingest(IngestRequest { documents: chunk.to_vec() }).await?;
+    }
+    let ingest_s = t.elapsed().as_secs_f64();
+
+    // Decode rate: the generator alone, greedy, a fixed prompt, every token generated.
+    let mut generator = GeneratorClient::connect(procs.urls["generator"].clone()).await?;
+    let mut rates = Vec::new();
+    for _ in 0..decode_runs {
+        let r = generator
+            .generate(GenerateRequest {
+                input: Some(Input::Instruction("Write a long, detailed review of a guitar you love.".into())),
+                params: Some(GenerationParams { max_new_tokens: 128, ..Default::default() }),
+            })
+            .await?
+            .into_inner();
+        rates.push(json!({"tokens": r.generated_tokens, "tokens_per_second": r.tokens_per_second}));
+    }
+
+    // Writes for real users: their middle document, its real history.
+    let mut by_user: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+    for d in loaded.documents {
+        by_user.entry(d.user_id.clone()).or_default().push(d);
+    }
+    let mut per_stage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut overheads = Vec::new();
+    let mut totals = Vec::new();
+    for docs in by_user.values().filter(|d| d.len() >= 6).step_by(37).take(writes) {
+        let target = &docs[docs.len() / 2];
+        let request = WriteRequest {
+            user_id: target.user_id.clone(),
+            title: target.title.clone(),
+            start: target.text.clone(),
+            preset: "full".into(),
+            timestamp: Some(target.timestamp),
+            doc_id: target.doc_id.clone(),
+            options: Some(WriteOptions {
+                generation: Some(GenerationParams { max_new_tokens: 64, ..Default::default() }),
+                ..Default::default()
+            }),
+        };
+        let t = Instant::now();
+        let response = client.write(request).await?.into_inner();
+        let client_ms = t.elapsed().as_secs_f64() * 1e3;
+        let p = response.provenance.unwrap_or_default();
+        let mut waited = 0.0;
+        let mut parallel: f64 = 0.0;
+        for l in &p.latencies {
+            per_stage.entry(l.stage.clone()).or_default().push(l.millis);
+            if l.stage == "summarizer" || l.stage == "synthesizer" {
+                parallel = parallel.max(l.millis);
+            } else {
+                waited += l.millis;
+            }
+        }
+        overheads.push(p.total_millis - waited - parallel);
+        totals.push(client_ms);
+    }
+    let rss_loaded = procs.rss_mb();
+    let summarize = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        json!({"n": v.len(), "mean": v.iter().sum::<f64>() / v.len().max(1) as f64, "p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99)})
+    };
+    Ok(json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "topology": "one process per stage on loopback",
+        "ready_seconds": ready_s,
+        "ingest": {"documents": by_user.values().map(Vec::len).sum::<usize>(), "seconds": ingest_s},
+        "decode": rates,
+        "write_latency_ms": {
+            "client_total": summarize(totals),
+            "per_stage": per_stage.into_iter().map(|(k, v)| (k, summarize(v))).collect::<serde_json::Map<_, _>>(),
+            "orchestrator_overhead": summarize(overheads),
+        },
+        "rss_mb": {"after_start": rss_idle, "after_ingest_and_writes": rss_loaded},
+    }))
+}
+
+/// Default data file for the benchmark.
+pub fn default_data() -> PathBuf {
+    PathBuf::from("../shared/data/amazon-musical-instruments/docs.jsonl")
+}
