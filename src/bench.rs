@@ -40,7 +40,9 @@ impl Drop for Processes {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Processes {
@@ -48,25 +50,46 @@ impl Processes {
     /// loopback ports, and waits until each reports SERVING.
     pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
         let mut urls = BTreeMap::new();
-        for stage in ["retriever", "ranker", "summarizer", "synthesizer", "generator", "orchestrator"] {
+        for stage in [
+            "retriever",
+            "ranker",
+            "summarizer",
+            "synthesizer",
+            "generator",
+            "orchestrator",
+        ] {
             urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
         }
-        let mut me = Self { children: Vec::new(), urls: urls.clone() };
+        let mut me = Self {
+            children: Vec::new(),
+            urls: urls.clone(),
+        };
         let listen = |s: &str| urls[s].trim_start_matches("http://").to_string();
         let stage_args: Vec<(&'static str, Vec<String>)> = vec![
-            ("retriever", vec!["--index-dir".into(), index_dir.display().to_string()]),
+            (
+                "retriever",
+                vec!["--index-dir".into(), index_dir.display().to_string()],
+            ),
             ("ranker", vec![]),
             ("synthesizer", vec![]),
             ("generator", vec![]),
-            ("summarizer", vec!["--generator-url".into(), urls["generator"].clone()]),
+            (
+                "summarizer",
+                vec!["--generator-url".into(), urls["generator"].clone()],
+            ),
             (
                 "orchestrator",
                 vec![
-                    "--retriever-url".into(), urls["retriever"].clone(),
-                    "--ranker-url".into(), urls["ranker"].clone(),
-                    "--summarizer-url".into(), urls["summarizer"].clone(),
-                    "--synthesizer-url".into(), urls["synthesizer"].clone(),
-                    "--generator-url".into(), urls["generator"].clone(),
+                    "--retriever-url".into(),
+                    urls["retriever"].clone(),
+                    "--ranker-url".into(),
+                    urls["ranker"].clone(),
+                    "--summarizer-url".into(),
+                    urls["summarizer"].clone(),
+                    "--synthesizer-url".into(),
+                    urls["synthesizer"].clone(),
+                    "--generator-url".into(),
+                    urls["generator"].clone(),
                 ],
             ),
         ];
@@ -95,8 +118,15 @@ impl Processes {
         self.children
             .iter()
             .filter_map(|(stage, child)| {
-                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
-                let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                let kb: f64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
                 Some((*stage, kb / 1024.0))
             })
             .collect()
@@ -111,20 +141,32 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the benchmark; returns the JSON report.
-pub async fn run(exe: &Path, model_dir: &Path, data: &Path, writes: usize, decode_runs: usize) -> anyhow::Result<Value> {
+pub async fn run(
+    exe: &Path,
+    model_dir: &Path,
+    data: &Path,
+    writes: usize,
+    decode_runs: usize,
+) -> anyhow::Result<Value> {
     let work = tempfile::tempdir()?;
     let started = Instant::now();
     let procs = Processes::start(exe, model_dir, &work.path().join("index")).await?;
     let ready_s = started.elapsed().as_secs_f64();
     let rss_idle = procs.rss_mb();
     let url = procs.urls["orchestrator"].clone();
-    let mut client = GhostwriterClient::connect(url.clone()).await?.max_encoding_message_size(256 << 20);
+    let mut client = GhostwriterClient::connect(url.clone())
+        .await?
+        .max_encoding_message_size(256 << 20);
 
     let path = data.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     let t = Instant::now();
     for chunk in loaded.documents.chunks(1000) {
-        client.ingest(IngestRequest { documents: chunk.to_vec() }).await?;
+        client
+            .ingest(IngestRequest {
+                documents: chunk.to_vec(),
+            })
+            .await?;
     }
     let ingest_s = t.elapsed().as_secs_f64();
 
@@ -134,8 +176,13 @@ pub async fn run(exe: &Path, model_dir: &Path, data: &Path, writes: usize, decod
     for _ in 0..decode_runs {
         let r = generator
             .generate(GenerateRequest {
-                input: Some(Input::Instruction("Write a long, detailed review of a guitar you love.".into())),
-                params: Some(GenerationParams { max_new_tokens: 128, ..Default::default() }),
+                input: Some(Input::Instruction(
+                    "Write a long, detailed review of a guitar you love.".into(),
+                )),
+                params: Some(GenerationParams {
+                    max_new_tokens: 128,
+                    ..Default::default()
+                }),
             })
             .await?
             .into_inner();
@@ -150,7 +197,12 @@ pub async fn run(exe: &Path, model_dir: &Path, data: &Path, writes: usize, decod
     let mut per_stage: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut overheads = Vec::new();
     let mut totals = Vec::new();
-    for docs in by_user.values().filter(|d| d.len() >= 6).step_by(37).take(writes) {
+    for docs in by_user
+        .values()
+        .filter(|d| d.len() >= 6)
+        .step_by(37)
+        .take(writes)
+    {
         let target = &docs[docs.len() / 2];
         let request = WriteRequest {
             user_id: target.user_id.clone(),
@@ -160,7 +212,10 @@ pub async fn run(exe: &Path, model_dir: &Path, data: &Path, writes: usize, decod
             timestamp: Some(target.timestamp),
             doc_id: target.doc_id.clone(),
             options: Some(WriteOptions {
-                generation: Some(GenerationParams { max_new_tokens: 64, ..Default::default() }),
+                generation: Some(GenerationParams {
+                    max_new_tokens: 64,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         };

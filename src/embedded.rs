@@ -18,7 +18,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 /// The stages, in start order.
-pub const STAGES: &[&str] = &["retriever", "ranker", "synthesizer", "generator", "summarizer"];
+pub const STAGES: &[&str] = &[
+    "retriever",
+    "ranker",
+    "synthesizer",
+    "generator",
+    "summarizer",
+];
 
 /// Settings of every stage of the embedded topology.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,16 +39,32 @@ pub struct EmbeddedConfig {
     #[allow(missing_docs)]
     pub generator: GeneratorConfig,
     /// Summary length in tokens.
-    #[arg(long = "summary-tokens", env = "GHOSTWRITER_SUMMARY_TOKENS", default_value_t = 96)]
+    #[arg(
+        long = "summary-tokens",
+        env = "GHOSTWRITER_SUMMARY_TOKENS",
+        default_value_t = 96
+    )]
     pub summary_tokens: u32,
     /// Past documents fetched per write.
-    #[arg(long = "max-candidates", env = "GHOSTWRITER_MAX_CANDIDATES", default_value_t = 200)]
+    #[arg(
+        long = "max-candidates",
+        env = "GHOSTWRITER_MAX_CANDIDATES",
+        default_value_t = 200
+    )]
     pub max_candidates: u32,
     /// Deadline of a write whose caller sets none, in seconds.
-    #[arg(long = "request-timeout", env = "GHOSTWRITER_REQUEST_TIMEOUT", default_value_t = 300)]
+    #[arg(
+        long = "request-timeout",
+        env = "GHOSTWRITER_REQUEST_TIMEOUT",
+        default_value_t = 300
+    )]
     pub request_timeout_secs: u64,
     /// Seconds to wait for every stage to load its models and report SERVING.
-    #[arg(long = "ready-timeout", env = "GHOSTWRITER_READY_TIMEOUT", default_value_t = 120)]
+    #[arg(
+        long = "ready-timeout",
+        env = "GHOSTWRITER_READY_TIMEOUT",
+        default_value_t = 120
+    )]
     pub ready_timeout_secs: u64,
 }
 
@@ -61,15 +83,25 @@ fn url(addr: SocketAddr) -> String {
 impl Embedded {
     /// Starts every stage on `127.0.0.1:0` and the orchestrator on `public` (all must report
     /// SERVING before this returns), with models from `model_dir`.
-    pub async fn start(config: EmbeddedConfig, model_dir: PathBuf, public: TcpListener) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: EmbeddedConfig,
+        model_dir: PathBuf,
+        public: TcpListener,
+    ) -> anyhow::Result<Self> {
         let mut listeners = BTreeMap::new();
         for stage in STAGES {
             listeners.insert(*stage, TcpListener::bind("127.0.0.1:0").await?);
         }
-        let mut addrs: BTreeMap<&'static str, SocketAddr> =
-            listeners.iter().map(|(k, l)| Ok((*k, l.local_addr()?))).collect::<std::io::Result<_>>()?;
+        let mut addrs: BTreeMap<&'static str, SocketAddr> = listeners
+            .iter()
+            .map(|(k, l)| Ok((*k, l.local_addr()?)))
+            .collect::<std::io::Result<_>>()?;
         addrs.insert("orchestrator", public.local_addr()?);
-        let mut me = Self { addrs: addrs.clone(), triggers: BTreeMap::new(), tasks: Vec::new() };
+        let mut me = Self {
+            addrs: addrs.clone(),
+            triggers: BTreeMap::new(),
+            tasks: Vec::new(),
+        };
         let mut take = |s: &str| listeners.remove(s).expect("every stage has a listener");
         let orchestrator = OrchestratorConfig {
             retriever_url: url(addrs["retriever"]),
@@ -80,35 +112,56 @@ impl Embedded {
             max_candidates: config.max_candidates,
             request_timeout_secs: config.request_timeout_secs,
         };
-        let summarizer = SummarizerConfig { generator_url: url(addrs["generator"]), max_new_tokens: config.summary_tokens };
+        let summarizer = SummarizerConfig {
+            generator_url: url(addrs["generator"]),
+            max_new_tokens: config.summary_tokens,
+        };
 
         let l = take("retriever");
         let s = me.trigger("retriever");
-        me.spawn("retriever", ghostwriter_retriever::serve(config.retriever.clone(), l, s));
+        me.spawn(
+            "retriever",
+            ghostwriter_retriever::serve(config.retriever.clone(), l, s),
+        );
         let l = take("ranker");
         let s = me.trigger("ranker");
-        me.spawn("ranker", ghostwriter_ranker::serve(config.ranker.clone(), model_dir.clone(), l, s));
+        me.spawn(
+            "ranker",
+            ghostwriter_ranker::serve(config.ranker.clone(), model_dir.clone(), l, s),
+        );
         let l = take("synthesizer");
         let s = me.trigger("synthesizer");
         me.spawn("synthesizer", ghostwriter_synthesizer::serve(l, s));
         let l = take("generator");
         let s = me.trigger("generator");
-        me.spawn("generator", ghostwriter_generator::serve(config.generator.clone(), model_dir, l, s));
+        me.spawn(
+            "generator",
+            ghostwriter_generator::serve(config.generator.clone(), model_dir, l, s),
+        );
         let l = take("summarizer");
         let s = me.trigger("summarizer");
-        me.spawn("summarizer", ghostwriter_summarizer::serve(summarizer, l, s));
+        me.spawn(
+            "summarizer",
+            ghostwriter_summarizer::serve(summarizer, l, s),
+        );
 
         let timeout = Duration::from_secs(config.ready_timeout_secs);
         for stage in STAGES {
             if let Err(e) = wait_until_serving(&url(addrs[stage]), "", timeout).await {
                 // A stage that failed to start says why in its task's result.
-                let why = me.stage_error(stage).await.unwrap_or_else(|| e.message().to_string());
+                let why = me
+                    .stage_error(stage)
+                    .await
+                    .unwrap_or_else(|| e.message().to_string());
                 me.shutdown().await;
                 anyhow::bail!("{stage} did not become ready: {why}");
             }
         }
         let s = me.trigger("orchestrator");
-        me.spawn("orchestrator", ghostwriter_orchestrator::serve(orchestrator, public, s));
+        me.spawn(
+            "orchestrator",
+            ghostwriter_orchestrator::serve(orchestrator, public, s),
+        );
         wait_until_serving(&url(addrs["orchestrator"]), "", timeout)
             .await
             .map_err(|e| anyhow::anyhow!(e.message().to_string()))
@@ -130,7 +183,10 @@ impl Embedded {
     }
 
     async fn stage_error(&mut self, stage: &str) -> Option<String> {
-        let i = self.tasks.iter().position(|(s, t)| *s == stage && t.is_finished())?;
+        let i = self
+            .tasks
+            .iter()
+            .position(|(s, t)| *s == stage && t.is_finished())?;
         let (_, task) = self.tasks.remove(i);
         match task.await {
             Ok(Err(e)) => Some(format!("{e:#}")),

@@ -38,18 +38,24 @@ pub fn parse_line(line: &str) -> anyhow::Result<Document> {
         return Ok(Document {
             doc_id: format!("{user}_{}", string(&v, "asin")),
             user_id: user,
-            timestamp: field(&v, "unixReviewTime").and_then(Value::as_i64).unwrap_or_default(),
+            timestamp: field(&v, "unixReviewTime")
+                .and_then(Value::as_i64)
+                .unwrap_or_default(),
             title: string(&v, "summary"),
             text: string(&v, "reviewText"),
         });
     }
     if field(&v, "user_id").is_none() || field(&v, "doc_id").is_none() {
-        bail!("neither the neutral format (user_id, doc_id, ...) nor an Amazon review (reviewerID, ...)");
+        bail!(
+            "neither the neutral format (user_id, doc_id, ...) nor an Amazon review (reviewerID, ...)"
+        );
     }
     Ok(Document {
         user_id: string(&v, "user_id"),
         doc_id: string(&v, "doc_id"),
-        timestamp: field(&v, "timestamp").and_then(Value::as_i64).unwrap_or_default(),
+        timestamp: field(&v, "timestamp")
+            .and_then(Value::as_i64)
+            .unwrap_or_default(),
         title: string(&v, "title"),
         text: string(&v, "text"),
     })
@@ -87,9 +93,13 @@ mod tests {
     fn reads_both_formats() {
         let amazon = r#"{"reviewerID": "A1", "asin": "B2", "reviewerName": "x", "helpful": [0, 0], "reviewText": "Nice.", "overall": 5.0, "summary": "Good", "unixReviewTime": 1393545600, "reviewTime": "02 28, 2014"}"#;
         let d = parse_line(amazon).unwrap();
-        assert_eq!((d.user_id.as_str(), d.doc_id.as_str(), d.timestamp), ("A1", "A1_B2", 1393545600));
+        assert_eq!(
+            (d.user_id.as_str(), d.doc_id.as_str(), d.timestamp),
+            ("A1", "A1_B2", 1393545600)
+        );
         assert_eq!((d.title.as_str(), d.text.as_str()), ("Good", "Nice."));
-        let neutral = r#"{"user_id": "u", "doc_id": "d", "timestamp": 5, "title": "t", "text": "x"}"#;
+        let neutral =
+            r#"{"user_id": "u", "doc_id": "d", "timestamp": 5, "title": "t", "text": "x"}"#;
         assert_eq!(parse_line(neutral).unwrap().doc_id, "d");
         assert!(parse_line(r#"{"foo": 1}"#).is_err());
     }

@@ -56,7 +56,11 @@ enum Command {
     /// Ingest documents from a JSONL file (neutral format or Amazon reviews; .gz accepted).
     Ingest {
         /// Ghostwriter API URL.
-        #[arg(long, env = "GHOSTWRITER_URL", default_value = "http://127.0.0.1:50051")]
+        #[arg(
+            long,
+            env = "GHOSTWRITER_URL",
+            default_value = "http://127.0.0.1:50051"
+        )]
         to: String,
         /// Documents per request.
         #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
@@ -141,7 +145,11 @@ enum Stage {
 #[derive(Parser)]
 struct WriteArgs {
     /// Ghostwriter API URL.
-    #[arg(long, env = "GHOSTWRITER_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "GHOSTWRITER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     to: String,
     /// The author.
     #[arg(long, env = "GHOSTWRITER_USER")]
@@ -196,7 +204,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let model_dir = models::dir_or_default(cli.model_dir);
     match cli.command {
-        Command::Models { command: ModelsCommand::Pull { dir, verify } } => {
+        Command::Models {
+            command: ModelsCommand::Pull { dir, verify },
+        } => {
             let dir = dir.unwrap_or(model_dir);
             let report = tokio::task::spawn_blocking(move || models::pull(&dir, verify)).await??;
             for line in report.lines {
@@ -209,14 +219,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
         Command::Write(args) => write(args).await,
         Command::Demo { listen } => demo(listen, model_dir).await,
-        Command::Bench { data, writes, decode_runs, out } => {
+        Command::Bench {
+            data,
+            writes,
+            decode_runs,
+            out,
+        } => {
             tokio::task::spawn_blocking({
                 let dir = model_dir.clone();
                 move || models::ensure(&dir)
             })
             .await??;
             let exe = std::env::current_exe()?;
-            let report = ghostwriter::bench::run(&exe, &model_dir, &data, writes, decode_runs).await?;
+            let report =
+                ghostwriter::bench::run(&exe, &model_dir, &data, writes, decode_runs).await?;
             let text = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, &text)?;
             println!("{text}");
@@ -235,9 +251,15 @@ async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> a
     let started = Instant::now();
     let dir = model_dir.clone();
     tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     let embedded = Embedded::start(config, model_dir, listener).await?;
-    eprintln!("ghostwriter ready in {:.1}s on {}", started.elapsed().as_secs_f64(), embedded.url());
+    eprintln!(
+        "ghostwriter ready in {:.1}s on {}",
+        started.elapsed().as_secs_f64(),
+        embedded.url()
+    );
     for (stage, addr) in &embedded.addrs {
         eprintln!("  {stage:<12} {addr}");
     }
@@ -247,15 +269,23 @@ async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> a
 }
 
 async fn serve(listen: SocketAddr, stage: Stage, model_dir: PathBuf) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     let stop = shutdown::on_os_signal();
     match stage {
         Stage::Retriever { config } => ghostwriter_retriever::serve(config, listener, stop).await,
-        Stage::Ranker { config } => ghostwriter_ranker::serve(config, model_dir, listener, stop).await,
+        Stage::Ranker { config } => {
+            ghostwriter_ranker::serve(config, model_dir, listener, stop).await
+        }
         Stage::Summarizer { config } => ghostwriter_summarizer::serve(config, listener, stop).await,
         Stage::Synthesizer => ghostwriter_synthesizer::serve(listener, stop).await,
-        Stage::Generator { config } => ghostwriter_generator::serve(config, model_dir, listener, stop).await,
-        Stage::Orchestrator { config } => ghostwriter_orchestrator::serve(config, listener, stop).await,
+        Stage::Generator { config } => {
+            ghostwriter_generator::serve(config, model_dir, listener, stop).await
+        }
+        Stage::Orchestrator { config } => {
+            ghostwriter_orchestrator::serve(config, listener, stop).await
+        }
     }
 }
 
@@ -263,7 +293,9 @@ async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport
     let client = GhostwriterClient::connect(url.to_string())
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    Ok(client.max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+    Ok(client
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20))
 }
 
 /// Sends every document of `file` in batches, with a progress bar; returns the count.
@@ -271,7 +303,10 @@ async fn ingest(url: &str, batch: usize, file: &std::path::Path) -> anyhow::Resu
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     if loaded.skipped_empty > 0 {
-        eprintln!("skipping {} documents with neither title nor text", loaded.skipped_empty);
+        eprintln!(
+            "skipping {} documents with neither title nor text",
+            loaded.skipped_empty
+        );
     }
     let mut client = connect(url).await?;
     let bar = ProgressBar::new(loaded.documents.len() as u64).with_style(
@@ -284,7 +319,9 @@ async fn ingest(url: &str, batch: usize, file: &std::path::Path) -> anyhow::Resu
     let mut total = 0;
     for chunk in loaded.documents.chunks(batch.max(1)) {
         let response = client
-            .ingest(IngestRequest { documents: chunk.to_vec() })
+            .ingest(IngestRequest {
+                documents: chunk.to_vec(),
+            })
             .await
             .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
             .into_inner();
@@ -333,9 +370,16 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
     let mut request = tonic::Request::new(write_request(&args));
     request.set_timeout(Duration::from_secs(args.timeout));
     if !args.stream {
-        let response = client.write(request).await.map_err(status_error)?.into_inner();
+        let response = client
+            .write(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&output::write_response_json(&response))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&output::write_response_json(&response))?
+            );
         } else {
             println!("{}", response.document);
             if let Some(p) = &response.provenance {
@@ -344,7 +388,11 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let mut stream = client.write_stream(request).await.map_err(status_error)?.into_inner();
+    let mut stream = client
+        .write_stream(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let mut stdout = std::io::stdout();
     while let Some(message) = stream.next().await {
         match message.map_err(status_error)?.event {
@@ -358,7 +406,10 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
             }
             Some(Event::Done(done)) => {
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&output::write_response_json(&done))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&output::write_response_json(&done))?
+                    );
                 } else {
                     println!();
                     if let Some(p) = &done.provenance {
@@ -386,7 +437,11 @@ async fn demo(listen: SocketAddr, model_dir: PathBuf) -> anyhow::Result<()> {
     config.retriever.index_dir = work.path().join("index");
     let listener = TcpListener::bind(listen).await?;
     let embedded = Embedded::start(config, model_dir, listener).await?;
-    eprintln!("pipeline ready in {:.1}s at {}", started.elapsed().as_secs_f64(), embedded.url());
+    eprintln!(
+        "pipeline ready in {:.1}s at {}",
+        started.elapsed().as_secs_f64(),
+        embedded.url()
+    );
     let result = async {
         ingest(&embedded.url(), 1000, &corpus).await?;
         let args = WriteArgs::parse_from([

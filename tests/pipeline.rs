@@ -1,6 +1,8 @@
 //! End to end on real data: every stage its own gRPC server on 127.0.0.1:0, the orchestrator
 //! wired to them, the Amazon reviews ingested, writes for real users.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -20,11 +22,18 @@ fn data() -> Option<Data> {
     let loaded = loaders::load(&path).expect("load docs.jsonl");
     let mut by_user: HashMap<String, Vec<Document>> = HashMap::new();
     for d in &loaded.documents {
-        by_user.entry(d.user_id.clone()).or_default().push(d.clone());
+        by_user
+            .entry(d.user_id.clone())
+            .or_default()
+            .push(d.clone());
     }
     let documents = loaded.documents;
-    let shared = common::shared(move |url| Box::pin(async move { common::ingest(&url, &documents).await }));
-    Some(Data { url: shared.url.clone(), by_user })
+    let shared =
+        common::shared(move |url| Box::pin(async move { common::ingest(&url, &documents).await }));
+    Some(Data {
+        url: shared.url.clone(),
+        by_user,
+    })
 }
 
 fn earlier(a: &Document, b: &Document) -> bool {
@@ -40,7 +49,10 @@ fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> Wr
         timestamp: Some(target.timestamp),
         doc_id: target.doc_id.clone(),
         options: Some(WriteOptions {
-            generation: Some(GenerationParams { max_new_tokens: tokens, ..Default::default() }),
+            generation: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     }
@@ -48,7 +60,12 @@ fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> Wr
 
 /// Users with at least `n` documents, in a stable order.
 fn users(data: &Data, n: usize) -> Vec<String> {
-    let mut u: Vec<String> = data.by_user.iter().filter(|(_, d)| d.len() >= n).map(|(k, _)| k.clone()).collect();
+    let mut u: Vec<String> = data
+        .by_user
+        .iter()
+        .filter(|(_, d)| d.len() >= n)
+        .map(|(k, _)| k.clone())
+        .collect();
     u.sort();
     u
 }
@@ -63,10 +80,18 @@ async fn provenance_comes_only_from_the_users_earlier_documents() {
         let target = &docs[docs.len() / 2];
         let expected_history: Vec<&Document> = docs.iter().filter(|d| earlier(d, target)).collect();
         let preset = ["rank-doc-bm25", "recent-doc", "rank-doc-dense", "full"][i % 4];
-        let response = client.write(write_request(user, target, preset, 12)).await.expect("write").into_inner();
+        let response = client
+            .write(write_request(user, target, preset, 12))
+            .await
+            .expect("write")
+            .into_inner();
         let p = response.provenance.expect("provenance");
         assert_eq!(p.preset, preset);
-        assert_eq!(p.history_size as usize, expected_history.len(), "user {user}");
+        assert_eq!(
+            p.history_size as usize,
+            expected_history.len(),
+            "user {user}"
+        );
         assert!(!p.no_history);
         assert!(!p.doc_ids.is_empty(), "{preset} used no documents");
         for id in &p.doc_ids {
@@ -80,7 +105,11 @@ async fn provenance_comes_only_from_the_users_earlier_documents() {
         assert!(response.document.starts_with(&p.immediate_context));
         assert!(p.immediate_context.chars().count() <= 150);
         let stages: Vec<&str> = p.latencies.iter().map(|l| l.stage.as_str()).collect();
-        assert!(stages.contains(&"retriever") && stages.contains(&"ranker") && stages.contains(&"generator"));
+        assert!(
+            stages.contains(&"retriever")
+                && stages.contains(&"ranker")
+                && stages.contains(&"generator")
+        );
         if preset == "full" {
             assert!(!p.summary.is_empty(), "full preset gave no summary");
             assert!(stages.contains(&"summarizer") && stages.contains(&"synthesizer"));
@@ -95,8 +124,16 @@ async fn streaming_and_unary_give_the_same_greedy_text() {
     let user = &users(&data, 6)[3];
     let docs = &data.by_user[user];
     let request = write_request(user, &docs[docs.len() - 1], "rank-doc-bm25", 24);
-    let unary = client.write(request.clone()).await.expect("write").into_inner();
-    let mut stream = client.write_stream(request).await.expect("stream").into_inner();
+    let unary = client
+        .write(request.clone())
+        .await
+        .expect("write")
+        .into_inner();
+    let mut stream = client
+        .write_stream(request)
+        .await
+        .expect("stream")
+        .into_inner();
     let (mut pieces, mut first, mut done) = (String::new(), None, None);
     while let Some(m) = stream.next().await {
         match m.expect("stream message").event.expect("event") {
@@ -108,7 +145,10 @@ async fn streaming_and_unary_give_the_same_greedy_text() {
     let done = done.expect("final message");
     assert_eq!(pieces, unary.text);
     assert_eq!(done.text, unary.text);
-    assert_eq!(first.expect("provenance first").doc_ids, unary.provenance.unwrap().doc_ids);
+    assert_eq!(
+        first.expect("provenance first").doc_ids,
+        unary.provenance.unwrap().doc_ids
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +157,10 @@ async fn query_syntax_characters_neither_fail_nor_leak() {
     let mut client = common::client(&data.url).await;
     let user = &users(&data, 10)[0];
     let other = &users(&data, 10)[1];
-    let own: Vec<&str> = data.by_user[user].iter().map(|d| d.doc_id.as_str()).collect();
+    let own: Vec<&str> = data.by_user[user]
+        .iter()
+        .map(|d| d.doc_id.as_str())
+        .collect();
     for start in [
         "\"unbalanced quote guitar",
         "title: strings: user_id:",
@@ -132,12 +175,21 @@ async fn query_syntax_characters_neither_fail_nor_leak() {
             start: start.into(),
             preset: "rank-doc-bm25".into(),
             options: Some(WriteOptions {
-                generation: Some(GenerationParams { max_new_tokens: 4, ..Default::default() }),
+                generation: Some(GenerationParams {
+                    max_new_tokens: 4,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let p = client.write(request).await.unwrap_or_else(|s| panic!("{start:?}: {s}")).into_inner().provenance.unwrap();
+        let p = client
+            .write(request)
+            .await
+            .unwrap_or_else(|s| panic!("{start:?}: {s}"))
+            .into_inner()
+            .provenance
+            .unwrap();
         assert!(!p.doc_ids.is_empty());
         for id in &p.doc_ids {
             assert!(own.contains(&id.as_str()), "{start:?} leaked {id}");
@@ -165,23 +217,64 @@ async fn bad_input_is_invalid_argument_and_nothing_half_written() {
     ] {
         let status = client.write(request.clone()).await.expect_err("must fail");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        assert!(status.message().contains(needle), "{:?} lacks {needle}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{:?} lacks {needle}",
+            status.message()
+        );
         let status = client.write_stream(request).await.expect_err("must fail");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
     // One bad document rejects the whole batch: the good one is not stored either.
-    let good = Document { user_id: "batch-user".into(), doc_id: "good-1".into(), timestamp: 1, title: "t".into(), text: "tuning pegs".into() };
-    let bad = Document { doc_id: String::new(), ..good.clone() };
-    let status = client.ingest(IngestRequest { documents: vec![good.clone(), bad] }).await.expect_err("must fail");
+    let good = Document {
+        user_id: "batch-user".into(),
+        doc_id: "good-1".into(),
+        timestamp: 1,
+        title: "t".into(),
+        text: "tuning pegs".into(),
+    };
+    let bad = Document {
+        doc_id: String::new(),
+        ..good.clone()
+    };
+    let status = client
+        .ingest(IngestRequest {
+            documents: vec![good.clone(), bad],
+        })
+        .await
+        .expect_err("must fail");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("doc_id"), "{}", status.message());
     let mut request = ok("batch-user", "tuning pegs", "rank-doc-bm25");
-    request.options = Some(WriteOptions { generation: Some(GenerationParams { max_new_tokens: 2, ..Default::default() }), ..Default::default() });
-    let p = client.write(request.clone()).await.expect("write").into_inner().provenance.unwrap();
+    request.options = Some(WriteOptions {
+        generation: Some(GenerationParams {
+            max_new_tokens: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let p = client
+        .write(request.clone())
+        .await
+        .expect("write")
+        .into_inner()
+        .provenance
+        .unwrap();
     assert!(p.no_history, "the rejected batch was half-written");
     // An ingested document is visible to the next request.
-    client.ingest(IngestRequest { documents: vec![good] }).await.expect("ingest");
-    let p = client.write(request).await.expect("write").into_inner().provenance.unwrap();
+    client
+        .ingest(IngestRequest {
+            documents: vec![good],
+        })
+        .await
+        .expect("ingest");
+    let p = client
+        .write(request)
+        .await
+        .expect("write")
+        .into_inner()
+        .provenance
+        .unwrap();
     assert_eq!(p.doc_ids, vec!["good-1".to_string()]);
 }
 
@@ -195,7 +288,10 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
         start: "This is my first guitar strap and".into(),
         preset: "full".into(),
         options: Some(WriteOptions {
-            generation: Some(GenerationParams { max_new_tokens: 8, ..Default::default() }),
+            generation: Some(GenerationParams {
+                max_new_tokens: 8,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()

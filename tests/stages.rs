@@ -1,13 +1,17 @@
 //! Stage lifecycle: health reports SERVING only once models are loaded, a stopped stage gives
 //! UNAVAILABLE naming it, and the generator's tokenizer matches the model's vocabulary.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
 
 use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::generator_client::GeneratorClient;
-use ghostwriter::proto::{GenerateRequest, GenerationParams, PersonalizedInput, WriteOptions, WriteRequest};
+use ghostwriter::proto::{
+    GenerateRequest, GenerationParams, PersonalizedInput, WriteOptions, WriteRequest,
+};
 use ghostwriter_common::shutdown;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -22,24 +26,43 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
     let config = common::config(std::env::temp_dir()).generator;
     let server = tokio::spawn(ghostwriter_generator::serve(config, models, listener, stop));
     let mut health = HealthClient::new(ghostwriter_common::client::channel(&url).unwrap());
-    let check = |service: &str| HealthCheckRequest { service: service.into() };
-    let first = health.check(check("ghostwriter.v1.Generator")).await.unwrap().into_inner();
-    assert_eq!(first.status(), ServingStatus::NotServing, "SERVING before the model loaded");
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let first = health
+        .check(check("ghostwriter.v1.Generator"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.status(),
+        ServingStatus::NotServing,
+        "SERVING before the model loaded"
+    );
     let mut generator = GeneratorClient::connect(url.clone()).await.unwrap();
     let request = GenerateRequest {
-        input: Some(ghostwriter::proto::generate_request::Input::Personalized(PersonalizedInput {
-            passage_start: "The strings".into(),
+        input: Some(ghostwriter::proto::generate_request::Input::Personalized(
+            PersonalizedInput {
+                passage_start: "The strings".into(),
+                ..Default::default()
+            },
+        )),
+        params: Some(GenerationParams {
+            max_new_tokens: 3,
             ..Default::default()
-        })),
-        params: Some(GenerationParams { max_new_tokens: 3, ..Default::default() }),
+        }),
     };
     let early = generator.generate(request.clone()).await;
     if let Err(status) = &early {
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
-    ghostwriter_common::client::wait_until_serving(&url, "ghostwriter.v1.Generator", Duration::from_secs(60))
-        .await
-        .unwrap();
+    ghostwriter_common::client::wait_until_serving(
+        &url,
+        "ghostwriter.v1.Generator",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     let r = generator.generate(request).await.unwrap().into_inner();
     assert_eq!(r.generated_tokens, 3);
     trigger.trigger();
@@ -50,7 +73,13 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
 async fn a_stopped_stage_gives_unavailable_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut embedded = Embedded::start(common::config(dir.path().join("index")), common::model_dir(), listener).await.unwrap();
+    let mut embedded = Embedded::start(
+        common::config(dir.path().join("index")),
+        common::model_dir(),
+        listener,
+    )
+    .await
+    .unwrap();
     let docs: Vec<_> = (0..3)
         .map(|i| ghostwriter::proto::Document {
             user_id: "u".into(),
@@ -67,12 +96,18 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         start: "guitar tuner".into(),
         preset: "rank-doc-bm25".into(),
         options: Some(WriteOptions {
-            generation: Some(GenerationParams { max_new_tokens: 2, ..Default::default() }),
+            generation: Some(GenerationParams {
+                max_new_tokens: 2,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
     };
-    client.write(request.clone()).await.expect("healthy pipeline");
+    client
+        .write(request.clone())
+        .await
+        .expect("healthy pipeline");
     for stage in ["ranker", "retriever"] {
         embedded.stop_stage(stage).await.unwrap();
         let started = Instant::now();
@@ -80,8 +115,16 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         r.set_timeout(Duration::from_secs(30));
         let status = client.write(r).await.expect_err("stage is down");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-        assert!(status.message().contains(stage), "{:?} does not name {stage}", status.message());
-        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        assert!(
+            status.message().contains(stage),
+            "{:?} does not name {stage}",
+            status.message()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
     }
     embedded.shutdown().await;
 }
@@ -101,7 +144,11 @@ fn tokenizer_from_gguf_matches_the_vocabulary() {
     assert_eq!(ids("user").len(), 1);
     assert_eq!(ids("<|im_start|>user"), vec![1, ids("user")[0]]);
     assert_eq!(ids("<|im_end|>"), vec![2]);
-    for s in ["Great strings, 5/5!\n\nWould buy again.", "naïve café — “quotes”", "  two  spaces"] {
+    for s in [
+        "Great strings, 5/5!\n\nWould buy again.",
+        "naïve café — “quotes”",
+        "  two  spaces",
+    ] {
         assert_eq!(tokenizer.decode(&ids(s), false).unwrap(), s);
     }
 }

@@ -20,9 +20,9 @@ use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput, Provenance,
-    RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SynthesizeRequest, WriteRequest,
-    WriteResponse, WriteStreamResponse,
+    GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput,
+    Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SynthesizeRequest,
+    WriteRequest, WriteResponse, WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -43,25 +43,53 @@ const MAX_USER_ID: usize = 512;
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorConfig {
     /// Retriever endpoint.
-    #[arg(long = "retriever-url", env = "GHOSTWRITER_RETRIEVER_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long = "retriever-url",
+        env = "GHOSTWRITER_RETRIEVER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub retriever_url: String,
     /// Ranker endpoint.
-    #[arg(long = "ranker-url", env = "GHOSTWRITER_RANKER_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long = "ranker-url",
+        env = "GHOSTWRITER_RANKER_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
     pub ranker_url: String,
     /// Summarizer endpoint.
-    #[arg(long = "summarizer-url", env = "GHOSTWRITER_SUMMARIZER_URL", default_value = "http://127.0.0.1:50054")]
+    #[arg(
+        long = "summarizer-url",
+        env = "GHOSTWRITER_SUMMARIZER_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
     pub summarizer_url: String,
     /// Generator endpoint.
-    #[arg(long = "generator-url", env = "GHOSTWRITER_GENERATOR_URL", default_value = "http://127.0.0.1:50055")]
+    #[arg(
+        long = "generator-url",
+        env = "GHOSTWRITER_GENERATOR_URL",
+        default_value = "http://127.0.0.1:50055"
+    )]
     pub generator_url: String,
     /// Synthesizer endpoint.
-    #[arg(long = "synthesizer-url", env = "GHOSTWRITER_SYNTHESIZER_URL", default_value = "http://127.0.0.1:50056")]
+    #[arg(
+        long = "synthesizer-url",
+        env = "GHOSTWRITER_SYNTHESIZER_URL",
+        default_value = "http://127.0.0.1:50056"
+    )]
     pub synthesizer_url: String,
     /// Past documents fetched per write (the ranker orders them; the synthesizer's corpus).
-    #[arg(long = "max-candidates", env = "GHOSTWRITER_MAX_CANDIDATES", default_value_t = 200)]
+    #[arg(
+        long = "max-candidates",
+        env = "GHOSTWRITER_MAX_CANDIDATES",
+        default_value_t = 200
+    )]
     pub max_candidates: u32,
     /// Deadline of a write whose caller sets none, in seconds.
-    #[arg(long = "request-timeout", env = "GHOSTWRITER_REQUEST_TIMEOUT", default_value_t = 300)]
+    #[arg(
+        long = "request-timeout",
+        env = "GHOSTWRITER_REQUEST_TIMEOUT",
+        default_value_t = 300
+    )]
     pub request_timeout_secs: u64,
 }
 
@@ -83,9 +111,11 @@ impl Stages {
             retriever: RetrieverClient::new(client::channel(&c.retriever_url)?)
                 .max_decoding_message_size(LIMIT)
                 .max_encoding_message_size(LIMIT),
-            ranker: RankerClient::new(client::channel(&c.ranker_url)?).max_encoding_message_size(LIMIT),
+            ranker: RankerClient::new(client::channel(&c.ranker_url)?)
+                .max_encoding_message_size(LIMIT),
             summarizer: SummarizerClient::new(client::channel(&c.summarizer_url)?),
-            synthesizer: SynthesizerClient::new(client::channel(&c.synthesizer_url)?).max_encoding_message_size(LIMIT),
+            synthesizer: SynthesizerClient::new(client::channel(&c.synthesizer_url)?)
+                .max_encoding_message_size(LIMIT),
             generator: GeneratorClient::new(client::channel(&c.generator_url)?),
         })
     }
@@ -125,13 +155,19 @@ pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
 }
 
 fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
-    latencies.push(StageLatency { stage: stage.into(), millis: since.elapsed().as_secs_f64() * 1e3 });
+    latencies.push(StageLatency {
+        stage: stage.into(),
+        millis: since.elapsed().as_secs_f64() * 1e3,
+    });
 }
 
 impl OrchestratorService {
     /// Clients of the stages in `config` (connections are made lazily).
     pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
-        Ok(Self { stages: Stages::connect(&config)?, config })
+        Ok(Self {
+            stages: Stages::connect(&config)?,
+            config,
+        })
     }
 
     fn plan(&self, request: Request<WriteRequest>) -> Result<Plan, Status> {
@@ -143,10 +179,14 @@ impl OrchestratorService {
             return Err(Status::invalid_argument("user_id is empty"));
         }
         if r.user_id.len() > MAX_USER_ID {
-            return Err(Status::invalid_argument(format!("user_id is limited to {MAX_USER_ID} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "user_id is limited to {MAX_USER_ID} bytes"
+            )));
         }
         if r.title.trim().is_empty() && r.start.trim().is_empty() {
-            return Err(Status::invalid_argument("the document start is empty: set start (and optionally title)"));
+            return Err(Status::invalid_argument(
+                "the document start is empty: set start (and optionally title)",
+            ));
         }
         let chars = r.title.chars().count() + r.start.chars().count();
         if chars > MAX_DOCUMENT_CHARS {
@@ -155,13 +195,23 @@ impl OrchestratorService {
             )));
         }
         let preset = preset::find(&r.preset).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown preset {:?}; known presets: {}", r.preset, preset::names()))
+            Status::invalid_argument(format!(
+                "unknown preset {:?}; known presets: {}",
+                r.preset,
+                preset::names()
+            ))
         })?;
         let o = r.options.unwrap_or_default();
         if o.context_chars > MAX_CONTEXT_CHARS {
-            return Err(Status::invalid_argument(format!("context_chars is limited to {MAX_CONTEXT_CHARS}")));
+            return Err(Status::invalid_argument(format!(
+                "context_chars is limited to {MAX_CONTEXT_CHARS}"
+            )));
         }
-        let context_chars = if o.context_chars == 0 { DEFAULT_CONTEXT_CHARS } else { o.context_chars as usize };
+        let context_chars = if o.context_chars == 0 {
+            DEFAULT_CONTEXT_CHARS
+        } else {
+            o.context_chars as usize
+        };
         let context = immediate_context(&r.title, &r.start, context_chars);
         let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
         Ok(Plan {
@@ -188,7 +238,10 @@ impl OrchestratorService {
             immediate_context: plan.context.clone(),
             ..Default::default()
         };
-        let mut input = PersonalizedInput { passage_start: plan.context.clone(), ..Default::default() };
+        let mut input = PersonalizedInput {
+            passage_start: plan.context.clone(),
+            ..Default::default()
+        };
         if plan.retrieval {
             let t = Instant::now();
             let retrieved = s
@@ -238,8 +291,18 @@ impl OrchestratorService {
                         return Ok(None);
                     }
                     let t = Instant::now();
-                    let request = deadline::request(SummarizeRequest { entries: entries.clone(), max_new_tokens: 0 }, plan.deadline)?;
-                    let summary = s.summarizer.summarize(request).await.map_err(|e| client::stage_status("summarizer", e))?;
+                    let request = deadline::request(
+                        SummarizeRequest {
+                            entries: entries.clone(),
+                            max_new_tokens: 0,
+                        },
+                        plan.deadline,
+                    )?;
+                    let summary = s
+                        .summarizer
+                        .summarize(request)
+                        .await
+                        .map_err(|e| client::stage_status("summarizer", e))?;
                     Ok::<_, Status>(Some((summary.into_inner().summary, t.elapsed())))
                 };
                 let synthesize = async {
@@ -247,19 +310,35 @@ impl OrchestratorService {
                         return Ok(None);
                     }
                     let t = Instant::now();
-                    let request = deadline::request(SynthesizeRequest { documents: corpus, max_words: 0 }, plan.deadline)?;
-                    let words = s.synthesizer.synthesize(request).await.map_err(|e| client::stage_status("synthesizer", e))?;
+                    let request = deadline::request(
+                        SynthesizeRequest {
+                            documents: corpus,
+                            max_words: 0,
+                        },
+                        plan.deadline,
+                    )?;
+                    let words = s
+                        .synthesizer
+                        .synthesize(request)
+                        .await
+                        .map_err(|e| client::stage_status("synthesizer", e))?;
                     Ok::<_, Status>(Some((words.into_inner().words, t.elapsed())))
                 };
                 let (summary, words) = tokio::try_join!(summarize, synthesize)?;
                 let millis = |d: Duration| d.as_secs_f64() * 1e3;
                 if let Some((summary, took)) = summary {
-                    provenance.latencies.push(StageLatency { stage: "summarizer".into(), millis: millis(took) });
+                    provenance.latencies.push(StageLatency {
+                        stage: "summarizer".into(),
+                        millis: millis(took),
+                    });
                     input.summary = summary.clone();
                     provenance.summary = summary;
                 }
                 if let Some((words, took)) = words {
-                    provenance.latencies.push(StageLatency { stage: "synthesizer".into(), millis: millis(took) });
+                    provenance.latencies.push(StageLatency {
+                        stage: "synthesizer".into(),
+                        millis: millis(took),
+                    });
                     input.important_words = words.into_iter().map(|w| w.word).collect();
                     provenance.important_words = input.important_words.clone();
                 }
@@ -272,12 +351,23 @@ impl OrchestratorService {
             }
         }
         provenance.no_history = provenance.history_size == 0;
-        let generate = GenerateRequest { input: Some(Input::Personalized(input)), params: Some(plan.generation.clone()) };
+        let generate = GenerateRequest {
+            input: Some(Input::Personalized(input)),
+            params: Some(plan.generation.clone()),
+        };
         Ok((generate, provenance))
     }
 
-    fn finish(plan: &Plan, mut provenance: Provenance, generation: GenerateResponse, generator_took: Duration) -> WriteResponse {
-        provenance.latencies.push(StageLatency { stage: "generator".into(), millis: generator_took.as_secs_f64() * 1e3 });
+    fn finish(
+        plan: &Plan,
+        mut provenance: Provenance,
+        generation: GenerateResponse,
+        generator_took: Duration,
+    ) -> WriteResponse {
+        provenance.latencies.push(StageLatency {
+            stage: "generator".into(),
+            millis: generator_took.as_secs_f64() * 1e3,
+        });
         provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
         WriteResponse {
             text: generation.text.clone(),
@@ -292,7 +382,10 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 
 #[tonic::async_trait]
 impl Ghostwriter for OrchestratorService {
-    async fn write(&self, request: Request<WriteRequest>) -> Result<Response<WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
         let plan = self.plan(request)?;
         let (generate, provenance) = self.prepare(&plan).await?;
         let t = Instant::now();
@@ -311,7 +404,10 @@ impl Ghostwriter for OrchestratorService {
 
     type WriteStreamStream = StreamOf<WriteStreamResponse>;
 
-    async fn write_stream(&self, request: Request<WriteRequest>) -> Result<Response<Self::WriteStreamStream>, Status> {
+    async fn write_stream(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<Self::WriteStreamStream>, Status> {
         let plan = self.plan(request)?;
         let (generate, provenance) = self.prepare(&plan).await?;
         let t = Instant::now();
@@ -326,7 +422,11 @@ impl Ghostwriter for OrchestratorService {
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
         tokio::spawn(async move {
             let event = |e: Event| Ok(WriteStreamResponse { event: Some(e) });
-            if tx.send(event(Event::Provenance(provenance.clone()))).await.is_err() {
+            if tx
+                .send(event(Event::Provenance(provenance.clone())))
+                .await
+                .is_err()
+            {
                 return;
             }
             // Dropping `upstream` when the caller goes away cancels generation downstream.
@@ -334,7 +434,8 @@ impl Ghostwriter for OrchestratorService {
                 let out = match message {
                     Ok(m) => match m.summary {
                         Some(generation) => {
-                            let done = Self::finish(&plan, provenance.clone(), generation, t.elapsed());
+                            let done =
+                                Self::finish(&plan, provenance.clone(), generation, t.elapsed());
                             let _ = tx.send(event(Event::Done(done))).await;
                             return;
                         }
@@ -347,12 +448,21 @@ impl Ghostwriter for OrchestratorService {
                     return;
                 }
             }
-            let _ = tx.send(Err(Status::unavailable("generator stage: the stream ended before the text was complete"))).await;
+            let _ = tx
+                .send(Err(Status::unavailable(
+                    "generator stage: the stream ended before the text was complete",
+                )))
+                .await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let response = self
             .stages
@@ -366,13 +476,22 @@ impl Ghostwriter for OrchestratorService {
 }
 
 /// Serves the public API on `listener` until `shutdown`.
-pub async fn serve(config: OrchestratorConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: OrchestratorConfig,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter").await;
-    let service = OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+    let service =
+        OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
     let routes = routes.add_service(
-        GhostwriterServer::new(service).max_decoding_message_size(LIMIT).max_encoding_message_size(LIMIT),
+        GhostwriterServer::new(service)
+            .max_decoding_message_size(LIMIT)
+            .max_encoding_message_size(LIMIT),
     );
-    server.serve_after(routes, listener, shutdown, async { Ok(()) }).await
+    server
+        .serve_after(routes, listener, shutdown, async { Ok(()) })
+        .await
 }
 
 #[cfg(test)]
@@ -381,7 +500,10 @@ mod tests {
 
     #[test]
     fn immediate_context_joins_title_and_cuts() {
-        assert_eq!(immediate_context("Great", "strings last", 150), "Great\nstrings last");
+        assert_eq!(
+            immediate_context("Great", "strings last", 150),
+            "Great\nstrings last"
+        );
         assert_eq!(immediate_context("", "abcdef", 3), "abc");
         assert_eq!(immediate_context("T", "", 150), "T");
         assert_eq!(immediate_context("", "héllo", 2), "hé");

@@ -1,5 +1,6 @@
 //! Test harness: real stages on 127.0.0.1:0 (the embedded topology), real models, real data.
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -13,11 +14,15 @@ use tonic::transport::Channel;
 /// `../shared/data/amazon-musical-instruments/docs.jsonl`, or `None` (with a message) when
 /// the shared data is absent.
 pub fn amazon_docs() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/amazon-musical-instruments/docs.jsonl");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/amazon-musical-instruments/docs.jsonl");
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!("SKIPPED: {} is absent (tests on real data need ../shared)", path.display());
+        eprintln!(
+            "SKIPPED: {} is absent (tests on real data need ../shared)",
+            path.display()
+        );
         None
     }
 }
@@ -56,7 +61,9 @@ pub struct Shared {
 /// Starts a topology on a runtime that outlives every test, running `setup` once against it.
 pub fn shared<F>(setup: F) -> &'static Shared
 where
-    F: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + 'static,
+    F: FnOnce(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + 'static,
 {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
@@ -65,19 +72,35 @@ where
         // Tests run inside their own runtimes: the shared topology gets a runtime of its own,
         // built and driven from a plain thread, and never dropped.
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
             let dir = tempfile::tempdir().expect("tempdir");
             let (url, stage_urls) = rt.block_on(async {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                let embedded = Embedded::start(config(dir.path().join("index")), models, listener).await.expect("start");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let embedded = Embedded::start(config(dir.path().join("index")), models, listener)
+                    .await
+                    .expect("start");
                 let url = embedded.url();
-                let stages = embedded.addrs.keys().map(|k| (*k, embedded.stage_url(k).unwrap())).collect();
+                let stages = embedded
+                    .addrs
+                    .keys()
+                    .map(|k| (*k, embedded.stage_url(k).unwrap()))
+                    .collect();
                 std::mem::forget(embedded);
                 (url, stages)
             });
             rt.block_on(setup(url.clone()));
             std::mem::forget(rt);
-            Shared { url, stage_urls, _dir: dir }
+            Shared {
+                url,
+                stage_urls,
+                _dir: dir,
+            }
         })
         .join()
         .expect("starting the shared topology")
@@ -97,6 +120,10 @@ pub async fn client(url: &str) -> GhostwriterClient<Channel> {
 pub async fn ingest(url: &str, documents: &[Document]) {
     let mut c = client(url).await;
     for chunk in documents.chunks(2000) {
-        c.ingest(IngestRequest { documents: chunk.to_vec() }).await.expect("ingest");
+        c.ingest(IngestRequest {
+            documents: chunk.to_vec(),
+        })
+        .await
+        .expect("ingest");
     }
 }

@@ -29,7 +29,11 @@ pub fn stage_status(stage: &str, status: tonic::Status) -> tonic::Status {
 
 /// Polls the standard health service at `url` until `service` (`""` for the whole server)
 /// reports SERVING, or fails after `timeout` with the last status seen.
-pub async fn wait_until_serving(url: &str, service: &str, timeout: Duration) -> Result<(), tonic::Status> {
+pub async fn wait_until_serving(
+    url: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), tonic::Status> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
@@ -38,7 +42,9 @@ pub async fn wait_until_serving(url: &str, service: &str, timeout: Duration) -> 
     let mut client = HealthClient::new(channel(url)?);
     let mut last = String::from("no answer");
     while started.elapsed() < timeout {
-        let mut request = tonic::Request::new(HealthCheckRequest { service: service.into() });
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
         request.set_timeout(Duration::from_secs(1));
         match client.check(request).await {
             Ok(r) if r.get_ref().status() == ServingStatus::Serving => return Ok(()),
@@ -47,5 +53,7 @@ pub async fn wait_until_serving(url: &str, service: &str, timeout: Duration) -> 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(tonic::Status::unavailable(format!("{url} not SERVING after {timeout:?}: {last}")))
+    Err(tonic::Status::unavailable(format!(
+        "{url} not SERVING after {timeout:?}: {last}"
+    )))
 }

@@ -35,7 +35,9 @@ pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, tonic::S
         Some(d) => {
             let now = Instant::now();
             if now >= d {
-                Err(tonic::Status::deadline_exceeded("the caller's deadline has passed"))
+                Err(tonic::Status::deadline_exceeded(
+                    "the caller's deadline has passed",
+                ))
             } else {
                 Ok(Some(d - now))
             }
@@ -44,7 +46,10 @@ pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, tonic::S
 }
 
 /// Wraps `message` in a request that carries the time left before `deadline`.
-pub fn request<T>(message: T, deadline: Option<Instant>) -> Result<tonic::Request<T>, tonic::Status> {
+pub fn request<T>(
+    message: T,
+    deadline: Option<Instant>,
+) -> Result<tonic::Request<T>, tonic::Status> {
     let mut request = tonic::Request::new(message);
     if let Some(left) = remaining(deadline)? {
         request.set_timeout(left);
@@ -70,7 +75,10 @@ mod tests {
     #[test]
     fn past_deadline_is_exceeded() {
         let past = Instant::now() - Duration::from_millis(1);
-        assert_eq!(remaining(Some(past)).unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(
+            remaining(Some(past)).unwrap_err().code(),
+            tonic::Code::DeadlineExceeded
+        );
         assert!(remaining(None).unwrap().is_none());
     }
 }

@@ -13,7 +13,9 @@ pub fn parse(setting: &str) -> anyhow::Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| anyhow::anyhow!("bad device {setting:?}: expected cpu, cuda or cuda:N"))?,
+            .ok_or_else(|| {
+                anyhow::anyhow!("bad device {setting:?}: expected cpu, cuda or cuda:N")
+            })?,
         None => anyhow::bail!("bad device {setting:?}: expected cpu, cuda or cuda:N"),
     };
     if !candle_core::utils::cuda_is_available() {

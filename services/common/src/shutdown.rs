@@ -28,7 +28,9 @@ impl ShutdownTrigger {
 
     /// A new handle on this trigger.
     pub fn subscribe(&self) -> Shutdown {
-        Shutdown { rx: self.tx.subscribe() }
+        Shutdown {
+            rx: self.tx.subscribe(),
+        }
     }
 }
 

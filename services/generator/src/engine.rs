@@ -137,7 +137,11 @@ impl Engine {
             .name("generator-engine".into())
             .spawn(move || run(model, config, rx))
             .expect("spawning the engine thread");
-        Self { tx, capacity, model_name }
+        Self {
+            tx,
+            capacity,
+            model_name,
+        }
     }
 
     /// Queues a job, or refuses it at once when the queue is full.
@@ -169,12 +173,19 @@ fn run(mut model: LanguageModel, config: EngineConfig, rx: Receiver<Job>) {
 
 /// Renders the prompt and fits it to the context window: past passages are dropped from the
 /// lowest-ranked up until prompt and completion fit.
-fn fit_prompt(model: &LanguageModel, config: &EngineConfig, input: &Input, max_new: usize) -> Result<Vec<u32>, EngineError> {
+fn fit_prompt(
+    model: &LanguageModel,
+    config: &EngineConfig,
+    input: &Input,
+    max_new: usize,
+) -> Result<Vec<u32>, EngineError> {
     let inference = |e: anyhow::Error| EngineError::Inference(e.to_string());
     let budget = model.context_length.saturating_sub(max_new);
     match input {
         Input::Instruction(text) => {
-            let ids = model.encode(&prompt::instruction(&config.system, text).text).map_err(inference)?;
+            let ids = model
+                .encode(&prompt::instruction(&config.system, text).text)
+                .map_err(inference)?;
             if ids.len() > budget {
                 return Err(EngineError::InvalidArgument(format!(
                     "the instruction is {} tokens; with max_new_tokens {max_new} the context window of {} is exceeded",
@@ -187,7 +198,9 @@ fn fit_prompt(model: &LanguageModel, config: &EngineConfig, input: &Input, max_n
         Input::Personalized(parts) => {
             let mut parts = parts.clone();
             loop {
-                let ids = model.encode(&prompt::personalized(&config.system, &parts).text).map_err(inference)?;
+                let ids = model
+                    .encode(&prompt::personalized(&config.system, &parts).text)
+                    .map_err(inference)?;
                 if ids.len() <= budget {
                     return Ok(ids);
                 }
@@ -205,30 +218,48 @@ fn fit_prompt(model: &LanguageModel, config: &EngineConfig, input: &Input, max_n
 
 /// Where the earliest stop string starts in `text`.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }
 
 /// Bytes at the end of `text` to hold back because they may begin a stop string.
 pub fn held_back(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
-        .flat_map(|s| (1..s.len()).rev().filter(move |&k| s.is_char_boundary(k)).map(move |k| &s[..k]))
+        .flat_map(|s| {
+            (1..s.len())
+                .rev()
+                .filter(move |&k| s.is_char_boundary(k))
+                .map(move |k| &s[..k])
+        })
         .filter(|prefix| text.ends_with(prefix))
         .map(str::len)
         .max()
         .unwrap_or(0)
 }
 
-fn generate(model: &mut LanguageModel, config: &EngineConfig, job: Job) -> Result<Option<Stats>, EngineError> {
+fn generate(
+    model: &mut LanguageModel,
+    config: &EngineConfig,
+    job: Job,
+) -> Result<Option<Stats>, EngineError> {
     let inference = |e: anyhow::Error| EngineError::Inference(e.to_string());
     let p = &job.params;
     let prompt_ids = fit_prompt(model, config, &job.input, p.max_new_tokens)?;
     let sampling = if p.temperature <= 0.0 {
         Sampling::ArgMax
     } else if p.top_p > 0.0 && p.top_p < 1.0 {
-        Sampling::TopP { p: p.top_p, temperature: p.temperature }
+        Sampling::TopP {
+            p: p.top_p,
+            temperature: p.temperature,
+        }
     } else {
-        Sampling::All { temperature: p.temperature }
+        Sampling::All {
+            temperature: p.temperature,
+        }
     };
     let mut sampler = LogitsProcessor::from_sampling(p.seed, sampling);
     let mut logits = model.forward(&prompt_ids, 0).map_err(inference)?;
@@ -246,8 +277,12 @@ fn generate(model: &mut LanguageModel, config: &EngineConfig, job: Job) -> Resul
         }
         if p.repeat_penalty != 1.0 && !generated.is_empty() {
             let start = generated.len().saturating_sub(config.repeat_last_n);
-            logits = candle_transformers::utils::apply_repeat_penalty(&logits, p.repeat_penalty, &generated[start..])
-                .map_err(|e| inference(e.into()))?;
+            logits = candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                p.repeat_penalty,
+                &generated[start..],
+            )
+            .map_err(|e| inference(e.into()))?;
         }
         let next = sampler.sample(&logits).map_err(|e| inference(e.into()))?;
         if model.stop_ids.contains(&next) {
@@ -271,7 +306,9 @@ fn generate(model: &mut LanguageModel, config: &EngineConfig, job: Job) -> Resul
             sent = safe;
         }
         if generated.len() < p.max_new_tokens {
-            logits = model.forward(&[next], prompt_ids.len() + generated.len() - 1).map_err(inference)?;
+            logits = model
+                .forward(&[next], prompt_ids.len() + generated.len() - 1)
+                .map_err(inference)?;
         }
     }
     if text.len() > sent {
@@ -282,7 +319,11 @@ fn generate(model: &mut LanguageModel, config: &EngineConfig, job: Job) -> Resul
         prompt_tokens: prompt_ids.len(),
         generated_tokens: generated.len(),
         finish,
-        tokens_per_second: if secs > 0.0 { generated.len() as f64 / secs } else { 0.0 },
+        tokens_per_second: if secs > 0.0 {
+            generated.len() as f64 / secs
+        } else {
+            0.0
+        },
         text,
     }))
 }

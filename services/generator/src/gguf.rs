@@ -28,7 +28,10 @@ pub fn read_content(path: &Path) -> anyhow::Result<(gguf_file::Content, BufReade
 }
 
 fn strings(metadata: &HashMap<String, Value>, key: &str) -> anyhow::Result<Vec<String>> {
-    let values = metadata.get(key).with_context(|| format!("GGUF metadata lacks {key}"))?.to_vec()?;
+    let values = metadata
+        .get(key)
+        .with_context(|| format!("GGUF metadata lacks {key}"))?
+        .to_vec()?;
     values.iter().map(|v| Ok(v.to_string()?.clone())).collect()
 }
 
@@ -40,7 +43,10 @@ pub fn meta_string(metadata: &HashMap<String, Value>, key: &str) -> Option<Strin
 /// An integer metadata value.
 pub fn meta_u32(metadata: &HashMap<String, Value>, key: &str) -> Option<u32> {
     let v = metadata.get(key)?;
-    v.to_u32().ok().or_else(|| v.to_u64().ok().map(|x| x as u32)).or_else(|| v.to_i32().ok().map(|x| x as u32))
+    v.to_u32()
+        .ok()
+        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+        .or_else(|| v.to_i32().ok().map(|x| x as u32))
 }
 
 /// The Qwen2 pre-tokenizer pattern (llama.cpp's `qwen2`).
@@ -54,17 +60,25 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 pub fn tokenizer(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer> {
     let model = meta_string(metadata, "tokenizer.ggml.model").unwrap_or_default();
     if model != "gpt2" {
-        bail!("unsupported GGUF tokenizer model {model:?} (only byte-level BPE, \"gpt2\", is supported)");
+        bail!(
+            "unsupported GGUF tokenizer model {model:?} (only byte-level BPE, \"gpt2\", is supported)"
+        );
     }
     let tokens = strings(metadata, "tokenizer.ggml.tokens")?;
     let merges = strings(metadata, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| {
-            let (a, b) = m.split_once(' ').with_context(|| format!("bad merge {m:?}"))?;
+            let (a, b) = m
+                .split_once(' ')
+                .with_context(|| format!("bad merge {m:?}"))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let vocab: ahash::AHashMap<String, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
@@ -84,11 +98,17 @@ pub fn tokenizer(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer>
         ])
         .into(),
         // SmolLM2 (`smollm`) and other GPT-2-style vocabularies that split digits one by one.
-        _ => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+        _ => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
     };
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-    let types = metadata.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok());
+    let types = metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok());
     if let Some(types) = types {
         let specials: Vec<AddedToken> = types
             .iter()
@@ -96,7 +116,9 @@ pub fn tokenizer(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer>
             .filter(|(t, _)| t.to_i32().ok() == Some(3))
             .map(|(_, tok)| AddedToken::from(tok.clone(), true))
             .collect();
-        tokenizer.add_special_tokens(specials).map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
+        tokenizer
+            .add_special_tokens(specials)
+            .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
     }
     Ok(tokenizer)
 }
@@ -110,17 +132,29 @@ pub fn requantize_q8_0(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     for name in names {
         let q = content.tensor(&mut reader, name, &Device::Cpu)?;
-        let keep = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0)
-            || q.shape().dims().last().is_none_or(|d| d % 32 != 0);
-        let q = if keep { q } else { QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)? };
+        let keep = matches!(
+            q.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0
+        ) || q.shape().dims().last().is_none_or(|d| d % 32 != 0);
+        let q = if keep {
+            q
+        } else {
+            QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+        };
         tensors.push((name.clone(), q));
     }
-    let mut metadata: Vec<(&str, &Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut metadata: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     metadata.sort_by_key(|(k, _)| *k);
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     let tmp = dst.with_extension(format!("tmp-{}", std::process::id()));
     {
-        let mut out = BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+        let mut out = BufWriter::new(
+            File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+        );
         gguf_file::write(&mut out, &metadata, &tensor_refs)?;
         std::io::Write::flush(&mut out)?;
     }

@@ -17,7 +17,9 @@ use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::generate_request::Input as ProtoInput;
 use ghostwriter_proto::v1::generator_server::{Generator, GeneratorServer};
-use ghostwriter_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse};
+use ghostwriter_proto::v1::{
+    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::Stream;
@@ -47,25 +49,53 @@ pub struct GeneratorConfig {
     #[arg(long = "model", env = "GHOSTWRITER_GENERATOR_MODEL")]
     pub model: Option<PathBuf>,
     /// Device of the model: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(long = "device", env = "GHOSTWRITER_GENERATOR_DEVICE", default_value = "cpu")]
+    #[arg(
+        long = "device",
+        env = "GHOSTWRITER_GENERATOR_DEVICE",
+        default_value = "cpu"
+    )]
     pub device: String,
     /// Largest context window used, in tokens (the model's own is used when smaller).
-    #[arg(long = "max-context", env = "GHOSTWRITER_MAX_CONTEXT", default_value_t = 2048)]
+    #[arg(
+        long = "max-context",
+        env = "GHOSTWRITER_MAX_CONTEXT",
+        default_value_t = 2048
+    )]
     pub max_context: usize,
     /// Tokens generated when a request sets no max_new_tokens.
-    #[arg(long = "max-new-tokens", env = "GHOSTWRITER_MAX_NEW_TOKENS", default_value_t = 128)]
+    #[arg(
+        long = "max-new-tokens",
+        env = "GHOSTWRITER_MAX_NEW_TOKENS",
+        default_value_t = 128
+    )]
     pub default_max_new_tokens: u32,
     /// Most tokens a request may ask for.
-    #[arg(long = "max-new-tokens-limit", env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT", default_value_t = 1024)]
+    #[arg(
+        long = "max-new-tokens-limit",
+        env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT",
+        default_value_t = 1024
+    )]
     pub max_new_tokens_limit: u32,
     /// Repeat penalty on recently generated tokens (1 = none); applies to greedy decoding too.
-    #[arg(long = "repeat-penalty", env = "GHOSTWRITER_REPEAT_PENALTY", default_value_t = 1.1)]
+    #[arg(
+        long = "repeat-penalty",
+        env = "GHOSTWRITER_REPEAT_PENALTY",
+        default_value_t = 1.1
+    )]
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty covers.
-    #[arg(long = "repeat-last-n", env = "GHOSTWRITER_REPEAT_LAST_N", default_value_t = 64)]
+    #[arg(
+        long = "repeat-last-n",
+        env = "GHOSTWRITER_REPEAT_LAST_N",
+        default_value_t = 64
+    )]
     pub repeat_last_n: usize,
     /// Requests allowed to wait for the engine; beyond it RESOURCE_EXHAUSTED is returned at once.
-    #[arg(long = "queue-capacity", env = "GHOSTWRITER_GENERATOR_QUEUE", default_value_t = 64)]
+    #[arg(
+        long = "queue-capacity",
+        env = "GHOSTWRITER_GENERATOR_QUEUE",
+        default_value_t = 64
+    )]
     pub queue_capacity: usize,
     /// System message of the chat template.
     #[arg(long = "system-prompt", env = "GHOSTWRITER_SYSTEM_PROMPT", default_value = prompt::DEFAULT_SYSTEM)]
@@ -102,11 +132,16 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
 
 impl GeneratorService {
     fn engine(&self) -> Result<&Engine, Status> {
-        self.engine.get().ok_or_else(|| Status::unavailable("the generator is still loading its model"))
+        self.engine
+            .get()
+            .ok_or_else(|| Status::unavailable("the generator is still loading its model"))
     }
 
     /// Validates a request and queues it; returns the event receiver.
-    fn start(&self, request: Request<GenerateRequest>) -> Result<(mpsc::UnboundedReceiver<Event>, String), Status> {
+    fn start(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<(mpsc::UnboundedReceiver<Event>, String), Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         let input = match r.input {
@@ -122,8 +157,14 @@ impl GeneratorService {
                 })
             }
             Some(ProtoInput::Instruction(i)) if !i.trim().is_empty() => Input::Instruction(i),
-            Some(ProtoInput::Instruction(_)) => return Err(Status::invalid_argument("instruction is empty")),
-            None => return Err(Status::invalid_argument("input is missing: set personalized or instruction")),
+            Some(ProtoInput::Instruction(_)) => {
+                return Err(Status::invalid_argument("instruction is empty"));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "input is missing: set personalized or instruction",
+                ));
+            }
         };
         let g = r.params.unwrap_or_default();
         let c = &self.config;
@@ -134,10 +175,16 @@ impl GeneratorService {
             )));
         }
         if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
-            return Err(Status::invalid_argument("temperature must be in [0, 10] and top_p in [0, 1]"));
+            return Err(Status::invalid_argument(
+                "temperature must be in [0, 10] and top_p in [0, 1]",
+            ));
         }
         let params = Params {
-            max_new_tokens: if g.max_new_tokens == 0 { c.default_max_new_tokens } else { g.max_new_tokens } as usize,
+            max_new_tokens: if g.max_new_tokens == 0 {
+                c.default_max_new_tokens
+            } else {
+                g.max_new_tokens
+            } as usize,
             temperature: g.temperature as f64,
             top_p: if g.top_p == 0.0 { 1.0 } else { g.top_p as f64 },
             seed: g.seed,
@@ -146,14 +193,22 @@ impl GeneratorService {
         };
         let engine = self.engine()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        engine.submit(Job { input, params, events: tx, deadline })?;
+        engine.submit(Job {
+            input,
+            params,
+            events: tx,
+            deadline,
+        })?;
         Ok((rx, engine.model_name.clone()))
     }
 }
 
 #[tonic::async_trait]
 impl Generator for GeneratorService {
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
         let (mut rx, model) = self.start(request)?;
         while let Some(event) = rx.recv().await {
             match event {
@@ -167,7 +222,10 @@ impl Generator for GeneratorService {
 
     type GenerateStreamStream = StreamOf<GenerateStreamResponse>;
 
-    async fn generate_stream(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (rx, model) = self.start(request)?;
         let stream = event_stream(rx, model);
         Ok(Response::new(Box::pin(stream)))
@@ -176,20 +234,31 @@ impl Generator for GeneratorService {
 
 /// Turns engine events into stream messages; dropping the stream (the caller went away) drops
 /// the receiver, which cancels decoding.
-fn event_stream(mut rx: mpsc::UnboundedReceiver<Event>, model: String) -> impl Stream<Item = Result<GenerateStreamResponse, Status>> {
-    async_stream(move |tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>| async move {
-        while let Some(event) = rx.recv().await {
-            let message = match event {
-                Event::Text(text) => Ok(GenerateStreamResponse { text, summary: None }),
-                Event::Done(stats) => Ok(GenerateStreamResponse { text: String::new(), summary: Some(response(stats, &model)) }),
-                Event::Failed(e) => Err(e.into()),
-            };
-            let last = !matches!(message, Ok(GenerateStreamResponse { summary: None, .. }));
-            if tx.send(message).await.is_err() || last {
-                return;
+fn event_stream(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    model: String,
+) -> impl Stream<Item = Result<GenerateStreamResponse, Status>> {
+    async_stream(
+        move |tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>| async move {
+            while let Some(event) = rx.recv().await {
+                let message = match event {
+                    Event::Text(text) => Ok(GenerateStreamResponse {
+                        text,
+                        summary: None,
+                    }),
+                    Event::Done(stats) => Ok(GenerateStreamResponse {
+                        text: String::new(),
+                        summary: Some(response(stats, &model)),
+                    }),
+                    Event::Failed(e) => Err(e.into()),
+                };
+                let last = !matches!(message, Ok(GenerateStreamResponse { summary: None, .. }));
+                if tx.send(message).await.is_err() || last {
+                    return;
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// A stream fed by a task; the task ends when the stream is dropped.
@@ -205,30 +274,50 @@ where
 }
 
 /// Loads the model synchronously (for benchmarks and tools).
-pub fn load_engine(config: &GeneratorConfig, model_dir: &std::path::Path) -> anyhow::Result<Engine> {
-    let path = config.model.clone().unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
+pub fn load_engine(
+    config: &GeneratorConfig,
+    model_dir: &std::path::Path,
+) -> anyhow::Result<Engine> {
+    let path = config
+        .model
+        .clone()
+        .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let device = ghostwriter_common::device::parse(&config.device)?;
     let model = LanguageModel::load(&path, &device, config.max_context)
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
     tracing::info!(stage = "generator", model = %model.name, arch = %model.architecture, context = model.context_length, "model loaded");
     Ok(Engine::start(
         model,
-        EngineConfig { queue_capacity: config.queue_capacity.max(1), system: config.system.clone(), repeat_last_n: config.repeat_last_n },
+        EngineConfig {
+            queue_capacity: config.queue_capacity.max(1),
+            system: config.system.clone(),
+            repeat_last_n: config.repeat_last_n,
+        },
     ))
 }
 
 /// Serves the generator on `listener` until `shutdown`. The model loads in the background;
 /// health turns SERVING once it is loaded.
-pub async fn serve(config: GeneratorConfig, model_dir: PathBuf, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: GeneratorConfig,
+    model_dir: PathBuf,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Generator").await;
     let cell: Arc<OnceCell<Engine>> = Arc::default();
     let config = Arc::new(config);
-    let service = GeneratorService { engine: cell.clone(), config: config.clone() };
+    let service = GeneratorService {
+        engine: cell.clone(),
+        config: config.clone(),
+    };
     let loader = async move {
-        let engine = tokio::task::spawn_blocking(move || load_engine(&config, &model_dir)).await??;
+        let engine =
+            tokio::task::spawn_blocking(move || load_engine(&config, &model_dir)).await??;
         let _ = cell.set(engine);
         anyhow::Ok(())
     };
-    let routes = routes.add_service(GeneratorServer::new(service).max_decoding_message_size(64 << 20));
+    let routes =
+        routes.add_service(GeneratorServer::new(service).max_decoding_message_size(64 << 20));
     server.serve_after(routes, listener, shutdown, loader).await
 }

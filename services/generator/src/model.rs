@@ -37,8 +37,11 @@ impl LanguageModel {
         let (content, mut reader) = gguf::read_content(path)?;
         let md = &content.metadata;
         let architecture = gguf::meta_string(md, "general.architecture").unwrap_or_default();
-        let name = gguf::meta_string(md, "general.name")
-            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let name = gguf::meta_string(md, "general.name").unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
         let context_length = gguf::meta_u32(md, &format!("{architecture}.context_length"))
             .map_or(max_context, |c| (c as usize).min(max_context));
         let tokenizer = gguf::tokenizer(md)?;
@@ -52,16 +55,37 @@ impl LanguageModel {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let weights = match architecture.as_str() {
-            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)?),
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)?),
+            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+                content,
+                &mut reader,
+                device,
+            )?),
+            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                content,
+                &mut reader,
+                device,
+            )?),
             other => bail!("unsupported model architecture {other:?} (supported: llama, qwen2)"),
         };
-        Ok(Self { weights, tokenizer, stop_ids, context_length, architecture, name, device: device.clone() })
+        Ok(Self {
+            weights,
+            tokenizer,
+            stop_ids,
+            context_length,
+            architecture,
+            name,
+            device: device.clone(),
+        })
     }
 
     /// Token ids of `text` (special tokens such as `<|im_start|>` recognized).
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(anyhow::Error::msg)?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(anyhow::Error::msg)?
+            .get_ids()
+            .to_vec())
     }
 
     /// Text of `ids`, special tokens skipped.

@@ -45,7 +45,10 @@ pub fn personalized(system: &str, parts: &Parts) -> Prompt {
         user.push_str(&format!("\nsummary: {}\n", parts.summary.trim()));
     }
     if !parts.important_words.is_empty() {
-        user.push_str(&format!("\nimportant words: {}\n", parts.important_words.join(", ")));
+        user.push_str(&format!(
+            "\nimportant words: {}\n",
+            parts.important_words.join(", ")
+        ));
     }
     if !parts.past_passages.is_empty() {
         user.push_str("\npast passages:\n");
@@ -76,11 +79,23 @@ mod tests {
                 past_passages: vec!["These picks rock.".into()],
             },
         );
-        for label in [INSTRUCTION, "passage start: Great strings", "summary: Likes bright tone.", "important words: tone, strings", "past passages:\n- These picks rock."] {
+        for label in [
+            INSTRUCTION,
+            "passage start: Great strings",
+            "summary: Likes bright tone.",
+            "important words: tone, strings",
+            "past passages:\n- These picks rock.",
+        ] {
             assert!(p.text.contains(label), "{label} missing in {}", p.text);
         }
         assert!(p.text.ends_with("<|im_start|>assistant\nGreat strings"));
-        let bare = personalized("sys", &Parts { passage_start: "x".into(), ..Default::default() });
+        let bare = personalized(
+            "sys",
+            &Parts {
+                passage_start: "x".into(),
+                ..Default::default()
+            },
+        );
         assert!(!bare.text.contains("summary:") && !bare.text.contains("past passages"));
     }
 }

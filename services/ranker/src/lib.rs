@@ -29,10 +29,18 @@ pub struct RankerConfig {
     #[arg(long = "embedder-dir", env = "GHOSTWRITER_EMBEDDER_DIR")]
     pub embedder_dir: Option<PathBuf>,
     /// Device of the embedding model: cpu, cuda or cuda:N.
-    #[arg(long = "embedder-device", env = "GHOSTWRITER_EMBEDDER_DEVICE", default_value = "cpu")]
+    #[arg(
+        long = "embedder-device",
+        env = "GHOSTWRITER_EMBEDDER_DEVICE",
+        default_value = "cpu"
+    )]
     pub embedder_device: String,
     /// Document embeddings kept in memory (1.5 KB each), so a user's history is embedded once.
-    #[arg(long = "embedding-cache", env = "GHOSTWRITER_EMBEDDING_CACHE", default_value_t = 20_000)]
+    #[arg(
+        long = "embedding-cache",
+        env = "GHOSTWRITER_EMBEDDING_CACHE",
+        default_value_t = 20_000
+    )]
     pub cache_entries: usize,
 }
 
@@ -76,15 +84,25 @@ pub struct DenseRanker {
 impl DenseRanker {
     /// Wraps a loaded embedder.
     pub fn new(embedder: Embedder, cache_entries: usize) -> Self {
-        let cache = EmbeddingCache { capacity: cache_entries, map: HashMap::new(), order: VecDeque::new() };
-        Self { embedder, cache: Mutex::new(cache) }
+        let cache = EmbeddingCache {
+            capacity: cache_entries,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        Self {
+            embedder,
+            cache: Mutex::new(cache),
+        }
     }
 
     /// Cosine similarity of each text to the query; texts seen before are not re-embedded.
     pub fn scores(&self, query: &str, texts: &[&str]) -> anyhow::Result<Vec<f32>> {
         let keys: Vec<u64> = texts.iter().map(|t| EmbeddingCache::key(t)).collect();
         let mut known: Vec<Option<Arc<[f32]>>> = {
-            let cache = self.cache.lock().map_err(|_| anyhow::anyhow!("embedding cache poisoned"))?;
+            let cache = self
+                .cache
+                .lock()
+                .map_err(|_| anyhow::anyhow!("embedding cache poisoned"))?;
             keys.iter().map(|k| cache.map.get(k).cloned()).collect()
         };
         let missing: Vec<usize> = (0..texts.len()).filter(|&i| known[i].is_none()).collect();
@@ -93,14 +111,20 @@ impl DenseRanker {
         let mut embedded = self.embedder.embed(&inputs)?.into_iter();
         let q = embedded.next().unwrap_or_default();
         {
-            let mut cache = self.cache.lock().map_err(|_| anyhow::anyhow!("embedding cache poisoned"))?;
+            let mut cache = self
+                .cache
+                .lock()
+                .map_err(|_| anyhow::anyhow!("embedding cache poisoned"))?;
             for (&i, e) in missing.iter().zip(embedded) {
                 let e: Arc<[f32]> = e.into();
                 cache.insert(keys[i], e.clone());
                 known[i] = Some(e);
             }
         }
-        Ok(known.iter().map(|e| e.as_deref().map_or(0.0, |e| embedder::cosine(&q, e))).collect())
+        Ok(known
+            .iter()
+            .map(|e| e.as_deref().map_or(0.0, |e| embedder::cosine(&q, e)))
+            .collect())
     }
 }
 
@@ -114,16 +138,30 @@ pub struct RankerService {
 impl Ranker for RankerService {
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
         let r = request.into_inner();
-        let strategy = RankingStrategy::try_from(r.strategy)
-            .map_err(|_| Status::invalid_argument(format!("unknown ranking strategy {}", r.strategy)))?;
-        let budget = if r.budget_chars == 0 { DEFAULT_BUDGET_CHARS } else { r.budget_chars as usize };
+        let strategy = RankingStrategy::try_from(r.strategy).map_err(|_| {
+            Status::invalid_argument(format!("unknown ranking strategy {}", r.strategy))
+        })?;
+        let budget = if r.budget_chars == 0 {
+            DEFAULT_BUDGET_CHARS
+        } else {
+            r.budget_chars as usize
+        };
         let candidates: Vec<Candidate> = r
             .candidates
             .into_iter()
             .filter_map(|c| {
                 let d = c.document?;
-                let text = if d.title.is_empty() { d.text } else { format!("{}\n{}", d.title, d.text) };
-                Some(Candidate { doc_id: d.doc_id, timestamp: d.timestamp, text, bm25: c.bm25_score })
+                let text = if d.title.is_empty() {
+                    d.text
+                } else {
+                    format!("{}\n{}", d.title, d.text)
+                };
+                Some(Candidate {
+                    doc_id: d.doc_id,
+                    timestamp: d.timestamp,
+                    text,
+                    bm25: c.bm25_score,
+                })
             })
             .collect();
         let scores = match strategy {
@@ -133,11 +171,9 @@ impl Ranker for RankerService {
                 if candidates.is_empty() {
                     Vec::new()
                 } else {
-                    let dense = self
-                        .dense
-                        .get()
-                        .cloned()
-                        .ok_or_else(|| Status::unavailable("the ranker is still loading its embedding model"))?;
+                    let dense = self.dense.get().cloned().ok_or_else(|| {
+                        Status::unavailable("the ranker is still loading its embedding model")
+                    })?;
                     let query = r.query.clone();
                     let texts: Vec<String> = candidates.iter().map(|c| c.text.clone()).collect();
                     tokio::task::spawn_blocking(move || {
@@ -152,7 +188,12 @@ impl Ranker for RankerService {
         };
         let entries = rank::order_and_cut(&candidates, &scores, budget)
             .into_iter()
-            .map(|e| RankedEntry { doc_id: e.doc_id, text: e.text, score: e.score, timestamp: e.timestamp })
+            .map(|e| RankedEntry {
+                doc_id: e.doc_id,
+                text: e.text,
+                score: e.score,
+                timestamp: e.timestamp,
+            })
             .collect();
         Ok(Response::new(RankResponse { entries }))
     }
@@ -160,7 +201,12 @@ impl Ranker for RankerService {
 
 /// Serves the ranker on `listener` until `shutdown`. The embedding model loads in the
 /// background; health turns SERVING once it is loaded.
-pub async fn serve(config: RankerConfig, model_dir: PathBuf, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: RankerConfig,
+    model_dir: PathBuf,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Ranker").await;
     let cell: Arc<OnceCell<Arc<DenseRanker>>> = Arc::default();
     let dir = config
@@ -177,9 +223,15 @@ pub async fn serve(config: RankerConfig, model_dir: PathBuf, listener: TcpListen
             .await?
             .map_err(|e| anyhow::anyhow!("loading the embedding model from {shown}: {e}"))?;
         let _ = loading_cell.set(Arc::new(DenseRanker::new(embedder, cache_entries)));
-        tracing::info!(stage = "ranker", millis = started.elapsed().as_millis() as u64, "embedding model loaded");
+        tracing::info!(
+            stage = "ranker",
+            millis = started.elapsed().as_millis() as u64,
+            "embedding model loaded"
+        );
         anyhow::Ok(())
     };
-    let routes = routes.add_service(RankerServer::new(RankerService { dense: cell }).max_decoding_message_size(256 << 20));
+    let routes = routes.add_service(
+        RankerServer::new(RankerService { dense: cell }).max_decoding_message_size(256 << 20),
+    );
     server.serve_after(routes, listener, shutdown, loader).await
 }

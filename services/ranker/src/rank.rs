@@ -55,12 +55,22 @@ pub fn order_and_cut(candidates: &[Candidate], scores: &[f32], budget: usize) ->
         let n = text.chars().count();
         if n <= left {
             left -= n;
-            entries.push(Entry { doc_id: c.doc_id.clone(), text: text.to_string(), score: scores[i], timestamp: c.timestamp });
+            entries.push(Entry {
+                doc_id: c.doc_id.clone(),
+                text: text.to_string(),
+                score: scores[i],
+                timestamp: c.timestamp,
+            });
             continue;
         }
         let text = cut(text, left);
         if !text.is_empty() {
-            entries.push(Entry { doc_id: c.doc_id.clone(), text, score: scores[i], timestamp: c.timestamp });
+            entries.push(Entry {
+                doc_id: c.doc_id.clone(),
+                text,
+                score: scores[i],
+                timestamp: c.timestamp,
+            });
         }
         break;
     }
@@ -70,7 +80,10 @@ pub fn order_and_cut(candidates: &[Candidate], scores: &[f32], budget: usize) ->
 /// The first `max_chars` characters of `text`, shortened to the last word boundary when that
 /// keeps at least half of it.
 fn cut(text: &str, max_chars: usize) -> String {
-    let end = text.char_indices().nth(max_chars).map_or(text.len(), |(i, _)| i);
+    let end = text
+        .char_indices()
+        .nth(max_chars)
+        .map_or(text.len(), |(i, _)| i);
     let head = &text[..end];
     match head.rfind(char::is_whitespace) {
         Some(space) if space >= end / 2 => head[..space].trim_end().to_string(),
@@ -93,12 +106,21 @@ mod tests {
     use super::*;
 
     fn c(id: &str, ts: i64, text: &str, bm25: f32) -> Candidate {
-        Candidate { doc_id: id.into(), timestamp: ts, text: text.into(), bm25 }
+        Candidate {
+            doc_id: id.into(),
+            timestamp: ts,
+            text: text.into(),
+            bm25,
+        }
     }
 
     #[test]
     fn orders_by_score_then_recency_and_respects_budget() {
-        let cands = vec![c("a", 1, "alpha beta", 0.5), c("b", 2, "gamma", 0.0), c("c", 3, "delta", 0.0)];
+        let cands = vec![
+            c("a", 1, "alpha beta", 0.5),
+            c("b", 2, "gamma", 0.0),
+            c("c", 3, "delta", 0.0),
+        ];
         let e = order_and_cut(&cands, &bm25_scores(&cands), 100);
         let ids: Vec<_> = e.iter().map(|e| e.doc_id.as_str()).collect();
         assert_eq!(ids, vec!["a", "c", "b"]);
@@ -109,7 +131,11 @@ mod tests {
     #[test]
     fn cuts_the_entry_that_crosses_the_budget() {
         let long = "word ".repeat(100);
-        let cands = vec![c("a", 1, "x".repeat(20).as_str(), 2.0), c("b", 1, &long, 1.0), c("c", 1, "tail", 0.5)];
+        let cands = vec![
+            c("a", 1, "x".repeat(20).as_str(), 2.0),
+            c("b", 1, &long, 1.0),
+            c("c", 1, "tail", 0.5),
+        ];
         let e = order_and_cut(&cands, &bm25_scores(&cands), 50);
         let total: usize = e.iter().map(|e| e.text.chars().count()).sum();
         assert!(total <= 50, "{total}");

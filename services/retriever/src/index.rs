@@ -9,9 +9,7 @@ use std::sync::Mutex;
 use tantivy::collector::{Count, TopDocs};
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, RangeQuery, TermQuery};
-use tantivy::schema::{
-    Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value,
-};
+use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
 
 use crate::Error;
@@ -107,9 +105,17 @@ impl DocumentIndex {
     }
 
     fn from_index(index: Index, fields: Fields, writer_memory_bytes: usize) -> Result<Self, Error> {
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
         let writer = index.writer_with_num_threads(1, writer_memory_bytes.max(15_000_000))?;
-        Ok(Self { index, reader, writer: Mutex::new(writer), fields })
+        Ok(Self {
+            index,
+            reader,
+            writer: Mutex::new(writer),
+            fields,
+        })
     }
 
     /// Number of documents searchable now.
@@ -120,7 +126,10 @@ impl DocumentIndex {
     /// Stores (upserts by doc_id) a validated batch and makes it searchable before returning.
     pub fn ingest(&self, documents: &[StoredDocument]) -> Result<u64, Error> {
         let f = &self.fields;
-        let mut writer = self.writer.lock().map_err(|_| Error::Index("writer poisoned".into()))?;
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| Error::Index("writer poisoned".into()))?;
         let result = (|| {
             for d in documents {
                 writer.delete_term(Term::from_field_text(f.doc_id, &d.doc_id));
@@ -155,7 +164,10 @@ impl DocumentIndex {
         let mut stream = analyzer.token_stream(query);
         let mut terms = Vec::new();
         while stream.advance() && terms.len() < MAX_QUERY_TERMS {
-            terms.push(Term::from_field_text(self.fields.content, &stream.token().text));
+            terms.push(Term::from_field_text(
+                self.fields.content,
+                &stream.token().text,
+            ));
         }
         Ok(terms)
     }
@@ -166,7 +178,12 @@ impl DocumentIndex {
 
     /// A user's documents written before the filter's point, scored by BM25 against `query`
     /// (built term by term: user text is never parsed as query syntax).
-    pub fn retrieve(&self, filter: &HistoryFilter, query: &str, limit: usize) -> Result<Retrieved, Error> {
+    pub fn retrieve(
+        &self,
+        filter: &HistoryFilter,
+        query: &str,
+        limit: usize,
+    ) -> Result<Retrieved, Error> {
         let f = &self.fields;
         let searcher = self.reader.searcher();
         let user = || -> Box<dyn Query> {
@@ -180,10 +197,15 @@ impl DocumentIndex {
         // Same-second documents: earlier only when their doc_id sorts before the current one.
         let same_second = BooleanQuery::new(vec![
             (Occur::Must, user()),
-            (Occur::Must, Box::new(TermQuery::new(ts.clone(), IndexRecordOption::Basic))),
+            (
+                Occur::Must,
+                Box::new(TermQuery::new(ts.clone(), IndexRecordOption::Basic)),
+            ),
         ]);
         let mut excluded: HashSet<String> = HashSet::new();
-        for (_, addr) in searcher.search(&same_second, &TopDocs::with_limit(100_000).order_by_score())? {
+        for (_, addr) in
+            searcher.search(&same_second, &TopDocs::with_limit(100_000).order_by_score())?
+        {
             let d = self.load(&searcher, addr)?;
             if d.doc_id.as_str() >= filter.current_doc_id.as_str() {
                 excluded.insert(d.doc_id);
@@ -195,22 +217,39 @@ impl DocumentIndex {
 
         let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![
             Self::filter_clause(user()),
-            Self::filter_clause(Box::new(RangeQuery::new(Bound::Unbounded, Bound::Included(ts)))),
+            Self::filter_clause(Box::new(RangeQuery::new(
+                Bound::Unbounded,
+                Bound::Included(ts),
+            ))),
         ];
         for doc_id in &excluded {
             clauses.push((
                 Occur::MustNot,
-                Box::new(TermQuery::new(Term::from_field_text(f.doc_id, doc_id), IndexRecordOption::Basic)),
+                Box::new(TermQuery::new(
+                    Term::from_field_text(f.doc_id, doc_id),
+                    IndexRecordOption::Basic,
+                )),
             ));
         }
         for term in self.query_terms(query)? {
-            clauses.push((Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))));
+            clauses.push((
+                Occur::Should,
+                Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)),
+            ));
         }
         let query = BooleanQuery::new(clauses);
-        let (top, total) = searcher.search(&query, &(TopDocs::with_limit(limit.max(1)).order_by_score(), Count))?;
+        let (top, total) = searcher.search(
+            &query,
+            &(TopDocs::with_limit(limit.max(1)).order_by_score(), Count),
+        )?;
         let mut hits = top
             .into_iter()
-            .map(|(score, addr)| Ok(Hit { document: self.load(&searcher, addr)?, score }))
+            .map(|(score, addr)| {
+                Ok(Hit {
+                    document: self.load(&searcher, addr)?,
+                    score,
+                })
+            })
             .collect::<Result<Vec<_>, Error>>()?;
         // Documents no term matches score 0: most recent first among equals, then by doc_id.
         hits.sort_by(|a, b| {
@@ -219,17 +258,32 @@ impl DocumentIndex {
                 .then(b.document.timestamp.cmp(&a.document.timestamp))
                 .then(b.document.doc_id.cmp(&a.document.doc_id))
         });
-        Ok(Retrieved { hits, total_history: total })
+        Ok(Retrieved {
+            hits,
+            total_history: total,
+        })
     }
 
-    fn load(&self, searcher: &tantivy::Searcher, addr: tantivy::DocAddress) -> Result<StoredDocument, Error> {
+    fn load(
+        &self,
+        searcher: &tantivy::Searcher,
+        addr: tantivy::DocAddress,
+    ) -> Result<StoredDocument, Error> {
         let f = &self.fields;
         let d: TantivyDocument = searcher.doc(addr)?;
-        let text = |field| d.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let text = |field| {
+            d.get_first(field)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
         Ok(StoredDocument {
             user_id: text(f.user_id),
             doc_id: text(f.doc_id),
-            timestamp: d.get_first(f.timestamp).and_then(|v| v.as_i64()).unwrap_or_default(),
+            timestamp: d
+                .get_first(f.timestamp)
+                .and_then(|v| v.as_i64())
+                .unwrap_or_default(),
             title: text(f.title),
             text: text(f.text),
         })
@@ -241,11 +295,21 @@ mod tests {
     use super::*;
 
     fn doc(user: &str, id: &str, ts: i64, text: &str) -> StoredDocument {
-        StoredDocument { user_id: user.into(), doc_id: id.into(), timestamp: ts, title: String::new(), text: text.into() }
+        StoredDocument {
+            user_id: user.into(),
+            doc_id: id.into(),
+            timestamp: ts,
+            title: String::new(),
+            text: text.into(),
+        }
     }
 
     fn filter(user: &str, before: i64, current: &str) -> HistoryFilter {
-        HistoryFilter { user_id: user.into(), before, current_doc_id: current.into() }
+        HistoryFilter {
+            user_id: user.into(),
+            before,
+            current_doc_id: current.into(),
+        }
     }
 
     fn ids(r: &Retrieved) -> Vec<&str> {
@@ -265,14 +329,21 @@ mod tests {
                 doc("u2", "x", 5, "guitar guitar guitar"),
             ])
             .unwrap();
-        let r = index.retrieve(&filter("u1", 20, "c"), "guitar", 10).unwrap();
+        let r = index
+            .retrieve(&filter("u1", 20, "c"), "guitar", 10)
+            .unwrap();
         // a (earlier), b (same second, sorts before c); never c itself, d (later) or u2's x.
         let mut got = ids(&r);
         got.sort();
         assert_eq!(got, vec!["a", "b"]);
         assert_eq!(r.total_history, 2);
         // Same-second tie the other way: writing "b" at 20 sees only "a".
-        assert_eq!(ids(&index.retrieve(&filter("u1", 20, "b"), "guitar", 10).unwrap()), vec!["a"]);
+        assert_eq!(
+            ids(&index
+                .retrieve(&filter("u1", 20, "b"), "guitar", 10)
+                .unwrap()),
+            vec!["a"]
+        );
     }
 
     #[test]
@@ -286,7 +357,9 @@ mod tests {
                 doc("u", "new", 3, "box arrived on time"),
             ])
             .unwrap();
-        let r = index.retrieve(&filter("u", 100, ""), "fuzz pedal", 10).unwrap();
+        let r = index
+            .retrieve(&filter("u", 100, ""), "fuzz pedal", 10)
+            .unwrap();
         assert_eq!(ids(&r), vec!["old", "new", "mid"]);
         assert!(r.hits[0].score > 0.0);
         assert_eq!(r.hits[1].score, 0.0);
@@ -296,13 +369,36 @@ mod tests {
     fn query_syntax_is_plain_text() {
         let dir = tempfile::tempdir().unwrap();
         let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index.ingest(&[doc("u", "a", 1, "AND OR NOT title:x \"quoted\" (paren) star*")]).unwrap();
-        for q in ["\"", "title:", "(", "*", "AND", "a AND", "user_id:u2", ") OR (", "NOT"] {
+        index
+            .ingest(&[doc(
+                "u",
+                "a",
+                1,
+                "AND OR NOT title:x \"quoted\" (paren) star*",
+            )])
+            .unwrap();
+        for q in [
+            "\"",
+            "title:",
+            "(",
+            "*",
+            "AND",
+            "a AND",
+            "user_id:u2",
+            ") OR (",
+            "NOT",
+        ] {
             let r = index.retrieve(&filter("u", 10, ""), q, 10).unwrap();
             assert_eq!(ids(&r), vec!["a"], "query {q:?}");
         }
         // A crafted query cannot reach another user's documents.
-        assert!(index.retrieve(&filter("v", 10, ""), "user_id:u", 10).unwrap().hits.is_empty());
+        assert!(
+            index
+                .retrieve(&filter("v", 10, ""), "user_id:u", 10)
+                .unwrap()
+                .hits
+                .is_empty()
+        );
     }
 
     #[test]

@@ -56,10 +56,18 @@ pub struct RetrieverConfig {
     #[arg(long = "index-dir", env = "GHOSTWRITER_INDEX_DIR", default_value_os_t = default_index_dir())]
     pub index_dir: PathBuf,
     /// Documents returned by Retrieve when the request sets no limit.
-    #[arg(long = "retrieve-limit", env = "GHOSTWRITER_RETRIEVE_LIMIT", default_value_t = 200)]
+    #[arg(
+        long = "retrieve-limit",
+        env = "GHOSTWRITER_RETRIEVE_LIMIT",
+        default_value_t = 200
+    )]
     pub default_limit: u32,
     /// Memory of the index writer, in megabytes.
-    #[arg(long = "index-writer-mb", env = "GHOSTWRITER_INDEX_WRITER_MB", default_value_t = 32)]
+    #[arg(
+        long = "index-writer-mb",
+        env = "GHOSTWRITER_INDEX_WRITER_MB",
+        default_value_t = 32
+    )]
     pub writer_mb: usize,
 }
 
@@ -95,7 +103,9 @@ pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>,
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let bad = |why: String| Error::InvalidArgument(format!("document {i} ({:?}): {why}", d.doc_id));
+            let bad = |why: String| {
+                Error::InvalidArgument(format!("document {i} ({:?}): {why}", d.doc_id))
+            };
             if d.user_id.trim().is_empty() {
                 return Err(bad("user_id is empty".into()));
             }
@@ -135,7 +145,10 @@ pub struct RetrieverService {
 
 impl RetrieverService {
     fn index(&self) -> Result<Arc<DocumentIndex>, Status> {
-        self.index.get().cloned().ok_or_else(|| Error::NotReady.into())
+        self.index
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::NotReady.into())
     }
 }
 
@@ -148,7 +161,10 @@ fn now_unix() -> i64 {
 
 #[tonic::async_trait]
 impl Retriever for RetrieverService {
-    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
         let documents = validate_documents(&request.get_ref().documents)?;
         let index = self.index()?;
         let n = documents.len() as u32;
@@ -156,10 +172,16 @@ impl Retriever for RetrieverService {
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         tracing::debug!(ingested = n, total, "ingest");
-        Ok(Response::new(IngestResponse { ingested: n, total_documents: total }))
+        Ok(Response::new(IngestResponse {
+            ingested: n,
+            total_documents: total,
+        }))
     }
 
-    async fn retrieve(&self, request: Request<RetrieveRequest>) -> Result<Response<RetrieveResponse>, Status> {
+    async fn retrieve(
+        &self,
+        request: Request<RetrieveRequest>,
+    ) -> Result<Response<RetrieveResponse>, Status> {
         let r = request.into_inner();
         if r.user_id.trim().is_empty() {
             return Err(Status::invalid_argument("user_id is empty"));
@@ -170,10 +192,15 @@ impl Retriever for RetrieverService {
             before: r.before_timestamp.unwrap_or_else(now_unix),
             current_doc_id: r.current_doc_id,
         };
-        let limit = if r.limit == 0 { self.default_limit } else { r.limit } as usize;
-        let retrieved = tokio::task::spawn_blocking(move || index.retrieve(&filter, &r.query, limit))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let limit = if r.limit == 0 {
+            self.default_limit
+        } else {
+            r.limit
+        } as usize;
+        let retrieved =
+            tokio::task::spawn_blocking(move || index.retrieve(&filter, &r.query, limit))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(RetrieveResponse {
             total_history: retrieved.total_history as u32,
             documents: retrieved
@@ -196,10 +223,17 @@ impl Retriever for RetrieverService {
 
 /// Serves the retriever on `listener` until `shutdown`. The index opens in the background;
 /// health turns SERVING once it is open.
-pub async fn serve(config: RetrieverConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: RetrieverConfig,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Retriever").await;
     let cell: Arc<OnceCell<Arc<DocumentIndex>>> = Arc::default();
-    let service = RetrieverService { index: cell.clone(), default_limit: config.default_limit };
+    let service = RetrieverService {
+        index: cell.clone(),
+        default_limit: config.default_limit,
+    };
     let dir = config.index_dir.clone();
     let writer_bytes = config.writer_mb * 1_000_000;
     let opened = tokio::task::spawn_blocking(move || DocumentIndex::open(&dir, writer_bytes));
@@ -210,10 +244,14 @@ pub async fn serve(config: RetrieverConfig, listener: TcpListener, shutdown: Shu
                 let _ = cell.set(Arc::new(index));
                 Ok(())
             }
-            Ok(Err(e)) => Err(anyhow::anyhow!("opening index {}: {e}", config.index_dir.display())),
+            Ok(Err(e)) => Err(anyhow::anyhow!(
+                "opening index {}: {e}",
+                config.index_dir.display()
+            )),
             Err(e) => Err(anyhow::anyhow!(e)),
         }
     };
-    let routes = routes.add_service(RetrieverServer::new(service).max_decoding_message_size(256 << 20));
+    let routes =
+        routes.add_service(RetrieverServer::new(service).max_decoding_message_size(256 << 20));
     server.serve_after(routes, listener, shutdown, loader).await
 }

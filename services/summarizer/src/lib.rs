@@ -10,7 +10,9 @@ use ghostwriter_common::{client, deadline};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
-use ghostwriter_proto::v1::{GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse};
+use ghostwriter_proto::v1::{
+    GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse,
+};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -19,10 +21,18 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone, clap::Args)]
 pub struct SummarizerConfig {
     /// Generator endpoint that runs the instruction LLM, e.g. http://127.0.0.1:50055.
-    #[arg(long = "generator-url", env = "GHOSTWRITER_GENERATOR_URL", default_value = "http://127.0.0.1:50055")]
+    #[arg(
+        long = "generator-url",
+        env = "GHOSTWRITER_GENERATOR_URL",
+        default_value = "http://127.0.0.1:50055"
+    )]
     pub generator_url: String,
     /// Summary length in tokens when the request sets none.
-    #[arg(long = "summary-tokens", env = "GHOSTWRITER_SUMMARY_TOKENS", default_value_t = 96)]
+    #[arg(
+        long = "summary-tokens",
+        env = "GHOSTWRITER_SUMMARY_TOKENS",
+        default_value_t = 96
+    )]
     pub max_new_tokens: u32,
 }
 
@@ -58,19 +68,33 @@ pub struct SummarizerService {
 
 #[tonic::async_trait]
 impl Summarizer for SummarizerService {
-    async fn summarize(&self, request: Request<SummarizeRequest>) -> Result<Response<SummarizeResponse>, Status> {
+    async fn summarize(
+        &self,
+        request: Request<SummarizeRequest>,
+    ) -> Result<Response<SummarizeResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         if r.max_new_tokens > MAX_SUMMARY_TOKENS {
-            return Err(Status::invalid_argument(format!("max_new_tokens is limited to {MAX_SUMMARY_TOKENS}")));
+            return Err(Status::invalid_argument(format!(
+                "max_new_tokens is limited to {MAX_SUMMARY_TOKENS}"
+            )));
         }
         if r.entries.iter().all(|e| e.text.trim().is_empty()) {
-            return Ok(Response::new(SummarizeResponse { summary: String::new() }));
+            return Ok(Response::new(SummarizeResponse {
+                summary: String::new(),
+            }));
         }
-        let tokens = if r.max_new_tokens == 0 { self.default_tokens } else { r.max_new_tokens };
+        let tokens = if r.max_new_tokens == 0 {
+            self.default_tokens
+        } else {
+            r.max_new_tokens
+        };
         let generate = GenerateRequest {
             input: Some(Input::Instruction(instruction(&r.entries))),
-            params: Some(GenerationParams { max_new_tokens: tokens, ..Default::default() }),
+            params: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
         };
         let response = self
             .generator
@@ -78,15 +102,27 @@ impl Summarizer for SummarizerService {
             .generate(deadline::request(generate, deadline)?)
             .await
             .map_err(|s| client::stage_status("generator (for the summarizer)", s))?;
-        Ok(Response::new(SummarizeResponse { summary: response.into_inner().text.trim().to_string() }))
+        Ok(Response::new(SummarizeResponse {
+            summary: response.into_inner().text.trim().to_string(),
+        }))
     }
 }
 
 /// Serves the summarizer on `listener` until `shutdown`.
-pub async fn serve(config: SummarizerConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: SummarizerConfig,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer").await;
     let generator = GeneratorClient::new(client::channel(&config.generator_url)?);
-    let service = SummarizerService { generator, default_tokens: config.max_new_tokens };
-    let routes = routes.add_service(SummarizerServer::new(service).max_decoding_message_size(64 << 20));
-    server.serve_after(routes, listener, shutdown, async { Ok(()) }).await
+    let service = SummarizerService {
+        generator,
+        default_tokens: config.max_new_tokens,
+    };
+    let routes =
+        routes.add_service(SummarizerServer::new(service).max_decoding_message_size(64 << 20));
+    server
+        .serve_after(routes, listener, shutdown, async { Ok(()) })
+        .await
 }

@@ -19,12 +19,21 @@ pub struct SynthesizerService;
 
 #[tonic::async_trait]
 impl Synthesizer for SynthesizerService {
-    async fn synthesize(&self, request: Request<SynthesizeRequest>) -> Result<Response<SynthesizeResponse>, Status> {
+    async fn synthesize(
+        &self,
+        request: Request<SynthesizeRequest>,
+    ) -> Result<Response<SynthesizeResponse>, Status> {
         let r = request.into_inner();
         if r.max_words > MAX_WORDS_LIMIT {
-            return Err(Status::invalid_argument(format!("max_words is limited to {MAX_WORDS_LIMIT}")));
+            return Err(Status::invalid_argument(format!(
+                "max_words is limited to {MAX_WORDS_LIMIT}"
+            )));
         }
-        let max = if r.max_words == 0 { synth::DEFAULT_MAX_WORDS } else { r.max_words as usize };
+        let max = if r.max_words == 0 {
+            synth::DEFAULT_MAX_WORDS
+        } else {
+            r.max_words as usize
+        };
         let words = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
             synth::important_words(&refs, max)
@@ -34,7 +43,11 @@ impl Synthesizer for SynthesizerService {
         Ok(Response::new(SynthesizeResponse {
             words: words
                 .into_iter()
-                .map(|w| ImportantWord { word: w.word, frequency: w.frequency, idf: w.idf })
+                .map(|w| ImportantWord {
+                    word: w.word,
+                    frequency: w.frequency,
+                    idf: w.idf,
+                })
                 .collect(),
         }))
     }
@@ -43,6 +56,10 @@ impl Synthesizer for SynthesizerService {
 /// Serves the synthesizer on `listener` until `shutdown` (nothing to load: SERVING at once).
 pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Synthesizer").await;
-    let routes = routes.add_service(SynthesizerServer::new(SynthesizerService).max_decoding_message_size(256 << 20));
-    server.serve_after(routes, listener, shutdown, async { Ok(()) }).await
+    let routes = routes.add_service(
+        SynthesizerServer::new(SynthesizerService).max_decoding_message_size(256 << 20),
+    );
+    server
+        .serve_after(routes, listener, shutdown, async { Ok(()) })
+        .await
 }

@@ -48,12 +48,19 @@ pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
         .filter(|(_, f)| *f > 1)
         .map(|(word, f)| {
             let idf = (n as f32 / df[&word] as f32).ln();
-            Word { word, frequency: f, idf }
+            Word {
+                word,
+                frequency: f,
+                idf,
+            }
         })
         .filter(|w| w.idf >= MIN_IDF)
         .collect();
     words.sort_by(|a, b| {
-        b.frequency.cmp(&a.frequency).then(b.idf.total_cmp(&a.idf)).then(a.word.cmp(&b.word))
+        b.frequency
+            .cmp(&a.frequency)
+            .then(b.idf.total_cmp(&a.idf))
+            .then(a.word.cmp(&b.word))
     });
     words.truncate(max_words);
     words
