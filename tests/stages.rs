@@ -152,3 +152,51 @@ fn tokenizer_from_gguf_matches_the_vocabulary() {
         assert_eq!(tokenizer.decode(&ids(s), false).unwrap(), s);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stage_as_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ghostwriter"));
+    let procs =
+        ghostwriter::bench::Processes::start(exe, &common::model_dir(), &dir.path().join("index"))
+            .await
+            .unwrap();
+    let url = procs.urls["orchestrator"].clone();
+    let docs: Vec<_> = (0..4)
+        .map(|i| ghostwriter::proto::Document {
+            user_id: "proc-user".into(),
+            doc_id: format!("p{i}"),
+            timestamp: 100 + i,
+            title: format!("Review {i}"),
+            text: format!("The metronome number {i} keeps steady time on stage."),
+        })
+        .collect();
+    common::ingest(&url, &docs).await;
+    let mut client = common::client(&url).await;
+    let response = client
+        .write(WriteRequest {
+            user_id: "proc-user".into(),
+            start: "This metronome".into(),
+            preset: "full".into(),
+            timestamp: Some(102),
+            doc_id: "p2".into(),
+            options: Some(WriteOptions {
+                generation: Some(GenerationParams {
+                    max_new_tokens: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = response.provenance.unwrap();
+    let mut used = p.doc_ids.clone();
+    used.sort();
+    assert_eq!(used, vec!["p0", "p1"], "only documents before p2");
+    assert_eq!(p.history_size, 2);
+    let rss = procs.rss_mb();
+    assert_eq!(rss.len(), 6, "one process per stage: {rss:?}");
+}
