@@ -260,3 +260,34 @@ pub async fn run(
 pub fn default_data() -> PathBuf {
     PathBuf::from("../shared/data/amazon-musical-instruments/docs.jsonl")
 }
+
+/// Times BLEU and ROUGE on `pairs` real pairs: each document's immediate context followed by the
+/// author's previous document (a copy baseline), against the document.
+pub fn metrics(data: &Path, pairs: usize) -> anyhow::Result<Value> {
+    use crate::eval::{metrics, protocol};
+    let loaded = loaders::load(data)?;
+    let mut by_user: BTreeMap<String, Vec<Document>> = BTreeMap::new();
+    for d in loaded.documents {
+        by_user.entry(d.user_id.clone()).or_default().push(d);
+    }
+    let mut list: Vec<(String, String)> = Vec::new();
+    for docs in by_user.values() {
+        for w in docs.windows(2) {
+            let target = protocol::full_text(&w[1].title, &w[1].text);
+            let context: String = target.chars().take(protocol::CONTEXT_CHARS).collect();
+            list.push((format!("{context} {}", w[0].text), target));
+        }
+    }
+    anyhow::ensure!(!list.is_empty(), "no pairs in {}", data.display());
+    let pairs: Vec<(String, String)> = list.iter().cycle().take(pairs).cloned().collect();
+    let started = Instant::now();
+    let rouge: Vec<metrics::Rouge> = pairs.iter().map(|(p, t)| metrics::rouge(t, p)).collect();
+    let rouge_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let bleu = metrics::corpus_bleu(pairs.iter().map(|(p, t)| (p.as_str(), t.as_str())));
+    let bleu_s = started.elapsed().as_secs_f64();
+    let r1 = rouge.iter().map(|r| r.r1).sum::<f64>() / rouge.len() as f64 * 100.0;
+    Ok(
+        json!({"pairs": pairs.len(), "rouge_seconds": rouge_s, "bleu_seconds": bleu_s, "total_seconds": rouge_s + bleu_s, "bleu": bleu, "rouge1": r1}),
+    )
+}

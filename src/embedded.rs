@@ -68,6 +68,18 @@ pub struct EmbeddedConfig {
     pub ready_timeout_secs: u64,
 }
 
+impl EmbeddedConfig {
+    /// Every default applied (environment variables still override them).
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: EmbeddedConfig,
+        }
+        <Wrapper as clap::Parser>::parse_from(["ghostwriter"]).config
+    }
+}
+
 /// A running embedded topology.
 pub struct Embedded {
     /// Address of each stage (`retriever`, ..., `orchestrator`).

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod embedded;
+pub mod eval;
 pub mod loaders;
 pub mod models;
 pub mod output;

@@ -79,6 +79,17 @@ enum Command {
     },
     /// List the presets.
     Presets,
+    /// Evaluate presets the paper's way on real data (BLEU, ROUGE-1/2/L) through the services.
+    Eval(ghostwriter::eval::EvalArgs),
+    /// Time the metrics on N real (prediction, target) pairs; writes JSON.
+    BenchMetrics {
+        /// Documents to draw pairs from.
+        #[arg(long, env = "GHOSTWRITER_BENCH_DATA", default_value_os_t = ghostwriter::bench::default_data())]
+        data: PathBuf,
+        /// Pairs to score.
+        #[arg(long, env = "GHOSTWRITER_BENCH_PAIRS", default_value_t = 10_000)]
+        pairs: usize,
+    },
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench {
@@ -236,6 +247,24 @@ async fn main() -> anyhow::Result<()> {
             let text = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, &text)?;
             println!("{text}");
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let out = args.out.clone();
+            let summary = ghostwriter::eval::run(args, model_dir).await?;
+            println!("{}", ghostwriter::eval::report::markdown(&summary));
+            eprintln!(
+                "wrote {}/{{results.jsonl,summary.json,table.md,rouge1.svg}}; metrics took {:.2}s",
+                out.display(),
+                summary.metric_seconds
+            );
+            Ok(())
+        }
+        Command::BenchMetrics { data, pairs } => {
+            let report =
+                tokio::task::spawn_blocking(move || ghostwriter::bench::metrics(&data, pairs))
+                    .await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Presets => {
@@ -433,7 +462,7 @@ async fn demo(listen: SocketAddr, model_dir: PathBuf) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let corpus = work.path().join("corpus.jsonl");
     std::fs::write(&corpus, DEMO_CORPUS)?;
-    let mut config = EmbeddedConfig::parse_defaults();
+    let mut config = EmbeddedConfig::defaults();
     config.retriever.index_dir = work.path().join("index");
     let listener = TcpListener::bind(listen).await?;
     let embedded = Embedded::start(config, model_dir, listener).await?;
@@ -463,22 +492,6 @@ async fn demo(listen: SocketAddr, model_dir: PathBuf) -> anyhow::Result<()> {
     .await;
     embedded.shutdown().await;
     result
-}
-
-trait ParseDefaults {
-    fn parse_defaults() -> Self;
-}
-
-impl ParseDefaults for EmbeddedConfig {
-    /// The embedded settings with every default (and environment override) applied.
-    fn parse_defaults() -> Self {
-        #[derive(Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: EmbeddedConfig,
-        }
-        Wrapper::parse_from(["demo"]).config
-    }
 }
 
 #[cfg(test)]

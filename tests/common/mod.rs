@@ -40,13 +40,7 @@ pub fn model_dir() -> PathBuf {
 
 /// Default settings with a fresh index directory.
 pub fn config(index_dir: PathBuf) -> EmbeddedConfig {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: EmbeddedConfig,
-    }
-    let mut c = Wrapper::parse_from(["test"]).config;
+    let mut c = EmbeddedConfig::defaults();
     c.retriever.index_dir = index_dir;
     c
 }

@@ -1,0 +1,224 @@
+//! The evaluation report: per-preset BLEU and ROUGE (percent), latency, a paired bootstrap
+//! against `immediate-context`, as JSON, a Markdown table and an SVG chart of ROUGE-1.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::metrics::{self, BleuStats, Rouge};
+use super::{EvalArgs, Record, Rng};
+
+/// The baseline every preset is compared with.
+pub const BASELINE: &str = "immediate-context";
+
+/// Scores of one preset.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresetScore {
+    /// Preset.
+    pub preset: String,
+    /// Examples scored.
+    pub examples: usize,
+    /// Corpus BLEU.
+    pub bleu: f64,
+    /// Mean ROUGE-1 F.
+    pub rouge1: f64,
+    /// Mean ROUGE-2 F.
+    pub rouge2: f64,
+    /// Mean ROUGE-L F.
+    pub rouge_l: f64,
+    /// Mean write latency.
+    pub mean_latency_ms: f64,
+    /// Mean generated tokens.
+    pub mean_generated_tokens: f64,
+    /// Paired ROUGE-1 difference to the baseline on the shared examples, with its bootstrap
+    /// 95% interval and the share of resamples where the difference is not positive.
+    pub rouge1_vs_baseline: Option<Paired>,
+}
+
+/// A paired comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// Examples both have.
+    pub examples: usize,
+    /// Mean difference (preset − baseline), ROUGE-1 points.
+    pub mean_diff: f64,
+    /// 2.5th percentile of the bootstrap.
+    pub ci_low: f64,
+    /// 97.5th percentile of the bootstrap.
+    pub ci_high: f64,
+    /// One-sided bootstrap p-value for "no gain".
+    pub p_not_better: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// One row per preset, in the order asked.
+    pub presets: Vec<PresetScore>,
+    /// The split evaluated.
+    pub split: String,
+    /// Example limit, if any.
+    pub limit: Option<usize>,
+    /// Seed.
+    pub seed: u64,
+    /// Tokens generated per example.
+    pub max_new_tokens: u32,
+    /// Wall-clock seconds of this run (writes only; resumed results cost nothing).
+    pub wall_seconds: f64,
+    /// Seconds spent computing the metrics.
+    pub metric_seconds: f64,
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { 0.0 } else { s / n as f64 }
+}
+
+fn paired(diffs: &[f64], resamples: usize, seed: u64) -> Paired {
+    let n = diffs.len();
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| diffs[rng.below(n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];
+    Paired {
+        examples: n,
+        mean_diff: mean(diffs.iter().copied()),
+        ci_low: at(0.025),
+        ci_high: at(0.975),
+        p_not_better: means.iter().filter(|m| **m <= 0.0).count() as f64 / means.len() as f64,
+    }
+}
+
+/// Scores every preset's records.
+pub fn summarize(
+    presets: &[String],
+    records: &BTreeMap<String, Vec<Record>>,
+    resamples: usize,
+    seed: u64,
+    wall: f64,
+    args: &EvalArgs,
+) -> Summary {
+    let started = std::time::Instant::now();
+    let rouge_of = |rs: &[Record]| -> HashMap<String, Rouge> {
+        rs.iter()
+            .map(|r| (r.doc_id.clone(), metrics::rouge(&r.target, &r.prediction)))
+            .collect()
+    };
+    let scored: BTreeMap<&String, HashMap<String, Rouge>> =
+        records.iter().map(|(p, rs)| (p, rouge_of(rs))).collect();
+    let baseline = scored.get(&BASELINE.to_string());
+    let rows = presets
+        .iter()
+        .filter_map(|p| {
+            let rs = records.get(p)?;
+            let rouge = &scored[p];
+            let mut bleu = BleuStats::default();
+            for r in rs {
+                bleu.add(&BleuStats::new(&r.prediction, &r.target));
+            }
+            let vs = baseline.filter(|_| p != BASELINE).and_then(|b| {
+                let diffs: Vec<f64> = rouge
+                    .iter()
+                    .filter_map(|(id, s)| b.get(id).map(|bs| 100.0 * (s.r1 - bs.r1)))
+                    .collect();
+                (!diffs.is_empty() && resamples > 0).then(|| paired(&diffs, resamples, seed))
+            });
+            Some(PresetScore {
+                preset: p.clone(),
+                examples: rs.len(),
+                bleu: bleu.bleu(),
+                rouge1: 100.0 * mean(rouge.values().map(|s| s.r1)),
+                rouge2: 100.0 * mean(rouge.values().map(|s| s.r2)),
+                rouge_l: 100.0 * mean(rouge.values().map(|s| s.rl)),
+                mean_latency_ms: mean(rs.iter().map(|r| r.latency_ms)),
+                mean_generated_tokens: mean(rs.iter().map(|r| r.generated_tokens as f64)),
+                rouge1_vs_baseline: vs,
+            })
+        })
+        .collect();
+    Summary {
+        presets: rows,
+        split: format!("{:?}", args.split).to_lowercase(),
+        limit: args.limit,
+        seed,
+        max_new_tokens: args.max_new_tokens,
+        wall_seconds: wall,
+        metric_seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The Markdown table.
+pub fn markdown(s: &Summary) -> String {
+    let mut out = String::from(
+        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for p in &s.presets {
+        let delta = p.rouge1_vs_baseline.as_ref().map_or("—".to_string(), |d| {
+            format!("{:+.2} [{:+.2}, {:+.2}]", d.mean_diff, d.ci_low, d.ci_high)
+        });
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {} |\n",
+            p.preset,
+            p.bleu,
+            p.rouge1,
+            p.rouge2,
+            p.rouge_l,
+            delta,
+            p.mean_latency_ms / 1e3,
+            p.examples
+        ));
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A horizontal bar chart of ROUGE-1 per preset.
+pub fn svg(s: &Summary) -> String {
+    let (row, left, width) = (28.0, 170.0, 420.0);
+    let max = s.presets.iter().map(|p| p.rouge1).fold(1.0f64, f64::max) * 1.1;
+    let height = 50.0 + row * s.presets.len() as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"14\">ROUGE-1 by preset ({} split, {} examples each)</text>\n",
+        s.split,
+        s.presets.first().map_or(0, |p| p.examples),
+        w = left + width + 70.0,
+    );
+    for (i, p) in s.presets.iter().enumerate() {
+        let y = 35.0 + row * i as f64;
+        let w = width * p.rouge1 / max;
+        let color = if p.preset == BASELINE {
+            "#999999"
+        } else {
+            "#3b6ea8"
+        };
+        out.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{}\" width=\"{w:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{:.2}</text>\n",
+            left - 8.0,
+            y + 15.0,
+            escape(&p.preset),
+            y + 3.0,
+            row - 8.0,
+            left + w + 5.0,
+            y + 15.0,
+            p.rouge1
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Writes summary.json, table.md and rouge1.svg to `dir`.
+pub fn write_all(dir: &Path, s: &Summary) -> anyhow::Result<()> {
+    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(s)?)?;
+    std::fs::write(dir.join("table.md"), markdown(s))?;
+    std::fs::write(dir.join("rouge1.svg"), svg(s))?;
+    Ok(())
+}
