@@ -14,6 +14,7 @@ use ghostwriter_orchestrator::OrchestratorConfig;
 use ghostwriter_ranker::RankerConfig;
 use ghostwriter_retriever::RetrieverConfig;
 use ghostwriter_summarizer::SummarizerConfig;
+use ghostwriter_synthesizer::SynthesizerConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -45,6 +46,12 @@ pub struct EmbeddedConfig {
         default_value_t = 96
     )]
     pub summary_tokens: u32,
+    /// Character budget of a SumCtx summary.
+    #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = ghostwriter_summarizer::DEFAULT_SUMMARY_CHARS)]
+    pub summary_chars: u32,
+    /// SynCtx word-similarity threshold (MiniLM cosine).
+    #[arg(long = "word-similarity", env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = ghostwriter_synthesizer::DEFAULT_WORD_SIMILARITY)]
+    pub word_similarity: f32,
     /// Past documents fetched per write.
     #[arg(
         long = "max-candidates",
@@ -127,6 +134,12 @@ impl Embedded {
         let summarizer = SummarizerConfig {
             generator_url: url(addrs["generator"]),
             max_new_tokens: config.summary_tokens,
+            summary_chars: config.summary_chars,
+            embedder: config.ranker.embedder.clone(),
+        };
+        let synthesizer = SynthesizerConfig {
+            word_similarity: config.word_similarity,
+            embedder: config.ranker.embedder.clone(),
         };
 
         let l = take("retriever");
@@ -143,18 +156,21 @@ impl Embedded {
         );
         let l = take("synthesizer");
         let s = me.trigger("synthesizer");
-        me.spawn("synthesizer", ghostwriter_synthesizer::serve(l, s));
+        me.spawn(
+            "synthesizer",
+            ghostwriter_synthesizer::serve(synthesizer, model_dir.clone(), l, s),
+        );
         let l = take("generator");
         let s = me.trigger("generator");
         me.spawn(
             "generator",
-            ghostwriter_generator::serve(config.generator.clone(), model_dir, l, s),
+            ghostwriter_generator::serve(config.generator.clone(), model_dir.clone(), l, s),
         );
         let l = take("summarizer");
         let s = me.trigger("summarizer");
         me.spawn(
             "summarizer",
-            ghostwriter_summarizer::serve(summarizer, l, s),
+            ghostwriter_summarizer::serve(summarizer, model_dir, l, s),
         );
 
         let timeout = Duration::from_secs(config.ready_timeout_secs);

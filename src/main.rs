@@ -129,18 +129,21 @@ enum Stage {
         #[command(flatten)]
         config: ghostwriter_retriever::RetrieverConfig,
     },
-    /// RankDocBM25, RankDocDense and RecentDoc.
+    /// RankDocBM25, RankDocDense, RankSnippet, RankDocBySnpt and RecentDoc.
     Ranker {
         #[command(flatten)]
         config: ghostwriter_ranker::RankerConfig,
     },
-    /// SumCtxInd through the generator's LLM.
+    /// SumCtxInd (through the generator's LLM) and SumCtx.
     Summarizer {
         #[command(flatten)]
         config: ghostwriter_summarizer::SummarizerConfig,
     },
-    /// SynCtxInd important words.
-    Synthesizer,
+    /// SynCtxInd and SynCtx important words.
+    Synthesizer {
+        #[command(flatten)]
+        config: ghostwriter_synthesizer::SynthesizerConfig,
+    },
     /// The LLM worker.
     Generator {
         #[command(flatten)]
@@ -307,8 +310,12 @@ async fn serve(listen: SocketAddr, stage: Stage, model_dir: PathBuf) -> anyhow::
         Stage::Ranker { config } => {
             ghostwriter_ranker::serve(config, model_dir, listener, stop).await
         }
-        Stage::Summarizer { config } => ghostwriter_summarizer::serve(config, listener, stop).await,
-        Stage::Synthesizer => ghostwriter_synthesizer::serve(listener, stop).await,
+        Stage::Summarizer { config } => {
+            ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
+        }
+        Stage::Synthesizer { config } => {
+            ghostwriter_synthesizer::serve(config, model_dir, listener, stop).await
+        }
         Stage::Generator { config } => {
             ghostwriter_generator::serve(config, model_dir, listener, stop).await
         }

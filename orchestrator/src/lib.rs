@@ -21,8 +21,8 @@ use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
     GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput,
-    Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SynthesizeRequest,
-    WriteRequest, WriteResponse, WriteStreamResponse,
+    Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SummaryMode,
+    SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse, WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -137,8 +137,8 @@ struct Plan {
     doc_id: String,
     generation: ghostwriter_proto::v1::GenerationParams,
     ranked_entries: bool,
-    summary: bool,
-    synthesis: bool,
+    summary: Option<SummaryMode>,
+    synthesis: Option<SynthesisMode>,
     retrieval: bool,
     deadline: Option<Instant>,
     started: Instant,
@@ -222,16 +222,18 @@ impl OrchestratorService {
             doc_id: r.doc_id,
             generation: o.generation.unwrap_or_default(),
             ranked_entries: retrieval && preset.ranked_entries && !o.disable_ranked_entries,
-            summary: retrieval && preset.summary && !o.disable_summary,
-            synthesis: retrieval && preset.synthesis && !o.disable_synthesis,
+            summary: preset.summary.filter(|_| retrieval && !o.disable_summary),
+            synthesis: preset
+                .synthesis
+                .filter(|_| retrieval && !o.disable_synthesis),
             retrieval,
             deadline,
             started,
         })
     }
 
-    /// Runs every stage before generation; returns the generator's request and the provenance.
-    async fn prepare(&self, plan: &Plan) -> Result<(GenerateRequest, Provenance), Status> {
+    /// Runs every stage before generation.
+    async fn prepare(&self, plan: &Plan) -> Result<Prepared, Status> {
         let mut s = self.stages.clone();
         let mut provenance = Provenance {
             preset: plan.preset.name.to_string(),
@@ -240,8 +242,10 @@ impl OrchestratorService {
         };
         let mut input = PersonalizedInput {
             passage_start: plan.context.clone(),
+            omit_passage_start: !plan.preset.passage_start,
             ..Default::default()
         };
+        let mut best_entry = None;
         if plan.retrieval {
             let t = Instant::now();
             let retrieved = s
@@ -286,15 +290,19 @@ impl OrchestratorService {
                     .entries;
                 timed(&mut provenance.latencies, "ranker", t);
 
+                best_entry = entries.first().map(|e| e.text.clone());
                 let summarize = async {
-                    if !plan.summary {
+                    let Some(mode) = plan.summary else {
                         return Ok(None);
-                    }
+                    };
                     let t = Instant::now();
                     let request = deadline::request(
                         SummarizeRequest {
                             entries: entries.clone(),
                             max_new_tokens: 0,
+                            mode: mode as i32,
+                            query: plan.context.clone(),
+                            budget_chars: 0,
                         },
                         plan.deadline,
                     )?;
@@ -306,14 +314,17 @@ impl OrchestratorService {
                     Ok::<_, Status>(Some((summary.into_inner().summary, t.elapsed())))
                 };
                 let synthesize = async {
-                    if !plan.synthesis {
+                    let Some(mode) = plan.synthesis else {
                         return Ok(None);
-                    }
+                    };
                     let t = Instant::now();
                     let request = deadline::request(
                         SynthesizeRequest {
                             documents: corpus,
                             max_words: 0,
+                            mode: mode as i32,
+                            query: plan.context.clone(),
+                            entries: entries.iter().map(|e| e.text.clone()).collect(),
                         },
                         plan.deadline,
                     )?;
@@ -342,7 +353,7 @@ impl OrchestratorService {
                     input.important_words = words.into_iter().map(|w| w.word).collect();
                     provenance.important_words = input.important_words.clone();
                 }
-                if plan.ranked_entries || plan.summary {
+                if plan.ranked_entries || plan.summary.is_some() || !plan.preset.generate {
                     provenance.doc_ids = entries.iter().map(|e| e.doc_id.clone()).collect();
                 }
                 if plan.ranked_entries {
@@ -355,19 +366,25 @@ impl OrchestratorService {
             input: Some(Input::Personalized(input)),
             params: Some(plan.generation.clone()),
         };
-        Ok((generate, provenance))
+        Ok(Prepared {
+            generate,
+            provenance,
+            best_entry,
+        })
     }
 
     fn finish(
         plan: &Plan,
         mut provenance: Provenance,
         generation: GenerateResponse,
-        generator_took: Duration,
+        generator_took: Option<Duration>,
     ) -> WriteResponse {
-        provenance.latencies.push(StageLatency {
-            stage: "generator".into(),
-            millis: generator_took.as_secs_f64() * 1e3,
-        });
+        if let Some(took) = generator_took {
+            provenance.latencies.push(StageLatency {
+                stage: "generator".into(),
+                millis: took.as_secs_f64() * 1e3,
+            });
+        }
         provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
         WriteResponse {
             text: generation.text.clone(),
@@ -375,6 +392,24 @@ impl OrchestratorService {
             provenance: Some(provenance),
             generation: Some(generation),
         }
+    }
+}
+
+/// What the stages before generation produced.
+struct Prepared {
+    generate: GenerateRequest,
+    provenance: Provenance,
+    /// The top-ranked entry (for `copy-best`).
+    best_entry: Option<String>,
+}
+
+/// The `copy-best` baseline's "generation": the top-ranked entry, after a space.
+fn copy_best(best: Option<String>) -> GenerateResponse {
+    GenerateResponse {
+        text: best.map(|b| format!(" {b}")).unwrap_or_default(),
+        model: "copy-best".into(),
+        finish_reason: ghostwriter_proto::v1::FinishReason::Stop as i32,
+        ..Default::default()
     }
 }
 
@@ -387,7 +422,15 @@ impl Ghostwriter for OrchestratorService {
         request: Request<WriteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
         let plan = self.plan(request)?;
-        let (generate, provenance) = self.prepare(&plan).await?;
+        let Prepared {
+            generate,
+            provenance,
+            best_entry,
+        } = self.prepare(&plan).await?;
+        if !plan.preset.generate {
+            let response = Self::finish(&plan, provenance, copy_best(best_entry), None);
+            return Ok(Response::new(response));
+        }
         let t = Instant::now();
         let generation = self
             .stages
@@ -397,7 +440,7 @@ impl Ghostwriter for OrchestratorService {
             .await
             .map_err(|e| client::stage_status("generator", e))?
             .into_inner();
-        let response = Self::finish(&plan, provenance, generation, t.elapsed());
+        let response = Self::finish(&plan, provenance, generation, Some(t.elapsed()));
         tracing::info!(user = %plan.user_id, preset = plan.preset.name, millis = response.provenance.as_ref().map_or(0.0, |p| p.total_millis), "write");
         Ok(Response::new(response))
     }
@@ -409,7 +452,22 @@ impl Ghostwriter for OrchestratorService {
         request: Request<WriteRequest>,
     ) -> Result<Response<Self::WriteStreamStream>, Status> {
         let plan = self.plan(request)?;
-        let (generate, provenance) = self.prepare(&plan).await?;
+        let Prepared {
+            generate,
+            provenance,
+            best_entry,
+        } = self.prepare(&plan).await?;
+        if !plan.preset.generate {
+            let done = Self::finish(&plan, provenance.clone(), copy_best(best_entry), None);
+            let events = [
+                Event::Provenance(provenance),
+                Event::Text(done.text.clone()),
+                Event::Done(done),
+            ];
+            let stream =
+                tokio_stream::iter(events.map(|e| Ok(WriteStreamResponse { event: Some(e) })));
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let t = Instant::now();
         let mut upstream = self
             .stages
@@ -434,8 +492,12 @@ impl Ghostwriter for OrchestratorService {
                 let out = match message {
                     Ok(m) => match m.summary {
                         Some(generation) => {
-                            let done =
-                                Self::finish(&plan, provenance.clone(), generation, t.elapsed());
+                            let done = Self::finish(
+                                &plan,
+                                provenance.clone(),
+                                generation,
+                                Some(t.elapsed()),
+                            );
                             let _ = tx.send(event(Event::Done(done))).await;
                             return;
                         }

@@ -1,6 +1,11 @@
 //! Named presets: the paper's configurations as sets of stage switches.
+//!
+//! Rows build on one another as in the paper's tables: the ranking rows compare strategies;
+//! the summary and synthesis rows add to the best document-level ranking the paper found on
+//! Amazon reviews, `RankDocBySnpt`; `syn-ctx` (= `full`) is the paper's best configuration that
+//! needs no fine-tuning, and the ablations remove one part of it.
 
-use ghostwriter_proto::v1::RankingStrategy;
+use ghostwriter_proto::v1::{RankingStrategy, SummaryMode, SynthesisMode};
 
 /// What a preset runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,82 +18,123 @@ pub struct Preset {
     pub ranking: Option<RankingStrategy>,
     /// Put the ranked entries in the prompt.
     pub ranked_entries: bool,
-    /// Run `SumCtxInd`.
-    pub summary: bool,
-    /// Run `SynCtxInd`.
-    pub synthesis: bool,
+    /// Summary of the ranked entries.
+    pub summary: Option<SummaryMode>,
+    /// Important words.
+    pub synthesis: Option<SynthesisMode>,
+    /// Put the labelled passage start in the prompt.
+    pub passage_start: bool,
+    /// Generate with the LLM; without it the text is the top-ranked entry (`copy-best`).
+    pub generate: bool,
 }
 
-const fn preset(
-    name: &'static str,
-    description: &'static str,
-    ranking: Option<RankingStrategy>,
-    summary: bool,
-    synthesis: bool,
-) -> Preset {
+use RankingStrategy::{Bm25, Dense, DocBySnippet, Recent, Snippet};
+
+const NONE: Preset = Preset {
+    name: "",
+    description: "",
+    ranking: None,
+    ranked_entries: false,
+    summary: None,
+    synthesis: None,
+    passage_start: true,
+    generate: true,
+};
+
+const fn ranked(name: &'static str, description: &'static str, ranking: RankingStrategy) -> Preset {
     Preset {
         name,
         description,
-        ranking,
-        ranked_entries: ranking.is_some(),
-        summary,
-        synthesis,
+        ranking: Some(ranking),
+        ranked_entries: true,
+        ..NONE
     }
 }
 
-use RankingStrategy::{Bm25, Dense, Recent};
+const SUM_CTX: Preset = Preset {
+    summary: Some(SummaryMode::Context),
+    ..ranked("sum-ctx", "RankDocBySnpt + SumCtx", DocBySnippet)
+};
+const SYN_CTX: Preset = Preset {
+    synthesis: Some(SynthesisMode::Context),
+    ..SUM_CTX
+};
 
-/// Every preset, in the order of the paper's table.
+/// Every preset, in the order of the paper's tables.
 pub const PRESETS: &[Preset] = &[
-    preset(
-        "immediate-context",
-        "the immediate context only (no personal context)",
-        None,
-        false,
-        false,
-    ),
-    preset(
+    Preset {
+        name: "immediate-context",
+        description: "the immediate context only (no personal context)",
+        ..NONE
+    },
+    ranked(
         "recent-doc",
         "RecentDoc: the user's most recent documents",
-        Some(Recent),
-        false,
-        false,
+        Recent,
     ),
-    preset(
+    ranked(
         "rank-doc-bm25",
         "RankDocBM25: documents ranked by BM25",
-        Some(Bm25),
-        false,
-        false,
+        Bm25,
     ),
-    preset(
+    ranked(
         "rank-doc-dense",
         "RankDocDense: documents ranked by MiniLM similarity",
-        Some(Dense),
-        false,
-        false,
+        Dense,
     ),
-    preset(
-        "sum-ctx-ind",
-        "RankDocBM25 + SumCtxInd summary",
-        Some(Bm25),
-        true,
-        false,
+    ranked(
+        "rank-snippet",
+        "RankSnippet: snippets ranked by MiniLM similarity",
+        Snippet,
     ),
-    preset(
-        "syn-ctx-ind",
-        "RankDocBM25 + SynCtxInd important words",
-        Some(Bm25),
-        false,
-        true,
+    ranked(
+        "rank-doc-by-snpt",
+        "RankDocBySnpt: documents scored by their best snippet",
+        DocBySnippet,
     ),
-    preset(
-        "full",
-        "RankDocBM25 + SumCtxInd + SynCtxInd",
-        Some(Bm25),
-        true,
-        true,
-    ),
+    Preset {
+        summary: Some(SummaryMode::Independent),
+        ..ranked(
+            "sum-ctx-ind",
+            "RankDocBySnpt + SumCtxInd (LLM summary)",
+            DocBySnippet,
+        )
+    },
+    SUM_CTX,
+    Preset {
+        name: "syn-ctx-ind",
+        description: "RankDocBySnpt + SumCtx + SynCtxInd",
+        synthesis: Some(SynthesisMode::Independent),
+        ..SUM_CTX
+    },
+    Preset {
+        name: "syn-ctx",
+        description: "RankDocBySnpt + SumCtx + SynCtx (the paper's best without fine-tuning)",
+        ..SYN_CTX
+    },
+    Preset {
+        name: "full",
+        description: "every stage: same as syn-ctx",
+        ..SYN_CTX
+    },
+    Preset {
+        name: "no-ranked-entries",
+        description: "ablation: syn-ctx without the ranked entries in the prompt",
+        ranked_entries: false,
+        ..SYN_CTX
+    },
+    Preset {
+        name: "doc-start-removed",
+        description: "ablation: syn-ctx without the labelled passage start in the prompt",
+        passage_start: false,
+        ..SYN_CTX
+    },
+    Preset {
+        name: "copy-best",
+        description: "no LLM: the immediate context followed by the top-ranked past document",
+        generate: false,
+        ..ranked("copy-best", "", DocBySnippet)
+    },
 ];
 
 /// The preset used when a request names none.
@@ -124,5 +170,13 @@ mod tests {
         assert!(find("immediate-context").unwrap().ranking.is_none());
         assert!(find("nope").is_none());
         assert!(names().contains("sum-ctx-ind"));
+        let names: std::collections::HashSet<_> = PRESETS.iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), PRESETS.len(), "preset names are unique");
+        assert!(!find("copy-best").unwrap().generate);
+        assert!(!find("no-ranked-entries").unwrap().ranked_entries);
+        assert_eq!(
+            find("syn-ctx").unwrap().synthesis,
+            Some(SynthesisMode::Context)
+        );
     }
 }

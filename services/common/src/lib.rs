@@ -4,10 +4,12 @@
 pub mod client;
 pub mod deadline;
 pub mod device;
+pub mod embed;
 pub mod models;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 
 /// Most characters one document (title and text together) may have.
 pub const MAX_DOCUMENT_CHARS: usize = 100_000;

@@ -154,6 +154,7 @@ impl GeneratorService {
                     summary: p.summary,
                     important_words: p.important_words,
                     past_passages: p.past_passages,
+                    omit_passage_start: p.omit_passage_start,
                 })
             }
             Some(ProtoInput::Instruction(i)) if !i.trim().is_empty() => Input::Instruction(i),

@@ -19,6 +19,8 @@ pub struct Parts {
     pub important_words: Vec<String>,
     /// Ranked entries.
     pub past_passages: Vec<String>,
+    /// Leave the labelled passage start out of the instruction (generation still continues it).
+    pub omit_passage_start: bool,
 }
 
 /// A chat prompt: everything before the assistant's text, and the assistant's text so far.
@@ -40,7 +42,10 @@ fn chatml(system: &str, user: &str, assistant_prefix: &str) -> Prompt {
 /// passages, each under its label (parts that are empty are left out); the assistant turn
 /// begins with the passage start.
 pub fn personalized(system: &str, parts: &Parts) -> Prompt {
-    let mut user = format!("{INSTRUCTION}\n\npassage start: {}\n", parts.passage_start);
+    let mut user = format!("{INSTRUCTION}\n");
+    if !parts.omit_passage_start {
+        user.push_str(&format!("\npassage start: {}\n", parts.passage_start));
+    }
     if !parts.summary.trim().is_empty() {
         user.push_str(&format!("\nsummary: {}\n", parts.summary.trim()));
     }
@@ -77,6 +82,7 @@ mod tests {
                 summary: "Likes bright tone.".into(),
                 important_words: vec!["tone".into(), "strings".into()],
                 past_passages: vec!["These picks rock.".into()],
+                omit_passage_start: false,
             },
         );
         for label in [
@@ -88,6 +94,21 @@ mod tests {
         ] {
             assert!(p.text.contains(label), "{label} missing in {}", p.text);
         }
+        let omitted = personalized(
+            "sys",
+            &Parts {
+                passage_start: "Great strings".into(),
+                omit_passage_start: true,
+                ..Default::default()
+            },
+        );
+        assert!(!omitted.text.contains("passage start:"));
+        assert!(
+            omitted
+                .text
+                .ends_with("<|im_start|>assistant\nGreat strings"),
+            "generation still continues it"
+        );
         assert!(p.text.ends_with("<|im_start|>assistant\nGreat strings"));
         let bare = personalized(
             "sys",

@@ -15,6 +15,44 @@ pub struct Candidate {
     pub text: String,
     /// BM25 score from the retriever.
     pub bm25: f32,
+    /// Snippets of the text (split at ingest).
+    pub snippets: Vec<String>,
+}
+
+impl Candidate {
+    /// One candidate per snippet, carrying its source document's id and time.
+    pub fn snippet_units(candidates: &[Candidate]) -> Vec<Candidate> {
+        candidates
+            .iter()
+            .flat_map(|c| {
+                c.snippets.iter().map(|s| Candidate {
+                    doc_id: c.doc_id.clone(),
+                    timestamp: c.timestamp,
+                    text: s.clone(),
+                    bm25: 0.0,
+                    snippets: Vec::new(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// RankDocBySnpt scores: each document's best snippet score. `snippet_scores` are in the
+/// order of [`Candidate::snippet_units`].
+pub fn best_snippet_scores(candidates: &[Candidate], snippet_scores: &[f32]) -> Vec<f32> {
+    let mut at = 0;
+    candidates
+        .iter()
+        .map(|c| {
+            let n = c.snippets.len();
+            let best = snippet_scores[at..at + n]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            at += n;
+            if n == 0 { f32::NEG_INFINITY } else { best }
+        })
+        .collect()
 }
 
 /// A ranked entry.
@@ -111,6 +149,7 @@ mod tests {
             timestamp: ts,
             text: text.into(),
             bm25,
+            snippets: vec![text.into()],
         }
     }
 
@@ -126,6 +165,19 @@ mod tests {
         assert_eq!(ids, vec!["a", "c", "b"]);
         let e = order_and_cut(&cands, &recent_scores(&cands), 100);
         assert_eq!(e[0].doc_id, "c");
+    }
+
+    #[test]
+    fn documents_take_their_best_snippet() {
+        let mut cands = vec![c("a", 1, "x", 0.0), c("b", 2, "y", 0.0)];
+        cands[0].snippets = vec!["a1".into(), "a2".into()];
+        let units = Candidate::snippet_units(&cands);
+        assert_eq!(units.len(), 3);
+        assert_eq!(units[1].doc_id, "a");
+        assert_eq!(
+            best_snippet_scores(&cands, &[0.1, 0.9, 0.5]),
+            vec![0.9, 0.5]
+        );
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub struct StoredDocument {
     pub text: String,
 }
 
+impl StoredDocument {
+    /// Title and body joined, as they are indexed and ranked.
+    pub fn content(&self) -> String {
+        if self.title.is_empty() {
+            self.text.clone()
+        } else {
+            format!("{}\n{}", self.title, self.text)
+        }
+    }
+}
+
 /// A retrieved document with its BM25 score.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -36,6 +47,8 @@ pub struct Hit {
     pub document: StoredDocument,
     /// BM25 against the query; 0 when no query term matches.
     pub score: f32,
+    /// Snippets computed at ingest.
+    pub snippets: Vec<String>,
 }
 
 /// Which documents count as a user's history for the document being written.
@@ -66,6 +79,7 @@ struct Fields {
     title: Field,
     text: Field,
     content: Field,
+    snippet: Field,
 }
 
 /// The persistent index.
@@ -89,6 +103,8 @@ fn schema() -> (Schema, Fields) {
         text: builder.add_text_field("text", STORED),
         // Title and body together, tokenized, for BM25.
         content: builder.add_text_field("content", TEXT),
+        // The document's snippets, split once at ingest, stored beside it.
+        snippet: builder.add_text_field("snippet", STORED),
     };
     (builder.build(), fields)
 }
@@ -133,19 +149,19 @@ impl DocumentIndex {
         let result = (|| {
             for d in documents {
                 writer.delete_term(Term::from_field_text(f.doc_id, &d.doc_id));
-                let content = if d.title.is_empty() {
-                    d.text.clone()
-                } else {
-                    format!("{}\n{}", d.title, d.text)
-                };
-                writer.add_document(doc!(
+                let content = d.content();
+                let mut document = doc!(
                     f.user_id => d.user_id.as_str(),
                     f.doc_id => d.doc_id.as_str(),
                     f.timestamp => d.timestamp,
                     f.title => d.title.as_str(),
                     f.text => d.text.as_str(),
-                    f.content => content,
-                ))?;
+                );
+                for snippet in ghostwriter_common::text::snippets(&content) {
+                    document.add_text(f.snippet, snippet);
+                }
+                document.add_text(f.content, content);
+                writer.add_document(document)?;
             }
             writer.commit()
         })();
@@ -206,7 +222,7 @@ impl DocumentIndex {
         for (_, addr) in
             searcher.search(&same_second, &TopDocs::with_limit(100_000).order_by_score())?
         {
-            let d = self.load(&searcher, addr)?;
+            let (d, _) = self.load(&searcher, addr)?;
             if d.doc_id.as_str() >= filter.current_doc_id.as_str() {
                 excluded.insert(d.doc_id);
             }
@@ -245,9 +261,11 @@ impl DocumentIndex {
         let mut hits = top
             .into_iter()
             .map(|(score, addr)| {
+                let (document, snippets) = self.load(&searcher, addr)?;
                 Ok(Hit {
-                    document: self.load(&searcher, addr)?,
+                    document,
                     score,
+                    snippets,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -264,11 +282,12 @@ impl DocumentIndex {
         })
     }
 
+    /// A stored document and its snippets.
     fn load(
         &self,
         searcher: &tantivy::Searcher,
         addr: tantivy::DocAddress,
-    ) -> Result<StoredDocument, Error> {
+    ) -> Result<(StoredDocument, Vec<String>), Error> {
         let f = &self.fields;
         let d: TantivyDocument = searcher.doc(addr)?;
         let text = |field| {
@@ -277,7 +296,7 @@ impl DocumentIndex {
                 .unwrap_or_default()
                 .to_string()
         };
-        Ok(StoredDocument {
+        let document = StoredDocument {
             user_id: text(f.user_id),
             doc_id: text(f.doc_id),
             timestamp: d
@@ -286,7 +305,12 @@ impl DocumentIndex {
                 .unwrap_or_default(),
             title: text(f.title),
             text: text(f.text),
-        })
+        };
+        let snippets = d
+            .get_all(f.snippet)
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        Ok((document, snippets))
     }
 }
 

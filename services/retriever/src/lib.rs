@@ -208,6 +208,7 @@ impl Retriever for RetrieverService {
                 .into_iter()
                 .map(|h| RetrievedDocument {
                     bm25_score: h.score,
+                    snippets: h.snippets,
                     document: Some(Document {
                         user_id: h.document.user_id,
                         doc_id: h.document.doc_id,

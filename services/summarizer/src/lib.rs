@@ -1,9 +1,19 @@
-//! Summarizer stage: `SumCtxInd`, a context-independent summary of the ranked entries written by
-//! the instruction LLM. The LLM is the generator stage's (called over gRPC), so model weights
-//! live only on generator workers and the summarizer stays a light CPU process.
+//! Summarizer stage: summaries of the ranked entries.
+//!
+//! - `SumCtxInd`: a context-independent summary written by the instruction LLM. The LLM is the
+//!   generator stage's (called over gRPC), so LLM weights live only on generator workers.
+//! - `SumCtx`: what in the entries matters for the document being written. The paper learns it
+//!   from weak labels (for each snippet of the true document, the most similar not-yet-picked
+//!   snippet of the ranked entries). At serving time the true document is unknown, so the
+//!   immediate context stands in for it: the entries' snippets most similar to the immediate
+//!   context (all-MiniLM-L6-v2 cosine), most similar first, no repeats, within a character
+//!   budget. The LLM variant (`SUMMARY_MODE_CONTEXT_LLM`) asks the LLM for the same thing.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
+use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{client, deadline};
@@ -12,8 +22,10 @@ use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
 use ghostwriter_proto::v1::{
     GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse,
+    SummaryMode,
 };
 use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -34,6 +46,55 @@ pub struct SummarizerConfig {
         default_value_t = 96
     )]
     pub max_new_tokens: u32,
+    /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
+    #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
+    pub summary_chars: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub embedder: EmbedderArgs,
+}
+
+/// Default SumCtx budget: about two snippets, the length of a typical review's picks.
+pub const DEFAULT_SUMMARY_CHARS: u32 = 600;
+
+/// SumCtx: snippets of `entries` most similar to `query`, most similar first, each at most once,
+/// until `budget` characters (a snippet that does not fit is skipped).
+pub fn context_summary(
+    embedder: &CachedEmbedder,
+    query: &str,
+    entries: &[RankedEntry],
+    budget: usize,
+) -> anyhow::Result<String> {
+    let mut seen = std::collections::HashSet::new();
+    let snippets: Vec<String> = entries
+        .iter()
+        .flat_map(|e| ghostwriter_common::text::snippets(&e.text))
+        .filter(|s| seen.insert(s.clone()))
+        .collect();
+    let refs: Vec<&str> = snippets.iter().map(String::as_str).collect();
+    let scores = embedder.scores(query, &refs)?;
+    let mut order: Vec<usize> = (0..snippets.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut picked = Vec::new();
+    let mut used = 0;
+    for i in order {
+        let n = snippets[i].chars().count();
+        if used + n > budget {
+            continue;
+        }
+        used += n + 1;
+        picked.push(snippets[i].as_str());
+    }
+    Ok(picked.join(" "))
+}
+
+/// The instruction for the LLM variant of `SumCtx`.
+pub fn context_instruction(query: &str, entries: &[RankedEntry]) -> String {
+    let base = instruction(entries);
+    format!(
+        "{}\n\nThe person is now writing a new text that starts: \"{query}\". Summarize only what in the passages matters for that new text.",
+        base.trim_end()
+    )
 }
 
 /// Characters of entries given to the LLM (the paper's ranked-entry budget).
@@ -64,6 +125,8 @@ pub fn instruction(entries: &[RankedEntry]) -> String {
 pub struct SummarizerService {
     generator: GeneratorClient<Channel>,
     default_tokens: u32,
+    default_chars: u32,
+    embedder: Arc<OnceCell<Arc<CachedEmbedder>>>,
 }
 
 #[tonic::async_trait]
@@ -84,13 +147,43 @@ impl Summarizer for SummarizerService {
                 summary: String::new(),
             }));
         }
+        let mode = SummaryMode::try_from(r.mode)
+            .map_err(|_| Status::invalid_argument(format!("unknown summary mode {}", r.mode)))?;
+        let needs_query = matches!(mode, SummaryMode::Context | SummaryMode::ContextLlm);
+        if needs_query && r.query.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "a context-dependent summary needs the query (immediate context)",
+            ));
+        }
+        if mode == SummaryMode::Context {
+            let embedder = self.embedder.get().cloned().ok_or_else(|| {
+                Status::unavailable("the summarizer is still loading its embedding model")
+            })?;
+            let budget = if r.budget_chars == 0 {
+                self.default_chars
+            } else {
+                r.budget_chars
+            } as usize;
+            let summary = tokio::task::spawn_blocking(move || {
+                context_summary(&embedder, &r.query, &r.entries, budget)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("embedding failed: {e}")))?;
+            return Ok(Response::new(SummarizeResponse { summary }));
+        }
         let tokens = if r.max_new_tokens == 0 {
             self.default_tokens
         } else {
             r.max_new_tokens
         };
+        let text = if mode == SummaryMode::ContextLlm {
+            context_instruction(&r.query, &r.entries)
+        } else {
+            instruction(&r.entries)
+        };
         let generate = GenerateRequest {
-            input: Some(Input::Instruction(instruction(&r.entries))),
+            input: Some(Input::Instruction(text)),
             params: Some(GenerationParams {
                 max_new_tokens: tokens,
                 ..Default::default()
@@ -108,21 +201,30 @@ impl Summarizer for SummarizerService {
     }
 }
 
-/// Serves the summarizer on `listener` until `shutdown`.
+/// Serves the summarizer on `listener` until `shutdown`; SERVING once the embedding model
+/// (for SumCtx) is loaded.
 pub async fn serve(
     config: SummarizerConfig,
+    model_dir: PathBuf,
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer").await;
     let generator = GeneratorClient::new(client::channel(&config.generator_url)?);
+    let cell: Arc<OnceCell<Arc<CachedEmbedder>>> = Arc::default();
     let service = SummarizerService {
         generator,
         default_tokens: config.max_new_tokens,
+        default_chars: config.summary_chars,
+        embedder: cell.clone(),
+    };
+    let embedder = config.embedder.clone();
+    let loader = async move {
+        let loaded = tokio::task::spawn_blocking(move || embedder.load(&model_dir)).await??;
+        let _ = cell.set(Arc::new(loaded));
+        anyhow::Ok(())
     };
     let routes =
         routes.add_service(SummarizerServer::new(service).max_decoding_message_size(64 << 20));
-    server
-        .serve_after(routes, listener, shutdown, async { Ok(()) })
-        .await
+    server.serve_after(routes, listener, shutdown, loader).await
 }

@@ -1,21 +1,65 @@
-//! Synthesizer stage: the important words of a user's past writing (`SynCtxInd`).
+//! Synthesizer stage: the important words of a user's past writing (`SynCtxInd`) or of the
+//! ranked entries that bear on the immediate context (`SynCtx`).
 
 pub mod synth;
 pub mod text;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
-use ghostwriter_proto::v1::{ImportantWord, SynthesizeRequest, SynthesizeResponse};
+use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
 use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
 /// Most words a request may ask for.
 const MAX_WORDS_LIMIT: u32 = 1_000;
 
-/// The gRPC adapter over [`synth::important_words`].
-#[derive(Clone, Default)]
-pub struct SynthesizerService;
+/// Synthesizer settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SynthesizerConfig {
+    /// Cosine similarity of two words' MiniLM embeddings at or above which an entry word
+    /// matches a word of the immediate context (SynCtx). Calibrated in docs/results.md.
+    #[arg(long = "word-similarity", env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = DEFAULT_WORD_SIMILARITY)]
+    pub word_similarity: f32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub embedder: EmbedderArgs,
+}
+
+/// Default SynCtx word-similarity threshold.
+pub const DEFAULT_WORD_SIMILARITY: f32 = 0.7;
+
+/// Whether each of `words` is within `threshold` cosine of some of `targets`.
+pub fn close_words(
+    embedder: &CachedEmbedder,
+    words: &[String],
+    targets: &[String],
+    threshold: f32,
+) -> anyhow::Result<Vec<bool>> {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let t: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let we = embedder.embed(&w)?;
+    let te = embedder.embed(&t)?;
+    Ok(we
+        .iter()
+        .map(|a| {
+            te.iter()
+                .any(|b| ghostwriter_common::embed::cosine(a, b) >= threshold)
+        })
+        .collect())
+}
+
+/// The gRPC adapter over [`synth`].
+#[derive(Clone)]
+pub struct SynthesizerService {
+    embedder: Arc<OnceCell<Arc<CachedEmbedder>>>,
+    threshold: f32,
+}
 
 #[tonic::async_trait]
 impl Synthesizer for SynthesizerService {
@@ -34,12 +78,30 @@ impl Synthesizer for SynthesizerService {
         } else {
             r.max_words as usize
         };
+        let mode = SynthesisMode::try_from(r.mode)
+            .map_err(|_| Status::invalid_argument(format!("unknown synthesis mode {}", r.mode)))?;
+        let embedder = match mode {
+            SynthesisMode::Context => Some(self.embedder.get().cloned().ok_or_else(|| {
+                Status::unavailable("the synthesizer is still loading its embedding model")
+            })?),
+            _ => None,
+        };
+        let threshold = self.threshold;
         let words = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
-            synth::important_words(&refs, max)
+            let docs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
+            match embedder {
+                None => Ok(synth::important_words(&docs, max)),
+                Some(e) => {
+                    let entries: Vec<&str> = r.entries.iter().map(String::as_str).collect();
+                    synth::context_words(&r.query, &entries, &docs, max, |w, q| {
+                        close_words(&e, w, q, threshold)
+                    })
+                }
+            }
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?;
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("embedding failed: {e}")))?;
         Ok(Response::new(SynthesizeResponse {
             words: words
                 .into_iter()
@@ -53,13 +115,27 @@ impl Synthesizer for SynthesizerService {
     }
 }
 
-/// Serves the synthesizer on `listener` until `shutdown` (nothing to load: SERVING at once).
-pub async fn serve(listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Serves the synthesizer on `listener` until `shutdown`; SERVING once the embedding model
+/// (for SynCtx) is loaded.
+pub async fn serve(
+    config: SynthesizerConfig,
+    model_dir: PathBuf,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Synthesizer").await;
-    let routes = routes.add_service(
-        SynthesizerServer::new(SynthesizerService).max_decoding_message_size(256 << 20),
-    );
-    server
-        .serve_after(routes, listener, shutdown, async { Ok(()) })
-        .await
+    let cell: Arc<OnceCell<Arc<CachedEmbedder>>> = Arc::default();
+    let service = SynthesizerService {
+        embedder: cell.clone(),
+        threshold: config.word_similarity,
+    };
+    let embedder = config.embedder.clone();
+    let loader = async move {
+        let loaded = tokio::task::spawn_blocking(move || embedder.load(&model_dir)).await??;
+        let _ = cell.set(Arc::new(loaded));
+        anyhow::Ok(())
+    };
+    let routes =
+        routes.add_service(SynthesizerServer::new(service).max_decoding_message_size(256 << 20));
+    server.serve_after(routes, listener, shutdown, loader).await
 }

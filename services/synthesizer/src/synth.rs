@@ -1,6 +1,12 @@
-//! `SynCtxInd`, exactly as the paper defines it: frequent unigrams of the user's past documents,
-//! minus stopwords, words seen once, and words whose IDF over the user's documents is below 1.5;
-//! sorted by frequency, then IDF; at most 20.
+//! Important words.
+//!
+//! - `SynCtxInd`, exactly as the paper defines it: frequent unigrams of the user's past
+//!   documents, minus stopwords, words seen once, and words whose IDF over the user's documents
+//!   is below 1.5; sorted by frequency, then IDF; at most 20.
+//! - `SynCtx`: words of the ranked entries that match a word of the immediate context —
+//!   identical, or close in embedding space (all-MiniLM-L6-v2 cosine of the single words at or
+//!   above a calibrated threshold, standing in for the paper's WordNet synonyms and GloVe
+//!   distance) — minus stopwords and IDF < 1.5; sorted by how often picked, then IDF.
 
 use std::collections::{HashMap, HashSet};
 
@@ -66,6 +72,84 @@ pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
     words
 }
 
+/// Document frequencies of the non-stopwords of `documents`.
+fn document_frequencies(documents: &[&str]) -> HashMap<String, u32> {
+    let mut df: HashMap<String, u32> = HashMap::new();
+    for d in documents {
+        let unique: HashSet<String> = text::words(d).filter(|w| !text::is_stopword(w)).collect();
+        for w in unique {
+            *df.entry(w).or_default() += 1;
+        }
+    }
+    df
+}
+
+/// `SynCtx`. `similar(entry_words, query_words)` gives, for each entry word, whether it is close
+/// to some query word (the embedding test; identical words always match).
+pub fn context_words(
+    query: &str,
+    entries: &[&str],
+    documents: &[&str],
+    max_words: usize,
+    similar: impl FnOnce(&[String], &[String]) -> anyhow::Result<Vec<bool>>,
+) -> anyhow::Result<Vec<Word>> {
+    let n = documents.len().max(1);
+    let df = document_frequencies(documents);
+    let idf = |w: &str| (n as f32 / df.get(w).copied().unwrap_or(1).max(1) as f32).ln();
+    let query_words: Vec<String> = {
+        let mut seen = HashSet::new();
+        text::words(query)
+            .filter(|w| !text::is_stopword(w) && seen.insert(w.clone()))
+            .collect()
+    };
+    let occurrences: Vec<String> = entries
+        .iter()
+        .flat_map(|e| text::words(e))
+        .filter(|w| !text::is_stopword(w) && idf(w) >= MIN_IDF)
+        .collect();
+    let distinct: Vec<String> = {
+        let mut seen = HashSet::new();
+        occurrences
+            .iter()
+            .filter(|w| seen.insert((*w).clone()))
+            .cloned()
+            .collect()
+    };
+    if distinct.is_empty() || query_words.is_empty() {
+        return Ok(Vec::new());
+    }
+    let query_set: HashSet<&String> = query_words.iter().collect();
+    let close = similar(&distinct, &query_words)?;
+    let matched: HashSet<&String> = distinct
+        .iter()
+        .zip(close)
+        .filter(|(w, c)| *c || query_set.contains(w))
+        .map(|(w, _)| w)
+        .collect();
+    let mut picked: HashMap<&String, u32> = HashMap::new();
+    for w in &occurrences {
+        if matched.contains(w) {
+            *picked.entry(w).or_default() += 1;
+        }
+    }
+    let mut words: Vec<Word> = picked
+        .into_iter()
+        .map(|(w, f)| Word {
+            word: w.clone(),
+            frequency: f,
+            idf: idf(w),
+        })
+        .collect();
+    words.sort_by(|a, b| {
+        b.frequency
+            .cmp(&a.frequency)
+            .then(b.idf.total_cmp(&a.idf))
+            .then(a.word.cmp(&b.word))
+    });
+    words.truncate(max_words);
+    Ok(words)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +171,43 @@ mod tests {
         assert_eq!(names, vec!["capo", "strings"]);
         assert!((w[0].idf - 6f32.ln()).abs() < 1e-6);
         assert_eq!(w[0].frequency, 3);
+    }
+
+    #[test]
+    fn context_words_match_the_immediate_context() {
+        let docs = [
+            "my capo slips",
+            "the capo buzzes",
+            "strap is wide",
+            "tuner reads fast",
+            "amp hums",
+            "picks grip",
+            "cable is thick",
+            "stand folds",
+            "bag is padded",
+            "pedal is loud",
+        ];
+        let entries = ["my capo slips and the capo buzzes", "strap is wide"];
+        // No embedding matches: only identical words count ("capo" twice; "strap" is not in the query).
+        let w = context_words("a new capo", &entries, &docs, 20, |d, _| {
+            Ok(vec![false; d.len()])
+        })
+        .unwrap();
+        assert_eq!(
+            w.iter()
+                .map(|w| (w.word.as_str(), w.frequency))
+                .collect::<Vec<_>>(),
+            vec![("capo", 2)]
+        );
+        // An embedding match adds "strap".
+        let w = context_words("a new capo", &entries, &docs, 20, |d, _| {
+            Ok(d.iter().map(|x| x == "strap").collect())
+        })
+        .unwrap();
+        assert_eq!(
+            w.iter().map(|w| w.word.as_str()).collect::<Vec<_>>(),
+            vec!["capo", "strap"]
+        );
     }
 
     #[test]

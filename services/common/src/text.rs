@@ -1,0 +1,97 @@
+//! Text units of the method: sentences and snippets (consecutive sentences appended until they
+//! reach 250 characters or the document ends).
+
+/// The paper's snippet length, in characters.
+pub const SNIPPET_CHARS: usize = 250;
+
+/// Sentences of `text`: split after `.`, `!` or `?` (runs of them, and closing quotes or
+/// brackets) followed by white space, and at line breaks.
+pub fn sentences(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        current.push(c);
+        let ends = if matches!(c, '.' | '!' | '?') {
+            while i + 1 < chars.len()
+                && matches!(
+                    chars[i + 1],
+                    '.' | '!' | '?' | '"' | '\'' | ')' | '\u{201d}'
+                )
+            {
+                i += 1;
+                current.push(chars[i]);
+            }
+            i + 1 >= chars.len() || chars[i + 1].is_whitespace()
+        } else {
+            c == '\n'
+        };
+        if ends {
+            let s = current.trim();
+            if !s.is_empty() {
+                out.push(s.to_string());
+            }
+            current.clear();
+        }
+        i += 1;
+    }
+    let s = current.trim();
+    if !s.is_empty() {
+        out.push(s.to_string());
+    }
+    out
+}
+
+/// Snippets of `text`: consecutive sentences joined until at least [`SNIPPET_CHARS`]
+/// characters, or the end of the document.
+pub fn snippets(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for s in sentences(text) {
+        if !current.is_empty() {
+            current.push(' ');
+        }
+        current.push_str(&s);
+        if current.chars().count() >= SNIPPET_CHARS {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_sentences() {
+        assert_eq!(
+            sentences("Great amp! Loud... really. Buy it?Yes"),
+            vec!["Great amp!", "Loud...", "really.", "Buy it?Yes"]
+        );
+        assert_eq!(
+            sentences("Title\nBody one. Body \"two.\" End"),
+            vec!["Title", "Body one.", "Body \"two.\"", "End"]
+        );
+        assert!(sentences("   ").is_empty());
+    }
+
+    #[test]
+    fn snippets_reach_250_characters_or_the_end() {
+        let sentence = "This sentence is exactly fifty characters long ok.";
+        let text = [sentence; 12].join(" ");
+        let s = snippets(&text);
+        assert_eq!(s.len(), 3);
+        assert!(s[..2].iter().all(|x| x.chars().count() >= SNIPPET_CHARS));
+        assert_eq!(
+            s.concat().replace(' ', "").len(),
+            text.replace(' ', "").len()
+        );
+        assert_eq!(snippets("Short one."), vec!["Short one."]);
+    }
+}
