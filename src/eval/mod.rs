@@ -234,6 +234,10 @@ pub async fn run_against(
         .create(true)
         .append(true)
         .open(&results)?;
+    // A run killed mid-line leaves a partial last line: start on a fresh line.
+    if std::fs::read(&results)?.last().is_some_and(|b| *b != b'\n') {
+        writeln!(file)?;
+    }
     let bar = ProgressBar::new(jobs.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} writes ({per_sec}, eta {eta})")
             .expect("valid template")

@@ -32,7 +32,7 @@ pub struct SynthesizerConfig {
 }
 
 /// Default SynCtx word-similarity threshold.
-pub const DEFAULT_WORD_SIMILARITY: f32 = 0.7;
+pub const DEFAULT_WORD_SIMILARITY: f32 = 0.6;
 
 /// Whether each of `words` is within `threshold` cosine of some of `targets`.
 pub fn close_words(

@@ -1,0 +1,85 @@
+//! The evaluation harness end to end: real services, real data, results appended as they
+//! finish, and an interrupted run resumed without recomputing finished examples.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use ghostwriter::eval::{self, EvalArgs, protocol::Split};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_runs_and_resumes() {
+    let Some(data) = common::amazon_docs() else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let args = EvalArgs {
+        to: None,
+        data,
+        presets: vec!["immediate-context".into(), "copy-best".into()],
+        split: Split::Test,
+        limit: Some(3),
+        concurrency: 2,
+        max_new_tokens: 8,
+        seed: 7,
+        out: out.path().to_path_buf(),
+        bootstrap: 200,
+        no_ingest: false,
+        timeout: 300,
+    };
+    let summary = eval::run(args.clone(), common::model_dir()).await.unwrap();
+    assert_eq!(summary.presets.len(), 2);
+    assert!(summary.presets.iter().all(|p| p.examples == 3));
+    let copy = summary
+        .presets
+        .iter()
+        .find(|p| p.preset == "copy-best")
+        .unwrap();
+    assert!(copy.rouge1 > 0.0 && copy.rouge1_vs_baseline.is_some());
+    let results = out.path().join("results.jsonl");
+    let first = eval::read_records(&results).unwrap();
+    assert_eq!(first.len(), 6);
+    for r in &first {
+        assert!(
+            r.target
+                .starts_with(r.prediction.chars().take(20).collect::<String>().as_str()),
+            "prediction starts with the immediate context"
+        );
+    }
+
+    // Interrupt: keep four results and half of the fifth line.
+    let text = std::fs::read_to_string(&results).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut = format!(
+        "{}\n{}",
+        lines[..4].join("\n"),
+        &lines[4][..lines[4].len() / 2]
+    );
+    std::fs::write(&results, cut).unwrap();
+    let summary = eval::run(args, common::model_dir()).await.unwrap();
+    assert!(summary.presets.iter().all(|p| p.examples == 3));
+    let second = eval::read_records(&results).unwrap();
+    assert_eq!(
+        second.len(),
+        6,
+        "exactly the two missing results were recomputed"
+    );
+    for (a, b) in first[..4].iter().zip(&second[..4]) {
+        assert_eq!(
+            (&a.preset, &a.doc_id, a.latency_ms),
+            (&b.preset, &b.doc_id, b.latency_ms),
+            "finished results are kept as they were"
+        );
+    }
+    let table = std::fs::read_to_string(out.path().join("table.md")).unwrap();
+    assert!(table.contains("| copy-best |") && table.contains("| immediate-context |"));
+    assert!(
+        std::fs::read_to_string(out.path().join("rouge1.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["presets"][0]["examples"], 3);
+}
