@@ -1,0 +1,186 @@
+{{/* Chart name, truncated to the DNS label limit. */}}
+{{- define "ghostwriter.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ghostwriter.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one stage: (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .stage }}
+{{- end -}}
+
+{{- define "ghostwriter.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* gRPC URL of a stage's Service: (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.stageUrl" -}}
+http://{{ include "ghostwriter.fullname" .root }}-{{ .stage }}:{{ .root.Values.grpcPort }}
+{{- end -}}
+
+{{/* Stage arguments after `serve STAGE --listen ...`. */}}
+{{- define "ghostwriter.stageArgs" -}}
+{{- $root := .root -}}
+{{- $v := index $root.Values .stage -}}
+{{- if eq .stage "orchestrator" }}
+- --retriever-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "retriever") }}
+- --ranker-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "ranker") }}
+- --summarizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "summarizer") }}
+- --synthesizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "synthesizer") }}
+- --generator-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "generator") }}
+- --request-timeout={{ $v.requestTimeoutSeconds }}
+- --max-candidates={{ $v.maxCandidates }}
+{{- else if eq .stage "retriever" }}
+- --index-dir=/data/index
+- --retrieve-limit={{ $v.retrieveLimit }}
+{{- else if eq .stage "ranker" }}
+- --embedder-device={{ $v.embedderDevice }}
+- --embedding-cache={{ $v.embeddingCache }}
+{{- else if eq .stage "summarizer" }}
+- --generator-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "generator") }}
+- --summary-tokens={{ $v.summaryTokens }}
+- --summary-chars={{ $v.summaryChars }}
+{{- else if eq .stage "synthesizer" }}
+- --word-similarity={{ $v.wordSimilarity }}
+{{- else if eq .stage "generator" }}
+- --device={{ $v.device }}
+- --max-new-tokens={{ $v.maxNewTokens }}
+- --queue-capacity={{ $v.queueCapacity }}
+{{- if $v.model }}
+- --model={{ $v.model }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Whether a stage loads models. */}}
+{{- define "ghostwriter.needsModels" -}}
+{{- if has .stage (list "ranker" "summarizer" "synthesizer" "generator") -}}true{{- end -}}
+{{- end -}}
+
+{{/* The pod template of a stage: (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.podTemplate" -}}
+{{- $root := .root -}}
+{{- $stage := .stage -}}
+{{- $v := index $root.Values $stage -}}
+{{- $models := include "ghostwriter.needsModels" . -}}
+metadata:
+  labels:
+    {{- include "ghostwriter.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ $stage }}
+  annotations:
+    checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+spec:
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+  {{- if and $models $root.Values.models.pull }}
+  initContainers:
+    - name: models-pull
+      image: {{ include "ghostwriter.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args: ["models", "pull", "--dir", "/models"]
+      {{- with $root.Values.models.pipIndexUrl }}
+      env:
+        - name: PIP_INDEX_URL
+          value: {{ . | quote }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: models
+          mountPath: /models
+  {{- end }}
+  containers:
+    - name: {{ $stage }}
+      image: {{ include "ghostwriter.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      args:
+        - serve
+        - --listen=0.0.0.0:{{ $root.Values.grpcPort }}
+        - {{ $stage }}
+        {{- include "ghostwriter.stageArgs" . | trim | nindent 8 }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "ghostwriter.fullname" $root }}
+      ports:
+        - name: grpc
+          containerPort: {{ $root.Values.grpcPort }}
+          protocol: TCP
+      startupProbe:
+        grpc:
+          port: {{ $root.Values.grpcPort }}
+        periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
+      readinessProbe:
+        grpc:
+          port: {{ $root.Values.grpcPort }}
+        periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
+      livenessProbe:
+        grpc:
+          port: {{ $root.Values.grpcPort }}
+        periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      resources:
+        {{- $resources := deepCopy $v.resources }}
+        {{- if and (eq $stage "generator") $v.gpu.enabled }}
+        {{- $limits := default dict $resources.limits }}
+        {{- $_ := set $limits "nvidia.com/gpu" $v.gpu.count }}
+        {{- $_ := set $resources "limits" $limits }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        {{- if $models }}
+        - name: models
+          mountPath: /models
+        {{- end }}
+        {{- if eq $stage "retriever" }}
+        - name: index
+          mountPath: /data
+        {{- end }}
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    {{- if $models }}
+    - name: models
+      {{- if $root.Values.models.persistence.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ include "ghostwriter.fullname" $root }}-models
+      {{- else }}
+      emptyDir: {}
+      {{- end }}
+    {{- end }}
+    - name: tmp
+      emptyDir: {}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
