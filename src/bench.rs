@@ -223,17 +223,10 @@ pub async fn run(
         let response = client.write(request).await?.into_inner();
         let client_ms = t.elapsed().as_secs_f64() * 1e3;
         let p = response.provenance.unwrap_or_default();
-        let mut waited = 0.0;
-        let mut parallel: f64 = 0.0;
         for l in &p.latencies {
             per_stage.entry(l.stage.clone()).or_default().push(l.millis);
-            if l.stage == "summarizer" || l.stage == "synthesizer" {
-                parallel = parallel.max(l.millis);
-            } else {
-                waited += l.millis;
-            }
         }
-        overheads.push(p.total_millis - waited - parallel);
+        overheads.push(ghostwriter_orchestrator::overhead_millis(&p));
         totals.push(client_ms);
     }
     let rss_loaded = procs.rss_mb();

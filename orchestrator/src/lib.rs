@@ -386,6 +386,9 @@ impl OrchestratorService {
             });
         }
         provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
+        ghostwriter_common::metrics::metrics()
+            .orchestrator_overhead
+            .observe(overhead_millis(&provenance) / 1e3);
         WriteResponse {
             text: generation.text.clone(),
             document: format!("{}{}", plan.context, generation.text),
@@ -393,6 +396,21 @@ impl OrchestratorService {
             generation: Some(generation),
         }
     }
+}
+
+/// Time of a write not spent waiting on stages: its total minus the stage latencies, the
+/// summarizer and synthesizer (which run in parallel) counted once.
+pub fn overhead_millis(p: &Provenance) -> f64 {
+    let mut sequential = 0.0;
+    let mut parallel: f64 = 0.0;
+    for l in &p.latencies {
+        if l.stage == "summarizer" || l.stage == "synthesizer" {
+            parallel = parallel.max(l.millis);
+        } else {
+            sequential += l.millis;
+        }
+    }
+    (p.total_millis - sequential - parallel).max(0.0)
 }
 
 /// What the stages before generation produced.

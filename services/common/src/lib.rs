@@ -5,6 +5,7 @@ pub mod client;
 pub mod deadline;
 pub mod device;
 pub mod embed;
+pub mod metrics;
 pub mod models;
 pub mod server;
 pub mod shutdown;

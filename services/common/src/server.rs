@@ -1,8 +1,16 @@
 //! Server assembly shared by every stage: the standard gRPC health service (NOT_SERVING until
-//! the stage says it is ready, NOT_SERVING again on shutdown), server reflection, and a
-//! graceful drain on shutdown.
+//! the stage says it is ready, NOT_SERVING again on shutdown), server reflection, per-RPC
+//! metrics, a concurrency limit that answers RESOURCE_EXHAUSTED at once past it, and a graceful
+//! drain on shutdown.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::sync::Semaphore;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -78,7 +86,14 @@ impl StageServer {
         let health = self.health.clone();
         let addr: Option<SocketAddr> = listener.local_addr().ok();
         tracing::info!(service = health.service, addr = ?addr, "listening");
+        let options = options();
+        let guard = GuardLayer {
+            service: health.service,
+            limit: (options.max_concurrency > 0)
+                .then(|| Arc::new(Semaphore::new(options.max_concurrency))),
+        };
         Server::builder()
+            .layer(guard)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.wait().await;
@@ -113,5 +128,143 @@ impl StageServer {
             }
             served = &mut serving => served,
         }
+    }
+}
+
+/// Process-wide server settings, set once from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerOptions {
+    /// RPCs a service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
+    pub max_concurrency: usize,
+}
+
+static OPTIONS: OnceLock<ServerOptions> = OnceLock::new();
+
+/// Sets the process's server options (the first call wins).
+pub fn configure(options: ServerOptions) {
+    let _ = OPTIONS.set(options);
+}
+
+fn options() -> ServerOptions {
+    OPTIONS.get().copied().unwrap_or_default()
+}
+
+/// Records metrics of every RPC and sheds load past the concurrency limit.
+#[derive(Clone)]
+struct GuardLayer {
+    service: &'static str,
+    limit: Option<Arc<Semaphore>>,
+}
+
+impl<S> tower_layer::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            service: self.service,
+            limit: self.limit.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Guard<S> {
+    inner: S,
+    service: &'static str,
+    limit: Option<Arc<Semaphore>>,
+}
+
+type Body = tonic::body::Body;
+
+impl<S> tower_service::Service<http::Request<Body>> for Guard<S>
+where
+    S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or((self.service, ""));
+        let (service, method) = (service.to_string(), method.to_string());
+        // Health checks and reflection are never shed: probes must see the truth under load.
+        let limited = !service.starts_with("grpc.");
+        let m = crate::metrics::metrics();
+        let permit = match (&self.limit, limited) {
+            (Some(limit), true) => match limit.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    m.rejected.with_label_values(&[&service]).inc();
+                    m.requests
+                        .with_label_values(&[&service, &method, "ResourceExhausted"])
+                        .inc();
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "{service} is at its concurrency limit ({} requests); retry later",
+                        options().max_concurrency
+                    ));
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
+            },
+            _ => None,
+        };
+        // The clone serves this call; the ready one stays for the next (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let in_flight = m.in_flight.with_label_values(&[&service]);
+        in_flight.inc();
+        let started = Instant::now();
+        // tonic answers an expired `grpc-timeout` with CANCELLED; answer DEADLINE_EXCEEDED, as
+        // gRPC specifies, by expiring a moment before tonic's own timer.
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::parse_grpc_timeout)
+            .map(|d| d.saturating_sub((d / 10).min(std::time::Duration::from_millis(5))));
+        Box::pin(async move {
+            let call = inner.call(request);
+            let response = match deadline {
+                None => call.await,
+                Some(d) => match tokio::time::timeout(d, call).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                        "{service}: the caller's deadline passed"
+                    ))
+                    .into_http()),
+                },
+            };
+            let code = match &response {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                Err(_) => tonic::Code::Unknown,
+            };
+            m.requests
+                .with_label_values(&[&service, &method, &format!("{code:?}")])
+                .inc();
+            m.duration
+                .with_label_values(&[&service, &method])
+                .observe(started.elapsed().as_secs_f64());
+            in_flight.dec();
+            drop(permit);
+            response
+        })
     }
 }

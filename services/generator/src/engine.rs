@@ -146,21 +146,32 @@ impl Engine {
 
     /// Queues a job, or refuses it at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
-            TrySendError::Disconnected(_) => EngineError::Stopped,
+        let queue = &ghostwriter_common::metrics::metrics().generator_queue_depth;
+        queue.inc();
+        self.tx.try_send(job).map_err(|e| {
+            queue.dec();
+            match e {
+                TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
+                TrySendError::Disconnected(_) => EngineError::Stopped,
+            }
         })
     }
 }
 
 fn run(mut model: LanguageModel, config: EngineConfig, rx: Receiver<Job>) {
+    let m = ghostwriter_common::metrics::metrics();
     while let Ok(job) = rx.recv() {
         if job.events.is_closed() {
+            m.generator_queue_depth.dec();
             continue;
         }
         let events = job.events.clone();
-        match generate(&mut model, &config, job) {
+        let result = generate(&mut model, &config, job);
+        m.generator_queue_depth.dec();
+        match result {
             Ok(Some(stats)) => {
+                m.generated_tokens.inc_by(stats.generated_tokens as u64);
+                m.decode_tokens_per_second.observe(stats.tokens_per_second);
                 let _ = events.send(Event::Done(stats));
             }
             Ok(None) => tracing::debug!("job cancelled by its caller"),

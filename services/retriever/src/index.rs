@@ -136,7 +136,11 @@ impl DocumentIndex {
 
     /// Number of documents searchable now.
     pub fn num_docs(&self) -> u64 {
-        self.reader.searcher().num_docs()
+        let n = self.reader.searcher().num_docs();
+        ghostwriter_common::metrics::metrics()
+            .index_documents
+            .set(n as i64);
+        n
     }
 
     /// Stores (upserts by doc_id) a validated batch and makes it searchable before returning.

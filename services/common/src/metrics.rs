@@ -1,0 +1,178 @@
+//! Prometheus metrics of every process, served as text on `/metrics` on a port of its own:
+//! requests and latency per RPC and status, requests in flight and rejected per service, and the
+//! stage-specific gauges (generator queue and tokens, index size, orchestrator overhead).
+
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::shutdown::Shutdown;
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs answered, by service, method and gRPC status code.
+    pub requests: IntCounterVec,
+    /// RPC latency (until the response headers), by service and method.
+    pub duration: HistogramVec,
+    /// RPCs in flight, by service.
+    pub in_flight: IntGaugeVec,
+    /// RPCs refused with RESOURCE_EXHAUSTED because the service was at its concurrency limit.
+    pub rejected: IntCounterVec,
+    /// Generator: jobs queued or running.
+    pub generator_queue_depth: IntGauge,
+    /// Generator: tokens generated.
+    pub generated_tokens: IntCounter,
+    /// Generator: decode rate of finished jobs, tokens per second.
+    pub decode_tokens_per_second: Histogram,
+    /// Retriever: documents in the index.
+    pub index_documents: IntGauge,
+    /// Orchestrator: time of a write not spent waiting on stages.
+    pub orchestrator_overhead: Histogram,
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let registry = Registry::new();
+    let latency = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ];
+    let m = Metrics {
+        requests: IntCounterVec::new(
+            Opts::new(
+                "ghostwriter_rpc_requests_total",
+                "RPCs answered, by service, method and gRPC status",
+            ),
+            &["service", "method", "code"],
+        )?,
+        duration: HistogramVec::new(
+            HistogramOpts::new(
+                "ghostwriter_rpc_duration_seconds",
+                "RPC latency until the response headers",
+            )
+            .buckets(latency),
+            &["service", "method"],
+        )?,
+        in_flight: IntGaugeVec::new(
+            Opts::new("ghostwriter_rpc_in_flight", "RPCs in flight"),
+            &["service"],
+        )?,
+        rejected: IntCounterVec::new(
+            Opts::new(
+                "ghostwriter_rpc_rejected_total",
+                "RPCs refused at the concurrency limit",
+            ),
+            &["service"],
+        )?,
+        generator_queue_depth: IntGauge::new(
+            "ghostwriter_generator_queue_depth",
+            "Generation jobs queued or running",
+        )?,
+        generated_tokens: IntCounter::new(
+            "ghostwriter_generated_tokens_total",
+            "Tokens generated",
+        )?,
+        decode_tokens_per_second: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_decode_tokens_per_second",
+                "Decode rate of finished jobs",
+            )
+            .buckets(vec![
+                5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 200.0, 400.0, 800.0,
+            ]),
+        )?,
+        index_documents: IntGauge::new(
+            "ghostwriter_index_documents",
+            "Documents in the retriever's index",
+        )?,
+        orchestrator_overhead: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_orchestrator_overhead_seconds",
+                "Write time not spent waiting on stages",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+            ]),
+        )?,
+        registry,
+    };
+    m.registry.register(Box::new(m.requests.clone()))?;
+    m.registry.register(Box::new(m.duration.clone()))?;
+    m.registry.register(Box::new(m.in_flight.clone()))?;
+    m.registry.register(Box::new(m.rejected.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_queue_depth.clone()))?;
+    m.registry.register(Box::new(m.generated_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.decode_tokens_per_second.clone()))?;
+    m.registry.register(Box::new(m.index_documents.clone()))?;
+    m.registry
+        .register(Box::new(m.orchestrator_overhead.clone()))?;
+    Ok(m)
+}
+
+static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| build().expect("metric definitions are valid"));
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Serves `GET /metrics` (and `/healthz`) over plain HTTP/1.1 on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, shutdown: Shutdown) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "metrics on /metrics");
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut socket, _)) = accepted else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                socket.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render()),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => (
+                    "404 Not Found",
+                    "not found; metrics are on /metrics\n".to_string(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,128 @@
+//! Operations: a stage past its concurrency limit answers RESOURCE_EXHAUSTED at once (health
+//! still answers), a short deadline ends in DEADLINE_EXCEEDED and stops generation downstream,
+//! and every process exposes Prometheus metrics.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ghostwriter::proto::generate_request::Input;
+use ghostwriter::proto::generator_client::GeneratorClient;
+use ghostwriter::proto::{GenerateRequest, GenerationParams};
+use ghostwriter_common::shutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn request(tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(Input::Instruction(
+            "Write a long story about a guitar.".into(),
+        )),
+        params: Some(GenerationParams {
+            max_new_tokens: tokens,
+            ..Default::default()
+        }),
+    }
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_deadlines_and_metrics() {
+    // One RPC at a time per service in this process.
+    ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
+        max_concurrency: 1,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (trigger, stop) = shutdown::channel();
+    let config = common::config(std::env::temp_dir()).generator;
+    let server = tokio::spawn(ghostwriter_generator::serve(
+        config,
+        common::model_dir(),
+        listener,
+        stop,
+    ));
+    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    tokio::spawn(ghostwriter_common::metrics::serve(
+        metrics,
+        trigger.subscribe(),
+    ));
+
+    let mut a = GeneratorClient::connect(url.clone()).await.unwrap();
+    let mut b = a.clone();
+    let long = tokio::spawn(async move { a.generate(request(64)).await });
+    // Wait until the long request holds the only slot.
+    let started = Instant::now();
+    while !scrape(metrics_addr)
+        .await
+        .contains("ghostwriter_generator_queue_depth 1")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the first request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t = Instant::now();
+    let refused = b.generate(request(4)).await.expect_err("over the limit");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    // Health is never shed.
+    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let first = long.await.unwrap().unwrap().into_inner();
+    assert_eq!(first.generated_tokens, 64);
+
+    // A deadline far shorter than the work: DEADLINE_EXCEEDED, and the engine stops decoding.
+    let mut c = GeneratorClient::connect(url.clone()).await.unwrap();
+    let mut r = tonic::Request::new(request(1000));
+    r.set_timeout(Duration::from_millis(300));
+    let status = c.generate(r).await.expect_err("deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    let t = Instant::now();
+    let after = c.generate(request(3)).await.unwrap().into_inner();
+    assert_eq!(after.generated_tokens, 3);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the abandoned job kept decoding: {:?}",
+        t.elapsed()
+    );
+
+    let text = scrape(metrics_addr).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for needle in [
+        r#"ghostwriter_rpc_requests_total{code="Ok",method="Generate",service="ghostwriter.v1.Generator"}"#,
+        r#"ghostwriter_rpc_requests_total{code="ResourceExhausted",method="Generate",service="ghostwriter.v1.Generator"} 1"#,
+        r#"ghostwriter_rpc_rejected_total{service="ghostwriter.v1.Generator"} 1"#,
+        "ghostwriter_generated_tokens_total",
+        "ghostwriter_rpc_duration_seconds_bucket",
+        "ghostwriter_generator_queue_depth 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in:\n{text}");
+    }
+    trigger.trigger();
+    server.await.unwrap().unwrap();
+}
