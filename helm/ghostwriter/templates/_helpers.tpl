@@ -114,6 +114,10 @@ spec:
       args:
         - serve
         - --listen=0.0.0.0:{{ $root.Values.grpcPort }}
+        - --max-concurrency={{ $root.Values.maxConcurrency }}
+        {{- if $root.Values.metrics.enabled }}
+        - --metrics-listen=0.0.0.0:{{ $root.Values.metrics.port }}
+        {{- end }}
         - {{ $stage }}
         {{- include "ghostwriter.stageArgs" . | trim | nindent 8 }}
       envFrom:
@@ -123,6 +127,11 @@ spec:
         - name: grpc
           containerPort: {{ $root.Values.grpcPort }}
           protocol: TCP
+        {{- if $root.Values.metrics.enabled }}
+        - name: metrics
+          containerPort: {{ $root.Values.metrics.port }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
         grpc:
           port: {{ $root.Values.grpcPort }}
