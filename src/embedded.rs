@@ -130,6 +130,8 @@ impl Embedded {
             synthesizer_url: url(addrs["synthesizer"]),
             max_candidates: config.max_candidates,
             request_timeout_secs: config.request_timeout_secs,
+            retriever_shards: 1,
+            discovery: Default::default(),
         };
         let summarizer = SummarizerConfig {
             generator_url: url(addrs["generator"]),

@@ -122,6 +122,15 @@ struct ProcessArgs {
     /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
     #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    discovery: ghostwriter_common::discovery::DiscoveryArgs,
+    /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
+    /// 127.0.0.1 for an unspecified address.
+    #[arg(long, env = "GHOSTWRITER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Retriever shard this process serves (registered in etcd; see --retriever-shards).
+    #[arg(long, env = "GHOSTWRITER_SHARD")]
+    shard: Option<u32>,
 }
 
 impl ProcessArgs {
@@ -274,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
             stage,
         } => {
             process.apply(shutdown::Shutdown::never()).await?;
-            serve(listen, stage, model_dir).await
+            serve(listen, process, stage, model_dir).await
         }
         Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
         Command::Write(args) => write(args).await,
@@ -346,29 +355,108 @@ async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> a
     Ok(())
 }
 
-async fn serve(listen: SocketAddr, stage: Stage, model_dir: PathBuf) -> anyhow::Result<()> {
+impl Stage {
+    fn name(&self) -> &'static str {
+        match self {
+            Stage::Retriever { .. } => "retriever",
+            Stage::Ranker { .. } => "ranker",
+            Stage::Summarizer { .. } => "summarizer",
+            Stage::Synthesizer { .. } => "synthesizer",
+            Stage::Generator { .. } => "generator",
+            Stage::Orchestrator { .. } => "orchestrator",
+        }
+    }
+}
+
+/// Runs one stage. With `--etcd`, it registers once SERVING and deregisters on SIGTERM before
+/// draining, so clients stop sending it work first.
+async fn serve(
+    listen: SocketAddr,
+    process: ProcessArgs,
+    stage: Stage,
+    model_dir: PathBuf,
+) -> anyhow::Result<()> {
+    use ghostwriter_common::discovery::{EndpointInfo, Registration};
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let stop = shutdown::on_os_signal();
-    match stage {
-        Stage::Retriever { config } => ghostwriter_retriever::serve(config, listener, stop).await,
-        Stage::Ranker { config } => {
-            ghostwriter_ranker::serve(config, model_dir, listener, stop).await
+    let local = listener.local_addr()?;
+    let name = stage.name();
+    let (trigger, stop) = shutdown::channel();
+    let discovery = process.discovery.clone();
+    let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
+        match stage {
+            Stage::Retriever { config } => {
+                ghostwriter_retriever::serve(config, listener, stop).await
+            }
+            Stage::Ranker { config } => {
+                ghostwriter_ranker::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Summarizer { config } => {
+                ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Synthesizer { config } => {
+                ghostwriter_synthesizer::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Generator { config } => {
+                ghostwriter_generator::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Orchestrator { mut config } => {
+                // The orchestrator watches what the stages register under the same etcd.
+                config.discovery = discovery;
+                ghostwriter_orchestrator::serve(config, listener, stop).await
+            }
         }
-        Stage::Summarizer { config } => {
-            ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
-        }
-        Stage::Synthesizer { config } => {
-            ghostwriter_synthesizer::serve(config, model_dir, listener, stop).await
-        }
-        Stage::Generator { config } => {
-            ghostwriter_generator::serve(config, model_dir, listener, stop).await
-        }
-        Stage::Orchestrator { config } => {
-            ghostwriter_orchestrator::serve(config, listener, stop).await
+    });
+    let reachable = {
+        let ip = if local.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            local.ip().to_string()
+        };
+        format!("http://{ip}:{}", local.port())
+    };
+    let registration = (!process.discovery.etcd.is_empty()).then(|| {
+        let advertise = process
+            .advertise
+            .clone()
+            .unwrap_or_else(|| reachable.clone());
+        let info = EndpointInfo {
+            url: advertise,
+            stage: name.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            capacity: process.max_concurrency as u32,
+            shard: process.shard,
+        };
+        let d = process.discovery.clone();
+        let local_url = reachable.clone();
+        tokio::spawn(async move {
+            ghostwriter_common::client::wait_until_serving(
+                &local_url,
+                "",
+                Duration::from_secs(600),
+            )
+            .await
+            .map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+            Registration::register(&d.etcd, &d.prefix, d.ttl_secs, info).await
+        })
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        done = &mut server => return done?,
+        _ = shutdown::os_signal() => {}
+    }
+    if let Some(task) = registration {
+        if task.is_finished() {
+            if let Ok(Ok(r)) = task.await {
+                r.deregister().await;
+            }
+        } else {
+            task.abort();
         }
     }
+    trigger.trigger();
+    server.await?
 }
 
 async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {

@@ -4,6 +4,7 @@
 //! and each stage's latency.
 
 pub mod preset;
+pub mod stages;
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -12,12 +13,7 @@ use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
 use ghostwriter_proto::v1::generate_request::Input;
-use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
-use ghostwriter_proto::v1::ranker_client::RankerClient;
-use ghostwriter_proto::v1::retriever_client::RetrieverClient;
-use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
-use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
     GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput,
@@ -27,7 +23,6 @@ use ghostwriter_proto::v1::{
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 pub use preset::{PRESETS, Preset};
@@ -42,35 +37,35 @@ const MAX_USER_ID: usize = 512;
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorConfig {
-    /// Retriever endpoint.
+    /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i).
     #[arg(
         long = "retriever-url",
         env = "GHOSTWRITER_RETRIEVER_URL",
         default_value = "http://127.0.0.1:50052"
     )]
     pub retriever_url: String,
-    /// Ranker endpoint.
+    /// Ranker endpoints (comma-separated).
     #[arg(
         long = "ranker-url",
         env = "GHOSTWRITER_RANKER_URL",
         default_value = "http://127.0.0.1:50053"
     )]
     pub ranker_url: String,
-    /// Summarizer endpoint.
+    /// Summarizer endpoints (comma-separated).
     #[arg(
         long = "summarizer-url",
         env = "GHOSTWRITER_SUMMARIZER_URL",
         default_value = "http://127.0.0.1:50054"
     )]
     pub summarizer_url: String,
-    /// Generator endpoint.
+    /// Generator endpoints (comma-separated).
     #[arg(
         long = "generator-url",
         env = "GHOSTWRITER_GENERATOR_URL",
         default_value = "http://127.0.0.1:50055"
     )]
     pub generator_url: String,
-    /// Synthesizer endpoint.
+    /// Synthesizer endpoints (comma-separated).
     #[arg(
         long = "synthesizer-url",
         env = "GHOSTWRITER_SYNTHESIZER_URL",
@@ -91,40 +86,23 @@ pub struct OrchestratorConfig {
         default_value_t = 300
     )]
     pub request_timeout_secs: u64,
-}
-
-/// Clients of every stage.
-#[derive(Clone)]
-struct Stages {
-    retriever: RetrieverClient<Channel>,
-    ranker: RankerClient<Channel>,
-    summarizer: SummarizerClient<Channel>,
-    synthesizer: SynthesizerClient<Channel>,
-    generator: GeneratorClient<Channel>,
-}
-
-const LIMIT: usize = 256 << 20;
-
-impl Stages {
-    fn connect(c: &OrchestratorConfig) -> Result<Self, Status> {
-        Ok(Self {
-            retriever: RetrieverClient::new(client::channel(&c.retriever_url)?)
-                .max_decoding_message_size(LIMIT)
-                .max_encoding_message_size(LIMIT),
-            ranker: RankerClient::new(client::channel(&c.ranker_url)?)
-                .max_encoding_message_size(LIMIT),
-            summarizer: SummarizerClient::new(client::channel(&c.summarizer_url)?),
-            synthesizer: SynthesizerClient::new(client::channel(&c.synthesizer_url)?)
-                .max_encoding_message_size(LIMIT),
-            generator: GeneratorClient::new(client::channel(&c.generator_url)?),
-        })
-    }
+    /// Retriever shards: a user's documents live on shard `rendezvous(user_id, N)`. Changing N
+    /// moves users between shards: re-ingest after changing it (see the README).
+    #[arg(
+        long = "retriever-shards",
+        env = "GHOSTWRITER_RETRIEVER_SHARDS",
+        default_value_t = 1
+    )]
+    pub retriever_shards: u32,
+    /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
+    #[arg(skip)]
+    pub discovery: ghostwriter_common::discovery::DiscoveryArgs,
 }
 
 /// The public service.
 #[derive(Clone)]
 pub struct OrchestratorService {
-    stages: Stages,
+    stages: std::sync::Arc<stages::Stages>,
     config: OrchestratorConfig,
 }
 
@@ -165,7 +143,7 @@ impl OrchestratorService {
     /// Clients of the stages in `config` (connections are made lazily).
     pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
         Ok(Self {
-            stages: Stages::connect(&config)?,
+            stages: std::sync::Arc::new(stages::Stages::new(&config)?),
             config,
         })
     }
@@ -234,7 +212,7 @@ impl OrchestratorService {
 
     /// Runs every stage before generation.
     async fn prepare(&self, plan: &Plan) -> Result<Prepared, Status> {
-        let mut s = self.stages.clone();
+        let s = &self.stages;
         let mut provenance = Provenance {
             preset: plan.preset.name.to_string(),
             immediate_context: plan.context.clone(),
@@ -249,8 +227,7 @@ impl OrchestratorService {
         if plan.retrieval {
             let t = Instant::now();
             let retrieved = s
-                .retriever
-                .retrieve(deadline::request(
+                .retrieve(
                     RetrieveRequest {
                         user_id: plan.user_id.clone(),
                         query: plan.context.clone(),
@@ -259,10 +236,8 @@ impl OrchestratorService {
                         limit: self.config.max_candidates,
                     },
                     plan.deadline,
-                )?)
-                .await
-                .map_err(|e| client::stage_status("retriever", e))?
-                .into_inner();
+                )
+                .await?;
             timed(&mut provenance.latencies, "retriever", t);
             provenance.history_size = retrieved.total_history;
             let candidates = retrieved.documents;
@@ -274,8 +249,7 @@ impl OrchestratorService {
                     .collect();
                 let t = Instant::now();
                 let entries = s
-                    .ranker
-                    .rank(deadline::request(
+                    .rank(
                         RankRequest {
                             query: plan.context.clone(),
                             candidates,
@@ -283,10 +257,8 @@ impl OrchestratorService {
                             budget_chars: 0,
                         },
                         plan.deadline,
-                    )?)
-                    .await
-                    .map_err(|e| client::stage_status("ranker", e))?
-                    .into_inner()
+                    )
+                    .await?
                     .entries;
                 timed(&mut provenance.latencies, "ranker", t);
 
@@ -296,44 +268,30 @@ impl OrchestratorService {
                         return Ok(None);
                     };
                     let t = Instant::now();
-                    let request = deadline::request(
-                        SummarizeRequest {
-                            entries: entries.clone(),
-                            max_new_tokens: 0,
-                            mode: mode as i32,
-                            query: plan.context.clone(),
-                            budget_chars: 0,
-                        },
-                        plan.deadline,
-                    )?;
-                    let summary = s
-                        .summarizer
-                        .summarize(request)
-                        .await
-                        .map_err(|e| client::stage_status("summarizer", e))?;
-                    Ok::<_, Status>(Some((summary.into_inner().summary, t.elapsed())))
+                    let request = SummarizeRequest {
+                        entries: entries.clone(),
+                        max_new_tokens: 0,
+                        mode: mode as i32,
+                        query: plan.context.clone(),
+                        budget_chars: 0,
+                    };
+                    let summary = s.summarize(request, plan.deadline).await?;
+                    Ok::<_, Status>(Some((summary.summary, t.elapsed())))
                 };
                 let synthesize = async {
                     let Some(mode) = plan.synthesis else {
                         return Ok(None);
                     };
                     let t = Instant::now();
-                    let request = deadline::request(
-                        SynthesizeRequest {
-                            documents: corpus,
-                            max_words: 0,
-                            mode: mode as i32,
-                            query: plan.context.clone(),
-                            entries: entries.iter().map(|e| e.text.clone()).collect(),
-                        },
-                        plan.deadline,
-                    )?;
-                    let words = s
-                        .synthesizer
-                        .synthesize(request)
-                        .await
-                        .map_err(|e| client::stage_status("synthesizer", e))?;
-                    Ok::<_, Status>(Some((words.into_inner().words, t.elapsed())))
+                    let request = SynthesizeRequest {
+                        documents: corpus,
+                        max_words: 0,
+                        mode: mode as i32,
+                        query: plan.context.clone(),
+                        entries: entries.iter().map(|e| e.text.clone()).collect(),
+                    };
+                    let words = s.synthesize(request, plan.deadline).await?;
+                    Ok::<_, Status>(Some((words.words, t.elapsed())))
                 };
                 let (summary, words) = tokio::try_join!(summarize, synthesize)?;
                 let millis = |d: Duration| d.as_secs_f64() * 1e3;
@@ -450,14 +408,7 @@ impl Ghostwriter for OrchestratorService {
             return Ok(Response::new(response));
         }
         let t = Instant::now();
-        let generation = self
-            .stages
-            .generator
-            .clone()
-            .generate(deadline::request(generate, plan.deadline)?)
-            .await
-            .map_err(|e| client::stage_status("generator", e))?
-            .into_inner();
+        let generation = self.stages.generate(generate, plan.deadline).await?;
         let response = Self::finish(&plan, provenance, generation, Some(t.elapsed()));
         tracing::info!(user = %plan.user_id, preset = plan.preset.name, millis = response.provenance.as_ref().map_or(0.0, |p| p.total_millis), "write");
         Ok(Response::new(response))
@@ -487,14 +438,7 @@ impl Ghostwriter for OrchestratorService {
             return Ok(Response::new(Box::pin(stream)));
         }
         let t = Instant::now();
-        let mut upstream = self
-            .stages
-            .generator
-            .clone()
-            .generate_stream(deadline::request(generate, plan.deadline)?)
-            .await
-            .map_err(|e| client::stage_status("generator", e))?
-            .into_inner();
+        let mut upstream = self.stages.generate_stream(generate, plan.deadline).await?;
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
         tokio::spawn(async move {
             let event = |e: Event| Ok(WriteStreamResponse { event: Some(e) });
@@ -546,12 +490,9 @@ impl Ghostwriter for OrchestratorService {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let response = self
             .stages
-            .retriever
-            .clone()
-            .ingest(deadline::request(request.into_inner(), deadline)?)
-            .await
-            .map_err(|e| client::stage_status("retriever", e))?;
-        Ok(response)
+            .ingest(request.into_inner().documents, deadline)
+            .await?;
+        Ok(Response::new(response))
     }
 }
 
@@ -566,8 +507,8 @@ pub async fn serve(
         OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
     let routes = routes.add_service(
         GhostwriterServer::new(service)
-            .max_decoding_message_size(LIMIT)
-            .max_encoding_message_size(LIMIT),
+            .max_decoding_message_size(stages::LIMIT)
+            .max_encoding_message_size(stages::LIMIT),
     );
     server
         .serve_after(routes, listener, shutdown, async { Ok(()) })

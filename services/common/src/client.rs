@@ -15,15 +15,31 @@ pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
     Ok(endpoint.connect_lazy())
 }
 
+/// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its
+/// connection broke mid-call): UNAVAILABLE, or the UNKNOWN status tonic gives a broken
+/// connection. Such a call can be retried on another endpoint.
+pub fn is_transport_failure(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown | tonic::Code::Internal => {
+            let m = status.message();
+            m.contains("transport")
+                || m.contains("connection")
+                || m.contains("h2 protocol")
+                || m.contains("broken pipe")
+        }
+        _ => false,
+    }
+}
+
 /// Rewrites a failed call's status so it names the stage. Transport failures (the stage is down
 /// or unreachable) become UNAVAILABLE; the stage's own errors keep their code.
 pub fn stage_status(stage: &str, status: tonic::Status) -> tonic::Status {
     let message = format!("{stage} stage: {}", status.message());
-    match status.code() {
-        tonic::Code::Unknown if status.message().contains("transport") => {
-            tonic::Status::unavailable(message)
-        }
-        code => tonic::Status::new(code, message),
+    if is_transport_failure(&status) {
+        tonic::Status::unavailable(message)
+    } else {
+        tonic::Status::new(status.code(), message)
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod deadline;
 pub mod device;
+pub mod discovery;
 pub mod embed;
 pub mod metrics;
 pub mod models;

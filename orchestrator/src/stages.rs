@@ -1,0 +1,376 @@
+//! The orchestrator's view of the stages: an [`EndpointSet`] per stage (static or watched in
+//! etcd), power-of-two-choices balancing, retries of idempotent calls on another endpoint when
+//! one is UNAVAILABLE (bounded by a retry budget, so failures cannot multiply load), and routing
+//! of a user's retrieval and ingest to the retriever shard that owns the user.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ghostwriter_common::discovery::{self, Endpoint, EndpointInfo, EndpointSet};
+use ghostwriter_common::{client, deadline};
+use ghostwriter_proto::v1::generator_client::GeneratorClient;
+use ghostwriter_proto::v1::ranker_client::RankerClient;
+use ghostwriter_proto::v1::retriever_client::RetrieverClient;
+use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
+use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
+use ghostwriter_proto::v1::{
+    Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, IngestRequest,
+    IngestResponse, RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, SummarizeRequest,
+    SummarizeResponse, SynthesizeRequest, SynthesizeResponse,
+};
+use tonic::{Status, Streaming};
+
+use crate::OrchestratorConfig;
+
+pub(crate) const LIMIT: usize = 256 << 20;
+/// Attempts of an idempotent call (the first and up to two retries on other endpoints).
+const ATTEMPTS: usize = 3;
+
+/// Retries allowed: each request earns a tenth of a retry, up to ten in reserve, so retries
+/// stay a small fraction of traffic when a stage is down (no retry storms).
+struct RetryBudget {
+    tokens: Mutex<f64>,
+}
+
+impl RetryBudget {
+    fn deposit(&self) {
+        if let Ok(mut t) = self.tokens.lock() {
+            *t = (*t + 0.1).min(10.0);
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        match self.tokens.lock() {
+            Ok(mut t) if *t >= 1.0 => {
+                *t -= 1.0;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Every stage's endpoints.
+pub struct Stages {
+    retriever: EndpointSet,
+    ranker: EndpointSet,
+    summarizer: EndpointSet,
+    synthesizer: EndpointSet,
+    generator: EndpointSet,
+    shards: u32,
+    budget: RetryBudget,
+}
+
+fn urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl Stages {
+    /// Static endpoints from the config, or etcd-watched sets when `--etcd` is given.
+    pub fn new(c: &OrchestratorConfig) -> Result<Self, Status> {
+        let d = &c.discovery;
+        let set = |stage: &str, list: &str| -> Result<EndpointSet, Status> {
+            if d.etcd.is_empty() {
+                EndpointSet::fixed(stage, &urls(list))
+            } else {
+                Ok(EndpointSet::watch(stage, &d.etcd, &d.prefix))
+            }
+        };
+        let retriever = if d.etcd.is_empty() && c.retriever_shards > 1 {
+            // Static shards: the i-th URL serves shard i.
+            EndpointSet::fixed_sharded("retriever", &urls(&c.retriever_url))?
+        } else {
+            set("retriever", &c.retriever_url)?
+        };
+        Ok(Self {
+            retriever,
+            ranker: set("ranker", &c.ranker_url)?,
+            summarizer: set("summarizer", &c.summarizer_url)?,
+            synthesizer: set("synthesizer", &c.synthesizer_url)?,
+            generator: set("generator", &c.generator_url)?,
+            shards: c.retriever_shards.max(1),
+            budget: RetryBudget {
+                tokens: Mutex::new(10.0),
+            },
+        })
+    }
+
+    /// The generator endpoints (for tests and tools).
+    pub fn generator_set(&self) -> &EndpointSet {
+        &self.generator
+    }
+
+    /// Calls `f` on an endpoint of `set` that passes `filter`; an UNAVAILABLE answer of an
+    /// `idempotent` call (or one that never reached the stage) is retried on another endpoint
+    /// while the retry budget allows.
+    async fn call<T, F, Fut>(
+        &self,
+        set: &EndpointSet,
+        what: &str,
+        filter: impl Fn(&EndpointInfo) -> bool,
+        idempotent: bool,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        F: Fn(std::sync::Arc<Endpoint>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.budget.deposit();
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Status> = None;
+        for attempt in 0..ATTEMPTS {
+            let Some(endpoint) = set.pick_where(&tried, &filter) else {
+                break;
+            };
+            if attempt > 0 && !self.budget.withdraw() {
+                break;
+            }
+            let _in_flight = endpoint.start();
+            match f(endpoint.clone()).await {
+                Ok(v) => {
+                    endpoint.succeeded();
+                    return Ok(v);
+                }
+                Err(status) if client::is_transport_failure(&status) => {
+                    endpoint.failed();
+                    tracing::warn!(stage = set.stage(), url = %endpoint.info.url, attempt, error = %status.message(), "stage unavailable");
+                    tried.push(endpoint.info.url.clone());
+                    last = Some(status);
+                    if !idempotent {
+                        break;
+                    }
+                }
+                Err(status) => return Err(client::stage_status(what, status)),
+            }
+        }
+        Err(match last {
+            Some(s) => client::stage_status(what, s),
+            None => Status::unavailable(format!("{what} stage: no endpoint available")),
+        })
+    }
+
+    fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
+        let shards = self.shards;
+        let shard = discovery::shard_of(user, shards);
+        (shard, move |info: &EndpointInfo| {
+            shards <= 1 || info.shard == Some(shard)
+        })
+    }
+
+    /// Retrieve from the shard that owns the user.
+    pub async fn retrieve(
+        &self,
+        r: RetrieveRequest,
+        deadline: Option<Instant>,
+    ) -> Result<RetrieveResponse, Status> {
+        let (shard, filter) = self.shard_filter(&r.user_id);
+        let what = if self.shards > 1 {
+            format!("retriever (shard {shard})")
+        } else {
+            "retriever".into()
+        };
+        self.call(&self.retriever, &what, filter, true, |e| {
+            let r = r.clone();
+            async move {
+                let mut c =
+                    RetrieverClient::new(e.channel.clone()).max_decoding_message_size(LIMIT);
+                Ok(c.retrieve(deadline::request(r, deadline)?)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Ingest, each user's documents to the shard that owns the user (upserts are idempotent).
+    pub async fn ingest(
+        &self,
+        documents: Vec<Document>,
+        deadline: Option<Instant>,
+    ) -> Result<IngestResponse, Status> {
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<Document>> = Default::default();
+        for d in documents {
+            by_shard
+                .entry(discovery::shard_of(&d.user_id, self.shards))
+                .or_default()
+                .push(d);
+        }
+        let mut total = IngestResponse::default();
+        for (shard, docs) in by_shard {
+            let filter =
+                move |info: &EndpointInfo| info.shard.is_none() || info.shard == Some(shard);
+            let what = if self.shards > 1 {
+                format!("retriever (shard {shard})")
+            } else {
+                "retriever".into()
+            };
+            let docs = std::sync::Arc::new(docs);
+            // Every replica of the shard stores the batch.
+            let replicas: Vec<_> = self
+                .retriever
+                .snapshot()
+                .into_iter()
+                .filter(|e| self.shards <= 1 || filter(&e.info))
+                .collect();
+            if replicas.is_empty() {
+                return Err(Status::unavailable(format!(
+                    "{what} stage: no endpoint available"
+                )));
+            }
+            let n = docs.len() as u32;
+            for replica in replicas {
+                let url = replica.info.url.clone();
+                let response = self
+                    .call(
+                        &self.retriever,
+                        &what,
+                        |info| info.url == url,
+                        true,
+                        |e| {
+                            let docs = docs.clone();
+                            async move {
+                                let mut c = RetrieverClient::new(e.channel.clone())
+                                    .max_encoding_message_size(LIMIT);
+                                let request = IngestRequest {
+                                    documents: docs.as_ref().clone(),
+                                };
+                                Ok(c.ingest(deadline::request(request, deadline)?)
+                                    .await?
+                                    .into_inner())
+                            }
+                        },
+                    )
+                    .await?;
+                total.total_documents = total.total_documents.max(response.total_documents);
+            }
+            total.ingested += n;
+        }
+        Ok(total)
+    }
+
+    /// Rank.
+    pub async fn rank(
+        &self,
+        r: RankRequest,
+        deadline: Option<Instant>,
+    ) -> Result<RankResponse, Status> {
+        self.call(
+            &self.ranker,
+            "ranker",
+            |_| true,
+            true,
+            |e| {
+                let r = r.clone();
+                async move {
+                    let mut c =
+                        RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
+                    Ok(c.rank(deadline::request(r, deadline)?).await?.into_inner())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Summarize.
+    pub async fn summarize(
+        &self,
+        r: SummarizeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<SummarizeResponse, Status> {
+        self.call(
+            &self.summarizer,
+            "summarizer",
+            |_| true,
+            true,
+            |e| {
+                let r = r.clone();
+                async move {
+                    let mut c =
+                        SummarizerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
+                    Ok(c.summarize(deadline::request(r, deadline)?)
+                        .await?
+                        .into_inner())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Synthesize.
+    pub async fn synthesize(
+        &self,
+        r: SynthesizeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<SynthesizeResponse, Status> {
+        self.call(
+            &self.synthesizer,
+            "synthesizer",
+            |_| true,
+            true,
+            |e| {
+                let r = r.clone();
+                async move {
+                    let mut c =
+                        SynthesizerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
+                    Ok(c.synthesize(deadline::request(r, deadline)?)
+                        .await?
+                        .into_inner())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Unary generation (idempotent: greedy or seeded), retried on another worker.
+    pub async fn generate(
+        &self,
+        r: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<GenerateResponse, Status> {
+        self.call(
+            &self.generator,
+            "generator",
+            |_| true,
+            true,
+            |e| {
+                let r = r.clone();
+                async move {
+                    Ok(GeneratorClient::new(e.channel.clone())
+                        .generate(deadline::request(r, deadline)?)
+                        .await?
+                        .into_inner())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Streaming generation: the stream is opened once (tokens already sent cannot be retried).
+    pub async fn generate_stream(
+        &self,
+        r: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Streaming<GenerateStreamResponse>, Status> {
+        self.call(
+            &self.generator,
+            "generator",
+            |_| true,
+            false,
+            |e| {
+                let r = r.clone();
+                async move {
+                    Ok(GeneratorClient::new(e.channel.clone())
+                        .generate_stream(deadline::request(r, deadline)?)
+                        .await?
+                        .into_inner())
+                }
+            },
+        )
+        .await
+    }
+}

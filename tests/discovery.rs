@@ -1,0 +1,343 @@
+//! Distributed mode against a real etcd and real stage processes: registration and discovery,
+//! requests spread over two generators, a generator killed mid-load loses no unary request and
+//! leaves the endpoint set when its lease expires, and every user's documents live on exactly
+//! one of two retriever shards.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ghostwriter::proto::retriever_client::RetrieverClient;
+use ghostwriter::proto::{Document, GenerationParams, RetrieveRequest, WriteOptions, WriteRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Kill(Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
+    if Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!("SKIPPED: etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+        return None;
+    }
+    let (client, peer) = (port(), port());
+    let url = format!("http://127.0.0.1:{client}");
+    let child = Command::new("etcd")
+        .args(["--data-dir", &dir.join("etcd").display().to_string()])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer}"),
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("default=http://127.0.0.1:{peer}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Some((child, url))
+}
+
+fn stage(
+    etcd: &str,
+    stage: &str,
+    extra_serve: &[String],
+    extra_stage: &[String],
+) -> (Child, String) {
+    let p = port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--etcd",
+            etcd,
+            "--etcd-ttl",
+            "2",
+        ])
+        .args(extra_serve)
+        .arg(stage)
+        .args(extra_stage)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{p}"))
+}
+
+async fn keys(etcd: &str, prefix: &str) -> Vec<String> {
+    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
+    let r = c
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .collect()
+}
+
+async fn wait_keys(etcd: &str, prefix: &str, n: usize, within: Duration) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let k = keys(etcd, prefix).await;
+        if k.len() == n || started.elapsed() > within {
+            return k;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn generated_tokens(metrics: &str) -> u64 {
+    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn write(user: &str, tokens: u32) -> WriteRequest {
+    WriteRequest {
+        user_id: user.into(),
+        start: "This tuner".into(),
+        preset: "rank-doc-bm25".into(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_discovery_sharding_and_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((etcd_child, etcd)) = etcd(dir.path()) else {
+        return;
+    };
+    let mut procs = Kill(vec![etcd_child]);
+    let models = common::model_dir();
+    assert!(models.exists());
+
+    let shard_args = |i: u32| vec!["--shard".to_string(), i.to_string()];
+    let index = |i: u32| {
+        vec![
+            "--index-dir".to_string(),
+            dir.path().join(format!("index{i}")).display().to_string(),
+        ]
+    };
+    let (c, shard0) = stage(&etcd, "retriever", &shard_args(0), &index(0));
+    procs.0.push(c);
+    let (c, shard1) = stage(&etcd, "retriever", &shard_args(1), &index(1));
+    procs.0.push(c);
+    for s in ["ranker", "synthesizer", "summarizer"] {
+        procs.0.push(stage(&etcd, s, &[], &[]).0);
+    }
+    let metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", port())).collect();
+    let (gen_a, _) = stage(
+        &etcd,
+        "generator",
+        &["--metrics-listen".into(), metrics[0].clone()],
+        &[],
+    );
+    let (gen_b, _) = stage(
+        &etcd,
+        "generator",
+        &["--metrics-listen".into(), metrics[1].clone()],
+        &[],
+    );
+    let (orch, url) = stage(
+        &etcd,
+        "orchestrator",
+        &[],
+        &["--retriever-shards".into(), "2".into()],
+    );
+    procs.0.push(gen_b);
+    procs.0.push(orch);
+    let mut gen_a = Some(gen_a);
+
+    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let generators = wait_keys(
+        &etcd,
+        "/ghostwriter/v1/generator/",
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(generators.len(), 2, "{generators:?}");
+    assert_eq!(
+        wait_keys(
+            &etcd,
+            "/ghostwriter/v1/retriever/",
+            2,
+            Duration::from_secs(60)
+        )
+        .await
+        .len(),
+        2
+    );
+    for s in ["ranker", "synthesizer", "summarizer"] {
+        assert_eq!(
+            wait_keys(
+                &etcd,
+                &format!("/ghostwriter/v1/{s}/"),
+                1,
+                Duration::from_secs(60)
+            )
+            .await
+            .len(),
+            1,
+            "{s}"
+        );
+    }
+    // The orchestrator's watch has caught up once a write reaches every stage.
+    let mut client = common::client(&url).await;
+    let users: Vec<String> = (0..16).map(|u| format!("user-{u}")).collect();
+    let docs: Vec<Document> = users
+        .iter()
+        .flat_map(|u| {
+            (0..3).map(move |i| Document {
+                user_id: u.clone(),
+                doc_id: format!("{u}-{i}"),
+                timestamp: i,
+                title: String::new(),
+                text: format!("My tuner number {i} holds pitch on stage."),
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    loop {
+        match client
+            .ingest(ghostwriter::proto::IngestRequest {
+                documents: docs.clone(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                eprintln!("waiting for discovery: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    // Every user's documents live on exactly one shard, and retrieval finds them.
+    let mut per_shard = BTreeMap::new();
+    for u in &users {
+        let mut holders = 0;
+        for (i, shard) in [&shard0, &shard1].iter().enumerate() {
+            let mut r = RetrieverClient::connect(shard.to_string()).await.unwrap();
+            let got = r
+                .retrieve(RetrieveRequest {
+                    user_id: u.clone(),
+                    query: "tuner".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if got.total_history > 0 {
+                holders += 1;
+                assert_eq!(got.total_history, 3);
+                *per_shard.entry(i).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(holders, 1, "{u} lives on {holders} shards");
+        let p = client
+            .write(write(u, 2))
+            .await
+            .unwrap()
+            .into_inner()
+            .provenance
+            .unwrap();
+        assert_eq!(p.history_size, 3, "retrieval for {u} goes to its shard");
+    }
+    assert_eq!(per_shard.len(), 2, "both shards own users: {per_shard:?}");
+
+    // Requests spread over both generators.
+    assert!(
+        generated_tokens(&metrics[0]).await > 0 && generated_tokens(&metrics[1]).await > 0,
+        "both generators served"
+    );
+
+    // Kill one generator in the middle of a load of unary writes: none is lost.
+    let mut load = Vec::new();
+    for i in 0..8 {
+        let mut c = client.clone();
+        let u = users[i % users.len()].clone();
+        load.push(tokio::spawn(async move { c.write(write(&u, 24)).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut a = gen_a.take().unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    for (i, w) in load.into_iter().enumerate() {
+        let r = w
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("write {i} lost: {e:?}"));
+        assert!(r.into_inner().generation.unwrap().generated_tokens > 0);
+    }
+    // The dead endpoint leaves the set when its 2-second lease expires.
+    let started = Instant::now();
+    let left = wait_keys(
+        &etcd,
+        "/ghostwriter/v1/generator/",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    eprintln!("dead generator left etcd after {:?}", started.elapsed());
+    client.write(write(&users[0], 2)).await.unwrap();
+}
