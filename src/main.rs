@@ -257,6 +257,12 @@ struct WriteArgs {
 async fn main() -> anyhow::Result<()> {
     ghostwriter_common::telemetry::init_logging();
     let cli = Cli::parse();
+    let result = run(cli).await;
+    ghostwriter_common::telemetry::shutdown();
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_dir = models::dir_or_default(cli.model_dir);
     match cli.command {
         Command::Models {

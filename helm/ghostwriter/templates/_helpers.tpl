@@ -31,12 +31,36 @@ app.kubernetes.io/component: {{ .stage }}
 http://{{ include "ghostwriter.fullname" .root }}-{{ .stage }}:{{ .root.Values.grpcPort }}
 {{- end -}}
 
+{{/* etcd client URLs: the configured ones or the bundled etcd. */}}
+{{- define "ghostwriter.etcdEndpoints" -}}
+{{- if .Values.discovery.endpoints -}}
+{{- join "," .Values.discovery.endpoints -}}
+{{- else -}}
+http://{{ include "ghostwriter.fullname" . }}-etcd:2379
+{{- end -}}
+{{- end -}}
+
+{{/* Per-pod retriever URLs, shard order (static sharding without discovery). */}}
+{{- define "ghostwriter.retrieverShardUrls" -}}
+{{- $root := . -}}
+{{- $urls := list -}}
+{{- range $i := until (int $root.Values.retriever.replicaCount) -}}
+{{- $urls = append $urls (printf "http://%s-retriever-%d.%s-retriever-headless:%v" (include "ghostwriter.fullname" $root) $i (include "ghostwriter.fullname" $root) $root.Values.grpcPort) -}}
+{{- end -}}
+{{- join "," $urls -}}
+{{- end -}}
+
 {{/* Stage arguments after `serve STAGE --listen ...`. */}}
 {{- define "ghostwriter.stageArgs" -}}
 {{- $root := .root -}}
 {{- $v := index $root.Values .stage -}}
 {{- if eq .stage "orchestrator" }}
+{{- if and (not $root.Values.discovery.enabled) (gt (int $root.Values.retriever.replicaCount) 1) }}
+- --retriever-url={{ include "ghostwriter.retrieverShardUrls" $root }}
+{{- else }}
 - --retriever-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "retriever") }}
+{{- end }}
+- --retriever-shards={{ $root.Values.retriever.replicaCount }}
 - --ranker-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "ranker") }}
 - --summarizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "summarizer") }}
 - --synthesizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "synthesizer") }}
@@ -118,11 +142,32 @@ spec:
         {{- if $root.Values.metrics.enabled }}
         - --metrics-listen=0.0.0.0:{{ $root.Values.metrics.port }}
         {{- end }}
+        {{- if $root.Values.discovery.enabled }}
+        - --etcd={{ include "ghostwriter.etcdEndpoints" $root }}
+        - --etcd-ttl={{ $root.Values.discovery.ttlSeconds }}
+        - --advertise=http://$(POD_IP):{{ $root.Values.grpcPort }}
+        {{- if eq $stage "retriever" }}
+        - --shard=$(POD_INDEX)
+        {{- end }}
+        {{- end }}
         - {{ $stage }}
         {{- include "ghostwriter.stageArgs" . | trim | nindent 8 }}
       envFrom:
         - configMapRef:
             name: {{ include "ghostwriter.fullname" $root }}
+      env:
+        - name: OTEL_SERVICE_NAME
+          value: ghostwriter-{{ $stage }}
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        {{- if eq $stage "retriever" }}
+        - name: POD_INDEX
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        {{- end }}
       ports:
         - name: grpc
           containerPort: {{ $root.Values.grpcPort }}

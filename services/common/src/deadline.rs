@@ -45,7 +45,8 @@ pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, tonic::S
     }
 }
 
-/// Wraps `message` in a request that carries the time left before `deadline`.
+/// Wraps `message` in a request that carries the time left before `deadline` and the current
+/// trace context.
 pub fn request<T>(
     message: T,
     deadline: Option<Instant>,
@@ -54,6 +55,7 @@ pub fn request<T>(
     if let Some(left) = remaining(deadline)? {
         request.set_timeout(left);
     }
+    crate::telemetry::inject(request.metadata_mut());
     Ok(request)
 }
 

@@ -235,36 +235,41 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::parse_grpc_timeout)
             .map(|d| d.saturating_sub((d / 10).min(std::time::Duration::from_millis(5))));
-        Box::pin(async move {
-            let call = inner.call(request);
-            let response = match deadline {
-                None => call.await,
-                Some(d) => match tokio::time::timeout(d, call).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
-                        "{service}: the caller's deadline passed"
-                    ))
-                    .into_http()),
-                },
-            };
-            let code = match &response {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
-                Err(_) => tonic::Code::Unknown,
-            };
-            m.requests
-                .with_label_values(&[&service, &method, &format!("{code:?}")])
-                .inc();
-            m.duration
-                .with_label_values(&[&service, &method])
-                .observe(started.elapsed().as_secs_f64());
-            in_flight.dec();
-            drop(permit);
-            response
-        })
+        let span = crate::telemetry::server_span(request.headers(), &service, &method);
+        let call_span = span.clone();
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let call = tracing::Instrument::instrument(inner.call(request), call_span);
+                let response = match deadline {
+                    None => call.await,
+                    Some(d) => match tokio::time::timeout(d, call).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                            "{service}: the caller's deadline passed"
+                        ))
+                        .into_http()),
+                    },
+                };
+                let code = match &response {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                m.requests
+                    .with_label_values(&[&service, &method, &format!("{code:?}")])
+                    .inc();
+                m.duration
+                    .with_label_values(&[&service, &method])
+                    .observe(started.elapsed().as_secs_f64());
+                in_flight.dec();
+                drop(permit);
+                response
+            },
+            span,
+        ))
     }
 }

@@ -1,0 +1,97 @@
+//! One trace per request: the orchestrator's span and every stage's span (over real gRPC hops,
+//! the W3C trace context in the metadata) share one trace id.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ghostwriter::embedded::Embedded;
+use ghostwriter::proto::{Document, GenerationParams, WriteOptions, WriteRequest};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_every_stage() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    ghostwriter_common::telemetry::init_with_provider(Some(provider.clone()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let embedded = Embedded::start(
+        common::config(dir.path().join("index")),
+        common::model_dir(),
+        listener,
+    )
+    .await
+    .unwrap();
+    let docs: Vec<Document> = (0..3)
+        .map(|i| Document {
+            user_id: "tracer".into(),
+            doc_id: format!("t{i}"),
+            timestamp: i,
+            title: String::new(),
+            text: format!(
+                "The strap number {i} is comfortable on long gigs. It has wide leather ends."
+            ),
+        })
+        .collect();
+    common::ingest(&embedded.url(), &docs).await;
+    exporter.reset();
+
+    let mut client = common::client(&embedded.url()).await;
+    client
+        .write(WriteRequest {
+            user_id: "tracer".into(),
+            start: "This strap".into(),
+            preset: "sum-ctx-ind".into(),
+            options: Some(WriteOptions {
+                generation: Some(GenerationParams {
+                    max_new_tokens: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let mut by_trace: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in &spans {
+        if s.name.starts_with("ghostwriter.v1.") {
+            by_trace
+                .entry(s.span_context.trace_id().to_string())
+                .or_default()
+                .insert(s.name.to_string());
+        }
+    }
+    let write = by_trace
+        .values()
+        .find(|names| names.contains("ghostwriter.v1.Ghostwriter/Write"))
+        .unwrap_or_else(|| panic!("no Write span in {by_trace:?}"));
+    for expected in [
+        "ghostwriter.v1.Retriever/Retrieve",
+        "ghostwriter.v1.Ranker/Rank",
+        "ghostwriter.v1.Summarizer/Summarize",
+        "ghostwriter.v1.Generator/Generate",
+    ] {
+        assert!(
+            write.contains(expected),
+            "{expected} is not in the Write's trace: {write:?} (all: {by_trace:?})"
+        );
+    }
+    // The summarizer's own call to the generator is in the same trace: two Generate spans.
+    let generates = spans
+        .iter()
+        .filter(|s| s.name == "ghostwriter.v1.Generator/Generate")
+        .map(|s| s.span_context.trace_id())
+        .collect::<Vec<_>>();
+    assert_eq!(generates.len(), 2);
+    assert_eq!(generates[0], generates[1]);
+    embedded.shutdown().await;
+}
