@@ -8,11 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::Context;
-use ghostwriter_common::client::wait_until_serving;
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
@@ -22,116 +19,7 @@ use ghostwriter_proto::v1::{
 use serde_json::{Value, json};
 
 use crate::loaders;
-
-/// Stage processes of a local multi-process topology; killed on drop.
-pub struct Processes {
-    children: Vec<(&'static str, Child)>,
-    /// URL of each stage.
-    pub urls: BTreeMap<&'static str, String>,
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-impl Processes {
-    /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
-    /// loopback ports, and waits until each reports SERVING.
-    pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
-        let mut urls = BTreeMap::new();
-        for stage in [
-            "retriever",
-            "ranker",
-            "summarizer",
-            "synthesizer",
-            "generator",
-            "orchestrator",
-        ] {
-            urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
-        }
-        let mut me = Self {
-            children: Vec::new(),
-            urls: urls.clone(),
-        };
-        let listen = |s: &str| urls[s].trim_start_matches("http://").to_string();
-        let stage_args: Vec<(&'static str, Vec<String>)> = vec![
-            (
-                "retriever",
-                vec!["--index-dir".into(), index_dir.display().to_string()],
-            ),
-            ("ranker", vec![]),
-            ("synthesizer", vec![]),
-            ("generator", vec![]),
-            (
-                "summarizer",
-                vec!["--generator-url".into(), urls["generator"].clone()],
-            ),
-            (
-                "orchestrator",
-                vec![
-                    "--retriever-url".into(),
-                    urls["retriever"].clone(),
-                    "--ranker-url".into(),
-                    urls["ranker"].clone(),
-                    "--summarizer-url".into(),
-                    urls["summarizer"].clone(),
-                    "--synthesizer-url".into(),
-                    urls["synthesizer"].clone(),
-                    "--generator-url".into(),
-                    urls["generator"].clone(),
-                ],
-            ),
-        ];
-        for (stage, args) in stage_args {
-            let child = Command::new(exe)
-                .arg("--model-dir")
-                .arg(model_dir)
-                .args(["serve", "--listen", &listen(stage), stage])
-                .args(&args)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting the {stage} process"))?;
-            me.children.push((stage, child));
-        }
-        for (stage, url) in &urls {
-            wait_until_serving(url, "", Duration::from_secs(120))
-                .await
-                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
-        }
-        Ok(me)
-    }
-
-    /// Resident memory of each process, in MB (Linux `/proc`).
-    pub fn rss_mb(&self) -> BTreeMap<&'static str, f64> {
-        self.children
-            .iter()
-            .filter_map(|(stage, child)| {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
-                let kb: f64 = status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                Some((*stage, kb / 1024.0))
-            })
-            .collect()
-    }
-}
+use crate::processes::Processes;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -8,5 +8,6 @@ pub mod eval;
 pub mod loaders;
 pub mod models;
 pub mod output;
+pub mod processes;
 
 pub use ghostwriter_proto::v1 as proto;

@@ -42,6 +42,11 @@ enum Command {
         /// Address of the public Ghostwriter API.
         #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// Run etcd and every stage as its own process instead (the distributed mode on one
+        /// machine; needs Debian's etcd-server). Stage flags other than --index-dir keep their
+        /// defaults there.
+        #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
+        processes: bool,
         #[command(flatten)]
         config: EmbeddedConfig,
         #[command(flatten)]
@@ -277,9 +282,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up {
             listen,
+            processes,
             config,
             process,
         } => {
+            if processes {
+                return up_processes(listen, config, model_dir).await;
+            }
             process.apply(shutdown::Shutdown::never()).await?;
             up(listen, config, model_dir).await
         }
@@ -376,6 +385,36 @@ impl Stage {
 
 /// Runs one stage. With `--etcd`, it registers once SERVING and deregisters on SIGTERM before
 /// draining, so clients stop sending it work first.
+async fn up_processes(
+    listen: SocketAddr,
+    config: EmbeddedConfig,
+    model_dir: PathBuf,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = model_dir.clone();
+    tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+    let work = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let procs = ghostwriter::processes::Processes::start_with_etcd(
+        &exe,
+        &model_dir,
+        work.path(),
+        &config.retriever.index_dir,
+        listen,
+    )
+    .await?;
+    eprintln!(
+        "ghostwriter ready in {:.1}s on http://{listen} (one process per stage, discovery through etcd)",
+        started.elapsed().as_secs_f64()
+    );
+    for (name, url) in &procs.urls {
+        eprintln!("  {name:<12} {url}");
+    }
+    shutdown::os_signal().await;
+    procs.terminate();
+    Ok(())
+}
+
 async fn serve(
     listen: SocketAddr,
     process: ProcessArgs,

@@ -157,10 +157,13 @@ fn tokenizer_from_gguf_matches_the_vocabulary() {
 async fn every_stage_as_its_own_process() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ghostwriter"));
-    let procs =
-        ghostwriter::bench::Processes::start(exe, &common::model_dir(), &dir.path().join("index"))
-            .await
-            .unwrap();
+    let procs = ghostwriter::processes::Processes::start(
+        exe,
+        &common::model_dir(),
+        &dir.path().join("index"),
+    )
+    .await
+    .unwrap();
     let url = procs.urls["orchestrator"].clone();
     let docs: Vec<_> = (0..4)
         .map(|i| ghostwriter::proto::Document {

@@ -122,6 +122,21 @@ struct Plan {
     started: Instant,
 }
 
+/// Share of the time left that the stages before generation may use; the rest is kept for
+/// generation, so a slow retrieval or summary fails fast instead of starving the generator.
+const CONTEXT_SHARE: f64 = 0.5;
+
+impl Plan {
+    /// The deadline of a stage before generation: the caller's deadline split so that at least
+    /// half of the time left remains for the generator.
+    fn context_deadline(&self) -> Option<Instant> {
+        let deadline = self.deadline?;
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        Some(now + left.mul_f64(CONTEXT_SHARE))
+    }
+}
+
 /// The immediate context: title and start joined, cut to `chars` characters.
 pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
     let joined = match (title.trim().is_empty(), start.is_empty()) {
@@ -235,7 +250,7 @@ impl OrchestratorService {
                         current_doc_id: plan.doc_id.clone(),
                         limit: self.config.max_candidates,
                     },
-                    plan.deadline,
+                    plan.context_deadline(),
                 )
                 .await?;
             timed(&mut provenance.latencies, "retriever", t);
@@ -256,7 +271,7 @@ impl OrchestratorService {
                             strategy: plan.preset.ranking.unwrap_or_default() as i32,
                             budget_chars: 0,
                         },
-                        plan.deadline,
+                        plan.context_deadline(),
                     )
                     .await?
                     .entries;
@@ -275,7 +290,7 @@ impl OrchestratorService {
                         query: plan.context.clone(),
                         budget_chars: 0,
                     };
-                    let summary = s.summarize(request, plan.deadline).await?;
+                    let summary = s.summarize(request, plan.context_deadline()).await?;
                     Ok::<_, Status>(Some((summary.summary, t.elapsed())))
                 };
                 let synthesize = async {
@@ -290,7 +305,7 @@ impl OrchestratorService {
                         query: plan.context.clone(),
                         entries: entries.iter().map(|e| e.text.clone()).collect(),
                     };
-                    let words = s.synthesize(request, plan.deadline).await?;
+                    let words = s.synthesize(request, plan.context_deadline()).await?;
                     Ok::<_, Status>(Some((words.words, t.elapsed())))
                 };
                 let (summary, words) = tokio::try_join!(summarize, synthesize)?;

@@ -1,0 +1,232 @@
+//! Local multi-process topologies: every stage its own `ghostwriter serve` process on loopback,
+//! wired by static URLs ([`Processes::start`], used by `bench`) or through a local etcd
+//! ([`Processes::start_with_etcd`], used by `up --processes`), so the distributed mode can be
+//! seen on one machine.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use ghostwriter_common::client::wait_until_serving;
+
+/// Stage processes of a local multi-process topology; killed on drop.
+pub struct Processes {
+    children: Vec<(&'static str, Child)>,
+    /// URL of each stage.
+    pub urls: BTreeMap<&'static str, String>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Processes {
+    /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
+    /// loopback ports, wired by static URLs, and waits until each reports SERVING.
+    pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
+        let mut urls = BTreeMap::new();
+        for stage in [
+            "retriever",
+            "ranker",
+            "summarizer",
+            "synthesizer",
+            "generator",
+            "orchestrator",
+        ] {
+            urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
+        }
+        let mut me = Self {
+            children: Vec::new(),
+            urls: urls.clone(),
+        };
+        let listen = |s: &str| urls[s].trim_start_matches("http://").to_string();
+        let stage_args: Vec<(&'static str, Vec<String>)> = vec![
+            (
+                "retriever",
+                vec!["--index-dir".into(), index_dir.display().to_string()],
+            ),
+            ("ranker", vec![]),
+            ("synthesizer", vec![]),
+            ("generator", vec![]),
+            (
+                "summarizer",
+                vec!["--generator-url".into(), urls["generator"].clone()],
+            ),
+            (
+                "orchestrator",
+                vec![
+                    "--retriever-url".into(),
+                    urls["retriever"].clone(),
+                    "--ranker-url".into(),
+                    urls["ranker"].clone(),
+                    "--summarizer-url".into(),
+                    urls["summarizer"].clone(),
+                    "--synthesizer-url".into(),
+                    urls["synthesizer"].clone(),
+                    "--generator-url".into(),
+                    urls["generator"].clone(),
+                ],
+            ),
+        ];
+        for (stage, args) in stage_args {
+            let child = Command::new(exe)
+                .arg("--model-dir")
+                .arg(model_dir)
+                .args(["serve", "--listen", &listen(stage), stage])
+                .args(&args)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting the {stage} process"))?;
+            me.children.push((stage, child));
+        }
+        for (stage, url) in &urls {
+            wait_until_serving(url, "", Duration::from_secs(120))
+                .await
+                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
+        }
+        Ok(me)
+    }
+
+    /// Resident memory of each process, in MB (Linux `/proc`).
+    pub fn rss_mb(&self) -> BTreeMap<&'static str, f64> {
+        self.children
+            .iter()
+            .filter_map(|(stage, child)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                let kb: f64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                Some((*stage, kb / 1024.0))
+            })
+            .collect()
+    }
+}
+
+impl Processes {
+    /// Starts etcd (Debian's `etcd-server`) on loopback with its data in `work`, then every
+    /// stage as its own process registered in it, and the orchestrator on `public`, which finds
+    /// the stages through etcd.
+    pub async fn start_with_etcd(
+        exe: &Path,
+        model_dir: &Path,
+        work: &Path,
+        index_dir: &Path,
+        public: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{client}");
+        let etcd = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(work.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (install Debian's etcd-server)")?;
+        let mut me = Self {
+            children: vec![("etcd", etcd)],
+            urls: BTreeMap::new(),
+        };
+        // Stages register as soon as they are ready: have etcd listening first.
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", client))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "etcd did not start on port {client}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        me.urls.insert("etcd", etcd_url.clone());
+        for stage in [
+            "retriever",
+            "ranker",
+            "summarizer",
+            "synthesizer",
+            "generator",
+            "orchestrator",
+        ] {
+            let listen = if stage == "orchestrator" {
+                public.to_string()
+            } else {
+                format!("127.0.0.1:{}", free_port()?)
+            };
+            let mut cmd = Command::new(exe);
+            cmd.arg("--model-dir")
+                .arg(model_dir)
+                .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
+            if stage == "retriever" {
+                cmd.arg("--index-dir").arg(index_dir);
+            }
+            let child = cmd
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting the {stage} process"))?;
+            me.children.push((stage, child));
+            me.urls.insert(stage, format!("http://{listen}"));
+        }
+        for (stage, url) in me.urls.clone() {
+            if stage == "etcd" {
+                continue;
+            }
+            wait_until_serving(&url, "", Duration::from_secs(120))
+                .await
+                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
+        }
+        Ok(me)
+    }
+
+    /// Asks every process to stop (SIGTERM: drain and deregister), then waits for them.
+    pub fn terminate(mut self) {
+        for (_, child) in self.children.iter().rev() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
