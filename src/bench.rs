@@ -172,3 +172,213 @@ pub fn metrics(data: &Path, pairs: usize) -> anyhow::Result<Value> {
         json!({"pairs": pairs.len(), "rouge_seconds": rouge_s, "bleu_seconds": bleu_s, "total_seconds": rouge_s + bleu_s, "bleu": bleu, "rouge1": r1}),
     )
 }
+
+fn spawn_stage(
+    exe: &Path,
+    model_dir: &Path,
+    port: u16,
+    serve_args: &[&str],
+    stage: &str,
+    stage_args: &[String],
+) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(exe)
+        .arg("--model-dir")
+        .arg(model_dir)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(serve_args)
+        .arg(stage)
+        .args(stage_args)
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .spawn()?)
+}
+
+fn port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    json!({"n": v.len(), "p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "max": v.last().copied().unwrap_or(0.0)})
+}
+
+/// Measures the distributed-operations targets with real processes on loopback: the
+/// orchestrator's own overhead over five hops, the latency of a RESOURCE_EXHAUSTED refusal, and
+/// what killing a generator costs in-flight unary writes.
+pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<Value> {
+    use ghostwriter_proto::v1::{Document, IngestRequest, WriteOptions, WriteRequest};
+    let work = tempfile::tempdir()?;
+    let demo: Vec<Document> = (0..6)
+        .map(|i| Document {
+            user_id: "bench".into(),
+            doc_id: format!("b{i}"),
+            timestamp: i,
+            title: format!("Review {i}"),
+            text: format!(
+                "The capo number {i} holds the strings down evenly and never buzzes on stage."
+            ),
+        })
+        .collect();
+    let write = |preset: &str, tokens: u32| WriteRequest {
+        user_id: "bench".into(),
+        start: "This capo".into(),
+        preset: preset.into(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    // 1. Overhead over five hops (retriever, ranker, summarizer ∥ synthesizer, generator).
+    let procs = Processes::start(exe, model_dir, &work.path().join("index")).await?;
+    let mut client = GhostwriterClient::connect(procs.urls["orchestrator"].clone()).await?;
+    client
+        .ingest(IngestRequest {
+            documents: demo.clone(),
+        })
+        .await?;
+    let mut overhead = Vec::new();
+    for _ in 0..writes {
+        let p = client
+            .write(write("syn-ctx-ind", 1))
+            .await?
+            .into_inner()
+            .provenance
+            .unwrap_or_default();
+        overhead.push(ghostwriter_orchestrator::overhead_millis(&p));
+    }
+    drop(procs);
+
+    // 2. Refusals: a generator limited to one request, busy with a long one.
+    let gport = port()?;
+    let mut limited = spawn_stage(
+        exe,
+        model_dir,
+        gport,
+        &["--max-concurrency", "1"],
+        "generator",
+        &[],
+    )?;
+    let gurl = format!("http://127.0.0.1:{gport}");
+    wait_until(&gurl).await?;
+    let mut busy = GeneratorClient::connect(gurl.clone()).await?;
+    let long = tokio::spawn(async move {
+        busy.generate(GenerateRequest {
+            input: Some(Input::Instruction("Write a very long story.".into())),
+            params: Some(GenerationParams {
+                max_new_tokens: 512,
+                ..Default::default()
+            }),
+        })
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut probe = GeneratorClient::connect(gurl).await?;
+    let mut refused = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let r = probe
+            .generate(GenerateRequest {
+                input: Some(Input::Instruction("Hi".into())),
+                params: Some(GenerationParams {
+                    max_new_tokens: 1,
+                    ..Default::default()
+                }),
+            })
+            .await;
+        if matches!(&r, Err(s) if s.code() == tonic::Code::ResourceExhausted) {
+            refused.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let _ = limited.kill();
+    let _ = limited.wait();
+    long.abort();
+
+    // 3. Failover: two generators behind one orchestrator (static endpoints), one killed while
+    // unary writes are in flight.
+    let (a, b, r, o) = (port()?, port()?, port()?, port()?);
+    let mut children = vec![
+        spawn_stage(exe, model_dir, a, &[], "generator", &[])?,
+        spawn_stage(exe, model_dir, b, &[], "generator", &[])?,
+        spawn_stage(
+            exe,
+            model_dir,
+            r,
+            &[],
+            "retriever",
+            &[
+                "--index-dir".into(),
+                work.path().join("fo").display().to_string(),
+            ],
+        )?,
+    ];
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    children.push(spawn_stage(
+        exe,
+        model_dir,
+        o,
+        &[],
+        "orchestrator",
+        &[
+            "--generator-url".into(),
+            format!("{},{}", url(a), url(b)),
+            "--retriever-url".into(),
+            url(r),
+        ],
+    )?);
+    for p in [a, b, r, o] {
+        wait_until(&url(p)).await?;
+    }
+    let mut client = GhostwriterClient::connect(url(o)).await?;
+    client.ingest(IngestRequest { documents: demo }).await?;
+    let mut normal = Vec::new();
+    for _ in 0..6 {
+        let t = Instant::now();
+        client.write(write("immediate-context", 24)).await?;
+        normal.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut load = Vec::new();
+    for _ in 0..6 {
+        let mut c = client.clone();
+        let w = write("immediate-context", 24);
+        load.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.write(w).await;
+            (r.is_ok(), t.elapsed().as_secs_f64() * 1e3)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let _ = children[0].kill();
+    let mut during = Vec::new();
+    let mut lost = 0;
+    for l in load {
+        let (ok, ms) = l.await?;
+        if ok { during.push(ms) } else { lost += 1 }
+    }
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(json!({
+        "orchestrator_overhead_ms_five_hops": summary(overhead),
+        "resource_exhausted_ms": summary(refused),
+        "failover": {
+            "normal_write_ms": summary(normal),
+            "writes_in_flight_when_a_generator_was_killed_ms": summary(during),
+            "lost": lost,
+            "note": "6 concurrent unary writes over two generators; one killed 150 ms in; the orchestrator retries on the other",
+        },
+    }))
+}
+
+async fn wait_until(url: &str) -> anyhow::Result<()> {
+    ghostwriter_common::client::wait_until_serving(url, "", std::time::Duration::from_secs(120))
+        .await
+        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
+}

@@ -99,6 +99,13 @@ enum Command {
         #[arg(long, env = "GHOSTWRITER_BENCH_PAIRS", default_value_t = 10_000)]
         pairs: usize,
     },
+    /// Measure the operations targets with real processes: orchestrator overhead over five
+    /// hops, RESOURCE_EXHAUSTED latency, generator failover; writes JSON.
+    BenchOps {
+        /// Writes for the overhead measurement.
+        #[arg(long, env = "GHOSTWRITER_BENCH_WRITES", default_value_t = 200)]
+        writes: usize,
+    },
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench {
@@ -337,6 +344,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report =
                 tokio::task::spawn_blocking(move || ghostwriter::bench::metrics(&data, pairs))
                     .await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::BenchOps { writes } => {
+            let dir = model_dir.clone();
+            tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+            let exe = std::env::current_exe()?;
+            let report = ghostwriter::bench::ops(&exe, &model_dir, writes).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
