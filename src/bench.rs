@@ -162,7 +162,7 @@ pub fn metrics(data: &Path, pairs: usize) -> anyhow::Result<Value> {
     anyhow::ensure!(!list.is_empty(), "no pairs in {}", data.display());
     let pairs: Vec<(String, String)> = list.iter().cycle().take(pairs).cloned().collect();
     let started = Instant::now();
-    let rouge: Vec<metrics::Rouge> = pairs.iter().map(|(p, t)| metrics::rouge(t, p)).collect();
+    let rouge: Vec<metrics::Rouge> = metrics::par_map(&pairs, |(p, t)| metrics::rouge(t, p));
     let rouge_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let bleu = metrics::corpus_bleu(pairs.iter().map(|(p, t)| (p.as_str(), t.as_str())));

@@ -1,6 +1,6 @@
 //! Operations: a stage past its concurrency limit answers RESOURCE_EXHAUSTED at once (health
-//! still answers), a short deadline ends in DEADLINE_EXCEEDED and stops generation downstream,
-//! and every process exposes Prometheus metrics.
+//! still answers), a short deadline ends in DEADLINE_EXCEEDED and stops generation downstream, a
+//! caller that drops its stream cancels decoding, and every process exposes Prometheus metrics.
 
 #![allow(clippy::unwrap_used)]
 
@@ -108,6 +108,22 @@ async fn limits_deadlines_and_metrics() {
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "the abandoned job kept decoding: {:?}",
+        t.elapsed()
+    );
+
+    // A caller that goes away mid-stream cancels the decoding.
+    let mut stream = c.generate_stream(request(1000)).await.unwrap().into_inner();
+    use tokio_stream::StreamExt;
+    for _ in 0..2 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    let t = Instant::now();
+    let after = c.generate(request(3)).await.unwrap().into_inner();
+    assert_eq!(after.generated_tokens, 3);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the cancelled stream kept decoding: {:?}",
         t.elapsed()
     );
 

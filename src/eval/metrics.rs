@@ -22,6 +22,42 @@ pub struct Rouge {
     pub rl: f64,
 }
 
+thread_local! {
+    /// Stems already computed on this thread: most tokens of a corpus repeat.
+    static STEMS: std::cell::RefCell<HashMap<String, String>> = std::cell::RefCell::new(HashMap::new());
+}
+
+fn stem_cached(token: &str) -> String {
+    STEMS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(s) = cache.get(token) {
+            return s.clone();
+        }
+        let s = porter::stem(token);
+        if cache.len() < 1_000_000 {
+            cache.insert(token.to_string(), s.clone());
+        }
+        s
+    })
+}
+
+/// Maps the tokens of two texts to small integers, so n-grams and the LCS compare numbers.
+fn intern<'a>(a: &'a [String], b: &'a [String]) -> (Vec<u32>, Vec<u32>) {
+    let mut ids: HashMap<&'a str, u32> = HashMap::with_capacity(a.len() + b.len());
+    let mut map = |tokens: &'a [String]| -> Vec<u32> {
+        tokens
+            .iter()
+            .map(|t| {
+                let n = ids.len() as u32;
+                *ids.entry(t.as_str()).or_insert(n)
+            })
+            .collect()
+    };
+    let x = map(a);
+    let y = map(b);
+    (x, y)
+}
+
 /// rouge-score's tokenizer with stemming.
 pub fn rouge_tokens(text: &str) -> Vec<String> {
     let lower = text.to_lowercase();
@@ -40,7 +76,7 @@ pub fn rouge_tokens(text: &str) -> Vec<String> {
         .filter(|t| !t.is_empty())
         .map(|t| {
             if t.len() > 3 {
-                porter::stem(t)
+                stem_cached(t)
             } else {
                 t.to_string()
             }
@@ -61,7 +97,7 @@ fn fmeasure(p: f64, r: f64) -> f64 {
     }
 }
 
-fn ngrams(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
+fn ngrams(tokens: &[u32], n: usize) -> HashMap<&[u32], usize> {
     let mut counts = HashMap::new();
     if tokens.len() >= n {
         for w in tokens.windows(n) {
@@ -71,7 +107,7 @@ fn ngrams(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
     counts
 }
 
-fn rouge_n(target: &[String], prediction: &[String], n: usize) -> f64 {
+fn rouge_n(target: &[u32], prediction: &[u32], n: usize) -> f64 {
     let t = ngrams(target, n);
     let p = ngrams(prediction, n);
     let overlap: usize = t
@@ -86,7 +122,7 @@ fn rouge_n(target: &[String], prediction: &[String], n: usize) -> f64 {
     )
 }
 
-fn lcs(a: &[String], b: &[String]) -> usize {
+fn lcs(a: &[u32], b: &[u32]) -> usize {
     let mut prev = vec![0usize; b.len() + 1];
     let mut cur = vec![0usize; b.len() + 1];
     for x in a {
@@ -104,8 +140,8 @@ fn lcs(a: &[String], b: &[String]) -> usize {
 
 /// ROUGE-1/2/L F of `prediction` against `target`.
 pub fn rouge(target: &str, prediction: &str) -> Rouge {
-    let t = rouge_tokens(target);
-    let p = rouge_tokens(prediction);
+    let (target_tokens, prediction_tokens) = (rouge_tokens(target), rouge_tokens(prediction));
+    let (t, p) = intern(&target_tokens, &prediction_tokens);
     let rl = if t.is_empty() || p.is_empty() {
         0.0
     } else {
@@ -229,6 +265,7 @@ impl BleuStats {
         let r = tokenize_13a(reference.trim_end());
         let h: Vec<String> = python_split(&h).into_iter().map(String::from).collect();
         let r: Vec<String> = python_split(&r).into_iter().map(String::from).collect();
+        let (h, r) = intern(&h, &r);
         let mut s = Self {
             hyp_len: h.len(),
             ref_len: r.len(),
@@ -287,11 +324,30 @@ impl BleuStats {
     }
 }
 
+/// Maps `f` over `items` on every core, keeping the order.
+pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(16);
+    let chunk = items.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| scope.spawn(|| c.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 /// Corpus BLEU of hypotheses against their references, in percent.
 pub fn corpus_bleu<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> f64 {
+    let pairs: Vec<(&str, &str)> = pairs.into_iter().collect();
     let mut total = BleuStats::default();
-    for (hyp, reference) in pairs {
-        total.add(&BleuStats::new(hyp, reference));
+    for stats in par_map(&pairs, |(hyp, reference)| BleuStats::new(hyp, reference)) {
+        total.add(&stats);
     }
     total.bleu()
 }

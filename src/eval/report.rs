@@ -103,9 +103,11 @@ pub fn summarize(
 ) -> Summary {
     let started = std::time::Instant::now();
     let rouge_of = |rs: &[Record]| -> HashMap<String, Rouge> {
-        rs.iter()
-            .map(|r| (r.doc_id.clone(), metrics::rouge(&r.target, &r.prediction)))
-            .collect()
+        metrics::par_map(rs, |r| {
+            (r.doc_id.clone(), metrics::rouge(&r.target, &r.prediction))
+        })
+        .into_iter()
+        .collect()
     };
     let scored: BTreeMap<&String, HashMap<String, Rouge>> =
         records.iter().map(|(p, rs)| (p, rouge_of(rs))).collect();
