@@ -124,9 +124,9 @@ fn bleu_and_rouge_match_sacrebleu_and_rouge_score() {
             sums[1][k] += b;
         }
     }
-    for k in 0..3 {
-        let n = pairs.len() as f64;
-        assert!((100.0 * (sums[0][k] - sums[1][k]) / n).abs() < 0.01);
+    let n = pairs.len() as f64;
+    for (ours, theirs) in sums[0].iter().zip(&sums[1]) {
+        assert!((100.0 * (ours - theirs) / n).abs() < 0.01);
     }
     eprintln!(
         "{} pairs: BLEU {ours_bleu:.4} (sacrebleu {ref_bleu:.4}); mean R-1 {:.4}",

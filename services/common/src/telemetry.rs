@@ -74,16 +74,14 @@ pub fn init_with_provider(provider: Option<SdkTracerProvider>) {
             .with_tracer(p.tracer("ghostwriter"))
             .with_filter(LevelFilter::INFO)
     });
-    if tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .try_init()
-        .is_ok()
-    {
-        if let Some(p) = provider {
-            opentelemetry::global::set_tracer_provider(p.clone());
-            let _ = PROVIDER.set(p);
-        }
+        .is_ok();
+    if let Some(p) = provider.filter(|_| installed) {
+        opentelemetry::global::set_tracer_provider(p.clone());
+        let _ = PROVIDER.set(p);
     }
 }
 
