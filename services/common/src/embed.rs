@@ -232,3 +232,32 @@ impl EmbedderArgs {
         Ok(CachedEmbedder::new(embedder, self.cache_entries))
     }
 }
+
+/// An embedder that a stage loads in the background after it starts serving health checks.
+#[derive(Clone, Default)]
+pub struct LazyEmbedder(Arc<tokio::sync::OnceCell<Arc<CachedEmbedder>>>);
+
+impl LazyEmbedder {
+    /// The embedder, or UNAVAILABLE naming `stage` while it is still loading.
+    pub fn ready(&self, stage: &str) -> Result<Arc<CachedEmbedder>, tonic::Status> {
+        self.0.get().cloned().ok_or_else(|| {
+            tonic::Status::unavailable(format!("the {stage} is still loading its embedding model"))
+        })
+    }
+
+    /// Loads the embedder `args` name (on a blocking thread) and makes it ready.
+    pub async fn load(
+        self,
+        args: EmbedderArgs,
+        model_dir: std::path::PathBuf,
+    ) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || args.load(&model_dir)).await??;
+        let _ = self.0.set(Arc::new(loaded));
+        tracing::info!(
+            millis = started.elapsed().as_millis() as u64,
+            "embedding model loaded"
+        );
+        Ok(())
+    }
+}

@@ -5,16 +5,15 @@
 pub mod rank;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::ranker_server::{Ranker, RankerServer};
 use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrategy};
 use tokio::net::TcpListener;
-use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
+use ghostwriter_common::embed::LazyEmbedder;
 pub use ghostwriter_common::embed::{self as embedder, CachedEmbedder as DenseRanker, Embedder};
 pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 
@@ -29,7 +28,7 @@ pub struct RankerConfig {
 /// The gRPC adapter.
 #[derive(Clone)]
 pub struct RankerService {
-    dense: Arc<OnceCell<Arc<DenseRanker>>>,
+    dense: LazyEmbedder,
 }
 
 impl RankerService {
@@ -38,9 +37,7 @@ impl RankerService {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let dense = self.dense.get().cloned().ok_or_else(|| {
-            Status::unavailable("the ranker is still loading its embedding model")
-        })?;
+        let dense = self.dense.ready("ranker")?;
         let query = query.to_string();
         tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -129,19 +126,8 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Ranker").await;
-    let cell: Arc<OnceCell<Arc<DenseRanker>>> = Arc::default();
-    let loading_cell = cell.clone();
-    let loader = async move {
-        let started = std::time::Instant::now();
-        let dense = tokio::task::spawn_blocking(move || config.embedder.load(&model_dir)).await??;
-        let _ = loading_cell.set(Arc::new(dense));
-        tracing::info!(
-            stage = "ranker",
-            millis = started.elapsed().as_millis() as u64,
-            "embedding model loaded"
-        );
-        anyhow::Ok(())
-    };
+    let cell = LazyEmbedder::default();
+    let loader = cell.clone().load(config.embedder, model_dir);
     let routes = routes.add_service(
         RankerServer::new(RankerService { dense: cell }).max_decoding_message_size(256 << 20),
     );

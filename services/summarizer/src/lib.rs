@@ -10,10 +10,9 @@
 //!   budget. The LLM variant (`SUMMARY_MODE_CONTEXT_LLM`) asks the LLM for the same thing.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
-use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs};
+use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{client, deadline};
@@ -25,7 +24,6 @@ use ghostwriter_proto::v1::{
     SummaryMode,
 };
 use tokio::net::TcpListener;
-use tokio::sync::OnceCell;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -126,7 +124,7 @@ pub struct SummarizerService {
     generator: GeneratorClient<Channel>,
     default_tokens: u32,
     default_chars: u32,
-    embedder: Arc<OnceCell<Arc<CachedEmbedder>>>,
+    embedder: LazyEmbedder,
 }
 
 #[tonic::async_trait]
@@ -156,9 +154,7 @@ impl Summarizer for SummarizerService {
             ));
         }
         if mode == SummaryMode::Context {
-            let embedder = self.embedder.get().cloned().ok_or_else(|| {
-                Status::unavailable("the summarizer is still loading its embedding model")
-            })?;
+            let embedder = self.embedder.ready("summarizer")?;
             let budget = if r.budget_chars == 0 {
                 self.default_chars
             } else {
@@ -211,19 +207,14 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer").await;
     let generator = GeneratorClient::new(client::channel(&config.generator_url)?);
-    let cell: Arc<OnceCell<Arc<CachedEmbedder>>> = Arc::default();
+    let cell = LazyEmbedder::default();
     let service = SummarizerService {
         generator,
         default_tokens: config.max_new_tokens,
         default_chars: config.summary_chars,
         embedder: cell.clone(),
     };
-    let embedder = config.embedder.clone();
-    let loader = async move {
-        let loaded = tokio::task::spawn_blocking(move || embedder.load(&model_dir)).await??;
-        let _ = cell.set(Arc::new(loaded));
-        anyhow::Ok(())
-    };
+    let loader = cell.clone().load(config.embedder.clone(), model_dir);
     let routes =
         routes.add_service(SummarizerServer::new(service).max_decoding_message_size(64 << 20));
     server.serve_after(routes, listener, shutdown, loader).await

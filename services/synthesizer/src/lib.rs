@@ -5,15 +5,13 @@ pub mod synth;
 pub mod text;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs};
+use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
 use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
 use tokio::net::TcpListener;
-use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
 /// Most words a request may ask for.
@@ -57,7 +55,7 @@ pub fn close_words(
 /// The gRPC adapter over [`synth`].
 #[derive(Clone)]
 pub struct SynthesizerService {
-    embedder: Arc<OnceCell<Arc<CachedEmbedder>>>,
+    embedder: LazyEmbedder,
     threshold: f32,
 }
 
@@ -81,9 +79,7 @@ impl Synthesizer for SynthesizerService {
         let mode = SynthesisMode::try_from(r.mode)
             .map_err(|_| Status::invalid_argument(format!("unknown synthesis mode {}", r.mode)))?;
         let embedder = match mode {
-            SynthesisMode::Context => Some(self.embedder.get().cloned().ok_or_else(|| {
-                Status::unavailable("the synthesizer is still loading its embedding model")
-            })?),
+            SynthesisMode::Context => Some(self.embedder.ready("synthesizer")?),
             _ => None,
         };
         let threshold = self.threshold;
@@ -124,17 +120,12 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Synthesizer").await;
-    let cell: Arc<OnceCell<Arc<CachedEmbedder>>> = Arc::default();
+    let cell = LazyEmbedder::default();
     let service = SynthesizerService {
         embedder: cell.clone(),
         threshold: config.word_similarity,
     };
-    let embedder = config.embedder.clone();
-    let loader = async move {
-        let loaded = tokio::task::spawn_blocking(move || embedder.load(&model_dir)).await??;
-        let _ = cell.set(Arc::new(loaded));
-        anyhow::Ok(())
-    };
+    let loader = cell.clone().load(config.embedder.clone(), model_dir);
     let routes =
         routes.add_service(SynthesizerServer::new(service).max_decoding_message_size(256 << 20));
     server.serve_after(routes, listener, shutdown, loader).await
