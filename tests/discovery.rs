@@ -1,7 +1,7 @@
 //! Distributed mode against a real etcd and real stage processes: registration and discovery,
 //! requests spread over two generators, a generator killed mid-load loses no unary request and
-//! leaves the endpoint set when its lease expires, and every user's documents live on exactly
-//! one of two retriever shards.
+//! leaves the endpoint set when its lease expires, every user's documents live on exactly one of
+//! two retriever shards, and writes go on when etcd itself goes away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -340,4 +340,19 @@ async fn etcd_discovery_sharding_and_failover() {
     assert_eq!(left.len(), 1, "{left:?}");
     eprintln!("dead generator left etcd after {:?}", started.elapsed());
     client.write(write(&users[0], 2)).await.unwrap();
+
+    // etcd goes away: the orchestrator keeps serving on the last known endpoints.
+    let etcd_child = &mut procs.0[0];
+    etcd_child.kill().unwrap();
+    etcd_child.wait().unwrap();
+    for u in users.iter().take(3) {
+        let p = client
+            .write(write(u, 2))
+            .await
+            .unwrap()
+            .into_inner()
+            .provenance
+            .unwrap();
+        assert_eq!(p.history_size, 3);
+    }
 }
