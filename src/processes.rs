@@ -122,6 +122,35 @@ impl Processes {
     }
 }
 
+/// Starts a single-member etcd (Debian's `etcd-server`) on free loopback ports with its data in
+/// `data_dir`; returns the process, its client URL and client port.
+pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
+    let (client, peer) = (free_port()?, free_port()?);
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting etcd (install Debian's etcd-server)")?;
+    Ok((child, url, client))
+}
+
 impl Processes {
     /// Starts etcd (Debian's `etcd-server`) on loopback with its data in `work`, then every
     /// stage as its own process registered in it, and the orchestrator on `public`, which finds
@@ -133,30 +162,7 @@ impl Processes {
         index_dir: &Path,
         public: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
-        let etcd_url = format!("http://127.0.0.1:{client}");
-        let etcd = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(work.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &etcd_url,
-                "--advertise-client-urls",
-                &etcd_url,
-            ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("default=http://127.0.0.1:{peer}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting etcd (install Debian's etcd-server)")?;
+        let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"))?;
         let mut me = Self {
             children: vec![("etcd", etcd)],
             urls: BTreeMap::new(),

@@ -44,29 +44,7 @@ fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
         eprintln!("SKIPPED: etcd is not installed (Debian: etcd-server; .ci/run installs it)");
         return None;
     }
-    let (client, peer) = (port(), port());
-    let url = format!("http://127.0.0.1:{client}");
-    let child = Command::new("etcd")
-        .args(["--data-dir", &dir.join("etcd").display().to_string()])
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("default=http://127.0.0.1:{peer}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (child, url, _) = ghostwriter::processes::spawn_etcd(&dir.join("etcd")).unwrap();
     Some((child, url))
 }
 
