@@ -49,7 +49,7 @@ pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
             }
         }
     }
-    let mut words: Vec<Word> = frequency
+    let words: Vec<Word> = frequency
         .into_iter()
         .filter(|(_, f)| *f > 1)
         .map(|(word, f)| {
@@ -62,6 +62,12 @@ pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
         })
         .filter(|w| w.idf >= MIN_IDF)
         .collect();
+    ranked(words, max_words)
+}
+
+/// The paper's order: most frequent (or most often picked) first, then highest IDF; at most
+/// `max_words`.
+fn ranked(mut words: Vec<Word>, max_words: usize) -> Vec<Word> {
     words.sort_by(|a, b| {
         b.frequency
             .cmp(&a.frequency)
@@ -132,7 +138,7 @@ pub fn context_words(
             *picked.entry(w).or_default() += 1;
         }
     }
-    let mut words: Vec<Word> = picked
+    let words: Vec<Word> = picked
         .into_iter()
         .map(|(w, f)| Word {
             word: w.clone(),
@@ -140,14 +146,7 @@ pub fn context_words(
             idf: idf(w),
         })
         .collect();
-    words.sort_by(|a, b| {
-        b.frequency
-            .cmp(&a.frequency)
-            .then(b.idf.total_cmp(&a.idf))
-            .then(a.word.cmp(&b.word))
-    });
-    words.truncate(max_words);
-    Ok(words)
+    Ok(ranked(words, max_words))
 }
 
 #[cfg(test)]
