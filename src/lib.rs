@@ -3,6 +3,8 @@
 //! the embedded one-process topology, document loaders and the client side of the API.
 
 pub mod bench;
+pub mod bench_generator;
+pub mod bench_job;
 pub mod embedded;
 pub mod eval;
 pub mod loaders;

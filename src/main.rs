@@ -99,6 +99,13 @@ enum Command {
         #[arg(long, env = "GHOSTWRITER_BENCH_PAIRS", default_value_t = 10_000)]
         pairs: usize,
     },
+    /// Benchmark the generator engine alone (prompt tokens/s, single and concurrent decode,
+    /// first-token latency, prefix-cache hits, peak memory), optionally beside llama.cpp on the
+    /// same GGUF and threads; writes JSON.
+    BenchGenerator(ghostwriter::bench_generator::BenchGeneratorArgs),
+    /// The whole job (embedded pipeline over gRPC) against the Python peer on the same
+    /// targets, sequentially and with several writes in flight; writes JSON.
+    BenchJob(ghostwriter::bench_job::BenchJobArgs),
     /// Measure the operations targets with real processes: orchestrator overhead over five
     /// hops, RESOURCE_EXHAUSTED latency, generator failover; writes JSON.
     BenchOps {
@@ -345,6 +352,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || ghostwriter::bench::metrics(&data, pairs))
                     .await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::BenchGenerator(args) => {
+            let dir = model_dir.clone();
+            tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+            let report = ghostwriter::bench_generator::run(&args, &model_dir).await?;
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&args.out, &text)?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::BenchJob(args) => {
+            let dir = model_dir.clone();
+            tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
+            let out = args.out.clone();
+            let report = ghostwriter::bench_job::run(args, model_dir).await?;
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&out, &text)?;
+            println!("{text}");
             Ok(())
         }
         Command::BenchOps { writes } => {

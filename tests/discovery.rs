@@ -41,8 +41,7 @@ fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
         .status()
         .is_err()
     {
-        eprintln!("SKIPPED: etcd is not installed (Debian: etcd-server; .ci/run installs it)");
-        return None;
+        return common::missing("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
     }
     let (child, url, _) = ghostwriter::processes::spawn_etcd(&dir.join("etcd")).unwrap();
     Some((child, url))

@@ -11,19 +11,35 @@ use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::{Document, IngestRequest};
 use tonic::transport::Channel;
 
-/// `../shared/data/amazon-musical-instruments/docs.jsonl`, or `None` (with a message) when
-/// the shared data is absent.
+/// Whether a test may skip when its data or service is missing (`GHOSTWRITER_ALLOW_SKIP=1`).
+/// CI never sets it: there a missing prerequisite fails the test.
+pub fn allow_skip() -> bool {
+    std::env::var("GHOSTWRITER_ALLOW_SKIP").is_ok_and(|v| v == "1")
+}
+
+/// Fails the test for a missing prerequisite, or skips it (returns `None`) when
+/// `GHOSTWRITER_ALLOW_SKIP=1`.
+pub fn missing<T>(what: &str) -> Option<T> {
+    assert!(
+        allow_skip(),
+        "{what} (set GHOSTWRITER_ALLOW_SKIP=1 to skip instead of failing)"
+    );
+    eprintln!("SKIPPED: {what}");
+    None
+}
+
+/// `../shared/data/amazon-musical-instruments/docs.jsonl`; a missing file fails the test
+/// unless `GHOSTWRITER_ALLOW_SKIP=1` (then `None`).
 pub fn amazon_docs() -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../shared/data/amazon-musical-instruments/docs.jsonl");
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "SKIPPED: {} is absent (tests on real data need ../shared)",
+        missing(&format!(
+            "{} is absent (tests on real data need ../shared)",
             path.display()
-        );
-        None
+        ))
     }
 }
 

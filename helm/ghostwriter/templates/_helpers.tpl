@@ -83,6 +83,9 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 - --device={{ $v.device }}
 - --max-new-tokens={{ $v.maxNewTokens }}
 - --queue-capacity={{ $v.queueCapacity }}
+- --max-running={{ $v.maxRunning }}
+- --max-batch-tokens={{ $v.maxBatchTokens }}
+- --kv-cache-mb={{ $v.kvCacheMb }}
 {{- if $v.model }}
 - --model={{ $v.model }}
 {{- end }}

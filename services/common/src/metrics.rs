@@ -25,8 +25,20 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// RPCs refused with RESOURCE_EXHAUSTED because the service was at its concurrency limit.
     pub rejected: IntCounterVec,
-    /// Generator: jobs queued or running.
+    /// Generator: jobs waiting for admission to the running batch.
     pub generator_queue_depth: IntGauge,
+    /// Generator: sequences in the running batch.
+    pub generator_running: IntGauge,
+    /// Generator: submission to admission.
+    pub generator_queue_wait: Histogram,
+    /// Generator: submission to first generated token.
+    pub generator_time_to_first_token: Histogram,
+    /// Generator: tokens per forward pass (decode tokens plus prefill chunks).
+    pub generator_batch_tokens: Histogram,
+    /// Generator: prompt tokens admitted.
+    pub generator_prompt_tokens: IntCounter,
+    /// Generator: prompt tokens whose keys and values came from the prefix cache.
+    pub generator_prefix_cache_hit_tokens: IntCounter,
     /// Generator: tokens generated.
     pub generated_tokens: IntCounter,
     /// Generator: decode rate of finished jobs, tokens per second.
@@ -56,7 +68,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 "ghostwriter_rpc_duration_seconds",
                 "RPC latency until the response headers",
             )
-            .buckets(latency),
+            .buckets(latency.clone()),
             &["service", "method"],
         )?,
         in_flight: IntGaugeVec::new(
@@ -72,7 +84,40 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         generator_queue_depth: IntGauge::new(
             "ghostwriter_generator_queue_depth",
-            "Generation jobs queued or running",
+            "Generation jobs waiting for admission to the running batch",
+        )?,
+        generator_running: IntGauge::new(
+            "ghostwriter_generator_running",
+            "Sequences in the generator's running batch",
+        )?,
+        generator_queue_wait: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_queue_wait_seconds",
+                "Time from submission to admission into the running batch",
+            )
+            .buckets(latency.clone()),
+        )?,
+        generator_time_to_first_token: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_time_to_first_token_seconds",
+                "Time from submission to the first generated token",
+            )
+            .buckets(latency.clone()),
+        )?,
+        generator_batch_tokens: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_batch_tokens",
+                "Tokens per forward pass (decode tokens plus prefill chunks)",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0]),
+        )?,
+        generator_prompt_tokens: IntCounter::new(
+            "ghostwriter_generator_prompt_tokens_total",
+            "Prompt tokens admitted",
+        )?,
+        generator_prefix_cache_hit_tokens: IntCounter::new(
+            "ghostwriter_generator_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache",
         )?,
         generated_tokens: IntCounter::new(
             "ghostwriter_generated_tokens_total",
@@ -109,6 +154,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.generator_queue_depth.clone()))?;
     m.registry.register(Box::new(m.generated_tokens.clone()))?;
+    m.registry.register(Box::new(m.generator_running.clone()))?;
+    m.registry.register(Box::new(m.generator_queue_wait.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_time_to_first_token.clone()))?;
+    m.registry.register(Box::new(m.generator_batch_tokens.clone()))?;
+    m.registry.register(Box::new(m.generator_prompt_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_prefix_cache_hit_tokens.clone()))?;
     m.registry
         .register(Box::new(m.decode_tokens_per_second.clone()))?;
     m.registry.register(Box::new(m.index_documents.clone()))?;

@@ -177,6 +177,46 @@ struct Guard<S> {
 
 type Body = tonic::body::Body;
 
+/// What an RPC holds while it runs: its concurrency permit and its in-flight count. Held by the
+/// response body, so a streaming RPC holds both until its stream ends (or the caller drops it),
+/// not just until its headers go out.
+struct Held {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    in_flight: prometheus::IntGauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+/// A response body that releases its RPC's [`Held`] resources when dropped.
+struct HeldBody {
+    inner: Body,
+    _held: Held,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S> tower_service::Service<http::Request<Body>> for Guard<S>
 where
     S: tower_service::Service<http::Request<Body>, Response = http::Response<Body>>
@@ -265,9 +305,11 @@ where
                 m.duration
                     .with_label_values(&[&service, &method])
                     .observe(started.elapsed().as_secs_f64());
-                in_flight.dec();
-                drop(permit);
-                response
+                let held = Held {
+                    _permit: permit,
+                    in_flight,
+                };
+                response.map(|r| r.map(|inner| Body::new(HeldBody { inner, _held: held })))
             },
             span,
         ))

@@ -1,16 +1,35 @@
-//! The inference engine: one dedicated thread owns the model and runs jobs from a bounded
-//! queue, so decoding never blocks the async runtime; a full queue is refused at once.
-//! Each job streams its text back through a channel; a job whose receiver is gone (the caller
-//! cancelled) or whose deadline passed stops decoding at the next token.
+//! The inference engine: continuous batching over a paged key/value cache with prefix reuse.
+//!
+//! Callers render and tokenize their prompt on their own thread ([`Engine::submit`]) and queue
+//! the job; past `queue_capacity` waiting jobs a submission is refused at once. One engine
+//! thread owns the model. Each iteration it:
+//! 1. drops waiting and running jobs whose caller went away or whose deadline passed (their
+//!    cache blocks are freed at once);
+//! 2. admits waiting jobs in arrival order while fewer than `max_running` run and the cache
+//!    has room for the prompt and the most tokens the job may generate; a job first takes the
+//!    cached blocks of the longest prefix of its prompt computed before (by any request);
+//! 3. runs one forward pass holding one token of every decoding sequence plus chunks of the
+//!    prompts still being prefilled, within `max_batch_tokens`;
+//! 4. samples each sequence's next token with its own settings and seed, streams its text,
+//!    and finishes it on an end-of-turn token, its token limit or a stop string.
+//!
+//! A sequence's logits do not depend on what else is in the batch or on what came from the
+//! prefix cache (the backends compute each row independently), so greedy text is the same
+//! alone, batched, chunked or cached.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::model::LanguageModel;
+use crate::backend::SeqStep;
+use crate::cache::BlockManager;
+use crate::model::{LanguageModel, Prompter};
 use crate::prompt::{self, Parts};
+use crate::sampler::Sampler;
 
 /// Errors of a job.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,6 +56,13 @@ pub enum EngineError {
 pub enum Input {
     /// Continue a passage with the paper's labelled parts.
     Personalized(Parts),
+    /// An instruction over past passages (the summarizer's).
+    Task {
+        /// Passages, first in the prompt.
+        passages: Vec<String>,
+        /// What to do with them.
+        instruction: String,
+    },
     /// Answer a plain instruction.
     Instruction(String),
 }
@@ -56,6 +82,8 @@ pub struct Params {
     pub stop: Vec<String>,
     /// Penalty on logits of recently generated tokens (1 = none).
     pub repeat_penalty: f32,
+    /// Generate exactly `max_new_tokens` (end-of-turn tokens are not chosen); for benchmarks.
+    pub ignore_eos: bool,
 }
 
 /// Why decoding stopped.
@@ -76,12 +104,18 @@ pub struct Stats {
     pub text: String,
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
     /// Generated tokens.
     pub generated_tokens: usize,
     /// Why it stopped.
     pub finish: Finish,
-    /// Decode rate (prompt excluded).
+    /// Decode rate after the first token.
     pub tokens_per_second: f64,
+    /// Submission to first token, seconds.
+    pub time_to_first_token: f64,
+    /// Submission to admission, seconds.
+    pub queue_wait: f64,
 }
 
 /// Events a job sends back.
@@ -107,122 +141,164 @@ pub struct Job {
     pub deadline: Option<Instant>,
 }
 
-/// Handle to the engine thread.
-#[derive(Clone)]
-pub struct Engine {
-    tx: SyncSender<Job>,
-    capacity: usize,
-    /// Model id.
-    pub model_name: String,
+/// A tokenized job on its way to the engine thread.
+struct Queued {
+    prompt: Vec<u32>,
+    params: Params,
+    events: UnboundedSender<Event>,
+    deadline: Option<Instant>,
+    enqueued: Instant,
 }
 
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Jobs allowed to wait.
+    /// Jobs allowed to wait for admission.
     pub queue_capacity: usize,
     /// System message of the chat template.
     pub system: String,
     /// Tokens of recent context the repeat penalty looks at.
     pub repeat_last_n: usize,
+    /// Sequences decoded together at most.
+    pub max_running: usize,
+    /// Tokens in one forward pass at most (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Reuse the cached keys and values of earlier prompts' prefixes.
+    pub prefix_cache: bool,
+}
+
+/// Handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: Sender<Queued>,
+    waiting: Arc<AtomicUsize>,
+    capacity: usize,
+    prompter: Arc<Prompter>,
+    system: Arc<str>,
+    context: usize,
+    /// Model id.
+    pub model_name: String,
+    /// One line about the backend.
+    pub backend: String,
 }
 
 impl Engine {
-    /// Starts the engine thread, which owns `model`.
-    pub fn start(model: LanguageModel, config: EngineConfig) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
+    /// Starts the engine thread, which owns `model`'s backend.
+    pub fn start(model: LanguageModel, mut config: EngineConfig) -> Self {
+        config.max_running = config.max_running.max(1);
+        config.max_batch_tokens = config.max_batch_tokens.max(config.max_running + 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let prompter = Arc::new(model.prompter);
+        let context = model.backend.context();
+        let backend_line = model.backend.describe();
         let model_name = model.name.clone();
-        let capacity = config.queue_capacity;
+        let capacity = config.queue_capacity.max(1);
+        let system: Arc<str> = config.system.clone().into();
+        let (w, p) = (waiting.clone(), prompter.clone());
+        let backend = model.backend;
         std::thread::Builder::new()
             .name("generator-engine".into())
-            .spawn(move || run(model, config, rx))
+            .spawn(move || Scheduler::new(backend, p, config, w).run(rx))
             .expect("spawning the engine thread");
         Self {
             tx,
+            waiting,
             capacity,
+            prompter,
+            system,
+            context,
             model_name,
+            backend: backend_line,
         }
     }
 
-    /// Queues a job, or refuses it at once when the queue is full.
+    /// Context window in tokens.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Tokenizes the job's prompt and queues it, or refuses it at once when the queue is full
+    /// or the prompt cannot fit.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        let queue = &ghostwriter_common::metrics::metrics().generator_queue_depth;
-        queue.inc();
-        self.tx.try_send(job).map_err(|e| {
-            queue.dec();
-            match e {
-                TrySendError::Full(_) => EngineError::Overloaded(self.capacity),
-                TrySendError::Disconnected(_) => EngineError::Stopped,
-            }
-        })
+        let prompt = fit_prompt(
+            &self.prompter,
+            &self.system,
+            self.context,
+            &job.input,
+            job.params.max_new_tokens,
+        )?;
+        let m = ghostwriter_common::metrics::metrics();
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded(self.capacity));
+        }
+        m.generator_queue_depth.inc();
+        self.tx
+            .send(Queued {
+                prompt,
+                params: job.params,
+                events: job.events,
+                deadline: job.deadline,
+                enqueued: Instant::now(),
+            })
+            .map_err(|_| {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                m.generator_queue_depth.dec();
+                EngineError::Stopped
+            })
+    }
+
+    /// Token ids of a prompt as the engine would run it (for tests and tools).
+    pub fn tokenize(&self, input: &Input, max_new_tokens: usize) -> Result<Vec<u32>, EngineError> {
+        fit_prompt(&self.prompter, &self.system, self.context, input, max_new_tokens)
     }
 }
 
-fn run(mut model: LanguageModel, config: EngineConfig, rx: Receiver<Job>) {
-    let m = ghostwriter_common::metrics::metrics();
-    while let Ok(job) = rx.recv() {
-        if job.events.is_closed() {
-            m.generator_queue_depth.dec();
-            continue;
-        }
-        let events = job.events.clone();
-        let result = generate(&mut model, &config, job);
-        m.generator_queue_depth.dec();
-        match result {
-            Ok(Some(stats)) => {
-                m.generated_tokens.inc_by(stats.generated_tokens as u64);
-                m.decode_tokens_per_second.observe(stats.tokens_per_second);
-                let _ = events.send(Event::Done(stats));
-            }
-            Ok(None) => tracing::debug!("job cancelled by its caller"),
-            Err(e) => {
-                let _ = events.send(Event::Failed(e));
-            }
-        }
-    }
-}
-
-/// Renders the prompt and fits it to the context window: past passages are dropped from the
-/// lowest-ranked up until prompt and completion fit.
+/// Renders and tokenizes the prompt and fits it to the context window: past passages are
+/// dropped from the lowest-ranked up until prompt and completion fit.
 fn fit_prompt(
-    model: &LanguageModel,
-    config: &EngineConfig,
+    prompter: &Prompter,
+    system: &str,
+    context: usize,
     input: &Input,
     max_new: usize,
 ) -> Result<Vec<u32>, EngineError> {
     let inference = |e: anyhow::Error| EngineError::Inference(e.to_string());
-    let budget = model.context_length.saturating_sub(max_new);
-    match input {
-        Input::Instruction(text) => {
-            let ids = model
-                .encode(&prompt::instruction(&config.system, text).text)
-                .map_err(inference)?;
-            if ids.len() > budget {
-                return Err(EngineError::InvalidArgument(format!(
-                    "the instruction is {} tokens; with max_new_tokens {max_new} the context window of {} is exceeded",
-                    ids.len(),
-                    model.context_length
-                )));
-            }
-            Ok(ids)
+    let budget = context.saturating_sub(max_new);
+    let too_long = |n: usize, what: &str| {
+        EngineError::InvalidArgument(format!(
+            "the {what} is {n} tokens; with max_new_tokens {max_new} the context window of {context} is exceeded"
+        ))
+    };
+    let mut passages: Vec<String> = match input {
+        Input::Personalized(p) => p.past_passages.clone(),
+        Input::Task { passages, .. } => passages.clone(),
+        Input::Instruction(_) => Vec::new(),
+    };
+    loop {
+        let rendered = match input {
+            Input::Personalized(parts) => prompt::personalized(
+                system,
+                &Parts {
+                    past_passages: passages.clone(),
+                    ..parts.clone()
+                },
+            ),
+            Input::Task { instruction, .. } => prompt::task(system, &passages, instruction),
+            Input::Instruction(text) => prompt::instruction(system, text),
+        };
+        let ids = prompter.encode(&rendered).map_err(inference)?;
+        if ids.len() <= budget {
+            return Ok(ids);
         }
-        Input::Personalized(parts) => {
-            let mut parts = parts.clone();
-            loop {
-                let ids = model
-                    .encode(&prompt::personalized(&config.system, &parts).text)
-                    .map_err(inference)?;
-                if ids.len() <= budget {
-                    return Ok(ids);
-                }
-                if parts.past_passages.pop().is_none() {
-                    return Err(EngineError::InvalidArgument(format!(
-                        "the prompt is {} tokens even without past passages; with max_new_tokens {max_new} the context window of {} is exceeded",
-                        ids.len(),
-                        model.context_length
-                    )));
-                }
-            }
+        if passages.pop().is_none() {
+            let what = if matches!(input, Input::Instruction(_)) {
+                "instruction"
+            } else {
+                "prompt even without past passages"
+            };
+            return Err(too_long(ids.len(), what));
         }
     }
 }
@@ -252,91 +328,354 @@ pub fn held_back(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-fn generate(
-    model: &mut LanguageModel,
-    config: &EngineConfig,
-    job: Job,
-) -> Result<Option<Stats>, EngineError> {
-    let inference = |e: anyhow::Error| EngineError::Inference(e.to_string());
-    let p = &job.params;
-    let prompt_ids = fit_prompt(model, config, &job.input, p.max_new_tokens)?;
-    let sampling = if p.temperature <= 0.0 {
-        Sampling::ArgMax
-    } else if p.top_p > 0.0 && p.top_p < 1.0 {
-        Sampling::TopP {
-            p: p.top_p,
-            temperature: p.temperature,
+/// A running sequence.
+struct Seq {
+    events: UnboundedSender<Event>,
+    params: Params,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    /// Prompt, then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cached: usize,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    /// Full blocks registered in the prefix cache, and the last one's hash.
+    registered: usize,
+    parent_hash: u64,
+    sampler: Sampler,
+    text: String,
+    sent: usize,
+    /// Incremental detokenization offsets into the generated tokens.
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Seq {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+}
+
+struct Scheduler {
+    backend: Box<dyn crate::backend::Backend>,
+    prompter: Arc<Prompter>,
+    config: EngineConfig,
+    waiting_count: Arc<AtomicUsize>,
+    blocks: BlockManager,
+    waiting: VecDeque<Queued>,
+    running: Vec<Seq>,
+}
+
+impl Scheduler {
+    fn new(
+        backend: Box<dyn crate::backend::Backend>,
+        prompter: Arc<Prompter>,
+        config: EngineConfig,
+        waiting_count: Arc<AtomicUsize>,
+    ) -> Self {
+        let blocks = BlockManager::new(
+            backend.cache_blocks(),
+            backend.block_size(),
+            config.prefix_cache,
+        );
+        Self {
+            backend,
+            prompter,
+            config,
+            waiting_count,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
         }
-    } else {
-        Sampling::All {
-            temperature: p.temperature,
+    }
+
+    fn dequeued(&self) {
+        self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+        ghostwriter_common::metrics::metrics()
+            .generator_queue_depth
+            .dec();
+    }
+
+    fn run(mut self, rx: Receiver<Queued>) {
+        let m = ghostwriter_common::metrics::metrics();
+        loop {
+            if self.waiting.is_empty() && self.running.is_empty() {
+                match rx.recv() {
+                    Ok(q) => self.waiting.push_back(q),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(q) = rx.try_recv() {
+                self.waiting.push_back(q);
+            }
+            self.drop_abandoned();
+            self.admit();
+            m.generator_running.set(self.running.len() as i64);
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "forward pass failed");
+                let err = EngineError::Inference(e.to_string());
+                for seq in std::mem::take(&mut self.running) {
+                    let _ = seq.events.send(Event::Failed(err.clone()));
+                    self.blocks.release(&seq.blocks);
+                }
+            }
+            m.generator_running.set(self.running.len() as i64);
         }
-    };
-    let mut sampler = LogitsProcessor::from_sampling(p.seed, sampling);
-    let mut logits = model.forward(&prompt_ids, 0).map_err(inference)?;
-    let decode_start = Instant::now();
-    let mut generated: Vec<u32> = Vec::new();
-    let mut text = String::new();
-    let mut sent = 0usize;
-    let mut finish = Finish::Length;
-    while generated.len() < p.max_new_tokens {
-        if job.events.is_closed() {
-            return Ok(None);
+    }
+
+    /// Drops waiting and running jobs whose caller went away or whose deadline passed.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let mut keep = VecDeque::with_capacity(self.waiting.len());
+        while let Some(q) = self.waiting.pop_front() {
+            if q.events.is_closed() {
+                self.dequeued();
+            } else if q.deadline.is_some_and(|d| now >= d) {
+                let _ = q
+                    .events
+                    .send(Event::Failed(EngineError::DeadlineExceeded(0)));
+                self.dequeued();
+            } else {
+                keep.push_back(q);
+            }
         }
-        if job.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(EngineError::DeadlineExceeded(generated.len() as u32));
+        self.waiting = keep;
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            let closed = s.events.is_closed();
+            let expired = s.deadline.is_some_and(|d| now >= d);
+            if closed || expired {
+                let s = self.running.remove(i);
+                if expired && !closed {
+                    let n = s.generated().len() as u32;
+                    let _ = s.events.send(Event::Failed(EngineError::DeadlineExceeded(n)));
+                } else {
+                    tracing::debug!("job cancelled by its caller");
+                }
+                self.blocks.release(&s.blocks);
+            } else {
+                i += 1;
+            }
         }
-        if p.repeat_penalty != 1.0 && !generated.is_empty() {
-            let start = generated.len().saturating_sub(config.repeat_last_n);
-            logits = candle_transformers::utils::apply_repeat_penalty(
-                &logits,
+    }
+
+    /// Admits waiting jobs in order while there is room.
+    fn admit(&mut self) {
+        let m = ghostwriter_common::metrics::metrics();
+        let bs = self.blocks.block_size();
+        while self.running.len() < self.config.max_running {
+            let Some(q) = self.waiting.front() else {
+                return;
+            };
+            let total = (q.prompt.len() + q.params.max_new_tokens).min(self.backend.context());
+            let need = total.div_ceil(bs);
+            if need > self.blocks.total() {
+                let q = self.waiting.pop_front().expect("front exists");
+                self.dequeued();
+                let _ = q.events.send(Event::Failed(EngineError::InvalidArgument(
+                    "the request needs more cache than the generator has".into(),
+                )));
+                continue;
+            }
+            // Reuse whole cached blocks, leaving at least one prompt token to compute.
+            let (hit, parent) = self.blocks.lookup(&q.prompt, q.prompt.len() - 1);
+            let Some(fresh) = self.blocks.allocate(need - hit.len()) else {
+                self.blocks.release(&hit);
+                return;
+            };
+            let q = self.waiting.pop_front().expect("front exists");
+            self.dequeued();
+            let now = Instant::now();
+            m.generator_queue_wait
+                .observe(now.duration_since(q.enqueued).as_secs_f64());
+            m.generator_prompt_tokens.inc_by(q.prompt.len() as u64);
+            let cached = hit.len() * bs;
+            m.generator_prefix_cache_hit_tokens.inc_by(cached as u64);
+            let p = &q.params;
+            let sampler = Sampler::new(
+                p.temperature,
+                p.top_p,
+                p.seed,
                 p.repeat_penalty,
-                &generated[start..],
-            )
-            .map_err(|e| inference(e.into()))?;
-        }
-        let next = sampler.sample(&logits).map_err(|e| inference(e.into()))?;
-        if model.stop_ids.contains(&next) {
-            finish = Finish::Eos;
-            break;
-        }
-        generated.push(next);
-        let decoded = model.decode(&generated).map_err(inference)?;
-        // A token that ends inside a multi-byte character decodes to U+FFFD: wait for the rest.
-        if !decoded.ends_with('\u{FFFD}') {
-            text = decoded;
-        }
-        if let Some(at) = find_stop(&text, &p.stop) {
-            text.truncate(at);
-            finish = Finish::Stop;
-            break;
-        }
-        let safe = text.len() - held_back(&text, &p.stop);
-        if safe > sent && text.is_char_boundary(safe) {
-            let _ = job.events.send(Event::Text(text[sent..safe].to_string()));
-            sent = safe;
-        }
-        if generated.len() < p.max_new_tokens {
-            logits = model
-                .forward(&[next], prompt_ids.len() + generated.len() - 1)
-                .map_err(inference)?;
+                self.config.repeat_last_n,
+            );
+            let registered = hit.len();
+            let mut blocks = hit;
+            blocks.extend(fresh);
+            self.running.push(Seq {
+                prompt_len: q.prompt.len(),
+                tokens: q.prompt,
+                cached,
+                computed: cached,
+                blocks,
+                registered,
+                parent_hash: parent,
+                sampler,
+                text: String::new(),
+                sent: 0,
+                prefix_offset: 0,
+                read_offset: 0,
+                events: q.events,
+                params: q.params,
+                deadline: q.deadline,
+                enqueued: q.enqueued,
+                admitted: now,
+                first_token: None,
+            });
         }
     }
-    if text.len() > sent {
-        let _ = job.events.send(Event::Text(text[sent..].to_string()));
+
+    /// One forward pass and what follows from it.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let m = ghostwriter_common::metrics::metrics();
+        // (sequence, start, length, wants logits): decoding sequences first, then prompt chunks.
+        let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new();
+        let mut budget = self.config.max_batch_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.tokens.len() - s.computed == 1 {
+                plan.push((i, s.computed, 1, true));
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            let pending = s.tokens.len() - s.computed;
+            if pending > 1 && budget > 0 {
+                let take = pending.min(budget);
+                plan.push((i, s.computed, take, take == pending));
+                budget -= take;
+            }
+        }
+        let steps: Vec<SeqStep<'_>> = plan
+            .iter()
+            .map(|&(i, start, len, logits)| SeqStep {
+                tokens: &self.running[i].tokens[start..start + len],
+                start,
+                blocks: &self.running[i].blocks,
+                logits,
+            })
+            .collect();
+        let batch_tokens: usize = plan.iter().map(|p| p.2).sum();
+        let mut logits = self.backend.forward(&steps)?.into_iter();
+        drop(steps);
+        m.generator_batch_tokens.observe(batch_tokens as f64);
+        let bs = self.blocks.block_size();
+        let mut finished = Vec::new();
+        for &(i, _, len, wants) in &plan {
+            let s = &mut self.running[i];
+            s.computed += len;
+            while self.blocks.enabled() && (s.registered + 1) * bs <= s.computed {
+                let r = s.registered;
+                s.parent_hash =
+                    self.blocks
+                        .register(s.blocks[r], s.parent_hash, &s.tokens[r * bs..(r + 1) * bs]);
+                s.registered += 1;
+            }
+            if !wants {
+                continue;
+            }
+            let Some(mut row) = logits.next() else {
+                anyhow::bail!("the backend returned too few logits");
+            };
+            if let Some(finish) = advance(s, &mut row, &self.prompter, self.backend.context()) {
+                finished.push((i, finish));
+            }
+        }
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, finish) in finished {
+            let s = self.running.remove(i);
+            self.blocks.release(&s.blocks);
+            finish_seq(s, finish);
+        }
+        Ok(())
     }
-    let secs = decode_start.elapsed().as_secs_f64();
-    Ok(Some(Stats {
-        prompt_tokens: prompt_ids.len(),
-        generated_tokens: generated.len(),
+}
+
+/// Samples the next token of `s` from `logits` and streams its text; returns why the sequence
+/// ends, if it does.
+fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize) -> Option<Finish> {
+    let m = ghostwriter_common::metrics::metrics();
+    if s.first_token.is_none() {
+        let now = Instant::now();
+        s.first_token = Some(now);
+        m.generator_time_to_first_token
+            .observe(now.duration_since(s.enqueued).as_secs_f64());
+    }
+    if s.params.ignore_eos {
+        for &id in &prompter.stop_ids {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let next = s.sampler.sample(logits, &s.tokens[s.prompt_len..]);
+    if prompter.stop_ids.contains(&next) {
+        return Some(Finish::Eos);
+    }
+    s.tokens.push(next);
+    m.generated_tokens.inc();
+    // Incremental detokenization: decode a short window, emit what it adds.
+    let generated = &s.tokens[s.prompt_len..];
+    let prefix_text = prompter
+        .decode(&generated[s.prefix_offset..s.read_offset])
+        .unwrap_or_default();
+    let new_text = prompter.decode(&generated[s.prefix_offset..]).unwrap_or_default();
+    if new_text.len() > prefix_text.len()
+        && !new_text.ends_with('\u{FFFD}')
+        && new_text.is_char_boundary(prefix_text.len())
+    {
+        s.text.push_str(&new_text[prefix_text.len()..]);
+        s.prefix_offset = s.read_offset;
+        s.read_offset = generated.len();
+    }
+    if let Some(at) = find_stop(&s.text, &s.params.stop) {
+        s.text.truncate(at);
+        return Some(Finish::Stop);
+    }
+    let safe = s.text.len() - held_back(&s.text, &s.params.stop);
+    if safe > s.sent && s.text.is_char_boundary(safe) {
+        let _ = s.events.send(Event::Text(s.text[s.sent..safe].to_string()));
+        s.sent = safe;
+    }
+    if s.generated().len() >= s.params.max_new_tokens || s.tokens.len() >= context {
+        return Some(Finish::Length);
+    }
+    None
+}
+
+fn finish_seq(s: Seq, finish: Finish) {
+    let m = ghostwriter_common::metrics::metrics();
+    if s.text.len() > s.sent {
+        let _ = s.events.send(Event::Text(s.text[s.sent..].to_string()));
+    }
+    let generated = s.tokens.len() - s.prompt_len;
+    let first = s.first_token.unwrap_or(s.admitted);
+    let secs = first.elapsed().as_secs_f64();
+    let tokens_per_second = if secs > 0.0 && generated > 1 {
+        (generated - 1) as f64 / secs
+    } else {
+        0.0
+    };
+    if tokens_per_second > 0.0 {
+        m.decode_tokens_per_second.observe(tokens_per_second);
+    }
+    let _ = s.events.send(Event::Done(Stats {
+        prompt_tokens: s.prompt_len,
+        cached_tokens: s.cached,
+        generated_tokens: generated,
         finish,
-        tokens_per_second: if secs > 0.0 {
-            generated.len() as f64 / secs
-        } else {
-            0.0
-        },
-        text,
-    }))
+        tokens_per_second,
+        time_to_first_token: first.duration_since(s.enqueued).as_secs_f64(),
+        queue_wait: s.admitted.duration_since(s.enqueued).as_secs_f64(),
+        text: s.text,
+    }));
 }
 
 #[cfg(test)]

@@ -58,6 +58,16 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 /// tokens. (candle's own GGUF helper treats SmolLM2's `smollm` pre-tokenizer as GPT-2's, which
 /// gives different ids than llama.cpp and degrades the output.)
 pub fn tokenizer(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer> {
+    build_tokenizer(metadata, true)
+}
+
+/// The same tokenizer with no special tokens: `<|im_start|>` in a text is plain text. Used for
+/// every caller-supplied piece of a prompt, so no input can open or close a chat turn.
+pub fn tokenizer_plain(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer> {
+    build_tokenizer(metadata, false)
+}
+
+fn build_tokenizer(metadata: &HashMap<String, Value>, specials: bool) -> anyhow::Result<Tokenizer> {
     let model = meta_string(metadata, "tokenizer.ggml.model").unwrap_or_default();
     if model != "gpt2" {
         bail!(
@@ -109,7 +119,7 @@ pub fn tokenizer(metadata: &HashMap<String, Value>) -> anyhow::Result<Tokenizer>
     let types = metadata
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok());
-    if let Some(types) = types {
+    if let Some(types) = types.filter(|_| specials) {
         let specials: Vec<AddedToken> = types
             .iter()
             .zip(&tokens)

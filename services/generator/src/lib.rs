@@ -1,11 +1,17 @@
 //! Generator stage: the GPU-scalable LLM worker. A GGUF instruction model (SmolLM2-135M-Instruct
-//! by default; llama or qwen2 architecture) runs in candle on a dedicated engine thread; the
+//! by default; llama or qwen2 architecture) served with continuous batching over a paged
+//! key/value cache with prefix reuse: the native int8 CPU engine, or candle on CUDA. The
 //! tokenizer is rebuilt from the GGUF metadata. Unary and server-streaming RPCs.
 
+pub mod backend;
+pub mod cache;
 pub mod engine;
 pub mod gguf;
+pub mod gpu;
 pub mod model;
+pub mod native;
 pub mod prompt;
+pub mod sampler;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -26,7 +32,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 pub use engine::{Engine, EngineConfig, EngineError, Event, Finish, Input, Job, Params, Stats};
-pub use model::LanguageModel;
+pub use model::{LanguageModel, LoadOptions};
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
@@ -100,6 +106,60 @@ pub struct GeneratorConfig {
     /// System message of the chat template.
     #[arg(long = "system-prompt", env = "GHOSTWRITER_SYSTEM_PROMPT", default_value = prompt::DEFAULT_SYSTEM)]
     pub system: String,
+    /// CPU compute threads of the native engine (0 = every core).
+    #[arg(long = "threads", env = "GHOSTWRITER_GENERATOR_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Sequences decoded together at most (the running batch).
+    #[arg(long = "max-running", env = "GHOSTWRITER_MAX_RUNNING", default_value_t = 32)]
+    pub max_running: usize,
+    /// Tokens in one forward pass at most: one per decoding sequence plus chunks of the
+    /// prompts being prefilled.
+    #[arg(
+        long = "max-batch-tokens",
+        env = "GHOSTWRITER_MAX_BATCH_TOKENS",
+        default_value_t = 512
+    )]
+    pub max_batch_tokens: usize,
+    /// Memory for the key/value cache (running sequences and the prefix cache), MiB; at least
+    /// one full context is always allocated.
+    #[arg(long = "kv-cache-mb", env = "GHOSTWRITER_KV_CACHE_MB", default_value_t = 256)]
+    pub kv_cache_mb: usize,
+    /// Positions per key/value cache block (the prefix cache's unit of reuse).
+    #[arg(long = "kv-block-size", env = "GHOSTWRITER_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Reuse the keys and values of earlier prompts' common prefixes (`false` to turn off).
+    #[arg(
+        long = "prefix-cache",
+        env = "GHOSTWRITER_PREFIX_CACHE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub prefix_cache: bool,
+}
+
+impl GeneratorConfig {
+    /// The engine settings these flags ask for.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            queue_capacity: self.queue_capacity.max(1),
+            system: self.system.clone(),
+            repeat_last_n: self.repeat_last_n,
+            max_running: self.max_running.max(1),
+            max_batch_tokens: self.max_batch_tokens,
+            prefix_cache: self.prefix_cache,
+        }
+    }
+
+    /// The model loading settings these flags ask for.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device.clone(),
+            max_context: self.max_context,
+            threads: self.threads,
+            block_size: self.block_size.max(1),
+            kv_cache_mb: self.kv_cache_mb,
+        }
+    }
 }
 
 /// The gRPC adapter over the [`Engine`].
@@ -127,6 +187,8 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
         finish_reason: finish_reason(stats.finish) as i32,
         tokens_per_second: stats.tokens_per_second,
         model: model.to_string(),
+        cached_prompt_tokens: stats.cached_tokens as u32,
+        time_to_first_token: stats.time_to_first_token,
     }
 }
 
@@ -158,6 +220,13 @@ impl GeneratorService {
                 })
             }
             Some(ProtoInput::Instruction(i)) if !i.trim().is_empty() => Input::Instruction(i),
+            Some(ProtoInput::Task(t)) if !t.instruction.trim().is_empty() => Input::Task {
+                passages: t.passages,
+                instruction: t.instruction,
+            },
+            Some(ProtoInput::Task(_)) => {
+                return Err(Status::invalid_argument("task.instruction is empty"));
+            }
             Some(ProtoInput::Instruction(_)) => {
                 return Err(Status::invalid_argument("instruction is empty"));
             }
@@ -191,6 +260,7 @@ impl GeneratorService {
             seed: g.seed,
             stop: g.stop,
             repeat_penalty: c.repeat_penalty,
+            ignore_eos: false,
         };
         let engine = self.engine()?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -283,18 +353,11 @@ pub fn load_engine(
         .model
         .clone()
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
-    let device = ghostwriter_common::device::parse(&config.device)?;
-    let model = LanguageModel::load(&path, &device, config.max_context)
+    let model = LanguageModel::load(&path, &config.load_options())
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
-    tracing::info!(stage = "generator", model = %model.name, arch = %model.architecture, context = model.context_length, "model loaded");
-    Ok(Engine::start(
-        model,
-        EngineConfig {
-            queue_capacity: config.queue_capacity.max(1),
-            system: config.system.clone(),
-            repeat_last_n: config.repeat_last_n,
-        },
-    ))
+    let engine = Engine::start(model, config.engine_config());
+    tracing::info!(stage = "generator", model = %engine.model_name, backend = %engine.backend, context = engine.context(), "model loaded");
+    Ok(engine)
 }
 
 /// Serves the generator on `listener` until `shutdown`. The model loads in the background;

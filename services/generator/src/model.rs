@@ -1,87 +1,47 @@
-//! The language model: a GGUF file run by candle's quantized llama or qwen2 implementation,
-//! chosen by the file's `general.architecture`.
+//! The language model: a GGUF file's tokenizer and prompt rendering (the [`Prompter`], used on
+//! the callers' threads) and its batched forward implementation (a [`Backend`], owned by the
+//! engine thread): the native CPU engine, or candle on a CUDA device.
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use anyhow::Context;
 use tokenizers::Tokenizer;
 
+use crate::backend::Backend;
 use crate::gguf;
+use crate::prompt::{Piece, Prompt};
 
-enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen2(quantized_qwen2::ModelWeights),
-}
-
-/// A loaded model with its tokenizer.
-pub struct LanguageModel {
-    weights: Weights,
-    /// The tokenizer rebuilt from the GGUF metadata.
-    pub tokenizer: Tokenizer,
+/// Turns prompts into token ids and token ids into text.
+pub struct Prompter {
+    special: Tokenizer,
+    plain: Tokenizer,
     /// Token ids that end a turn (`<|im_end|>`, `<|endoftext|>`, the EOS id).
     pub stop_ids: Vec<u32>,
-    /// Context window in tokens.
-    pub context_length: usize,
-    /// Architecture name.
-    pub architecture: String,
-    /// Human-readable model id.
-    pub name: String,
-    device: Device,
 }
 
-impl LanguageModel {
-    /// Loads a GGUF model onto `device`. `max_context` caps the context window.
-    pub fn load(path: &Path, device: &Device, max_context: usize) -> anyhow::Result<Self> {
-        let (content, mut reader) = gguf::read_content(path)?;
-        let md = &content.metadata;
-        let architecture = gguf::meta_string(md, "general.architecture").unwrap_or_default();
-        let name = gguf::meta_string(md, "general.name").unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-        let context_length = gguf::meta_u32(md, &format!("{architecture}.context_length"))
-            .map_or(max_context, |c| (c as usize).min(max_context));
-        let tokenizer = gguf::tokenizer(md)?;
-        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t))
-            .collect();
-        if let Some(eos) = gguf::meta_u32(md, "tokenizer.ggml.eos_token_id") {
-            stop_ids.push(eos);
+impl Prompter {
+    /// Token ids of a prompt: template pieces with special tokens recognized, user pieces
+    /// without.
+    pub fn encode(&self, prompt: &Prompt) -> anyhow::Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for piece in &prompt.pieces {
+            let (tok, text) = match piece {
+                Piece::Template(t) => (&self.special, t),
+                Piece::User(t) => (&self.plain, t),
+            };
+            if text.is_empty() {
+                continue;
+            }
+            let enc = tok.encode(text.as_str(), false).map_err(anyhow::Error::msg)?;
+            ids.extend_from_slice(enc.get_ids());
         }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        let weights = match architecture.as_str() {
-            "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(
-                content,
-                &mut reader,
-                device,
-            )?),
-            "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
-                content,
-                &mut reader,
-                device,
-            )?),
-            other => bail!("unsupported model architecture {other:?} (supported: llama, qwen2)"),
-        };
-        Ok(Self {
-            weights,
-            tokenizer,
-            stop_ids,
-            context_length,
-            architecture,
-            name,
-            device: device.clone(),
-        })
+        Ok(ids)
     }
 
-    /// Token ids of `text` (special tokens such as `<|im_start|>` recognized).
-    pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+    /// Token ids of plain text (special tokens not recognized).
+    pub fn encode_text(&self, text: &str) -> anyhow::Result<Vec<u32>> {
         Ok(self
-            .tokenizer
+            .plain
             .encode(text, false)
             .map_err(anyhow::Error::msg)?
             .get_ids()
@@ -90,18 +50,101 @@ impl LanguageModel {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
-        self.tokenizer.decode(ids, true).map_err(anyhow::Error::msg)
+        self.special.decode(ids, true).map_err(anyhow::Error::msg)
     }
+}
 
-    /// Logits of the last position after feeding `ids` at position `pos` (position 0 starts a
-    /// new sequence and discards the KV cache).
-    pub fn forward(&mut self, ids: &[u32], pos: usize) -> anyhow::Result<Tensor> {
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let logits = match &mut self.weights {
-            Weights::Llama(m) => m.forward(&input, pos),
-            Weights::Qwen2(m) => m.forward(&input, pos),
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Largest context window used.
+    pub max_context: usize,
+    /// CPU compute threads (0 = every core).
+    pub threads: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Memory for the key/value cache, in MiB.
+    pub kv_cache_mb: usize,
+}
+
+/// A loaded model.
+pub struct LanguageModel {
+    /// Tokenizer and prompt rendering.
+    pub prompter: Prompter,
+    /// The batched forward implementation.
+    pub backend: Box<dyn Backend>,
+    /// Architecture name.
+    pub architecture: String,
+    /// Human-readable model id.
+    pub name: String,
+}
+
+impl LanguageModel {
+    /// Loads a GGUF model.
+    pub fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let (content, _) = gguf::read_content(path)?;
+        let md = &content.metadata;
+        let architecture = gguf::meta_string(md, "general.architecture").unwrap_or_default();
+        let name = gguf::meta_string(md, "general.name").unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let special = gguf::tokenizer(md)?;
+        let plain = gguf::tokenizer_plain(md)?;
+        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| special.token_to_id(t))
+            .collect();
+        if let Some(eos) = gguf::meta_u32(md, "tokenizer.ggml.eos_token_id") {
+            stop_ids.push(eos);
         }
-        .context("model forward")?;
-        Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let device = ghostwriter_common::device::parse(&opts.device)?;
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        let backend: Box<dyn Backend> = if device.is_cpu() {
+            let probe = crate::native::Config::from_gguf(&content, opts.max_context)?;
+            let blocks = cache_blocks(
+                opts.kv_cache_mb,
+                probe.kv_bytes_per_token(),
+                opts.block_size,
+                probe.context,
+            );
+            Box::new(
+                crate::native::NativeModel::load(
+                    path,
+                    opts.max_context,
+                    threads,
+                    opts.block_size,
+                    blocks,
+                )
+                .context("loading the native CPU model")?,
+            )
+        } else {
+            Box::new(crate::gpu::CandleModel::load(path, &device, opts)?)
+        };
+        Ok(Self {
+            prompter: Prompter {
+                special,
+                plain,
+                stop_ids,
+            },
+            backend,
+            architecture,
+            name,
+        })
     }
+}
+
+/// Blocks that fit `mb` MiB of cache, and at least one full context.
+pub fn cache_blocks(mb: usize, bytes_per_token: usize, block_size: usize, context: usize) -> usize {
+    let fit = (mb << 20) / (bytes_per_token * block_size).max(1);
+    fit.max(context.div_ceil(block_size) + 1)
 }

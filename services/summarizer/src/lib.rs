@@ -20,7 +20,7 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
 use ghostwriter_proto::v1::{
-    GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse,
+    GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse, TaskInput,
     SummaryMode,
 };
 use tokio::net::TcpListener;
@@ -87,11 +87,10 @@ pub fn context_summary(
 }
 
 /// The instruction for the LLM variant of `SumCtx`.
-pub fn context_instruction(query: &str, entries: &[RankedEntry]) -> String {
-    let base = instruction(entries);
+pub fn context_instruction(query: &str) -> String {
     format!(
         "{}\n\nThe person is now writing a new text that starts: \"{query}\". Summarize only what in the passages matters for that new text.",
-        base.trim_end()
+        INSTRUCTION
     )
 }
 
@@ -101,21 +100,24 @@ const MAX_INPUT_CHARS: usize = 2_500;
 const MAX_SUMMARY_TOKENS: u32 = 512;
 
 /// The instruction for `SumCtxInd`.
-pub fn instruction(entries: &[RankedEntry]) -> String {
-    let mut passages = String::new();
+pub const INSTRUCTION: &str = "Summarize the past passages above, all written by the same person, in two or \
+     three sentences: what they write about, what they like or dislike, and how they write.";
+
+/// The entries' texts within the character budget, in rank order. The generator renders them
+/// first in the prompt, exactly as it renders a personalized prompt's past passages, so the
+/// summary and the continuation of one write share their prompt prefix.
+pub fn passages(entries: &[RankedEntry]) -> Vec<String> {
+    let mut out = Vec::new();
     let mut left = MAX_INPUT_CHARS;
-    for (i, e) in entries.iter().enumerate() {
+    for e in entries {
         if left == 0 {
             break;
         }
         let text: String = e.text.chars().take(left).collect();
         left -= text.chars().count();
-        passages.push_str(&format!("Passage {}: {}\n", i + 1, text.trim()));
+        out.push(text);
     }
-    format!(
-        "Summarize the following passages, all written by the same person, in two or three \
-         sentences: what they write about, what they like or dislike, and how they write.\n\n{passages}"
-    )
+    out
 }
 
 /// The gRPC adapter.
@@ -173,13 +175,16 @@ impl Summarizer for SummarizerService {
         } else {
             r.max_new_tokens
         };
-        let text = if mode == SummaryMode::ContextLlm {
-            context_instruction(&r.query, &r.entries)
+        let instruction = if mode == SummaryMode::ContextLlm {
+            context_instruction(&r.query)
         } else {
-            instruction(&r.entries)
+            INSTRUCTION.to_string()
         };
         let generate = GenerateRequest {
-            input: Some(Input::Instruction(text)),
+            input: Some(Input::Task(TaskInput {
+                passages: passages(&r.entries),
+                instruction,
+            })),
             params: Some(GenerationParams {
                 max_new_tokens: tokens,
                 ..Default::default()

@@ -1,0 +1,411 @@
+//! The candle backend, for CUDA devices: the same batched forward pass over a paged key/value
+//! cache as the native CPU engine, written with candle tensors.
+//!
+//! Adapted from candle-transformers' `quantized_llama.rs` and `quantized_qwen2.rs` (tensor
+//! names, RoPE conventions), changed for batching: the step's tokens are packed into one
+//! matrix for every projection, RoPE gathers each token's own position, keys and values are
+//! scattered into cache blocks (`scatter_set`), and attention gathers each sequence's blocks
+//! back (`index_select`): decoding sequences together, padded to the longest with a mask;
+//! each prompt chunk on its own with a causal mask.
+//!
+//! Weights: dense bf16 by default (candle's quantized CUDA matmul has a fast kernel only up to
+//! 8 rows and dequantizes on every call above that), or the GGUF's own quantized blocks with
+//! `--gpu-weights quantized`. On a CPU device (used by tests to check this code against the
+//! native engine) weights and activations are f32.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::backend::{Backend, SeqStep};
+use crate::gguf;
+use crate::model::{LoadOptions, cache_blocks};
+use crate::native::Config;
+
+enum Linear {
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    fn new(q: QTensor, dense: Option<DType>, device: &Device) -> anyhow::Result<Self> {
+        Ok(match dense {
+            Some(dt) => Linear::Dense(q.dequantize(device)?.to_dtype(dt)?),
+            None => Linear::Quant(QMatMul::from_qtensor(q)?),
+        })
+    }
+
+    /// `x[t][k] · Wᵀ`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(w) => x.matmul(&w.t()?),
+            Linear::Quant(q) => {
+                let dt = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dt)
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    bias: Option<(Tensor, Tensor, Tensor)>,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// The model on a candle device, with its paged cache.
+pub struct CandleModel {
+    cfg: Config,
+    device: Device,
+    dtype: DType,
+    embd: Tensor,
+    layers: Vec<Layer>,
+    out_norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    /// Per layer: keys and values, `[blocks·block_size, kv_heads·head_dim]`.
+    k_cache: Vec<Tensor>,
+    v_cache: Vec<Tensor>,
+    block_size: usize,
+    blocks: usize,
+    weights: &'static str,
+}
+
+impl CandleModel {
+    /// Loads a GGUF file onto `device`.
+    pub fn load(path: &Path, device: &Device, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let (content, mut reader) = gguf::read_content(path)?;
+        let cfg = Config::from_gguf(&content, opts.max_context)?;
+        let quantized = std::env::var("GHOSTWRITER_GPU_WEIGHTS").is_ok_and(|v| v == "quantized");
+        let dtype = if device.is_cpu() || quantized {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let dense = (!quantized).then_some(dtype);
+        let mut t = |name: &str| -> anyhow::Result<QTensor> {
+            content
+                .tensor(&mut reader, name, device)
+                .with_context(|| format!("reading {name}"))
+        };
+        let vec = |q: QTensor| -> anyhow::Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dtype)?) };
+        let embd = t("token_embd.weight")?;
+        let lm_head = match t("output.weight") {
+            Ok(q) => Linear::new(q, dense, device)?,
+            Err(_) => Linear::new(t("token_embd.weight")?, dense, device)?,
+        };
+        let embd = embd.dequantize(device)?.to_dtype(dtype)?;
+        let out_norm = vec(t("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("blk.{l}");
+            let bias = if cfg.architecture == "qwen2" {
+                Some((
+                    vec(t(&format!("{p}.attn_q.bias"))?)?,
+                    vec(t(&format!("{p}.attn_k.bias"))?)?,
+                    vec(t(&format!("{p}.attn_v.bias"))?)?,
+                ))
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vec(t(&format!("{p}.attn_norm.weight"))?)?,
+                wq: Linear::new(t(&format!("{p}.attn_q.weight"))?, dense, device)?,
+                wk: Linear::new(t(&format!("{p}.attn_k.weight"))?, dense, device)?,
+                wv: Linear::new(t(&format!("{p}.attn_v.weight"))?, dense, device)?,
+                bias,
+                wo: Linear::new(t(&format!("{p}.attn_output.weight"))?, dense, device)?,
+                ffn_norm: vec(t(&format!("{p}.ffn_norm.weight"))?)?,
+                w_gate: Linear::new(t(&format!("{p}.ffn_gate.weight"))?, dense, device)?,
+                w_up: Linear::new(t(&format!("{p}.ffn_up.weight"))?, dense, device)?,
+                w_down: Linear::new(t(&format!("{p}.ffn_down.weight"))?, dense, device)?,
+            });
+        }
+        let half = cfg.head_dim / 2;
+        let mut cos = vec![0f32; cfg.context * half];
+        let mut sin = vec![0f32; cfg.context * half];
+        for pos in 0..cfg.context {
+            for i in 0..half {
+                let theta = 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32);
+                let a = pos as f32 * theta;
+                cos[pos * half + i] = a.cos();
+                sin[pos * half + i] = a.sin();
+            }
+        }
+        let cos = Tensor::from_vec(cos, (cfg.context, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (cfg.context, half), device)?.to_dtype(dtype)?;
+        let bytes_per_token = cfg.kv_bytes_per_token() * dtype.size_in_bytes() / 2;
+        let blocks = cache_blocks(opts.kv_cache_mb, bytes_per_token, opts.block_size, cfg.context);
+        let row = cfg.kv_heads * cfg.head_dim;
+        let slots = blocks * opts.block_size;
+        let mut k_cache = Vec::with_capacity(cfg.layers);
+        let mut v_cache = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            k_cache.push(Tensor::zeros((slots, row), dtype, device)?);
+            v_cache.push(Tensor::zeros((slots, row), dtype, device)?);
+        }
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            dtype,
+            embd,
+            layers,
+            out_norm,
+            lm_head,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            block_size: opts.block_size,
+            blocks,
+            weights: if quantized { "quantized" } else { "dense" },
+        })
+    }
+
+    fn forward_impl(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.heads, cfg.kv_heads);
+        let bs = self.block_size;
+        let dev = &self.device;
+        let slot = |seq: &SeqStep<'_>, p: usize| (seq.blocks[p / bs] as usize * bs + p % bs) as u32;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for seq in seqs {
+            let end = seq.start + seq.tokens.len();
+            if end > cfg.context || seq.blocks.len() * bs < end {
+                bail!("a sequence does not fit its context or cache blocks");
+            }
+            tokens.extend_from_slice(seq.tokens);
+            for p in seq.start..end {
+                positions.push(p as u32);
+                slots.push(slot(seq, p));
+            }
+        }
+        let t = tokens.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let row = nkv * hd;
+        let ids = Tensor::new(tokens.as_slice(), dev)?;
+        let pos = Tensor::new(positions.as_slice(), dev)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let scatter_idx: Vec<u32> = slots
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, row))
+            .collect();
+        let scatter_idx = Tensor::from_vec(scatter_idx, (t, row), dev)?;
+        // Attention groups: runs of decoding sequences batched, each prompt chunk alone.
+        let groups = attention_groups(seqs, bs);
+        let group_tensors: Vec<GroupTensors> = groups
+            .iter()
+            .map(|g| g.tensors(dev, self.dtype))
+            .collect::<anyhow::Result<_>>()?;
+        let mut x = self.embd.index_select(&ids, 0)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
+            let mut q = layer.wq.forward(&h)?;
+            let mut k = layer.wk.forward(&h)?;
+            let mut v = layer.wv.forward(&h)?;
+            if let Some((bq, bk, bv)) = &layer.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                let x = x.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()?;
+                let x = if cfg.neox {
+                    candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+                } else {
+                    candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+                };
+                x.transpose(1, 2)?.reshape((t, heads * hd))
+            };
+            let q = (rope(&q, nh)? * scale)?;
+            let k = rope(&k, nkv)?.contiguous()?;
+            self.k_cache[l].scatter_set(&scatter_idx, &k, 0)?;
+            self.v_cache[l].scatter_set(&scatter_idx, &v.contiguous()?, 0)?;
+            let mut outs = Vec::with_capacity(groups.len());
+            for (g, gt) in groups.iter().zip(&group_tensors) {
+                outs.push(self.attend(&q, l, g, gt)?);
+            }
+            let att = Tensor::cat(&outs, 0)?;
+            x = (x + layer.wo.forward(&att)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        let mut last = Vec::new();
+        let mut offset = 0u32;
+        for seq in seqs {
+            offset += seq.tokens.len() as u32;
+            if seq.logits && !seq.tokens.is_empty() {
+                last.push(offset - 1);
+            }
+        }
+        if last.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idx = Tensor::new(last.as_slice(), dev)?;
+        let xl = x.index_select(&idx, 0)?;
+        let xl = candle_nn::ops::rms_norm(&xl, &self.out_norm, cfg.eps)?;
+        let logits = self.lm_head.forward(&xl)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    /// Attention of one group's query rows over their sequences' cached keys and values.
+    fn attend(
+        &self,
+        q: &Tensor,
+        layer: usize,
+        g: &Group,
+        gt: &GroupTensors,
+    ) -> anyhow::Result<Tensor> {
+        let (hd, nh, nkv) = (self.cfg.head_dim, self.cfg.heads, self.cfg.kv_heads);
+        let nrep = nh / nkv;
+        let (b, tq, len) = (g.batch, g.queries, g.keys);
+        let q = q
+            .narrow(0, g.row, b * tq)?
+            .reshape((b, tq, nkv, nrep, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .reshape((b, nkv, nrep * tq, hd))?
+            .contiguous()?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache
+                .index_select(&gt.slots, 0)?
+                .reshape((b, len, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let k = gather(&self.k_cache[layer])?;
+        let v = gather(&self.v_cache[layer])?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = scores
+            .reshape((b, nkv, nrep, tq, len))?
+            .broadcast_add(&gt.mask)?
+            .reshape((b, nkv, nrep * tq, len))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?; // (b, nkv, nrep·tq, hd)
+        Ok(out
+            .reshape((b, nkv, nrep, tq, hd))?
+            .permute((0, 3, 1, 2, 4))?
+            .reshape((b * tq, nh * hd))?)
+    }
+}
+
+/// Query rows attended together: `batch` sequences of `queries` rows each, over `keys`
+/// positions (padded), starting at packed row `row`.
+struct Group {
+    row: usize,
+    batch: usize,
+    queries: usize,
+    keys: usize,
+    /// Cache slot of every (sequence, key position), padding pointing at slot 0.
+    slots: Vec<u32>,
+    /// 0 or -inf per (sequence, query, key).
+    mask: Vec<f32>,
+}
+
+struct GroupTensors {
+    slots: Tensor,
+    mask: Tensor,
+}
+
+impl Group {
+    fn tensors(&self, dev: &Device, _dtype: DType) -> anyhow::Result<GroupTensors> {
+        Ok(GroupTensors {
+            slots: Tensor::new(self.slots.as_slice(), dev)?,
+            mask: Tensor::from_vec(
+                self.mask.clone(),
+                (self.batch, 1, 1, self.queries, self.keys),
+                dev,
+            )?,
+        })
+    }
+}
+
+fn attention_groups(seqs: &[SeqStep<'_>], bs: usize) -> Vec<Group> {
+    let slot = |seq: &SeqStep<'_>, p: usize| (seq.blocks[p / bs] as usize * bs + p % bs) as u32;
+    let mut groups = Vec::new();
+    let mut row = 0;
+    let mut i = 0;
+    while i < seqs.len() {
+        let single = seqs[i].tokens.len() == 1;
+        let j = if single {
+            let mut j = i;
+            while j < seqs.len() && seqs[j].tokens.len() == 1 {
+                j += 1;
+            }
+            j
+        } else {
+            i + 1
+        };
+        let members = &seqs[i..j];
+        let queries = members[0].tokens.len();
+        let keys = members
+            .iter()
+            .map(|s| s.start + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let mut slots = Vec::with_capacity(members.len() * keys);
+        let mut mask = Vec::with_capacity(members.len() * queries * keys);
+        for s in members {
+            let end = s.start + s.tokens.len();
+            slots.extend((0..keys).map(|p| if p < end { slot(s, p) } else { 0 }));
+            for qi in 0..queries {
+                let qpos = s.start + qi;
+                mask.extend((0..keys).map(|p| if p <= qpos { 0.0 } else { f32::NEG_INFINITY }));
+            }
+        }
+        groups.push(Group {
+            row,
+            batch: members.len(),
+            queries,
+            keys,
+            slots,
+            mask,
+        });
+        row += members.len() * queries;
+        i = j;
+    }
+    groups
+}
+
+impl Backend for CandleModel {
+    fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.forward_impl(seqs)
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn cache_blocks(&self) -> usize {
+        self.blocks
+    }
+
+    fn context(&self) -> usize {
+        self.cfg.context
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "candle on {:?}, {} {:?} weights, {:?} kv cache ({} blocks of {})",
+            self.device, self.weights, self.dtype, self.dtype, self.blocks, self.block_size
+        )
+    }
+}

@@ -1,0 +1,576 @@
+//! CPU kernels of the native engine: an int8 GEMM over Q8_0 weights repacked for AVX-512 VNNI,
+//! activation quantization, and the f16 key/value dot products of attention.
+//!
+//! The only `unsafe` code of the generator lives here: SIMD intrinsics (selected at run time
+//! with `is_x86_feature_detected!`, with a portable fallback) and the disjoint column writes of
+//! the parallel GEMM.
+//!
+//! Determinism: every output element is computed by the same sequence of operations whatever
+//! the number of rows in the batch or the tile it falls in (integer block dot, one conversion,
+//! one multiply of the two scales, one fused multiply-add per 32-wide block, blocks in order).
+//! So a row's result does not depend on what else is in the batch: batched, chunked and
+//! prefix-cached runs give bit-identical logits.
+#![allow(unsafe_code)]
+
+use half::f16;
+
+/// Rows of the weight matrix packed together (one AVX-512 register of outputs).
+pub const NR: usize = 16;
+/// Quantization block (Q8_0).
+pub const QK: usize = 32;
+
+/// A weight matrix `W[n][k]` in Q8_0 (per 32-wide block: one f16 scale and 32 quants, 34 bytes
+/// as in GGUF), repacked in groups of 16 rows so that one 512-bit load holds 4 quants of each
+/// of 16 rows. Quants are stored offset by 128 (unsigned, VNNI's first operand); the offset's
+/// contribution, 128 × the activation block's sum, is subtracted per activation block.
+pub struct QMatrix {
+    /// Output features (rows of W).
+    pub n: usize,
+    /// Input features (multiple of 32).
+    pub k: usize,
+    groups: usize,
+    /// `[group][kb][quad 0..8][row 0..16][4]`, `w + 128`.
+    qs: Vec<u8>,
+    /// `[group][kb][row]` scales.
+    d: Vec<f16>,
+}
+
+impl QMatrix {
+    /// Builds from Q8_0 blocks: `scales[row][kb]`, `quants[row][k]`.
+    pub fn from_q8(n: usize, k: usize, scales: &[f32], quants: &[i8]) -> Self {
+        assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+        let kbs = k / QK;
+        assert_eq!(scales.len(), n * kbs);
+        assert_eq!(quants.len(), n * k);
+        let groups = n.div_ceil(NR);
+        let mut qs = vec![128u8; groups * kbs * QK * NR];
+        let mut d = vec![f16::ZERO; groups * kbs * NR];
+        for row in 0..n {
+            let (g, r) = (row / NR, row % NR);
+            for kb in 0..kbs {
+                let base = (g * kbs + kb) * QK * NR;
+                for q in 0..QK / 4 {
+                    for b in 0..4 {
+                        let v = quants[row * k + kb * QK + q * 4 + b];
+                        qs[base + q * 4 * NR + r * 4 + b] = (v as i16 + 128) as u8;
+                    }
+                }
+                d[(g * kbs + kb) * NR + r] = f16::from_f32(scales[row * kbs + kb]);
+            }
+        }
+        Self {
+            n,
+            k,
+            groups,
+            qs,
+            d,
+        }
+    }
+
+    /// Quantizes f32 rows `w[n][k]` to Q8_0 and packs them.
+    pub fn from_f32(n: usize, k: usize, w: &[f32]) -> Self {
+        assert_eq!(w.len(), n * k);
+        let kbs = k / QK;
+        let mut scales = vec![0f32; n * kbs];
+        let mut quants = vec![0i8; n * k];
+        for row in 0..n {
+            for kb in 0..kbs {
+                let x = &w[row * k + kb * QK..row * k + (kb + 1) * QK];
+                let (s, q) = quantize_block(x);
+                scales[row * kbs + kb] = s;
+                for (dst, v) in quants[row * k + kb * QK..].iter_mut().zip(q) {
+                    *dst = v;
+                }
+            }
+        }
+        Self::from_q8(n, k, &scales, &quants)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * self.d.len()
+    }
+}
+
+/// Q8_0 quantization of one 32-wide block: scale and quants (round to nearest).
+pub fn quantize_block(x: &[f32]) -> (f32, [i8; QK]) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut q = [0i8; QK];
+    if amax == 0.0 {
+        return (0.0, q);
+    }
+    let d = amax / 127.0;
+    let inv = 1.0 / d;
+    for (dst, v) in q.iter_mut().zip(x) {
+        *dst = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    (d, q)
+}
+
+/// Activations quantized per row and 32-wide block (signed quants, f32 scale), with each
+/// block's `128 × Σ quants` (what the weights' +128 offset adds to a block dot product).
+#[derive(Default)]
+pub struct QActs {
+    m: usize,
+    k: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+impl QActs {
+    /// Quantizes `x[m][k]` (reusing this buffer).
+    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        debug_assert_eq!(x.len(), m * k);
+        let kbs = k / QK;
+        self.m = m;
+        self.k = k;
+        self.q.resize(m * k, 0);
+        self.d.resize(m * kbs, 0.0);
+        self.corr.resize(m * kbs, 0);
+        for ((xs, qs), (d, c)) in x
+            .chunks_exact(QK)
+            .zip(self.q.chunks_exact_mut(QK))
+            .zip(self.d.iter_mut().zip(self.corr.iter_mut()))
+        {
+            let (s, q) = quantize_block(xs);
+            *d = s;
+            qs.copy_from_slice(&q);
+            *c = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the GEMM writes disjoint column ranges of the output from different threads.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Which GEMM kernel this machine runs.
+pub fn kernel_name() -> &'static str {
+    if has_vnni() {
+        "avx512-vnni int8"
+    } else {
+        "portable int8"
+    }
+}
+
+/// `out[m][w.n] = x · Wᵀ`, split over `pool`'s threads by groups of 16 output columns.
+pub fn gemm(pool: &rayon::ThreadPool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
+    assert_eq!(x.k, w.k, "inner dimensions differ");
+    let m = x.m;
+    assert!(out.len() >= m * w.n);
+    if m == 0 {
+        return;
+    }
+    let threads = pool.current_num_threads().max(1);
+    let work = m * w.n * w.k;
+    // Small products run on the calling thread; larger ones in a few chunks per thread.
+    let chunks = if work < 1 << 18 {
+        1
+    } else {
+        (threads * 4).min(w.groups)
+    };
+    let per = w.groups.div_ceil(chunks);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |c: usize| {
+        let g0 = c * per;
+        let g1 = ((c + 1) * per).min(w.groups);
+        let p = ptr;
+        for g in g0..g1 {
+            // SAFETY: group g writes only columns g*16..g*16+16 of every row, within `out`.
+            unsafe { gemm_group(x, w, g, p.0) };
+        }
+    };
+    if chunks == 1 {
+        run(0);
+    } else {
+        pool.install(|| {
+            use rayon::prelude::*;
+            (0..chunks).into_par_iter().for_each(run);
+        });
+    }
+}
+
+/// All rows of `x` against weight group `g`, written to `out` (row stride `w.n`).
+unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
+    let kbs = w.k / QK;
+    let ncols = (w.n - g * NR).min(NR);
+    let wq = unsafe { w.qs.as_ptr().add(g * kbs * QK * NR) };
+    let wd = unsafe { w.d.as_ptr().add(g * kbs * NR) };
+    let mut i = 0;
+    const MR: usize = 4;
+    while i < x.m {
+        let rows = (x.m - i).min(MR);
+        let xq = unsafe { x.q.as_ptr().add(i * w.k) };
+        let xd = unsafe { x.d.as_ptr().add(i * kbs) };
+        let xc = unsafe { x.corr.as_ptr().add(i * kbs) };
+        let o = unsafe { out.add(i * w.n + g * NR) };
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            if has_vnni() {
+                match rows {
+                    4 => tile_vnni::<4>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    3 => tile_vnni::<3>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    2 => tile_vnni::<2>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    _ => tile_vnni::<1>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                }
+                i += rows;
+                continue;
+            }
+            tile_portable(rows, xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols);
+        }
+        i += rows;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_vnni<const MR: usize>(
+    xq: *const i8,
+    k: usize,
+    xd: *const f32,
+    xc: *const i32,
+    kbs: usize,
+    wq: *const u8,
+    wd: *const f16,
+    out: *mut f32,
+    ldo: usize,
+    ncols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); MR];
+    for kb in 0..kbs {
+        let wb = unsafe { wq.add(kb * QK * NR) };
+        let w: [__m512i; 8] =
+            std::array::from_fn(|q| unsafe { _mm512_loadu_si512(wb.add(q * 64) as *const _) });
+        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wd.add(kb * NR) as *const _) });
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xb = unsafe { xq.add(i * k + kb * QK) } as *const i32;
+            let mut s = _mm512_setzero_si512();
+            for (q, wv) in w.iter().enumerate() {
+                let xv = _mm512_set1_epi32(unsafe { xb.add(q).read_unaligned() });
+                s = _mm512_dpbusd_epi32(s, *wv, xv);
+            }
+            let s = _mm512_sub_epi32(s, _mm512_set1_epi32(unsafe { *xc.add(i * kbs + kb) }));
+            let f = _mm512_cvtepi32_ps(s);
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *xd.add(i * kbs + kb) }));
+            *a = _mm512_fmadd_ps(f, scale, *a);
+        }
+    }
+    let mask: __mmask16 = if ncols >= 16 {
+        0xffff
+    } else {
+        ((1u32 << ncols) - 1) as u16
+    };
+    for (i, a) in acc.iter().enumerate() {
+        unsafe { _mm512_mask_storeu_ps(out.add(i * ldo), mask, *a) };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable(
+    rows: usize,
+    xq: *const i8,
+    k: usize,
+    xd: *const f32,
+    xc: *const i32,
+    kbs: usize,
+    wq: *const u8,
+    wd: *const f16,
+    out: *mut f32,
+    ldo: usize,
+    ncols: usize,
+) {
+    for i in 0..rows {
+        let mut acc = [0f32; NR];
+        for kb in 0..kbs {
+            let mut s = [0i32; NR];
+            for q in 0..QK / 4 {
+                for (r, sr) in s.iter_mut().enumerate() {
+                    for b in 0..4 {
+                        let xv = unsafe { *xq.add(i * k + kb * QK + q * 4 + b) } as i32;
+                        let wv = unsafe { *wq.add(kb * QK * NR + q * 4 * NR + r * 4 + b) } as i32;
+                        *sr += xv * wv;
+                    }
+                }
+            }
+            let dx = unsafe { *xd.add(i * kbs + kb) };
+            let c = unsafe { *xc.add(i * kbs + kb) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let f = (s[r] - c) as f32;
+                let scale = unsafe { (*wd.add(kb * NR + r)).to_f32() } * dx;
+                *a = f.mul_add(scale, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate().take(ncols) {
+            unsafe { *out.add(i * ldo + r) = *a };
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]` with `b` in f16 (`a.len() == b.len()`, a multiple of 16).
+#[inline]
+pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && a.len() % 16 == 0 {
+        // SAFETY: lengths checked; the CPU has AVX-512F.
+        return unsafe { dot_f16_avx512(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f16_avx512(a: &[f32], b: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..a.len()).step_by(16) {
+        let av = unsafe { _mm512_loadu_ps(a.as_ptr().add(i)) };
+        let bv = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(b.as_ptr().add(i) as *const _) });
+        acc = _mm512_fmadd_ps(av, bv, acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// `y += a · x` with `x` in f16 (`y.len() == x.len()`, a multiple of 16).
+#[inline]
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    debug_assert_eq!(y.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && y.len() % 16 == 0 {
+        // SAFETY: lengths checked; the CPU has AVX-512F.
+        unsafe { axpy_f16_avx512(y, a, x) };
+        return;
+    }
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = xv.to_f32().mul_add(a, *yv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_f16_avx512(y: &mut [f32], a: f32, x: &[f16]) {
+    use std::arch::x86_64::*;
+    let av = _mm512_set1_ps(a);
+    for i in (0..y.len()).step_by(16) {
+        let yp = unsafe { y.as_mut_ptr().add(i) };
+        let xv = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(x.as_ptr().add(i) as *const _) });
+        unsafe { _mm512_storeu_ps(yp, _mm512_fmadd_ps(xv, av, _mm512_loadu_ps(yp))) };
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has AVX-512F.
+        let sum = unsafe { exp_sub_sum_avx512(x, max) };
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|v| *v *= inv);
+        return;
+    }
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `out = silu(gate) * up`.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has AVX-512F; the three slices have the same length.
+        unsafe { silu_mul_avx512(gate, up, out) };
+        return;
+    }
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// e^x for 16 lanes: 2^(x·log2 e) split into integer and fraction, the fraction by a degree-7
+/// polynomial (relative error below 1e-7 on the reduced range), scaled with `vscalefps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let x = _mm512_min_ps(x, _mm512_set1_ps(88.0));
+    let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+    let n = _mm512_roundscale_ps::<0>(t);
+    let f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(std::f32::consts::LN_2));
+    // e^f, |f| <= ln2/2, Taylor to degree 7.
+    let c = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    let mut p = _mm512_set1_ps(c[0]);
+    for &ci in &c[1..] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sub_sum_avx512(x: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm512_set1_ps(max);
+    let mut acc = _mm512_setzero_ps();
+    let n = x.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let p = unsafe { x.as_mut_ptr().add(i) };
+        let e = exp512(_mm512_sub_ps(unsafe { _mm512_loadu_ps(p) }, m));
+        unsafe { _mm512_storeu_ps(p, e) };
+        acc = _mm512_add_ps(acc, e);
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+        let p = unsafe { x.as_mut_ptr().add(i) };
+        let v = unsafe { _mm512_mask_loadu_ps(m, mask, p) };
+        let e = exp512(_mm512_sub_ps(v, m));
+        let e = _mm512_maskz_mov_ps(mask, e);
+        unsafe { _mm512_mask_storeu_ps(p, mask, e) };
+        acc = _mm512_add_ps(acc, e);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = gate.len().min(up.len()).min(out.len());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i < n {
+        let mask: __mmask16 = if n - i >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (n - i)) - 1) as u16
+        };
+        let g = unsafe { _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(i)) };
+        let u = unsafe { _mm512_maskz_loadu_ps(mask, up.as_ptr().add(i)) };
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, _mm512_mul_ps(s, u)) };
+        i += 16;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &QMatrix, wf: &[f32]) -> Vec<f32> {
+        let _ = w;
+        let mut out = vec![0f32; m * (wf.len() / k)];
+        let n = wf.len() / k;
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] * wf[j * k + t]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gemm_matches_f32_and_is_batch_invariant() {
+        let (n, k) = (40, 96);
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+        let w = QMatrix::from_f32(n, k, &wf);
+        let m = 7;
+        let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut qa = QActs::default();
+        qa.quantize(&x, m, k);
+        let mut out = vec![0f32; m * n];
+        gemm(&pool, &qa, &w, &mut out);
+        let want = reference(&x, m, k, &w, &wf);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 0.05, "{a} vs {b}");
+        }
+        // Each row alone gives bit-identical results.
+        for i in 0..m {
+            let mut one = QActs::default();
+            one.quantize(&x[i * k..(i + 1) * k], 1, k);
+            let mut o = vec![0f32; n];
+            gemm(&pool, &one, &w, &mut o);
+            assert_eq!(&o[..], &out[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn softmax_and_silu_match_scalar() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.7).collect();
+        let want: Vec<f32> = {
+            let m = x.iter().cloned().fold(f32::MIN, f32::max);
+            let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        softmax(&mut x);
+        for (a, b) in x.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let g: Vec<f32> = (0..21).map(|i| (i as f32 - 10.0) * 0.9).collect();
+        let u: Vec<f32> = (0..21).map(|i| i as f32 * 0.1).collect();
+        let mut o = vec![0f32; 21];
+        silu_mul(&g, &u, &mut o);
+        for i in 0..21 {
+            let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+            assert!((o[i] - want).abs() < 1e-5, "{} vs {want}", o[i]);
+        }
+    }
+
+    #[test]
+    fn f16_helpers() {
+        let a: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
+        let b: Vec<f16> = (0..64).map(|i| f16::from_f32(1.0 - i as f32 * 0.01)).collect();
+        let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
+        assert!((dot_f16(&a, &b) - want).abs() < 1e-2);
+        let mut y = a.clone();
+        axpy_f16(&mut y, 2.0, &b);
+        for i in 0..64 {
+            assert!((y[i] - (a[i] + 2.0 * b[i].to_f32())).abs() < 1e-4);
+        }
+    }
+}

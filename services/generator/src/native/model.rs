@@ -1,0 +1,554 @@
+//! The native CPU transformer: llama and qwen2 decoder layers over a paged key/value cache,
+//! run for a whole batch of ragged sequences in one forward pass.
+//!
+//! Written after candle-transformers' `quantized_llama.rs` and `quantized_qwen2.rs` (same GGUF
+//! tensor names and metadata keys, the same RoPE conventions: interleaved pairs for llama,
+//! NEOX halves for qwen2), but with raw buffers instead of tensors so that one pass serves many
+//! sequences: the tokens of every sequence in the step are packed into one matrix for the
+//! projections, each token carries its own position, and attention reads each sequence's own
+//! blocks of the cache.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+use super::kernels::{self, QActs, QMatrix, QK};
+use crate::backend::{Backend, SeqStep};
+use crate::gguf;
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `llama` or `qwen2`.
+    pub architecture: String,
+    /// Model width.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Feed-forward width.
+    pub ff: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// RoPE base.
+    pub rope_base: f32,
+    /// RoPE on halves (qwen2) instead of interleaved pairs (llama).
+    pub neox: bool,
+    /// Context window used.
+    pub context: usize,
+}
+
+impl Config {
+    /// Reads the hyper-parameters of a GGUF file.
+    pub fn from_gguf(content: &Content, max_context: usize) -> anyhow::Result<Self> {
+        let md = &content.metadata;
+        let arch = gguf::meta_string(md, "general.architecture").unwrap_or_default();
+        if arch != "llama" && arch != "qwen2" {
+            bail!("unsupported model architecture {arch:?} (supported: llama, qwen2)");
+        }
+        let get = |key: &str| {
+            gguf::meta_u32(md, &format!("{arch}.{key}"))
+                .map(|v| v as usize)
+                .with_context(|| format!("GGUF metadata lacks {arch}.{key}"))
+        };
+        let hidden = get("embedding_length")?;
+        let heads = get("attention.head_count")?;
+        let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
+        let float = |key: &str| {
+            md.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.to_f32().ok())
+        };
+        let vocab = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .context("GGUF lacks token_embd.weight")?;
+        let context = get("context_length").map_or(max_context, |c| c.min(max_context));
+        Ok(Self {
+            hidden,
+            layers: get("block_count")?,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            ff: get("feed_forward_length")?,
+            vocab,
+            eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_base: float("rope.freq_base").unwrap_or(10_000.0),
+            neox: arch == "qwen2",
+            context,
+            architecture: arch,
+        })
+    }
+
+    /// Bytes of key and value cache per token (f16).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * 2
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// Query, key and value projections stacked (rows q, then k, then v).
+    wqkv: QMatrix,
+    bqkv: Option<Vec<f32>>,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections stacked (rows gate, then up).
+    wgu: QMatrix,
+    wdown: QMatrix,
+}
+
+/// The paged key/value cache: `blocks` blocks of `block_size` positions, per layer, in f16.
+pub struct KvCache {
+    /// Positions per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub blocks: usize,
+    row: usize,
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+impl KvCache {
+    fn new(cfg: &Config, block_size: usize, blocks: usize) -> Self {
+        let row = cfg.kv_heads * cfg.head_dim;
+        let len = cfg.layers * blocks * block_size * row;
+        Self {
+            block_size,
+            blocks,
+            row,
+            k: vec![f16::ZERO; len],
+            v: vec![f16::ZERO; len],
+        }
+    }
+
+    #[inline]
+    fn at(&self, layer: usize, block: u32, off: usize) -> usize {
+        ((layer * self.blocks + block as usize) * self.block_size + off) * self.row
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    out: Vec<f32>,
+    qa: QActs,
+}
+
+/// The model, its cache and its threads.
+pub struct NativeModel {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    pool: rayon::ThreadPool,
+    embd_q: Vec<i8>,
+    embd_d: Vec<f32>,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    lm_head: QMatrix,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// The key/value cache.
+    pub kv: KvCache,
+    scratch: Scratch,
+}
+
+/// A weight as Q8_0 rows: (rows, cols, scales `[rows][cols/32]`, quants `[rows][cols]`).
+struct Q8Rows {
+    n: usize,
+    k: usize,
+    d: Vec<f32>,
+    q: Vec<i8>,
+}
+
+fn q8_rows(t: &QTensor) -> anyhow::Result<Q8Rows> {
+    let (n, k) = t.shape().dims2()?;
+    if k % QK != 0 {
+        bail!("a weight of width {k} is not a multiple of {QK}");
+    }
+    if t.dtype() == GgmlDType::Q8_0 {
+        let data = t.data()?;
+        let blocks = n * k / QK;
+        if data.len() != blocks * 34 {
+            bail!("unexpected Q8_0 data size");
+        }
+        let mut d = Vec::with_capacity(blocks);
+        let mut q = Vec::with_capacity(n * k);
+        for b in data.chunks_exact(34) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            q.extend(b[2..].iter().map(|&v| v as i8));
+        }
+        return Ok(Q8Rows { n, k, d, q });
+    }
+    // Other formats (Q4_K, Q6_K, F16, ...) are dequantized and re-quantized to Q8_0.
+    let f = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let kbs = k / QK;
+    let mut d = vec![0f32; n * kbs];
+    let mut q = vec![0i8; n * k];
+    for (blk, x) in f.chunks_exact(QK).enumerate() {
+        let (s, qs) = kernels::quantize_block(x);
+        d[blk] = s;
+        q[blk * QK..(blk + 1) * QK].copy_from_slice(&qs);
+    }
+    Ok(Q8Rows { n, k, d, q })
+}
+
+fn stack(parts: &[Q8Rows]) -> QMatrix {
+    let k = parts[0].k;
+    let n = parts.iter().map(|p| p.n).sum();
+    let d: Vec<f32> = parts.iter().flat_map(|p| p.d.iter().copied()).collect();
+    let q: Vec<i8> = parts.iter().flat_map(|p| p.q.iter().copied()).collect();
+    QMatrix::from_q8(n, k, &d, &q)
+}
+
+impl NativeModel {
+    /// Loads a GGUF file. `threads` compute threads; a cache of `kv_blocks` blocks of
+    /// `block_size` positions.
+    pub fn load(
+        path: &Path,
+        max_context: usize,
+        threads: usize,
+        block_size: usize,
+        kv_blocks: usize,
+    ) -> anyhow::Result<Self> {
+        let (content, mut reader) = gguf::read_content(path)?;
+        let cfg = Config::from_gguf(&content, max_context)?;
+        let mut tensor = |name: &str| {
+            content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .with_context(|| format!("reading {name}"))
+        };
+        let vector = |t: QTensor| -> anyhow::Result<Vec<f32>> {
+            Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let embd = q8_rows(&tensor("token_embd.weight")?)?;
+        let out_norm = vector(tensor("output_norm.weight")?)?;
+        let lm_head = match tensor("output.weight") {
+            Ok(t) => stack(&[q8_rows(&t)?]),
+            Err(_) => QMatrix::from_q8(embd.n, embd.k, &embd.d, &embd.q),
+        };
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("blk.{l}");
+            let wq = q8_rows(&tensor(&format!("{p}.attn_q.weight"))?)?;
+            let wk = q8_rows(&tensor(&format!("{p}.attn_k.weight"))?)?;
+            let wv = q8_rows(&tensor(&format!("{p}.attn_v.weight"))?)?;
+            let bqkv = if cfg.architecture == "qwen2" {
+                let mut b = vector(tensor(&format!("{p}.attn_q.bias"))?)?;
+                b.extend(vector(tensor(&format!("{p}.attn_k.bias"))?)?);
+                b.extend(vector(tensor(&format!("{p}.attn_v.bias"))?)?);
+                Some(b)
+            } else {
+                None
+            };
+            let gate = q8_rows(&tensor(&format!("{p}.ffn_gate.weight"))?)?;
+            let up = q8_rows(&tensor(&format!("{p}.ffn_up.weight"))?)?;
+            layers.push(Layer {
+                attn_norm: vector(tensor(&format!("{p}.attn_norm.weight"))?)?,
+                wqkv: stack(&[wq, wk, wv]),
+                bqkv,
+                wo: stack(&[q8_rows(&tensor(&format!("{p}.attn_output.weight"))?)?]),
+                ffn_norm: vector(tensor(&format!("{p}.ffn_norm.weight"))?)?,
+                wgu: stack(&[gate, up]),
+                wdown: stack(&[q8_rows(&tensor(&format!("{p}.ffn_down.weight"))?)?]),
+            });
+        }
+        let half = cfg.head_dim / 2;
+        let mut cos = vec![0f32; cfg.context * half];
+        let mut sin = vec![0f32; cfg.context * half];
+        for pos in 0..cfg.context {
+            for i in 0..half {
+                let theta = 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32);
+                let a = pos as f32 * theta;
+                cos[pos * half + i] = a.cos();
+                sin[pos * half + i] = a.sin();
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("generator-compute-{i}"))
+            .build()?;
+        let kv = KvCache::new(&cfg, block_size, kv_blocks);
+        Ok(Self {
+            pool,
+            embd_q: embd.q,
+            embd_d: embd.d,
+            layers,
+            out_norm,
+            lm_head,
+            cos,
+            sin,
+            kv,
+            cfg,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.wgu.bytes() + l.wdown.bytes())
+            .sum();
+        l + self.lm_head.bytes() + self.embd_q.len() + 4 * self.embd_d.len()
+    }
+
+    /// Compute threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// One forward pass over every sequence's tokens; returns the last-token logits of the
+    /// sequences that asked for them, in order.
+    pub fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv, hidden) = (cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.hidden);
+        let bs = self.kv.block_size;
+        // Token bookkeeping: (sequence, position) per packed row.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        for (s, seq) in seqs.iter().enumerate() {
+            let end = seq.start + seq.tokens.len();
+            if end > cfg.context {
+                bail!("position {end} is past the context window of {}", cfg.context);
+            }
+            if seq.blocks.len() * bs < end {
+                bail!("sequence {s} has too few cache blocks for {end} positions");
+            }
+            rows.extend((seq.start..end).map(|p| (s, p)));
+        }
+        let t = rows.len();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        let sc = &mut self.scratch;
+        sc.x.resize(t * hidden, 0.0);
+        let kbs = hidden / QK;
+        for (i, tok) in seqs.iter().flat_map(|s| s.tokens.iter()).enumerate() {
+            let tok = *tok as usize;
+            if tok >= cfg.vocab {
+                bail!("token id {tok} is outside the vocabulary");
+            }
+            let x = &mut sc.x[i * hidden..(i + 1) * hidden];
+            for kb in 0..kbs {
+                let d = self.embd_d[tok * kbs + kb];
+                for j in 0..QK {
+                    x[kb * QK + j] = d * self.embd_q[tok * hidden + kb * QK + j] as f32;
+                }
+            }
+        }
+        let qkv_w = (nh + 2 * nkv) * hd;
+        let nrep = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm(&sc.x, &layer.attn_norm, cfg.eps, hidden, &mut sc.h);
+            sc.qa.quantize(&sc.h, t, hidden);
+            sc.qkv.resize(t * qkv_w, 0.0);
+            kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
+            if let Some(b) = &layer.bqkv {
+                for row in sc.qkv.chunks_exact_mut(qkv_w) {
+                    for (v, bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+            }
+            for (row, &(s, pos)) in sc.qkv.chunks_exact_mut(qkv_w).zip(&rows) {
+                let (q, kvp) = row.split_at_mut(nh * hd);
+                let (k, v) = kvp.split_at_mut(nkv * hd);
+                let half = hd / 2;
+                let (c, sn) = (
+                    &self.cos[pos * half..(pos + 1) * half],
+                    &self.sin[pos * half..(pos + 1) * half],
+                );
+                for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                    rope(head, c, sn, cfg.neox);
+                }
+                for x in q.iter_mut() {
+                    *x *= scale;
+                }
+                let seq = &seqs[s];
+                let at = self.kv.at(l, seq.blocks[pos / bs], pos % bs);
+                for (dst, src) in self.kv.k[at..at + nkv * hd].iter_mut().zip(k.iter()) {
+                    *dst = f16::from_f32(*src);
+                }
+                for (dst, src) in self.kv.v[at..at + nkv * hd].iter_mut().zip(v.iter()) {
+                    *dst = f16::from_f32(*src);
+                }
+            }
+            sc.att.resize(t * nh * hd, 0.0);
+            let kv = &self.kv;
+            let qkv = &sc.qkv;
+            let rows_ref = &rows;
+            let attend = |(idx, out): (usize, &mut [f32])| {
+                let (ti, g) = (idx / nkv, idx % nkv);
+                let (s, pos) = rows_ref[ti];
+                let q = &qkv[ti * qkv_w + g * nrep * hd..ti * qkv_w + (g + 1) * nrep * hd];
+                attend_group(kv, l, seqs[s].blocks, pos + 1, g, hd, nrep, q, out);
+            };
+            let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
+            if work < 1 << 13 {
+                sc.att.chunks_mut(nrep * hd).enumerate().for_each(attend);
+            } else {
+                self.pool.install(|| {
+                    sc.att
+                        .par_chunks_mut(nrep * hd)
+                        .enumerate()
+                        .with_min_len(4)
+                        .for_each(attend)
+                });
+            }
+            sc.qa.quantize(&sc.att, t, nh * hd);
+            sc.out.resize(t * hidden, 0.0);
+            kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
+            for (x, o) in sc.x.iter_mut().zip(&sc.out) {
+                *x += o;
+            }
+            // Feed-forward block.
+            rms_norm(&sc.x, &layer.ffn_norm, cfg.eps, hidden, &mut sc.h);
+            sc.qa.quantize(&sc.h, t, hidden);
+            sc.gu.resize(t * 2 * cfg.ff, 0.0);
+            kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
+            sc.act.resize(t * cfg.ff, 0.0);
+            for (gu, a) in sc.gu.chunks_exact(2 * cfg.ff).zip(sc.act.chunks_exact_mut(cfg.ff)) {
+                let (g, u) = gu.split_at(cfg.ff);
+                kernels::silu_mul(g, u, a);
+            }
+            sc.qa.quantize(&sc.act, t, cfg.ff);
+            kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
+            for (x, o) in sc.x.iter_mut().zip(&sc.out) {
+                *x += o;
+            }
+        }
+        // Logits of the last token of each sequence that wants them.
+        let mut last = Vec::new();
+        let mut offset = 0;
+        for seq in seqs {
+            offset += seq.tokens.len();
+            if seq.logits && !seq.tokens.is_empty() {
+                last.push(offset - 1);
+            }
+        }
+        if last.is_empty() {
+            return Ok(Vec::new());
+        }
+        let picked: Vec<f32> = last
+            .iter()
+            .flat_map(|&r| sc.x[r * hidden..(r + 1) * hidden].iter().copied())
+            .collect();
+        rms_norm(&picked, &self.out_norm, cfg.eps, hidden, &mut sc.h);
+        sc.qa.quantize(&sc.h, last.len(), hidden);
+        let mut logits = vec![0f32; last.len() * cfg.vocab];
+        kernels::gemm(&self.pool, &sc.qa, &self.lm_head, &mut logits);
+        Ok(logits.chunks_exact(cfg.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, width: usize, out: &mut Vec<f32>) {
+    out.resize(x.len(), 0.0);
+    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for ((o, v), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * r * wv;
+        }
+    }
+}
+
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
+    let half = x.len() / 2;
+    if neox {
+        for i in 0..half {
+            let (a, b) = (x[i], x[i + half]);
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + half] = a * sin[i] + b * cos[i];
+        }
+    } else {
+        for i in 0..half {
+            let (a, b) = (x[2 * i], x[2 * i + 1]);
+            x[2 * i] = a * cos[i] - b * sin[i];
+            x[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+    }
+}
+
+/// Attention of the `nrep` query heads of kv group `g` for one token over positions `0..len`
+/// of its sequence. `q` is pre-scaled; `out` gets the heads' outputs side by side.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    kv: &KvCache,
+    layer: usize,
+    blocks: &[u32],
+    len: usize,
+    g: usize,
+    hd: usize,
+    nrep: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let bs = kv.block_size;
+    let mut scores = vec![0f32; nrep * len];
+    for p in 0..len {
+        let at = kv.at(layer, blocks[p / bs], p % bs) + g * hd;
+        let k = &kv.k[at..at + hd];
+        for r in 0..nrep {
+            scores[r * len + p] = kernels::dot_f16(&q[r * hd..(r + 1) * hd], k);
+        }
+    }
+    for r in 0..nrep {
+        kernels::softmax(&mut scores[r * len..(r + 1) * len]);
+    }
+    out.fill(0.0);
+    for p in 0..len {
+        let at = kv.at(layer, blocks[p / bs], p % bs) + g * hd;
+        let v = &kv.v[at..at + hd];
+        for r in 0..nrep {
+            kernels::axpy_f16(&mut out[r * hd..(r + 1) * hd], scores[r * len + p], v);
+        }
+    }
+}
+
+impl Backend for NativeModel {
+    fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        NativeModel::forward(self, seqs)
+    }
+
+    fn block_size(&self) -> usize {
+        self.kv.block_size
+    }
+
+    fn cache_blocks(&self) -> usize {
+        self.kv.blocks
+    }
+
+    fn context(&self) -> usize {
+        self.cfg.context
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "native cpu, {} kernel, {} threads, Q8_0 weights ({} MB), f16 kv cache ({} blocks of {})",
+            kernels::kernel_name(),
+            self.threads(),
+            self.weight_bytes() >> 20,
+            self.kv.blocks,
+            self.kv.block_size
+        )
+    }
+}

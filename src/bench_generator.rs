@@ -1,0 +1,443 @@
+//! `ghostwriter bench-generator`: the generator engine alone, in process, on CPU or CUDA, with
+//! llama.cpp (llama-cpp-python) measured side by side in the same run on the same GGUF and
+//! thread count. Writes JSON.
+//!
+//! Measured:
+//! - prompt tokens/s: one request of `--prompt-tokens` tokens and one new token, repeated,
+//!   prefix cache off (time to first token);
+//! - single-stream decode tokens/s: one request generating `--new-tokens` tokens;
+//! - for each stream count: that many requests submitted at once (distinct prompts of
+//!   `--decode-prompt-tokens`), aggregate generated tokens/s over the wall time, first-token
+//!   p50/p99;
+//! - prefix-cache hit ratio: requests sharing a user's past passages, with different starts;
+//! - peak resident memory of the process.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ghostwriter_generator::engine::{Engine, EngineError, Event, Input, Job, Params, Stats};
+use ghostwriter_generator::prompt::Parts;
+use ghostwriter_generator::{GeneratorConfig, LanguageModel};
+use serde_json::{Value, json};
+
+/// Options of the benchmark.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchGeneratorArgs {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GGUF model (default: SmolLM2-135M-Instruct Q8_0 under the model directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Compute threads on CPU (0 = every core); llama.cpp gets the same number.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Concurrent stream counts to measure, comma-separated.
+    #[arg(long, default_value = "1,8", value_delimiter = ',')]
+    pub streams: Vec<usize>,
+    /// Prompt length for the prompt-processing measurement, tokens.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Prompt length of each stream in the decode measurements, tokens.
+    #[arg(long, default_value_t = 64)]
+    pub decode_prompt_tokens: usize,
+    /// Tokens each stream generates.
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Generate exactly --new-tokens (end-of-turn tokens are never chosen), so runs have equal
+    /// length.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ignore_eos: bool,
+    /// Repetitions of each single-stream measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_running: usize,
+    /// Tokens per forward pass at most.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Key/value cache, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    /// Also measure llama.cpp through this Python interpreter (one with llama-cpp-python
+    /// installed, e.g. /tmp/peer-venv/bin/python).
+    #[arg(long)]
+    pub compare_llama_cpp: Option<PathBuf>,
+    /// Text to build prompts from (JSONL documents or Amazon .json.gz).
+    #[arg(long, default_value_os_t = crate::bench::default_data())]
+    pub data: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-generator.json")]
+    pub out: PathBuf,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Peak resident memory of this process, MiB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs one job to the end.
+async fn run_job(engine: &Engine, input: Input, params: Params) -> Result<Stats, EngineError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine.submit(Job {
+        input,
+        params,
+        events: tx,
+        deadline: None,
+    })?;
+    while let Some(e) = rx.recv().await {
+        match e {
+            Event::Text(_) => {}
+            Event::Done(s) => return Ok(s),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Stopped)
+}
+
+fn params(new_tokens: usize, ignore_eos: bool) -> Params {
+    Params {
+        max_new_tokens: new_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop: Vec::new(),
+        repeat_penalty: 1.0,
+        ignore_eos,
+    }
+}
+
+/// An instruction of about `tokens` tokens made of real documents starting at `offset`.
+fn instruction_of(engine: &Engine, texts: &[String], offset: usize, tokens: usize) -> Input {
+    let mut text = String::new();
+    let mut i = offset;
+    loop {
+        let next = &texts[i % texts.len()];
+        let candidate = format!("{text}{next}\n");
+        let n = engine
+            .tokenize(&Input::Instruction(candidate.clone()), 1)
+            .map_or(usize::MAX, |t| t.len());
+        if n > tokens {
+            // Cut the last document by words to land just under the target.
+            let mut words: Vec<&str> = next.split(' ').collect();
+            while !words.is_empty() {
+                let c = format!("{text}{}", words.join(" "));
+                let n = engine
+                    .tokenize(&Input::Instruction(c.clone()), 1)
+                    .map_or(usize::MAX, |t| t.len());
+                if n <= tokens {
+                    return Input::Instruction(c);
+                }
+                let cut = (words.len() / 8).max(1);
+                words.truncate(words.len() - cut);
+            }
+            return Input::Instruction(text);
+        }
+        text = candidate;
+        i += 1;
+    }
+}
+
+fn load_texts(data: &Path) -> anyhow::Result<Vec<String>> {
+    let loaded = crate::loaders::load(data)?;
+    Ok(loaded
+        .documents
+        .into_iter()
+        .map(|d| d.text)
+        .filter(|t| t.len() > 200)
+        .take(4000)
+        .collect())
+}
+
+fn start_engine(
+    a: &BenchGeneratorArgs,
+    model_dir: &Path,
+    prefix_cache: bool,
+) -> anyhow::Result<(Engine, f64)> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        g: GeneratorConfig,
+    }
+    let mut config = Wrap::parse_from(["bench"]).g;
+    config.device = a.device.clone();
+    config.model = a.model.clone();
+    config.threads = a.threads;
+    config.max_running = a.max_running;
+    config.max_batch_tokens = a.max_batch_tokens;
+    config.kv_cache_mb = a.kv_cache_mb;
+    config.prefix_cache = prefix_cache;
+    config.queue_capacity = 4096;
+    config.max_context = 4096;
+    let t = Instant::now();
+    let path = config
+        .model
+        .clone()
+        .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
+    let model = LanguageModel::load(&path, &config.load_options())?;
+    let engine = Engine::start(model, config.engine_config());
+    Ok((engine, t.elapsed().as_secs_f64()))
+}
+
+/// Runs the benchmark.
+pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Value> {
+    let texts = {
+        let d = a.data.clone();
+        tokio::task::spawn_blocking(move || load_texts(&d)).await??
+    };
+    anyhow::ensure!(!texts.is_empty(), "no documents in {}", a.data.display());
+    let (engine, load_s) = {
+        let (a2, dir) = (a.clone(), model_dir.to_path_buf());
+        tokio::task::spawn_blocking(move || start_engine(&a2, &dir, false)).await??
+    };
+    eprintln!("bench-generator: {} ({})", engine.model_name, engine.backend);
+    // Warm-up.
+    run_job(&engine, instruction_of(&engine, &texts, 0, 64), params(4, true)).await?;
+
+    // Prompt processing.
+    let mut pp = Vec::new();
+    let mut prompt_len = 0;
+    for r in 0..a.runs.max(1) {
+        let input = instruction_of(&engine, &texts, 100 + r * 37, a.prompt_tokens);
+        let s = run_job(&engine, input, params(1, true)).await?;
+        prompt_len = s.prompt_tokens;
+        pp.push(s.prompt_tokens as f64 / s.time_to_first_token);
+    }
+    let prompt_tps = median(pp.clone());
+    eprintln!("prompt: {prompt_len} tokens, {prompt_tps:.0} tokens/s");
+
+    // Single-stream decode.
+    let mut dec = Vec::new();
+    for r in 0..a.runs.max(1) {
+        let input = instruction_of(&engine, &texts, 500 + r * 41, a.decode_prompt_tokens);
+        let s = run_job(&engine, input, params(a.new_tokens, a.ignore_eos)).await?;
+        dec.push(s.tokens_per_second);
+    }
+    let single_decode = median(dec.clone());
+    eprintln!("decode, 1 stream: {single_decode:.1} tokens/s");
+
+    // Concurrent streams.
+    let mut concurrency = Vec::new();
+    for &n in &a.streams {
+        let inputs: Vec<Input> = (0..n)
+            .map(|i| instruction_of(&engine, &texts, 1000 + i * 13, a.decode_prompt_tokens))
+            .collect();
+        let started = Instant::now();
+        let jobs = inputs
+            .into_iter()
+            .map(|input| run_job(&engine, input, params(a.new_tokens, a.ignore_eos)));
+        let results = futures::future::join_all(jobs).await;
+        let wall = started.elapsed().as_secs_f64();
+        let stats: Vec<Stats> = results.into_iter().collect::<Result<_, _>>()?;
+        let generated: usize = stats.iter().map(|s| s.generated_tokens).sum();
+        let mut ttft: Vec<f64> = stats.iter().map(|s| s.time_to_first_token).collect();
+        ttft.sort_by(f64::total_cmp);
+        // Decode-phase aggregate: tokens after each stream's first, over the time from the
+        // first stream's first token to the last stream's end.
+        let last_first = ttft.last().copied().unwrap_or(0.0);
+        let row = json!({
+            "streams": n,
+            "generated_tokens": generated,
+            "wall_s": wall,
+            "aggregate_tokens_per_s": generated as f64 / wall,
+            "per_stream_decode_tokens_per_s_mean":
+                stats.iter().map(|s| s.tokens_per_second).sum::<f64>() / n as f64,
+            "first_token_p50_ms": percentile(&ttft, 0.5) * 1e3,
+            "first_token_p99_ms": percentile(&ttft, 0.99) * 1e3,
+            "last_first_token_ms": last_first * 1e3,
+        });
+        eprintln!(
+            "{n} streams: {:.1} tokens/s aggregate, first token p50 {:.0} ms",
+            generated as f64 / wall,
+            percentile(&ttft, 0.5) * 1e3
+        );
+        concurrency.push(row);
+    }
+    drop(engine);
+
+    // Prefix cache: one user's passages, several starts (as the presets of one evaluation
+    // example, or a summary and a continuation of one write).
+    let (cached_engine, _) = {
+        let (a2, dir) = (a.clone(), model_dir.to_path_buf());
+        tokio::task::spawn_blocking(move || start_engine(&a2, &dir, true)).await??
+    };
+    let passages: Vec<String> = texts[2000..2004.min(texts.len())].to_vec();
+    let mut prompt_tokens = 0;
+    let mut cached_tokens = 0;
+    let mut first_ms = Vec::new();
+    for (i, start) in ["I bought this", "These strings", "After a month", "My son"]
+        .iter()
+        .enumerate()
+    {
+        let input = Input::Personalized(Parts {
+            passage_start: (*start).to_string(),
+            past_passages: passages.clone(),
+            ..Default::default()
+        });
+        let s = run_job(&cached_engine, input, params(8, false)).await?;
+        if i > 0 {
+            prompt_tokens += s.prompt_tokens;
+            cached_tokens += s.cached_tokens;
+        }
+        first_ms.push(s.time_to_first_token * 1e3);
+    }
+    drop(cached_engine);
+
+    let llama = match &a.compare_llama_cpp {
+        Some(python) => Some(llama_cpp(a, model_dir, python, &texts, prompt_len).await?),
+        None => None,
+    };
+    let threads = if a.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.threads
+    };
+    let aggregate_8 = concurrency
+        .iter()
+        .find(|r| r["streams"] == 8)
+        .and_then(|r| r["aggregate_tokens_per_s"].as_f64());
+    let mut report = json!({
+        "device": a.device,
+        "threads": threads,
+        "model_load_s": load_s,
+        "prompt_tokens": prompt_len,
+        "prompt_tokens_per_s": prompt_tps,
+        "prompt_tokens_per_s_runs": pp,
+        "decode_prompt_tokens": a.decode_prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "ignore_eos": a.ignore_eos,
+        "single_stream_decode_tokens_per_s": single_decode,
+        "single_stream_decode_runs": dec,
+        "concurrency": concurrency,
+        "prefix_cache": {
+            "requests_after_the_first": 3,
+            "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached_tokens,
+            "hit_ratio": if prompt_tokens > 0 { cached_tokens as f64 / prompt_tokens as f64 } else { 0.0 },
+            "first_token_ms": first_ms,
+        },
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    if let Some(agg) = aggregate_8 {
+        report["aggregate_8_over_single"] = json!(agg / single_decode);
+    }
+    if let Some(l) = llama {
+        let lpp = l["prompt_tokens_per_s"].as_f64().unwrap_or(0.0);
+        let ldec = l["decode_tokens_per_s"].as_f64().unwrap_or(0.0);
+        report["llama_cpp"] = l;
+        report["ratios"] = json!({
+            "prompt_vs_llama_cpp": prompt_tps / lpp,
+            "decode_vs_llama_cpp": single_decode / ldec,
+        });
+    }
+    Ok(report)
+}
+
+const LLAMA_SCRIPT: &str = r#"
+import json, sys, time, statistics
+from llama_cpp import Llama
+a = json.loads(sys.stdin.read())
+llm = Llama(model_path=a["model"], n_ctx=4096, n_threads=a["threads"], n_threads_batch=a["threads"],
+            n_batch=512, n_ubatch=512, verbose=False)
+texts = a["texts"]
+def tokens_of(offset, n):
+    out = []
+    i = offset
+    while len(out) < n:
+        out += llm.tokenize((texts[i % len(texts)] + "\n").encode(), add_bos=False, special=False)
+        i += 1
+    return out[:n]
+warm = tokens_of(0, 64)
+llm.reset(); llm.eval(warm)
+pp = []
+for r in range(a["runs"]):
+    toks = tokens_of(100 + r * 37, a["prompt_tokens"])
+    llm.reset()
+    t = time.perf_counter(); llm.eval(toks); pp.append(len(toks) / (time.perf_counter() - t))
+dec = []
+for r in range(a["runs"]):
+    toks = tokens_of(500 + r * 41, a["decode_prompt_tokens"] + a["new_tokens"])
+    p = a["decode_prompt_tokens"]
+    llm.reset(); llm.eval(toks[:p])
+    t = time.perf_counter()
+    for tok in toks[p:]:
+        llm.eval([tok])
+    dec.append(a["new_tokens"] / (time.perf_counter() - t))
+print(json.dumps({"prompt_tokens_per_s": statistics.median(pp), "prompt_runs": pp,
+                  "decode_tokens_per_s": statistics.median(dec), "decode_runs": dec,
+                  "threads": a["threads"], "method": "llama-cpp-python Llama.eval: prompt in one call (n_batch 512); decode one token per call"}))
+"#;
+
+async fn llama_cpp(
+    a: &BenchGeneratorArgs,
+    model_dir: &Path,
+    python: &Path,
+    texts: &[String],
+    prompt_tokens: usize,
+) -> anyhow::Result<Value> {
+    let model = a
+        .model
+        .clone()
+        .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
+    let threads = if a.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.threads
+    };
+    let args = json!({
+        "model": model,
+        "threads": threads,
+        "texts": &texts[..texts.len().min(2000)],
+        "runs": a.runs.max(1),
+        "prompt_tokens": prompt_tokens,
+        "decode_prompt_tokens": a.decode_prompt_tokens,
+        "new_tokens": a.new_tokens,
+    });
+    let mut child = tokio::process::Command::new(python)
+        .arg("-c")
+        .arg(LLAMA_SCRIPT)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(args.to_string().as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llama.cpp comparison failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    eprintln!(
+        "llama.cpp: prompt {:.0} tokens/s, decode {:.1} tokens/s",
+        v["prompt_tokens_per_s"].as_f64().unwrap_or(0.0),
+        v["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
+    );
+    Ok(v)
+}

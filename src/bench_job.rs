@@ -1,0 +1,215 @@
+//! `ghostwriter bench-job`: the whole job against the Python peer (`../shared/tools/peer`), in
+//! one run, on the same targets, GGUF and new-token count.
+//!
+//! Targets are the peer's: for each of the first `--n` users (sorted by id), their first
+//! document with at least 2 earlier documents and more than 300 characters. Ghostwriter writes
+//! each through the embedded pipeline over gRPC (preset `rank-doc-dense`, the target's
+//! timestamp and doc id, greedy, `--max-new-tokens`), one at a time and then `--concurrency`
+//! at a time; the peer runs its script once (it is sequential).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures::StreamExt;
+use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
+use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
+use tonic::transport::Channel;
+use serde_json::{Value, json};
+
+use crate::embedded::{Embedded, EmbeddedConfig};
+
+/// Options of the whole-job benchmark.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchJobArgs {
+    /// Documents (the peer's input: neutral JSONL).
+    #[arg(long, default_value_os_t = crate::bench::default_data())]
+    pub data: PathBuf,
+    /// Targets.
+    #[arg(long, default_value_t = 20)]
+    pub n: usize,
+    /// New tokens per write.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: u32,
+    /// Preset of Ghostwriter's writes.
+    #[arg(long, default_value = "rank-doc-dense")]
+    pub preset: String,
+    /// Writes in flight in the concurrent run.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Python interpreter with the peer's packages (rank_bm25, sentence-transformers,
+    /// llama-cpp-python); the peer is skipped without it.
+    #[arg(long)]
+    pub peer_python: Option<PathBuf>,
+    /// The peer script.
+    #[arg(long, default_value_os_t = default_peer())]
+    pub peer_script: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-job.json")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: EmbeddedConfig,
+}
+
+fn default_peer() -> PathBuf {
+    PathBuf::from("../shared/tools/peer/peer_pipeline.py")
+}
+
+/// The peer's targets: (user, index of the target among the user's documents).
+fn targets(docs: &[ghostwriter_proto::v1::Document], n: usize) -> Vec<ghostwriter_proto::v1::Document> {
+    let mut by: std::collections::BTreeMap<&str, Vec<&ghostwriter_proto::v1::Document>> =
+        Default::default();
+    for d in docs {
+        by.entry(d.user_id.as_str()).or_default().push(d);
+    }
+    let mut out = Vec::new();
+    for (_, mut list) in by {
+        list.sort_by(|a, b| a.timestamp.cmp(&b.timestamp).then(a.doc_id.cmp(&b.doc_id)));
+        for (i, d) in list.iter().enumerate() {
+            let full = format!("{} {}", d.title, d.text);
+            if i >= 2 && full.trim().chars().count() > 300 {
+                out.push((*d).clone());
+                break;
+            }
+        }
+        if out.len() >= n {
+            break;
+        }
+    }
+    out
+}
+
+async fn client(url: &str) -> anyhow::Result<GhostwriterClient<Channel>> {
+    Ok(GhostwriterClient::connect(url.to_string())
+        .await?
+        .max_encoding_message_size(256 << 20)
+        .max_decoding_message_size(256 << 20))
+}
+
+async fn write_all(
+    url: &str,
+    targets: &[ghostwriter_proto::v1::Document],
+    a: &BenchJobArgs,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Vec<f64>, Vec<String>)> {
+    let client = client(url).await?;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<(f64, String)>> = futures::stream::iter(targets.iter().cloned())
+        .map(|d| {
+            let mut c = client.clone();
+            let preset = a.preset.clone();
+            let tokens = a.max_new_tokens;
+            async move {
+                let t = Instant::now();
+                let r = c
+                    .write(WriteRequest {
+                        user_id: d.user_id,
+                        title: d.title,
+                        start: d.text,
+                        preset,
+                        timestamp: Some(d.timestamp),
+                        doc_id: d.doc_id,
+                        options: Some(WriteOptions {
+                            generation: Some(GenerationParams {
+                                max_new_tokens: tokens,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::Ok((t.elapsed().as_secs_f64(), r.text))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let wall = started.elapsed().as_secs_f64();
+    let mut lat = Vec::new();
+    let mut texts = Vec::new();
+    for r in results {
+        let (l, t) = r?;
+        lat.push(l);
+        texts.push(t);
+    }
+    Ok((targets.len() as f64 / wall, lat, texts))
+}
+
+/// Runs the benchmark.
+pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
+    let data = a.data.clone();
+    let docs = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
+    let targets = targets(&docs.documents, a.n);
+    anyhow::ensure!(!targets.is_empty(), "no targets in {}", a.data.display());
+    let dir = tempfile::tempdir()?;
+    let mut config = a.config.clone();
+    config.retriever.index_dir = dir.path().join("index");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let embedded = Embedded::start(config, model_dir.clone(), listener).await?;
+    let url = embedded.url();
+    let mut client = client(&url).await?;
+    for chunk in docs.documents.chunks(2000) {
+        client
+            .ingest(ghostwriter_proto::v1::IngestRequest {
+                documents: chunk.to_vec(),
+            })
+            .await?;
+    }
+    // Warm-up (embeddings cache, first allocations) on a target not measured twice.
+    write_all(&url, &targets[..1], &a, 1).await?;
+    let (seq_rate, seq_lat, texts) = write_all(&url, &targets, &a, 1).await?;
+    eprintln!("ghostwriter sequential: {seq_rate:.2} writes/s");
+    let (conc_rate, conc_lat, _) = write_all(&url, &targets, &a, a.concurrency).await?;
+    eprintln!(
+        "ghostwriter {} in flight: {conc_rate:.2} writes/s",
+        a.concurrency
+    );
+    embedded.shutdown().await;
+    let peer = match &a.peer_python {
+        Some(python) => Some(peer(python, &a, &model_dir).await?),
+        None => None,
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let mut report = json!({
+        "targets": targets.len(),
+        "preset": a.preset,
+        "max_new_tokens": a.max_new_tokens,
+        "ghostwriter": {
+            "sequential_writes_per_s": seq_rate,
+            "sequential_latency_mean_s": mean(&seq_lat),
+            "concurrency": a.concurrency,
+            "concurrent_writes_per_s": conc_rate,
+            "concurrent_latency_mean_s": mean(&conc_lat),
+            "sample_outputs": texts.iter().take(3).collect::<Vec<_>>(),
+        },
+    });
+    if let Some(p) = peer {
+        let peer_rate = p["requests_per_s"].as_f64().unwrap_or(0.0);
+        eprintln!("peer sequential: {peer_rate:.2} writes/s");
+        report["peer"] = p;
+        report["ratios"] = json!({
+            "sequential_vs_peer": seq_rate / peer_rate,
+            "concurrent_vs_peer": conc_rate / peer_rate,
+        });
+    }
+    Ok(report)
+}
+
+async fn peer(python: &Path, a: &BenchJobArgs, model_dir: &Path) -> anyhow::Result<Value> {
+    let out = tokio::process::Command::new(python)
+        .arg(&a.peer_script)
+        .arg(&a.data)
+        .arg(model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0))
+        .arg(model_dir.join("all-minilm-l6-v2"))
+        .args(["--n", &a.n.to_string()])
+        .args(["--max-tokens", &a.max_new_tokens.to_string()])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
