@@ -28,7 +28,7 @@ pub struct BenchJobArgs {
     #[arg(long, default_value_t = 20)]
     pub n: usize,
     /// New tokens per write.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long = "new-tokens", default_value_t = 64)]
     pub max_new_tokens: u32,
     /// Preset of Ghostwriter's writes.
     #[arg(long, default_value = "rank-doc-dense")]

@@ -92,19 +92,48 @@ impl QMatrix {
     }
 }
 
-/// Q8_0 quantization of one 32-wide block: scale and quants (round to nearest).
+/// Q8_0 quantization of one 32-wide block: scale and quants (round half to even, as the
+/// vector path does).
 pub fn quantize_block(x: &[f32]) -> (f32, [i8; QK]) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let mut q = [0i8; QK];
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && x.len() == QK {
+        // SAFETY: 32 elements; the CPU has AVX-512F/BW.
+        let d = unsafe { quantize_block_avx512(x, &mut q) };
+        return (d, q);
+    }
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
         return (0.0, q);
     }
     let d = amax / 127.0;
     let inv = 1.0 / d;
     for (dst, v) in q.iter_mut().zip(x) {
-        *dst = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *dst = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
     }
     (d, q)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8; QK]) -> f32 {
+    use std::arch::x86_64::*;
+    let a = unsafe { _mm512_loadu_ps(x.as_ptr()) };
+    let b = unsafe { _mm512_loadu_ps(x.as_ptr().add(16)) };
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(1.0 / d);
+    let lim = _mm512_set1_ps(127.0);
+    let qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(a, inv), lim));
+    let qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(b, inv), lim));
+    unsafe {
+        _mm_storeu_si128(q.as_mut_ptr() as *mut _, _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut _, _mm512_cvtepi32_epi8(qb));
+    }
+    d
 }
 
 /// Activations quantized per row and 32-wide block (signed quants, f32 scale), with each
@@ -380,6 +409,63 @@ unsafe fn axpy_f16_avx512(y: &mut [f32], a: f32, x: &[f16]) {
     }
 }
 
+/// Attention scores of 16 keys for `nrep` query heads: `out[r·stride + j] = q_r · k_j` for
+/// `j < 16`, where `kt` holds the keys transposed (`kt[d·kstride + j]` = dimension `d` of key
+/// `j`), so 16 scores come out of one vector without a horizontal sum.
+pub fn scores16(
+    q: &[f32],
+    nrep: usize,
+    hd: usize,
+    kt: &[f16],
+    kstride: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(kt.len() >= (hd - 1) * kstride + 16 && q.len() >= nrep * hd);
+    assert!(out.len() >= (nrep - 1) * stride + 16);
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && nrep <= 8 {
+        // SAFETY: lengths asserted above; the CPU has AVX-512F.
+        unsafe { scores16_avx512(q, nrep, hd, kt, kstride, out, stride) };
+        return;
+    }
+    for r in 0..nrep {
+        for j in 0..16 {
+            let mut acc = 0f32;
+            for d in 0..hd {
+                acc = q[r * hd + d].mul_add(kt[d * kstride + j].to_f32(), acc);
+            }
+            out[r * stride + j] = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores16_avx512(
+    q: &[f32],
+    nrep: usize,
+    hd: usize,
+    kt: &[f16],
+    kstride: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for d in 0..hd {
+        let kv = _mm512_cvtph_ps(unsafe {
+            _mm256_loadu_si256(kt.as_ptr().add(d * kstride) as *const _)
+        });
+        for (r, a) in acc.iter_mut().enumerate().take(nrep) {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) }), kv, *a);
+        }
+    }
+    for (r, a) in acc.iter().enumerate().take(nrep) {
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * stride), *a) };
+    }
+}
+
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -558,6 +644,20 @@ mod tests {
         for i in 0..21 {
             let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
             assert!((o[i] - want).abs() < 1e-5, "{} vs {want}", o[i]);
+        }
+    }
+
+    #[test]
+    fn vector_and_scalar_quantization_agree() {
+        let x: Vec<f32> = (0..32).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37).collect();
+        let (d, q) = quantize_block(&x);
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (d2, inv) = (amax / 127.0, 127.0 / amax);
+        let _ = inv;
+        assert_eq!(d, d2);
+        for (a, v) in q.iter().zip(&x) {
+            let want = (v * (1.0 / d2)).round_ties_even().clamp(-127.0, 127.0) as i8;
+            assert_eq!(*a, want);
         }
     }
 

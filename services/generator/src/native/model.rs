@@ -111,32 +111,41 @@ struct Layer {
 }
 
 /// The paged key/value cache: `blocks` blocks of `block_size` positions, per layer, in f16.
+/// Per block and kv head, keys are stored transposed (`[head_dim][block_size]`, so attention
+/// scores 16 keys per vector) and values by position (`[block_size][head_dim]`).
 pub struct KvCache {
     /// Positions per block.
     pub block_size: usize,
     /// Blocks in the pool.
     pub blocks: usize,
-    row: usize,
+    kv_heads: usize,
     k: Vec<f16>,
     v: Vec<f16>,
 }
 
 impl KvCache {
     fn new(cfg: &Config, block_size: usize, blocks: usize) -> Self {
-        let row = cfg.kv_heads * cfg.head_dim;
-        let len = cfg.layers * blocks * block_size * row;
+        let len = cfg.layers * blocks * block_size * cfg.kv_heads * cfg.head_dim;
         Self {
             block_size,
             blocks,
-            row,
+            kv_heads: cfg.kv_heads,
             k: vec![f16::ZERO; len],
             v: vec![f16::ZERO; len],
         }
     }
 
+    /// Keys of one block and kv head, transposed: `[head_dim][block_size]`.
     #[inline]
-    fn at(&self, layer: usize, block: u32, off: usize) -> usize {
-        ((layer * self.blocks + block as usize) * self.block_size + off) * self.row
+    fn k_at(&self, layer: usize, block: u32, g: usize, hd: usize) -> usize {
+        (((layer * self.blocks + block as usize) * self.kv_heads) + g) * hd * self.block_size
+    }
+
+    /// Values of one position and kv head: `[head_dim]`.
+    #[inline]
+    fn v_at(&self, layer: usize, block: u32, g: usize, hd: usize, off: usize) -> usize {
+        ((((layer * self.blocks + block as usize) * self.kv_heads) + g) * self.block_size + off)
+            * hd
     }
 }
 
@@ -227,8 +236,14 @@ impl NativeModel {
         block_size: usize,
         kv_blocks: usize,
     ) -> anyhow::Result<Self> {
+        if block_size == 0 || block_size % 16 != 0 {
+            bail!("the native engine needs a key/value block size that is a multiple of 16, not {block_size}");
+        }
         let (content, mut reader) = gguf::read_content(path)?;
         let cfg = Config::from_gguf(&content, max_context)?;
+        if cfg.head_dim % 16 != 0 {
+            bail!("head width {} is not a multiple of 16", cfg.head_dim);
+        }
         let mut tensor = |name: &str| {
             content
                 .tensor(&mut reader, name, &Device::Cpu)
@@ -383,13 +398,17 @@ impl NativeModel {
                 for x in q.iter_mut() {
                     *x *= scale;
                 }
-                let seq = &seqs[s];
-                let at = self.kv.at(l, seq.blocks[pos / bs], pos % bs);
-                for (dst, src) in self.kv.k[at..at + nkv * hd].iter_mut().zip(k.iter()) {
-                    *dst = f16::from_f32(*src);
-                }
-                for (dst, src) in self.kv.v[at..at + nkv * hd].iter_mut().zip(v.iter()) {
-                    *dst = f16::from_f32(*src);
+                let block = seqs[s].blocks[pos / bs];
+                let off = pos % bs;
+                for g in 0..nkv {
+                    let kt = self.kv.k_at(l, block, g, hd);
+                    for d in 0..hd {
+                        self.kv.k[kt + d * bs + off] = f16::from_f32(k[g * hd + d]);
+                    }
+                    let vt = self.kv.v_at(l, block, g, hd, off);
+                    for (dst, src) in self.kv.v[vt..vt + hd].iter_mut().zip(&v[g * hd..]) {
+                        *dst = f16::from_f32(*src);
+                    }
                 }
             }
             sc.att.resize(t * nh * hd, 0.0);
@@ -403,7 +422,7 @@ impl NativeModel {
                 attend_group(kv, l, seqs[s].blocks, pos + 1, g, hd, nrep, q, out);
             };
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
-            if work < 1 << 13 {
+            if work < 1 << 11 {
                 sc.att.chunks_mut(nrep * hd).enumerate().for_each(attend);
             } else {
                 self.pool.install(|| {
@@ -503,23 +522,21 @@ fn attend_group(
     out: &mut [f32],
 ) {
     let bs = kv.block_size;
-    let mut scores = vec![0f32; nrep * len];
-    for p in 0..len {
-        let at = kv.at(layer, blocks[p / bs], p % bs) + g * hd;
-        let k = &kv.k[at..at + hd];
-        for r in 0..nrep {
-            scores[r * len + p] = kernels::dot_f16(&q[r * hd..(r + 1) * hd], k);
-        }
+    let padded = len.div_ceil(16) * 16;
+    let mut scores = vec![0f32; nrep * padded];
+    for p0 in (0..padded).step_by(16) {
+        let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
+        kernels::scores16(q, nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
     }
     for r in 0..nrep {
-        kernels::softmax(&mut scores[r * len..(r + 1) * len]);
+        kernels::softmax(&mut scores[r * padded..r * padded + len]);
     }
     out.fill(0.0);
     for p in 0..len {
-        let at = kv.at(layer, blocks[p / bs], p % bs) + g * hd;
-        let v = &kv.v[at..at + hd];
+        let v = kv.v_at(layer, blocks[p / bs], g, hd, p % bs);
+        let v = &kv.v[v..v + hd];
         for r in 0..nrep {
-            kernels::axpy_f16(&mut out[r * hd..(r + 1) * hd], scores[r * len + p], v);
+            kernels::axpy_f16(&mut out[r * hd..(r + 1) * hd], scores[r * padded + p], v);
         }
     }
 }
