@@ -69,7 +69,7 @@ async fn limits_deadlines_and_metrics() {
     let started = Instant::now();
     while !scrape(metrics_addr)
         .await
-        .contains("ghostwriter_generator_queue_depth 1")
+        .contains("ghostwriter_generator_running 1")
     {
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -136,6 +136,10 @@ async fn limits_deadlines_and_metrics() {
         "ghostwriter_generated_tokens_total",
         "ghostwriter_rpc_duration_seconds_bucket",
         "ghostwriter_generator_queue_depth 0",
+        "ghostwriter_generator_running 0",
+        "ghostwriter_generator_time_to_first_token_seconds_bucket",
+        "ghostwriter_generator_queue_wait_seconds_bucket",
+        "ghostwriter_generator_prefix_cache_hit_tokens_total",
     ] {
         assert!(text.contains(needle), "{needle} missing in:\n{text}");
     }

@@ -101,7 +101,13 @@ async fn provenance_comes_only_from_the_users_earlier_documents() {
                 .unwrap_or_else(|| panic!("{id} is not an earlier document of {user}"));
             assert!(earlier(d, target));
         }
-        assert!(!response.text.is_empty(), "nothing generated");
+        let g = response.generation.as_ref().expect("generation statistics");
+        assert!(
+            !response.text.is_empty()
+                || g.finish_reason == ghostwriter::proto::FinishReason::Eos as i32,
+            "nothing generated and no end-of-turn"
+        );
+        assert!(g.prompt_tokens > 0);
         assert!(response.document.starts_with(&p.immediate_context));
         assert!(p.immediate_context.chars().count() <= 150);
         let stages: Vec<&str> = p.latencies.iter().map(|l| l.stage.as_str()).collect();

@@ -64,7 +64,13 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
     .await
     .unwrap();
     let r = generator.generate(request).await.unwrap().into_inner();
-    assert_eq!(r.generated_tokens, 3);
+    // Three tokens, or fewer when the model ends its turn first.
+    assert!(
+        r.generated_tokens == 3
+            || (r.generated_tokens < 3
+                && r.finish_reason == ghostwriter::proto::FinishReason::Eos as i32),
+        "{r:?}"
+    );
     trigger.trigger();
     server.await.unwrap().unwrap();
 }
