@@ -176,8 +176,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Forces the portable kernels (tests compare them with the vector ones).
+static PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn has_vnni() -> bool {
     use std::sync::OnceLock;
+    if PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
     static V: OnceLock<bool> = OnceLock::new();
     *V.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -203,14 +209,14 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// `out[m][w.n] = x · Wᵀ`, split over `pool`'s threads by groups of 16 output columns.
-pub fn gemm(pool: &rayon::ThreadPool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
+pub fn gemm(pool: &super::pool::Pool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
     assert_eq!(x.k, w.k, "inner dimensions differ");
     let m = x.m;
     assert!(out.len() >= m * w.n);
     if m == 0 {
         return;
     }
-    let threads = pool.current_num_threads().max(1);
+    let threads = pool.threads();
     let work = m * w.n * w.k;
     // Small products run on the calling thread; larger ones in a few chunks per thread.
     let chunks = if work < 1 << 18 {
@@ -229,14 +235,7 @@ pub fn gemm(pool: &rayon::ThreadPool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
             unsafe { gemm_group(x, w, g, p.0) };
         }
     };
-    if chunks == 1 {
-        run(0);
-    } else {
-        pool.install(|| {
-            use rayon::prelude::*;
-            (0..chunks).into_par_iter().for_each(run);
-        });
-    }
+    pool.run(chunks, &run);
 }
 
 /// All rows of `x` against weight group `g`, written to `out` (row stride `w.n`).
@@ -246,7 +245,7 @@ unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
     let wq = unsafe { w.qs.as_ptr().add(g * kbs * QK * NR) };
     let wd = unsafe { w.d.as_ptr().add(g * kbs * NR) };
     let mut i = 0;
-    const MR: usize = 4;
+    const MR: usize = 8;
     while i < x.m {
         let rows = (x.m - i).min(MR);
         let xq = unsafe { x.q.as_ptr().add(i * w.k) };
@@ -257,6 +256,10 @@ unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
             #[cfg(target_arch = "x86_64")]
             if has_vnni() {
                 match rows {
+                    8 => tile_vnni::<8>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    7 => tile_vnni::<7>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    6 => tile_vnni::<6>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    5 => tile_vnni::<5>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
                     4 => tile_vnni::<4>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
                     3 => tile_vnni::<3>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
                     2 => tile_vnni::<2>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
@@ -466,6 +469,70 @@ unsafe fn scores16_avx512(
     }
 }
 
+/// `out[r] += Σ_j p[r·stride + j] · v_j` over the `count` value rows of one cache block
+/// (`v[j·hd..]`, f16), for `nrep` heads: each value row is converted once for every head, and
+/// the heads' outputs stay in registers across the block.
+pub fn accumulate_values(
+    out: &mut [f32],
+    p: &[f32],
+    stride: usize,
+    count: usize,
+    v: &[f16],
+    hd: usize,
+    nrep: usize,
+) {
+    assert!(out.len() >= nrep * hd && v.len() >= count * hd);
+    assert!(count == 0 || p.len() >= (nrep - 1) * stride + count);
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() && hd % 16 == 0 && nrep * hd / 16 <= 24 {
+        // SAFETY: lengths asserted above; the CPU has AVX-512F.
+        unsafe { accumulate_values_avx512(out, p, stride, count, v, hd, nrep) };
+        return;
+    }
+    for j in 0..count {
+        for r in 0..nrep {
+            axpy_f16(&mut out[r * hd..(r + 1) * hd], p[r * stride + j], &v[j * hd..(j + 1) * hd]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_values_avx512(
+    out: &mut [f32],
+    p: &[f32],
+    stride: usize,
+    count: usize,
+    v: &[f16],
+    hd: usize,
+    nrep: usize,
+) {
+    use std::arch::x86_64::*;
+    let lanes = hd / 16;
+    let mut acc = [_mm512_setzero_ps(); 24];
+    for r in 0..nrep {
+        for c in 0..lanes {
+            acc[r * lanes + c] = unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c * 16)) };
+        }
+    }
+    for j in 0..count {
+        for c in 0..lanes {
+            let vv = _mm512_cvtph_ps(unsafe {
+                _mm256_loadu_si256(v.as_ptr().add(j * hd + c * 16) as *const _)
+            });
+            for r in 0..nrep {
+                let w = _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) });
+                acc[r * lanes + c] = _mm512_fmadd_ps(vv, w, acc[r * lanes + c]);
+            }
+        }
+    }
+    for r in 0..nrep {
+        for c in 0..lanes {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c * 16), acc[r * lanes + c]) };
+        }
+    }
+}
+
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -605,7 +672,7 @@ mod tests {
         let w = QMatrix::from_f32(n, k, &wf);
         let m = 7;
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = super::super::pool::Pool::new(2);
         let mut qa = QActs::default();
         qa.quantize(&x, m, k);
         let mut out = vec![0f32; m * n];
@@ -621,6 +688,29 @@ mod tests {
             let mut o = vec![0f32; n];
             gemm(&pool, &one, &w, &mut o);
             assert_eq!(&o[..], &out[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn portable_kernels_give_the_same_bits() {
+        let (n, k, m) = (48, 128, 9);
+        let wf: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1001) as f32 / 1001.0 - 0.5).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
+        let w = QMatrix::from_f32(n, k, &wf);
+        let pool = super::super::pool::Pool::new(2);
+        let run = |portable: bool| {
+            PORTABLE.store(portable, std::sync::atomic::Ordering::Relaxed);
+            let mut qa = QActs::default();
+            qa.quantize(&x, m, k);
+            let mut out = vec![0f32; m * n];
+            gemm(&pool, &qa, &w, &mut out);
+            PORTABLE.store(false, std::sync::atomic::Ordering::Relaxed);
+            out
+        };
+        let fast = run(false);
+        let portable = run(true);
+        if has_vnni() {
+            assert_eq!(fast, portable, "the vector and portable GEMMs differ");
         }
     }
 

@@ -3,5 +3,6 @@
 
 pub mod kernels;
 pub mod model;
+pub mod pool;
 
 pub use model::{Config, NativeModel};

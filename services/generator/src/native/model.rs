@@ -15,9 +15,9 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
 
 use super::kernels::{self, QActs, QMatrix, QK};
+use super::pool::{self, Pool};
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
 
@@ -126,12 +126,20 @@ pub struct KvCache {
 impl KvCache {
     fn new(cfg: &Config, block_size: usize, blocks: usize) -> Self {
         let len = cfg.layers * blocks * block_size * cfg.kv_heads * cfg.head_dim;
+        // Written, not just allocated: the pages are mapped now rather than faulted in on the
+        // first requests.
+        let mut k = Vec::with_capacity(len);
+        k.resize(len, f16::from_bits(1));
+        k.fill(f16::ZERO);
+        let mut v = Vec::with_capacity(len);
+        v.resize(len, f16::from_bits(1));
+        v.fill(f16::ZERO);
         Self {
             block_size,
             blocks,
             kv_heads: cfg.kv_heads,
-            k: vec![f16::ZERO; len],
-            v: vec![f16::ZERO; len],
+            k,
+            v,
         }
     }
 
@@ -165,7 +173,7 @@ struct Scratch {
 pub struct NativeModel {
     /// Hyper-parameters.
     pub cfg: Config,
-    pool: rayon::ThreadPool,
+    pool: Pool,
     embd_q: Vec<i8>,
     embd_d: Vec<f32>,
     layers: Vec<Layer>,
@@ -295,10 +303,7 @@ impl NativeModel {
                 sin[pos * half + i] = a.sin();
             }
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("generator-compute-{i}"))
-            .build()?;
+        let pool = Pool::new(threads);
         let kv = KvCache::new(&cfg, block_size, kv_blocks);
         Ok(Self {
             pool,
@@ -327,7 +332,7 @@ impl NativeModel {
 
     /// Compute threads.
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.pool.threads()
     }
 
     /// One forward pass over every sequence's tokens; returns the last-token logits of the
@@ -415,7 +420,7 @@ impl NativeModel {
             let kv = &self.kv;
             let qkv = &sc.qkv;
             let rows_ref = &rows;
-            let attend = |(idx, out): (usize, &mut [f32])| {
+            let attend = |idx: usize, out: &mut [f32]| {
                 let (ti, g) = (idx / nkv, idx % nkv);
                 let (s, pos) = rows_ref[ti];
                 let q = &qkv[ti * qkv_w + g * nrep * hd..ti * qkv_w + (g + 1) * nrep * hd];
@@ -423,15 +428,11 @@ impl NativeModel {
             };
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
             if work < 1 << 11 {
-                sc.att.chunks_mut(nrep * hd).enumerate().for_each(attend);
+                for (i, out) in sc.att.chunks_mut(nrep * hd).enumerate() {
+                    attend(i, out);
+                }
             } else {
-                self.pool.install(|| {
-                    sc.att
-                        .par_chunks_mut(nrep * hd)
-                        .enumerate()
-                        .with_min_len(4)
-                        .for_each(attend)
-                });
+                pool::for_each_chunk_mut(&self.pool, &mut sc.att, nrep * hd, &attend);
             }
             sc.qa.quantize(&sc.att, t, nh * hd);
             sc.out.resize(t * hidden, 0.0);
@@ -532,12 +533,18 @@ fn attend_group(
         kernels::softmax(&mut scores[r * padded..r * padded + len]);
     }
     out.fill(0.0);
-    for p in 0..len {
-        let v = kv.v_at(layer, blocks[p / bs], g, hd, p % bs);
-        let v = &kv.v[v..v + hd];
-        for r in 0..nrep {
-            kernels::axpy_f16(&mut out[r * hd..(r + 1) * hd], scores[r * padded + p], v);
-        }
+    for p0 in (0..len).step_by(bs) {
+        let count = bs.min(len - p0);
+        let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
+        kernels::accumulate_values(
+            out,
+            &scores[p0..],
+            padded,
+            count,
+            &kv.v[v..v + count * hd],
+            hd,
+            nrep,
+        );
     }
 }
 
