@@ -9,7 +9,8 @@
 //! - for each stream count: that many requests submitted at once (distinct prompts of
 //!   `--decode-prompt-tokens`), aggregate generated tokens/s over the wall time, first-token
 //!   p50/p99;
-//! - prefix-cache hit ratio: requests sharing a user's past passages, with different starts;
+//! - prefix-cache hit ratio: the presets of one write (same start and passages, with and without
+//!   summary and important words);
 //! - peak resident memory of the process.
 
 use std::path::{Path, PathBuf};
@@ -277,23 +278,31 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
     }
     drop(engine);
 
-    // Prefix cache: one user's passages, several starts (as the presets of one evaluation
-    // example, or a summary and a continuation of one write).
+    // Prefix cache: the presets of one write (one evaluation example): the same start and
+    // passages, with and without a summary and important words.
     let (cached_engine, _) = {
         let (a2, dir) = (a.clone(), model_dir.to_path_buf());
         tokio::task::spawn_blocking(move || start_engine(&a2, &dir, true)).await??
     };
     let passages: Vec<String> = texts[2000..2004.min(texts.len())].to_vec();
+    let start = texts[2010].chars().take(150).collect::<String>();
+    let words = vec!["strings".to_string(), "tone".to_string(), "price".to_string()];
+    let summary = texts[2011].chars().take(300).collect::<String>();
     let mut prompt_tokens = 0;
     let mut cached_tokens = 0;
     let mut first_ms = Vec::new();
-    for (i, start) in ["I bought this", "These strings", "After a month", "My son"]
-        .iter()
-        .enumerate()
-    {
+    let variants = [
+        (String::new(), Vec::new()),
+        (String::new(), words.clone()),
+        (summary.clone(), Vec::new()),
+        (summary, words),
+    ];
+    for (i, (summary, important_words)) in variants.into_iter().enumerate() {
         let input = Input::Personalized(Parts {
-            passage_start: (*start).to_string(),
+            passage_start: start.clone(),
             past_passages: passages.clone(),
+            summary,
+            important_words,
             ..Default::default()
         });
         let s = run_job(&cached_engine, input, params(8, false)).await?;
@@ -332,6 +341,7 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         "single_stream_decode_runs": dec,
         "concurrency": concurrency,
         "prefix_cache": {
+            "scenario": "4 presets of one write: same start and passages; without and with a summary and important words",
             "requests_after_the_first": 3,
             "prompt_tokens": prompt_tokens,
             "cached_tokens": cached_tokens,

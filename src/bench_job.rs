@@ -4,8 +4,9 @@
 //! Targets are the peer's: for each of the first `--n` users (sorted by id), their first
 //! document with at least 2 earlier documents and more than 300 characters. Ghostwriter writes
 //! each through the embedded pipeline over gRPC (preset `rank-doc-dense`, the target's
-//! timestamp and doc id, greedy, `--max-new-tokens`), one at a time and then `--concurrency`
-//! at a time; the peer runs its script once (it is sequential).
+//! timestamp and doc id, greedy, `--new-tokens`), one at a time and then `--concurrency` at a
+//! time, each mode on a freshly started pipeline (empty caches) warmed up with one write for a
+//! user outside the targets; the peer runs its script once (it is sequential).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -86,15 +87,44 @@ async fn client(url: &str) -> anyhow::Result<GhostwriterClient<Channel>> {
         .max_decoding_message_size(256 << 20))
 }
 
+/// Starts a fresh embedded pipeline, ingests `docs`, warms it up on `warm`, and times the
+/// writes of `targets`, `concurrency` at a time.
+async fn measure(
+    a: &BenchJobArgs,
+    model_dir: &Path,
+    docs: &[ghostwriter_proto::v1::Document],
+    warm: &ghostwriter_proto::v1::Document,
+    targets: &[ghostwriter_proto::v1::Document],
+    concurrency: usize,
+) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64)> {
+    let dir = tempfile::tempdir()?;
+    let mut config = a.config.clone();
+    config.retriever.index_dir = dir.path().join("index");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let embedded = Embedded::start(config, model_dir.to_path_buf(), listener).await?;
+    let url = embedded.url();
+    let mut c = client(&url).await?;
+    for chunk in docs.chunks(2000) {
+        c.ingest(ghostwriter_proto::v1::IngestRequest {
+            documents: chunk.to_vec(),
+        })
+        .await?;
+    }
+    write_all(&url, std::slice::from_ref(warm), a, 1).await?;
+    let r = write_all(&url, targets, a, concurrency).await;
+    embedded.shutdown().await;
+    r
+}
+
 async fn write_all(
     url: &str,
     targets: &[ghostwriter_proto::v1::Document],
     a: &BenchJobArgs,
     concurrency: usize,
-) -> anyhow::Result<(f64, Vec<f64>, Vec<String>)> {
+) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64)> {
     let client = client(url).await?;
     let started = Instant::now();
-    let results: Vec<anyhow::Result<(f64, String)>> = futures::stream::iter(targets.iter().cloned())
+    let results: Vec<anyhow::Result<(f64, String, u64)>> = futures::stream::iter(targets.iter().cloned())
         .map(|d| {
             let mut c = client.clone();
             let preset = a.preset.clone();
@@ -119,7 +149,8 @@ async fn write_all(
                     })
                     .await?
                     .into_inner();
-                anyhow::Ok((t.elapsed().as_secs_f64(), r.text))
+                let cached = r.generation.map_or(0, |g| g.cached_prompt_tokens as u64);
+                anyhow::Ok((t.elapsed().as_secs_f64(), r.text, cached))
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -128,44 +159,34 @@ async fn write_all(
     let wall = started.elapsed().as_secs_f64();
     let mut lat = Vec::new();
     let mut texts = Vec::new();
+    let mut cached = 0;
     for r in results {
-        let (l, t) = r?;
+        let (l, t, c) = r?;
         lat.push(l);
         texts.push(t);
+        cached += c;
     }
-    Ok((targets.len() as f64 / wall, lat, texts))
+    Ok((targets.len() as f64 / wall, lat, texts, cached))
 }
 
 /// Runs the benchmark.
 pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = a.data.clone();
     let docs = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
-    let targets = targets(&docs.documents, a.n);
-    anyhow::ensure!(!targets.is_empty(), "no targets in {}", a.data.display());
-    let dir = tempfile::tempdir()?;
-    let mut config = a.config.clone();
-    config.retriever.index_dir = dir.path().join("index");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let embedded = Embedded::start(config, model_dir.clone(), listener).await?;
-    let url = embedded.url();
-    let mut client = client(&url).await?;
-    for chunk in docs.documents.chunks(2000) {
-        client
-            .ingest(ghostwriter_proto::v1::IngestRequest {
-                documents: chunk.to_vec(),
-            })
-            .await?;
-    }
-    // Warm-up (embeddings cache, first allocations) on a target not measured twice.
-    write_all(&url, &targets[..1], &a, 1).await?;
-    let (seq_rate, seq_lat, texts) = write_all(&url, &targets, &a, 1).await?;
+    let mut targets = targets(&docs.documents, a.n + 1);
+    anyhow::ensure!(targets.len() > 1, "no targets in {}", a.data.display());
+    // The first user after the peer's targets warms each pipeline up (model pages, first
+    // allocations) without caching anything a measured write uses.
+    let warm = targets.pop().expect("more than one target");
+    let (seq_rate, seq_lat, texts, seq_cached) =
+        measure(&a, &model_dir, &docs.documents, &warm, &targets, 1).await?;
     eprintln!("ghostwriter sequential: {seq_rate:.2} writes/s");
-    let (conc_rate, conc_lat, _) = write_all(&url, &targets, &a, a.concurrency).await?;
+    let (conc_rate, conc_lat, _, conc_cached) =
+        measure(&a, &model_dir, &docs.documents, &warm, &targets, a.concurrency).await?;
     eprintln!(
         "ghostwriter {} in flight: {conc_rate:.2} writes/s",
         a.concurrency
     );
-    embedded.shutdown().await;
     let peer = match &a.peer_python {
         Some(python) => Some(peer(python, &a, &model_dir).await?),
         None => None,
@@ -178,9 +199,11 @@ pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
         "ghostwriter": {
             "sequential_writes_per_s": seq_rate,
             "sequential_latency_mean_s": mean(&seq_lat),
+            "sequential_cached_prompt_tokens": seq_cached,
             "concurrency": a.concurrency,
             "concurrent_writes_per_s": conc_rate,
             "concurrent_latency_mean_s": mean(&conc_lat),
+            "concurrent_cached_prompt_tokens": conc_cached,
             "sample_outputs": texts.iter().take(3).collect::<Vec<_>>(),
         },
     });

@@ -103,9 +103,8 @@ const MAX_SUMMARY_TOKENS: u32 = 512;
 pub const INSTRUCTION: &str = "Summarize the past passages above, all written by the same person, in two or \
      three sentences: what they write about, what they like or dislike, and how they write.";
 
-/// The entries' texts within the character budget, in rank order. The generator renders them
-/// first in the prompt, exactly as it renders a personalized prompt's past passages, so the
-/// summary and the continuation of one write share their prompt prefix.
+/// The entries' texts within the character budget, in rank order; the generator renders them as
+/// it renders a personalized prompt's past passages, as caller text (never markup).
 pub fn passages(entries: &[RankedEntry]) -> Vec<String> {
     let mut out = Vec::new();
     let mut left = MAX_INPUT_CHARS;
