@@ -96,7 +96,7 @@ async fn measure(
     warm: &ghostwriter_proto::v1::Document,
     targets: &[ghostwriter_proto::v1::Document],
     concurrency: usize,
-) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64)> {
+) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64, Value)> {
     let dir = tempfile::tempdir()?;
     let mut config = a.config.clone();
     config.retriever.index_dir = dir.path().join("index");
@@ -121,10 +121,10 @@ async fn write_all(
     targets: &[ghostwriter_proto::v1::Document],
     a: &BenchJobArgs,
     concurrency: usize,
-) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64)> {
+) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64, Value)> {
     let client = client(url).await?;
     let started = Instant::now();
-    let results: Vec<anyhow::Result<(f64, String, u64)>> = futures::stream::iter(targets.iter().cloned())
+    let results: Vec<anyhow::Result<(f64, String, u64, Vec<(String, f64)>)>> = futures::stream::iter(targets.iter().cloned())
         .map(|d| {
             let mut c = client.clone();
             let preset = a.preset.clone();
@@ -150,7 +150,11 @@ async fn write_all(
                     .await?
                     .into_inner();
                 let cached = r.generation.map_or(0, |g| g.cached_prompt_tokens as u64);
-                anyhow::Ok((t.elapsed().as_secs_f64(), r.text, cached))
+                let stages: Vec<(String, f64)> = r
+                    .provenance
+                    .map(|p| p.latencies.into_iter().map(|l| (l.stage, l.millis)).collect())
+                    .unwrap_or_default();
+                anyhow::Ok((t.elapsed().as_secs_f64(), r.text, cached, stages))
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -160,13 +164,22 @@ async fn write_all(
     let mut lat = Vec::new();
     let mut texts = Vec::new();
     let mut cached = 0;
+    let mut stages: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for r in results {
-        let (l, t, c) = r?;
+        let (l, t, c, s) = r?;
         lat.push(l);
         texts.push(t);
         cached += c;
+        for (stage, ms) in s {
+            stages.entry(stage).or_default().push(ms);
+        }
     }
-    Ok((targets.len() as f64 / wall, lat, texts, cached))
+    let stage_means: Value = stages
+        .into_iter()
+        .map(|(k, v)| (k, json!(v.iter().sum::<f64>() / v.len() as f64)))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    Ok((targets.len() as f64 / wall, lat, texts, cached, stage_means))
 }
 
 /// Runs the benchmark.
@@ -178,10 +191,10 @@ pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     // The first user after the peer's targets warms each pipeline up (model pages, first
     // allocations) without caching anything a measured write uses.
     let warm = targets.pop().expect("more than one target");
-    let (seq_rate, seq_lat, texts, seq_cached) =
+    let (seq_rate, seq_lat, texts, seq_cached, seq_stages) =
         measure(&a, &model_dir, &docs.documents, &warm, &targets, 1).await?;
     eprintln!("ghostwriter sequential: {seq_rate:.2} writes/s");
-    let (conc_rate, conc_lat, _, conc_cached) =
+    let (conc_rate, conc_lat, _, conc_cached, conc_stages) =
         measure(&a, &model_dir, &docs.documents, &warm, &targets, a.concurrency).await?;
     eprintln!(
         "ghostwriter {} in flight: {conc_rate:.2} writes/s",
@@ -200,10 +213,12 @@ pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
             "sequential_writes_per_s": seq_rate,
             "sequential_latency_mean_s": mean(&seq_lat),
             "sequential_cached_prompt_tokens": seq_cached,
+            "sequential_stage_ms_mean": seq_stages,
             "concurrency": a.concurrency,
             "concurrent_writes_per_s": conc_rate,
             "concurrent_latency_mean_s": mean(&conc_lat),
             "concurrent_cached_prompt_tokens": conc_cached,
+            "concurrent_stage_ms_mean": conc_stages,
             "sample_outputs": texts.iter().take(3).collect::<Vec<_>>(),
         },
     });

@@ -10,7 +10,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a helper spins for the next parallel region before parking.
-const SPIN: Duration = Duration::from_millis(3);
+const SPIN: Duration = Duration::from_millis(2);
+/// After this long a waiting thread yields its core between checks, so that other work of the
+/// process (the embedding stages of `up`) is not starved by spinning.
+const BUSY: Duration = Duration::from_micros(50);
 
 struct Job {
     /// The region's body; valid while the region runs (see [`Pool::run`]).
@@ -115,8 +118,13 @@ impl Pool {
             self.shared.wake.notify_all();
         }
         job.work();
+        let waiting = Instant::now();
         while job.done.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
+            if waiting.elapsed() > BUSY {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -136,6 +144,9 @@ fn helper(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && started.elapsed() > BUSY {
+                std::thread::yield_now();
+            }
             if spins % 1024 == 0 && started.elapsed() > SPIN {
                 // Park until the next region.
                 let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
