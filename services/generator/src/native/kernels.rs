@@ -427,10 +427,18 @@ pub fn scores16(
     assert!(kt.len() >= (hd - 1) * kstride + 16 && q.len() >= nrep * hd);
     assert!(out.len() >= (nrep - 1) * stride + 16);
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && nrep <= 8 {
-        // SAFETY: lengths asserted above; the CPU has AVX-512F.
-        unsafe { scores16_avx512(q, nrep, hd, kt, kstride, out, stride) };
-        return;
+    if has_vnni() {
+        // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
+        match nrep {
+            1 => return unsafe { scores16_avx512::<1>(q, hd, kt, kstride, out, stride) },
+            2 => return unsafe { scores16_avx512::<2>(q, hd, kt, kstride, out, stride) },
+            3 => return unsafe { scores16_avx512::<3>(q, hd, kt, kstride, out, stride) },
+            4 => return unsafe { scores16_avx512::<4>(q, hd, kt, kstride, out, stride) },
+            6 => return unsafe { scores16_avx512::<6>(q, hd, kt, kstride, out, stride) },
+            7 => return unsafe { scores16_avx512::<7>(q, hd, kt, kstride, out, stride) },
+            8 => return unsafe { scores16_avx512::<8>(q, hd, kt, kstride, out, stride) },
+            _ => {}
+        }
     }
     for r in 0..nrep {
         for j in 0..16 {
@@ -445,9 +453,8 @@ pub fn scores16(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores16_avx512(
+unsafe fn scores16_avx512<const NREP: usize>(
     q: &[f32],
-    nrep: usize,
     hd: usize,
     kt: &[f16],
     kstride: usize,
@@ -455,16 +462,16 @@ unsafe fn scores16_avx512(
     stride: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 8];
+    let mut acc = [_mm512_setzero_ps(); NREP];
     for d in 0..hd {
         let kv = _mm512_cvtph_ps(unsafe {
             _mm256_loadu_si256(kt.as_ptr().add(d * kstride) as *const _)
         });
-        for (r, a) in acc.iter_mut().enumerate().take(nrep) {
+        for (r, a) in acc.iter_mut().enumerate() {
             *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) }), kv, *a);
         }
     }
-    for (r, a) in acc.iter().enumerate().take(nrep) {
+    for (r, a) in acc.iter().enumerate() {
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * stride), *a) };
     }
 }
@@ -484,9 +491,28 @@ pub fn accumulate_values(
     assert!(out.len() >= nrep * hd && v.len() >= count * hd);
     assert!(count == 0 || p.len() >= (nrep - 1) * stride + count);
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && hd % 16 == 0 && nrep * hd / 16 <= 24 {
-        // SAFETY: lengths asserted above; the CPU has AVX-512F.
-        unsafe { accumulate_values_avx512(out, p, stride, count, v, hd, nrep) };
+    if has_vnni() && hd % 16 == 0 {
+        // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F. The common shapes
+        // get constant sizes so the accumulators stay in registers.
+        match (hd / 16, nrep) {
+            (4, 3) => unsafe { accumulate_values_avx512::<4, 3>(out, p, stride, count, v) },
+            (4, 1) => unsafe { accumulate_values_avx512::<4, 1>(out, p, stride, count, v) },
+            (4, 2) => unsafe { accumulate_values_avx512::<4, 2>(out, p, stride, count, v) },
+            (4, 4) => unsafe { accumulate_values_avx512::<4, 4>(out, p, stride, count, v) },
+            (8, 1) => unsafe { accumulate_values_avx512::<8, 1>(out, p, stride, count, v) },
+            (8, 2) => unsafe { accumulate_values_avx512::<8, 2>(out, p, stride, count, v) },
+            (8, 3) => unsafe { accumulate_values_avx512::<8, 3>(out, p, stride, count, v) },
+            (8, 6) => unsafe { accumulate_values_avx512::<8, 6>(out, p, stride, count, v) },
+            (8, 7) => unsafe { accumulate_values_avx512::<8, 7>(out, p, stride, count, v) },
+            _ => {
+                for j in 0..count {
+                    for r in 0..nrep {
+                        let pr = p[r * stride + j];
+                        axpy_f16(&mut out[r * hd..(r + 1) * hd], pr, &v[j * hd..(j + 1) * hd]);
+                    }
+                }
+            }
+        }
         return;
     }
     for j in 0..count {
@@ -498,37 +524,36 @@ pub fn accumulate_values(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn accumulate_values_avx512(
+unsafe fn accumulate_values_avx512<const LANES: usize, const NREP: usize>(
     out: &mut [f32],
     p: &[f32],
     stride: usize,
     count: usize,
     v: &[f16],
-    hd: usize,
-    nrep: usize,
 ) {
     use std::arch::x86_64::*;
-    let lanes = hd / 16;
-    let mut acc = [_mm512_setzero_ps(); 24];
-    for r in 0..nrep {
-        for c in 0..lanes {
-            acc[r * lanes + c] = unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c * 16)) };
+    let hd = LANES * 16;
+    let mut acc = [[_mm512_setzero_ps(); LANES]; NREP];
+    for (r, a) in acc.iter_mut().enumerate() {
+        for (c, x) in a.iter_mut().enumerate() {
+            *x = unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c * 16)) };
         }
     }
     for j in 0..count {
-        for c in 0..lanes {
+        let w: [__m512; NREP] =
+            std::array::from_fn(|r| _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) }));
+        for c in 0..LANES {
             let vv = _mm512_cvtph_ps(unsafe {
                 _mm256_loadu_si256(v.as_ptr().add(j * hd + c * 16) as *const _)
             });
-            for r in 0..nrep {
-                let w = _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) });
-                acc[r * lanes + c] = _mm512_fmadd_ps(vv, w, acc[r * lanes + c]);
+            for r in 0..NREP {
+                acc[r][c] = _mm512_fmadd_ps(vv, w[r], acc[r][c]);
             }
         }
     }
-    for r in 0..nrep {
-        for c in 0..lanes {
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c * 16), acc[r * lanes + c]) };
+    for (r, a) in acc.iter().enumerate() {
+        for (c, x) in a.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c * 16), *x) };
         }
     }
 }
@@ -711,6 +736,24 @@ mod tests {
         let portable = run(true);
         if has_vnni() {
             assert_eq!(fast, portable, "the vector and portable GEMMs differ");
+        }
+        // Attention kernels: 3 heads of width 64 over 16 keys (transposed) and 16 values.
+        let (hd, nrep) = (64, 3);
+        let q: Vec<f32> = (0..nrep * hd).map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8).collect();
+        let kt: Vec<f16> = (0..hd * 16).map(|i| f16::from_f32(((i * 13) % 23) as f32 * 0.05 - 0.5)).collect();
+        let attn = |portable: bool| {
+            PORTABLE.store(portable, std::sync::atomic::Ordering::Relaxed);
+            let mut scores = vec![0f32; nrep * 16];
+            scores16(&q, nrep, hd, &kt, 16, &mut scores, 16);
+            let mut out = vec![0.5f32; nrep * hd];
+            accumulate_values(&mut out, &scores, 16, 16, &kt, hd, nrep);
+            PORTABLE.store(false, std::sync::atomic::Ordering::Relaxed);
+            (scores, out)
+        };
+        let (fast, portable) = (attn(false), attn(true));
+        if has_vnni() {
+            assert_eq!(fast.0, portable.0, "attention scores differ");
+            assert_eq!(fast.1, portable.1, "value accumulation differs");
         }
     }
 
