@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 
 struct Data {
     url: String,
+    retriever: String,
     by_user: HashMap<String, Vec<Document>>,
 }
 
@@ -32,6 +33,7 @@ fn data() -> Option<Data> {
         common::shared(move |url| Box::pin(async move { common::ingest(&url, &documents).await }));
     Some(Data {
         url: shared.url.clone(),
+        retriever: shared.stage_urls["retriever"].clone(),
         by_user,
     })
 }
@@ -206,6 +208,28 @@ async fn query_syntax_characters_neither_fail_nor_leak() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_invalid_argument_and_nothing_half_written() {
     let Some(data) = data() else { return };
+    // A huge limit straight at the retriever is refused, not allocated (it used to abort the
+    // process), and the retriever still answers afterwards.
+    let mut retriever =
+        ghostwriter::proto::retriever_client::RetrieverClient::connect(data.retriever.clone())
+            .await
+            .unwrap();
+    let huge_limit = ghostwriter::proto::RetrieveRequest {
+        user_id: "A2EZWZ8MBEDOLN".into(),
+        query: "strings".into(),
+        limit: u32::MAX,
+        ..Default::default()
+    };
+    let status = retriever.retrieve(huge_limit.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("limit"), "{status:?}");
+    retriever
+        .retrieve(ghostwriter::proto::RetrieveRequest {
+            limit: 5,
+            ..huge_limit
+        })
+        .await
+        .expect("the retriever survives");
     let mut client = common::client(&data.url).await;
     let ok = |user: &str, start: &str, preset: &str| WriteRequest {
         user_id: user.into(),

@@ -589,9 +589,17 @@ impl Scheduler {
             }
         }
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, finish) in finished {
-            let s = self.running.remove(i);
-            self.blocks.release(&s.blocks);
+        let done: Vec<(Seq, Finish)> = finished
+            .into_iter()
+            .map(|(i, finish)| {
+                let s = self.running.remove(i);
+                self.blocks.release(&s.blocks);
+                (s, finish)
+            })
+            .collect();
+        // The gauge is current before any caller hears that its job is done.
+        m.generator_running.set(self.running.len() as i64);
+        for (s, finish) in done {
             finish_seq(s, finish);
         }
         Ok(())

@@ -96,7 +96,8 @@ pub struct GeneratorConfig {
         default_value_t = 64
     )]
     pub repeat_last_n: usize,
-    /// Requests allowed to wait for the engine; beyond it RESOURCE_EXHAUSTED is returned at once.
+    /// Requests allowed to wait for admission to the running batch; beyond it
+    /// RESOURCE_EXHAUSTED is returned at once.
     #[arg(
         long = "queue-capacity",
         env = "GHOSTWRITER_GENERATOR_QUEUE",

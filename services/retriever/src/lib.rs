@@ -49,6 +49,9 @@ impl From<Error> for Status {
     }
 }
 
+/// Most documents one Retrieve may ask for (a caller-controlled count sizes an allocation).
+pub const MAX_RETRIEVE_LIMIT: u32 = 10_000;
+
 /// Retriever settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrieverConfig {
@@ -192,8 +195,14 @@ impl Retriever for RetrieverService {
             before: r.before_timestamp.unwrap_or_else(now_unix),
             current_doc_id: r.current_doc_id,
         };
+        if r.limit > MAX_RETRIEVE_LIMIT {
+            return Err(Status::invalid_argument(format!(
+                "limit {} exceeds {MAX_RETRIEVE_LIMIT}",
+                r.limit
+            )));
+        }
         let limit = if r.limit == 0 {
-            self.default_limit
+            self.default_limit.min(MAX_RETRIEVE_LIMIT)
         } else {
             r.limit
         } as usize;
