@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ghostwriter_generator::engine::{Engine, EngineError, Event, Input, Job, Params, Stats};
+use ghostwriter_generator::engine::{Engine, EngineError, Input, Params, Stats};
 use ghostwriter_generator::prompt::Parts;
 use ghostwriter_generator::{GeneratorConfig, LanguageModel};
 use serde_json::{Value, json};
@@ -100,21 +100,7 @@ pub fn peak_rss_mb() -> f64 {
 
 /// Runs one job to the end.
 async fn run_job(engine: &Engine, input: Input, params: Params) -> Result<Stats, EngineError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine.submit(Job {
-        input,
-        params,
-        events: tx,
-        deadline: None,
-    })?;
-    while let Some(e) = rx.recv().await {
-        match e {
-            Event::Text(_) => {}
-            Event::Done(s) => return Ok(s),
-            Event::Failed(e) => return Err(e),
-        }
-    }
-    Err(EngineError::Stopped)
+    engine.generate(input, params, None).await
 }
 
 fn params(new_tokens: usize, ignore_eos: bool) -> Params {

@@ -84,26 +84,11 @@ struct Outcome {
 }
 
 async fn run(engine: &Engine, input: Input, params: Params) -> Result<Outcome, EngineError> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine.submit(Job {
-        input,
-        params,
-        events: tx,
-        deadline: None,
-    })?;
-    while let Some(e) = rx.recv().await {
-        match e {
-            Event::Text(_) => {}
-            Event::Done(s) => {
-                return Ok(Outcome {
-                    text: s.text,
-                    cached: s.cached_tokens,
-                });
-            }
-            Event::Failed(e) => return Err(e),
-        }
-    }
-    Err(EngineError::Stopped)
+    let s = engine.generate(input, params, None).await?;
+    Ok(Outcome {
+        text: s.text,
+        cached: s.cached_tokens,
+    })
 }
 
 fn personalized(passages: &[String], start: &str) -> Input {

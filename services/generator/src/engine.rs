@@ -249,6 +249,31 @@ impl Engine {
             })
     }
 
+    /// Runs one job to its end, discarding the streamed text (for tools and tests; the gRPC
+    /// adapter streams).
+    pub async fn generate(
+        &self,
+        input: Input,
+        params: Params,
+        deadline: Option<Instant>,
+    ) -> Result<Stats, EngineError> {
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.submit(Job {
+            input,
+            params,
+            events,
+            deadline,
+        })?;
+        while let Some(e) = rx.recv().await {
+            match e {
+                Event::Text(_) => {}
+                Event::Done(s) => return Ok(s),
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+
     /// Token ids of a prompt as the engine would run it (for tests and tools).
     pub fn tokenize(&self, input: &Input, max_new_tokens: usize) -> Result<Vec<u32>, EngineError> {
         fit_prompt(&self.prompter, &self.system, self.context, input, max_new_tokens)

@@ -133,16 +133,7 @@ impl CandleModel {
             });
         }
         let half = cfg.head_dim / 2;
-        let mut cos = vec![0f32; cfg.context * half];
-        let mut sin = vec![0f32; cfg.context * half];
-        for pos in 0..cfg.context {
-            for i in 0..half {
-                let theta = 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32);
-                let a = pos as f32 * theta;
-                cos[pos * half + i] = a.cos();
-                sin[pos * half + i] = a.sin();
-            }
-        }
+        let (cos, sin) = cfg.rope_tables();
         let cos = Tensor::from_vec(cos, (cfg.context, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (cfg.context, half), device)?.to_dtype(dtype)?;
         let bytes_per_token = cfg.kv_bytes_per_token() * dtype.size_in_bytes() / 2;

@@ -238,6 +238,21 @@ pub fn gemm(pool: &super::pool::Pool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
     pool.run(chunks, &run);
 }
 
+/// One tile's operands: rows of quantized activations against one group of 16 weight rows.
+#[derive(Clone, Copy)]
+struct Tile {
+    xq: *const i8,
+    k: usize,
+    xd: *const f32,
+    xc: *const i32,
+    kbs: usize,
+    wq: *const u8,
+    wd: *const f16,
+    out: *mut f32,
+    ldo: usize,
+    ncols: usize,
+}
+
 /// All rows of `x` against weight group `g`, written to `out` (row stride `w.n`).
 unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
     let kbs = w.k / QK;
@@ -251,24 +266,35 @@ unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
         let xq = unsafe { x.q.as_ptr().add(i * w.k) };
         let xd = unsafe { x.d.as_ptr().add(i * kbs) };
         let xc = unsafe { x.corr.as_ptr().add(i * kbs) };
-        let o = unsafe { out.add(i * w.n + g * NR) };
+        let t = Tile {
+            xq,
+            k: w.k,
+            xd,
+            xc,
+            kbs,
+            wq,
+            wd,
+            out: unsafe { out.add(i * w.n + g * NR) },
+            ldo: w.n,
+            ncols,
+        };
         unsafe {
             #[cfg(target_arch = "x86_64")]
             if has_vnni() {
                 match rows {
-                    8 => tile_vnni::<8>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    7 => tile_vnni::<7>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    6 => tile_vnni::<6>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    5 => tile_vnni::<5>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    4 => tile_vnni::<4>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    3 => tile_vnni::<3>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    2 => tile_vnni::<2>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
-                    _ => tile_vnni::<1>(xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols),
+                    8 => tile_vnni::<8>(t),
+                    7 => tile_vnni::<7>(t),
+                    6 => tile_vnni::<6>(t),
+                    5 => tile_vnni::<5>(t),
+                    4 => tile_vnni::<4>(t),
+                    3 => tile_vnni::<3>(t),
+                    2 => tile_vnni::<2>(t),
+                    _ => tile_vnni::<1>(t),
                 }
                 i += rows;
                 continue;
             }
-            tile_portable(rows, xq, w.k, xd, xc, kbs, wq, wd, o, w.n, ncols);
+            tile_portable(rows, t);
         }
         i += rows;
     }
@@ -276,20 +302,20 @@ unsafe fn gemm_group(x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_vnni<const MR: usize>(
-    xq: *const i8,
-    k: usize,
-    xd: *const f32,
-    xc: *const i32,
-    kbs: usize,
-    wq: *const u8,
-    wd: *const f16,
-    out: *mut f32,
-    ldo: usize,
-    ncols: usize,
-) {
+unsafe fn tile_vnni<const MR: usize>(t: Tile) {
     use std::arch::x86_64::*;
+    let Tile {
+        xq,
+        k,
+        xd,
+        xc,
+        kbs,
+        wq,
+        wd,
+        out,
+        ldo,
+        ncols,
+    } = t;
     let mut acc = [_mm512_setzero_ps(); MR];
     for kb in 0..kbs {
         let wb = unsafe { wq.add(kb * QK * NR) };
@@ -319,20 +345,19 @@ unsafe fn tile_vnni<const MR: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_portable(
-    rows: usize,
-    xq: *const i8,
-    k: usize,
-    xd: *const f32,
-    xc: *const i32,
-    kbs: usize,
-    wq: *const u8,
-    wd: *const f16,
-    out: *mut f32,
-    ldo: usize,
-    ncols: usize,
-) {
+unsafe fn tile_portable(rows: usize, t: Tile) {
+    let Tile {
+        xq,
+        k,
+        xd,
+        xc,
+        kbs,
+        wq,
+        wd,
+        out,
+        ldo,
+        ncols,
+    } = t;
     for i in 0..rows {
         let mut acc = [0f32; NR];
         for kb in 0..kbs {

@@ -92,6 +92,22 @@ impl Config {
         })
     }
 
+    /// RoPE cosines and sines, `[position][head_dim / 2]`, for every position of the context.
+    pub fn rope_tables(&self) -> (Vec<f32>, Vec<f32>) {
+        let half = self.head_dim / 2;
+        let mut cos = vec![0f32; self.context * half];
+        let mut sin = vec![0f32; self.context * half];
+        for pos in 0..self.context {
+            for i in 0..half {
+                let theta = 1f32 / self.rope_base.powf((2 * i) as f32 / self.head_dim as f32);
+                let a = pos as f32 * theta;
+                cos[pos * half + i] = a.cos();
+                sin[pos * half + i] = a.sin();
+            }
+        }
+        (cos, sin)
+    }
+
     /// Bytes of key and value cache per token (f16).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * 2
@@ -292,17 +308,7 @@ impl NativeModel {
                 wdown: stack(&[q8_rows(&tensor(&format!("{p}.ffn_down.weight"))?)?]),
             });
         }
-        let half = cfg.head_dim / 2;
-        let mut cos = vec![0f32; cfg.context * half];
-        let mut sin = vec![0f32; cfg.context * half];
-        for pos in 0..cfg.context {
-            for i in 0..half {
-                let theta = 1f32 / cfg.rope_base.powf((2 * i) as f32 / cfg.head_dim as f32);
-                let a = pos as f32 * theta;
-                cos[pos * half + i] = a.cos();
-                sin[pos * half + i] = a.sin();
-            }
-        }
+        let (cos, sin) = cfg.rope_tables();
         let pool = Pool::new(threads);
         let kv = KvCache::new(&cfg, block_size, kv_blocks);
         Ok(Self {
