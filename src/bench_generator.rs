@@ -199,9 +199,17 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         let (a2, dir) = (a.clone(), model_dir.to_path_buf());
         tokio::task::spawn_blocking(move || start_engine(&a2, &dir, false)).await??
     };
-    eprintln!("bench-generator: {} ({})", engine.model_name, engine.backend);
+    eprintln!(
+        "bench-generator: {} ({})",
+        engine.model_name, engine.backend
+    );
     // Warm-up.
-    run_job(&engine, instruction_of(&engine, &texts, 0, 64), params(4, true)).await?;
+    run_job(
+        &engine,
+        instruction_of(&engine, &texts, 0, 64),
+        params(4, true),
+    )
+    .await?;
 
     // Prompt processing.
     let mut pp = Vec::new();
@@ -275,7 +283,11 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
     };
     let passages: Vec<String> = texts[2000..2004.min(texts.len())].to_vec();
     let start = texts[2010].chars().take(150).collect::<String>();
-    let words = vec!["strings".to_string(), "tone".to_string(), "price".to_string()];
+    let words = vec![
+        "strings".to_string(),
+        "tone".to_string(),
+        "price".to_string(),
+    ];
     let summary = texts[2011].chars().take(300).collect::<String>();
     let mut prompt_tokens = 0;
     let mut cached_tokens = 0;

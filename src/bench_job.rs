@@ -14,8 +14,8 @@ use std::time::Instant;
 use futures::StreamExt;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
 use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
-use tonic::transport::Channel;
 use serde_json::{Value, json};
+use tonic::transport::Channel;
 
 use crate::embedded::{Embedded, EmbeddedConfig};
 
@@ -57,7 +57,10 @@ fn default_peer() -> PathBuf {
 }
 
 /// The peer's targets: (user, index of the target among the user's documents).
-fn targets(docs: &[ghostwriter_proto::v1::Document], n: usize) -> Vec<ghostwriter_proto::v1::Document> {
+fn targets(
+    docs: &[ghostwriter_proto::v1::Document],
+    n: usize,
+) -> Vec<ghostwriter_proto::v1::Document> {
     let mut by: std::collections::BTreeMap<&str, Vec<&ghostwriter_proto::v1::Document>> =
         Default::default();
     for d in docs {
@@ -79,6 +82,9 @@ fn targets(docs: &[ghostwriter_proto::v1::Document], n: usize) -> Vec<ghostwrite
     }
     out
 }
+
+/// One write's outcome: latency (s), text, cached prompt tokens, per-stage milliseconds.
+type WriteOutcome = (f64, String, u64, Vec<(String, f64)>);
 
 async fn client(url: &str) -> anyhow::Result<GhostwriterClient<Channel>> {
     Ok(GhostwriterClient::connect(url.to_string())
@@ -124,7 +130,7 @@ async fn write_all(
 ) -> anyhow::Result<(f64, Vec<f64>, Vec<String>, u64, Value)> {
     let client = client(url).await?;
     let started = Instant::now();
-    let results: Vec<anyhow::Result<(f64, String, u64, Vec<(String, f64)>)>> = futures::stream::iter(targets.iter().cloned())
+    let results: Vec<anyhow::Result<WriteOutcome>> = futures::stream::iter(targets.iter().cloned())
         .map(|d| {
             let mut c = client.clone();
             let preset = a.preset.clone();
@@ -152,7 +158,12 @@ async fn write_all(
                 let cached = r.generation.map_or(0, |g| g.cached_prompt_tokens as u64);
                 let stages: Vec<(String, f64)> = r
                     .provenance
-                    .map(|p| p.latencies.into_iter().map(|l| (l.stage, l.millis)).collect())
+                    .map(|p| {
+                        p.latencies
+                            .into_iter()
+                            .map(|l| (l.stage, l.millis))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 anyhow::Ok((t.elapsed().as_secs_f64(), r.text, cached, stages))
             }
@@ -194,8 +205,15 @@ pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let (seq_rate, seq_lat, texts, seq_cached, seq_stages) =
         measure(&a, &model_dir, &docs.documents, &warm, &targets, 1).await?;
     eprintln!("ghostwriter sequential: {seq_rate:.2} writes/s");
-    let (conc_rate, conc_lat, _, conc_cached, conc_stages) =
-        measure(&a, &model_dir, &docs.documents, &warm, &targets, a.concurrency).await?;
+    let (conc_rate, conc_lat, _, conc_cached, conc_stages) = measure(
+        &a,
+        &model_dir,
+        &docs.documents,
+        &warm,
+        &targets,
+        a.concurrency,
+    )
+    .await?;
     eprintln!(
         "ghostwriter {} in flight: {conc_rate:.2} writes/s",
         a.concurrency

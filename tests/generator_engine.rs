@@ -132,8 +132,16 @@ fn native_forward_matches_candle() {
     let a = native.forward(&step).unwrap().remove(0);
     let b = reference.forward(&step).unwrap().remove(0);
     let top = |l: &[f32]| ghostwriter_generator::sampler::argmax(l);
-    assert_eq!(top(&a), top(&b), "the two implementations pick different tokens");
-    let dot: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    assert_eq!(
+        top(&a),
+        top(&b),
+        "the two implementations pick different tokens"
+    );
+    let dot: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let cos = dot / (na * nb);
@@ -164,7 +172,12 @@ async fn greedy_text_does_not_depend_on_the_batch() {
     let e = engine(8, 64, false, 128);
     let mut alone = Vec::new();
     for (i, (p, s)) in cases.iter().enumerate() {
-        alone.push(run(&e, personalized(p, s), greedy(12 + 3 * i)).await.unwrap().text);
+        alone.push(
+            run(&e, personalized(p, s), greedy(12 + 3 * i))
+                .await
+                .unwrap()
+                .text,
+        );
     }
     // All eight at once: mixed prompt lengths and token limits, prefill chunks beside decodes.
     let together = futures::future::join_all(
@@ -179,7 +192,10 @@ async fn greedy_text_does_not_depend_on_the_batch() {
         assert_eq!(a, &b, "case {i}: batched text differs");
     }
     let written = alone.iter().filter(|t| !t.trim().is_empty()).count();
-    assert!(written >= 6, "only {written} of 8 cases wrote anything: {alone:?}");
+    assert!(
+        written >= 6,
+        "only {written} of 8 cases wrote anything: {alone:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,8 +207,13 @@ async fn prefix_cache_reuses_keys_and_keeps_the_text() {
     let (passages, start) = &cases[0];
     let cached = engine(4, 64, true, 128);
     let plain = engine(4, 64, false, 128);
-    let first = run(&cached, personalized(passages, start), greedy(16)).await.unwrap();
-    assert_eq!(first.cached, 0, "nothing is cached before the first request");
+    let first = run(&cached, personalized(passages, start), greedy(16))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.cached, 0,
+        "nothing is cached before the first request"
+    );
     // Another preset of the same write: the same start and passages, plus important words.
     let words = Input::Personalized(Parts {
         passage_start: start.clone(),
@@ -212,7 +233,10 @@ async fn prefix_cache_reuses_keys_and_keeps_the_text() {
         second.cached
     );
     let reference = run(&plain, words, greedy(16)).await.unwrap();
-    assert_eq!(second.text, reference.text, "cached prefix changed the text");
+    assert_eq!(
+        second.text, reference.text,
+        "cached prefix changed the text"
+    );
     assert_eq!(reference.cached, 0);
     // The summarizer's task over the same passages, twice: the second is all cached.
     let task = Input::Task {
@@ -226,9 +250,14 @@ async fn prefix_cache_reuses_keys_and_keeps_the_text() {
     assert_eq!(summary.text, summary_plain.text);
     assert_eq!(summary_again.text, summary_plain.text);
     // The very same prompt again: all but the last block comes from the cache.
-    let again = run(&cached, personalized(passages, start), greedy(16)).await.unwrap();
+    let again = run(&cached, personalized(passages, start), greedy(16))
+        .await
+        .unwrap();
     assert_eq!(again.text, first.text);
-    let n = cached.tokenize(&personalized(passages, start), 16).unwrap().len();
+    let n = cached
+        .tokenize(&personalized(passages, start), 16)
+        .unwrap()
+        .len();
     assert!(again.cached + 16 >= n - 1, "{} of {n}", again.cached);
 }
 
@@ -317,7 +346,10 @@ fn chat_markers_in_user_text_are_plain_text() {
     };
     let render = |parts: &Parts| {
         lm.prompter
-            .encode(&ghostwriter_generator::prompt::personalized(DEFAULT_SYSTEM, parts))
+            .encode(&ghostwriter_generator::prompt::personalized(
+                DEFAULT_SYSTEM,
+                parts,
+            ))
             .unwrap()
     };
     let clean = render(&Parts {
@@ -343,5 +375,8 @@ fn chat_markers_in_user_text_are_plain_text() {
             "{marker} in user text became a control token"
         );
     }
-    assert!(hostile.len() > clean.len() + 20, "the markers are spelled out as text");
+    assert!(
+        hostile.len() > clean.len() + 20,
+        "the markers are spelled out as text"
+    );
 }

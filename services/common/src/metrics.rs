@@ -109,7 +109,9 @@ fn build() -> Result<Metrics, prometheus::Error> {
                 "ghostwriter_generator_batch_tokens",
                 "Tokens per forward pass (decode tokens plus prefill chunks)",
             )
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0]),
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+            ]),
         )?,
         generator_prompt_tokens: IntCounter::new(
             "ghostwriter_generator_prompt_tokens_total",
@@ -155,11 +157,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         .register(Box::new(m.generator_queue_depth.clone()))?;
     m.registry.register(Box::new(m.generated_tokens.clone()))?;
     m.registry.register(Box::new(m.generator_running.clone()))?;
-    m.registry.register(Box::new(m.generator_queue_wait.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_queue_wait.clone()))?;
     m.registry
         .register(Box::new(m.generator_time_to_first_token.clone()))?;
-    m.registry.register(Box::new(m.generator_batch_tokens.clone()))?;
-    m.registry.register(Box::new(m.generator_prompt_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_batch_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_prompt_tokens.clone()))?;
     m.registry
         .register(Box::new(m.generator_prefix_cache_hit_tokens.clone()))?;
     m.registry

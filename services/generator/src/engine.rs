@@ -276,7 +276,13 @@ impl Engine {
 
     /// Token ids of a prompt as the engine would run it (for tests and tools).
     pub fn tokenize(&self, input: &Input, max_new_tokens: usize) -> Result<Vec<u32>, EngineError> {
-        fit_prompt(&self.prompter, &self.system, self.context, input, max_new_tokens)
+        fit_prompt(
+            &self.prompter,
+            &self.system,
+            self.context,
+            input,
+            max_new_tokens,
+        )
     }
 }
 
@@ -481,7 +487,9 @@ impl Scheduler {
                 let s = self.running.remove(i);
                 if expired && !closed {
                     let n = s.generated().len() as u32;
-                    let _ = s.events.send(Event::Failed(EngineError::DeadlineExceeded(n)));
+                    let _ = s
+                        .events
+                        .send(Event::Failed(EngineError::DeadlineExceeded(n)));
                 } else {
                     tracing::debug!("job cancelled by its caller");
                 }
@@ -598,9 +606,11 @@ impl Scheduler {
             s.computed += len;
             while self.blocks.enabled() && (s.registered + 1) * bs <= s.computed {
                 let r = s.registered;
-                s.parent_hash =
-                    self.blocks
-                        .register(s.blocks[r], s.parent_hash, &s.tokens[r * bs..(r + 1) * bs]);
+                s.parent_hash = self.blocks.register(
+                    s.blocks[r],
+                    s.parent_hash,
+                    &s.tokens[r * bs..(r + 1) * bs],
+                );
                 s.registered += 1;
             }
             if !wants {
@@ -659,7 +669,9 @@ fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize)
     let prefix_text = prompter
         .decode(&generated[s.prefix_offset..s.read_offset])
         .unwrap_or_default();
-    let new_text = prompter.decode(&generated[s.prefix_offset..]).unwrap_or_default();
+    let new_text = prompter
+        .decode(&generated[s.prefix_offset..])
+        .unwrap_or_default();
     if new_text.len() > prefix_text.len()
         && !new_text.ends_with('\u{FFFD}')
         && new_text.is_char_boundary(prefix_text.len())

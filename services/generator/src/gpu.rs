@@ -99,7 +99,8 @@ impl CandleModel {
                 .tensor(&mut reader, name, device)
                 .with_context(|| format!("reading {name}"))
         };
-        let vec = |q: QTensor| -> anyhow::Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dtype)?) };
+        let vec =
+            |q: QTensor| -> anyhow::Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dtype)?) };
         let embd = t("token_embd.weight")?;
         let lm_head = match t("output.weight") {
             Ok(q) => Linear::new(q, dense, device)?,
@@ -137,7 +138,12 @@ impl CandleModel {
         let cos = Tensor::from_vec(cos, (cfg.context, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (cfg.context, half), device)?.to_dtype(dtype)?;
         let bytes_per_token = cfg.kv_bytes_per_token() * dtype.size_in_bytes() / 2;
-        let blocks = cache_blocks(opts.kv_cache_mb, bytes_per_token, opts.block_size, cfg.context);
+        let blocks = cache_blocks(
+            opts.kv_cache_mb,
+            bytes_per_token,
+            opts.block_size,
+            cfg.context,
+        );
         let row = cfg.kv_heads * cfg.head_dim;
         let slots = blocks * opts.block_size;
         let mut k_cache = Vec::with_capacity(cfg.layers);
@@ -217,7 +223,10 @@ impl CandleModel {
                 v = v.broadcast_add(bv)?;
             }
             let rope = |x: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
-                let x = x.reshape((1, t, heads, hd))?.transpose(1, 2)?.contiguous()?;
+                let x = x
+                    .reshape((1, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
                 let x = if cfg.neox {
                     candle_nn::rotary_emb::rope(&x, &cos, &sin)?
                 } else {

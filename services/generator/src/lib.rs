@@ -108,10 +108,18 @@ pub struct GeneratorConfig {
     #[arg(long = "system-prompt", env = "GHOSTWRITER_SYSTEM_PROMPT", default_value = prompt::DEFAULT_SYSTEM)]
     pub system: String,
     /// CPU compute threads of the native engine (0 = every core).
-    #[arg(long = "threads", env = "GHOSTWRITER_GENERATOR_THREADS", default_value_t = 0)]
+    #[arg(
+        long = "threads",
+        env = "GHOSTWRITER_GENERATOR_THREADS",
+        default_value_t = 0
+    )]
     pub threads: usize,
     /// Sequences decoded together at most (the running batch).
-    #[arg(long = "max-running", env = "GHOSTWRITER_MAX_RUNNING", default_value_t = 32)]
+    #[arg(
+        long = "max-running",
+        env = "GHOSTWRITER_MAX_RUNNING",
+        default_value_t = 32
+    )]
     pub max_running: usize,
     /// Tokens in one forward pass at most: one per decoding sequence plus chunks of the
     /// prompts being prefilled.
@@ -123,10 +131,18 @@ pub struct GeneratorConfig {
     pub max_batch_tokens: usize,
     /// Memory for the key/value cache (running sequences and the prefix cache), MiB; at least
     /// one full context is always allocated.
-    #[arg(long = "kv-cache-mb", env = "GHOSTWRITER_KV_CACHE_MB", default_value_t = 256)]
+    #[arg(
+        long = "kv-cache-mb",
+        env = "GHOSTWRITER_KV_CACHE_MB",
+        default_value_t = 256
+    )]
     pub kv_cache_mb: usize,
     /// Positions per key/value cache block (the prefix cache's unit of reuse).
-    #[arg(long = "kv-block-size", env = "GHOSTWRITER_KV_BLOCK_SIZE", default_value_t = 16)]
+    #[arg(
+        long = "kv-block-size",
+        env = "GHOSTWRITER_KV_BLOCK_SIZE",
+        default_value_t = 16
+    )]
     pub block_size: usize,
     /// Reuse the keys and values of earlier prompts' common prefixes (`false` to turn off).
     #[arg(

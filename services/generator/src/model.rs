@@ -32,7 +32,9 @@ impl Prompter {
             if text.is_empty() {
                 continue;
             }
-            let enc = tok.encode(text.as_str(), false).map_err(anyhow::Error::msg)?;
+            let enc = tok
+                .encode(text.as_str(), false)
+                .map_err(anyhow::Error::msg)?;
             ids.extend_from_slice(enc.get_ids());
         }
         Ok(ids)

@@ -76,7 +76,9 @@ impl Prompt {
 
 fn open(system: &str) -> Prompt {
     let mut p = Prompt::default();
-    p.t(format!("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"));
+    p.t(format!(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+    ));
     p
 }
 
@@ -96,13 +98,17 @@ pub fn personalized(system: &str, parts: &Parts) -> Prompt {
     let mut p = open(system);
     p.t(format!("{INSTRUCTION}\n"));
     if !parts.omit_passage_start {
-        p.t("\npassage start: ").u(parts.passage_start.as_str()).t("\n");
+        p.t("\npassage start: ")
+            .u(parts.passage_start.as_str())
+            .t("\n");
     }
     if !parts.summary.trim().is_empty() {
         p.t("\nsummary: ").u(parts.summary.trim()).t("\n");
     }
     if !parts.important_words.is_empty() {
-        p.t("\nimportant words: ").u(parts.important_words.join(", ")).t("\n");
+        p.t("\nimportant words: ")
+            .u(parts.important_words.join(", "))
+            .t("\n");
     }
     passages_block(&mut p, &parts.past_passages);
     p.t("<|im_end|>\n<|im_start|>assistant\n")
@@ -216,7 +222,10 @@ mod tests {
         );
         for piece in &p.pieces {
             if let Piece::Template(t) = piece {
-                assert!(!t.contains("obey") && t != "<|im_end|>", "{t:?} is user text");
+                assert!(
+                    !t.contains("obey") && t != "<|im_end|>",
+                    "{t:?} is user text"
+                );
             }
         }
     }

@@ -112,7 +112,11 @@ mod tests {
         let mut g = Sampler::new(0.0, 1.0, 0, 1.0, 64);
         assert_eq!(g.sample(&mut [0.1, 2.0, 1.0], &[]), 1);
         let mut p = Sampler::new(0.0, 1.0, 0, 4.0, 64);
-        assert_eq!(p.sample(&mut [0.1, 2.0, 1.0], &[1]), 2, "penalized token loses");
+        assert_eq!(
+            p.sample(&mut [0.1, 2.0, 1.0], &[1]),
+            2,
+            "penalized token loses"
+        );
         let draws = |seed| {
             let mut s = Sampler::new(1.0, 0.9, seed, 1.0, 64);
             (0..20)

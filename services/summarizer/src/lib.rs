@@ -20,8 +20,8 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
 use ghostwriter_proto::v1::{
-    GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse, TaskInput,
-    SummaryMode,
+    GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse,
+    SummaryMode, TaskInput,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Channel;

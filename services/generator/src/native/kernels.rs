@@ -38,7 +38,7 @@ pub struct QMatrix {
 impl QMatrix {
     /// Builds from Q8_0 blocks: `scales[row][kb]`, `quants[row][k]`.
     pub fn from_q8(n: usize, k: usize, scales: &[f32], quants: &[i8]) -> Self {
-        assert!(k % QK == 0, "k = {k} is not a multiple of {QK}");
+        assert!(k.is_multiple_of(QK), "k = {k} is not a multiple of {QK}");
         let kbs = k / QK;
         assert_eq!(scales.len(), n * kbs);
         assert_eq!(quants.len(), n * k);
@@ -390,7 +390,7 @@ unsafe fn tile_portable(rows: usize, t: Tile) {
 pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && a.len() % 16 == 0 {
+    if has_vnni() && a.len().is_multiple_of(16) {
         // SAFETY: lengths checked; the CPU has AVX-512F.
         return unsafe { dot_f16_avx512(a, b) };
     }
@@ -415,7 +415,7 @@ unsafe fn dot_f16_avx512(a: &[f32], b: &[f16]) -> f32 {
 pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     debug_assert_eq!(y.len(), x.len());
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && y.len() % 16 == 0 {
+    if has_vnni() && y.len().is_multiple_of(16) {
         // SAFETY: lengths checked; the CPU has AVX-512F.
         unsafe { axpy_f16_avx512(y, a, x) };
         return;
@@ -493,7 +493,11 @@ unsafe fn scores16_avx512<const NREP: usize>(
             _mm256_loadu_si256(kt.as_ptr().add(d * kstride) as *const _)
         });
         for (r, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(_mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) }), kv, *a);
+            *a = _mm512_fmadd_ps(
+                _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) }),
+                kv,
+                *a,
+            );
         }
     }
     for (r, a) in acc.iter().enumerate() {
@@ -516,7 +520,7 @@ pub fn accumulate_values(
     assert!(out.len() >= nrep * hd && v.len() >= count * hd);
     assert!(count == 0 || p.len() >= (nrep - 1) * stride + count);
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && hd % 16 == 0 {
+    if has_vnni() && hd.is_multiple_of(16) {
         // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F. The common shapes
         // get constant sizes so the accumulators stay in registers.
         match (hd / 16, nrep) {
@@ -542,7 +546,11 @@ pub fn accumulate_values(
     }
     for j in 0..count {
         for r in 0..nrep {
-            axpy_f16(&mut out[r * hd..(r + 1) * hd], p[r * stride + j], &v[j * hd..(j + 1) * hd]);
+            axpy_f16(
+                &mut out[r * hd..(r + 1) * hd],
+                p[r * stride + j],
+                &v[j * hd..(j + 1) * hd],
+            );
         }
     }
 }
@@ -567,12 +575,14 @@ unsafe fn accumulate_values_avx512<const LANES: usize, const NREP: usize>(
     for j in 0..count {
         let w: [__m512; NREP] =
             std::array::from_fn(|r| _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) }));
-        for c in 0..LANES {
-            let vv = _mm512_cvtph_ps(unsafe {
+        let vv: [__m512; LANES] = std::array::from_fn(|c| {
+            _mm512_cvtph_ps(unsafe {
                 _mm256_loadu_si256(v.as_ptr().add(j * hd + c * 16) as *const _)
-            });
-            for r in 0..NREP {
-                acc[r][c] = _mm512_fmadd_ps(vv, w[r], acc[r][c]);
+            })
+        });
+        for (a, wr) in acc.iter_mut().zip(&w) {
+            for (x, vc) in a.iter_mut().zip(&vv) {
+                *x = _mm512_fmadd_ps(*vc, *wr, *x);
             }
         }
     }
@@ -715,7 +725,9 @@ mod tests {
         let (n, k) = (40, 96);
         let mut seed = 7u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
         let wf: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
@@ -744,8 +756,12 @@ mod tests {
     #[test]
     fn portable_kernels_give_the_same_bits() {
         let (n, k, m) = (48, 128, 9);
-        let wf: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1001) as f32 / 1001.0 - 0.5).collect();
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
+        let wf: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1001) as f32 / 1001.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+            .collect();
         let w = QMatrix::from_f32(n, k, &wf);
         let pool = super::super::pool::Pool::new(2);
         let run = |portable: bool| {
@@ -764,8 +780,12 @@ mod tests {
         }
         // Attention kernels: 3 heads of width 64 over 16 keys (transposed) and 16 values.
         let (hd, nrep) = (64, 3);
-        let q: Vec<f32> = (0..nrep * hd).map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8).collect();
-        let kt: Vec<f16> = (0..hd * 16).map(|i| f16::from_f32(((i * 13) % 23) as f32 * 0.05 - 0.5)).collect();
+        let q: Vec<f32> = (0..nrep * hd)
+            .map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8)
+            .collect();
+        let kt: Vec<f16> = (0..hd * 16)
+            .map(|i| f16::from_f32(((i * 13) % 23) as f32 * 0.05 - 0.5))
+            .collect();
         let attn = |portable: bool| {
             PORTABLE.store(portable, std::sync::atomic::Ordering::Relaxed);
             let mut scores = vec![0f32; nrep * 16];
@@ -807,7 +827,9 @@ mod tests {
 
     #[test]
     fn vector_and_scalar_quantization_agree() {
-        let x: Vec<f32> = (0..32).map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37).collect();
+        let x: Vec<f32> = (0..32)
+            .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37)
+            .collect();
         let (d, q) = quantize_block(&x);
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (d2, inv) = (amax / 127.0, 127.0 / amax);
@@ -822,7 +844,9 @@ mod tests {
     #[test]
     fn f16_helpers() {
         let a: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
-        let b: Vec<f16> = (0..64).map(|i| f16::from_f32(1.0 - i as f32 * 0.01)).collect();
+        let b: Vec<f16> = (0..64)
+            .map(|i| f16::from_f32(1.0 - i as f32 * 0.01))
+            .collect();
         let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y.to_f32()).sum();
         assert!((dot_f16(&a, &b) - want).abs() < 1e-2);
         let mut y = a.clone();

@@ -16,7 +16,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-use super::kernels::{self, QActs, QMatrix, QK};
+use super::kernels::{self, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
@@ -230,7 +230,10 @@ fn q8_rows(t: &QTensor) -> anyhow::Result<Q8Rows> {
         return Ok(Q8Rows { n, k, d, q });
     }
     // Other formats (Q4_K, Q6_K, F16, ...) are dequantized and re-quantized to Q8_0.
-    let f = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let f = t
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let kbs = k / QK;
     let mut d = vec![0f32; n * kbs];
     let mut q = vec![0i8; n * k];
@@ -260,8 +263,10 @@ impl NativeModel {
         block_size: usize,
         kv_blocks: usize,
     ) -> anyhow::Result<Self> {
-        if block_size == 0 || block_size % 16 != 0 {
-            bail!("the native engine needs a key/value block size that is a multiple of 16, not {block_size}");
+        if block_size == 0 || !block_size.is_multiple_of(16) {
+            bail!(
+                "the native engine needs a key/value block size that is a multiple of 16, not {block_size}"
+            );
         }
         let (content, mut reader) = gguf::read_content(path)?;
         let cfg = Config::from_gguf(&content, max_context)?;
@@ -274,7 +279,9 @@ impl NativeModel {
                 .with_context(|| format!("reading {name}"))
         };
         let vector = |t: QTensor| -> anyhow::Result<Vec<f32>> {
-            Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(t.dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         let embd = q8_rows(&tensor("token_embd.weight")?)?;
         let out_norm = vector(tensor("output_norm.weight")?)?;
@@ -352,7 +359,10 @@ impl NativeModel {
         for (s, seq) in seqs.iter().enumerate() {
             let end = seq.start + seq.tokens.len();
             if end > cfg.context {
-                bail!("position {end} is past the context window of {}", cfg.context);
+                bail!(
+                    "position {end} is past the context window of {}",
+                    cfg.context
+                );
             }
             if seq.blocks.len() * bs < end {
                 bail!("sequence {s} has too few cache blocks for {end} positions");
@@ -452,7 +462,11 @@ impl NativeModel {
             sc.gu.resize(t * 2 * cfg.ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
             sc.act.resize(t * cfg.ff, 0.0);
-            for (gu, a) in sc.gu.chunks_exact(2 * cfg.ff).zip(sc.act.chunks_exact_mut(cfg.ff)) {
+            for (gu, a) in sc
+                .gu
+                .chunks_exact(2 * cfg.ff)
+                .zip(sc.act.chunks_exact_mut(cfg.ff))
+            {
                 let (g, u) = gu.split_at(cfg.ff);
                 kernels::silu_mul(g, u, a);
             }
@@ -482,7 +496,10 @@ impl NativeModel {
         sc.qa.quantize(&sc.h, last.len(), hidden);
         let mut logits = vec![0f32; last.len() * cfg.vocab];
         kernels::gemm(&self.pool, &sc.qa, &self.lm_head, &mut logits);
-        Ok(logits.chunks_exact(cfg.vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits
+            .chunks_exact(cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 

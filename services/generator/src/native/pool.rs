@@ -144,10 +144,10 @@ fn helper(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && started.elapsed() > BUSY {
+            if spins.is_multiple_of(256) && started.elapsed() > BUSY {
                 std::thread::yield_now();
             }
-            if spins % 1024 == 0 && started.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
                 // Park until the next region.
                 let guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
                 s.parked.fetch_add(1, Ordering::AcqRel);
