@@ -244,9 +244,34 @@ async fn bad_input_is_invalid_argument_and_nothing_half_written() {
         (ok("u", "", "full"), "start"),
         (ok("u", "hello", "no-such-preset"), "preset"),
         (ok("u", &huge, "full"), "characters"),
+        (ok("u", "hello", &"p".repeat(16_000)), "(cut)"),
+        (
+            WriteRequest {
+                doc_id: "d".repeat(20_000),
+                ..ok("u", "hello", "full")
+            },
+            "doc_id",
+        ),
+        (
+            WriteRequest {
+                options: Some(WriteOptions {
+                    generation: Some(GenerationParams {
+                        temperature: 99.0,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..ok("u", "hello", "full")
+            },
+            "temperature",
+        ),
     ] {
         let status = client.write(request.clone()).await.expect_err("must fail");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().len() < 600,
+            "the error echoes the input: {status:?}"
+        );
         assert!(
             status.message().contains(needle),
             "{:?} lacks {needle}",

@@ -33,6 +33,8 @@ pub const DEFAULT_CONTEXT_CHARS: usize = 150;
 const MAX_CONTEXT_CHARS: u32 = 20_000;
 /// Longest user id.
 const MAX_USER_ID: usize = 512;
+/// Most new tokens a write may ask for (each generator enforces its own, lower, limit too).
+const MAX_NEW_TOKENS: u32 = 4096;
 
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
@@ -187,14 +189,42 @@ impl OrchestratorService {
                 "title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"
             )));
         }
+        if r.doc_id.len() > MAX_USER_ID {
+            return Err(Status::invalid_argument(format!(
+                "doc_id is limited to {MAX_USER_ID} bytes"
+            )));
+        }
         let preset = preset::find(&r.preset).ok_or_else(|| {
+            let shown: String = r.preset.chars().take(100).collect();
             Status::invalid_argument(format!(
-                "unknown preset {:?}; known presets: {}",
-                r.preset,
+                "unknown preset {shown:?}{}; known presets: {}",
+                if shown.len() < r.preset.len() {
+                    " (cut)"
+                } else {
+                    ""
+                },
                 preset::names()
             ))
         })?;
         let o = r.options.unwrap_or_default();
+        // Generation settings are checked before any stage runs.
+        if let Some(g) = &o.generation {
+            if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
+                return Err(Status::invalid_argument(
+                    "generation: temperature must be in [0, 10] and top_p in [0, 1]",
+                ));
+            }
+            if g.max_new_tokens > MAX_NEW_TOKENS {
+                return Err(Status::invalid_argument(format!(
+                    "generation: max_new_tokens is limited to {MAX_NEW_TOKENS}"
+                )));
+            }
+            if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
+                return Err(Status::invalid_argument(
+                    "generation: at most 16 stop strings of at most 256 bytes",
+                ));
+            }
+        }
         if o.context_chars > MAX_CONTEXT_CHARS {
             return Err(Status::invalid_argument(format!(
                 "context_chars is limited to {MAX_CONTEXT_CHARS}"
