@@ -320,6 +320,9 @@ fn fit_prompt(
             Input::Instruction(text) => prompt::instruction(system, text),
         };
         let ids = prompter.encode(&rendered).map_err(inference)?;
+        if ids.is_empty() {
+            return Err(EngineError::InvalidArgument("the prompt is empty".into()));
+        }
         if ids.len() <= budget {
             return Ok(ids);
         }
@@ -519,7 +522,9 @@ impl Scheduler {
                 continue;
             }
             // Reuse whole cached blocks, leaving at least one prompt token to compute.
-            let (hit, parent) = self.blocks.lookup(&q.prompt, q.prompt.len() - 1);
+            let (hit, parent) = self
+                .blocks
+                .lookup(&q.prompt, q.prompt.len().saturating_sub(1));
             let Some(fresh) = self.blocks.allocate(need - hit.len()) else {
                 self.blocks.release(&hit);
                 return;
