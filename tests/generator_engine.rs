@@ -58,14 +58,14 @@ fn greedy(max_new_tokens: usize) -> Params {
 /// Real reviews: (user's earlier texts, a later start) for a few users.
 fn cases(n: usize) -> Vec<(Vec<String>, String)> {
     let Some(path) = common::amazon_docs() else {
-        return Vec::new();
+        return Vec::new(); // only with GHOSTWRITER_ALLOW_SKIP=1
     };
     let docs = ghostwriter::loaders::load(&path).unwrap().documents;
     let mut by_user: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for d in docs {
         by_user.entry(d.user_id).or_default().push(d.text);
     }
-    by_user
+    let picked: Vec<_> = by_user
         .into_values()
         .filter(|t| t.len() >= 4 && t.iter().all(|x| x.len() > 40))
         .take(n)
@@ -75,7 +75,9 @@ fn cases(n: usize) -> Vec<(Vec<String>, String)> {
             t.truncate(3);
             (t, start)
         })
-        .collect()
+        .collect();
+    assert_eq!(picked.len(), n, "the data has too few users with 4 reviews");
+    picked
 }
 
 struct Outcome {

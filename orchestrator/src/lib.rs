@@ -209,11 +209,7 @@ impl OrchestratorService {
         let o = r.options.unwrap_or_default();
         // Generation settings are checked before any stage runs.
         if let Some(g) = &o.generation {
-            if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
-                return Err(Status::invalid_argument(
-                    "generation: temperature must be in [0, 10] and top_p in [0, 1]",
-                ));
-            }
+            ghostwriter_common::check_sampling(g)?;
             if g.max_new_tokens > MAX_NEW_TOKENS {
                 return Err(Status::invalid_argument(format!(
                     "generation: max_new_tokens is limited to {MAX_NEW_TOKENS}"

@@ -15,3 +15,14 @@ pub mod text;
 
 /// Most characters one document (title and text together) may have.
 pub const MAX_DOCUMENT_CHARS: usize = 100_000;
+
+/// Checks the ranges of caller-set generation settings (the orchestrator before any stage
+/// runs, the generator for its direct callers); each also checks its own token limit.
+pub fn check_sampling(g: &ghostwriter_proto::v1::GenerationParams) -> Result<(), tonic::Status> {
+    if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
+        return Err(tonic::Status::invalid_argument(
+            "temperature must be in [0, 10] and top_p in [0, 1]",
+        ));
+    }
+    Ok(())
+}

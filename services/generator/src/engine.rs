@@ -114,8 +114,6 @@ pub struct Stats {
     pub tokens_per_second: f64,
     /// Submission to first token, seconds.
     pub time_to_first_token: f64,
-    /// Submission to admission, seconds.
-    pub queue_wait: f64,
 }
 
 /// Events a job sends back.
@@ -723,7 +721,6 @@ fn finish_seq(s: Seq, finish: Finish) {
         finish,
         tokens_per_second,
         time_to_first_token: first.duration_since(s.enqueued).as_secs_f64(),
-        queue_wait: s.admitted.duration_since(s.enqueued).as_secs_f64(),
         text: s.text,
     }));
 }

@@ -101,12 +101,14 @@ impl CandleModel {
         };
         let vec =
             |q: QTensor| -> anyhow::Result<Tensor> { Ok(q.dequantize(device)?.to_dtype(dtype)?) };
-        let embd = t("token_embd.weight")?;
-        let lm_head = match t("output.weight") {
-            Ok(q) => Linear::new(q, dense, device)?,
-            Err(_) => Linear::new(t("token_embd.weight")?, dense, device)?,
+        let embd_q = t("token_embd.weight")?;
+        let embd = embd_q.dequantize(device)?.to_dtype(dtype)?;
+        let lm_head = match (t("output.weight"), dense) {
+            (Ok(q), _) => Linear::new(q, dense, device)?,
+            // Tied embeddings: the dense table serves both (candle tensors share storage).
+            (Err(_), Some(_)) => Linear::Dense(embd.clone()),
+            (Err(_), None) => Linear::Quant(QMatMul::from_qtensor(embd_q)?),
         };
-        let embd = embd.dequantize(device)?.to_dtype(dtype)?;
         let out_norm = vec(t("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
@@ -175,7 +177,6 @@ impl CandleModel {
         let (hd, nh, nkv) = (cfg.head_dim, cfg.heads, cfg.kv_heads);
         let bs = self.block_size;
         let dev = &self.device;
-        let slot = |seq: &SeqStep<'_>, p: usize| (seq.blocks[p / bs] as usize * bs + p % bs) as u32;
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
@@ -187,7 +188,7 @@ impl CandleModel {
             tokens.extend_from_slice(seq.tokens);
             for p in seq.start..end {
                 positions.push(p as u32);
-                slots.push(slot(seq, p));
+                slots.push(slot(seq, p, bs));
             }
         }
         let t = tokens.len();
@@ -208,7 +209,7 @@ impl CandleModel {
         let groups = attention_groups(seqs, bs);
         let group_tensors: Vec<GroupTensors> = groups
             .iter()
-            .map(|g| g.tensors(dev, self.dtype))
+            .map(|g| g.tensors(dev))
             .collect::<anyhow::Result<_>>()?;
         let mut x = self.embd.index_select(&ids, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -326,7 +327,7 @@ struct GroupTensors {
 }
 
 impl Group {
-    fn tensors(&self, dev: &Device, _dtype: DType) -> anyhow::Result<GroupTensors> {
+    fn tensors(&self, dev: &Device) -> anyhow::Result<GroupTensors> {
         Ok(GroupTensors {
             slots: Tensor::new(self.slots.as_slice(), dev)?,
             mask: Tensor::from_vec(
@@ -338,8 +339,12 @@ impl Group {
     }
 }
 
+/// Cache slot (row of the per-layer key/value tensors) of position `p` of a sequence.
+fn slot(seq: &SeqStep<'_>, p: usize, bs: usize) -> u32 {
+    (seq.blocks[p / bs] as usize * bs + p % bs) as u32
+}
+
 fn attention_groups(seqs: &[SeqStep<'_>], bs: usize) -> Vec<Group> {
-    let slot = |seq: &SeqStep<'_>, p: usize| (seq.blocks[p / bs] as usize * bs + p % bs) as u32;
     let mut groups = Vec::new();
     let mut row = 0;
     let mut i = 0;
@@ -365,7 +370,7 @@ fn attention_groups(seqs: &[SeqStep<'_>], bs: usize) -> Vec<Group> {
         let mut mask = Vec::with_capacity(members.len() * queries * keys);
         for s in members {
             let end = s.start + s.tokens.len();
-            slots.extend((0..keys).map(|p| if p < end { slot(s, p) } else { 0 }));
+            slots.extend((0..keys).map(|p| if p < end { slot(s, p, bs) } else { 0 }));
             for qi in 0..queries {
                 let qpos = s.start + qi;
                 mask.extend((0..keys).map(|p| if p <= qpos { 0.0 } else { f32::NEG_INFINITY }));

@@ -216,11 +216,11 @@ impl GeneratorService {
             .ok_or_else(|| Status::unavailable("the generator is still loading its model"))
     }
 
-    /// Validates a request and queues it; returns the event receiver.
-    fn start(
+    /// Validates a request: what to condition on, the decoding settings and the deadline.
+    fn parse(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<(mpsc::UnboundedReceiver<Event>, String), Status> {
+    ) -> Result<(Input, Params, Option<Instant>), Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         let input = match r.input {
@@ -249,7 +249,7 @@ impl GeneratorService {
             }
             None => {
                 return Err(Status::invalid_argument(
-                    "input is missing: set personalized or instruction",
+                    "input is missing: set personalized, task or instruction",
                 ));
             }
         };
@@ -261,11 +261,7 @@ impl GeneratorService {
                 g.max_new_tokens, c.max_new_tokens_limit
             )));
         }
-        if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
-            return Err(Status::invalid_argument(
-                "temperature must be in [0, 10] and top_p in [0, 1]",
-            ));
-        }
+        ghostwriter_common::check_sampling(&g)?;
         let params = Params {
             max_new_tokens: if g.max_new_tokens == 0 {
                 c.default_max_new_tokens
@@ -279,15 +275,7 @@ impl GeneratorService {
             repeat_penalty: c.repeat_penalty,
             ignore_eos: false,
         };
-        let engine = self.engine()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        engine.submit(Job {
-            input,
-            params,
-            events: tx,
-            deadline,
-        })?;
-        Ok((rx, engine.model_name.clone()))
+        Ok((input, params, deadline))
     }
 }
 
@@ -297,15 +285,10 @@ impl Generator for GeneratorService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let (mut rx, model) = self.start(request)?;
-        while let Some(event) = rx.recv().await {
-            match event {
-                Event::Text(_) => {}
-                Event::Done(stats) => return Ok(Response::new(response(stats, &model))),
-                Event::Failed(e) => return Err(e.into()),
-            }
-        }
-        Err(EngineError::Stopped.into())
+        let (input, params, deadline) = self.parse(request)?;
+        let engine = self.engine()?;
+        let stats = engine.generate(input, params, deadline).await?;
+        Ok(Response::new(response(stats, &engine.model_name)))
     }
 
     type GenerateStreamStream = StreamOf<GenerateStreamResponse>;
@@ -314,8 +297,16 @@ impl Generator for GeneratorService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (rx, model) = self.start(request)?;
-        let stream = event_stream(rx, model);
+        let (input, params, deadline) = self.parse(request)?;
+        let engine = self.engine()?;
+        let (events, rx) = mpsc::unbounded_channel();
+        engine.submit(Job {
+            input,
+            params,
+            events,
+            deadline,
+        })?;
+        let stream = event_stream(rx, engine.model_name.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }

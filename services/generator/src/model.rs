@@ -40,16 +40,6 @@ impl Prompter {
         Ok(ids)
     }
 
-    /// Token ids of plain text (special tokens not recognized).
-    pub fn encode_text(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        Ok(self
-            .plain
-            .encode(text, false)
-            .map_err(anyhow::Error::msg)?
-            .get_ids()
-            .to_vec())
-    }
-
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
         self.special.decode(ids, true).map_err(anyhow::Error::msg)
@@ -63,7 +53,7 @@ pub struct LoadOptions {
     pub device: String,
     /// Largest context window used.
     pub max_context: usize,
-    /// CPU compute threads (0 = every core).
+    /// CPU compute threads of the native engine (0 = every core).
     pub threads: usize,
     /// Positions per cache block.
     pub block_size: usize,
@@ -106,28 +96,10 @@ impl LanguageModel {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let device = ghostwriter_common::device::parse(&opts.device)?;
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            opts.threads
-        };
         let backend: Box<dyn Backend> = if device.is_cpu() {
-            let probe = crate::native::Config::from_gguf(&content, opts.max_context)?;
-            let blocks = cache_blocks(
-                opts.kv_cache_mb,
-                probe.kv_bytes_per_token(),
-                opts.block_size,
-                probe.context,
-            );
             Box::new(
-                crate::native::NativeModel::load(
-                    path,
-                    opts.max_context,
-                    threads,
-                    opts.block_size,
-                    blocks,
-                )
-                .context("loading the native CPU model")?,
+                crate::native::NativeModel::load(path, opts)
+                    .context("loading the native CPU model")?,
             )
         } else {
             Box::new(crate::gpu::CandleModel::load(path, &device, opts)?)

@@ -20,6 +20,7 @@ use super::kernels::{self, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
+use crate::model::{LoadOptions, cache_blocks};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -142,14 +143,14 @@ pub struct KvCache {
 impl KvCache {
     fn new(cfg: &Config, block_size: usize, blocks: usize) -> Self {
         let len = cfg.layers * blocks * block_size * cfg.kv_heads * cfg.head_dim;
-        // Written, not just allocated: the pages are mapped now rather than faulted in on the
-        // first requests.
-        let mut k = Vec::with_capacity(len);
-        k.resize(len, f16::from_bits(1));
-        k.fill(f16::ZERO);
-        let mut v = Vec::with_capacity(len);
-        v.resize(len, f16::from_bits(1));
-        v.fill(f16::ZERO);
+        // Written, not just allocated (`vec![0; n]` would get lazily mapped zero pages): the
+        // pages are mapped now rather than faulted in on the first requests.
+        let prefaulted = || {
+            let mut x = Vec::with_capacity(len);
+            x.resize(len, f16::ZERO);
+            x
+        };
+        let (k, v) = (prefaulted(), prefaulted());
         Self {
             block_size,
             blocks,
@@ -254,22 +255,17 @@ fn stack(parts: &[Q8Rows]) -> QMatrix {
 }
 
 impl NativeModel {
-    /// Loads a GGUF file. `threads` compute threads; a cache of `kv_blocks` blocks of
-    /// `block_size` positions.
-    pub fn load(
-        path: &Path,
-        max_context: usize,
-        threads: usize,
-        block_size: usize,
-        kv_blocks: usize,
-    ) -> anyhow::Result<Self> {
+    /// Loads a GGUF file with `opts.threads` compute threads (0 = every core) and a cache of
+    /// `opts.kv_cache_mb` in blocks of `opts.block_size` positions.
+    pub fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let block_size = opts.block_size;
         if block_size == 0 || !block_size.is_multiple_of(16) {
             bail!(
                 "the native engine needs a key/value block size that is a multiple of 16, not {block_size}"
             );
         }
         let (content, mut reader) = gguf::read_content(path)?;
-        let cfg = Config::from_gguf(&content, max_context)?;
+        let cfg = Config::from_gguf(&content, opts.max_context)?;
         if cfg.head_dim % 16 != 0 {
             bail!("head width {} is not a multiple of 16", cfg.head_dim);
         }
@@ -316,8 +312,19 @@ impl NativeModel {
             });
         }
         let (cos, sin) = cfg.rope_tables();
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
         let pool = Pool::new(threads);
-        let kv = KvCache::new(&cfg, block_size, kv_blocks);
+        let blocks = cache_blocks(
+            opts.kv_cache_mb,
+            cfg.kv_bytes_per_token(),
+            block_size,
+            cfg.context,
+        );
+        let kv = KvCache::new(&cfg, block_size, blocks);
         Ok(Self {
             pool,
             embd_q: embd.q,
