@@ -168,7 +168,78 @@ impl QActs {
             *c = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
         }
     }
+
+    /// Quantizes `m` rows of width `k` that `row(r, buf)` writes into `buf`, spreading the rows
+    /// over the pool when there are enough of them (the row producer — a norm, an activation —
+    /// then runs in parallel too, and its f32 output never leaves the thread's cache).
+    pub fn fill(
+        &mut self,
+        pool: &super::pool::Pool,
+        m: usize,
+        k: usize,
+        row: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        let kbs = k / QK;
+        self.m = m;
+        self.k = k;
+        self.q.resize(m * k, 0);
+        self.d.resize(m * kbs, 0.0);
+        self.corr.resize(m * kbs, 0);
+        // About 16K elements per task: big enough to pay for the hand-off.
+        let per = (16_384 / k.max(1)).max(1);
+        let tasks = m.div_ceil(per);
+        let (q, d, c) = (
+            SendPtr(self.q.as_mut_ptr()),
+            SendPtr(self.d.as_mut_ptr()),
+            SendPtr(self.corr.as_mut_ptr()),
+        );
+        let work = |task: usize| {
+            let (q, d, c) = (q, d, c);
+            ROW.with_borrow_mut(|buf| {
+                buf.resize(k, 0.0);
+                for r in task * per..((task + 1) * per).min(m) {
+                    row(r, buf);
+                    // SAFETY: row r owns quants [r·k, (r+1)·k) and blocks [r·kbs, (r+1)·kbs)
+                    // of buffers sized above; tasks cover disjoint rows.
+                    let (qs, ds, cs) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(q.0.add(r * k), k),
+                            std::slice::from_raw_parts_mut(d.0.add(r * kbs), kbs),
+                            std::slice::from_raw_parts_mut(c.0.add(r * kbs), kbs),
+                        )
+                    };
+                    for (((xs, qb), dv), cv) in buf
+                        .chunks_exact(QK)
+                        .zip(qs.chunks_exact_mut(QK))
+                        .zip(ds.iter_mut())
+                        .zip(cs.iter_mut())
+                    {
+                        let (s, qv) = quantize_block(xs);
+                        *dv = s;
+                        qb.copy_from_slice(&qv);
+                        *cv = 128 * qv.iter().map(|&v| v as i32).sum::<i32>();
+                    }
+                }
+            });
+        };
+        if tasks == 1 {
+            work(0);
+        } else {
+            pool.run(tasks, &work);
+        }
+    }
 }
+
+thread_local! {
+    /// One f32 row for [`QActs::fill`].
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand out disjoint row ranges (see `QActs::fill`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);

@@ -177,11 +177,9 @@ impl KvCache {
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,
-    h: Vec<f32>,
     qkv: Vec<f32>,
     att: Vec<f32>,
     gu: Vec<f32>,
-    act: Vec<f32>,
     out: Vec<f32>,
     qa: QActs,
 }
@@ -401,8 +399,10 @@ impl NativeModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            rms_norm(&sc.x, &layer.attn_norm, cfg.eps, hidden, &mut sc.h);
-            sc.qa.quantize(&sc.h, t, hidden);
+            let x = &sc.x;
+            sc.qa.fill(&self.pool, t, hidden, &|r, out| {
+                rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.attn_norm, cfg.eps, out)
+            });
             sc.qkv.resize(t * qkv_w, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
             if let Some(b) = &layer.bqkv {
@@ -457,27 +457,28 @@ impl NativeModel {
             } else {
                 pool::for_each_chunk_mut(&self.pool, &mut sc.att, nrep * hd, &attend);
             }
-            sc.qa.quantize(&sc.att, t, nh * hd);
+            let att = &sc.att;
+            let w = nh * hd;
+            sc.qa.fill(&self.pool, t, w, &|r, out| {
+                out.copy_from_slice(&att[r * w..(r + 1) * w])
+            });
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
             // Feed-forward block.
-            rms_norm(&sc.x, &layer.ffn_norm, cfg.eps, hidden, &mut sc.h);
-            sc.qa.quantize(&sc.h, t, hidden);
+            let x = &sc.x;
+            sc.qa.fill(&self.pool, t, hidden, &|r, out| {
+                rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.ffn_norm, cfg.eps, out)
+            });
             sc.gu.resize(t * 2 * cfg.ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
-            sc.act.resize(t * cfg.ff, 0.0);
-            for (gu, a) in sc
-                .gu
-                .chunks_exact(2 * cfg.ff)
-                .zip(sc.act.chunks_exact_mut(cfg.ff))
-            {
-                let (g, u) = gu.split_at(cfg.ff);
-                kernels::silu_mul(g, u, a);
-            }
-            sc.qa.quantize(&sc.act, t, cfg.ff);
+            let (gu, ff) = (&sc.gu, cfg.ff);
+            sc.qa.fill(&self.pool, t, ff, &|r, out| {
+                let (g, u) = gu[r * 2 * ff..(r + 1) * 2 * ff].split_at(ff);
+                kernels::silu_mul(g, u, out);
+            });
             kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
@@ -495,12 +496,11 @@ impl NativeModel {
         if last.is_empty() {
             return Ok(Vec::new());
         }
-        let picked: Vec<f32> = last
-            .iter()
-            .flat_map(|&r| sc.x[r * hidden..(r + 1) * hidden].iter().copied())
-            .collect();
-        rms_norm(&picked, &self.out_norm, cfg.eps, hidden, &mut sc.h);
-        sc.qa.quantize(&sc.h, last.len(), hidden);
+        let (x, norm) = (&sc.x, &self.out_norm);
+        sc.qa.fill(&self.pool, last.len(), hidden, &|i, out| {
+            let r = last[i];
+            rms_norm(&x[r * hidden..(r + 1) * hidden], norm, cfg.eps, out)
+        });
         let mut logits = vec![0f32; last.len() * cfg.vocab];
         kernels::gemm(&self.pool, &sc.qa, &self.lm_head, &mut logits);
         Ok(logits
@@ -510,14 +510,12 @@ impl NativeModel {
     }
 }
 
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, width: usize, out: &mut Vec<f32>) {
-    out.resize(x.len(), 0.0);
-    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let r = 1.0 / (ss + eps).sqrt();
-        for ((o, v), wv) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * r * wv;
-        }
+/// RMS norm of one row.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ss + eps).sqrt();
+    for ((o, v), wv) in out.iter_mut().zip(x).zip(w) {
+        *o = v * r * wv;
     }
 }
 
@@ -552,9 +550,34 @@ fn attend_group(
     q: &[f32],
     out: &mut [f32],
 ) {
-    let bs = kv.block_size;
     let padded = len.div_ceil(16) * 16;
-    let mut scores = vec![0f32; nrep * padded];
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(nrep * padded, 0.0);
+        attend_into(kv, layer, blocks, len, g, hd, nrep, q, out, scores, padded)
+    })
+}
+
+thread_local! {
+    /// Attention scores of one group, reused across calls.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_into(
+    kv: &KvCache,
+    layer: usize,
+    blocks: &[u32],
+    len: usize,
+    g: usize,
+    hd: usize,
+    nrep: usize,
+    q: &[f32],
+    out: &mut [f32],
+    scores: &mut [f32],
+    padded: usize,
+) {
+    let bs = kv.block_size;
     for p0 in (0..padded).step_by(16) {
         let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
         kernels::scores16(q, nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
