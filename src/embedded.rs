@@ -59,6 +59,14 @@ pub struct EmbeddedConfig {
         default_value_t = 200
     )]
     pub max_candidates: u32,
+    /// Corpus of the synthesizer's IDF: the whole index, or the user's own documents.
+    #[arg(
+        long = "idf-corpus",
+        env = "GHOSTWRITER_IDF_CORPUS",
+        value_enum,
+        default_value_t = ghostwriter_orchestrator::IdfCorpus::Index
+    )]
+    pub idf_corpus: ghostwriter_orchestrator::IdfCorpus,
     /// Deadline of a write whose caller sets none, in seconds.
     #[arg(
         long = "request-timeout",
@@ -129,6 +137,7 @@ impl Embedded {
             generator_url: url(addrs["generator"]),
             synthesizer_url: url(addrs["synthesizer"]),
             max_candidates: config.max_candidates,
+            idf_corpus: config.idf_corpus,
             request_timeout_secs: config.request_timeout_secs,
             retriever_shards: 1,
             discovery: Default::default(),

@@ -36,6 +36,15 @@ const MAX_USER_ID: usize = 512;
 /// Most new tokens a write may ask for (each generator enforces its own, lower, limit too).
 const MAX_NEW_TOKENS: u32 = 4096;
 
+/// Corpus of the synthesizer's IDF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdfCorpus {
+    /// Every document in the retriever's index (its shard).
+    Index,
+    /// The user's own earlier documents (with a short history, `IDF < 1.5` drops every word).
+    User,
+}
+
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorConfig {
@@ -81,6 +90,15 @@ pub struct OrchestratorConfig {
         default_value_t = 200
     )]
     pub max_candidates: u32,
+    /// Corpus of the synthesizer's IDF: the whole index (every user's documents, from the
+    /// retriever) or, as before, the user's own earlier documents.
+    #[arg(
+        long = "idf-corpus",
+        env = "GHOSTWRITER_IDF_CORPUS",
+        value_enum,
+        default_value_t = IdfCorpus::Index
+    )]
+    pub idf_corpus: IdfCorpus,
     /// Deadline of a write whose caller sets none, in seconds.
     #[arg(
         long = "request-timeout",
@@ -275,12 +293,15 @@ impl OrchestratorService {
                         before_timestamp: plan.timestamp,
                         current_doc_id: plan.doc_id.clone(),
                         limit: self.config.max_candidates,
+                        term_statistics: plan.synthesis.is_some()
+                            && self.config.idf_corpus == IdfCorpus::Index,
                     },
                     plan.context_deadline(),
                 )
                 .await?;
             timed(&mut provenance.latencies, "retriever", t);
             provenance.history_size = retrieved.total_history;
+            let background = retrieved.background;
             let candidates = retrieved.documents;
             if !candidates.is_empty() {
                 let corpus: Vec<String> = candidates
@@ -330,6 +351,7 @@ impl OrchestratorService {
                         mode: mode as i32,
                         query: plan.context.clone(),
                         entries: entries.iter().map(|e| e.text.clone()).collect(),
+                        background,
                     };
                     let words = s.synthesize(request, plan.context_deadline()).await?;
                     Ok::<_, Status>(Some((words.words, t.elapsed())))

@@ -10,7 +10,7 @@ pub mod porter;
 pub mod protocol;
 pub mod report;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -42,6 +42,15 @@ pub struct Record {
     pub latency_ms: f64,
     /// Tokens the generator produced.
     pub generated_tokens: u32,
+    /// The generated text alone (what follows the immediate context).
+    #[serde(default)]
+    pub generated: String,
+    /// Important words the synthesizer gave the prompt.
+    #[serde(default)]
+    pub important_words: u32,
+    /// Ids of the ranked past documents behind the prompt's entries.
+    #[serde(default)]
+    pub passage_ids: Vec<String>,
 }
 
 /// Settings of an evaluation run.
@@ -195,7 +204,13 @@ async fn write_one(
         prediction: response.document,
         target: example.target(),
         latency_ms: started.elapsed().as_secs_f64() * 1e3,
-        generated_tokens: response.generation.map_or(0, |g| g.generated_tokens),
+        generated_tokens: response.generation.as_ref().map_or(0, |g| g.generated_tokens),
+        generated: response.generation.map(|g| g.text).unwrap_or_default(),
+        important_words: response
+            .provenance
+            .as_ref()
+            .map_or(0, |p| p.important_words.len() as u32),
+        passage_ids: response.provenance.map(|p| p.doc_ids).unwrap_or_default(),
     })
 }
 
@@ -335,7 +350,20 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     {
         by_preset.entry(r.preset.clone()).or_default().push(r);
     }
-    let summary = report::summarize(&presets, &by_preset, args.bootstrap, args.seed, wall, &args);
+    let texts: HashMap<&str, String> = dataset
+        .documents
+        .iter()
+        .map(|d| (d.doc_id.as_str(), protocol::full_text(&d.title, &d.text)))
+        .collect();
+    let summary = report::summarize(
+        &presets,
+        &by_preset,
+        &texts,
+        args.bootstrap,
+        args.seed,
+        wall,
+        &args,
+    );
     report::write_all(&args.out, &summary)?;
     Ok(summary)
 }

@@ -31,6 +31,17 @@ pub struct PresetScore {
     pub mean_latency_ms: f64,
     /// Mean generated tokens.
     pub mean_generated_tokens: f64,
+    /// Share of examples whose prompt got no important word (presets with synthesis only).
+    pub empty_words_share: Option<f64>,
+    /// Mean share of the generated text's word 8-grams found verbatim in the ranked past
+    /// documents behind its prompt (examples with at least 8 generated words).
+    pub copy_rate: f64,
+    /// Mean share of the generated text's word 4-grams that repeat an earlier 4-gram of it.
+    pub repetition_rate: f64,
+    /// Mean words generated.
+    pub mean_output_words: f64,
+    /// Mean words of the targets' rest (what the generator should have written).
+    pub mean_target_words: f64,
     /// Paired ROUGE-1 difference to the baseline on the shared examples, with its bootstrap
     /// 95% interval and the share of resamples where the difference is not positive.
     pub rouge1_vs_baseline: Option<Paired>,
@@ -92,10 +103,51 @@ fn paired(diffs: &[f64], resamples: usize, seed: u64) -> Paired {
     }
 }
 
-/// Scores every preset's records.
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Share of `generated`'s word 8-grams that occur in one of `sources`; `None` below 8 words.
+pub fn copy_rate(generated: &str, sources: &[&str]) -> Option<f64> {
+    let g = words(generated);
+    if g.len() < 8 {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in sources {
+        let w = words(s);
+        for gram in w.windows(8) {
+            seen.insert(gram.to_vec());
+        }
+    }
+    let grams: Vec<&[String]> = g.windows(8).collect();
+    Some(grams.iter().filter(|x| seen.contains(&x.to_vec())).count() as f64 / grams.len() as f64)
+}
+
+/// Share of `generated`'s word 4-grams that repeat an earlier one; 0 below 5 words.
+pub fn repetition_rate(generated: &str) -> f64 {
+    let g = words(generated);
+    if g.len() < 5 {
+        return 0.0;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let grams: Vec<&[String]> = g.windows(4).collect();
+    let repeats = grams.iter().filter(|x| !seen.insert(x.to_vec())).count();
+    repeats as f64 / grams.len() as f64
+}
+
+/// Scores every preset's records; `texts` (doc id → title and body) gives the ranked past
+/// documents for the copy rate.
 pub fn summarize(
     presets: &[String],
     records: &BTreeMap<String, Vec<Record>>,
+    texts: &HashMap<&str, String>,
     resamples: usize,
     seed: u64,
     wall: f64,
@@ -137,6 +189,23 @@ pub fn summarize(
                 rouge_l: 100.0 * mean(rouge.values().map(|s| s.rl)),
                 mean_latency_ms: mean(rs.iter().map(|r| r.latency_ms)),
                 mean_generated_tokens: mean(rs.iter().map(|r| r.generated_tokens as f64)),
+                empty_words_share: ghostwriter_orchestrator::preset::find(p)
+                    .and_then(|preset| preset.synthesis)
+                    .map(|_| mean(rs.iter().map(|r| f64::from(r.important_words == 0)))),
+                copy_rate: mean(rs.iter().filter_map(|r| {
+                    let sources: Vec<&str> = r
+                        .passage_ids
+                        .iter()
+                        .filter_map(|id| texts.get(id.as_str()).map(String::as_str))
+                        .collect();
+                    copy_rate(&r.generated, &sources)
+                })),
+                repetition_rate: mean(rs.iter().map(|r| repetition_rate(&r.generated))),
+                mean_output_words: mean(rs.iter().map(|r| words(&r.generated).len() as f64)),
+                mean_target_words: mean(rs.iter().map(|r| {
+                    let context_words = words(r.prediction.strip_suffix(r.generated.as_str()).unwrap_or("")).len();
+                    words(&r.target).len().saturating_sub(context_words) as f64
+                })),
                 rouge1_vs_baseline: vs,
             })
         })
@@ -155,20 +224,26 @@ pub fn summarize(
 /// The Markdown table.
 pub fn markdown(s: &Summary) -> String {
     let mut out = String::from(
-        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | repetition | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for p in &s.presets {
         let delta = p.rouge1_vs_baseline.as_ref().map_or("—".to_string(), |d| {
             format!("{:+.2} [{:+.2}, {:+.2}]", d.mean_diff, d.ci_low, d.ci_high)
         });
         out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {} |\n",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
             p.preset,
             p.bleu,
             p.rouge1,
             p.rouge2,
             p.rouge_l,
             delta,
+            100.0 * p.copy_rate,
+            100.0 * p.repetition_rate,
+            p.mean_output_words,
+            p.mean_target_words,
+            p.empty_words_share
+                .map_or("—".to_string(), |e| format!("{:.0}%", 100.0 * e)),
             p.mean_latency_ms / 1e3,
             p.examples
         ));
@@ -223,4 +298,23 @@ pub fn write_all(dir: &Path, s: &Summary) -> anyhow::Result<()> {
     std::fs::write(dir.join("table.md"), markdown(s))?;
     std::fs::write(dir.join("rouge1.svg"), svg(s))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_and_repetition_rates() {
+        let past = "I bought these strings for my old Martin and they sound bright and warm.";
+        // 10 words, 3 eight-grams; the first two are in the past review, the last is not.
+        let generated = "bought these strings for my old Martin and they buzz";
+        assert!((copy_rate(generated, &[past]).unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(copy_rate("too short to count", &[past]), None);
+        assert_eq!(copy_rate(generated, &[]), Some(0.0));
+        assert_eq!(repetition_rate("great strings for the money"), 0.0);
+        let r = repetition_rate("great strings for the price great strings for the price");
+        // 7 four-grams: the last 2 repeat the first 2.
+        assert!((r - 2.0 / 7.0).abs() < 1e-9, "{r}");
+    }
 }

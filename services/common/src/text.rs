@@ -64,6 +64,18 @@ pub fn snippets(text: &str) -> Vec<String> {
     out
 }
 
+/// Lower-cased words: runs of letters, digits and inner apostrophes; pure numbers are dropped
+/// (they are not words of a voice).
+pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '\u{2019}'))
+        .map(|w| {
+            w.trim_matches(|c| c == '\'' || c == '\u{2019}')
+                .replace('\u{2019}', "'")
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty() && w.chars().any(char::is_alphabetic))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

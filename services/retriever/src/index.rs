@@ -1,7 +1,7 @@
 //! The document index: every user's documents in one persistent tantivy index, searched with
 //! BM25 over title and text, always restricted to one user's earlier documents.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
@@ -38,6 +38,15 @@ impl StoredDocument {
             format!("{}\n{}", self.title, self.text)
         }
     }
+}
+
+/// Document frequencies over the whole index (the domain twin of the proto message).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TermStatistics {
+    /// Documents in the index.
+    pub documents: u64,
+    /// Documents containing each word.
+    pub document_frequency: HashMap<String, u64>,
 }
 
 /// A retrieved document with its BM25 score.
@@ -196,6 +205,38 @@ impl DocumentIndex {
         (Occur::Must, Box::new(ConstScoreQuery::new(q, 0.0)))
     }
 
+    /// Background statistics for the synthesizer's IDF: the documents in this index (every
+    /// user) and, for each distinct word of `texts` (split as the synthesizer splits them), how
+    /// many contain it. A word the index's analyzer splits further (`isn't` → `isn`, `t`) gets
+    /// the smallest frequency of its parts, an upper bound of its own.
+    pub fn term_statistics(&self, texts: &[String]) -> Result<TermStatistics, Error> {
+        let searcher = self.reader.searcher();
+        let mut analyzer = self.index.tokenizer_for_field(self.fields.content)?;
+        let mut document_frequency = HashMap::new();
+        for text in texts {
+            for word in ghostwriter_common::text::words(text) {
+                if document_frequency.contains_key(&word) {
+                    continue;
+                }
+                let mut df: Option<u64> = None;
+                {
+                    let mut stream = analyzer.token_stream(&word);
+                    while stream.advance() {
+                        let term =
+                            Term::from_field_text(self.fields.content, &stream.token().text);
+                        let n = searcher.doc_freq(&term)?;
+                        df = Some(df.map_or(n, |d| d.min(n)));
+                    }
+                }
+                document_frequency.insert(word, df.unwrap_or(0));
+            }
+        }
+        Ok(TermStatistics {
+            documents: searcher.num_docs(),
+            document_frequency,
+        })
+    }
+
     /// A user's documents written before the filter's point, scored by BM25 against `query`
     /// (built term by term: user text is never parsed as query syntax).
     pub fn retrieve(
@@ -342,6 +383,30 @@ mod tests {
 
     fn ids(r: &Retrieved) -> Vec<&str> {
         r.hits.iter().map(|h| h.document.doc_id.as_str()).collect()
+    }
+
+    #[test]
+    fn term_statistics_count_every_user_s_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index
+            .ingest(&[
+                doc("u1", "a", 10, "Guitar strings isn't bright"),
+                doc("u2", "b", 20, "guitar strap"),
+                doc("u3", "c", 20, "guitar cable isn't long"),
+            ])
+            .unwrap();
+        let stats = index
+            .term_statistics(&["guitar strings isn't".into(), "Capo".into()])
+            .unwrap();
+        assert_eq!(stats.documents, 3);
+        let df = |w: &str| stats.document_frequency.get(w).copied();
+        assert_eq!(df("guitar"), Some(3));
+        assert_eq!(df("strings"), Some(1));
+        // Split by the index into "isn" and "t": the smaller count of the two.
+        assert_eq!(df("isn't"), Some(2));
+        assert_eq!(df("capo"), Some(0));
+        assert_eq!(df("strap"), None, "only words of the given texts");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::retriever_server::{Retriever, RetrieverServer};
 use ghostwriter_proto::v1::{
     Document, IngestRequest, IngestResponse, RetrieveRequest, RetrieveResponse, RetrievedDocument,
+    TermStatistics,
 };
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
@@ -206,11 +207,24 @@ impl Retriever for RetrieverService {
         } else {
             r.limit
         } as usize;
-        let retrieved =
-            tokio::task::spawn_blocking(move || index.retrieve(&filter, &r.query, limit))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
+        let statistics = r.term_statistics;
+        let (retrieved, background) = tokio::task::spawn_blocking(move || {
+            let retrieved = index.retrieve(&filter, &r.query, limit)?;
+            let background = if statistics {
+                let texts: Vec<String> = retrieved.hits.iter().map(|h| h.document.content()).collect();
+                Some(index.term_statistics(&texts)?)
+            } else {
+                None
+            };
+            Ok::<_, Error>((retrieved, background))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(RetrieveResponse {
+            background: background.map(|b| TermStatistics {
+                documents: b.documents,
+                document_frequency: b.document_frequency,
+            }),
             total_history: retrieved.total_history as u32,
             documents: retrieved
                 .hits

@@ -85,11 +85,15 @@ impl Synthesizer for SynthesizerService {
         let threshold = self.threshold;
         let words = tokio::task::spawn_blocking(move || {
             let docs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
+            let background = r.background.as_ref().map(|b| synth::Background {
+                documents: b.documents,
+                document_frequency: &b.document_frequency,
+            });
             match embedder {
-                None => Ok(synth::important_words(&docs, max)),
+                None => Ok(synth::important_words(&docs, max, background)),
                 Some(e) => {
                     let entries: Vec<&str> = r.entries.iter().map(String::as_str).collect();
-                    synth::context_words(&r.query, &entries, &docs, max, |w, q| {
+                    synth::context_words(&r.query, &entries, &docs, max, background, |w, q| {
                         close_words(&e, w, q, threshold)
                     })
                 }

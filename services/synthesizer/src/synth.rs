@@ -28,24 +28,55 @@ pub struct Word {
     pub idf: f32,
 }
 
-/// Important words of `documents` (the user's past documents, which are also the corpus of
-/// the IDF: `idf = ln(N / df)`).
-pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
+/// Document frequencies over a background corpus (the whole index), the source of the IDF.
+///
+/// The paper computes IDF over a corpus; over a user's own few documents (N ≤ 4 gives
+/// ln(N/df) ≤ 1.39) the `IDF < 1.5` rule removes every word, and for larger N it removes the
+/// user's recurring vocabulary — the very words that make a voice.
+#[derive(Debug, Clone, Copy)]
+pub struct Background<'a> {
+    /// Documents in the corpus.
+    pub documents: u64,
+    /// Documents containing each word.
+    pub document_frequency: &'a HashMap<String, u64>,
+}
+
+/// `ln(N / df)` over the background when given, else over `documents`' own frequencies.
+fn idf_source<'a>(
+    documents: &[&str],
+    background: Option<Background<'a>>,
+) -> impl Fn(&str) -> f32 + 'a {
+    let own = match background {
+        Some(_) => None,
+        None => Some((documents.len().max(1), document_frequencies(documents))),
+    };
+    move |w: &str| match (&own, background) {
+        (_, Some(b)) => {
+            let df = b.document_frequency.get(w).copied().unwrap_or(1).max(1);
+            (b.documents.max(df) as f32 / df as f32).ln()
+        }
+        (Some((n, df)), None) => (*n as f32 / df.get(w).copied().unwrap_or(1).max(1) as f32).ln(),
+        (None, None) => 0.0,
+    }
+}
+
+/// Important words of `documents` (the user's past documents); IDF over `background`, or over
+/// the documents themselves without one.
+pub fn important_words(
+    documents: &[&str],
+    max_words: usize,
+    background: Option<Background<'_>>,
+) -> Vec<Word> {
     let n = documents.len();
     if n == 0 {
         return Vec::new();
     }
+    let idf = idf_source(documents, background);
     let mut frequency: HashMap<String, u32> = HashMap::new();
-    let mut df: HashMap<String, u32> = HashMap::new();
     for d in documents {
-        let mut seen = HashSet::new();
         for w in text::words(d) {
-            if text::is_stopword(&w) {
-                continue;
-            }
-            *frequency.entry(w.clone()).or_default() += 1;
-            if seen.insert(w.clone()) {
-                *df.entry(w).or_default() += 1;
+            if !text::is_stopword(&w) {
+                *frequency.entry(w).or_default() += 1;
             }
         }
     }
@@ -53,7 +84,7 @@ pub fn important_words(documents: &[&str], max_words: usize) -> Vec<Word> {
         .into_iter()
         .filter(|(_, f)| *f > 1)
         .map(|(word, f)| {
-            let idf = (n as f32 / df[&word] as f32).ln();
+            let idf = idf(&word);
             Word {
                 word,
                 frequency: f,
@@ -97,11 +128,10 @@ pub fn context_words(
     entries: &[&str],
     documents: &[&str],
     max_words: usize,
+    background: Option<Background<'_>>,
     similar: impl FnOnce(&[String], &[String]) -> anyhow::Result<Vec<bool>>,
 ) -> anyhow::Result<Vec<Word>> {
-    let n = documents.len().max(1);
-    let df = document_frequencies(documents);
-    let idf = |w: &str| (n as f32 / df.get(w).copied().unwrap_or(1).max(1) as f32).ln();
+    let idf = idf_source(documents, background);
     let query_words: Vec<String> = {
         let mut seen = HashSet::new();
         text::words(query)
@@ -163,7 +193,7 @@ mod tests {
             "nothing special here",
             "ok",
         ];
-        let w = important_words(&docs, 20);
+        let w = important_words(&docs, 20, None);
         let names: Vec<_> = w.iter().map(|w| w.word.as_str()).collect();
         // great: frequency 4 but in 3 of 6 documents, idf ln(2) < 1.5: dropped.
         // tune, tone: seen once: dropped. here/nothing: once. capo (3) before strings (2).
@@ -188,7 +218,7 @@ mod tests {
         ];
         let entries = ["my capo slips and the capo buzzes", "strap is wide"];
         // No embedding matches: only identical words count ("capo" twice; "strap" is not in the query).
-        let w = context_words("a new capo", &entries, &docs, 20, |d, _| {
+        let w = context_words("a new capo", &entries, &docs, 20, None, |d, _| {
             Ok(vec![false; d.len()])
         })
         .unwrap();
@@ -199,7 +229,7 @@ mod tests {
             vec![("capo", 2)]
         );
         // An embedding match adds "strap".
-        let w = context_words("a new capo", &entries, &docs, 20, |d, _| {
+        let w = context_words("a new capo", &entries, &docs, 20, None, |d, _| {
             Ok(d.iter().map(|x| x == "strap").collect())
         })
         .unwrap();
@@ -210,10 +240,40 @@ mod tests {
     }
 
     #[test]
+    fn a_background_corpus_keeps_a_small_history_s_words() {
+        let docs = ["capo capo strings guitar", "capo guitar guitar", "strings guitar"];
+        // Over the user's own 3 documents no word reaches IDF 1.5 (ln 3 = 1.10).
+        assert!(important_words(&docs, 20, None).is_empty());
+        let df: HashMap<String, u64> = [("capo", 20), ("strings", 40), ("guitar", 900)]
+            .into_iter()
+            .map(|(w, n)| (w.to_string(), n))
+            .collect();
+        let background = Background {
+            documents: 1000,
+            document_frequency: &df,
+        };
+        let w = important_words(&docs, 20, Some(background));
+        // guitar: ln(1000/900) < 1.5, dropped; capo (3) before strings (2).
+        assert_eq!(
+            w.iter().map(|w| w.word.as_str()).collect::<Vec<_>>(),
+            vec!["capo", "strings"]
+        );
+        assert!((w[0].idf - 50f32.ln()).abs() < 1e-6);
+        let w = context_words("my capo and guitar", &docs, &docs, 20, Some(background), |d, _| {
+            Ok(vec![false; d.len()])
+        })
+        .unwrap();
+        assert_eq!(
+            w.iter().map(|w| w.word.as_str()).collect::<Vec<_>>(),
+            vec!["capo"]
+        );
+    }
+
+    #[test]
     fn caps_the_number_of_words() {
         let docs: Vec<String> = (0..30).map(|i| format!("word{i}x word{i}x")).collect();
         let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
-        assert_eq!(important_words(&refs, 20).len(), 20);
-        assert!(important_words(&[], 20).is_empty());
+        assert_eq!(important_words(&refs, 20, None).len(), 20);
+        assert!(important_words(&[], 20, None).is_empty());
     }
 }
