@@ -11,5 +11,6 @@ pub mod loaders;
 pub mod models;
 pub mod output;
 pub mod processes;
+pub mod train;
 
 pub use ghostwriter_proto::v1 as proto;

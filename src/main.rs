@@ -90,6 +90,10 @@ enum Command {
     Presets,
     /// Evaluate presets the paper's way on real data (BLEU, ROUGE-1/2/L) through the services.
     Eval(ghostwriter::eval::EvalArgs),
+    /// Fine-tune the generator (LoRA) on the pipeline's own prompts of training-split users,
+    /// with the paper's author-distinction task mixed in; writes a small adapter to serve with
+    /// `--adapter`.
+    Train(ghostwriter::train::TrainArgs),
     /// Time the metrics on N real (prediction, target) pairs; writes JSON.
     BenchMetrics {
         /// Documents to draw pairs from.
@@ -345,6 +349,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display(),
                 summary.metric_seconds
             );
+            Ok(())
+        }
+        Command::Train(args) => {
+            let path = ghostwriter::train::run(args, model_dir).await?;
+            println!("{}", path.display());
             Ok(())
         }
         Command::BenchMetrics { data, pairs } => {

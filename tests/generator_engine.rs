@@ -25,6 +25,7 @@ fn options(kv_cache_mb: usize) -> LoadOptions {
         threads: 0,
         block_size: 16,
         kv_cache_mb,
+        adapter: None,
     }
 }
 

@@ -269,6 +269,17 @@ impl OrchestratorService {
         })
     }
 
+    /// What a write would hand the generator, from the real stages before generation (used to
+    /// build fine-tuning examples from exactly the prompts that are served).
+    pub async fn generator_input(
+        &self,
+        request: WriteRequest,
+    ) -> Result<(GenerateRequest, Provenance), Status> {
+        let plan = self.plan(Request::new(request))?;
+        let prepared = self.prepare(&plan).await?;
+        Ok((prepared.generate, prepared.provenance))
+    }
+
     /// Runs every stage before generation.
     async fn prepare(&self, plan: &Plan) -> Result<Prepared, Status> {
         let s = &self.stages;

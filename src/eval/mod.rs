@@ -122,6 +122,11 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Fisher–Yates shuffle.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -368,7 +373,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     Ok(summary)
 }
 
-async fn ingest(url: &str, documents: &[ghostwriter_proto::v1::Document]) -> anyhow::Result<()> {
+pub async fn ingest(url: &str, documents: &[ghostwriter_proto::v1::Document]) -> anyhow::Result<()> {
     let mut client = GhostwriterClient::connect(url.to_string())
         .await?
         .max_encoding_message_size(256 << 20);

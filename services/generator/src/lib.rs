@@ -3,6 +3,7 @@
 //! key/value cache with prefix reuse: the native int8 CPU engine, or candle on CUDA. The
 //! tokenizer is rebuilt from the GGUF metadata. Unary and server-streaming RPCs.
 
+pub mod adapter;
 pub mod backend;
 pub mod cache;
 pub mod engine;
@@ -152,6 +153,10 @@ pub struct GeneratorConfig {
         action = clap::ArgAction::Set
     )]
     pub prefix_cache: bool,
+    /// LoRA adapter trained by `ghostwriter train` (safetensors), applied unmerged on top of
+    /// the model; its name and hash appear in every response's model field. CPU engine only.
+    #[arg(long = "adapter", env = "GHOSTWRITER_ADAPTER")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl GeneratorConfig {
@@ -175,6 +180,7 @@ impl GeneratorConfig {
             threads: self.threads,
             block_size: self.block_size.max(1),
             kv_cache_mb: self.kv_cache_mb,
+            adapter: self.adapter.clone(),
         }
     }
 }

@@ -40,6 +40,48 @@ impl Prompter {
         Ok(ids)
     }
 
+    /// The tokenizer and end-of-turn ids of a GGUF file (no weights are read).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let (content, _) = gguf::read_content(path)?;
+        Self::from_metadata(&content.metadata)
+    }
+
+    fn from_metadata(
+        md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+    ) -> anyhow::Result<Self> {
+        let special = gguf::tokenizer(md)?;
+        let plain = gguf::tokenizer_plain(md)?;
+        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| special.token_to_id(t))
+            .collect();
+        if let Some(eos) = gguf::meta_u32(md, "tokenizer.ggml.eos_token_id") {
+            stop_ids.push(eos);
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            special,
+            plain,
+            stop_ids,
+        })
+    }
+
+    /// Token ids of caller text (special tokens are plain text).
+    pub fn encode_plain(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self
+            .plain
+            .encode(text, false)
+            .map_err(anyhow::Error::msg)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The id of a special token such as `<|im_end|>`.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        self.special.token_to_id(token)
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> anyhow::Result<String> {
         self.special.decode(ids, true).map_err(anyhow::Error::msg)
@@ -59,6 +101,8 @@ pub struct LoadOptions {
     pub block_size: usize,
     /// Memory for the key/value cache, in MiB.
     pub kv_cache_mb: usize,
+    /// LoRA adapter to apply (see [`crate::adapter`]).
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// A loaded model.
@@ -84,18 +128,18 @@ impl LanguageModel {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        let special = gguf::tokenizer(md)?;
-        let plain = gguf::tokenizer_plain(md)?;
-        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-            .iter()
-            .filter_map(|t| special.token_to_id(t))
-            .collect();
-        if let Some(eos) = gguf::meta_u32(md, "tokenizer.ggml.eos_token_id") {
-            stop_ids.push(eos);
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let prompter = Prompter::from_metadata(md)?;
         let device = ghostwriter_common::device::parse(&opts.device)?;
+        if opts.adapter.is_some() && !device.is_cpu() {
+            anyhow::bail!(
+                "--adapter is served by the CPU engine only for now (the CUDA backend would \
+                 need the low-rank update in its candle graph)"
+            );
+        }
+        let name = match &opts.adapter {
+            Some(a) => format!("{name}+{}", crate::adapter::Adapter::describe(a)),
+            None => name,
+        };
         let backend: Box<dyn Backend> = if device.is_cpu() {
             Box::new(
                 crate::native::NativeModel::load(path, opts)
@@ -105,11 +149,7 @@ impl LanguageModel {
             Box::new(crate::gpu::CandleModel::load(path, &device, opts)?)
         };
         Ok(Self {
-            prompter: Prompter {
-                special,
-                plain,
-                stop_ids,
-            },
+            prompter,
             backend,
             architecture,
             name,

@@ -127,6 +127,21 @@ pub fn task(system: &str, passages: &[String], instruction: &str) -> Prompt {
     p
 }
 
+/// The paper's auxiliary task.
+pub const DISTINCTION: &str = "Predict whether two passages are from the same author.";
+
+/// Author distinction: the question, a document start and another passage; the answer
+/// (`true` or `false`) is the assistant turn.
+pub fn distinction(system: &str, start: &str, other: &str) -> Prompt {
+    let mut p = open(system);
+    p.t(format!("{DISTINCTION}\n\npassage 1: "))
+        .u(start.trim())
+        .t("\n\npassage 2: ")
+        .u(other.trim())
+        .t("<|im_end|>\n<|im_start|>assistant\n");
+    p
+}
+
 /// A plain instruction answered as a chat turn.
 pub fn instruction(system: &str, instruction: &str) -> Prompt {
     task(system, &[], instruction)

@@ -18,6 +18,7 @@ use half::f16;
 
 use super::kernels::{self, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
+use crate::adapter::Adapter;
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
@@ -109,6 +110,19 @@ impl Config {
         (cos, sin)
     }
 
+    /// (inputs, outputs) of a projection by its GGUF name (`attn_q`, …, `ffn_down`).
+    pub fn projection_widths(&self, projection: &str) -> Option<(usize, usize)> {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        Some(match projection {
+            "attn_q" => (self.hidden, q),
+            "attn_k" | "attn_v" => (self.hidden, kv),
+            "attn_output" => (q, self.hidden),
+            "ffn_gate" | "ffn_up" => (self.hidden, self.ff),
+            "ffn_down" => (self.ff, self.hidden),
+            _ => return None,
+        })
+    }
+
     /// Bytes of key and value cache per token (f16).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * 2
@@ -182,6 +196,9 @@ struct Scratch {
     gu: Vec<f32>,
     out: Vec<f32>,
     qa: QActs,
+    /// f32 inputs of the projections an adapter updates.
+    h: Vec<f32>,
+    act: Vec<f32>,
 }
 
 /// The model, its cache and its threads.
@@ -199,6 +216,51 @@ pub struct NativeModel {
     /// The key/value cache.
     pub kv: KvCache,
     scratch: Scratch,
+    /// LoRA adapter applied unmerged, in f32.
+    adapter: Option<Adapter>,
+}
+
+/// Quantizes `m` rows from `row` for the next GEMM; with `keep`, the f32 rows are also kept
+/// there (an adapter's low-rank update reads them).
+fn produce(
+    pool: &Pool,
+    qa: &mut kernels::QActs,
+    keep: Option<&mut Vec<f32>>,
+    m: usize,
+    k: usize,
+    row: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    match keep {
+        None => qa.fill(pool, m, k, row),
+        Some(buf) => {
+            buf.resize(m * k, 0.0);
+            for (r, out) in buf.chunks_exact_mut(k).enumerate() {
+                row(r, out);
+            }
+            let kept = &*buf;
+            qa.fill(pool, m, k, &|r, out| {
+                out.copy_from_slice(&kept[r * k..(r + 1) * k])
+            });
+        }
+    }
+}
+
+/// Adds the adapter's updates of `layer`'s `projections` (name, first output column) for
+/// inputs `x` to `out` (rows of `stride`).
+fn lora(
+    adapter: Option<&Adapter>,
+    layer: usize,
+    projections: &[(&str, usize)],
+    x: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let Some(a) = adapter else { return };
+    for &(name, offset) in projections {
+        if let Some(pair) = a.pair(layer, name) {
+            crate::adapter::apply(pair, a.scale(), x, out, stride, offset);
+        }
+    }
 }
 
 /// A weight as Q8_0 rows: (rows, cols, scales `[rows][cols/32]`, quants `[rows][cols]`).
@@ -309,6 +371,15 @@ impl NativeModel {
                 wdown: stack(&[q8_rows(&tensor(&format!("{p}.ffn_down.weight"))?)?]),
             });
         }
+        let adapter = match &opts.adapter {
+            None => None,
+            Some(file) => {
+                let a = Adapter::load(file)?;
+                let base = ghostwriter_common::models::sha256_file(path)?;
+                a.check(cfg.layers, |p| cfg.projection_widths(p), Some(&base))?;
+                Some(a)
+            }
+        };
         let (cos, sin) = cfg.rope_tables();
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -335,6 +406,7 @@ impl NativeModel {
             kv,
             cfg,
             scratch: Scratch::default(),
+            adapter,
         })
     }
 
@@ -399,12 +471,16 @@ impl NativeModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
+            let adapter = self.adapter.as_ref();
             let x = &sc.x;
-            sc.qa.fill(&self.pool, t, hidden, &|r, out| {
+            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.h), t, hidden, &|r, out| {
                 rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.attn_norm, cfg.eps, out)
             });
             sc.qkv.resize(t * qkv_w, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
+            let (qw, kw) = (nh * hd, nkv * hd);
+            let qkv_parts = [("attn_q", 0), ("attn_k", qw), ("attn_v", qw + kw)];
+            lora(adapter, l, &qkv_parts, &sc.h, &mut sc.qkv, qkv_w);
             if let Some(b) = &layer.bqkv {
                 for row in sc.qkv.chunks_exact_mut(qkv_w) {
                     for (v, bv) in row.iter_mut().zip(b) {
@@ -464,22 +540,27 @@ impl NativeModel {
             });
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
+            lora(adapter, l, &[("attn_output", 0)], &sc.att, &mut sc.out, hidden);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
             // Feed-forward block.
             let x = &sc.x;
-            sc.qa.fill(&self.pool, t, hidden, &|r, out| {
+            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.h), t, hidden, &|r, out| {
                 rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.ffn_norm, cfg.eps, out)
             });
-            sc.gu.resize(t * 2 * cfg.ff, 0.0);
+            let ff = cfg.ff;
+            sc.gu.resize(t * 2 * ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
-            let (gu, ff) = (&sc.gu, cfg.ff);
-            sc.qa.fill(&self.pool, t, ff, &|r, out| {
+            let gu_parts = [("ffn_gate", 0), ("ffn_up", ff)];
+            lora(adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
+            let gu = &sc.gu;
+            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.act), t, ff, &|r, out| {
                 let (g, u) = gu[r * 2 * ff..(r + 1) * 2 * ff].split_at(ff);
                 kernels::silu_mul(g, u, out);
             });
             kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
+            lora(adapter, l, &[("ffn_down", 0)], &sc.act, &mut sc.out, hidden);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }

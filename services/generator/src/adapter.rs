@@ -1,0 +1,276 @@
+//! LoRA adapters: low-rank updates `W + (alpha / rank) · B·A` of a layer's projections, trained
+//! by `ghostwriter train` and served unmerged (the base weights stay as they are in the GGUF;
+//! merging into Q8_0 blocks would round a short fine-tune away).
+//!
+//! File format: safetensors, f32 tensors `blk.{layer}.{projection}.lora_a` (rank × in) and
+//! `.lora_b` (out × rank), with metadata `rank`, `alpha`, `base_sha256` and whatever the
+//! trainer records (data hash, steps, presets).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+/// The projections an adapter may update, by their GGUF tensor names.
+pub const PROJECTIONS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// One projection's low-rank pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPair {
+    /// Input width.
+    pub inputs: usize,
+    /// Output width.
+    pub outputs: usize,
+    /// `rank × inputs`, row-major.
+    pub a: Vec<f32>,
+    /// `outputs × rank`, row-major.
+    pub b: Vec<f32>,
+}
+
+/// A trained adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    /// Rank of every pair.
+    pub rank: usize,
+    /// Scale numerator: updates are multiplied by `alpha / rank`.
+    pub alpha: f32,
+    /// `(layer, projection)` → pair.
+    pub pairs: BTreeMap<(usize, String), LoraPair>,
+    /// Provenance: `base_sha256`, data hash, steps, …
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Adapter {
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank.max(1) as f32
+    }
+
+    /// The pair of `projection` in `layer`, if trained.
+    pub fn pair(&self, layer: usize, projection: &str) -> Option<&LoraPair> {
+        self.pairs.get(&(layer, projection.to_string()))
+    }
+
+    /// Reads an adapter file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading adapter {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let rank: usize = metadata
+            .get("rank")
+            .context("adapter metadata has no rank")?
+            .parse()?;
+        let alpha: f32 = metadata
+            .get("alpha")
+            .context("adapter metadata has no alpha")?
+            .parse()?;
+        let mut pairs = BTreeMap::new();
+        for name in st.names() {
+            let Some(prefix) = name.strip_suffix(".lora_a") else {
+                continue;
+            };
+            let (layer, projection) = parse_name(prefix)
+                .with_context(|| format!("unexpected adapter tensor {name}"))?;
+            let a = st.tensor(name)?;
+            let b = st.tensor(&format!("{prefix}.lora_b"))?;
+            if a.dtype() != safetensors::Dtype::F32 || b.dtype() != safetensors::Dtype::F32 {
+                bail!("adapter tensor {prefix} is not f32");
+            }
+            let (ash, bsh) = (a.shape(), b.shape());
+            if ash.len() != 2 || bsh.len() != 2 || ash[0] != rank || bsh[1] != rank {
+                bail!("adapter tensor {prefix} has shapes {ash:?} and {bsh:?} for rank {rank}");
+            }
+            pairs.insert(
+                (layer, projection.to_string()),
+                LoraPair {
+                    inputs: ash[1],
+                    outputs: bsh[0],
+                    a: f32s(a.data()),
+                    b: f32s(b.data()),
+                },
+            );
+        }
+        if pairs.is_empty() {
+            bail!("adapter {} holds no LoRA pair", path.display());
+        }
+        Ok(Self {
+            rank,
+            alpha,
+            pairs,
+            metadata,
+        })
+    }
+
+    /// Writes the adapter (and its metadata, with `rank` and `alpha`).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+        for ((layer, projection), p) in &self.pairs {
+            let prefix = format!("blk.{layer}.{projection}");
+            tensors.push((format!("{prefix}.lora_a"), bytes(&p.a), vec![self.rank, p.inputs]));
+            tensors.push((format!("{prefix}.lora_b"), bytes(&p.b), vec![p.outputs, self.rank]));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, data, shape)| {
+                Ok((
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        data,
+                    )?,
+                ))
+            })
+            .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        let mut metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        metadata.insert("rank".into(), self.rank.to_string());
+        metadata.insert("alpha".into(), self.alpha.to_string());
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Checks that every pair fits the model's widths (`widths(projection)` = (in, out)) and
+    /// layer count, and that it was trained on this base (when `base_sha256` is known).
+    pub fn check(
+        &self,
+        layers: usize,
+        widths: impl Fn(&str) -> Option<(usize, usize)>,
+        base_sha256: Option<&str>,
+    ) -> anyhow::Result<()> {
+        for ((layer, projection), p) in &self.pairs {
+            if *layer >= layers {
+                bail!("adapter layer {layer} is past the model's {layers} layers");
+            }
+            let Some((i, o)) = widths(projection) else {
+                bail!("adapter projection {projection} is not one of {PROJECTIONS:?}");
+            };
+            if (p.inputs, p.outputs) != (i, o) {
+                bail!(
+                    "adapter {projection} of layer {layer} is {}→{}, the model's is {i}→{o}",
+                    p.inputs,
+                    p.outputs
+                );
+            }
+        }
+        if let (Some(want), Some(have)) = (self.metadata.get("base_sha256"), base_sha256)
+            && want != have
+        {
+            bail!("the adapter was trained on base model sha256 {want}, this model is {have}");
+        }
+        Ok(())
+    }
+
+    /// A short name for provenance: the file stem and the first 12 hex digits of its sha256.
+    pub fn describe(path: &Path) -> String {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match ghostwriter_common::models::sha256_file(path) {
+            Ok(h) => format!("{stem}@{}", &h[..12.min(h.len())]),
+            Err(_) => stem,
+        }
+    }
+}
+
+/// `out[r] += scale · B·(A·x_r)` for each row `x_r` of `x` (`rows × inputs`) into `out`
+/// (`rows × stride`, the pair's outputs starting at column `offset`).
+pub fn apply(
+    pair: &LoraPair,
+    scale: f32,
+    x: &[f32],
+    out: &mut [f32],
+    stride: usize,
+    offset: usize,
+) {
+    let rank = pair.a.len() / pair.inputs.max(1);
+    let mut u = vec![0f32; rank];
+    for (xr, or) in x.chunks_exact(pair.inputs).zip(out.chunks_exact_mut(stride)) {
+        for (ui, ar) in u.iter_mut().zip(pair.a.chunks_exact(pair.inputs)) {
+            *ui = scale * ar.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+        }
+        for (o, br) in or[offset..offset + pair.outputs]
+            .iter_mut()
+            .zip(pair.b.chunks_exact(rank))
+        {
+            *o += br.iter().zip(&u).map(|(b, u)| b * u).sum::<f32>();
+        }
+    }
+}
+
+fn parse_name(prefix: &str) -> Option<(usize, &str)> {
+    let rest = prefix.strip_prefix("blk.")?;
+    let (layer, projection) = rest.split_once('.')?;
+    Some((layer.parse().ok()?, projection))
+}
+
+fn f32s(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_loads_and_applies() {
+        let mut pairs = BTreeMap::new();
+        pairs.insert(
+            (1, "attn_q".to_string()),
+            LoraPair {
+                inputs: 3,
+                outputs: 2,
+                a: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0], // rank 2
+                b: vec![1.0, 1.0, 0.0, 2.0],
+            },
+        );
+        let adapter = Adapter {
+            rank: 2,
+            alpha: 4.0,
+            pairs,
+            metadata: [("steps".to_string(), "7".to_string())].into(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        adapter.save(&path).unwrap();
+        let back = Adapter::load(&path).unwrap();
+        assert_eq!(back.pairs, adapter.pairs);
+        assert_eq!(back.metadata["steps"], "7");
+        assert_eq!(back.scale(), 2.0);
+        let pair = back.pair(1, "attn_q").unwrap();
+        // x = (1, 2, 3): A·x = (1, 2); B·(A·x) = (3, 4); × 2 = (6, 8) added at column 1.
+        let mut out = vec![0.5f32; 4];
+        apply(pair, back.scale(), &[1.0, 2.0, 3.0], &mut out, 4, 1);
+        assert_eq!(out, vec![0.5, 6.5, 8.5, 0.5]);
+        assert!(back.check(2, |_| Some((3, 2)), None).is_ok());
+        assert!(back.check(1, |_| Some((3, 2)), None).is_err());
+        assert!(back.check(2, |_| Some((4, 2)), None).is_err());
+    }
+}

@@ -1,0 +1,610 @@
+//! `ghostwriter train`: LoRA fine-tuning of the generator on the pipeline's own prompts, with
+//! the paper's author-distinction task mixed in (see [`data`] for the examples and [`model`]
+//! for the differentiable forward pass).
+//!
+//! Only training-split users' documents become examples; validation users give the validation
+//! loss; test users are never read here (the evaluation's protocol and split, `eval::protocol`).
+
+pub mod data;
+pub mod model;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::Rng;
+use crate::eval::protocol::{self, Example, Split};
+use data::{Lengths, Task, TrainExample};
+use model::TrainModel;
+
+/// Settings of a fine-tuning run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Documents (Amazon .json.gz or neutral JSONL); the evaluation's protocol picks the users.
+    #[arg(long, default_value_os_t = crate::bench::default_data())]
+    pub data: PathBuf,
+    /// Base GGUF model (default: SmolLM2-135M-Instruct Q8_0 under the model directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output directory: adapter.safetensors, checkpoint/, examples.jsonl, loss.svg, train.json.
+    #[arg(long, default_value = "train-out")]
+    pub out: PathBuf,
+    /// Generation examples: a seeded sample of the training users' targets (0 = all of them).
+    #[arg(long, default_value_t = 240)]
+    pub examples: usize,
+    /// Presets whose prompts are trained, round robin over the examples.
+    #[arg(long, value_delimiter = ',', default_value = "syn-ctx,immediate-context")]
+    pub presets: Vec<String>,
+    /// Author-distinction examples per generation example (the paper mixes 1:1; 0 trains
+    /// generation only).
+    #[arg(long = "distinction-ratio", default_value_t = 1.0)]
+    pub distinction_ratio: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (updates are scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Projections that get LoRA pairs (GGUF names).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down"
+    )]
+    pub targets: Vec<String>,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warm-up, optimizer steps.
+    #[arg(long = "warmup-steps", default_value_t = 5)]
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    #[arg(long = "weight-decay", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Examples whose gradients are summed into one optimizer step.
+    #[arg(long = "grad-accum", default_value_t = 8)]
+    pub grad_accum: usize,
+    /// Passes over the examples.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Answer tokens kept per generation example.
+    #[arg(long = "max-target-tokens", default_value_t = 96)]
+    pub max_target_tokens: usize,
+    /// Examples longer than this many tokens in all are skipped.
+    #[arg(long = "max-tokens", default_value_t = 768)]
+    pub max_tokens: usize,
+    /// Validation generation examples (validation users), scored every --eval-every steps.
+    #[arg(long = "val-examples", default_value_t = 12)]
+    pub val_examples: usize,
+    /// Optimizer steps between validation losses (0 = only at the end).
+    #[arg(long = "eval-every", default_value_t = 10)]
+    pub eval_every: usize,
+    /// Optimizer steps between checkpoints.
+    #[arg(long = "checkpoint-every", default_value_t = 5)]
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint in --out (same examples, optimizer state and position).
+    #[arg(long)]
+    pub resume: bool,
+    /// Seed of the sampling, shuffling and LoRA initialization.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// One point of the loss curve.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    /// Optimizer step.
+    pub step: usize,
+    /// Mean training loss of the step's examples.
+    pub train: f64,
+    /// Validation loss, when measured at this step.
+    pub validation: Option<f64>,
+}
+
+/// What a checkpoint resumes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    /// Examples consumed (over epochs).
+    position: usize,
+    curve: Vec<Point>,
+    seconds: f64,
+    tokens: usize,
+}
+
+/// AdamW with its moments (kept in checkpoints).
+pub struct AdamW {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    /// Zero moments for `model`'s variables.
+    pub fn new(model: &TrainModel, weight_decay: f64) -> candle_core::Result<Self> {
+        let zeros = |t: &Tensor| t.zeros_like();
+        let vars = model.vars();
+        Ok(Self {
+            m: vars.iter().map(|(_, v)| zeros(v.as_tensor())).collect::<Result<_, _>>()?,
+            v: vars.iter().map(|(_, v)| zeros(v.as_tensor())).collect::<Result<_, _>>()?,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
+    }
+
+    /// One update (step `t`, 1-based) with the summed gradients `grads` of `count` examples
+    /// (in [`TrainModel::vars`] order), clipped to norm 1; returns the gradient norm.
+    pub fn step(
+        &mut self,
+        model: &TrainModel,
+        grads: &[Tensor],
+        count: usize,
+        lr: f64,
+        t: usize,
+    ) -> candle_core::Result<f64> {
+        let scale = 1.0 / count.max(1) as f64;
+        let mut norm2 = 0.0;
+        for g in grads {
+            norm2 += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = norm2.sqrt() * scale;
+        let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
+        let (b1t, b2t) = (
+            1.0 - self.beta1.powi(t as i32),
+            1.0 - self.beta2.powi(t as i32),
+        );
+        for (i, (_, var)) in model.vars().iter().enumerate() {
+            let g = (&grads[i] * (scale * clip))?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let mhat = (&self.m[i] / b1t)?;
+            let vhat = (&self.v[i] / b2t)?;
+            let update = (mhat / (vhat.sqrt()? + self.eps)?)?;
+            let w = var.as_tensor();
+            let decayed = (w * (1.0 - lr * self.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(norm)
+    }
+
+    fn save(&self, path: &Path) -> candle_core::Result<()> {
+        let mut map = HashMap::new();
+        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
+            map.insert(format!("m.{i}"), m.clone());
+            map.insert(format!("v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&map, path)
+    }
+
+    fn load(&mut self, path: &Path, device: &Device) -> candle_core::Result<()> {
+        let map = candle_core::safetensors::load(path, device)?;
+        for i in 0..self.m.len() {
+            if let (Some(m), Some(v)) = (map.get(&format!("m.{i}")), map.get(&format!("v.{i}"))) {
+                self.m[i] = m.clone();
+                self.v[i] = v.clone();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Learning rate at optimizer step `t` (1-based): linear warm-up, then linear decay to 10%.
+pub fn learning_rate(peak: f64, t: usize, warmup: usize, total: usize) -> f64 {
+    if t <= warmup {
+        return peak * t as f64 / warmup.max(1) as f64;
+    }
+    let rest = (total.saturating_sub(warmup)).max(1) as f64;
+    let done = (t - warmup) as f64 / rest;
+    peak * (1.0 - 0.9 * done.min(1.0))
+}
+
+fn sample(examples: &[Example], split: Split, n: usize, seed: u64) -> Vec<Example> {
+    let mut chosen: Vec<Example> = examples.iter().filter(|e| e.split == split).cloned().collect();
+    Rng::new(seed).shuffle(&mut chosen);
+    if n > 0 {
+        chosen.truncate(n);
+    }
+    chosen
+}
+
+/// Builds (or, on resume, reads) the training and validation examples.
+async fn build_examples(
+    args: &TrainArgs,
+    model_dir: &Path,
+    base: &Path,
+) -> anyhow::Result<(Vec<TrainExample>, Vec<TrainExample>)> {
+    let cache = args.out.join("examples.jsonl");
+    if args.resume && cache.exists() {
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        for line in std::fs::read_to_string(&cache)?.lines() {
+            let (is_val, e): (bool, TrainExample) = serde_json::from_str(line)?;
+            if is_val { val.push(e) } else { train.push(e) }
+        }
+        eprintln!("resuming with {} training and {} validation examples from {}", train.len(), val.len(), cache.display());
+        return Ok((train, val));
+    }
+    let data = args.data.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
+    let dataset = protocol::build(loaded.documents);
+    let train_targets = sample(&dataset.examples, Split::Train, args.examples, args.seed);
+    let val_targets = sample(&dataset.examples, Split::Validation, args.val_examples, args.seed);
+    anyhow::ensure!(!train_targets.is_empty(), "no training-split targets in {}", args.data.display());
+    let mut by_split: [BTreeMap<String, Vec<ghostwriter_proto::v1::Document>>; 2] = Default::default();
+    for d in &dataset.documents {
+        match protocol::split_of(&d.user_id) {
+            Split::Train => by_split[0].entry(d.user_id.clone()).or_default().push(d.clone()),
+            Split::Validation => by_split[1].entry(d.user_id.clone()).or_default().push(d.clone()),
+            Split::Test => {}
+        }
+    }
+    eprintln!(
+        "{} training targets of {} training users; {} validation targets; presets {}",
+        train_targets.len(),
+        by_split[0].len(),
+        val_targets.len(),
+        args.presets.join(",")
+    );
+    let prompter = ghostwriter_generator::model::Prompter::load(base)?;
+    let system = ghostwriter_generator::prompt::DEFAULT_SYSTEM;
+    let embedder = {
+        let dir = model_dir.join(ghostwriter_common::models::EMBEDDER_DIR);
+        tokio::task::spawn_blocking(move || {
+            ghostwriter_common::embed::Embedder::load(&dir, &Device::Cpu)
+        })
+        .await??
+    };
+    // The real stages, over an index of every user's documents (retrieval only ever returns
+    // the target user's earlier ones).
+    let work = tempfile::tempdir()?;
+    let mut config = crate::embedded::EmbeddedConfig::defaults();
+    config.retriever.index_dir = work.path().join("index");
+    let summary_chars = config.summary_chars as usize;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let embedded =
+        crate::embedded::Embedded::start(config.clone(), model_dir.to_path_buf(), listener).await?;
+    let result = async {
+        crate::eval::ingest(&embedded.url(), &dataset.documents).await?;
+        let stage = |s: &str| embedded.stage_url(s).context("stage url");
+        let orchestrator = ghostwriter_orchestrator::OrchestratorService::new(
+            ghostwriter_orchestrator::OrchestratorConfig {
+                retriever_url: stage("retriever")?,
+                ranker_url: stage("ranker")?,
+                summarizer_url: stage("summarizer")?,
+                generator_url: stage("generator")?,
+                synthesizer_url: stage("synthesizer")?,
+                max_candidates: config.max_candidates,
+                idf_corpus: config.idf_corpus,
+                request_timeout_secs: config.request_timeout_secs,
+                retriever_shards: 1,
+                discovery: Default::default(),
+            },
+        )
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let lengths = Lengths {
+            max_target_tokens: args.max_target_tokens,
+            max_tokens: args.max_tokens,
+        };
+        let mut out = Vec::new();
+        for (k, (targets, users)) in [(&train_targets, &by_split[0]), (&val_targets, &by_split[1])]
+            .into_iter()
+            .enumerate()
+        {
+            let bar = progress(targets.len() as u64, if k == 0 { "training examples" } else { "validation examples" });
+            let mut built = Vec::new();
+            for (i, e) in targets.iter().enumerate() {
+                let preset = &args.presets[i % args.presets.len()];
+                if let Some(x) = data::generation_example(
+                    &orchestrator,
+                    &prompter,
+                    &embedder,
+                    system,
+                    e,
+                    preset,
+                    summary_chars,
+                    lengths,
+                )
+                .await?
+                {
+                    built.push(x);
+                }
+                bar.inc(1);
+            }
+            bar.finish();
+            let n = (built.len() as f64 * args.distinction_ratio).round() as usize;
+            let mut starts: Vec<&Example> = targets.iter().collect();
+            Rng::new(args.seed ^ 0xd15).shuffle(&mut starts);
+            let starts: Vec<&Example> = starts.into_iter().cycle().take(n).collect();
+            built.extend(data::distinction_examples(
+                &prompter, system, &starts, users, args.seed, lengths,
+            )?);
+            Rng::new(args.seed ^ k as u64).shuffle(&mut built);
+            out.push(built);
+        }
+        Ok::<_, anyhow::Error>(out)
+    }
+    .await;
+    embedded.shutdown().await;
+    let mut built = result?;
+    let val = built.pop().unwrap_or_default();
+    let train = built.pop().unwrap_or_default();
+    std::fs::create_dir_all(&args.out)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&cache)?);
+    for (is_val, list) in [(false, &train), (true, &val)] {
+        for e in list {
+            writeln!(f, "{}", serde_json::to_string(&(is_val, e))?)?;
+        }
+    }
+    f.flush()?;
+    Ok((train, val))
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// Mean loss over `examples` (no gradients).
+fn mean_loss(model: &TrainModel, examples: &[TrainExample]) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for e in examples {
+        sum += model.loss(&e.ids, e.prompt)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / examples.len().max(1) as f64)
+}
+
+/// Hash of the examples' token ids (the adapter's data provenance).
+fn data_hash(examples: &[TrainExample]) -> String {
+    let mut bytes = Vec::new();
+    for e in examples {
+        for id in &e.ids {
+            bytes.extend_from_slice(&id.to_le_bytes());
+        }
+        bytes.extend_from_slice(&(e.prompt as u32).to_le_bytes());
+    }
+    format!("{:016x}", protocol::fnv1a(&bytes))
+}
+
+/// Runs the fine-tuning and writes the adapter; returns its path.
+pub async fn run(args: TrainArgs, model_dir: PathBuf) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(args.rank > 0, "--rank must be at least 1");
+    anyhow::ensure!(args.grad_accum > 0, "--grad-accum must be at least 1");
+    anyhow::ensure!(args.epochs > 0, "--epochs must be at least 1");
+    anyhow::ensure!(!args.presets.is_empty(), "--presets names no preset");
+    anyhow::ensure!(
+        args.distinction_ratio >= 0.0 && args.distinction_ratio.is_finite(),
+        "--distinction-ratio must be 0 or more"
+    );
+    {
+        let dir = model_dir.clone();
+        tokio::task::spawn_blocking(move || crate::models::ensure(&dir)).await??;
+    }
+    let base = args
+        .model
+        .clone()
+        .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
+    std::fs::create_dir_all(&args.out)?;
+    let (train, val) = build_examples(&args, &model_dir, &base).await?;
+    anyhow::ensure!(!train.is_empty(), "no training example fits --max-tokens");
+    let generation = train.iter().filter(|e| e.task == Task::Generation).count();
+    eprintln!(
+        "{} training examples ({} generation, {} author distinction), {} validation; {} tokens in all",
+        train.len(),
+        generation,
+        train.len() - generation,
+        val.len(),
+        train.iter().map(|e| e.ids.len()).sum::<usize>()
+    );
+    let args2 = args.clone();
+    tokio::task::spawn_blocking(move || fit(&args2, &base, &train, &val)).await?
+}
+
+fn fit(
+    args: &TrainArgs,
+    base: &Path,
+    train: &[TrainExample],
+    val: &[TrainExample],
+) -> anyhow::Result<PathBuf> {
+    let device = ghostwriter_common::device::parse(&args.device)?;
+    let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
+    let mut model = TrainModel::load(base, &device, args.rank, args.alpha, &targets, args.seed)?;
+    let mut opt = AdamW::new(&model, args.weight_decay)?;
+    let checkpoint = args.out.join("checkpoint");
+    let mut state = State {
+        step: 0,
+        position: 0,
+        curve: Vec::new(),
+        seconds: 0.0,
+        tokens: 0,
+    };
+    if args.resume && checkpoint.join("state.json").exists() {
+        let adapter =
+            ghostwriter_generator::adapter::Adapter::load(&checkpoint.join("adapter.safetensors"))?;
+        model.set_adapter(&adapter)?;
+        opt.load(&checkpoint.join("optimizer.safetensors"), &device)?;
+        state = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
+        eprintln!("resuming at step {} (example {})", state.step, state.position);
+    }
+    let total_examples = train.len() * args.epochs;
+    let total_steps = total_examples.div_ceil(args.grad_accum);
+    let base_sha = ghostwriter_common::models::sha256_file(base)?;
+    let metadata = |state: &State| -> BTreeMap<String, String> {
+        [
+            ("base_model", base.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
+            ("base_sha256", base_sha.clone()),
+            ("data_hash", data_hash(train)),
+            ("data", args.data.display().to_string()),
+            ("presets", args.presets.join(",")),
+            ("distinction_ratio", args.distinction_ratio.to_string()),
+            ("examples", train.len().to_string()),
+            ("steps", state.step.to_string()),
+            ("lr", args.lr.to_string()),
+            ("targets", args.targets.join(",")),
+            ("seed", args.seed.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let bar = progress(total_examples as u64, "fine-tuning");
+    bar.set_position(state.position as u64);
+    let started = Instant::now() - std::time::Duration::from_secs_f64(state.seconds);
+    let vars = model.vars().len();
+    while state.position < total_examples {
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars];
+        let mut count = 0;
+        let mut loss_sum = 0.0;
+        while count < args.grad_accum && state.position < total_examples {
+            let e = &train[state.position % train.len()];
+            let loss = model.loss(&e.ids, e.prompt)?;
+            let store = loss.backward()?;
+            for (i, (_, var)) in model.vars().iter().enumerate() {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        None => g.clone(),
+                        Some(acc) => (acc + g)?,
+                    });
+                }
+            }
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            state.tokens += e.ids.len();
+            state.position += 1;
+            count += 1;
+            bar.inc(1);
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(model.vars())
+            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<Result<_, _>>()?;
+        state.step += 1;
+        let lr = learning_rate(args.lr, state.step, args.warmup_steps, total_steps);
+        opt.step(&model, &grads, count, lr, state.step)?;
+        let train_loss = loss_sum / count as f64;
+        let elapsed = started.elapsed().as_secs_f64();
+        bar.set_message(format!(
+            "step {} loss {:.3} lr {:.1e} {:.0} tok/s",
+            state.step,
+            train_loss,
+            lr,
+            state.tokens as f64 / elapsed.max(1e-9)
+        ));
+        let last = state.position >= total_examples;
+        let validation = if !val.is_empty()
+            && (last || (args.eval_every > 0 && state.step.is_multiple_of(args.eval_every)))
+        {
+            let v = mean_loss(&model, val)?;
+            bar.println(format!("step {}: validation loss {v:.4}", state.step));
+            Some(v)
+        } else {
+            None
+        };
+        state.curve.push(Point {
+            step: state.step,
+            train: train_loss,
+            validation,
+        });
+        state.seconds = elapsed;
+        if last || state.step.is_multiple_of(args.checkpoint_every.max(1)) {
+            std::fs::create_dir_all(&checkpoint)?;
+            model.adapter(metadata(&state))?.save(&checkpoint.join("adapter.safetensors"))?;
+            opt.save(&checkpoint.join("optimizer.safetensors"))?;
+            std::fs::write(checkpoint.join("state.json"), serde_json::to_string(&state)?)?;
+            std::fs::write(args.out.join("loss.svg"), loss_svg(&state.curve))?;
+        }
+    }
+    bar.finish();
+    let path = args.out.join("adapter.safetensors");
+    model.adapter(metadata(&state))?.save(&path)?;
+    std::fs::write(args.out.join("loss.svg"), loss_svg(&state.curve))?;
+    let report = serde_json::json!({
+        "adapter": path,
+        "steps": state.step,
+        "examples": train.len(),
+        "epochs": args.epochs,
+        "tokens": state.tokens,
+        "seconds": state.seconds,
+        "tokens_per_s": state.tokens as f64 / state.seconds.max(1e-9),
+        "first_train_loss": state.curve.first().map(|p| p.train),
+        "last_train_loss": state.curve.last().map(|p| p.train),
+        "validation": state.curve.iter().filter_map(|p| p.validation.map(|v| (p.step, v))).collect::<Vec<_>>(),
+        "device": args.device,
+        "metadata": metadata(&state),
+    });
+    std::fs::write(args.out.join("train.json"), serde_json::to_string_pretty(&report)?)?;
+    eprintln!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(path)
+}
+
+/// The loss curve: training loss per step (line) and validation loss (dots).
+pub fn loss_svg(curve: &[Point]) -> String {
+    let (w, h, pad) = (640.0, 320.0, 40.0);
+    let steps = curve.last().map_or(1, |p| p.step).max(1) as f64;
+    let values = curve
+        .iter()
+        .flat_map(|p| std::iter::once(p.train).chain(p.validation));
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo < hi { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let x = |s: usize| pad + (w - 2.0 * pad) * s as f64 / steps;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
+    let line: Vec<String> = curve
+        .iter()
+        .map(|p| format!("{:.1},{:.1}", x(p.step), y(p.train)))
+        .collect();
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\">loss by optimizer step: training (line), validation (dots); {lo:.3} to {hi:.3}</text>\n<polyline fill=\"none\" stroke=\"#3366cc\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+        line.join(" ")
+    );
+    for p in curve {
+        if let Some(v) = p.validation {
+            out.push_str(&format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#cc3333\"/>\n",
+                x(p.step),
+                y(v)
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "<text x=\"{pad}\" y=\"{}\">step 0</text><text x=\"{}\" y=\"{}\">step {steps}</text>\n</svg>\n",
+        h - 10.0,
+        w - pad - 50.0,
+        h - 10.0
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_up_then_decay() {
+        assert!((learning_rate(1.0, 1, 4, 20) - 0.25).abs() < 1e-12);
+        assert!((learning_rate(1.0, 4, 4, 20) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 20, 4, 20) - 0.1).abs() < 1e-12);
+        let svg = loss_svg(&[
+            Point { step: 1, train: 3.0, validation: None },
+            Point { step: 2, train: 2.5, validation: Some(2.7) },
+        ]);
+        assert!(svg.contains("<polyline") && svg.contains("<circle"));
+    }
+}

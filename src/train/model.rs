@@ -1,0 +1,291 @@
+//! The training forward pass: the generator's llama/qwen2 decoder in candle, written from
+//! differentiable primitives (candle-nn's fused `rms_norm`, `softmax_last_dim` and `rope` have
+//! no backward pass), with frozen base weights (the GGUF's blocks dequantized to f32) and LoRA
+//! pairs as the only variables. Same conventions as the serving engine
+//! (`ghostwriter_generator::native`): RoPE tables, head grouping, tied output embedding; a test
+//! checks that both give the same logits.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{D, DType, Device, Tensor, Var};
+use ghostwriter_generator::adapter::{Adapter, LoraPair, PROJECTIONS};
+use ghostwriter_generator::gguf;
+use ghostwriter_generator::native::Config;
+
+struct Linear {
+    /// `out × in`, frozen.
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    proj: BTreeMap<&'static str, Linear>,
+}
+
+/// A LoRA pair under training.
+pub struct Lora {
+    /// `rank × in`.
+    pub a: Var,
+    /// `out × rank`.
+    pub b: Var,
+}
+
+/// The decoder with its trainable adapter.
+pub struct TrainModel {
+    /// Hyper-parameters.
+    pub cfg: Config,
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    out_norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    /// `(layer, projection)` → pair.
+    pub lora: BTreeMap<(usize, &'static str), Lora>,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA scale numerator.
+    pub alpha: f32,
+    device: Device,
+}
+
+impl TrainModel {
+    /// Loads a GGUF model (weights dequantized to f32) with fresh LoRA pairs of `rank` on
+    /// `targets` (GGUF projection names): A random (±1/√in uniform), B zero, so training starts
+    /// from the base model.
+    pub fn load(
+        path: &Path,
+        device: &Device,
+        rank: usize,
+        alpha: f32,
+        targets: &[&str],
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let (content, mut reader) = gguf::read_content(path)?;
+        let cfg = Config::from_gguf(&content, 4096)?;
+        let mut tensor = |name: &str| -> anyhow::Result<Tensor> {
+            Ok(content
+                .tensor(&mut reader, name, device)
+                .with_context(|| format!("reading {name}"))?
+                .dequantize(device)?)
+        };
+        let embedding = tensor("token_embd.weight")?;
+        let lm_head = match tensor("output.weight") {
+            Ok(t) => t,
+            Err(_) => embedding.clone(),
+        };
+        let out_norm = tensor("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let p = format!("blk.{l}");
+            let mut proj = BTreeMap::new();
+            for name in PROJECTIONS {
+                let b = if cfg.architecture == "qwen2" && name.starts_with("attn_") && name != "attn_output" {
+                    Some(tensor(&format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                };
+                proj.insert(
+                    name,
+                    Linear {
+                        w: tensor(&format!("{p}.{name}.weight"))?,
+                        b,
+                    },
+                );
+            }
+            layers.push(Layer {
+                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?,
+                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?,
+                proj,
+            });
+        }
+        let (cos, sin) = cfg.rope_tables();
+        let half = cfg.head_dim / 2;
+        let cos = Tensor::from_vec(cos, (cfg.context, half), device)?;
+        let sin = Tensor::from_vec(sin, (cfg.context, half), device)?;
+        let mut rng = crate::eval::Rng::new(seed);
+        let mut lora = BTreeMap::new();
+        for l in 0..cfg.layers {
+            for &name in targets {
+                let name = PROJECTIONS
+                    .iter()
+                    .copied()
+                    .find(|p| *p == name)
+                    .with_context(|| format!("unknown projection {name} (one of {PROJECTIONS:?})"))?;
+                let (inputs, outputs) = cfg.projection_widths(name).context("projection")?;
+                let bound = 1.0 / (inputs as f32).sqrt();
+                let a: Vec<f32> = (0..rank * inputs)
+                    .map(|_| (rng.unit() as f32 * 2.0 - 1.0) * bound)
+                    .collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inputs), device)?)?;
+                let b = Var::zeros((outputs, rank), DType::F32, device)?;
+                lora.insert((l, name), Lora { a, b });
+            }
+        }
+        Ok(Self {
+            cfg,
+            embedding,
+            layers,
+            out_norm,
+            lm_head,
+            cos,
+            sin,
+            lora,
+            rank,
+            alpha,
+            device: device.clone(),
+        })
+    }
+
+    /// The trainable variables, in a stable order (`(layer, projection, "a"|"b")`).
+    pub fn vars(&self) -> Vec<(String, &Var)> {
+        self.lora
+            .iter()
+            .flat_map(|((l, p), pair)| {
+                [
+                    (format!("blk.{l}.{p}.lora_a"), &pair.a),
+                    (format!("blk.{l}.{p}.lora_b"), &pair.b),
+                ]
+            })
+            .collect()
+    }
+
+    /// Sets the pairs from a saved adapter (for `--resume`, and tests).
+    pub fn set_adapter(&mut self, adapter: &Adapter) -> anyhow::Result<()> {
+        for ((l, p), pair) in &self.lora {
+            let saved = adapter
+                .pair(*l, p)
+                .with_context(|| format!("the adapter has no {p} in layer {l}"))?;
+            pair.a.set(&Tensor::from_vec(saved.a.clone(), pair.a.shape(), &self.device)?)?;
+            pair.b.set(&Tensor::from_vec(saved.b.clone(), pair.b.shape(), &self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// The pairs as a servable adapter.
+    pub fn adapter(&self, metadata: BTreeMap<String, String>) -> anyhow::Result<Adapter> {
+        let mut pairs = BTreeMap::new();
+        for ((l, p), pair) in &self.lora {
+            let (inputs, outputs) = self.cfg.projection_widths(p).context("projection")?;
+            pairs.insert(
+                (*l, p.to_string()),
+                LoraPair {
+                    inputs,
+                    outputs,
+                    a: pair.a.as_tensor().flatten_all()?.to_vec1()?,
+                    b: pair.b.as_tensor().flatten_all()?.to_vec1()?,
+                },
+            );
+        }
+        Ok(Adapter {
+            rank: self.rank,
+            alpha: self.alpha,
+            pairs,
+            metadata,
+        })
+    }
+
+    fn linear(&self, layer: usize, name: &'static str, x: &Tensor) -> candle_core::Result<Tensor> {
+        let lin = &self.layers[layer].proj[name];
+        let mut y = x.matmul(&lin.w.t()?)?;
+        if let Some(b) = &lin.b {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(pair) = self.lora.get(&(layer, name)) {
+            let scale = (self.alpha / self.rank as f32) as f64;
+            let u = x.matmul(&pair.a.as_tensor().t()?)?;
+            y = (y + (u.matmul(&pair.b.as_tensor().t()?)? * scale)?)?;
+        }
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let r = (ms + self.cfg.eps as f64)?.sqrt()?.recip()?;
+        x.broadcast_mul(&r)?.broadcast_mul(w)
+    }
+
+    /// RoPE on `x` (`heads × t × head_dim`) for positions `0..t`.
+    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (h, t, hd) = x.dims3()?;
+        let half = hd / 2;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        if self.cfg.neox {
+            let x0 = x.narrow(2, 0, half)?;
+            let x1 = x.narrow(2, half, half)?;
+            let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[a, b], 2)
+        } else {
+            let x = x.reshape((h, t, half, 2))?;
+            let x0 = x.narrow(3, 0, 1)?.squeeze(3)?;
+            let x1 = x.narrow(3, 1, 1)?.squeeze(3)?;
+            let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::stack(&[a, b], 3)?.reshape((h, t, hd))
+        }
+    }
+
+    /// Hidden states after the final norm for `ids` (one sequence from position 0).
+    pub fn hidden(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let t = ids.len();
+        let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let mut x = self.embedding.index_select(&ids_t, 0)?; // t × hidden
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
+            let q = self.linear(l, "attn_q", &h)?;
+            let k = self.linear(l, "attn_k", &h)?;
+            let v = self.linear(l, "attn_v", &h)?;
+            let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()
+            };
+            let q = (self.rope(&heads(q, nh)?)? * scale)?;
+            let k = self.rope(&heads(k, nkv)?)?;
+            let v = heads(v, nkv)?;
+            // Each key/value head serves nh/nkv consecutive query heads.
+            let rep = |y: Tensor| -> candle_core::Result<Tensor> {
+                y.unsqueeze(1)?
+                    .broadcast_as((nkv, nh / nkv, t, hd))?
+                    .reshape((nh, t, hd))
+            };
+            let (k, v) = (rep(k)?, rep(v)?);
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let att = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+            x = (x + self.linear(l, "attn_output", &att)?)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let g = self.linear(l, "ffn_gate", &h)?;
+            let u = self.linear(l, "ffn_up", &h)?;
+            let silu = (&g / (g.neg()?.exp()? + 1.0)?)?;
+            x = (x + self.linear(l, "ffn_down", &(silu * u)?)?)?;
+        }
+        self.rms_norm(&x, &self.out_norm)
+    }
+
+    /// Logits of the rows `rows` of the hidden states.
+    pub fn logits(&self, hidden: &Tensor, rows: &[u32]) -> candle_core::Result<Tensor> {
+        let idx = Tensor::new(rows, &self.device)?;
+        hidden.index_select(&idx, 0)?.matmul(&self.lm_head.t()?)
+    }
+
+    /// Mean cross-entropy of predicting `ids[prompt..]`, each from the tokens before it.
+    pub fn loss(&self, ids: &[u32], prompt: usize) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden(ids)?;
+        let rows: Vec<u32> = (prompt.max(1) - 1..ids.len() - 1).map(|r| r as u32).collect();
+        let targets = Tensor::new(&ids[prompt.max(1)..], &self.device)?;
+        let logits = self.logits(&hidden, &rows)?;
+        candle_nn::loss::cross_entropy(&logits, &targets)
+    }
+}

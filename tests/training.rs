@@ -1,0 +1,191 @@
+//! Fine-tuning with the real SmolLM2 weights: the training forward pass (candle, from
+//! differentiable primitives) gives the serving engine's logits, with and without an adapter
+//! (saved, loaded and applied unmerged by the native engine), and optimizer steps lower the
+//! loss of a real review.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use ghostwriter::train::AdamW;
+use ghostwriter::train::model::TrainModel;
+use ghostwriter_generator::LoadOptions;
+use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
+use ghostwriter_generator::backend::{Backend, SeqStep};
+use ghostwriter_generator::model::Prompter;
+use ghostwriter_generator::native::NativeModel;
+use ghostwriter_generator::prompt::{DEFAULT_SYSTEM, Parts, personalized};
+
+fn model_path() -> std::path::PathBuf {
+    common::model_dir().join(ghostwriter_common::models::GENERATOR_Q8_0)
+}
+
+/// A prompt over a real review and the review's next words.
+fn real_example() -> Option<(Vec<u32>, Vec<u32>)> {
+    let path = common::amazon_docs()?;
+    let docs = ghostwriter::loaders::load(&path).unwrap().documents;
+    let doc = docs.iter().find(|d| d.text.len() > 400).unwrap();
+    let prompter = Prompter::load(&model_path()).unwrap();
+    let start: String = doc.text.chars().take(150).collect();
+    let rest: String = doc.text.chars().skip(150).take(200).collect();
+    let prompt = personalized(
+        DEFAULT_SYSTEM,
+        &Parts {
+            passage_start: start,
+            ..Default::default()
+        },
+    );
+    Some((
+        prompter.encode(&prompt).unwrap(),
+        prompter.encode_plain(&rest).unwrap(),
+    ))
+}
+
+fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
+    NativeModel::load(
+        &model_path(),
+        &LoadOptions {
+            device: "cpu".into(),
+            max_context: 1024,
+            threads: 0,
+            block_size: 16,
+            kv_cache_mb: 32,
+            adapter,
+        },
+    )
+    .unwrap()
+}
+
+fn serving_logits(model: &mut NativeModel, ids: &[u32]) -> Vec<f32> {
+    let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+    model
+        .forward(&[SeqStep {
+            tokens: ids,
+            start: 0,
+            blocks: &blocks,
+            logits: true,
+        }])
+        .unwrap()
+        .remove(0)
+}
+
+fn training_logits(model: &TrainModel, ids: &[u32]) -> Vec<f32> {
+    let hidden = model.hidden(ids).unwrap();
+    model
+        .logits(&hidden, &[ids.len() as u32 - 1])
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+fn top5(v: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+    idx.truncate(5);
+    idx
+}
+
+fn argmax(v: &[f32]) -> usize {
+    ghostwriter_generator::sampler::argmax(v) as usize
+}
+
+#[test]
+fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
+    let Some((ids, _)) = real_example() else {
+        return;
+    };
+    let train = TrainModel::load(&model_path(), &Device::Cpu, 4, 8.0, &PROJECTIONS, 7).unwrap();
+    let base_train = training_logits(&train, &ids);
+    let base_serve = serving_logits(&mut native(None), &ids);
+    assert_eq!(argmax(&base_train), argmax(&base_serve));
+    assert!(cosine(&base_train, &base_serve) > 0.99);
+
+    // A non-trivial adapter: random B, saved and served by the native engine.
+    let mut rng = ghostwriter::eval::Rng::new(3);
+    for pair in train.lora.values() {
+        let n = pair.b.elem_count();
+        let v: Vec<f32> = (0..n).map(|_| (rng.unit() as f32 - 0.5) * 2.0).collect();
+        pair.b
+            .set(&Tensor::from_vec(v, pair.b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let tuned_train = training_logits(&train, &ids);
+    assert!(
+        cosine(&tuned_train, &base_train) < 0.99,
+        "the adapter should change the logits: {}", cosine(&tuned_train, &base_train)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.safetensors");
+    let sha = ghostwriter_common::models::sha256_file(&model_path()).unwrap();
+    train
+        .adapter([("base_sha256".to_string(), sha)].into())
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    let tuned_serve = serving_logits(&mut native(Some(path.clone())), &ids);
+    eprintln!(
+        "cosine: tuned/base {:.4}, training/serving base {:.4}, tuned {:.4}",
+        cosine(&tuned_train, &base_train),
+        cosine(&base_train, &base_serve),
+        cosine(&tuned_train, &tuned_serve)
+    );
+    // The serving engine quantizes activations to 8 bits; with a perturbation this large the
+    // top two tokens can swap, so each top token must be in the other's top 5.
+    assert!(top5(&tuned_train).contains(&argmax(&tuned_serve)));
+    assert!(top5(&tuned_serve).contains(&argmax(&tuned_train)));
+    assert!(cosine(&tuned_train, &tuned_serve) > 0.995);
+
+    // An adapter trained on another base is refused.
+    let mut other = Adapter::load(&path).unwrap();
+    other.metadata.insert("base_sha256".into(), "0".repeat(64));
+    other.save(&path).unwrap();
+    let err = NativeModel::load(
+        &model_path(),
+        &LoadOptions {
+            device: "cpu".into(),
+            max_context: 1024,
+            threads: 0,
+            block_size: 16,
+            kv_cache_mb: 32,
+            adapter: Some(path),
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("trained on base model"), "{err}");
+}
+
+#[test]
+fn optimizer_steps_lower_the_loss_of_a_real_review() {
+    let Some((prompt, answer)) = real_example() else {
+        return;
+    };
+    let mut ids = prompt.clone();
+    ids.extend(&answer);
+    let model = TrainModel::load(&model_path(), &Device::Cpu, 8, 16.0, &PROJECTIONS, 1).unwrap();
+    let mut opt = AdamW::new(&model, 0.0).unwrap();
+    let first = model.loss(&ids, prompt.len()).unwrap().to_scalar::<f32>().unwrap();
+    let mut last = first;
+    for t in 1..=4 {
+        let loss = model.loss(&ids, prompt.len()).unwrap();
+        let store = loss.backward().unwrap();
+        let grads: Vec<Tensor> = model
+            .vars()
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        opt.step(&model, &grads, 1, 1e-3, t).unwrap();
+        last = model.loss(&ids, prompt.len()).unwrap().to_scalar::<f32>().unwrap();
+    }
+    assert!(first.is_finite() && first > 0.5, "{first}");
+    assert!(last < first * 0.9, "loss {first} -> {last}");
+}
