@@ -112,6 +112,7 @@ fn params(new_tokens: usize, ignore_eos: bool) -> Params {
         stop: Vec::new(),
         repeat_penalty: 1.0,
         ignore_eos,
+        score: Vec::new(),
     }
 }
 

@@ -79,6 +79,11 @@ enum Command {
     },
     /// Write the rest of a document for a user.
     Write(WriteArgs),
+    /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
+    /// fine-tuned generator against the user's earlier documents).
+    Distinguish(DistinguishArgs),
+    /// Evaluate author distinction on pairs from test users: accuracy and ROC AUC; writes JSON.
+    EvalDistinguish(ghostwriter::train::distinguish::EvalArgs),
     /// Pull the models, start the embedded pipeline, ingest the demo corpus and write one
     /// document for one of its users.
     Demo {
@@ -220,6 +225,55 @@ enum Stage {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct DistinguishArgs {
+    /// Ghostwriter API URL.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    to: String,
+    /// The supposed author.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// The text (its first 150 characters are judged).
+    #[arg(long)]
+    text: String,
+    /// Compare only with documents written before this unix time.
+    #[arg(long)]
+    timestamp: Option<i64>,
+    /// Earlier documents compared (0 = 4).
+    #[arg(long, default_value_t = 0)]
+    max_documents: u32,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.to).await?;
+    let mut request = tonic::Request::new(ghostwriter::proto::DistinguishRequest {
+        user_id: args.user,
+        text: args.text,
+        timestamp: args.timestamp,
+        doc_id: String::new(),
+        max_documents: args.max_documents,
+    });
+    request.set_timeout(Duration::from_secs(args.timeout));
+    let r = client
+        .distinguish(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("{:.3}", r.probability);
+    for d in &r.documents {
+        eprintln!("  {:.3}  {}", d.probability, d.doc_id);
+    }
+    eprintln!("model: {}", r.model);
+    Ok(())
+}
+
 #[derive(Parser)]
 struct WriteArgs {
     /// Ghostwriter API URL.
@@ -320,6 +374,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
         Command::Write(args) => write(args).await,
+        Command::Distinguish(args) => distinguish(args).await,
+        Command::EvalDistinguish(args) => {
+            let report = ghostwriter::train::distinguish::evaluate(args, model_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Demo { listen } => demo(listen, model_dir).await,
         Command::Bench {
             data,

@@ -26,6 +26,7 @@ async fn evaluation_runs_and_resumes() {
         bootstrap: 200,
         no_ingest: false,
         timeout: 300,
+        adapter: None,
     };
     let summary = eval::run(args.clone(), common::model_dir()).await.unwrap();
     assert_eq!(summary.presets.len(), 2);
@@ -36,6 +37,12 @@ async fn evaluation_runs_and_resumes() {
         .find(|p| p.preset == "copy-best")
         .unwrap();
     assert!(copy.rouge1 > 0.0 && copy.rouge1_vs_baseline.is_some());
+    // copy-best pastes the top-ranked past document: its 8-grams are all found there.
+    assert!(copy.copy_rate > 0.9, "copy rate {}", copy.copy_rate);
+    assert!(
+        copy.empty_words_share.is_none(),
+        "copy-best has no synthesis"
+    );
     let results = out.path().join("results.jsonl");
     let first = eval::read_records(&results).unwrap();
     assert_eq!(first.len(), 6);

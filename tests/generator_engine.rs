@@ -53,6 +53,7 @@ fn greedy(max_new_tokens: usize) -> Params {
         stop: Vec::new(),
         repeat_penalty: 1.1,
         ignore_eos: false,
+        score: Vec::new(),
     }
 }
 

@@ -356,3 +356,53 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
     assert!(p.no_history && p.doc_ids.is_empty() && p.summary.is_empty());
     assert!(!r.text.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
+    let Some(data) = data() else {
+        return;
+    };
+    let user = users(&data, 3).remove(0);
+    let docs = &data.by_user[&user];
+    let target = docs
+        .iter()
+        .max_by_key(|d| (d.timestamp, d.doc_id.clone()))
+        .unwrap();
+    let mut client = common::client(&data.url).await;
+    let request = |user: &str, text: &str, max: u32| ghostwriter::proto::DistinguishRequest {
+        user_id: user.into(),
+        text: text.into(),
+        timestamp: Some(target.timestamp),
+        doc_id: target.doc_id.clone(),
+        max_documents: max,
+    };
+    let r = client
+        .distinguish(request(&user, &target.text, 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.documents.is_empty() && r.documents.len() <= 3);
+    assert!(
+        r.documents
+            .iter()
+            .all(|d| d.doc_id != target.doc_id && (0.0..=1.0).contains(&d.probability))
+    );
+    let mean = r.documents.iter().map(|d| d.probability).sum::<f32>() / r.documents.len() as f32;
+    assert!((r.probability - mean).abs() < 1e-6);
+    assert!(!r.model.is_empty());
+
+    for (bad, why) in [
+        (request(&user, "  ", 0), "text is empty"),
+        (request("", "some text", 0), "user_id is empty"),
+        (request(&user, "some text", 17), "max_documents"),
+    ] {
+        let err = client.distinguish(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(why), "{}", err.message());
+    }
+    let err = client
+        .distinguish(request("nobody-has-this-id", "some text", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}

@@ -12,7 +12,7 @@ use ghostwriter::train::AdamW;
 use ghostwriter::train::model::TrainModel;
 use ghostwriter_generator::LoadOptions;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
-use ghostwriter_generator::backend::{Backend, SeqStep};
+use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::native::NativeModel;
 use ghostwriter_generator::prompt::{DEFAULT_SYSTEM, Parts, personalized};
@@ -121,7 +121,8 @@ fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
     let tuned_train = training_logits(&train, &ids);
     assert!(
         cosine(&tuned_train, &base_train) < 0.99,
-        "the adapter should change the logits: {}", cosine(&tuned_train, &base_train)
+        "the adapter should change the logits: {}",
+        cosine(&tuned_train, &base_train)
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("adapter.safetensors");
@@ -173,7 +174,11 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
     ids.extend(&answer);
     let model = TrainModel::load(&model_path(), &Device::Cpu, 8, 16.0, &PROJECTIONS, 1).unwrap();
     let mut opt = AdamW::new(&model, 0.0).unwrap();
-    let first = model.loss(&ids, prompt.len()).unwrap().to_scalar::<f32>().unwrap();
+    let first = model
+        .loss(&ids, prompt.len())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let mut last = first;
     for t in 1..=4 {
         let loss = model.loss(&ids, prompt.len()).unwrap();
@@ -184,7 +189,11 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
             .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
             .collect();
         opt.step(&model, &grads, 1, 1e-3, t).unwrap();
-        last = model.loss(&ids, prompt.len()).unwrap().to_scalar::<f32>().unwrap();
+        last = model
+            .loss(&ids, prompt.len())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
     }
     assert!(first.is_finite() && first > 0.5, "{first}");
     assert!(last < first * 0.9, "loss {first} -> {last}");

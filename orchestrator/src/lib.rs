@@ -16,9 +16,10 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    GenerateRequest, GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput,
-    Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest, SummaryMode,
-    SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse, WriteStreamResponse,
+    DistinctionInput, DistinctionScore, DistinguishRequest, DistinguishResponse, GenerateRequest,
+    GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput, Provenance, RankRequest,
+    RetrieveRequest, StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest,
+    WriteRequest, WriteResponse, WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -33,6 +34,9 @@ pub const DEFAULT_CONTEXT_CHARS: usize = 150;
 const MAX_CONTEXT_CHARS: u32 = 20_000;
 /// Longest user id.
 const MAX_USER_ID: usize = 512;
+/// Earlier documents a Distinguish compares by default, and at most.
+const DEFAULT_DISTINGUISH_DOCUMENTS: u32 = 4;
+const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
 /// Most new tokens a write may ask for (each generator enforces its own, lower, limit too).
 const MAX_NEW_TOKENS: u32 = 4096;
 
@@ -555,6 +559,106 @@ impl Ghostwriter for OrchestratorService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn distinguish(
+        &self,
+        request: Request<DistinguishRequest>,
+    ) -> Result<Response<DistinguishResponse>, Status> {
+        let started = Instant::now();
+        let deadline = deadline::from_metadata(request.metadata(), started)
+            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let r = request.into_inner();
+        if r.user_id.trim().is_empty() {
+            return Err(Status::invalid_argument("user_id is empty"));
+        }
+        if r.user_id.len() > MAX_USER_ID || r.doc_id.len() > MAX_USER_ID {
+            return Err(Status::invalid_argument(format!(
+                "user_id and doc_id are limited to {MAX_USER_ID} bytes"
+            )));
+        }
+        if r.text.trim().is_empty() {
+            return Err(Status::invalid_argument("text is empty"));
+        }
+        if r.text.chars().count() > MAX_DOCUMENT_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "text is limited to {MAX_DOCUMENT_CHARS} characters"
+            )));
+        }
+        if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
+            return Err(Status::invalid_argument(format!(
+                "max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"
+            )));
+        }
+        let limit = if r.max_documents == 0 {
+            DEFAULT_DISTINGUISH_DOCUMENTS
+        } else {
+            r.max_documents
+        };
+        // As in training: the text's first 150 characters against an earlier document's first
+        // 600.
+        let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
+        let retrieved = self
+            .stages
+            .retrieve(
+                RetrieveRequest {
+                    user_id: r.user_id,
+                    query: first.clone(),
+                    before_timestamp: r.timestamp,
+                    current_doc_id: r.doc_id,
+                    limit,
+                    term_statistics: false,
+                },
+                deadline,
+            )
+            .await?;
+        if retrieved.documents.is_empty() {
+            return Err(Status::failed_precondition(
+                "no earlier documents of this user to compare the text with",
+            ));
+        }
+        let judged = retrieved
+            .documents
+            .iter()
+            .filter_map(|c| c.document.as_ref())
+            .map(|d| {
+                let second: String = format!("{}\n{}", d.title, d.text)
+                    .trim()
+                    .chars()
+                    .take(600)
+                    .collect();
+                let request = GenerateRequest {
+                    input: Some(Input::Distinction(DistinctionInput {
+                        first: first.clone(),
+                        second,
+                    })),
+                    params: None,
+                };
+                let doc_id = d.doc_id.clone();
+                async move {
+                    let g = self.stages.generate(request, deadline).await?;
+                    Ok::<_, Status>((doc_id, g))
+                }
+            });
+        let judged = futures::future::try_join_all(judged).await?;
+        let model = judged
+            .first()
+            .map(|(_, g)| g.model.clone())
+            .unwrap_or_default();
+        let documents: Vec<DistinctionScore> = judged
+            .into_iter()
+            .map(|(doc_id, g)| DistinctionScore {
+                doc_id,
+                probability: g.same_author_probability,
+            })
+            .collect();
+        let probability =
+            documents.iter().map(|d| d.probability).sum::<f32>() / documents.len() as f32;
+        Ok(Response::new(DistinguishResponse {
+            probability,
+            documents,
+            model,
+        }))
     }
 
     async fn ingest(

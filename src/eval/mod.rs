@@ -96,6 +96,9 @@ pub struct EvalArgs {
     /// Deadline of one write, in seconds.
     #[arg(long, env = "GHOSTWRITER_EVAL_TIMEOUT", default_value_t = 600)]
     pub timeout: u64,
+    /// LoRA adapter the embedded generator serves (a fine-tuned model from `train`).
+    #[arg(long, env = "GHOSTWRITER_ADAPTER")]
+    pub adapter: Option<PathBuf>,
 }
 
 /// SplitMix64: a small, seedable generator for sampling and the bootstrap.
@@ -209,7 +212,10 @@ async fn write_one(
         prediction: response.document,
         target: example.target(),
         latency_ms: started.elapsed().as_secs_f64() * 1e3,
-        generated_tokens: response.generation.as_ref().map_or(0, |g| g.generated_tokens),
+        generated_tokens: response
+            .generation
+            .as_ref()
+            .map_or(0, |g| g.generated_tokens),
         generated: response.generation.map(|g| g.text).unwrap_or_default(),
         important_words: response
             .provenance
@@ -334,6 +340,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
             let work = tempfile::tempdir()?;
             let mut config = crate::embedded::EmbeddedConfig::defaults();
             config.retriever.index_dir = work.path().join("index");
+            config.generator.adapter = args.adapter.clone();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let embedded = crate::embedded::Embedded::start(config, model_dir, listener).await?;
             let result = async {
@@ -373,7 +380,10 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     Ok(summary)
 }
 
-pub async fn ingest(url: &str, documents: &[ghostwriter_proto::v1::Document]) -> anyhow::Result<()> {
+pub async fn ingest(
+    url: &str,
+    documents: &[ghostwriter_proto::v1::Document],
+) -> anyhow::Result<()> {
     let mut client = GhostwriterClient::connect(url.to_string())
         .await?
         .max_encoding_message_size(256 << 20);

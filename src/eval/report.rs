@@ -127,7 +127,7 @@ pub fn copy_rate(generated: &str, sources: &[&str]) -> Option<f64> {
         }
     }
     let grams: Vec<&[String]> = g.windows(8).collect();
-    Some(grams.iter().filter(|x| seen.contains(&x.to_vec())).count() as f64 / grams.len() as f64)
+    Some(grams.iter().filter(|x| seen.contains(**x)).count() as f64 / grams.len() as f64)
 }
 
 /// Share of `generated`'s word 4-grams that repeat an earlier one; 0 below 5 words.
@@ -203,7 +203,12 @@ pub fn summarize(
                 repetition_rate: mean(rs.iter().map(|r| repetition_rate(&r.generated))),
                 mean_output_words: mean(rs.iter().map(|r| words(&r.generated).len() as f64)),
                 mean_target_words: mean(rs.iter().map(|r| {
-                    let context_words = words(r.prediction.strip_suffix(r.generated.as_str()).unwrap_or("")).len();
+                    let context_words = words(
+                        r.prediction
+                            .strip_suffix(r.generated.as_str())
+                            .unwrap_or(""),
+                    )
+                    .len();
                     words(&r.target).len().saturating_sub(context_words) as f64
                 })),
                 rouge1_vs_baseline: vs,

@@ -68,7 +68,8 @@ pub async fn generation_example(
     summary_chars: usize,
     lengths: Lengths,
 ) -> anyhow::Result<Option<TrainExample>> {
-    let preset = preset::find(preset_name).with_context(|| format!("unknown preset {preset_name}"))?;
+    let preset =
+        preset::find(preset_name).with_context(|| format!("unknown preset {preset_name}"))?;
     anyhow::ensure!(
         preset.generate,
         "preset {preset_name} does not generate: nothing to train"
@@ -207,9 +208,16 @@ pub fn distinction_examples(
             let docs = &by_user[pick];
             &docs[rng.below(docs.len())]
         };
-        let second: String = full_text(&other.title, &other.text).chars().take(600).collect();
+        let second: String = full_text(&other.title, &other.text)
+            .chars()
+            .take(600)
+            .collect();
         let ids = prompter.encode(&prompt::distinction(system, &e.context(), &second))?;
-        let answer = if same { true_id.clone() } else { false_id.clone() };
+        let answer = if same {
+            true_id.clone()
+        } else {
+            false_id.clone()
+        };
         if let Some(x) = finish(
             prompter,
             Task::Distinction,

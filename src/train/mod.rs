@@ -6,6 +6,7 @@
 //! loss; test users are never read here (the evaluation's protocol and split, `eval::protocol`).
 
 pub mod data;
+pub mod distinguish;
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +40,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 240)]
     pub examples: usize,
     /// Presets whose prompts are trained, round robin over the examples.
-    #[arg(long, value_delimiter = ',', default_value = "syn-ctx,immediate-context")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "syn-ctx,immediate-context"
+    )]
     pub presets: Vec<String>,
     /// Author-distinction examples per generation example (the paper mixes 1:1; 0 trains
     /// generation only).
@@ -77,7 +82,7 @@ pub struct TrainArgs {
     #[arg(long = "max-target-tokens", default_value_t = 96)]
     pub max_target_tokens: usize,
     /// Examples longer than this many tokens in all are skipped.
-    #[arg(long = "max-tokens", default_value_t = 768)]
+    #[arg(long = "max-tokens", default_value_t = 1280)]
     pub max_tokens: usize,
     /// Validation generation examples (validation users), scored every --eval-every steps.
     #[arg(long = "val-examples", default_value_t = 12)]
@@ -137,8 +142,14 @@ impl AdamW {
         let zeros = |t: &Tensor| t.zeros_like();
         let vars = model.vars();
         Ok(Self {
-            m: vars.iter().map(|(_, v)| zeros(v.as_tensor())).collect::<Result<_, _>>()?,
-            v: vars.iter().map(|(_, v)| zeros(v.as_tensor())).collect::<Result<_, _>>()?,
+            m: vars
+                .iter()
+                .map(|(_, v)| zeros(v.as_tensor()))
+                .collect::<Result<_, _>>()?,
+            v: vars
+                .iter()
+                .map(|(_, v)| zeros(v.as_tensor()))
+                .collect::<Result<_, _>>()?,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -213,7 +224,11 @@ pub fn learning_rate(peak: f64, t: usize, warmup: usize, total: usize) -> f64 {
 }
 
 fn sample(examples: &[Example], split: Split, n: usize, seed: u64) -> Vec<Example> {
-    let mut chosen: Vec<Example> = examples.iter().filter(|e| e.split == split).cloned().collect();
+    let mut chosen: Vec<Example> = examples
+        .iter()
+        .filter(|e| e.split == split)
+        .cloned()
+        .collect();
     Rng::new(seed).shuffle(&mut chosen);
     if n > 0 {
         chosen.truncate(n);
@@ -235,20 +250,41 @@ async fn build_examples(
             let (is_val, e): (bool, TrainExample) = serde_json::from_str(line)?;
             if is_val { val.push(e) } else { train.push(e) }
         }
-        eprintln!("resuming with {} training and {} validation examples from {}", train.len(), val.len(), cache.display());
+        eprintln!(
+            "resuming with {} training and {} validation examples from {}",
+            train.len(),
+            val.len(),
+            cache.display()
+        );
         return Ok((train, val));
     }
     let data = args.data.clone();
     let loaded = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
     let dataset = protocol::build(loaded.documents);
     let train_targets = sample(&dataset.examples, Split::Train, args.examples, args.seed);
-    let val_targets = sample(&dataset.examples, Split::Validation, args.val_examples, args.seed);
-    anyhow::ensure!(!train_targets.is_empty(), "no training-split targets in {}", args.data.display());
-    let mut by_split: [BTreeMap<String, Vec<ghostwriter_proto::v1::Document>>; 2] = Default::default();
+    let val_targets = sample(
+        &dataset.examples,
+        Split::Validation,
+        args.val_examples,
+        args.seed,
+    );
+    anyhow::ensure!(
+        !train_targets.is_empty(),
+        "no training-split targets in {}",
+        args.data.display()
+    );
+    let mut by_split: [BTreeMap<String, Vec<ghostwriter_proto::v1::Document>>; 2] =
+        Default::default();
     for d in &dataset.documents {
         match protocol::split_of(&d.user_id) {
-            Split::Train => by_split[0].entry(d.user_id.clone()).or_default().push(d.clone()),
-            Split::Validation => by_split[1].entry(d.user_id.clone()).or_default().push(d.clone()),
+            Split::Train => by_split[0]
+                .entry(d.user_id.clone())
+                .or_default()
+                .push(d.clone()),
+            Split::Validation => by_split[1]
+                .entry(d.user_id.clone())
+                .or_default()
+                .push(d.clone()),
             Split::Test => {}
         }
     }
@@ -304,7 +340,14 @@ async fn build_examples(
             .into_iter()
             .enumerate()
         {
-            let bar = progress(targets.len() as u64, if k == 0 { "training examples" } else { "validation examples" });
+            let bar = progress(
+                targets.len() as u64,
+                if k == 0 {
+                    "training examples"
+                } else {
+                    "validation examples"
+                },
+            );
             let mut built = Vec::new();
             for (i, e) in targets.iter().enumerate() {
                 let preset = &args.presets[i % args.presets.len()];
@@ -442,14 +485,22 @@ fn fit(
         model.set_adapter(&adapter)?;
         opt.load(&checkpoint.join("optimizer.safetensors"), &device)?;
         state = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
-        eprintln!("resuming at step {} (example {})", state.step, state.position);
+        eprintln!(
+            "resuming at step {} (example {})",
+            state.step, state.position
+        );
     }
     let total_examples = train.len() * args.epochs;
     let total_steps = total_examples.div_ceil(args.grad_accum);
     let base_sha = ghostwriter_common::models::sha256_file(base)?;
     let metadata = |state: &State| -> BTreeMap<String, String> {
         [
-            ("base_model", base.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()),
+            (
+                "base_model",
+                base.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
             ("base_sha256", base_sha.clone()),
             ("data_hash", data_hash(train)),
             ("data", args.data.display().to_string()),
@@ -526,9 +577,14 @@ fn fit(
         state.seconds = elapsed;
         if last || state.step.is_multiple_of(args.checkpoint_every.max(1)) {
             std::fs::create_dir_all(&checkpoint)?;
-            model.adapter(metadata(&state))?.save(&checkpoint.join("adapter.safetensors"))?;
+            model
+                .adapter(metadata(&state))?
+                .save(&checkpoint.join("adapter.safetensors"))?;
             opt.save(&checkpoint.join("optimizer.safetensors"))?;
-            std::fs::write(checkpoint.join("state.json"), serde_json::to_string(&state)?)?;
+            std::fs::write(
+                checkpoint.join("state.json"),
+                serde_json::to_string(&state)?,
+            )?;
             std::fs::write(args.out.join("loss.svg"), loss_svg(&state.curve))?;
         }
     }
@@ -550,7 +606,10 @@ fn fit(
         "device": args.device,
         "metadata": metadata(&state),
     });
-    std::fs::write(args.out.join("train.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        args.out.join("train.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     eprintln!("{}", serde_json::to_string_pretty(&report)?);
     Ok(path)
 }
@@ -563,7 +622,11 @@ pub fn loss_svg(curve: &[Point]) -> String {
         .iter()
         .flat_map(|p| std::iter::once(p.train).chain(p.validation));
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo < hi { (lo, hi) } else { (lo - 1.0, lo + 1.0) };
+    let (lo, hi) = if lo < hi {
+        (lo, hi)
+    } else {
+        (lo - 1.0, lo + 1.0)
+    };
     let x = |s: usize| pad + (w - 2.0 * pad) * s as f64 / steps;
     let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - lo) / (hi - lo);
     let line: Vec<String> = curve
@@ -602,8 +665,16 @@ mod tests {
         assert!((learning_rate(1.0, 4, 4, 20) - 1.0).abs() < 1e-12);
         assert!((learning_rate(1.0, 20, 4, 20) - 0.1).abs() < 1e-12);
         let svg = loss_svg(&[
-            Point { step: 1, train: 3.0, validation: None },
-            Point { step: 2, train: 2.5, validation: Some(2.7) },
+            Point {
+                step: 1,
+                train: 3.0,
+                validation: None,
+            },
+            Point {
+                step: 2,
+                train: 2.5,
+                validation: Some(2.7),
+            },
         ]);
         assert!(svg.contains("<polyline") && svg.contains("<circle"));
     }

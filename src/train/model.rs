@@ -84,7 +84,10 @@ impl TrainModel {
             let p = format!("blk.{l}");
             let mut proj = BTreeMap::new();
             for name in PROJECTIONS {
-                let b = if cfg.architecture == "qwen2" && name.starts_with("attn_") && name != "attn_output" {
+                let b = if cfg.architecture == "qwen2"
+                    && name.starts_with("attn_")
+                    && name != "attn_output"
+                {
                     Some(tensor(&format!("{p}.{name}.bias"))?)
                 } else {
                     None
@@ -115,7 +118,9 @@ impl TrainModel {
                     .iter()
                     .copied()
                     .find(|p| *p == name)
-                    .with_context(|| format!("unknown projection {name} (one of {PROJECTIONS:?})"))?;
+                    .with_context(|| {
+                        format!("unknown projection {name} (one of {PROJECTIONS:?})")
+                    })?;
                 let (inputs, outputs) = cfg.projection_widths(name).context("projection")?;
                 let bound = 1.0 / (inputs as f32).sqrt();
                 let a: Vec<f32> = (0..rank * inputs)
@@ -160,8 +165,16 @@ impl TrainModel {
             let saved = adapter
                 .pair(*l, p)
                 .with_context(|| format!("the adapter has no {p} in layer {l}"))?;
-            pair.a.set(&Tensor::from_vec(saved.a.clone(), pair.a.shape(), &self.device)?)?;
-            pair.b.set(&Tensor::from_vec(saved.b.clone(), pair.b.shape(), &self.device)?)?;
+            pair.a.set(&Tensor::from_vec(
+                saved.a.clone(),
+                pair.a.shape(),
+                &self.device,
+            )?)?;
+            pair.b.set(&Tensor::from_vec(
+                saved.b.clone(),
+                pair.b.shape(),
+                &self.device,
+            )?)?;
         }
         Ok(())
     }
@@ -283,7 +296,9 @@ impl TrainModel {
     /// Mean cross-entropy of predicting `ids[prompt..]`, each from the tokens before it.
     pub fn loss(&self, ids: &[u32], prompt: usize) -> candle_core::Result<Tensor> {
         let hidden = self.hidden(ids)?;
-        let rows: Vec<u32> = (prompt.max(1) - 1..ids.len() - 1).map(|r| r as u32).collect();
+        let rows: Vec<u32> = (prompt.max(1) - 1..ids.len() - 1)
+            .map(|r| r as u32)
+            .collect();
         let targets = Tensor::new(&ids[prompt.max(1)..], &self.device)?;
         let logits = self.logits(&hidden, &rows)?;
         candle_nn::loss::cross_entropy(&logits, &targets)

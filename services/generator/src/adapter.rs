@@ -85,8 +85,8 @@ impl Adapter {
             let Some(prefix) = name.strip_suffix(".lora_a") else {
                 continue;
             };
-            let (layer, projection) = parse_name(prefix)
-                .with_context(|| format!("unexpected adapter tensor {name}"))?;
+            let (layer, projection) =
+                parse_name(prefix).with_context(|| format!("unexpected adapter tensor {name}"))?;
             let a = st.tensor(name)?;
             let b = st.tensor(&format!("{prefix}.lora_b"))?;
             if a.dtype() != safetensors::Dtype::F32 || b.dtype() != safetensors::Dtype::F32 {
@@ -122,8 +122,16 @@ impl Adapter {
         let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
         for ((layer, projection), p) in &self.pairs {
             let prefix = format!("blk.{layer}.{projection}");
-            tensors.push((format!("{prefix}.lora_a"), bytes(&p.a), vec![self.rank, p.inputs]));
-            tensors.push((format!("{prefix}.lora_b"), bytes(&p.b), vec![p.outputs, self.rank]));
+            tensors.push((
+                format!("{prefix}.lora_a"),
+                bytes(&p.a),
+                vec![self.rank, p.inputs],
+            ));
+            tensors.push((
+                format!("{prefix}.lora_b"),
+                bytes(&p.b),
+                vec![p.outputs, self.rank],
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
@@ -206,7 +214,10 @@ pub fn apply(
 ) {
     let rank = pair.a.len() / pair.inputs.max(1);
     let mut u = vec![0f32; rank];
-    for (xr, or) in x.chunks_exact(pair.inputs).zip(out.chunks_exact_mut(stride)) {
+    for (xr, or) in x
+        .chunks_exact(pair.inputs)
+        .zip(out.chunks_exact_mut(stride))
+    {
         for (ui, ar) in u.iter_mut().zip(pair.a.chunks_exact(pair.inputs)) {
             *ui = scale * ar.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
         }

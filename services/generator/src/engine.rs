@@ -65,6 +65,13 @@ pub enum Input {
     },
     /// Answer a plain instruction.
     Instruction(String),
+    /// The paper's author distinction: are these two passages by the same author?
+    Distinction {
+        /// A document start.
+        first: String,
+        /// Another passage.
+        second: String,
+    },
 }
 
 /// Decoding settings, defaults applied.
@@ -84,6 +91,9 @@ pub struct Params {
     pub repeat_penalty: f32,
     /// Generate exactly `max_new_tokens` (end-of-turn tokens are not chosen); for benchmarks.
     pub ignore_eos: bool,
+    /// Score instead of generating: the log-probabilities of these tokens as the first answer
+    /// token are returned in [`Stats::scores`], and nothing is generated.
+    pub score: Vec<u32>,
 }
 
 /// Why decoding stopped.
@@ -114,6 +124,8 @@ pub struct Stats {
     pub tokens_per_second: f64,
     /// Submission to first token, seconds.
     pub time_to_first_token: f64,
+    /// Log-probabilities of [`Params::score`]'s tokens.
+    pub scores: Vec<f32>,
 }
 
 /// Events a job sends back.
@@ -272,6 +284,11 @@ impl Engine {
         Err(EngineError::Stopped)
     }
 
+    /// The model's tokenizer and prompt rendering.
+    pub fn prompter(&self) -> &Prompter {
+        &self.prompter
+    }
+
     /// Token ids of a prompt as the engine would run it (for tests and tools).
     pub fn tokenize(&self, input: &Input, max_new_tokens: usize) -> Result<Vec<u32>, EngineError> {
         fit_prompt(
@@ -303,7 +320,7 @@ fn fit_prompt(
     let mut passages: Vec<String> = match input {
         Input::Personalized(p) => p.past_passages.clone(),
         Input::Task { passages, .. } => passages.clone(),
-        Input::Instruction(_) => Vec::new(),
+        Input::Instruction(_) | Input::Distinction { .. } => Vec::new(),
     };
     loop {
         let rendered = match input {
@@ -316,6 +333,7 @@ fn fit_prompt(
             ),
             Input::Task { instruction, .. } => prompt::task(system, &passages, instruction),
             Input::Instruction(text) => prompt::instruction(system, text),
+            Input::Distinction { first, second } => prompt::distinction(system, first, second),
         };
         let ids = prompter.encode(&rendered).map_err(inference)?;
         if ids.is_empty() {
@@ -384,6 +402,7 @@ struct Seq {
     /// Incremental detokenization offsets into the generated tokens.
     prefix_offset: usize,
     read_offset: usize,
+    scores: Vec<f32>,
 }
 
 impl Seq {
@@ -559,6 +578,7 @@ impl Scheduler {
                 sent: 0,
                 prefix_offset: 0,
                 read_offset: 0,
+                scores: Vec::new(),
                 events: q.events,
                 params: q.params,
                 deadline: q.deadline,
@@ -654,6 +674,21 @@ fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize)
         m.generator_time_to_first_token
             .observe(now.duration_since(s.enqueued).as_secs_f64());
     }
+    if !s.params.score.is_empty() {
+        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+        s.scores = s
+            .params
+            .score
+            .iter()
+            .map(|&id| {
+                logits
+                    .get(id as usize)
+                    .map_or(f32::NEG_INFINITY, |&l| l - lse)
+            })
+            .collect();
+        return Some(Finish::Length);
+    }
     if s.params.ignore_eos {
         for &id in &prompter.stop_ids {
             if let Some(l) = logits.get_mut(id as usize) {
@@ -722,6 +757,7 @@ fn finish_seq(s: Seq, finish: Finish) {
         tokens_per_second,
         time_to_first_token: first.duration_since(s.enqueued).as_secs_f64(),
         text: s.text,
+        scores: s.scores,
     }));
 }
 

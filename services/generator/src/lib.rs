@@ -203,7 +203,13 @@ fn finish_reason(f: Finish) -> FinishReason {
 }
 
 fn response(stats: Stats, model: &str) -> GenerateResponse {
+    // Scores are the log-probabilities of "true" and "false": P(true | one of the two).
+    let same_author_probability = match stats.scores.as_slice() {
+        [t, f] => 1.0 / (1.0 + (f - t).exp()),
+        _ => 0.0,
+    };
     GenerateResponse {
+        same_author_probability,
         text: stats.text,
         prompt_tokens: stats.prompt_tokens as u32,
         generated_tokens: stats.generated_tokens as u32,
@@ -216,6 +222,13 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
 }
 
 impl GeneratorService {
+    fn answer_tokens(&self) -> Result<[u32; 2], Status> {
+        self.engine()?
+            .prompter()
+            .answer_ids()
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
     fn engine(&self) -> Result<&Engine, Status> {
         self.engine
             .get()
@@ -250,12 +263,23 @@ impl GeneratorService {
             Some(ProtoInput::Task(_)) => {
                 return Err(Status::invalid_argument("task.instruction is empty"));
             }
+            Some(ProtoInput::Distinction(d)) => {
+                if d.first.trim().is_empty() || d.second.trim().is_empty() {
+                    return Err(Status::invalid_argument(
+                        "distinction needs two non-empty passages",
+                    ));
+                }
+                Input::Distinction {
+                    first: d.first,
+                    second: d.second,
+                }
+            }
             Some(ProtoInput::Instruction(_)) => {
                 return Err(Status::invalid_argument("instruction is empty"));
             }
             None => {
                 return Err(Status::invalid_argument(
-                    "input is missing: set personalized, task or instruction",
+                    "input is missing: set personalized, task, instruction or distinction",
                 ));
             }
         };
@@ -280,6 +304,15 @@ impl GeneratorService {
             stop: g.stop,
             repeat_penalty: c.repeat_penalty,
             ignore_eos: false,
+            score: Vec::new(),
+        };
+        let params = match &input {
+            Input::Distinction { .. } => Params {
+                max_new_tokens: 1,
+                score: self.answer_tokens()?.to_vec(),
+                ..params
+            },
+            _ => params,
         };
         Ok((input, params, deadline))
     }

@@ -77,6 +77,17 @@ impl Prompter {
             .to_vec())
     }
 
+    /// First token ids of the author-distinction answers `true` and `false`.
+    pub fn answer_ids(&self) -> anyhow::Result<[u32; 2]> {
+        let first = |w: &str| -> anyhow::Result<u32> {
+            self.encode_plain(w)?
+                .first()
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("{w:?} has no token"))
+        };
+        Ok([first("true")?, first("false")?])
+    }
+
     /// The id of a special token such as `<|im_end|>`.
     pub fn special_id(&self, token: &str) -> Option<u32> {
         self.special.token_to_id(token)

@@ -222,8 +222,7 @@ impl DocumentIndex {
                 {
                     let mut stream = analyzer.token_stream(&word);
                     while stream.advance() {
-                        let term =
-                            Term::from_field_text(self.fields.content, &stream.token().text);
+                        let term = Term::from_field_text(self.fields.content, &stream.token().text);
                         let n = searcher.doc_freq(&term)?;
                         df = Some(df.map_or(n, |d| d.min(n)));
                     }

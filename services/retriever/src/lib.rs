@@ -211,7 +211,11 @@ impl Retriever for RetrieverService {
         let (retrieved, background) = tokio::task::spawn_blocking(move || {
             let retrieved = index.retrieve(&filter, &r.query, limit)?;
             let background = if statistics {
-                let texts: Vec<String> = retrieved.hits.iter().map(|h| h.document.content()).collect();
+                let texts: Vec<String> = retrieved
+                    .hits
+                    .iter()
+                    .map(|h| h.document.content())
+                    .collect();
                 Some(index.term_statistics(&texts)?)
             } else {
                 None

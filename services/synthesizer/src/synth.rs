@@ -241,7 +241,11 @@ mod tests {
 
     #[test]
     fn a_background_corpus_keeps_a_small_history_s_words() {
-        let docs = ["capo capo strings guitar", "capo guitar guitar", "strings guitar"];
+        let docs = [
+            "capo capo strings guitar",
+            "capo guitar guitar",
+            "strings guitar",
+        ];
         // Over the user's own 3 documents no word reaches IDF 1.5 (ln 3 = 1.10).
         assert!(important_words(&docs, 20, None).is_empty());
         let df: HashMap<String, u64> = [("capo", 20), ("strings", 40), ("guitar", 900)]
@@ -259,9 +263,14 @@ mod tests {
             vec!["capo", "strings"]
         );
         assert!((w[0].idf - 50f32.ln()).abs() < 1e-6);
-        let w = context_words("my capo and guitar", &docs, &docs, 20, Some(background), |d, _| {
-            Ok(vec![false; d.len()])
-        })
+        let w = context_words(
+            "my capo and guitar",
+            &docs,
+            &docs,
+            20,
+            Some(background),
+            |d, _| Ok(vec![false; d.len()]),
+        )
         .unwrap();
         assert_eq!(
             w.iter().map(|w| w.word.as_str()).collect::<Vec<_>>(),

@@ -473,9 +473,21 @@ impl NativeModel {
             // Attention block.
             let adapter = self.adapter.as_ref();
             let x = &sc.x;
-            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.h), t, hidden, &|r, out| {
-                rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.attn_norm, cfg.eps, out)
-            });
+            produce(
+                &self.pool,
+                &mut sc.qa,
+                adapter.map(|_| &mut sc.h),
+                t,
+                hidden,
+                &|r, out| {
+                    rms_norm(
+                        &x[r * hidden..(r + 1) * hidden],
+                        &layer.attn_norm,
+                        cfg.eps,
+                        out,
+                    )
+                },
+            );
             sc.qkv.resize(t * qkv_w, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
             let (qw, kw) = (nh * hd, nkv * hd);
@@ -540,25 +552,51 @@ impl NativeModel {
             });
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
-            lora(adapter, l, &[("attn_output", 0)], &sc.att, &mut sc.out, hidden);
+            lora(
+                adapter,
+                l,
+                &[("attn_output", 0)],
+                &sc.att,
+                &mut sc.out,
+                hidden,
+            );
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
             // Feed-forward block.
             let x = &sc.x;
-            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.h), t, hidden, &|r, out| {
-                rms_norm(&x[r * hidden..(r + 1) * hidden], &layer.ffn_norm, cfg.eps, out)
-            });
+            produce(
+                &self.pool,
+                &mut sc.qa,
+                adapter.map(|_| &mut sc.h),
+                t,
+                hidden,
+                &|r, out| {
+                    rms_norm(
+                        &x[r * hidden..(r + 1) * hidden],
+                        &layer.ffn_norm,
+                        cfg.eps,
+                        out,
+                    )
+                },
+            );
             let ff = cfg.ff;
             sc.gu.resize(t * 2 * ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
             let gu_parts = [("ffn_gate", 0), ("ffn_up", ff)];
             lora(adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
             let gu = &sc.gu;
-            produce(&self.pool, &mut sc.qa, adapter.map(|_| &mut sc.act), t, ff, &|r, out| {
-                let (g, u) = gu[r * 2 * ff..(r + 1) * 2 * ff].split_at(ff);
-                kernels::silu_mul(g, u, out);
-            });
+            produce(
+                &self.pool,
+                &mut sc.qa,
+                adapter.map(|_| &mut sc.act),
+                t,
+                ff,
+                &|r, out| {
+                    let (g, u) = gu[r * 2 * ff..(r + 1) * 2 * ff].split_at(ff);
+                    kernels::silu_mul(g, u, out);
+                },
+            );
             kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
             lora(adapter, l, &[("ffn_down", 0)], &sc.act, &mut sc.out, hidden);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
