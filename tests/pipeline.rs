@@ -316,10 +316,29 @@ async fn bad_input_is_invalid_argument_and_nothing_half_written() {
         .provenance
         .unwrap();
     assert!(p.no_history, "the rejected batch was half-written");
-    // An ingested document is visible to the next request.
+    // An empty batch is refused, not silently accepted.
+    let status = client
+        .ingest(IngestRequest { documents: vec![] })
+        .await
+        .expect_err("must fail");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // An ingested document is visible to the next request; a batch naming it twice stores and
+    // counts it once.
+    let response = client
+        .ingest(IngestRequest {
+            documents: vec![good.clone(), good.clone()],
+        })
+        .await
+        .expect("ingest")
+        .into_inner();
+    assert_eq!(response.ingested, 1);
+    // Another user re-using the id does not take the document away.
     client
         .ingest(IngestRequest {
-            documents: vec![good],
+            documents: vec![Document {
+                user_id: "batch-intruder".into(),
+                ..good.clone()
+            }],
         })
         .await
         .expect("ingest");

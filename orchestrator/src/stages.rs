@@ -193,6 +193,9 @@ impl Stages {
         documents: Vec<Document>,
         deadline: Option<Instant>,
     ) -> Result<IngestResponse, Status> {
+        if documents.is_empty() {
+            return Err(Status::invalid_argument("no documents to ingest"));
+        }
         let mut by_shard: std::collections::BTreeMap<u32, Vec<Document>> = Default::default();
         for d in documents {
             by_shard
@@ -222,7 +225,7 @@ impl Stages {
                     "{what} stage: no endpoint available"
                 )));
             }
-            let n = docs.len() as u32;
+            let mut stored = 0;
             for replica in replicas {
                 let url = replica.info.url.clone();
                 let response = self
@@ -247,8 +250,9 @@ impl Stages {
                     )
                     .await?;
                 total.total_documents = total.total_documents.max(response.total_documents);
+                stored = response.ingested;
             }
-            total.ingested += n;
+            total.ingested += stored;
         }
         Ok(total)
     }

@@ -161,7 +161,24 @@ impl DocumentIndex {
             .map_err(|_| Error::Index("writer poisoned".into()))?;
         let result = (|| {
             for d in documents {
-                writer.delete_term(Term::from_field_text(f.doc_id, &d.doc_id));
+                // Documents are keyed by (user_id, doc_id): one user's id never replaces another
+                // user's document.
+                writer.delete_query(Box::new(BooleanQuery::new(vec![
+                    (
+                        Occur::Must,
+                        Box::new(TermQuery::new(
+                            Term::from_field_text(f.user_id, &d.user_id),
+                            IndexRecordOption::Basic,
+                        )) as Box<dyn Query>,
+                    ),
+                    (
+                        Occur::Must,
+                        Box::new(TermQuery::new(
+                            Term::from_field_text(f.doc_id, &d.doc_id),
+                            IndexRecordOption::Basic,
+                        )),
+                    ),
+                ])))?;
                 let content = d.content();
                 let mut document = doc!(
                     f.user_id => d.user_id.as_str(),
@@ -382,6 +399,34 @@ mod tests {
 
     fn ids(r: &Retrieved) -> Vec<&str> {
         r.hits.iter().map(|h| h.document.doc_id.as_str()).collect()
+    }
+
+    #[test]
+    fn one_user_s_doc_id_never_replaces_another_user_s_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index
+            .ingest(&[doc("alice", "d1", 10, "alice's review of a capo")])
+            .unwrap();
+        // Bob re-uses alice's id: both documents stay, each with its owner.
+        index
+            .ingest(&[doc("bob", "d1", 20, "bob's review of a strap")])
+            .unwrap();
+        assert_eq!(index.num_docs(), 2);
+        let alice = index
+            .retrieve(&filter("alice", 100, ""), "review", 10)
+            .unwrap();
+        assert_eq!(ids(&alice), vec!["d1"]);
+        assert!(alice.hits[0].document.text.starts_with("alice"));
+        // The owner's own re-ingest still replaces.
+        index
+            .ingest(&[doc("alice", "d1", 10, "alice's new text")])
+            .unwrap();
+        assert_eq!(index.num_docs(), 2);
+        let alice = index
+            .retrieve(&filter("alice", 100, ""), "text", 10)
+            .unwrap();
+        assert_eq!(alice.hits[0].document.text, "alice's new text");
     }
 
     #[test]

@@ -171,7 +171,12 @@ impl Retriever for RetrieverService {
     ) -> Result<Response<IngestResponse>, Status> {
         let documents = validate_documents(&request.get_ref().documents)?;
         let index = self.index()?;
-        let n = documents.len() as u32;
+        // A batch may name one (user, doc_id) twice; the last one is stored.
+        let n = documents
+            .iter()
+            .map(|d| (d.user_id.as_str(), d.doc_id.as_str()))
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u32;
         let total = tokio::task::spawn_blocking(move || index.ingest(&documents))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
