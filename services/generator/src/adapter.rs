@@ -202,32 +202,67 @@ impl Adapter {
     }
 }
 
-/// `out[r] += scale · B·(A·x_r)` for each row `x_r` of `x` (`rows × inputs`) into `out`
-/// (`rows × stride`, the pair's outputs starting at column `offset`).
-pub fn apply(
-    pair: &LoraPair,
-    scale: f32,
-    x: &[f32],
-    out: &mut [f32],
-    stride: usize,
-    offset: usize,
-) {
-    let rank = pair.a.len() / pair.inputs.max(1);
-    let mut u = vec![0f32; rank];
-    for (xr, or) in x
-        .chunks_exact(pair.inputs)
-        .zip(out.chunks_exact_mut(stride))
-    {
-        for (ui, ar) in u.iter_mut().zip(pair.a.chunks_exact(pair.inputs)) {
-            *ui = scale * ar.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+/// A pair laid out for serving: `A` (rank × in) and `Bᵀ` (rank × out), the scale folded in.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Input width.
+    pub inputs: usize,
+    /// Output width.
+    pub outputs: usize,
+    rank: usize,
+    a: Vec<f32>,
+    /// `scale · Bᵀ`, rank × outputs.
+    bt: Vec<f32>,
+}
+
+impl LoraPair {
+    /// The serving layout of this pair with `scale` applied.
+    pub fn prepare(&self, scale: f32) -> Prepared {
+        let rank = self.a.len() / self.inputs.max(1);
+        let mut bt = vec![0f32; rank * self.outputs];
+        for (o, row) in self.b.chunks_exact(rank).enumerate() {
+            for (r, v) in row.iter().enumerate() {
+                bt[r * self.outputs + o] = scale * v;
+            }
         }
-        for (o, br) in or[offset..offset + pair.outputs]
-            .iter_mut()
-            .zip(pair.b.chunks_exact(rank))
-        {
-            *o += br.iter().zip(&u).map(|(b, u)| b * u).sum::<f32>();
+        Prepared {
+            inputs: self.inputs,
+            outputs: self.outputs,
+            rank,
+            a: self.a.clone(),
+            bt,
         }
     }
+}
+
+/// Dot product in 16 independent lanes (so the compiler vectorizes it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out_row[offset..offset + outputs] += scale · B·(A·x)` for one input row `x`.
+pub fn apply_row(p: &Prepared, x: &[f32], out_row: &mut [f32], offset: usize) {
+    let dst = &mut out_row[offset..offset + p.outputs];
+    for (ar, btr) in p.a.chunks_exact(p.inputs).zip(p.bt.chunks_exact(p.outputs)) {
+        let u = dot(ar, x);
+        for (o, b) in dst.iter_mut().zip(btr) {
+            *o += u * b;
+        }
+    }
+    debug_assert_eq!(p.a.len(), p.rank * p.inputs);
 }
 
 fn parse_name(prefix: &str) -> Option<(usize, &str)> {
@@ -275,11 +310,16 @@ mod tests {
         assert_eq!(back.pairs, adapter.pairs);
         assert_eq!(back.metadata["steps"], "7");
         assert_eq!(back.scale(), 2.0);
-        let pair = back.pair(1, "attn_q").unwrap();
+        let pair = back.pair(1, "attn_q").unwrap().prepare(back.scale());
         // x = (1, 2, 3): A·x = (1, 2); B·(A·x) = (3, 4); × 2 = (6, 8) added at column 1.
         let mut out = vec![0.5f32; 4];
-        apply(pair, back.scale(), &[1.0, 2.0, 3.0], &mut out, 4, 1);
+        apply_row(&pair, &[1.0, 2.0, 3.0], &mut out, 1);
         assert_eq!(out, vec![0.5, 6.5, 8.5, 0.5]);
+        let long: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        assert_eq!(
+            dot(&long, &long),
+            (0..37).map(|i| (i * i) as f32).sum::<f32>()
+        );
         assert!(back.check(2, |_| Some((3, 2)), None).is_ok());
         assert!(back.check(1, |_| Some((3, 2)), None).is_err());
         assert!(back.check(2, |_| Some((4, 2)), None).is_err());

@@ -18,7 +18,7 @@ use half::f16;
 
 use super::kernels::{self, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, PROJECTIONS, Prepared, apply_row};
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
@@ -217,7 +217,7 @@ pub struct NativeModel {
     pub kv: KvCache,
     scratch: Scratch,
     /// LoRA adapter applied unmerged, in f32.
-    adapter: Option<Adapter>,
+    adapter: Option<Lora>,
 }
 
 /// Quantizes `m` rows from `row` for the next GEMM; with `keep`, the f32 rows are also kept
@@ -245,22 +245,46 @@ fn produce(
     }
 }
 
-/// Adds the adapter's updates of `layer`'s `projections` (name, first output column) for
-/// inputs `x` to `out` (rows of `stride`).
+/// An adapter laid out for serving: per layer, per projection (in [`PROJECTIONS`] order).
+struct Lora {
+    layers: Vec<[Option<Prepared>; 7]>,
+}
+
+impl Lora {
+    fn new(adapter: &Adapter, layers: usize) -> Self {
+        let scale = adapter.scale();
+        Self {
+            layers: (0..layers)
+                .map(|l| PROJECTIONS.map(|name| adapter.pair(l, name).map(|p| p.prepare(scale))))
+                .collect(),
+        }
+    }
+}
+
+/// Adds the adapter's updates of `layer`'s `projections` (index in [`PROJECTIONS`], first
+/// output column) for inputs `x` (rows) to `out` (rows of `stride`), rows spread over the pool.
 fn lora(
-    adapter: Option<&Adapter>,
+    pool: &Pool,
+    adapter: Option<&Lora>,
     layer: usize,
-    projections: &[(&str, usize)],
+    projections: &[(usize, usize)],
     x: &[f32],
     out: &mut [f32],
     stride: usize,
 ) {
     let Some(a) = adapter else { return };
-    for &(name, offset) in projections {
-        if let Some(pair) = a.pair(layer, name) {
-            crate::adapter::apply(pair, a.scale(), x, out, stride, offset);
+    let pairs: Vec<(&Prepared, usize)> = projections
+        .iter()
+        .filter_map(|&(i, offset)| a.layers[layer][i].as_ref().map(|p| (p, offset)))
+        .collect();
+    let Some(width) = pairs.first().map(|(p, _)| p.inputs) else {
+        return;
+    };
+    pool::for_each_chunk_mut(pool, out, stride, &|r, row| {
+        for (p, offset) in &pairs {
+            apply_row(p, &x[r * width..(r + 1) * width], row, *offset);
         }
-    }
+    });
 }
 
 /// A weight as Q8_0 rows: (rows, cols, scales `[rows][cols/32]`, quants `[rows][cols]`).
@@ -377,7 +401,7 @@ impl NativeModel {
                 let a = Adapter::load(file)?;
                 let base = ghostwriter_common::models::sha256_file(path)?;
                 a.check(cfg.layers, |p| cfg.projection_widths(p), Some(&base))?;
-                Some(a)
+                Some(Lora::new(&a, cfg.layers))
             }
         };
         let (cos, sin) = cfg.rope_tables();
@@ -491,8 +515,16 @@ impl NativeModel {
             sc.qkv.resize(t * qkv_w, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
             let (qw, kw) = (nh * hd, nkv * hd);
-            let qkv_parts = [("attn_q", 0), ("attn_k", qw), ("attn_v", qw + kw)];
-            lora(adapter, l, &qkv_parts, &sc.h, &mut sc.qkv, qkv_w);
+            let qkv_parts = [(0, 0), (1, qw), (2, qw + kw)];
+            lora(
+                &self.pool,
+                adapter,
+                l,
+                &qkv_parts,
+                &sc.h,
+                &mut sc.qkv,
+                qkv_w,
+            );
             if let Some(b) = &layer.bqkv {
                 for row in sc.qkv.chunks_exact_mut(qkv_w) {
                     for (v, bv) in row.iter_mut().zip(b) {
@@ -553,9 +585,10 @@ impl NativeModel {
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
             lora(
+                &self.pool,
                 adapter,
                 l,
-                &[("attn_output", 0)],
+                &[(3, 0)],
                 &sc.att,
                 &mut sc.out,
                 hidden,
@@ -583,8 +616,8 @@ impl NativeModel {
             let ff = cfg.ff;
             sc.gu.resize(t * 2 * ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
-            let gu_parts = [("ffn_gate", 0), ("ffn_up", ff)];
-            lora(adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
+            let gu_parts = [(4, 0), (5, ff)];
+            lora(&self.pool, adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
             let gu = &sc.gu;
             produce(
                 &self.pool,
@@ -598,7 +631,15 @@ impl NativeModel {
                 },
             );
             kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
-            lora(adapter, l, &[("ffn_down", 0)], &sc.act, &mut sc.out, hidden);
+            lora(
+                &self.pool,
+                adapter,
+                l,
+                &[(6, 0)],
+                &sc.act,
+                &mut sc.out,
+                hidden,
+            );
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
