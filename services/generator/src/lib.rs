@@ -180,7 +180,8 @@ impl GeneratorConfig {
             threads: self.threads,
             block_size: self.block_size.max(1),
             kv_cache_mb: self.kv_cache_mb,
-            adapter: self.adapter.clone(),
+            // An empty GHOSTWRITER_ADAPTER means none.
+            adapter: self.adapter.clone().filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }
