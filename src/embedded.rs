@@ -11,6 +11,8 @@ use ghostwriter_common::client::wait_until_serving;
 use ghostwriter_common::shutdown::{self, Shutdown, ShutdownTrigger};
 use ghostwriter_generator::GeneratorConfig;
 use ghostwriter_orchestrator::OrchestratorConfig;
+use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
+use ghostwriter_proto::v1::{Document, IngestRequest};
 use ghostwriter_ranker::RankerConfig;
 use ghostwriter_retriever::RetrieverConfig;
 use ghostwriter_summarizer::SummarizerConfig;
@@ -99,6 +101,8 @@ impl EmbeddedConfig {
 pub struct Embedded {
     /// Address of each stage (`retriever`, ..., `orchestrator`).
     pub addrs: BTreeMap<&'static str, SocketAddr>,
+    /// The settings its orchestrator runs with (stage URLs included).
+    pub orchestrator: OrchestratorConfig,
     triggers: BTreeMap<&'static str, ShutdownTrigger>,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
@@ -124,11 +128,6 @@ impl Embedded {
             .map(|(k, l)| Ok((*k, l.local_addr()?)))
             .collect::<std::io::Result<_>>()?;
         addrs.insert("orchestrator", public.local_addr()?);
-        let mut me = Self {
-            addrs: addrs.clone(),
-            triggers: BTreeMap::new(),
-            tasks: Vec::new(),
-        };
         let mut take = |s: &str| listeners.remove(s).expect("every stage has a listener");
         let orchestrator = OrchestratorConfig {
             retriever_url: url(addrs["retriever"]),
@@ -141,6 +140,12 @@ impl Embedded {
             request_timeout_secs: config.request_timeout_secs,
             retriever_shards: 1,
             discovery: Default::default(),
+        };
+        let mut me = Self {
+            addrs: addrs.clone(),
+            orchestrator: orchestrator.clone(),
+            triggers: BTreeMap::new(),
+            tasks: Vec::new(),
         };
         let summarizer = SummarizerConfig {
             generator_url: url(addrs["generator"]),
@@ -234,6 +239,31 @@ impl Embedded {
         }
     }
 
+    /// Runs `f` against a fresh embedded pipeline — models ensured, the index in a temporary
+    /// directory, `documents` ingested, `adapter` served — and shuts it down after.
+    pub async fn with_pipeline<T>(
+        model_dir: PathBuf,
+        adapter: Option<PathBuf>,
+        documents: &[Document],
+        f: impl AsyncFnOnce(&Embedded) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let dir = model_dir.clone();
+        tokio::task::spawn_blocking(move || crate::models::ensure(&dir)).await??;
+        let work = tempfile::tempdir()?;
+        let mut config = EmbeddedConfig::defaults();
+        config.retriever.index_dir = work.path().join("index");
+        config.generator.adapter = adapter;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let embedded = Self::start(config, model_dir, listener).await?;
+        let result = async {
+            ingest(&embedded.url(), documents).await?;
+            f(&embedded).await
+        }
+        .await;
+        embedded.shutdown().await;
+        result
+    }
+
     /// The public endpoint URL.
     pub fn url(&self) -> String {
         url(self.addrs["orchestrator"])
@@ -270,4 +300,20 @@ impl Embedded {
             }
         }
     }
+}
+
+/// Ingests `documents` through the public API at `url`, 1,000 at a time.
+pub async fn ingest(url: &str, documents: &[Document]) -> anyhow::Result<()> {
+    let mut client = GhostwriterClient::connect(url.to_string())
+        .await?
+        .max_encoding_message_size(256 << 20);
+    for chunk in documents.chunks(1000) {
+        client
+            .ingest(IngestRequest {
+                documents: chunk.to_vec(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("ingest: {}", s.message()))?;
+    }
+    Ok(())
 }

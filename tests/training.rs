@@ -42,7 +42,7 @@ fn real_example() -> Option<(Vec<u32>, Vec<u32>)> {
     ))
 }
 
-fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
+fn load_native(adapter: Option<std::path::PathBuf>) -> anyhow::Result<NativeModel> {
     NativeModel::load(
         &model_path(),
         &LoadOptions {
@@ -54,7 +54,10 @@ fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
             adapter,
         },
     )
-    .unwrap()
+}
+
+fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
+    load_native(adapter).unwrap()
 }
 
 fn serving_logits(model: &mut NativeModel, ids: &[u32]) -> Vec<f32> {
@@ -149,19 +152,7 @@ fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
     let mut other = Adapter::load(&path).unwrap();
     other.metadata.insert("base_sha256".into(), "0".repeat(64));
     other.save(&path).unwrap();
-    let err = NativeModel::load(
-        &model_path(),
-        &LoadOptions {
-            device: "cpu".into(),
-            max_context: 1024,
-            threads: 0,
-            block_size: 16,
-            kv_cache_mb: 32,
-            adapter: Some(path),
-        },
-    )
-    .err()
-    .unwrap();
+    let err = load_native(Some(path)).err().unwrap();
     assert!(err.to_string().contains("trained on base model"), "{err}");
 }
 

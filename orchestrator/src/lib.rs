@@ -171,6 +171,21 @@ pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
     joined.chars().take(chars).collect()
 }
 
+/// The user id is set, and neither id is longer than [`MAX_USER_ID`] bytes.
+fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Status> {
+    if user_id.trim().is_empty() {
+        return Err(Status::invalid_argument("user_id is empty"));
+    }
+    for (what, id) in [("user_id", user_id), ("doc_id", doc_id)] {
+        if id.len() > MAX_USER_ID {
+            return Err(Status::invalid_argument(format!(
+                "{what} is limited to {MAX_USER_ID} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
     latencies.push(StageLatency {
         stage: stage.into(),
@@ -192,14 +207,7 @@ impl OrchestratorService {
         let deadline = deadline::from_metadata(request.metadata(), started)
             .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
         let r = request.into_inner();
-        if r.user_id.trim().is_empty() {
-            return Err(Status::invalid_argument("user_id is empty"));
-        }
-        if r.user_id.len() > MAX_USER_ID {
-            return Err(Status::invalid_argument(format!(
-                "user_id is limited to {MAX_USER_ID} bytes"
-            )));
-        }
+        check_ids(&r.user_id, &r.doc_id)?;
         if r.title.trim().is_empty() && r.start.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "the document start is empty: set start (and optionally title)",
@@ -209,11 +217,6 @@ impl OrchestratorService {
         if chars > MAX_DOCUMENT_CHARS {
             return Err(Status::invalid_argument(format!(
                 "title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"
-            )));
-        }
-        if r.doc_id.len() > MAX_USER_ID {
-            return Err(Status::invalid_argument(format!(
-                "doc_id is limited to {MAX_USER_ID} bytes"
             )));
         }
         let preset = preset::find(&r.preset).ok_or_else(|| {
@@ -569,14 +572,7 @@ impl Ghostwriter for OrchestratorService {
         let deadline = deadline::from_metadata(request.metadata(), started)
             .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
         let r = request.into_inner();
-        if r.user_id.trim().is_empty() {
-            return Err(Status::invalid_argument("user_id is empty"));
-        }
-        if r.user_id.len() > MAX_USER_ID || r.doc_id.len() > MAX_USER_ID {
-            return Err(Status::invalid_argument(format!(
-                "user_id and doc_id are limited to {MAX_USER_ID} bytes"
-            )));
-        }
+        check_ids(&r.user_id, &r.doc_id)?;
         if r.text.trim().is_empty() {
             return Err(Status::invalid_argument("text is empty"));
         }

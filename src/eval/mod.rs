@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
-use ghostwriter_proto::v1::{GenerationParams, IngestRequest, WriteOptions, WriteRequest};
+use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -330,26 +330,18 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
-                ingest(url, &dataset.documents).await?;
+                crate::embedded::ingest(url, &dataset.documents).await?;
             }
             run_against(url, &args, &presets, &examples).await?;
         }
         None => {
-            let dir = model_dir.clone();
-            tokio::task::spawn_blocking(move || crate::models::ensure(&dir)).await??;
-            let work = tempfile::tempdir()?;
-            let mut config = crate::embedded::EmbeddedConfig::defaults();
-            config.retriever.index_dir = work.path().join("index");
-            config.generator.adapter = args.adapter.clone();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let embedded = crate::embedded::Embedded::start(config, model_dir, listener).await?;
-            let result = async {
-                ingest(&embedded.url(), &dataset.documents).await?;
-                run_against(&embedded.url(), &args, &presets, &examples).await
-            }
-            .await;
-            embedded.shutdown().await;
-            result?;
+            crate::embedded::Embedded::with_pipeline(
+                model_dir,
+                args.adapter.clone(),
+                &dataset.documents,
+                async |e| run_against(&e.url(), &args, &presets, &examples).await,
+            )
+            .await?;
         }
     }
     let wall = started.elapsed().as_secs_f64();
@@ -378,22 +370,4 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     );
     report::write_all(&args.out, &summary)?;
     Ok(summary)
-}
-
-pub async fn ingest(
-    url: &str,
-    documents: &[ghostwriter_proto::v1::Document],
-) -> anyhow::Result<()> {
-    let mut client = GhostwriterClient::connect(url.to_string())
-        .await?
-        .max_encoding_message_size(256 << 20);
-    for chunk in documents.chunks(1000) {
-        client
-            .ingest(IngestRequest {
-                documents: chunk.to_vec(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("ingest: {}", s.message()))?;
-    }
-    Ok(())
 }

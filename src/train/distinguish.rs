@@ -145,21 +145,13 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
     let scores = match &args.to {
         Some(url) => run(url.clone()).await?,
         None => {
-            let dir = model_dir.clone();
-            tokio::task::spawn_blocking(move || crate::models::ensure(&dir)).await??;
-            let work = tempfile::tempdir()?;
-            let mut config = crate::embedded::EmbeddedConfig::defaults();
-            config.retriever.index_dir = work.path().join("index");
-            config.generator.adapter = args.adapter.clone();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let embedded = crate::embedded::Embedded::start(config, model_dir, listener).await?;
-            let result = async {
-                crate::eval::ingest(&embedded.url(), &dataset.documents).await?;
-                run(embedded.url()).await
-            }
-            .await;
-            embedded.shutdown().await;
-            result?
+            crate::embedded::Embedded::with_pipeline(
+                model_dir,
+                args.adapter.clone(),
+                &dataset.documents,
+                async |e| run(e.url()).await,
+            )
+            .await?
         }
     };
     let correct = scores

@@ -14,7 +14,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -306,83 +305,68 @@ async fn build_examples(
     };
     // The real stages, over an index of every user's documents (retrieval only ever returns
     // the target user's earlier ones).
-    let work = tempfile::tempdir()?;
-    let mut config = crate::embedded::EmbeddedConfig::defaults();
-    config.retriever.index_dir = work.path().join("index");
-    let summary_chars = config.summary_chars as usize;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let embedded =
-        crate::embedded::Embedded::start(config.clone(), model_dir.to_path_buf(), listener).await?;
-    let result = async {
-        crate::eval::ingest(&embedded.url(), &dataset.documents).await?;
-        let stage = |s: &str| embedded.stage_url(s).context("stage url");
-        let orchestrator = ghostwriter_orchestrator::OrchestratorService::new(
-            ghostwriter_orchestrator::OrchestratorConfig {
-                retriever_url: stage("retriever")?,
-                ranker_url: stage("ranker")?,
-                summarizer_url: stage("summarizer")?,
-                generator_url: stage("generator")?,
-                synthesizer_url: stage("synthesizer")?,
-                max_candidates: config.max_candidates,
-                idf_corpus: config.idf_corpus,
-                request_timeout_secs: config.request_timeout_secs,
-                retriever_shards: 1,
-                discovery: Default::default(),
-            },
-        )
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        let lengths = Lengths {
-            max_target_tokens: args.max_target_tokens,
-            max_tokens: args.max_tokens,
-        };
-        let mut out = Vec::new();
-        for (k, (targets, users)) in [(&train_targets, &by_split[0]), (&val_targets, &by_split[1])]
-            .into_iter()
-            .enumerate()
-        {
-            let bar = progress(
-                targets.len() as u64,
-                if k == 0 {
-                    "training examples"
-                } else {
-                    "validation examples"
-                },
-            );
-            let mut built = Vec::new();
-            for (i, e) in targets.iter().enumerate() {
-                let preset = &args.presets[i % args.presets.len()];
-                if let Some(x) = data::generation_example(
-                    &orchestrator,
-                    &prompter,
-                    &embedder,
-                    system,
-                    e,
-                    preset,
-                    summary_chars,
-                    lengths,
-                )
-                .await?
-                {
-                    built.push(x);
+    let summary_chars = crate::embedded::EmbeddedConfig::defaults().summary_chars as usize;
+    let lengths = Lengths {
+        max_target_tokens: args.max_target_tokens,
+        max_tokens: args.max_tokens,
+    };
+    let built = crate::embedded::Embedded::with_pipeline(
+        model_dir.to_path_buf(),
+        None,
+        &dataset.documents,
+        async |embedded| {
+            let orchestrator =
+                ghostwriter_orchestrator::OrchestratorService::new(embedded.orchestrator.clone())
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let mut out = Vec::new();
+            for (k, (targets, users)) in
+                [(&train_targets, &by_split[0]), (&val_targets, &by_split[1])]
+                    .into_iter()
+                    .enumerate()
+            {
+                let bar = progress(
+                    targets.len() as u64,
+                    if k == 0 {
+                        "training examples"
+                    } else {
+                        "validation examples"
+                    },
+                );
+                let mut built = Vec::new();
+                for (i, e) in targets.iter().enumerate() {
+                    let preset = &args.presets[i % args.presets.len()];
+                    if let Some(x) = data::generation_example(
+                        &orchestrator,
+                        &prompter,
+                        &embedder,
+                        system,
+                        e,
+                        preset,
+                        summary_chars,
+                        lengths,
+                    )
+                    .await?
+                    {
+                        built.push(x);
+                    }
+                    bar.inc(1);
                 }
-                bar.inc(1);
+                bar.finish();
+                let n = (built.len() as f64 * args.distinction_ratio).round() as usize;
+                let mut starts: Vec<&Example> = targets.iter().collect();
+                Rng::new(args.seed ^ 0xd15).shuffle(&mut starts);
+                let starts: Vec<&Example> = starts.into_iter().cycle().take(n).collect();
+                built.extend(data::distinction_examples(
+                    &prompter, system, &starts, users, args.seed, lengths,
+                )?);
+                Rng::new(args.seed ^ k as u64).shuffle(&mut built);
+                out.push(built);
             }
-            bar.finish();
-            let n = (built.len() as f64 * args.distinction_ratio).round() as usize;
-            let mut starts: Vec<&Example> = targets.iter().collect();
-            Rng::new(args.seed ^ 0xd15).shuffle(&mut starts);
-            let starts: Vec<&Example> = starts.into_iter().cycle().take(n).collect();
-            built.extend(data::distinction_examples(
-                &prompter, system, &starts, users, args.seed, lengths,
-            )?);
-            Rng::new(args.seed ^ k as u64).shuffle(&mut built);
-            out.push(built);
-        }
-        Ok::<_, anyhow::Error>(out)
-    }
+            Ok(out)
+        },
+    )
     .await;
-    embedded.shutdown().await;
-    let mut built = result?;
+    let mut built = built?;
     let val = built.pop().unwrap_or_default();
     let train = built.pop().unwrap_or_default();
     std::fs::create_dir_all(&args.out)?;
@@ -518,7 +502,10 @@ fn fit(
     };
     let bar = progress(total_examples as u64, "fine-tuning");
     bar.set_position(state.position as u64);
-    let started = Instant::now() - std::time::Duration::from_secs_f64(state.seconds);
+    // Time already spent (on resume) counts toward the reported rate.
+    let started = Instant::now()
+        .checked_sub(std::time::Duration::from_secs_f64(state.seconds))
+        .unwrap_or_else(Instant::now);
     let vars = model.vars().len();
     while state.position < total_examples {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars];

@@ -157,16 +157,7 @@ impl QActs {
         self.q.resize(m * k, 0);
         self.d.resize(m * kbs, 0.0);
         self.corr.resize(m * kbs, 0);
-        for ((xs, qs), (d, c)) in x
-            .chunks_exact(QK)
-            .zip(self.q.chunks_exact_mut(QK))
-            .zip(self.d.iter_mut().zip(self.corr.iter_mut()))
-        {
-            let (s, q) = quantize_block(xs);
-            *d = s;
-            qs.copy_from_slice(&q);
-            *c = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
-        }
+        quantize_into(x, &mut self.q, &mut self.d, &mut self.corr);
     }
 
     /// Quantizes `m` rows of width `k` that `row(r, buf)` writes into `buf`, spreading the rows
@@ -208,17 +199,7 @@ impl QActs {
                             std::slice::from_raw_parts_mut(c.0.add(r * kbs), kbs),
                         )
                     };
-                    for (((xs, qb), dv), cv) in buf
-                        .chunks_exact(QK)
-                        .zip(qs.chunks_exact_mut(QK))
-                        .zip(ds.iter_mut())
-                        .zip(cs.iter_mut())
-                    {
-                        let (s, qv) = quantize_block(xs);
-                        *dv = s;
-                        qb.copy_from_slice(&qv);
-                        *cv = 128 * qv.iter().map(|&v| v as i32).sum::<i32>();
-                    }
+                    quantize_into(buf, qs, ds, cs);
                 }
             });
         };
@@ -227,6 +208,21 @@ impl QActs {
         } else {
             pool.run(tasks, &work);
         }
+    }
+}
+
+/// Quantizes `x` block by block into quants, scales and `128 × Σ quants` corrections.
+fn quantize_into(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
+    for (((xs, qb), dv), cv) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+        .zip(corr.iter_mut())
+    {
+        let (s, qv) = quantize_block(xs);
+        *dv = s;
+        qb.copy_from_slice(&qv);
+        *cv = 128 * qv.iter().map(|&v| v as i32).sum::<i32>();
     }
 }
 

@@ -496,22 +496,11 @@ impl NativeModel {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             let adapter = self.adapter.as_ref();
-            let x = &sc.x;
-            produce(
-                &self.pool,
-                &mut sc.qa,
-                adapter.map(|_| &mut sc.h),
-                t,
-                hidden,
-                &|r, out| {
-                    rms_norm(
-                        &x[r * hidden..(r + 1) * hidden],
-                        &layer.attn_norm,
-                        cfg.eps,
-                        out,
-                    )
-                },
-            );
+            {
+                let norm = norm_rows(&sc.x, &layer.attn_norm, cfg.eps, hidden);
+                let keep = adapter.map(|_| &mut sc.h);
+                produce(&self.pool, &mut sc.qa, keep, t, hidden, &norm);
+            }
             sc.qkv.resize(t * qkv_w, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
             let (qw, kw) = (nh * hd, nkv * hd);
@@ -597,22 +586,11 @@ impl NativeModel {
                 *x += o;
             }
             // Feed-forward block.
-            let x = &sc.x;
-            produce(
-                &self.pool,
-                &mut sc.qa,
-                adapter.map(|_| &mut sc.h),
-                t,
-                hidden,
-                &|r, out| {
-                    rms_norm(
-                        &x[r * hidden..(r + 1) * hidden],
-                        &layer.ffn_norm,
-                        cfg.eps,
-                        out,
-                    )
-                },
-            );
+            {
+                let norm = norm_rows(&sc.x, &layer.ffn_norm, cfg.eps, hidden);
+                let keep = adapter.map(|_| &mut sc.h);
+                produce(&self.pool, &mut sc.qa, keep, t, hidden, &norm);
+            }
             let ff = cfg.ff;
             sc.gu.resize(t * 2 * ff, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
@@ -668,6 +646,16 @@ impl NativeModel {
             .map(<[f32]>::to_vec)
             .collect())
     }
+}
+
+/// Row `r` of `x` (rows of `width`), RMS-normed with `w`.
+fn norm_rows<'a>(
+    x: &'a [f32],
+    w: &'a [f32],
+    eps: f32,
+    width: usize,
+) -> impl Fn(usize, &mut [f32]) + Sync + use<'a> {
+    move |r, out| rms_norm(&x[r * width..(r + 1) * width], w, eps, out)
 }
 
 /// RMS norm of one row.
