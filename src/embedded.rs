@@ -61,6 +61,11 @@ pub struct EmbeddedConfig {
         default_value_t = 200
     )]
     pub max_candidates: u32,
+    /// Token file of the public API (`TOKEN USER_ID` or `TOKEN *` lines); without it
+    /// authentication is off (the embedded pipeline listens on loopback only, unless `up
+    /// --listen` names another address, which then needs this).
+    #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
     /// Corpus of the synthesizer's IDF: the whole index, or the user's own documents.
     #[arg(
         long = "idf-corpus",
@@ -139,6 +144,8 @@ impl Embedded {
             idf_corpus: config.idf_corpus,
             request_timeout_secs: config.request_timeout_secs,
             retriever_shards: 1,
+            auth_tokens: config.auth_tokens.clone(),
+            insecure_no_auth: false,
             discovery: Default::default(),
         };
         let mut me = Self {
@@ -256,7 +263,7 @@ impl Embedded {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let embedded = Self::start(config, model_dir, listener).await?;
         let result = async {
-            ingest(&embedded.url(), documents).await?;
+            ingest(&embedded.url(), documents, None).await?;
             f(&embedded).await
         }
         .await;
@@ -302,16 +309,18 @@ impl Embedded {
     }
 }
 
-/// Ingests `documents` through the public API at `url`, 1,000 at a time.
-pub async fn ingest(url: &str, documents: &[Document]) -> anyhow::Result<()> {
+/// Ingests `documents` through the public API at `url`, 1,000 at a time, with `token`.
+pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> anyhow::Result<()> {
     let mut client = GhostwriterClient::connect(url.to_string())
         .await?
         .max_encoding_message_size(256 << 20);
     for chunk in documents.chunks(1000) {
+        let mut request = tonic::Request::new(IngestRequest {
+            documents: chunk.to_vec(),
+        });
+        ghostwriter_common::auth::bearer(&mut request, token)?;
         client
-            .ingest(IngestRequest {
-                documents: chunk.to_vec(),
-            })
+            .ingest(request)
             .await
             .map_err(|s| anyhow::anyhow!("ingest: {}", s.message()))?;
     }

@@ -74,6 +74,9 @@ enum Command {
         /// Documents per request.
         #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
         batch: usize,
+        /// Bearer token of the public API (one that may act for every user in the file).
+        #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// The file.
         file: PathBuf,
     },
@@ -249,6 +252,9 @@ struct DistinguishArgs {
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Bearer token of the public API.
+    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
@@ -261,6 +267,7 @@ async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
         max_documents: args.max_documents,
     });
     request.set_timeout(Duration::from_secs(args.timeout));
+    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
     let r = client
         .distinguish(request)
         .await
@@ -276,6 +283,9 @@ async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
 
 #[derive(Parser)]
 struct WriteArgs {
+    /// Bearer token of the public API (one that may act for --user).
+    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Ghostwriter API URL.
     #[arg(
         long,
@@ -372,7 +382,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             process.apply(shutdown::Shutdown::never()).await?;
             serve(listen, process, stage, model_dir).await
         }
-        Command::Ingest { to, batch, file } => ingest(&to, batch, &file).await.map(|_| ()),
+        Command::Ingest {
+            to,
+            batch,
+            file,
+            token,
+        } => ingest(&to, batch, &file, token.as_deref())
+            .await
+            .map(|_| ()),
         Command::Write(args) => write(args).await,
         Command::Distinguish(args) => distinguish(args).await,
         Command::EvalDistinguish(args) => {
@@ -624,7 +641,12 @@ async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport
 }
 
 /// Sends every document of `file` in batches, with a progress bar; returns the count.
-async fn ingest(url: &str, batch: usize, file: &std::path::Path) -> anyhow::Result<usize> {
+async fn ingest(
+    url: &str,
+    batch: usize,
+    file: &std::path::Path,
+    token: Option<&str>,
+) -> anyhow::Result<usize> {
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     if loaded.skipped_empty > 0 {
@@ -643,10 +665,12 @@ async fn ingest(url: &str, batch: usize, file: &std::path::Path) -> anyhow::Resu
     let started = Instant::now();
     let mut total = 0;
     for chunk in loaded.documents.chunks(batch.max(1)) {
+        let mut request = tonic::Request::new(IngestRequest {
+            documents: chunk.to_vec(),
+        });
+        ghostwriter_common::auth::bearer(&mut request, token)?;
         let response = client
-            .ingest(IngestRequest {
-                documents: chunk.to_vec(),
-            })
+            .ingest(request)
             .await
             .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
             .into_inner();
@@ -694,6 +718,7 @@ async fn write(args: WriteArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.to).await?;
     let mut request = tonic::Request::new(write_request(&args));
     request.set_timeout(Duration::from_secs(args.timeout));
+    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
     if !args.stream {
         let response = client
             .write(request)
@@ -768,7 +793,7 @@ async fn demo(listen: SocketAddr, model_dir: PathBuf) -> anyhow::Result<()> {
         embedded.url()
     );
     let result = async {
-        ingest(&embedded.url(), 1000, &corpus).await?;
+        ingest(&embedded.url(), 1000, &corpus, None).await?;
         let args = WriteArgs::parse_from([
             "write",
             "--to",

@@ -27,6 +27,7 @@ async fn evaluation_runs_and_resumes() {
         no_ingest: false,
         timeout: 300,
         adapter: None,
+        token: None,
     };
     let summary = eval::run(args.clone(), common::model_dir()).await.unwrap();
     assert_eq!(summary.presets.len(), 2);

@@ -138,6 +138,17 @@ fn chart_lints_renders_and_validates() {
     );
     assert!(prod.contains("kind: Job"), "bulk ingest job");
     assert!(
+        prod.contains("--auth-tokens=/etc/ghostwriter/auth/tokens")
+            && prod.contains("secretName: ghostwriter-auth")
+            && prod.contains("key: ingest-token"),
+        "production turns authentication on, the ingest job included"
+    );
+    assert!(
+        !default.contains("--insecure-no-auth") && !default.contains("--auth-tokens"),
+        "by default the chart neither opens the API nor invents tokens: the orchestrator \
+         refuses to start until one is chosen"
+    );
+    assert!(
         prod.contains("storage: 100Gi"),
         "retriever index volume per pod"
     );

@@ -15,6 +15,7 @@ use tokio_stream::StreamExt;
 struct Data {
     url: String,
     retriever: String,
+    stages: std::collections::BTreeMap<&'static str, String>,
     by_user: HashMap<String, Vec<Document>>,
 }
 
@@ -34,6 +35,7 @@ fn data() -> Option<Data> {
     Some(Data {
         url: shared.url.clone(),
         retriever: shared.stage_urls["retriever"].clone(),
+        stages: shared.stage_urls.clone(),
         by_user,
     })
 }
@@ -424,4 +426,120 @@ async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_bind_callers_to_their_users() {
+    let Some(data) = data() else {
+        return;
+    };
+    let names = users(&data, 3);
+    let (alice, bob) = (names[0].clone(), names[1].clone());
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("alice-token-0123456789 {alice}\nadmin-token-0123456789 *\n"),
+    )
+    .unwrap();
+    let config = |auth_tokens| ghostwriter_orchestrator::OrchestratorConfig {
+        retriever_url: data.stages["retriever"].clone(),
+        ranker_url: data.stages["ranker"].clone(),
+        summarizer_url: data.stages["summarizer"].clone(),
+        generator_url: data.stages["generator"].clone(),
+        synthesizer_url: data.stages["synthesizer"].clone(),
+        max_candidates: 200,
+        idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
+        request_timeout_secs: 120,
+        retriever_shards: 1,
+        auth_tokens,
+        insecure_no_auth: false,
+        discovery: Default::default(),
+    };
+    // Without tokens, the public API refuses a non-loopback address.
+    let open = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let (_t, handle) = ghostwriter_common::shutdown::channel();
+    let err = ghostwriter_orchestrator::serve(config(None), open, handle)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--auth-tokens"), "{err}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, handle) = ghostwriter_common::shutdown::channel();
+    let server = tokio::spawn(ghostwriter_orchestrator::serve(
+        config(Some(tokens)),
+        listener,
+        handle,
+    ));
+    ghostwriter_common::client::wait_until_serving(&url, "", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut client = common::client(&url).await;
+    let write = |user: &str, token: Option<&str>| {
+        let mut r = tonic::Request::new(WriteRequest {
+            user_id: user.into(),
+            start: "These strings".into(),
+            preset: "immediate-context".into(),
+            options: Some(WriteOptions {
+                generation: Some(GenerationParams {
+                    max_new_tokens: 2,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        ghostwriter_common::auth::bearer(&mut r, token).unwrap();
+        r
+    };
+    for (user, token, code) in [
+        (&alice, None, Some(tonic::Code::Unauthenticated)),
+        (
+            &alice,
+            Some("wrong-token-0123456789"),
+            Some(tonic::Code::Unauthenticated),
+        ),
+        (&alice, Some("alice-token-0123456789"), None),
+        (
+            &bob,
+            Some("alice-token-0123456789"),
+            Some(tonic::Code::PermissionDenied),
+        ),
+        (&bob, Some("admin-token-0123456789"), None),
+    ] {
+        let got = client
+            .write(write(user, token))
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(got, code, "{user} with {token:?}");
+    }
+    // Distinguish and Ingest are bound the same way: alice cannot read or write as bob.
+    let mut d = tonic::Request::new(ghostwriter::proto::DistinguishRequest {
+        user_id: bob.clone(),
+        text: "Great strings".into(),
+        ..Default::default()
+    });
+    ghostwriter_common::auth::bearer(&mut d, Some("alice-token-0123456789")).unwrap();
+    assert_eq!(
+        client.distinguish(d).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let mut i = tonic::Request::new(IngestRequest {
+        documents: vec![Document {
+            user_id: bob.clone(),
+            doc_id: "planted".into(),
+            timestamp: 1,
+            title: String::new(),
+            text: "planted text".into(),
+        }],
+    });
+    ghostwriter_common::auth::bearer(&mut i, Some("alice-token-0123456789")).unwrap();
+    assert_eq!(
+        client.ingest(i).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    stop.trigger();
+    server.await.unwrap().unwrap();
 }

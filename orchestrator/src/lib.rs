@@ -9,6 +9,7 @@ pub mod stages;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use ghostwriter_common::auth::{Auth, Tokens};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
@@ -118,6 +119,15 @@ pub struct OrchestratorConfig {
         default_value_t = 1
     )]
     pub retriever_shards: u32,
+    /// Token file of the public API: lines `TOKEN USER_ID` (that user only) or `TOKEN *` (any
+    /// user). Callers send `authorization: Bearer TOKEN`. Without it, authentication is off,
+    /// which is allowed only on a loopback address unless --insecure-no-auth.
+    #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
+    pub auth_tokens: Option<std::path::PathBuf>,
+    /// Serve without authentication on a non-loopback address (anyone who can reach it may read
+    /// and write any user's documents).
+    #[arg(long = "insecure-no-auth", env = "GHOSTWRITER_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
     #[arg(skip)]
     pub discovery: ghostwriter_common::discovery::DiscoveryArgs,
@@ -128,6 +138,7 @@ pub struct OrchestratorConfig {
 pub struct OrchestratorService {
     stages: std::sync::Arc<stages::Stages>,
     config: OrchestratorConfig,
+    auth: Auth,
 }
 
 /// A validated write with everything resolved.
@@ -196,9 +207,16 @@ fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
 impl OrchestratorService {
     /// Clients of the stages in `config` (connections are made lazily).
     pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
+        let auth = match &config.auth_tokens {
+            Some(path) => Auth::tokens(
+                Tokens::load(path).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+            None => Auth::default(),
+        };
         Ok(Self {
             stages: std::sync::Arc::new(stages::Stages::new(&config)?),
             config,
+            auth,
         })
     }
 
@@ -206,8 +224,10 @@ impl OrchestratorService {
         let started = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), started)
             .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let grant = self.auth.grant(request.metadata())?;
         let r = request.into_inner();
         check_ids(&r.user_id, &r.doc_id)?;
+        grant.allow(&r.user_id)?;
         if r.title.trim().is_empty() && r.start.trim().is_empty() {
             return Err(Status::invalid_argument(
                 "the document start is empty: set start (and optionally title)",
@@ -571,8 +591,10 @@ impl Ghostwriter for OrchestratorService {
         let started = Instant::now();
         let deadline = deadline::from_metadata(request.metadata(), started)
             .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let grant = self.auth.grant(request.metadata())?;
         let r = request.into_inner();
         check_ids(&r.user_id, &r.doc_id)?;
+        grant.allow(&r.user_id)?;
         if r.text.trim().is_empty() {
             return Err(Status::invalid_argument("text is empty"));
         }
@@ -662,10 +684,12 @@ impl Ghostwriter for OrchestratorService {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let response = self
-            .stages
-            .ingest(request.into_inner().documents, deadline)
-            .await?;
+        let grant = self.auth.grant(request.metadata())?;
+        let documents = request.into_inner().documents;
+        for d in &documents {
+            grant.allow(&d.user_id)?;
+        }
+        let response = self.stages.ingest(documents, deadline).await?;
         Ok(Response::new(response))
     }
 }
@@ -676,6 +700,22 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    match (&config.auth_tokens, config.insecure_no_auth, loopback) {
+        (Some(path), _, _) => tracing::info!(tokens = %path.display(), "authentication on"),
+        (None, _, true) => tracing::warn!(
+            "AUTHENTICATION IS OFF: any caller on this machine may read and write any user's \
+             documents (loopback only; set --auth-tokens to turn it on)"
+        ),
+        (None, true, false) => tracing::warn!(
+            "AUTHENTICATION IS OFF on a non-loopback address (--insecure-no-auth): anyone who \
+             can reach it may read and write any user's documents"
+        ),
+        (None, false, false) => anyhow::bail!(
+            "refusing to serve the public API on a non-loopback address without authentication: \
+             set --auth-tokens FILE, or --insecure-no-auth to accept the risk"
+        ),
+    }
     let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter").await;
     let service =
         OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;

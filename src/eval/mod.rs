@@ -99,6 +99,9 @@ pub struct EvalArgs {
     /// LoRA adapter the embedded generator serves (a fine-tuned model from `train`).
     #[arg(long, env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
+    /// Bearer token of the public API at --to (an administrator's: the examples span users).
+    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// SplitMix64: a small, seedable generator for sampling and the bootstrap.
@@ -192,6 +195,7 @@ async fn write_one(
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));
+    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
     let started = Instant::now();
     let response = client
         .write(request)
@@ -330,7 +334,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
-                crate::embedded::ingest(url, &dataset.documents).await?;
+                crate::embedded::ingest(url, &dataset.documents, args.token.as_deref()).await?;
             }
             run_against(url, &args, &presets, &examples).await?;
         }

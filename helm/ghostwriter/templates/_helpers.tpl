@@ -67,6 +67,11 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 - --generator-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "generator") }}
 - --request-timeout={{ $v.requestTimeoutSeconds }}
 - --max-candidates={{ $v.maxCandidates }}
+{{- if $v.auth.tokensSecret }}
+- --auth-tokens=/etc/ghostwriter/auth/tokens
+{{- else if $v.auth.insecureNoAuth }}
+- --insecure-no-auth
+{{- end }}
 {{- else if eq .stage "retriever" }}
 - --index-dir=/data/index
 - --retrieve-limit={{ $v.retrieveLimit }}
@@ -216,6 +221,11 @@ spec:
         {{- end }}
         - name: tmp
           mountPath: /tmp
+        {{- if and (eq $stage "orchestrator") $v.auth.tokensSecret }}
+        - name: auth
+          mountPath: /etc/ghostwriter/auth
+          readOnly: true
+        {{- end }}
   volumes:
     {{- if $models }}
     - name: models
@@ -228,6 +238,14 @@ spec:
     {{- end }}
     - name: tmp
       emptyDir: {}
+    {{- if and (eq $stage "orchestrator") $v.auth.tokensSecret }}
+    - name: auth
+      secret:
+        secretName: {{ $v.auth.tokensSecret }}
+        items:
+          - key: tokens
+            path: tokens
+    {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

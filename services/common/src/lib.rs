@@ -1,6 +1,7 @@
 //! Shared plumbing of every Ghostwriter process: server assembly (health, reflection, graceful
 //! shutdown), client channels with stage-named errors, deadlines, logging and the model store.
 
+pub mod auth;
 pub mod client;
 pub mod deadline;
 pub mod device;
