@@ -528,6 +528,7 @@ async fn up_processes(
         work.path(),
         &config.retriever.index_dir,
         listen,
+        config.auth_tokens.as_deref(),
     )
     .await?;
     eprintln!(

@@ -161,6 +161,7 @@ impl Processes {
         work: &Path,
         index_dir: &Path,
         public: SocketAddr,
+        auth_tokens: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"))?;
         let mut me = Self {
@@ -199,6 +200,9 @@ impl Processes {
                 .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
             if stage == "retriever" {
                 cmd.arg("--index-dir").arg(index_dir);
+            }
+            if let (true, Some(tokens)) = (stage == "orchestrator", auth_tokens) {
+                cmd.arg("--auth-tokens").arg(tokens);
             }
             let child = cmd
                 .env(
