@@ -61,11 +61,11 @@ pub struct EmbeddedConfig {
         default_value_t = 200
     )]
     pub max_candidates: u32,
-    /// Token file of the public API (`TOKEN USER_ID` or `TOKEN *` lines); without it
-    /// authentication is off (the embedded pipeline listens on loopback only, unless `up
-    /// --listen` names another address, which then needs this).
-    #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
-    pub auth_tokens: Option<PathBuf>,
+    /// Authentication of the public API (off without a token file or JWT key; the embedded
+    /// pipeline listens on loopback unless `up --listen` names another address, which then
+    /// needs one).
+    #[command(flatten)]
+    pub auth: ghostwriter_common::auth::AuthArgs,
     /// Corpus of the synthesizer's IDF: the whole index, or the user's own documents.
     #[arg(
         long = "idf-corpus",
@@ -144,7 +144,7 @@ impl Embedded {
             idf_corpus: config.idf_corpus,
             request_timeout_secs: config.request_timeout_secs,
             retriever_shards: 1,
-            auth_tokens: config.auth_tokens.clone(),
+            auth: config.auth.clone(),
             insecure_no_auth: false,
             discovery: Default::default(),
         };

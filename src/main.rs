@@ -528,7 +528,7 @@ async fn up_processes(
         work.path(),
         &config.retriever.index_dir,
         listen,
-        config.auth_tokens.as_deref(),
+        &config.auth,
     )
     .await?;
     eprintln!(

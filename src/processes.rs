@@ -161,7 +161,7 @@ impl Processes {
         work: &Path,
         index_dir: &Path,
         public: SocketAddr,
-        auth_tokens: Option<&Path>,
+        auth: &ghostwriter_common::auth::AuthArgs,
     ) -> anyhow::Result<Self> {
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"))?;
         let mut me = Self {
@@ -201,8 +201,20 @@ impl Processes {
             if stage == "retriever" {
                 cmd.arg("--index-dir").arg(index_dir);
             }
-            if let (true, Some(tokens)) = (stage == "orchestrator", auth_tokens) {
-                cmd.arg("--auth-tokens").arg(tokens);
+            if stage == "orchestrator" {
+                for (flag, path) in [
+                    ("--auth-tokens", &auth.tokens),
+                    ("--auth-jwt-secret-file", &auth.jwt_secret_file),
+                    ("--auth-jwt-keys", &auth.jwt_keys),
+                ] {
+                    if let Some(p) = path {
+                        cmd.arg(flag).arg(p);
+                    }
+                }
+                if let Some(issuer) = &auth.jwt_issuer {
+                    cmd.arg("--auth-jwt-issuer").arg(issuer);
+                }
+                cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
             }
             let child = cmd
                 .env(

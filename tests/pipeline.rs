@@ -442,7 +442,7 @@ async fn tokens_bind_callers_to_their_users() {
         format!("alice-token-0123456789 {alice}\nadmin-token-0123456789 *\n"),
     )
     .unwrap();
-    let config = |auth_tokens| ghostwriter_orchestrator::OrchestratorConfig {
+    let config = |tokens| ghostwriter_orchestrator::OrchestratorConfig {
         retriever_url: data.stages["retriever"].clone(),
         ranker_url: data.stages["ranker"].clone(),
         summarizer_url: data.stages["summarizer"].clone(),
@@ -452,7 +452,10 @@ async fn tokens_bind_callers_to_their_users() {
         idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
         request_timeout_secs: 120,
         retriever_shards: 1,
-        auth_tokens,
+        auth: ghostwriter_common::auth::AuthArgs {
+            tokens,
+            ..Default::default()
+        },
         insecure_no_auth: false,
         discovery: Default::default(),
     };

@@ -9,7 +9,7 @@ pub mod stages;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use ghostwriter_common::auth::{Auth, Tokens};
+use ghostwriter_common::auth::{Auth, AuthArgs};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
@@ -119,13 +119,11 @@ pub struct OrchestratorConfig {
         default_value_t = 1
     )]
     pub retriever_shards: u32,
-    /// Token file of the public API: lines `TOKEN USER_ID` (that user only) or `TOKEN *` (any
-    /// user). Callers send `authorization: Bearer TOKEN`. Without it, authentication is off,
-    /// which is allowed only on a loopback address unless --insecure-no-auth.
-    #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
-    pub auth_tokens: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub auth: AuthArgs,
     /// Serve without authentication on a non-loopback address (anyone who can reach it may read
-    /// and write any user's documents).
+    /// and write any user's documents). Without it, authentication is off only on loopback.
     #[arg(long = "insecure-no-auth", env = "GHOSTWRITER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
@@ -207,12 +205,10 @@ fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
 impl OrchestratorService {
     /// Clients of the stages in `config` (connections are made lazily).
     pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
-        let auth = match &config.auth_tokens {
-            Some(path) => Auth::tokens(
-                Tokens::load(path).map_err(|e| Status::invalid_argument(e.to_string()))?,
-            ),
-            None => Auth::default(),
-        };
+        let auth = config
+            .auth
+            .load()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Self {
             stages: std::sync::Arc::new(stages::Stages::new(&config)?),
             config,
@@ -701,19 +697,20 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let loopback = listener.local_addr()?.ip().is_loopback();
-    match (&config.auth_tokens, config.insecure_no_auth, loopback) {
-        (Some(path), _, _) => tracing::info!(tokens = %path.display(), "authentication on"),
-        (None, _, true) => tracing::warn!(
+    match (config.auth.configured(), config.insecure_no_auth, loopback) {
+        (true, _, _) => tracing::info!("authentication on"),
+        (false, _, true) => tracing::warn!(
             "AUTHENTICATION IS OFF: any caller on this machine may read and write any user's \
-             documents (loopback only; set --auth-tokens to turn it on)"
+             documents (loopback only; set --auth-tokens or a JWT key to turn it on)"
         ),
-        (None, true, false) => tracing::warn!(
+        (false, true, false) => tracing::warn!(
             "AUTHENTICATION IS OFF on a non-loopback address (--insecure-no-auth): anyone who \
              can reach it may read and write any user's documents"
         ),
-        (None, false, false) => anyhow::bail!(
+        (false, false, false) => anyhow::bail!(
             "refusing to serve the public API on a non-loopback address without authentication: \
-             set --auth-tokens FILE, or --insecure-no-auth to accept the risk"
+             set --auth-tokens FILE or a JWT key (--auth-jwt-secret-file, --auth-jwt-keys), or \
+             --insecure-no-auth to accept the risk"
         ),
     }
     let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter").await;

@@ -1,7 +1,11 @@
-//! Authentication at the public API, bound to users: a static token file (`--auth-tokens`)
-//! whose lines are `TOKEN USER_ID` (the token may act for that user only) or `TOKEN *` (an
-//! administrator: any user, e.g. bulk ingest and evaluation). Callers send
-//! `authorization: Bearer TOKEN`.
+//! Authentication at the public API, bound to users. Callers send `authorization: Bearer
+//! TOKEN`, where TOKEN is either
+//! - a static token from a token file (`--auth-tokens`) whose lines are `TOKEN USER_ID` (that
+//!   user only) or `TOKEN *` (an administrator: any user, e.g. bulk ingest and evaluation), or
+//! - a JWT: HS256 with a shared secret (`--auth-jwt-secret-file`) or RS256/ES256 with a PEM
+//!   public key (`--auth-jwt-keys`); issuer and audience are checked, `exp` is required and
+//!   `nbf` honoured; `sub` is the only user it may act for, unless its `scope` holds
+//!   `ghostwriter:admin`.
 //!
 //! Missing or unknown credentials get UNAUTHENTICATED; acting for another user gets
 //! PERMISSION_DENIED. Neither message says whether the user exists.
@@ -80,27 +84,184 @@ impl Tokens {
     }
 }
 
-/// The public API's authenticator; `None` inside means authentication is off.
+/// The scope that may act for any user.
+pub const ADMIN_SCOPE: &str = "ghostwriter:admin";
+
+/// JWT verification: one key, its algorithm, the expected issuer and audience.
+pub struct Jwt {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl std::fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwt")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    scope: String,
+}
+
+impl Jwt {
+    fn new(
+        key: jsonwebtoken::DecodingKey,
+        algorithm: jsonwebtoken::Algorithm,
+        issuer: &str,
+        audience: &str,
+    ) -> Self {
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        validation.required_spec_claims = ["exp", "sub", "iss", "aud"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        Self { key, validation }
+    }
+
+    /// HS256 with a shared secret.
+    pub fn hs256(secret: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(secret.len() >= 32, "the JWT secret must be at least 32 bytes");
+        Ok(Self::new(
+            jsonwebtoken::DecodingKey::from_secret(secret),
+            jsonwebtoken::Algorithm::HS256,
+            issuer,
+            audience,
+        ))
+    }
+
+    /// RS256 or ES256 with a PEM public key (RSA or P-256).
+    pub fn public_key(pem: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let (key, algorithm) = match DecodingKey::from_rsa_pem(pem) {
+            Ok(k) => (k, Algorithm::RS256),
+            Err(_) => (
+                DecodingKey::from_ec_pem(pem)
+                    .map_err(|e| anyhow::anyhow!("not an RSA or EC public key in PEM: {e}"))?,
+                Algorithm::ES256,
+            ),
+        };
+        Ok(Self::new(key, algorithm, issuer, audience))
+    }
+
+    fn grant(&self, token: &str) -> Result<Grant, Status> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|_| Status::unauthenticated("invalid credentials"))?;
+        let c = data.claims;
+        if c.scope.split_whitespace().any(|s| s == ADMIN_SCOPE) {
+            Ok(Grant::Admin)
+        } else if c.sub.is_empty() {
+            Err(Status::unauthenticated("invalid credentials"))
+        } else {
+            Ok(Grant::User(c.sub))
+        }
+    }
+}
+
+/// How the public API authenticates (flags of `serve orchestrator` and `up`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// Token file of the public API: lines `TOKEN USER_ID` (acts for that user only) or
+    /// `TOKEN *` (any user). Callers send `authorization: Bearer TOKEN`.
+    #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Accept HS256 JWTs signed with the secret in this file (at least 32 bytes).
+    #[arg(long = "auth-jwt-secret-file", env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<std::path::PathBuf>,
+    /// Accept RS256/ES256 JWTs verified with the public key in this PEM file.
+    #[arg(long = "auth-jwt-keys", env = "GHOSTWRITER_AUTH_JWT_KEYS")]
+    pub jwt_keys: Option<std::path::PathBuf>,
+    /// Required `iss` of JWTs.
+    #[arg(long = "auth-jwt-issuer", env = "GHOSTWRITER_AUTH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of JWTs.
+    #[arg(
+        long = "auth-jwt-audience",
+        env = "GHOSTWRITER_AUTH_JWT_AUDIENCE",
+        default_value = "ghostwriter"
+    )]
+    pub jwt_audience: String,
+}
+
+impl AuthArgs {
+    /// Whether any credential source is configured.
+    pub fn configured(&self) -> bool {
+        self.tokens.is_some() || self.jwt_secret_file.is_some() || self.jwt_keys.is_some()
+    }
+
+    /// The authenticator these flags describe (off when none is set).
+    pub fn load(&self) -> anyhow::Result<Auth> {
+        let tokens = self.tokens.as_deref().map(Tokens::load).transpose()?;
+        let issuer = || {
+            self.jwt_issuer
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("JWT authentication needs --auth-jwt-issuer"))
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+        };
+        let jwt = match (&self.jwt_secret_file, &self.jwt_keys) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "--auth-jwt-secret-file and --auth-jwt-keys are exclusive: pick one kind of JWT"
+            ),
+            (Some(p), None) => {
+                let secret = read(p)?;
+                let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+                Some(Jwt::hs256(&secret, issuer()?, &self.jwt_audience)?)
+            }
+            (None, Some(p)) => Some(Jwt::public_key(&read(p)?, issuer()?, &self.jwt_audience)?),
+            (None, None) => None,
+        };
+        Ok(Auth {
+            tokens: tokens.map(Arc::new),
+            jwt: jwt.map(Arc::new),
+        })
+    }
+}
+
+/// The public API's authenticator; with neither source, authentication is off.
 #[derive(Debug, Clone, Default)]
-pub struct Auth(Option<Arc<Tokens>>);
+pub struct Auth {
+    tokens: Option<Arc<Tokens>>,
+    jwt: Option<Arc<Jwt>>,
+}
 
 impl Auth {
     /// Authentication with these tokens.
     pub fn tokens(tokens: Tokens) -> Self {
-        Self(Some(Arc::new(tokens)))
+        Self {
+            tokens: Some(Arc::new(tokens)),
+            jwt: None,
+        }
+    }
+
+    /// Authentication with JWTs.
+    pub fn jwt(jwt: Jwt) -> Self {
+        Self {
+            tokens: None,
+            jwt: Some(Arc::new(jwt)),
+        }
     }
 
     /// Whether credentials are checked.
     pub fn enabled(&self) -> bool {
-        self.0.is_some()
+        self.tokens.is_some() || self.jwt.is_some()
     }
 
     /// The caller's grant from its `authorization` header (with authentication off, everyone
     /// is an administrator).
     pub fn grant(&self, metadata: &MetadataMap) -> Result<Grant, Status> {
-        let Some(tokens) = &self.0 else {
+        if !self.enabled() {
             return Ok(Grant::Admin);
-        };
+        }
         let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -109,11 +270,13 @@ impl Auth {
             .ok_or_else(|| {
                 Status::unauthenticated("missing credentials: send `authorization: Bearer TOKEN`")
             })?;
-        tokens
-            .grants
-            .get(token)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("invalid credentials"))
+        if let Some(grant) = self.tokens.as_ref().and_then(|t| t.grants.get(token)) {
+            return Ok(grant.clone());
+        }
+        match &self.jwt {
+            Some(jwt) => jwt.grant(token),
+            None => Err(Status::unauthenticated("invalid credentials")),
+        }
     }
 }
 
@@ -165,5 +328,47 @@ mod tests {
         assert!(Tokens::parse("short alice").is_err());
         assert!(Tokens::parse("alice-token-0123456789 a b").is_err());
         assert!(Tokens::parse("# nothing").is_err());
+    }
+
+    #[test]
+    fn jwts_carry_the_user_and_the_admin_scope() {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let auth = Auth::jwt(Jwt::hs256(secret, "https://idp.example", "ghostwriter").unwrap());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let token = |claims: serde_json::Value, key: &[u8]| {
+            let t = encode(&Header::default(), &claims, &EncodingKey::from_secret(key)).unwrap();
+            md(Some(&format!("Bearer {t}")))
+        };
+        let base = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({
+                "sub": "alice", "iss": "https://idp.example", "aud": "ghostwriter",
+                "exp": now + 600,
+            });
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        let alice = auth.grant(&token(base(serde_json::json!({})), secret)).unwrap();
+        assert_eq!(alice, Grant::User("alice".into()));
+        assert_eq!(alice.allow("bob").unwrap_err().code(), tonic::Code::PermissionDenied);
+        let admin = auth
+            .grant(&token(base(serde_json::json!({"scope": "read ghostwriter:admin"})), secret))
+            .unwrap();
+        assert_eq!(admin, Grant::Admin);
+        for bad in [
+            token(base(serde_json::json!({"exp": now - 600})), secret),
+            token(base(serde_json::json!({"nbf": now + 600})), secret),
+            token(base(serde_json::json!({"aud": "other"})), secret),
+            token(base(serde_json::json!({"iss": "https://evil.example"})), secret),
+            token(base(serde_json::json!({})), b"another-secret-another-secret-xx"),
+        ] {
+            assert_eq!(auth.grant(&bad).unwrap_err().code(), tonic::Code::Unauthenticated);
+        }
+        assert!(Jwt::hs256(b"short", "i", "a").is_err());
     }
 }
