@@ -114,6 +114,50 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         .write(request.clone())
         .await
         .expect("healthy pipeline");
+    // The generator goes: the summarizer's LLM summary fails downstream. The orchestrator reports
+    // it naming both stages, and does not hold it against the (healthy) summarizer: after more
+    // failures than its breaker allows, the summarizer is still called.
+    embedded.stop_stage("generator").await.unwrap();
+    for _ in 0..5 {
+        let mut r = tonic::Request::new(WriteRequest {
+            preset: "sum-ctx-ind".into(),
+            ..request.clone()
+        });
+        r.set_timeout(Duration::from_secs(30));
+        let status = client.write(r).await.expect_err("generator is down");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("summarizer stage: generator (for the summarizer)"),
+            "{:?}",
+            status.message()
+        );
+    }
+    // Asked directly, the summarizer marks the failure as its generator's, across the wire, so
+    // no caller counts it against the summarizer (or retries it on another summarizer).
+    let mut summarizer = ghostwriter::proto::summarizer_client::SummarizerClient::connect(
+        embedded.stage_url("summarizer").unwrap(),
+    )
+    .await
+    .unwrap();
+    let status = summarizer
+        .summarize(ghostwriter::proto::SummarizeRequest {
+            entries: vec![ghostwriter::proto::RankedEntry {
+                doc_id: "d0".into(),
+                text: "review number 0 of a guitar tuner".into(),
+                ..Default::default()
+            }],
+            mode: ghostwriter::proto::SummaryMode::Independent as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("generator is down");
+    assert!(
+        ghostwriter_common::client::is_downstream(&status),
+        "{status:?}"
+    );
+    assert!(!ghostwriter_common::client::is_transport_failure(&status));
     for stage in ["ranker", "retriever"] {
         embedded.stop_stage(stage).await.unwrap();
         let started = Instant::now();

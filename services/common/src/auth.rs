@@ -129,7 +129,10 @@ impl Jwt {
 
     /// HS256 with a shared secret.
     pub fn hs256(secret: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
-        anyhow::ensure!(secret.len() >= 32, "the JWT secret must be at least 32 bytes");
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "the JWT secret must be at least 32 bytes"
+        );
         Ok(Self::new(
             jsonwebtoken::DecodingKey::from_secret(secret),
             jsonwebtoken::Algorithm::HS256,
@@ -174,7 +177,10 @@ pub struct AuthArgs {
     #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
     pub tokens: Option<std::path::PathBuf>,
     /// Accept HS256 JWTs signed with the secret in this file (at least 32 bytes).
-    #[arg(long = "auth-jwt-secret-file", env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE")]
+    #[arg(
+        long = "auth-jwt-secret-file",
+        env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE"
+    )]
     pub jwt_secret_file: Option<std::path::PathBuf>,
     /// Accept RS256/ES256 JWTs verified with the public key in this PEM file.
     #[arg(long = "auth-jwt-keys", env = "GHOSTWRITER_AUTH_JWT_KEYS")]
@@ -353,21 +359,38 @@ mod tests {
             }
             c
         };
-        let alice = auth.grant(&token(base(serde_json::json!({})), secret)).unwrap();
+        let alice = auth
+            .grant(&token(base(serde_json::json!({})), secret))
+            .unwrap();
         assert_eq!(alice, Grant::User("alice".into()));
-        assert_eq!(alice.allow("bob").unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            alice.allow("bob").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
         let admin = auth
-            .grant(&token(base(serde_json::json!({"scope": "read ghostwriter:admin"})), secret))
+            .grant(&token(
+                base(serde_json::json!({"scope": "read ghostwriter:admin"})),
+                secret,
+            ))
             .unwrap();
         assert_eq!(admin, Grant::Admin);
         for bad in [
             token(base(serde_json::json!({"exp": now - 600})), secret),
             token(base(serde_json::json!({"nbf": now + 600})), secret),
             token(base(serde_json::json!({"aud": "other"})), secret),
-            token(base(serde_json::json!({"iss": "https://evil.example"})), secret),
-            token(base(serde_json::json!({})), b"another-secret-another-secret-xx"),
+            token(
+                base(serde_json::json!({"iss": "https://evil.example"})),
+                secret,
+            ),
+            token(
+                base(serde_json::json!({})),
+                b"another-secret-another-secret-xx",
+            ),
         ] {
-            assert_eq!(auth.grant(&bad).unwrap_err().code(), tonic::Code::Unauthenticated);
+            assert_eq!(
+                auth.grant(&bad).unwrap_err().code(),
+                tonic::Code::Unauthenticated
+            );
         }
         assert!(Jwt::hs256(b"short", "i", "a").is_err());
     }

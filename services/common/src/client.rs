@@ -19,6 +19,9 @@ pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
 /// connection broke mid-call): UNAVAILABLE, or the UNKNOWN status tonic gives a broken
 /// connection. Such a call can be retried on another endpoint.
 pub fn is_transport_failure(status: &tonic::Status) -> bool {
+    if is_downstream(status) {
+        return false;
+    }
     match status.code() {
         tonic::Code::Unavailable => true,
         tonic::Code::Unknown | tonic::Code::Internal => {
@@ -41,6 +44,24 @@ pub fn stage_status(stage: &str, status: tonic::Status) -> tonic::Status {
     } else {
         tonic::Status::new(status.code(), message)
     }
+}
+
+/// Metadata key a stage sets on an error that came from a stage *it* called, so its own
+/// callers do not count the failure against it (nor retry it elsewhere).
+pub const DOWNSTREAM: &str = "ghostwriter-downstream";
+
+/// [`stage_status`] for a failure of a downstream stage: marked with [`DOWNSTREAM`].
+pub fn downstream_status(stage: &str, status: tonic::Status) -> tonic::Status {
+    let mut s = stage_status(stage, status);
+    if let Ok(v) = stage.parse() {
+        s.metadata_mut().insert(DOWNSTREAM, v);
+    }
+    s
+}
+
+/// Whether a status reports a downstream stage's failure (see [`downstream_status`]).
+pub fn is_downstream(status: &tonic::Status) -> bool {
+    status.metadata().get(DOWNSTREAM).is_some()
 }
 
 /// Polls the standard health service at `url` until `service` (`""` for the whole server)

@@ -194,7 +194,7 @@ impl Summarizer for SummarizerService {
             .clone()
             .generate(deadline::request(generate, deadline)?)
             .await
-            .map_err(|s| client::stage_status("generator (for the summarizer)", s))?;
+            .map_err(|s| client::downstream_status("generator (for the summarizer)", s))?;
         Ok(Response::new(SummarizeResponse {
             summary: response.into_inner().text.trim().to_string(),
         }))
