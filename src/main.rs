@@ -522,15 +522,23 @@ async fn up_processes(
     tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
     let work = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
-    let procs = ghostwriter::processes::Processes::start_with_etcd(
+    // The stage processes have their own process groups (a terminal's ctrl-c reaches only this
+    // one): a signal while they start stops them too (dropping the half-started set kills it).
+    let start = ghostwriter::processes::Processes::start_with_etcd(
         &exe,
         &model_dir,
         work.path(),
         &config.retriever.index_dir,
         listen,
         &config.auth,
-    )
-    .await?;
+    );
+    let procs = tokio::select! {
+        procs = start => procs?,
+        () = shutdown::os_signal() => {
+            eprintln!("interrupted while starting");
+            return Ok(());
+        }
+    };
     eprintln!(
         "ghostwriter ready in {:.1}s on http://{listen} (one process per stage, discovery through etcd)",
         started.elapsed().as_secs_f64()

@@ -83,7 +83,7 @@ impl Processes {
             ),
         ];
         for (stage, args) in stage_args {
-            let child = Command::new(exe)
+            let child = own_group(&mut Command::new(exe))
                 .arg("--model-dir")
                 .arg(model_dir)
                 .args(["serve", "--listen", &listen(stage), stage])
@@ -128,7 +128,7 @@ pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
     let (client, peer) = (free_port()?, free_port()?);
     let url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
+    let child = own_group(&mut Command::new("etcd"))
         .arg("--data-dir")
         .arg(data_dir)
         .args([
@@ -181,6 +181,8 @@ impl Processes {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         me.urls.insert("etcd", etcd_url.clone());
+        // The summarizer dials the generator directly: it needs its address up front.
+        let generator = format!("127.0.0.1:{}", free_port()?);
         for stage in [
             "retriever",
             "ranker",
@@ -189,17 +191,22 @@ impl Processes {
             "generator",
             "orchestrator",
         ] {
-            let listen = if stage == "orchestrator" {
-                public.to_string()
-            } else {
-                format!("127.0.0.1:{}", free_port()?)
+            let listen = match stage {
+                "orchestrator" => public.to_string(),
+                "generator" => generator.clone(),
+                _ => format!("127.0.0.1:{}", free_port()?),
             };
             let mut cmd = Command::new(exe);
+            own_group(&mut cmd);
             cmd.arg("--model-dir")
                 .arg(model_dir)
                 .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
             if stage == "retriever" {
                 cmd.arg("--index-dir").arg(index_dir);
+            }
+            if stage == "summarizer" {
+                cmd.arg("--generator-url")
+                    .arg(format!("http://{generator}"));
             }
             if stage == "orchestrator" {
                 for (flag, path) in [
@@ -238,17 +245,34 @@ impl Processes {
         Ok(me)
     }
 
-    /// Asks every process to stop (SIGTERM: drain and deregister), then waits for them.
+    /// Stops the topology in order, each step waiting for the last: the orchestrator first (it
+    /// stops admitting and drains the writes in flight through the stages), then the stages
+    /// (they deregister from etcd), then etcd. Each gets SIGTERM.
     pub fn terminate(mut self) {
-        for (_, child) in self.children.iter().rev() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-        }
-        for (_, child) in &mut self.children {
-            let _ = child.wait();
+        let phase = |name: &str| match name {
+            "orchestrator" => 0,
+            "etcd" => 2,
+            _ => 1,
+        };
+        for step in 0..3 {
+            for (name, child) in self.children.iter().filter(|(n, _)| phase(n) == step) {
+                tracing::debug!(process = name, "stopping");
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(child.id().to_string())
+                    .status();
+            }
+            for (_, child) in self.children.iter_mut().filter(|(n, _)| phase(n) == step) {
+                let _ = child.wait();
+            }
         }
         self.children.clear();
     }
+}
+
+/// Puts a child in its own process group, so a terminal's ctrl-c reaches only the parent, which
+/// then stops the children in order ([`Processes::terminate`]).
+fn own_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
 }
