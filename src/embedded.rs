@@ -311,18 +311,37 @@ impl Embedded {
 
 /// Ingests `documents` through the public API at `url`, 1,000 at a time, with `token`.
 pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> anyhow::Result<()> {
+    ingest_batches(url, documents, 1000, token, |_| {})
+        .await
+        .map(|_| ())
+}
+
+/// Ingests `documents` through the public API at `url` in batches of `batch`, with `token`,
+/// calling `progress(documents sent)` after each; returns the index's document count.
+pub async fn ingest_batches(
+    url: &str,
+    documents: &[Document],
+    batch: usize,
+    token: Option<&str>,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<u64> {
     let mut client = GhostwriterClient::connect(url.to_string())
-        .await?
+        .await
+        .with_context(|| format!("connecting to {url}"))?
         .max_encoding_message_size(256 << 20);
-    for chunk in documents.chunks(1000) {
+    let mut total = 0;
+    for chunk in documents.chunks(batch.max(1)) {
         let mut request = tonic::Request::new(IngestRequest {
             documents: chunk.to_vec(),
         });
         ghostwriter_common::auth::bearer(&mut request, token)?;
-        client
+        let response = client
             .ingest(request)
             .await
-            .map_err(|s| anyhow::anyhow!("ingest: {}", s.message()))?;
+            .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
+            .into_inner();
+        total = response.total_documents;
+        progress(chunk.len());
     }
-    Ok(())
+    Ok(total)
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use ghostwriter::embedded::{Embedded, EmbeddedConfig};
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::write_stream_response::Event;
-use ghostwriter::proto::{GenerationParams, IngestRequest, WriteOptions, WriteRequest};
+use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
 use ghostwriter::{loaders, models, output};
 use ghostwriter_common::shutdown;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -64,19 +64,11 @@ enum Command {
     },
     /// Ingest documents from a JSONL file (neutral format or Amazon reviews; .gz accepted).
     Ingest {
-        /// Ghostwriter API URL.
-        #[arg(
-            long,
-            env = "GHOSTWRITER_URL",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        to: String,
+        #[command(flatten)]
+        api: ApiArgs,
         /// Documents per request.
         #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
         batch: usize,
-        /// Bearer token of the public API (one that may act for every user in the file).
-        #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
-        token: Option<String>,
         /// The file.
         file: PathBuf,
     },
@@ -230,13 +222,8 @@ enum Stage {
 
 #[derive(Debug, clap::Args)]
 struct DistinguishArgs {
-    /// Ghostwriter API URL.
-    #[arg(
-        long,
-        env = "GHOSTWRITER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    to: String,
+    #[command(flatten)]
+    api: ApiArgs,
     /// The supposed author.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
@@ -252,22 +239,45 @@ struct DistinguishArgs {
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// Bearer token of the public API.
+}
+
+/// Where the public API is and the credential it is called with.
+#[derive(Debug, Clone, clap::Args)]
+struct ApiArgs {
+    /// Ghostwriter API URL.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    to: String,
+    /// Bearer token of the public API (one that may act for the users named).
     #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 
+impl ApiArgs {
+    /// A request to the API: `body` with a deadline `timeout` seconds away and the token.
+    fn request<T>(&self, body: T, timeout: u64) -> anyhow::Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(body);
+        request.set_timeout(Duration::from_secs(timeout));
+        ghostwriter_common::auth::bearer(&mut request, self.token.as_deref())?;
+        Ok(request)
+    }
+}
+
 async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.to).await?;
-    let mut request = tonic::Request::new(ghostwriter::proto::DistinguishRequest {
-        user_id: args.user,
-        text: args.text,
-        timestamp: args.timestamp,
-        doc_id: String::new(),
-        max_documents: args.max_documents,
-    });
-    request.set_timeout(Duration::from_secs(args.timeout));
-    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
+    let mut client = connect(&args.api.to).await?;
+    let request = args.api.request(
+        ghostwriter::proto::DistinguishRequest {
+            user_id: args.user,
+            text: args.text,
+            timestamp: args.timestamp,
+            doc_id: String::new(),
+            max_documents: args.max_documents,
+        },
+        args.timeout,
+    )?;
     let r = client
         .distinguish(request)
         .await
@@ -283,16 +293,8 @@ async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
 
 #[derive(Parser)]
 struct WriteArgs {
-    /// Bearer token of the public API (one that may act for --user).
-    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Ghostwriter API URL.
-    #[arg(
-        long,
-        env = "GHOSTWRITER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    to: String,
+    #[command(flatten)]
+    api: ApiArgs,
     /// The author.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
@@ -382,12 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             process.apply(shutdown::Shutdown::never()).await?;
             serve(listen, process, stage, model_dir).await
         }
-        Command::Ingest {
-            to,
-            batch,
-            file,
-            token,
-        } => ingest(&to, batch, &file, token.as_deref())
+        Command::Ingest { api, batch, file } => ingest(&api.to, batch, &file, api.token.as_deref())
             .await
             .map(|_| ()),
         Command::Write(args) => write(args).await,
@@ -664,7 +661,6 @@ async fn ingest(
             loaded.skipped_empty
         );
     }
-    let mut client = connect(url).await?;
     let bar = ProgressBar::new(loaded.documents.len() as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} docs ({per_sec}, eta {eta})")
             .expect("valid template")
@@ -672,20 +668,10 @@ async fn ingest(
     );
     bar.set_message("ingesting");
     let started = Instant::now();
-    let mut total = 0;
-    for chunk in loaded.documents.chunks(batch.max(1)) {
-        let mut request = tonic::Request::new(IngestRequest {
-            documents: chunk.to_vec(),
-        });
-        ghostwriter_common::auth::bearer(&mut request, token)?;
-        let response = client
-            .ingest(request)
-            .await
-            .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
-            .into_inner();
-        total = response.total_documents;
-        bar.inc(chunk.len() as u64);
-    }
+    let total = ghostwriter::embedded::ingest_batches(url, &loaded.documents, batch, token, |n| {
+        bar.inc(n as u64)
+    })
+    .await?;
     bar.finish_and_clear();
     eprintln!(
         "ingested {} documents from {} in {:.1}s ({} in the index)",
@@ -724,10 +710,8 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 }
 
 async fn write(args: WriteArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.to).await?;
-    let mut request = tonic::Request::new(write_request(&args));
-    request.set_timeout(Duration::from_secs(args.timeout));
-    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
+    let mut client = connect(&args.api.to).await?;
+    let request = args.api.request(write_request(&args), args.timeout)?;
     if !args.stream {
         let response = client
             .write(request)

@@ -180,19 +180,7 @@ async fn query_syntax_characters_neither_fail_nor_leak() {
         &format!("user_id:{other} OR user_id:*"),
         "+-&&||!(){}[]^\"~*?:\\/",
     ] {
-        let request = WriteRequest {
-            user_id: user.clone(),
-            start: start.into(),
-            preset: "rank-doc-bm25".into(),
-            options: Some(WriteOptions {
-                generation: Some(GenerationParams {
-                    max_new_tokens: 4,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let request = common::short_write(user, start, "rank-doc-bm25", 4);
         let p = client
             .write(request)
             .await
@@ -359,18 +347,13 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
     let Some(data) = data() else { return };
     let mut client = common::client(&data.url).await;
     let request = WriteRequest {
-        user_id: "nobody-at-all".into(),
         title: "First review".into(),
-        start: "This is my first guitar strap and".into(),
-        preset: "full".into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: 8,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        ..common::short_write(
+            "nobody-at-all",
+            "This is my first guitar strap and",
+            "full",
+            8,
+        )
     };
     let r = client.write(request).await.expect("write").into_inner();
     let p = r.provenance.unwrap();
@@ -480,19 +463,12 @@ async fn tokens_bind_callers_to_their_users() {
         .unwrap();
     let mut client = common::client(&url).await;
     let write = |user: &str, token: Option<&str>| {
-        let mut r = tonic::Request::new(WriteRequest {
-            user_id: user.into(),
-            start: "These strings".into(),
-            preset: "immediate-context".into(),
-            options: Some(WriteOptions {
-                generation: Some(GenerationParams {
-                    max_new_tokens: 2,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        let mut r = tonic::Request::new(common::short_write(
+            user,
+            "These strings",
+            "immediate-context",
+            2,
+        ));
         ghostwriter_common::auth::bearer(&mut r, token).unwrap();
         r
     };

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::generator_client::GeneratorClient;
-use ghostwriter::proto::{
-    GenerateRequest, GenerationParams, PersonalizedInput, WriteOptions, WriteRequest,
-};
+use ghostwriter::proto::{GenerateRequest, GenerationParams, PersonalizedInput, WriteRequest};
 use ghostwriter_common::shutdown;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -97,19 +95,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         .collect();
     common::ingest(&embedded.url(), &docs).await;
     let mut client = common::client(&embedded.url()).await;
-    let request = WriteRequest {
-        user_id: "u".into(),
-        start: "guitar tuner".into(),
-        preset: "rank-doc-bm25".into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: 2,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let request = common::short_write("u", "guitar tuner", "rank-doc-bm25", 2);
     client
         .write(request.clone())
         .await
@@ -228,19 +214,9 @@ async fn every_stage_as_its_own_process() {
     let mut client = common::client(&url).await;
     let response = client
         .write(WriteRequest {
-            user_id: "proc-user".into(),
-            start: "This metronome".into(),
-            preset: "full".into(),
             timestamp: Some(102),
             doc_id: "p2".into(),
-            options: Some(WriteOptions {
-                generation: Some(GenerationParams {
-                    max_new_tokens: 4,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
+            ..common::short_write("proc-user", "This metronome", "full", 4)
         })
         .await
         .unwrap()

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ghostwriter::embedded::Embedded;
-use ghostwriter::proto::{Document, GenerationParams, WriteOptions, WriteRequest};
+use ghostwriter::proto::Document;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,19 +44,12 @@ async fn one_trace_spans_every_stage() {
 
     let mut client = common::client(&embedded.url()).await;
     client
-        .write(WriteRequest {
-            user_id: "tracer".into(),
-            start: "This strap".into(),
-            preset: "sum-ctx-ind".into(),
-            options: Some(WriteOptions {
-                generation: Some(GenerationParams {
-                    max_new_tokens: 3,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .write(common::short_write(
+            "tracer",
+            "This strap",
+            "sum-ctx-ind",
+            3,
+        ))
         .await
         .unwrap();
     provider.force_flush().unwrap();

@@ -177,7 +177,7 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
         let grads: Vec<Tensor> = model
             .vars()
             .iter()
-            .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
+            .map(|v| store.get(v.as_tensor()).unwrap().clone())
             .collect();
         opt.step(&model, &grads, 1, 1e-3, t).unwrap();
         last = model

@@ -216,10 +216,19 @@ impl OrchestratorService {
         })
     }
 
+    /// The caller's deadline, or `--request-timeout` from `started` when it sets none.
+    fn deadline(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        started: Instant,
+    ) -> Option<Instant> {
+        deadline::from_metadata(metadata, started)
+            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)))
+    }
+
     fn plan(&self, request: Request<WriteRequest>) -> Result<Plan, Status> {
         let started = Instant::now();
-        let deadline = deadline::from_metadata(request.metadata(), started)
-            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let deadline = self.deadline(request.metadata(), started);
         let grant = self.auth.grant(request.metadata())?;
         let r = request.into_inner();
         check_ids(&r.user_id, &r.doc_id)?;
@@ -585,8 +594,7 @@ impl Ghostwriter for OrchestratorService {
         request: Request<DistinguishRequest>,
     ) -> Result<Response<DistinguishResponse>, Status> {
         let started = Instant::now();
-        let deadline = deadline::from_metadata(request.metadata(), started)
-            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)));
+        let deadline = self.deadline(request.metadata(), started);
         let grant = self.auth.grant(request.metadata())?;
         let r = request.into_inner();
         check_ids(&r.user_id, &r.doc_id)?;

@@ -143,11 +143,11 @@ impl AdamW {
         Ok(Self {
             m: vars
                 .iter()
-                .map(|(_, v)| zeros(v.as_tensor()))
+                .map(|v| zeros(v.as_tensor()))
                 .collect::<Result<_, _>>()?,
             v: vars
                 .iter()
-                .map(|(_, v)| zeros(v.as_tensor()))
+                .map(|v| zeros(v.as_tensor()))
                 .collect::<Result<_, _>>()?,
             beta1: 0.9,
             beta2: 0.999,
@@ -177,7 +177,7 @@ impl AdamW {
             1.0 - self.beta1.powi(t as i32),
             1.0 - self.beta2.powi(t as i32),
         );
-        for (i, (_, var)) in model.vars().iter().enumerate() {
+        for (i, var) in model.vars().into_iter().enumerate() {
             let g = (&grads[i] * (scale * clip))?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
@@ -506,16 +506,16 @@ fn fit(
     let started = Instant::now()
         .checked_sub(std::time::Duration::from_secs_f64(state.seconds))
         .unwrap_or_else(Instant::now);
-    let vars = model.vars().len();
+    let vars = model.vars();
     while state.position < total_examples {
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars];
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut count = 0;
         let mut loss_sum = 0.0;
         while count < args.grad_accum && state.position < total_examples {
             let e = &train[state.position % train.len()];
             let loss = model.loss(&e.ids, e.prompt)?;
             let store = loss.backward()?;
-            for (i, (_, var)) in model.vars().iter().enumerate() {
+            for (i, var) in vars.iter().enumerate() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {
                         None => g.clone(),
@@ -531,8 +531,8 @@ fn fit(
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
-            .zip(model.vars())
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .zip(&vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<Result<_, _>>()?;
         state.step += 1;
         let lr = learning_rate(args.lr, state.step, args.warmup_steps, total_steps);

@@ -146,16 +146,11 @@ impl TrainModel {
         })
     }
 
-    /// The trainable variables, in a stable order (`(layer, projection, "a"|"b")`).
-    pub fn vars(&self) -> Vec<(String, &Var)> {
+    /// The trainable variables, in a stable order (by layer and projection, A then B).
+    pub fn vars(&self) -> Vec<&Var> {
         self.lora
-            .iter()
-            .flat_map(|((l, p), pair)| {
-                [
-                    (format!("blk.{l}.{p}.lora_a"), &pair.a),
-                    (format!("blk.{l}.{p}.lora_b"), &pair.b),
-                ]
-            })
+            .values()
+            .flat_map(|pair| [&pair.a, &pair.b])
             .collect()
     }
 

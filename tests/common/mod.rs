@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use ghostwriter::embedded::{Embedded, EmbeddedConfig};
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
-use ghostwriter::proto::{Document, IngestRequest};
+use ghostwriter::proto::{Document, GenerationParams, WriteOptions, WriteRequest};
 use tonic::transport::Channel;
 
 /// Whether a test may skip when its data or service is missing (`GHOSTWRITER_ALLOW_SKIP=1`).
@@ -128,12 +128,24 @@ pub async fn client(url: &str) -> GhostwriterClient<Channel> {
 
 /// Ingests `documents` in batches.
 pub async fn ingest(url: &str, documents: &[Document]) {
-    let mut c = client(url).await;
-    for chunk in documents.chunks(2000) {
-        c.ingest(IngestRequest {
-            documents: chunk.to_vec(),
-        })
+    ghostwriter::embedded::ingest(url, documents, None)
         .await
         .expect("ingest");
+}
+
+/// A write of `start` for `user` with `preset`, generating at most `tokens` tokens.
+pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteRequest {
+    WriteRequest {
+        user_id: user.into(),
+        start: start.into(),
+        preset: preset.into(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }

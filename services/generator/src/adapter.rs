@@ -209,7 +209,6 @@ pub struct Prepared {
     pub inputs: usize,
     /// Output width.
     pub outputs: usize,
-    rank: usize,
     a: Vec<f32>,
     /// `scale · Bᵀ`, rank × outputs.
     bt: Vec<f32>,
@@ -228,7 +227,6 @@ impl LoraPair {
         Prepared {
             inputs: self.inputs,
             outputs: self.outputs,
-            rank,
             a: self.a.clone(),
             bt,
         }
@@ -262,7 +260,6 @@ pub fn apply_row(p: &Prepared, x: &[f32], out_row: &mut [f32], offset: usize) {
             *o += u * b;
         }
     }
-    debug_assert_eq!(p.a.len(), p.rank * p.inputs);
 }
 
 fn parse_name(prefix: &str) -> Option<(usize, &str)> {

@@ -148,7 +148,8 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Quantizes `x[m][k]` (reusing this buffer).
+    /// Quantizes `x[m][k]` (reusing this buffer); the tests' reference for [`Self::fill`].
+    #[cfg(test)]
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
         debug_assert_eq!(x.len(), m * k);
         let kbs = k / QK;

@@ -702,51 +702,34 @@ fn attend_group(
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
         scores.resize(nrep * padded, 0.0);
-        attend_into(kv, layer, blocks, len, g, hd, nrep, q, out, scores, padded)
+        let bs = kv.block_size;
+        for p0 in (0..padded).step_by(16) {
+            let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
+            kernels::scores16(q, nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
+        }
+        for r in 0..nrep {
+            kernels::softmax(&mut scores[r * padded..r * padded + len]);
+        }
+        out.fill(0.0);
+        for p0 in (0..len).step_by(bs) {
+            let count = bs.min(len - p0);
+            let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
+            kernels::accumulate_values(
+                out,
+                &scores[p0..],
+                padded,
+                count,
+                &kv.v[v..v + count * hd],
+                hd,
+                nrep,
+            );
+        }
     })
 }
 
 thread_local! {
     /// Attention scores of one group, reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attend_into(
-    kv: &KvCache,
-    layer: usize,
-    blocks: &[u32],
-    len: usize,
-    g: usize,
-    hd: usize,
-    nrep: usize,
-    q: &[f32],
-    out: &mut [f32],
-    scores: &mut [f32],
-    padded: usize,
-) {
-    let bs = kv.block_size;
-    for p0 in (0..padded).step_by(16) {
-        let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
-        kernels::scores16(q, nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
-    }
-    for r in 0..nrep {
-        kernels::softmax(&mut scores[r * padded..r * padded + len]);
-    }
-    out.fill(0.0);
-    for p0 in (0..len).step_by(bs) {
-        let count = bs.min(len - p0);
-        let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
-        kernels::accumulate_values(
-            out,
-            &scores[p0..],
-            padded,
-            count,
-            &kv.v[v..v + count * hd],
-            hd,
-            nrep,
-        );
-    }
 }
 
 impl Backend for NativeModel {

@@ -1,0 +1,140 @@
+//! `up --processes` through the real binary and a real etcd: every preset works (the summarizer
+//! process reaches the generator process), and ctrl-c stops the processes in order. In its own
+//! test binary so its etcd and stage processes never race the discovery tests for ports.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ghostwriter::proto::Document;
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_processes_serves_every_preset_and_stops_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    if Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        common::missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+        return;
+    }
+    let p = port();
+    let url = format!("http://127.0.0.1:{p}");
+    let stderr = dir.path().join("up.log");
+    let up = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        .args(["up", "--processes", "--listen", &format!("127.0.0.1:{p}")])
+        .arg("--index-dir")
+        .arg(dir.path().join("index"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = up.id();
+    // Stop by ctrl-c even when an assertion fails: the stage processes have their own process
+    // groups, so only the parent can stop them.
+    struct Interrupt(Child);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = Interrupt(up);
+    // Ready once every stage process reports SERVING (the parent says so).
+    let started = Instant::now();
+    while !std::fs::read_to_string(&stderr)
+        .unwrap_or_default()
+        .contains("ready in")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "up did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The orchestrator learns the stages from etcd: wait until it knows the retriever.
+    let started = Instant::now();
+    loop {
+        let mut c = common::client(&url).await;
+        let probe = c
+            .ingest(ghostwriter::proto::IngestRequest {
+                documents: vec![Document {
+                    user_id: "probe".into(),
+                    doc_id: "probe".into(),
+                    timestamp: 0,
+                    title: String::new(),
+                    text: "probe".into(),
+                }],
+            })
+            .await;
+        if probe.is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{probe:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let docs: Vec<Document> = (0..4)
+        .map(|i| Document {
+            user_id: "maya".into(),
+            doc_id: format!("m{i}"),
+            timestamp: i,
+            title: String::new(),
+            text: format!("Review {i}: these strings stay in tune through a long wedding gig."),
+        })
+        .collect();
+    common::ingest(&url, &docs).await;
+    let mut client = common::client(&url).await;
+    // sum-ctx-ind: the summarizer process reaches the generator process.
+    let response = client
+        .write(common::short_write(
+            "maya",
+            "These strings",
+            "sum-ctx-ind",
+            4,
+        ))
+        .await
+        .expect("sum-ctx-ind through up --processes")
+        .into_inner();
+    assert!(!response.provenance.unwrap().summary.is_empty());
+    // ctrl-c reaches only the parent, which stops the orchestrator, the stages, then etcd:
+    // every stage deregisters cleanly.
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "up did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(!log.contains("revoking the etcd lease failed"), "{log}");
+}
