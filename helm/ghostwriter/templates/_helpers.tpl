@@ -22,13 +22,70 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .stage }}
 {{- end -}}
 
-{{- define "ghostwriter.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{/* The ServiceAccount every pod of the release runs as. */}}
+{{- define "ghostwriter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "ghostwriter.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
 {{- end -}}
 
-{{/* gRPC URL of a stage's Service: (dict "root" $ "stage" "ranker") */}}
+{{/* Image of a stage: its own `image` values, each field falling back to the global `image`
+     (tag: the chart's appVersion). (dict "root" $ "stage" "generator") */}}
+{{- define "ghostwriter.stageImage" -}}
+{{- $root := .root -}}
+{{- $own := (index $root.Values .stage).image | default dict -}}
+{{- $repository := $own.repository | default $root.Values.image.repository -}}
+{{- $tag := $own.tag | default $root.Values.image.tag | default $root.Chart.AppVersion -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
+{{- define "ghostwriter.stagePullPolicy" -}}
+{{- $own := (index .root.Values .stage).image | default dict -}}
+{{- $own.pullPolicy | default .root.Values.image.pullPolicy -}}
+{{- end -}}
+
+{{/* The global image (ingest Job). */}}
+{{- define "ghostwriter.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The model fetcher (Dockerfile's `models` target: the binary with python3 and pip). */}}
+{{- define "ghostwriter.modelsImage" -}}
+{{- $m := .Values.models.image -}}
+{{- $repository := $m.repository | default .Values.image.repository -}}
+{{- $tag := $m.tag | default (printf "%s-models" (.Values.image.tag | default .Chart.AppVersion)) -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
+{{/* The restricted Pod Security settings of a pod and of a container. */}}
+{{- define "ghostwriter.podSecurityContext" -}}
+{{- toYaml .Values.podSecurityContext -}}
+{{- end -}}
+{{- define "ghostwriter.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext -}}
+{{- end -}}
+
+{{/* gRPC URL of a stage's ClusterIP Service: (dict "root" $ "stage" "ranker") */}}
 {{- define "ghostwriter.stageUrl" -}}
 http://{{ include "ghostwriter.fullname" .root }}-{{ .stage }}:{{ .root.Values.grpcPort }}
+{{- end -}}
+
+{{/* A stage's headless Service, resolved by the caller into every ready pod (discovery.mode
+     dns): (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.dnsUrl" -}}
+dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root.Release.Namespace }}.svc.{{ .root.Values.clusterDomain }}:{{ .root.Values.grpcPort }}
+{{- end -}}
+
+{{/* How callers reach a stage: its headless Service's DNS name in dns mode, its Service
+     otherwise (etcd mode watches etcd). (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.callUrl" -}}
+{{- if eq .root.Values.discovery.mode "dns" -}}
+{{- include "ghostwriter.dnsUrl" . -}}
+{{- else -}}
+{{- include "ghostwriter.stageUrl" . -}}
+{{- end -}}
 {{- end -}}
 
 {{/* etcd client URLs: the configured ones or the bundled etcd. */}}
@@ -40,7 +97,7 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 {{- end -}}
 {{- end -}}
 
-{{/* Per-pod retriever URLs, shard order (static sharding without discovery). */}}
+{{/* Per-pod retriever URLs, shard order (sharded retriever without etcd). */}}
 {{- define "ghostwriter.retrieverShardUrls" -}}
 {{- $root := . -}}
 {{- $urls := list -}}
@@ -55,16 +112,16 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 {{- $root := .root -}}
 {{- $v := index $root.Values .stage -}}
 {{- if eq .stage "orchestrator" }}
-{{- if and (not $root.Values.discovery.enabled) (gt (int $root.Values.retriever.replicaCount) 1) }}
+{{- if and (eq $root.Values.discovery.mode "dns") (gt (int $root.Values.retriever.replicaCount) 1) }}
 - --retriever-url={{ include "ghostwriter.retrieverShardUrls" $root }}
 {{- else }}
-- --retriever-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "retriever") }}
+- --retriever-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "retriever") }}
 {{- end }}
 - --retriever-shards={{ $root.Values.retriever.replicaCount }}
-- --ranker-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "ranker") }}
-- --summarizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "summarizer") }}
-- --synthesizer-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "synthesizer") }}
-- --generator-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "generator") }}
+- --ranker-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "ranker") }}
+- --summarizer-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "summarizer") }}
+- --synthesizer-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "synthesizer") }}
+- --generator-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "generator") }}
 - --request-timeout={{ $v.requestTimeoutSeconds }}
 - --max-candidates={{ $v.maxCandidates }}
 {{- if $v.auth.tokensSecret }}
@@ -79,7 +136,7 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 - --embedder-device={{ $v.embedderDevice }}
 - --embedding-cache={{ $v.embeddingCache }}
 {{- else if eq .stage "summarizer" }}
-- --generator-url={{ include "ghostwriter.stageUrl" (dict "root" $root "stage" "generator") }}
+- --generator-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "generator") }}
 - --summary-tokens={{ $v.summaryTokens }}
 - --summary-chars={{ $v.summaryChars }}
 {{- else if eq .stage "synthesizer" }}
@@ -102,6 +159,24 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 {{- if has .stage (list "ranker" "summarizer" "synthesizer" "generator") -}}true{{- end -}}
 {{- end -}}
 
+{{/* topologySpreadConstraints of a stage: its own or the global ones; a constraint without a
+     labelSelector spreads the stage's own pods. (dict "root" $ "stage" "ranker") */}}
+{{- define "ghostwriter.topologySpread" -}}
+{{- $v := index .root.Values .stage -}}
+{{- $constraints := $v.topologySpreadConstraints | default .root.Values.topologySpreadConstraints -}}
+{{- $out := list -}}
+{{- range $constraints -}}
+{{- $c := deepCopy . -}}
+{{- if not (hasKey $c "labelSelector") -}}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (include "ghostwriter.selectorLabels" $ | fromYaml)) -}}
+{{- end -}}
+{{- $out = append $out $c -}}
+{{- end -}}
+{{- if $out -}}
+{{- toYaml $out -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The pod template of a stage: (dict "root" $ "stage" "ranker") */}}
 {{- define "ghostwriter.podTemplate" -}}
 {{- $root := .root -}}
@@ -115,34 +190,44 @@ metadata:
   annotations:
     checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
 spec:
+  serviceAccountName: {{ include "ghostwriter.serviceAccountName" $root }}
+  automountServiceAccountToken: false
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   securityContext:
-    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+    {{- include "ghostwriter.podSecurityContext" $root | nindent 4 }}
   terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
   {{- if and $models $root.Values.models.pull }}
   initContainers:
+    # `ghostwriter models pull` (pip, sha256-verified) into the models volume, from the image
+    # with pip (Dockerfile's `models` target); the stage's own image has no Python.
     - name: models-pull
-      image: {{ include "ghostwriter.image" $root }}
-      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      image: {{ include "ghostwriter.modelsImage" $root }}
+      imagePullPolicy: {{ $root.Values.models.image.pullPolicy | default $root.Values.image.pullPolicy }}
       args: ["models", "pull", "--dir", "/models"]
-      {{- with $root.Values.models.pipIndexUrl }}
       env:
+        - name: HOME
+          value: /tmp
+        - name: PIP_NO_CACHE_DIR
+          value: "1"
+        {{- with $root.Values.models.pipIndexUrl }}
         - name: PIP_INDEX_URL
           value: {{ . | quote }}
-      {{- end }}
+        {{- end }}
       securityContext:
-        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+        {{- include "ghostwriter.containerSecurityContext" $root | nindent 8 }}
       volumeMounts:
         - name: models
           mountPath: /models
+        - name: tmp
+          mountPath: /tmp
   {{- end }}
   containers:
     - name: {{ $stage }}
-      image: {{ include "ghostwriter.image" $root }}
-      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      image: {{ include "ghostwriter.stageImage" . }}
+      imagePullPolicy: {{ include "ghostwriter.stagePullPolicy" . }}
       args:
         - serve
         - --listen=0.0.0.0:{{ $root.Values.grpcPort }}
@@ -150,7 +235,7 @@ spec:
         {{- if $root.Values.metrics.enabled }}
         - --metrics-listen=0.0.0.0:{{ $root.Values.metrics.port }}
         {{- end }}
-        {{- if $root.Values.discovery.enabled }}
+        {{- if eq $root.Values.discovery.mode "etcd" }}
         - --etcd={{ include "ghostwriter.etcdEndpoints" $root }}
         - --etcd-ttl={{ $root.Values.discovery.ttlSeconds }}
         - --advertise=http://$(POD_IP):{{ $root.Values.grpcPort }}
@@ -175,6 +260,12 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        {{- end }}
+        {{- with $root.Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
       ports:
         - name: grpc
@@ -201,7 +292,7 @@ spec:
         periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
         failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
       securityContext:
-        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+        {{- include "ghostwriter.containerSecurityContext" $root | nindent 8 }}
       resources:
         {{- $resources := deepCopy $v.resources }}
         {{- if and (eq $stage "generator") $v.gpu.enabled }}
@@ -219,6 +310,7 @@ spec:
         - name: index
           mountPath: /data
         {{- end }}
+        # The root filesystem is read-only: scratch space (and the CUDA JIT cache) lives here.
         - name: tmp
           mountPath: /tmp
         {{- if and (eq $stage "orchestrator") $v.auth.tokensSecret }}
@@ -246,6 +338,10 @@ spec:
           - key: tokens
             path: tokens
     {{- end }}
+  {{- with include "ghostwriter.topologySpread" . }}
+  topologySpreadConstraints:
+    {{- . | nindent 4 }}
+  {{- end }}
   {{- with $v.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -258,4 +354,10 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* PromQL label matchers for one stage's pods of this release (the `namespace` and `pod`
+     target labels Prometheus adds): (dict "root" $ "stage" "generator") */}}
+{{- define "ghostwriter.promSelector" -}}
+namespace="{{ .root.Release.Namespace }}",pod=~"{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-.*"
 {{- end -}}
