@@ -159,6 +159,7 @@ impl Embedded {
             max_new_tokens: config.summary_tokens,
             summary_chars: config.summary_chars,
             embedder: config.ranker.embedder.clone(),
+            discovery: Default::default(),
         };
         let synthesizer = SynthesizerConfig {
             word_similarity: config.word_similarity,

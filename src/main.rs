@@ -146,7 +146,7 @@ struct ProcessArgs {
     #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
-    discovery: ghostwriter_common::discovery::DiscoveryArgs,
+    discovery: ghostwriter_discovery::DiscoveryArgs,
     /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
     /// 127.0.0.1 for an unspecified address.
     #[arg(long, env = "GHOSTWRITER_ADVERTISE")]
@@ -554,7 +554,7 @@ async fn serve(
     stage: Stage,
     model_dir: PathBuf,
 ) -> anyhow::Result<()> {
-    use ghostwriter_common::discovery::{EndpointInfo, Registration};
+    use ghostwriter_discovery::{EndpointInfo, Registration};
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -570,7 +570,9 @@ async fn serve(
             Stage::Ranker { config } => {
                 ghostwriter_ranker::serve(config, model_dir, listener, stop).await
             }
-            Stage::Summarizer { config } => {
+            Stage::Summarizer { mut config } => {
+                // It finds the generators the way the orchestrator does.
+                config.discovery = discovery;
                 ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
             }
             Stage::Synthesizer { config } => {

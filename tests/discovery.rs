@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, RetrieveRequest, WriteRequest};
+use ghostwriter_discovery::etcd::Etcd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Kill(Vec<Child>);
@@ -69,29 +70,19 @@ fn stage(
         .args(extra_serve)
         .arg(stage)
         .args(extra_stage)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("GW_TEST_LOG").unwrap_or("warn".into()),
+        )
         .spawn()
         .unwrap();
     (child, format!("http://127.0.0.1:{p}"))
 }
 
 async fn keys(etcd: &str, prefix: &str) -> Vec<String> {
-    let mut c = etcd_client::Client::connect([etcd], None).await.unwrap();
-    let r = c
-        .get(
-            prefix,
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await
-        .unwrap();
-    r.kvs()
-        .iter()
-        .map(|kv| kv.key_str().unwrap().to_string())
-        .collect()
+    let mut c = Etcd::connect(&[etcd.to_string()]).await.unwrap();
+    let (_, kvs) = c.get_prefix(prefix, true).await.unwrap();
+    kvs.into_iter().map(|kv| kv.key).collect()
 }
 
 async fn wait_keys(etcd: &str, prefix: &str, n: usize, within: Duration) -> Vec<String> {
@@ -166,7 +157,8 @@ async fn etcd_discovery_sharding_and_failover() {
     );
     procs.0.push(gen_b);
     procs.0.push(orch);
-    let mut gen_a = Some(gen_a);
+    // Killed by the test itself, or on a failure before that (never left running).
+    let mut gen_a = Kill(vec![gen_a]);
 
     ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
         .await
@@ -283,7 +275,7 @@ async fn etcd_discovery_sharding_and_failover() {
         load.push(tokio::spawn(async move { c.write(write(&u, 24)).await }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut a = gen_a.take().unwrap();
+    let mut a = gen_a.0.pop().unwrap();
     a.kill().unwrap();
     a.wait().unwrap();
     for (i, w) in load.into_iter().enumerate() {

@@ -73,8 +73,14 @@ fn cpu_dockerfile_lints() {
         !runtime.contains("pip") && !runtime.contains("python"),
         "no pip or Python in the runtime image"
     );
-    assert!(runtime.contains("USER 10001"), "the runtime runs as uid 10001");
-    assert!(d.contains("AS models"), "a model-fetching target for the init container");
+    assert!(
+        runtime.contains("USER 10001"),
+        "the runtime runs as uid 10001"
+    );
+    assert!(
+        d.contains("AS models"),
+        "a model-fetching target for the init container"
+    );
 }
 
 #[test]
@@ -88,7 +94,10 @@ fn cuda_dockerfile_lints() {
     assert!(d.contains("CUDA_COMPUTE_CAP="));
     let runtime = d.split("AS runtime").nth(1).expect("a runtime stage");
     assert!(!runtime.contains("pip"), "no pip in the runtime image");
-    assert!(runtime.contains("USER 10001"), "the runtime runs as uid 10001");
+    assert!(
+        runtime.contains("USER 10001"),
+        "the runtime runs as uid 10001"
+    );
     // The toolchain of the image is the one rust-toolchain.toml pins.
     let toolchain = read("rust-toolchain.toml");
     let channel = toolchain

@@ -128,7 +128,7 @@ pub struct OrchestratorConfig {
     pub insecure_no_auth: bool,
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
     #[arg(skip)]
-    pub discovery: ghostwriter_common::discovery::DiscoveryArgs,
+    pub discovery: ghostwriter_discovery::DiscoveryArgs,
 }
 
 /// The public service.

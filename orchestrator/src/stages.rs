@@ -1,14 +1,13 @@
-//! The orchestrator's view of the stages: an [`EndpointSet`] per stage (static or watched in
-//! etcd), power-of-two-choices balancing, retries of idempotent calls on another endpoint when
+//! The orchestrator's view of the stages: an [`EndpointSet`] per stage (static, resolved from
+//! DNS or watched in etcd), power-of-two-choices balancing, retries of idempotent calls on another endpoint when
 //! one is UNAVAILABLE (bounded by a retry budget, so failures cannot multiply load), and routing
 //! of a user's retrieval and ingest to the retriever shard that owns the user.
 
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Instant;
 
-use ghostwriter_common::discovery::{self, Endpoint, EndpointInfo, EndpointSet};
-use ghostwriter_common::{client, deadline};
+use ghostwriter_common::deadline;
+use ghostwriter_discovery::{Balancer, Endpoint, EndpointInfo, EndpointSet, shard_of, urls};
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ranker_client::RankerClient;
 use ghostwriter_proto::v1::retriever_client::RetrieverClient;
@@ -24,32 +23,6 @@ use tonic::{Status, Streaming};
 use crate::OrchestratorConfig;
 
 pub(crate) const LIMIT: usize = 256 << 20;
-/// Attempts of an idempotent call (the first and up to two retries on other endpoints).
-const ATTEMPTS: usize = 3;
-
-/// Retries allowed: each request earns a tenth of a retry, up to ten in reserve, so retries
-/// stay a small fraction of traffic when a stage is down (no retry storms).
-struct RetryBudget {
-    tokens: Mutex<f64>,
-}
-
-impl RetryBudget {
-    fn deposit(&self) {
-        if let Ok(mut t) = self.tokens.lock() {
-            *t = (*t + 0.1).min(10.0);
-        }
-    }
-
-    fn withdraw(&self) -> bool {
-        match self.tokens.lock() {
-            Ok(mut t) if *t >= 1.0 => {
-                *t -= 1.0;
-                true
-            }
-            _ => false,
-        }
-    }
-}
 
 /// Every stage's endpoints.
 pub struct Stages {
@@ -59,28 +32,14 @@ pub struct Stages {
     synthesizer: EndpointSet,
     generator: EndpointSet,
     shards: u32,
-    budget: RetryBudget,
-}
-
-fn urls(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(String::from)
-        .collect()
+    balancer: Balancer,
 }
 
 impl Stages {
-    /// Static endpoints from the config, or etcd-watched sets when `--etcd` is given.
+    /// Static, DNS-resolved (`dns:///HOST:PORT`) or etcd-watched (`--etcd`) endpoint sets.
     pub fn new(c: &OrchestratorConfig) -> Result<Self, Status> {
         let d = &c.discovery;
-        let set = |stage: &str, list: &str| -> Result<EndpointSet, Status> {
-            if d.etcd.is_empty() {
-                EndpointSet::fixed(stage, &urls(list))
-            } else {
-                Ok(EndpointSet::watch(stage, &d.etcd, &d.prefix))
-            }
-        };
+        let set = |stage: &str, list: &str| d.stage_set(stage, list);
         let retriever = if d.etcd.is_empty() && c.retriever_shards > 1 {
             // Static shards: the i-th URL serves shard i.
             EndpointSet::fixed_sharded("retriever", &urls(&c.retriever_url))?
@@ -94,9 +53,7 @@ impl Stages {
             synthesizer: set("synthesizer", &c.synthesizer_url)?,
             generator: set("generator", &c.generator_url)?,
             shards: c.retriever_shards.max(1),
-            budget: RetryBudget {
-                tokens: Mutex::new(10.0),
-            },
+            balancer: Balancer::default(),
         })
     }
 
@@ -105,9 +62,7 @@ impl Stages {
         &self.generator
     }
 
-    /// Calls `f` on an endpoint of `set` that passes `filter`; an UNAVAILABLE answer of an
-    /// `idempotent` call (or one that never reached the stage) is retried on another endpoint
-    /// while the retry budget allows.
+    /// Calls `f` on an endpoint of `set` (see [`Balancer::call`]).
     async fn call<T, F, Fut>(
         &self,
         set: &EndpointSet,
@@ -120,43 +75,12 @@ impl Stages {
         F: Fn(std::sync::Arc<Endpoint>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.budget.deposit();
-        let mut tried: Vec<String> = Vec::new();
-        let mut last: Option<Status> = None;
-        for attempt in 0..ATTEMPTS {
-            let Some(endpoint) = set.pick_where(&tried, &filter) else {
-                break;
-            };
-            if attempt > 0 && !self.budget.withdraw() {
-                break;
-            }
-            let _in_flight = endpoint.start();
-            match f(endpoint.clone()).await {
-                Ok(v) => {
-                    endpoint.succeeded();
-                    return Ok(v);
-                }
-                Err(status) if client::is_transport_failure(&status) => {
-                    endpoint.failed();
-                    tracing::warn!(stage = set.stage(), url = %endpoint.info.url, attempt, error = %status.message(), "stage unavailable");
-                    tried.push(endpoint.info.url.clone());
-                    last = Some(status);
-                    if !idempotent {
-                        break;
-                    }
-                }
-                Err(status) => return Err(client::stage_status(what, status)),
-            }
-        }
-        Err(match last {
-            Some(s) => client::stage_status(what, s),
-            None => Status::unavailable(format!("{what} stage: no endpoint available")),
-        })
+        self.balancer.call(set, what, filter, idempotent, f).await
     }
 
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
         let shards = self.shards;
-        let shard = discovery::shard_of(user, shards);
+        let shard = shard_of(user, shards);
         (shard, move |info: &EndpointInfo| {
             shards <= 1 || info.shard == Some(shard)
         })
@@ -199,7 +123,7 @@ impl Stages {
         let mut by_shard: std::collections::BTreeMap<u32, Vec<Document>> = Default::default();
         for d in documents {
             by_shard
-                .entry(discovery::shard_of(&d.user_id, self.shards))
+                .entry(shard_of(&d.user_id, self.shards))
                 .or_default()
                 .push(d);
         }

@@ -52,11 +52,15 @@ pub const DOWNSTREAM: &str = "ghostwriter-downstream";
 
 /// [`stage_status`] for a failure of a downstream stage: marked with [`DOWNSTREAM`].
 pub fn downstream_status(stage: &str, status: tonic::Status) -> tonic::Status {
-    let mut s = stage_status(stage, status);
+    mark_downstream(stage, stage_status(stage, status))
+}
+
+/// Marks an already stage-named status as a failure of the downstream `stage` ([`DOWNSTREAM`]).
+pub fn mark_downstream(stage: &str, mut status: tonic::Status) -> tonic::Status {
     if let Ok(v) = stage.parse() {
-        s.metadata_mut().insert(DOWNSTREAM, v);
+        status.metadata_mut().insert(DOWNSTREAM, v);
     }
-    s
+    status
 }
 
 /// Whether a status reports a downstream stage's failure (see [`downstream_status`]).

@@ -5,7 +5,6 @@ pub mod auth;
 pub mod client;
 pub mod deadline;
 pub mod device;
-pub mod discovery;
 pub mod embed;
 pub mod metrics;
 pub mod models;

@@ -10,12 +10,14 @@
 //!   budget. The LLM variant (`SUMMARY_MODE_CONTEXT_LLM`) asks the LLM for the same thing.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{client, deadline};
+use ghostwriter_discovery::{Balancer, DiscoveryArgs, EndpointSet};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
@@ -24,13 +26,14 @@ use ghostwriter_proto::v1::{
     SummaryMode, TaskInput,
 };
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// Summarizer settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SummarizerConfig {
-    /// Generator endpoint that runs the instruction LLM, e.g. http://127.0.0.1:50055.
+    /// Generator endpoints that run the instruction LLM: URLs (comma-separated), or one
+    /// dns:///HOST:PORT naming a headless Service; ignored with --etcd (the generators
+    /// registered there are used), as in the orchestrator.
     #[arg(
         long = "generator-url",
         env = "GHOSTWRITER_GENERATOR_URL",
@@ -50,6 +53,9 @@ pub struct SummarizerConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub embedder: EmbedderArgs,
+    /// Where to discover the generators (from `serve --etcd ...`/`--dns-*`).
+    #[arg(skip)]
+    pub discovery: DiscoveryArgs,
 }
 
 /// Default SumCtx budget: about two snippets, the length of a typical review's picks.
@@ -122,7 +128,8 @@ pub fn passages(entries: &[RankedEntry]) -> Vec<String> {
 /// The gRPC adapter.
 #[derive(Clone)]
 pub struct SummarizerService {
-    generator: GeneratorClient<Channel>,
+    generators: EndpointSet,
+    balancer: Arc<Balancer>,
     default_tokens: u32,
     default_chars: u32,
     embedder: LazyEmbedder,
@@ -189,14 +196,27 @@ impl Summarizer for SummarizerService {
                 ..Default::default()
             }),
         };
+        // Generation is idempotent: an unavailable generator is retried on another one.
+        let what = "generator (for the summarizer)";
         let response = self
-            .generator
-            .clone()
-            .generate(deadline::request(generate, deadline)?)
+            .balancer
+            .call(
+                &self.generators,
+                what,
+                |_| true,
+                true,
+                |e| {
+                    let request = deadline::request(generate.clone(), deadline);
+                    async move {
+                        let mut c = GeneratorClient::new(e.channel.clone());
+                        Ok(c.generate(request?).await?.into_inner())
+                    }
+                },
+            )
             .await
-            .map_err(|s| client::downstream_status("generator (for the summarizer)", s))?;
+            .map_err(|s| client::mark_downstream(what, s))?;
         Ok(Response::new(SummarizeResponse {
-            summary: response.into_inner().text.trim().to_string(),
+            summary: response.text.trim().to_string(),
         }))
     }
 }
@@ -210,10 +230,13 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer").await;
-    let generator = GeneratorClient::new(client::channel(&config.generator_url)?);
+    let generators = config
+        .discovery
+        .stage_set("generator", &config.generator_url)?;
     let cell = LazyEmbedder::default();
     let service = SummarizerService {
-        generator,
+        generators,
+        balancer: Arc::default(),
         default_tokens: config.max_new_tokens,
         default_chars: config.summary_chars,
         embedder: cell.clone(),

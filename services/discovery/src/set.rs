@@ -1,31 +1,24 @@
-//! Service discovery and client-side balancing.
-//!
-//! Each stage process registers itself in etcd under `PREFIX/STAGE/URL` with a lease that it
-//! keeps alive; graceful shutdown revokes the lease, and after a crash the key vanishes when the
-//! lease expires. Clients keep, per stage, a live [`EndpointSet`]: from a static list (the
-//! embedded default, no etcd) or from an etcd watch. If etcd goes away, the set keeps its last
-//! known endpoints (and says so in the log) until etcd answers again.
-//!
-//! Balancing is power of two choices on in-flight requests; an endpoint that fails three times in
-//! a row is ejected for a few seconds, then probed again by real traffic (a circuit breaker).
+//! The live endpoints of a stage and how a call picks one: power of two choices on in-flight
+//! requests; an endpoint that fails three times in a row is ejected for a few seconds, then
+//! probed again by real traffic (a circuit breaker); UNAVAILABLE answers of idempotent calls are
+//! retried on another endpoint within a retry budget.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use ghostwriter_common::client;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tonic::Status;
 use tonic::transport::Channel;
 
-/// Key prefix of registrations.
-pub const DEFAULT_PREFIX: &str = "/ghostwriter/v1";
-/// Lease time-to-live, seconds: a crashed process leaves its set within this.
-pub const DEFAULT_TTL_SECS: i64 = 10;
 /// Consecutive failures that eject an endpoint.
 const EJECT_AFTER: u32 = 3;
 /// How long an ejected endpoint rests before traffic probes it again.
 const EJECT_FOR: Duration = Duration::from_secs(5);
+/// Attempts of an idempotent call (the first and up to two retries on other endpoints).
+const ATTEMPTS: usize = 3;
 
 /// What a process registers about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,158 +36,6 @@ pub struct EndpointInfo {
     pub shard: Option<u32>,
 }
 
-/// Settings of etcd discovery, shared by every process.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DiscoveryArgs {
-    /// etcd endpoints (comma-separated); unset = no discovery (static endpoints).
-    #[arg(long = "etcd", env = "GHOSTWRITER_ETCD", value_delimiter = ',')]
-    pub etcd: Vec<String>,
-    /// Key prefix of registrations in etcd.
-    #[arg(long = "etcd-prefix", env = "GHOSTWRITER_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
-    /// Lease time-to-live of a registration, seconds.
-    #[arg(long = "etcd-ttl", env = "GHOSTWRITER_ETCD_TTL", default_value_t = DEFAULT_TTL_SECS)]
-    pub ttl_secs: i64,
-}
-
-impl Default for DiscoveryArgs {
-    fn default() -> Self {
-        Self {
-            etcd: Vec::new(),
-            prefix: DEFAULT_PREFIX.into(),
-            ttl_secs: DEFAULT_TTL_SECS,
-        }
-    }
-}
-
-fn key(prefix: &str, stage: &str, url: &str) -> String {
-    format!("{}/{stage}/{url}", prefix.trim_end_matches('/'))
-}
-
-fn stage_prefix(prefix: &str, stage: &str) -> String {
-    format!("{}/{stage}/", prefix.trim_end_matches('/'))
-}
-
-async fn connect(etcd: &[String]) -> Result<Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
-    Client::connect(etcd, Some(options)).await
-}
-
-/// A live registration; [`Registration::deregister`] removes it.
-pub struct Registration {
-    task: JoinHandle<()>,
-    lease: Arc<Mutex<Option<i64>>>,
-    etcd: Vec<String>,
-}
-
-impl Registration {
-    /// Registers `info` with a lease of `ttl` seconds and keeps it alive (re-registering if
-    /// etcd loses it) until deregistered or the process dies.
-    pub async fn register(
-        etcd: &[String],
-        prefix: &str,
-        ttl: i64,
-        info: EndpointInfo,
-    ) -> anyhow::Result<Self> {
-        let lease = Arc::new(Mutex::new(None));
-        let key = key(prefix, &info.stage, &info.url);
-        let value = serde_json::to_string(&info)?;
-        // The first registration must succeed; later failures are retried in the background.
-        let (client, id) = put_with_lease(etcd, &key, &value, ttl).await?;
-        *lease.lock().map_err(|_| anyhow::anyhow!("lease lock"))? = Some(id);
-        tracing::info!(stage = %info.stage, url = %info.url, key, "registered in etcd");
-        let task = tokio::spawn(keep_alive(
-            etcd.to_vec(),
-            key,
-            value,
-            ttl,
-            client,
-            id,
-            lease.clone(),
-        ));
-        Ok(Self {
-            task,
-            lease,
-            etcd: etcd.to_vec(),
-        })
-    }
-
-    /// Stops the keep-alive and revokes the lease, so the endpoint leaves every client's set now.
-    pub async fn deregister(self) {
-        self.task.abort();
-        let id = self.lease.lock().ok().and_then(|l| *l);
-        if let (Some(id), Ok(mut client)) = (id, connect(&self.etcd).await) {
-            match client.lease_revoke(id).await {
-                Ok(_) => tracing::info!("deregistered from etcd"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "revoking the etcd lease failed; it expires by itself")
-                }
-            }
-        }
-    }
-}
-
-async fn put_with_lease(
-    etcd: &[String],
-    key: &str,
-    value: &str,
-    ttl: i64,
-) -> Result<(Client, i64), etcd_client::Error> {
-    let mut client = connect(etcd).await?;
-    let id = client.lease_grant(ttl, None).await?.id();
-    client
-        .put(key, value, Some(PutOptions::new().with_lease(id)))
-        .await?;
-    Ok((client, id))
-}
-
-async fn keep_alive(
-    etcd: Vec<String>,
-    key: String,
-    value: String,
-    ttl: i64,
-    mut client: Client,
-    mut id: i64,
-    lease: Arc<Mutex<Option<i64>>>,
-) {
-    let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
-    loop {
-        let alive = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
-            loop {
-                keeper.keep_alive().await?;
-                match stream.message().await? {
-                    Some(r) if r.ttl() > 0 => {}
-                    _ => return Ok::<(), etcd_client::Error>(()), // the lease is gone: register again
-                }
-                tokio::time::sleep(period).await;
-            }
-        };
-        if let Err(e) = alive.await {
-            tracing::warn!(error = %e, key, "etcd keep-alive failed; registering again");
-        }
-        loop {
-            tokio::time::sleep(period).await;
-            match put_with_lease(&etcd, &key, &value, ttl).await {
-                Ok((c, new_id)) => {
-                    client = c;
-                    id = new_id;
-                    if let Ok(mut l) = lease.lock() {
-                        *l = Some(id);
-                    }
-                    tracing::info!(key, "registered in etcd again");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, key, "etcd unavailable; will retry registration")
-                }
-            }
-        }
-    }
-}
-
 /// One endpoint of a stage, with its balancing state.
 pub struct Endpoint {
     /// What it registered.
@@ -206,10 +47,23 @@ pub struct Endpoint {
     ejected_until: Mutex<Option<Instant>>,
 }
 
+impl EndpointInfo {
+    /// What is known of an endpoint nobody registered (a static or resolved URL).
+    pub fn bare(stage: &str, url: String) -> Self {
+        Self {
+            url,
+            stage: stage.into(),
+            version: String::new(),
+            capacity: 0,
+            shard: None,
+        }
+    }
+}
+
 impl Endpoint {
     fn new(info: EndpointInfo) -> Result<Self, tonic::Status> {
         Ok(Self {
-            channel: crate::client::channel(&info.url)?,
+            channel: ghostwriter_common::client::channel(&info.url)?,
             info,
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -271,7 +125,7 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    fn empty(stage: &str) -> Self {
+    pub(crate) fn empty(stage: &str) -> Self {
         Self {
             stage: stage.into(),
             endpoints: Arc::default(),
@@ -284,16 +138,7 @@ impl EndpointSet {
         let set = Self::empty(stage);
         let endpoints = urls
             .iter()
-            .map(|u| {
-                let info = EndpointInfo {
-                    url: u.clone(),
-                    stage: stage.into(),
-                    version: String::new(),
-                    capacity: 0,
-                    shard: None,
-                };
-                Endpoint::new(info).map(Arc::new)
-            })
+            .map(|u| Endpoint::new(EndpointInfo::bare(stage, u.clone())).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         *set.endpoints
             .write()
@@ -322,17 +167,6 @@ impl EndpointSet {
         Ok(set)
     }
 
-    /// A set kept current from etcd: everything under `PREFIX/STAGE/`.
-    pub fn watch(stage: &str, etcd: &[String], prefix: &str) -> Self {
-        let set = Self::empty(stage);
-        tokio::spawn(watch_loop(
-            set.clone(),
-            etcd.to_vec(),
-            stage_prefix(prefix, stage),
-        ));
-        set
-    }
-
     /// The stage's name.
     pub fn stage(&self) -> &str {
         &self.stage
@@ -343,10 +177,13 @@ impl EndpointSet {
         self.endpoints.read().map(|e| e.clone()).unwrap_or_default()
     }
 
-    fn replace(&self, infos: Vec<EndpointInfo>) {
+    pub(crate) fn replace(&self, infos: Vec<EndpointInfo>) {
         let Ok(mut current) = self.endpoints.write() else {
             return;
         };
+        if current.len() == infos.len() && current.iter().zip(&infos).all(|(e, i)| e.info == *i) {
+            return;
+        }
         // Keep the state (channel, in-flight, breaker) of endpoints that stay.
         let next: Vec<Arc<Endpoint>> = infos
             .into_iter()
@@ -408,70 +245,86 @@ impl EndpointSet {
     }
 }
 
-async fn watch_loop(set: EndpointSet, etcd: Vec<String>, prefix: String) {
-    let mut warned = false;
-    loop {
-        let result = async {
-            let mut client = connect(&etcd).await?;
-            let got = client
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                .await?;
-            let revision = got.header().map_or(0, |h| h.revision());
-            let mut current: std::collections::BTreeMap<String, EndpointInfo> = got
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    Some((
-                        kv.key_str().ok()?.to_string(),
-                        serde_json::from_str(kv.value_str().ok()?).ok()?,
-                    ))
-                })
-                .collect();
-            set.replace(current.values().cloned().collect());
-            let mut stream = client
-                .watch(
-                    prefix.as_str(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(revision + 1),
-                    ),
-                )
-                .await?;
-            tracing::info!(prefix, "watching etcd");
-            while let Some(response) = stream.message().await? {
-                for event in response.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    let Ok(key) = kv.key_str() else { continue };
-                    match event.event_type() {
-                        EventType::Put => {
-                            if let Some(info) = kv
-                                .value_str()
-                                .ok()
-                                .and_then(|v| serde_json::from_str(v).ok())
-                            {
-                                current.insert(key.to_string(), info);
-                            }
-                        }
-                        EventType::Delete => {
-                            current.remove(key);
-                        }
+/// Calls stages through their [`EndpointSet`]s, with retries bounded by a budget: each call
+/// earns a tenth of a retry, up to ten in reserve, so retries stay a small fraction of traffic
+/// when a stage is down (no retry storms).
+pub struct Balancer {
+    tokens: Mutex<f64>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self {
+            tokens: Mutex::new(10.0),
+        }
+    }
+}
+
+impl Balancer {
+    fn deposit(&self) {
+        if let Ok(mut t) = self.tokens.lock() {
+            *t = (*t + 0.1).min(10.0);
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        match self.tokens.lock() {
+            Ok(mut t) if *t >= 1.0 => {
+                *t -= 1.0;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Calls `f` on an endpoint of `set` that passes `filter`; an UNAVAILABLE answer of an
+    /// `idempotent` call (or one that never reached the stage) is retried on another endpoint
+    /// while the retry budget allows. Errors name the stage (`what`); a downstream stage's
+    /// failure reported by the endpoint is not held against the endpoint.
+    pub async fn call<T, F, Fut>(
+        &self,
+        set: &EndpointSet,
+        what: &str,
+        filter: impl Fn(&EndpointInfo) -> bool,
+        idempotent: bool,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        F: Fn(Arc<Endpoint>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.deposit();
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Status> = None;
+        for attempt in 0..ATTEMPTS {
+            let Some(endpoint) = set.pick_where(&tried, &filter) else {
+                break;
+            };
+            if attempt > 0 && !self.withdraw() {
+                break;
+            }
+            let _in_flight = endpoint.start();
+            match f(endpoint.clone()).await {
+                Ok(v) => {
+                    endpoint.succeeded();
+                    return Ok(v);
+                }
+                Err(status) if client::is_transport_failure(&status) => {
+                    endpoint.failed();
+                    tracing::warn!(stage = set.stage(), url = %endpoint.info.url, attempt, error = %status.message(), "stage unavailable");
+                    tried.push(endpoint.info.url.clone());
+                    last = Some(status);
+                    if !idempotent {
+                        break;
                     }
                 }
-                set.replace(current.values().cloned().collect());
+                Err(status) => return Err(client::stage_status(what, status)),
             }
-            Ok::<(), etcd_client::Error>(())
         }
-        .await;
-        if let Err(e) = result {
-            if !warned {
-                tracing::warn!(error = %e, prefix, kept = set.snapshot().len(), "etcd unavailable; serving on the last known endpoints");
-                warned = true;
-            }
-        } else {
-            warned = false;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        Err(match last {
+            Some(s) => client::stage_status(what, s),
+            None => Status::unavailable(format!("{what} stage: no endpoint available")),
+        })
     }
 }
 

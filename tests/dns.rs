@@ -1,0 +1,381 @@
+//! DNS discovery (the chart's default: a headless Service per stage, no etcd) against real stage
+//! processes and a real nameserver on loopback, answering A queries over UDP the way cluster DNS
+//! answers for a headless Service (one record per ready pod, all on the same port):
+//! - two generator replicas behind one name both get traffic, from the orchestrator and from
+//!   the summarizer (`sum-ctx-ind`), as their own `/metrics` show;
+//! - a replica that disappears from DNS leaves the set and gets no more traffic;
+//! - a name with no records empties a set, and a nameserver that stops answering leaves the last
+//!   known endpoints in place.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ghostwriter::proto::Document;
+use ghostwriter_discovery::DiscoveryArgs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+
+/// An authoritative nameserver for a few names: A records from a table the test edits, TTL 0;
+/// AAAA queries get an empty answer, unknown names NXDOMAIN. Silent while `paused`.
+struct Nameserver {
+    addr: SocketAddr,
+    zone: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
+    paused: Arc<AtomicBool>,
+}
+
+impl Nameserver {
+    async fn start() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let zone: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
+        let paused = Arc::new(AtomicBool::new(false));
+        let (z, p) = (zone.clone(), paused.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                if p.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let reply = answer(&buf[..n], &z.lock().unwrap());
+                if let Some(reply) = reply {
+                    let _ = socket.send_to(&reply, peer).await;
+                }
+            }
+        });
+        Self { addr, zone, paused }
+    }
+
+    fn set(&self, name: &str, ips: &[Ipv4Addr]) {
+        let mut zone = self.zone.lock().unwrap();
+        if ips.is_empty() {
+            zone.remove(name);
+        } else {
+            zone.insert(name.to_string(), ips.to_vec());
+        }
+    }
+}
+
+/// The reply to one DNS query (RFC 1035 wire format), or `None` for a malformed one.
+fn answer(query: &[u8], zone: &HashMap<String, Vec<Ipv4Addr>>) -> Option<Vec<u8>> {
+    if query.len() < 12 || u16::from_be_bytes([query[4], query[5]]) != 1 {
+        return None;
+    }
+    // The question: labels, then type and class.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *query.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
+    let question = &query[12..i + 4];
+    let name = labels.join(".");
+    let records = zone.get(&name);
+    let ips: &[Ipv4Addr] = match (records, qtype) {
+        (Some(ips), 1) => ips,
+        _ => &[],
+    };
+    let rcode = if records.is_some() { 0 } else { 3 }; // NXDOMAIN for unknown names
+    let mut reply = Vec::with_capacity(512);
+    reply.extend_from_slice(&query[0..2]); // id
+    reply.push(0x84 | (query[2] & 0x01)); // QR, AA, RD copied
+    reply.push(rcode);
+    reply.extend_from_slice(&1u16.to_be_bytes());
+    reply.extend_from_slice(&(ips.len() as u16).to_be_bytes());
+    reply.extend_from_slice(&[0, 0, 0, 0]);
+    reply.extend_from_slice(question);
+    for ip in ips {
+        reply.extend_from_slice(&[0xc0, 0x0c]); // the question's name
+        reply.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+        reply.extend_from_slice(&0u32.to_be_bytes()); // TTL
+        reply.extend_from_slice(&4u16.to_be_bytes());
+        reply.extend_from_slice(&ip.octets());
+    }
+    Some(reply)
+}
+
+fn discovery(ns: &Nameserver) -> DiscoveryArgs {
+    DiscoveryArgs {
+        dns_server: Some(ns.addr),
+        dns_refresh_secs: 0.2,
+        ..Default::default()
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dns_set_follows_the_records() {
+    let ns = Nameserver::start().await;
+    ns.set(
+        "gen.test",
+        &[Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
+    );
+    let set = discovery(&ns)
+        .stage_set("generator", "dns:///gen.test:50051")
+        .unwrap();
+    let urls = || {
+        let mut u: Vec<String> = set.snapshot().iter().map(|e| e.info.url.clone()).collect();
+        u.sort();
+        u
+    };
+    wait_for("both records", Duration::from_secs(10), || {
+        urls().len() == 2
+    })
+    .await;
+    assert_eq!(urls(), ["http://10.0.0.1:50051", "http://10.0.0.2:50051"]);
+    let kept = set.snapshot()[0].clone();
+
+    // A replica goes away: it leaves; the one that stays keeps its state (same endpoint).
+    ns.set("gen.test", &[Ipv4Addr::new(10, 0, 0, 1)]);
+    wait_for("the removal", Duration::from_secs(10), || urls().len() == 1).await;
+    assert_eq!(urls(), ["http://10.0.0.1:50051"]);
+    assert!(Arc::ptr_eq(&kept, &set.snapshot()[0]));
+
+    // A new one joins.
+    ns.set(
+        "gen.test",
+        &[Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3)],
+    );
+    wait_for("the new record", Duration::from_secs(10), || {
+        urls().len() == 2
+    })
+    .await;
+
+    // The nameserver stops answering: the last known endpoints stay.
+    ns.paused.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(urls(), ["http://10.0.0.1:50051", "http://10.0.0.3:50051"]);
+    ns.paused.store(false, Ordering::Relaxed);
+
+    // The name is gone (every pod unready): no endpoints.
+    ns.set("gen.test", &[]);
+    wait_for("the empty set", Duration::from_secs(20), || {
+        urls().is_empty()
+    })
+    .await;
+
+    // Bad URLs are refused with a reason.
+    let bad = discovery(&ns)
+        .stage_set("generator", "dns:///gen.test")
+        .err()
+        .unwrap();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("no port"), "{}", bad.message());
+    let mixed = discovery(&ns)
+        .stage_set("generator", "dns:///gen.test:1,http://127.0.0.1:2")
+        .err()
+        .unwrap();
+    assert!(mixed.message().contains("only URL"), "{}", mixed.message());
+}
+
+struct Kill(Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `ghostwriter serve STAGE` on `listen`, resolving through `ns`.
+fn serve(
+    ns: &Nameserver,
+    listen: &str,
+    serve_args: &[&str],
+    stage: &str,
+    args: &[String],
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        .args(["serve", "--listen", listen])
+        .args([
+            "--dns-server",
+            &ns.addr.to_string(),
+            "--dns-refresh-secs",
+            "0.2",
+        ])
+        .args(serve_args)
+        .arg(stage)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
+async fn generated_tokens(metrics: &str) -> u64 {
+    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
+        return 0;
+    };
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_behind_one_name_share_the_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Nameserver::start().await;
+    let mut procs = Kill(Vec::new());
+
+    // Two generator "pods": one port, two addresses (127.0.0.2 is loopback too on Linux).
+    let port = free_port("127.0.0.2").max(free_port("127.0.0.1"));
+    let pods = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
+    let metrics: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port("127.0.0.1")))
+        .collect();
+    for (pod, m) in pods.iter().zip(&metrics) {
+        procs.0.push(serve(
+            &ns,
+            &format!("{pod}:{port}"),
+            &["--metrics-listen", m],
+            "generator",
+            &[],
+        ));
+    }
+    ns.set("generator.test", &pods);
+    let generator = format!("dns:///generator.test:{port}");
+
+    let mut url = std::collections::BTreeMap::new();
+    for stage in ["retriever", "ranker", "synthesizer", "summarizer"] {
+        let p = free_port("127.0.0.1");
+        let args = match stage {
+            "retriever" => vec![
+                "--index-dir".into(),
+                dir.path().join("index").display().to_string(),
+            ],
+            "summarizer" => vec!["--generator-url".into(), generator.clone()],
+            _ => vec![],
+        };
+        procs
+            .0
+            .push(serve(&ns, &format!("127.0.0.1:{p}"), &[], stage, &args));
+        url.insert(stage, format!("http://127.0.0.1:{p}"));
+    }
+    let p = free_port("127.0.0.1");
+    let orchestrator = format!("http://127.0.0.1:{p}");
+    let flags = [
+        ("--retriever-url", url["retriever"].clone()),
+        ("--ranker-url", url["ranker"].clone()),
+        ("--synthesizer-url", url["synthesizer"].clone()),
+        ("--summarizer-url", url["summarizer"].clone()),
+        ("--generator-url", generator.clone()),
+    ];
+    let args: Vec<String> = flags.iter().map(|(f, v)| format!("{f}={v}")).collect();
+    procs.0.push(serve(
+        &ns,
+        &format!("127.0.0.1:{p}"),
+        &[],
+        "orchestrator",
+        &args,
+    ));
+
+    for u in url.values().chain([&orchestrator]) {
+        ghostwriter_common::client::wait_until_serving(u, "", Duration::from_secs(120))
+            .await
+            .unwrap();
+    }
+    for pod in pods {
+        ghostwriter_common::client::wait_until_serving(
+            &format!("http://{pod}:{port}"),
+            "",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    }
+    let docs: Vec<Document> = (0..4)
+        .map(|i| Document {
+            user_id: "dns-user".into(),
+            doc_id: format!("d{i}"),
+            timestamp: i,
+            title: String::new(),
+            text: format!("My tuner number {i} holds pitch on stage, even on cold nights."),
+        })
+        .collect();
+    common::ingest(&orchestrator, &docs).await;
+
+    let writes = |n: usize| {
+        let orchestrator = orchestrator.clone();
+        async move {
+            let calls = (0..n).map(|i| {
+                let orchestrator = orchestrator.clone();
+                async move {
+                    let preset = if i % 2 == 0 {
+                        "rank-doc-bm25"
+                    } else {
+                        "sum-ctx-ind"
+                    };
+                    let mut c = common::client(&orchestrator).await;
+                    c.write(common::short_write("dns-user", "This tuner", preset, 4))
+                        .await
+                        .unwrap_or_else(|e| panic!("{preset}: {e}"))
+                }
+            });
+            futures::future::join_all(calls).await
+        }
+    };
+    writes(12).await;
+    let before = [
+        generated_tokens(&metrics[0]).await,
+        generated_tokens(&metrics[1]).await,
+    ];
+    assert!(
+        before[0] > 0 && before[1] > 0,
+        "both replicas get traffic: {before:?}"
+    );
+
+    // The second pod leaves DNS (as when it stops being ready): it gets nothing more, and every
+    // write, summaries included, still succeeds on the first.
+    ns.set("generator.test", &pods[..1]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writes(6).await;
+    let after = [
+        generated_tokens(&metrics[0]).await,
+        generated_tokens(&metrics[1]).await,
+    ];
+    assert!(after[0] > before[0], "{before:?} -> {after:?}");
+    assert_eq!(
+        after[1], before[1],
+        "the removed replica got traffic: {before:?} -> {after:?}"
+    );
+    drop(dir);
+}
