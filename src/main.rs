@@ -52,10 +52,16 @@ enum Command {
         #[command(flatten)]
         process: ProcessArgs,
     },
-    /// Run one stage as its own server (how Kubernetes runs it).
+    /// Run one stage as its own server (how Kubernetes runs it). Its flags may come before or
+    /// after STAGE.
     Serve {
         /// Address to listen on.
-        #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "0.0.0.0:50051")]
+        #[arg(
+            long,
+            env = "GHOSTWRITER_LISTEN",
+            default_value = "0.0.0.0:50051",
+            global = true
+        )]
         listen: SocketAddr,
         #[command(flatten)]
         process: ProcessArgs,
@@ -86,8 +92,18 @@ enum Command {
         #[arg(long, env = "GHOSTWRITER_DEMO_LISTEN", default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
-    /// List the presets.
-    Presets,
+    /// List the presets (built in; with --to, those of a running Ghostwriter, with what each runs).
+    Presets {
+        /// Ask this running Ghostwriter (its ListPresets RPC) instead of listing the built-in ones.
+        #[arg(long, env = "GHOSTWRITER_URL")]
+        to: Option<String>,
+        /// Bearer token of the public API.
+        #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// What a running Ghostwriter serves: version, the generator's model and adapter, presets,
+    /// whether it needs a token (its Info RPC).
+    Info(ApiArgs),
     /// Evaluate presets the paper's way on real data (BLEU, ROUGE-1/2/L) through the services.
     Eval(ghostwriter::eval::EvalArgs),
     /// Fine-tune the generator (LoRA) on the pipeline's own prompts of training-split users,
@@ -140,19 +156,24 @@ enum Command {
 struct ProcessArgs {
     /// RPCs each service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
     /// Health checks are never limited.
-    #[arg(long, env = "GHOSTWRITER_MAX_CONCURRENCY", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "GHOSTWRITER_MAX_CONCURRENCY",
+        default_value_t = 256,
+        global = true
+    )]
     max_concurrency: usize,
     /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
-    #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN")]
+    #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN", global = true)]
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     discovery: ghostwriter_discovery::DiscoveryArgs,
     /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
     /// 127.0.0.1 for an unspecified address.
-    #[arg(long, env = "GHOSTWRITER_ADVERTISE")]
+    #[arg(long, env = "GHOSTWRITER_ADVERTISE", global = true)]
     advertise: Option<String>,
     /// Retriever shard this process serves (registered in etcd; see --retriever-shards).
-    #[arg(long, env = "GHOSTWRITER_SHARD")]
+    #[arg(long, env = "GHOSTWRITER_SHARD", global = true)]
     shard: Option<u32>,
 }
 
@@ -464,10 +485,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Presets => {
+        Command::Presets { to: None, .. } => {
             for p in ghostwriter_orchestrator::PRESETS {
                 println!("{:<18} {}", p.name, p.description);
             }
+            Ok(())
+        }
+        Command::Presets {
+            to: Some(to),
+            token,
+        } => {
+            let api = ApiArgs { to, token };
+            let r = connect(&api.to)
+                .await?
+                .list_presets(api.request(ghostwriter::proto::ListPresetsRequest {}, 30)?)
+                .await?
+                .into_inner();
+            for p in r.presets {
+                let default = if p.name == r.default_preset {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!("{:<18} {}{default}", p.name, p.description);
+            }
+            Ok(())
+        }
+        Command::Info(api) => {
+            let r = connect(&api.to)
+                .await?
+                .info(api.request(ghostwriter::proto::InfoRequest {}, 30)?)
+                .await?
+                .into_inner();
+            let g = r.generator.unwrap_or_default();
+            let info = serde_json::json!({
+                "version": r.version,
+                "model": g.model,
+                "adapter": g.adapter,
+                "backend": g.backend,
+                "context_tokens": g.context_tokens,
+                "default_preset": r.default_preset,
+                "presets": r.presets,
+                "authentication": r.authentication,
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
     }
@@ -817,5 +878,47 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_go_before_or_after_the_stage() {
+        use clap::Parser;
+        for args in [
+            &[
+                "gw",
+                "serve",
+                "--listen",
+                "127.0.0.1:7",
+                "--etcd",
+                "e:1",
+                "retriever",
+                "--index-dir",
+                "/x",
+            ][..],
+            &[
+                "gw",
+                "serve",
+                "retriever",
+                "--listen",
+                "127.0.0.1:7",
+                "--index-dir",
+                "/x",
+                "--etcd",
+                "e:1",
+            ][..],
+        ] {
+            let cli = super::Cli::try_parse_from(args).unwrap();
+            let super::Command::Serve {
+                listen,
+                process,
+                stage,
+            } = cli.command
+            else {
+                panic!("not serve");
+            };
+            assert_eq!(listen.to_string(), "127.0.0.1:7");
+            assert_eq!(process.discovery.etcd, ["e:1"]);
+            assert!(matches!(stage, super::Stage::Retriever { .. }));
+        }
     }
 }

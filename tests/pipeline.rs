@@ -522,3 +522,102 @@ async fn tokens_bind_callers_to_their_users() {
     stop.trigger();
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_presets_and_reflection_describe_the_deployment() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let Some(data) = data() else { return };
+    let mut c = common::client(&data.url).await;
+    let info = c
+        .info(ghostwriter::proto::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+    let generator = info.generator.unwrap();
+    assert!(generator.model.to_lowercase().contains("smollm2"), "{generator:?}");
+    assert!(generator.context_tokens >= 2048, "{generator:?}");
+    assert!(!generator.backend.is_empty());
+    assert_eq!(generator.adapter, "", "no adapter in the default topology");
+    assert!(
+        !info.authentication,
+        "the test topology runs on loopback without tokens"
+    );
+
+    let presets = c
+        .list_presets(ghostwriter::proto::ListPresetsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = presets.presets.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        info.presets.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(presets.default_preset, info.default_preset);
+    assert!(
+        names.contains(&"syn-ctx") && names.contains(&"copy-best"),
+        "{names:?}"
+    );
+    let none = presets
+        .presets
+        .iter()
+        .find(|p| p.name == "immediate-context")
+        .unwrap();
+    assert_eq!((none.ranking, none.summary, none.synthesis), (0, 0, 0));
+    let full = presets
+        .presets
+        .iter()
+        .find(|p| p.name == "syn-ctx")
+        .unwrap();
+    assert!(full.ranking != 0 && full.summary != 0 && full.synthesis != 0 && full.generate);
+
+    // Server reflection answers in both versions (many GUI clients still speak v1alpha).
+    let channel = tonic::transport::Endpoint::from_shared(data.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let services = |names: Vec<String>| {
+        assert!(
+            names.iter().any(|n| n == "ghostwriter.v1.Ghostwriter"),
+            "{names:?}"
+        );
+    };
+    let mut r1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = r1
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers.message().await.unwrap().unwrap().message_response {
+        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            services(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut r0 = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = r0
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers.message().await.unwrap().unwrap().message_response {
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            services(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -18,9 +18,10 @@ use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
     DistinctionInput, DistinctionScore, DistinguishRequest, DistinguishResponse, GenerateRequest,
-    GenerateResponse, IngestRequest, IngestResponse, PersonalizedInput, Provenance, RankRequest,
-    RetrieveRequest, StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest,
-    WriteRequest, WriteResponse, WriteStreamResponse,
+    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
+    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
+    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
+    WriteResponse, WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -495,10 +496,47 @@ fn copy_best(best: Option<String>) -> GenerateResponse {
     }
 }
 
+fn preset_info(p: &Preset) -> PresetInfo {
+    PresetInfo {
+        name: p.name.into(),
+        description: p.description.into(),
+        ranking: p.ranking.map_or(0, |r| r as i32),
+        ranked_entries: p.ranked_entries,
+        summary: p.summary.map_or(0, |m| m as i32),
+        synthesis: p.synthesis.map_or(0, |m| m as i32),
+        passage_start: p.passage_start,
+        generate: p.generate,
+    }
+}
+
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Ghostwriter for OrchestratorService {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let deadline = self.deadline(request.metadata(), Instant::now());
+        self.auth.grant(request.metadata())?;
+        let generator = self.stages.generator_info(deadline).await?;
+        Ok(Response::new(InfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            generator: Some(generator),
+            default_preset: preset::DEFAULT_PRESET.into(),
+            presets: PRESETS.iter().map(|p| p.name.to_string()).collect(),
+            authentication: self.auth.enabled(),
+        }))
+    }
+
+    async fn list_presets(
+        &self,
+        request: Request<ListPresetsRequest>,
+    ) -> Result<Response<ListPresetsResponse>, Status> {
+        self.auth.grant(request.metadata())?;
+        Ok(Response::new(ListPresetsResponse {
+            presets: PRESETS.iter().map(preset_info).collect(),
+            default_preset: preset::DEFAULT_PRESET.into(),
+        }))
+    }
+
     async fn write(
         &self,
         request: Request<WriteRequest>,

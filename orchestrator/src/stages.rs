@@ -14,9 +14,10 @@ use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::{
-    Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, IngestRequest,
-    IngestResponse, RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, SummarizeRequest,
-    SummarizeResponse, SynthesizeRequest, SynthesizeResponse,
+    Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
+    GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
+    RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
+    SynthesizeResponse,
 };
 use tonic::{Status, Streaming};
 
@@ -273,6 +274,23 @@ impl Stages {
                         .await?
                         .into_inner())
                 }
+            },
+        )
+        .await
+    }
+
+    /// One generator worker's model and engine.
+    pub async fn generator_info(&self, deadline: Option<Instant>) -> Result<GeneratorInfo, Status> {
+        self.call(
+            &self.generator,
+            "generator",
+            |_| true,
+            true,
+            |e| async move {
+                Ok(GeneratorClient::new(e.channel.clone())
+                    .info(deadline::request(GeneratorInfoRequest {}, deadline)?)
+                    .await?
+                    .into_inner())
             },
         )
         .await

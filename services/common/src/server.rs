@@ -59,14 +59,23 @@ impl StageServer {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health { reporter, service };
         health.not_serving().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ghostwriter_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Reflection in both versions: v1, and v1alpha, which many GUI clients still ask for.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(ghostwriter_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection()
             .build_v1()
+            .expect("the compiled-in descriptor sets are valid");
+        let v1alpha = reflection()
+            .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         (
             Self { health },
-            Routes::new(health_service).add_service(reflection),
+            Routes::new(health_service)
+                .add_service(v1)
+                .add_service(v1alpha),
         )
     }
 

@@ -25,7 +25,8 @@ use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::generate_request::Input as ProtoInput;
 use ghostwriter_proto::v1::generator_server::{Generator, GeneratorServer};
 use ghostwriter_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
+    GeneratorInfoRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, mpsc};
@@ -329,6 +330,25 @@ impl Generator for GeneratorService {
         let engine = self.engine()?;
         let stats = engine.generate(input, params, deadline).await?;
         Ok(Response::new(response(stats, &engine.model_name)))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<GeneratorInfoRequest>,
+    ) -> Result<Response<GeneratorInfo>, Status> {
+        let engine = self.engine()?;
+        Ok(Response::new(GeneratorInfo {
+            model: engine.model_name.clone(),
+            backend: engine.backend.clone(),
+            context_tokens: engine.context() as u32,
+            adapter: self
+                .config
+                .adapter
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }))
     }
 
     type GenerateStreamStream = StreamOf<GenerateStreamResponse>;
