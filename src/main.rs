@@ -12,7 +12,7 @@ use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::write_stream_response::Event;
 use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
 use ghostwriter::{loaders, models, output};
-use ghostwriter_common::shutdown;
+use ghostwriter_common::{shutdown, telemetry};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -26,6 +26,16 @@ struct Cli {
     /// Default: ~/.cache/ghostwriter/models.
     #[arg(long, global = true, env = "GHOSTWRITER_MODEL_DIR")]
     model_dir: Option<PathBuf>,
+    /// How log lines are written to stderr: text, or json (one object per line, with the
+    /// trace id of the request being served).
+    #[arg(
+        long,
+        global = true,
+        env = "GHOSTWRITER_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: ghostwriter_common::telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -365,10 +375,10 @@ struct WriteArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    ghostwriter_common::telemetry::init_logging();
     let cli = Cli::parse();
+    telemetry::init_logging_as(cli.log_format);
     let result = run(cli).await;
-    ghostwriter_common::telemetry::shutdown();
+    telemetry::shutdown();
     result
 }
 
@@ -542,13 +552,13 @@ async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> a
         .await
         .with_context(|| format!("binding {listen}"))?;
     let embedded = Embedded::start(config, model_dir, listener).await?;
-    eprintln!(
+    telemetry::status(&format!(
         "ghostwriter ready in {:.1}s on {}",
         started.elapsed().as_secs_f64(),
         embedded.url()
-    );
+    ));
     for (stage, addr) in &embedded.addrs {
-        eprintln!("  {stage:<12} {addr}");
+        telemetry::status(&format!("  {stage:<12} {addr}"));
     }
     shutdown::os_signal().await;
     embedded.shutdown().await;
@@ -593,16 +603,16 @@ async fn up_processes(
     let procs = tokio::select! {
         procs = start => procs?,
         () = shutdown::os_signal() => {
-            eprintln!("interrupted while starting");
+            telemetry::status("interrupted while starting");
             return Ok(());
         }
     };
-    eprintln!(
+    telemetry::status(&format!(
         "ghostwriter ready in {:.1}s on http://{listen} (one process per stage, discovery through etcd)",
         started.elapsed().as_secs_f64()
-    );
+    ));
     for (name, url) in &procs.urls {
-        eprintln!("  {name:<12} {url}");
+        telemetry::status(&format!("  {name:<12} {url}"));
     }
     shutdown::os_signal().await;
     procs.terminate();

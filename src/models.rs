@@ -66,10 +66,10 @@ pub fn pull(dir: &Path, verify_all: bool) -> anyhow::Result<PullReport> {
     Ok(report)
 }
 
-/// Pulls into `dir` when anything is missing, printing what it did to stderr.
+/// Pulls into `dir` when anything is missing, saying what it did.
 pub fn ensure(dir: &Path) -> anyhow::Result<ModelPaths> {
     for line in pull(dir, false)?.lines {
-        eprintln!("{line}");
+        ghostwriter_common::telemetry::status(&line);
     }
     Ok(ModelPaths::in_dir(dir))
 }

@@ -535,7 +535,10 @@ async fn info_presets_and_reflection_describe_the_deployment() {
         .into_inner();
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
     let generator = info.generator.unwrap();
-    assert!(generator.model.to_lowercase().contains("smollm2"), "{generator:?}");
+    assert!(
+        generator.model.to_lowercase().contains("smollm2"),
+        "{generator:?}"
+    );
     assert!(generator.context_tokens >= 2048, "{generator:?}");
     assert!(!generator.backend.is_empty());
     assert_eq!(generator.adapter, "", "no adapter in the default topology");

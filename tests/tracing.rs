@@ -17,7 +17,10 @@ async fn one_trace_spans_every_stage() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    ghostwriter_common::telemetry::init_with_provider(Some(provider.clone()));
+    ghostwriter_common::telemetry::init_with_provider(
+        Some(provider.clone()),
+        ghostwriter_common::telemetry::LogFormat::Text,
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
