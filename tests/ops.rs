@@ -123,6 +123,11 @@ async fn limits_deadlines_and_metrics() {
         .await
         .expect_err("the stream holds the permit");
     assert_eq!(held.code(), tonic::Code::ResourceExhausted, "{held:?}");
+    {
+        use tonic_types::StatusExt;
+        let retry = held.get_details_retry_info().expect("google.rpc.RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
+    }
     let in_flight = scrape(metrics_addr).await;
     assert!(
         in_flight.contains(r#"ghostwriter_rpc_in_flight{service="ghostwriter.v1.Generator"} 1"#),

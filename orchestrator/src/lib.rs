@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ghostwriter_common::auth::{Auth, AuthArgs};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::status::bad_field;
 use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
@@ -27,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tonic_types::StatusExt as _;
 
 pub use preset::{PRESETS, Preset};
 
@@ -181,16 +183,31 @@ pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
     joined.chars().take(chars).collect()
 }
 
+/// A generation-settings error of the common check, with its field under `options`.
+fn in_options(s: Status) -> Status {
+    match s.get_details_bad_request() {
+        Some(b) => {
+            let field = b
+                .field_violations
+                .first()
+                .map_or(String::new(), |v| format!("options.{}", v.field));
+            bad_field(&field, s.message())
+        }
+        None => s,
+    }
+}
+
 /// The user id is set, and neither id is longer than [`MAX_USER_ID`] bytes.
 fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Status> {
     if user_id.trim().is_empty() {
-        return Err(Status::invalid_argument("user_id is empty"));
+        return Err(bad_field("user_id", "user_id is empty"));
     }
     for (what, id) in [("user_id", user_id), ("doc_id", doc_id)] {
         if id.len() > MAX_USER_ID {
-            return Err(Status::invalid_argument(format!(
-                "{what} is limited to {MAX_USER_ID} bytes"
-            )));
+            return Err(bad_field(
+                what,
+                format!("{what} is limited to {MAX_USER_ID} bytes"),
+            ));
         }
     }
     Ok(())
@@ -235,47 +252,55 @@ impl OrchestratorService {
         check_ids(&r.user_id, &r.doc_id)?;
         grant.allow(&r.user_id)?;
         if r.title.trim().is_empty() && r.start.trim().is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(bad_field(
+                "start",
                 "the document start is empty: set start (and optionally title)",
             ));
         }
         let chars = r.title.chars().count() + r.start.chars().count();
         if chars > MAX_DOCUMENT_CHARS {
-            return Err(Status::invalid_argument(format!(
-                "title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"
-            )));
+            return Err(bad_field(
+                "start",
+                format!("title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"),
+            ));
         }
         let preset = preset::find(&r.preset).ok_or_else(|| {
             let shown: String = r.preset.chars().take(100).collect();
-            Status::invalid_argument(format!(
-                "unknown preset {shown:?}{}; known presets: {}",
-                if shown.len() < r.preset.len() {
-                    " (cut)"
-                } else {
-                    ""
-                },
-                preset::names()
-            ))
+            bad_field(
+                "preset",
+                format!(
+                    "unknown preset {shown:?}{}; known presets: {}",
+                    if shown.len() < r.preset.len() {
+                        " (cut)"
+                    } else {
+                        ""
+                    },
+                    preset::names()
+                ),
+            )
         })?;
         let o = r.options.unwrap_or_default();
         // Generation settings are checked before any stage runs.
         if let Some(g) = &o.generation {
-            ghostwriter_common::check_sampling(g)?;
+            ghostwriter_common::check_sampling(g).map_err(|s| in_options(s))?;
             if g.max_new_tokens > MAX_NEW_TOKENS {
-                return Err(Status::invalid_argument(format!(
-                    "generation: max_new_tokens is limited to {MAX_NEW_TOKENS}"
-                )));
+                return Err(bad_field(
+                    "options.generation.max_new_tokens",
+                    format!("generation: max_new_tokens is limited to {MAX_NEW_TOKENS}"),
+                ));
             }
             if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
-                return Err(Status::invalid_argument(
+                return Err(bad_field(
+                    "options.generation.stop",
                     "generation: at most 16 stop strings of at most 256 bytes",
                 ));
             }
         }
         if o.context_chars > MAX_CONTEXT_CHARS {
-            return Err(Status::invalid_argument(format!(
-                "context_chars is limited to {MAX_CONTEXT_CHARS}"
-            )));
+            return Err(bad_field(
+                "options.context_chars",
+                format!("context_chars is limited to {MAX_CONTEXT_CHARS}"),
+            ));
         }
         let context_chars = if o.context_chars == 0 {
             DEFAULT_CONTEXT_CHARS
@@ -638,17 +663,19 @@ impl Ghostwriter for OrchestratorService {
         check_ids(&r.user_id, &r.doc_id)?;
         grant.allow(&r.user_id)?;
         if r.text.trim().is_empty() {
-            return Err(Status::invalid_argument("text is empty"));
+            return Err(bad_field("text", "text is empty"));
         }
         if r.text.chars().count() > MAX_DOCUMENT_CHARS {
-            return Err(Status::invalid_argument(format!(
-                "text is limited to {MAX_DOCUMENT_CHARS} characters"
-            )));
+            return Err(bad_field(
+                "text",
+                format!("text is limited to {MAX_DOCUMENT_CHARS} characters"),
+            ));
         }
         if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
-            return Err(Status::invalid_argument(format!(
-                "max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"
-            )));
+            return Err(bad_field(
+                "max_documents",
+                format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"),
+            ));
         }
         let limit = if r.max_documents == 0 {
             DEFAULT_DISTINGUISH_DOCUMENTS

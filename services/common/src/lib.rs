@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod models;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod text;
 
@@ -19,10 +20,12 @@ pub const MAX_DOCUMENT_CHARS: usize = 100_000;
 /// Checks the ranges of caller-set generation settings (the orchestrator before any stage
 /// runs, the generator for its direct callers); each also checks its own token limit.
 pub fn check_sampling(g: &ghostwriter_proto::v1::GenerationParams) -> Result<(), tonic::Status> {
-    if !(0.0..=10.0).contains(&g.temperature) || !(0.0..=1.0).contains(&g.top_p) {
-        return Err(tonic::Status::invalid_argument(
-            "temperature must be in [0, 10] and top_p in [0, 1]",
-        ));
+    let message = "temperature must be in [0, 10] and top_p in [0, 1]";
+    if !(0.0..=10.0).contains(&g.temperature) {
+        return Err(status::bad_field("generation.temperature", message));
+    }
+    if !(0.0..=1.0).contains(&g.top_p) {
+        return Err(status::bad_field("generation.top_p", message));
     }
     Ok(())
 }

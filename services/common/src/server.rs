@@ -261,7 +261,7 @@ where
                     m.requests
                         .with_label_values(&[&service, &method, "ResourceExhausted"])
                         .inc();
-                    let status = tonic::Status::resource_exhausted(format!(
+                    let status = crate::status::overloaded(format!(
                         "{service} is at its concurrency limit ({} requests); retry later",
                         options().max_concurrency
                     ));

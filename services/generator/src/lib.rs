@@ -41,7 +41,7 @@ impl From<EngineError> for Status {
         let message = e.to_string();
         match e {
             EngineError::InvalidArgument(_) => Status::invalid_argument(message),
-            EngineError::Overloaded(_) => Status::resource_exhausted(message),
+            EngineError::Overloaded(_) => ghostwriter_common::status::overloaded(message),
             EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             EngineError::Stopped => Status::unavailable(message),
             EngineError::Inference(_) => Status::internal(message),
