@@ -282,7 +282,7 @@ impl OrchestratorService {
         let o = r.options.unwrap_or_default();
         // Generation settings are checked before any stage runs.
         if let Some(g) = &o.generation {
-            ghostwriter_common::check_sampling(g).map_err(|s| in_options(s))?;
+            ghostwriter_common::check_sampling(g).map_err(in_options)?;
             if g.max_new_tokens > MAX_NEW_TOKENS {
                 return Err(bad_field(
                     "options.generation.max_new_tokens",
