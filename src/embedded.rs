@@ -326,10 +326,10 @@ pub async fn ingest_batches(
     token: Option<&str>,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<u64> {
-    let mut client = GhostwriterClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to {url}"))?
-        .max_encoding_message_size(256 << 20);
+    let mut client = GhostwriterClient::new(
+        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+    )
+    .max_encoding_message_size(256 << 20);
     let mut total = 0;
     for chunk in documents.chunks(batch.max(1)) {
         let mut request = tonic::Request::new(IngestRequest {

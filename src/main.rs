@@ -36,6 +36,8 @@ struct Cli {
         default_value_t
     )]
     log_format: ghostwriter_common::telemetry::LogFormat,
+    #[command(flatten)]
+    tls: ghostwriter_common::tls::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -377,6 +379,7 @@ struct WriteArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging_as(cli.log_format);
+    ghostwriter_common::tls::init(&cli.tls)?;
     let result = run(cli).await;
     telemetry::shutdown();
     result
@@ -402,7 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             process,
         } => {
             if processes {
-                return up_processes(listen, config, model_dir).await;
+                return up_processes(listen, config, model_dir, cli.tls).await;
             }
             process.apply(shutdown::Shutdown::never()).await?;
             up(listen, config, model_dir).await
@@ -578,17 +581,26 @@ impl Stage {
     }
 }
 
-/// Runs one stage. With `--etcd`, it registers once SERVING and deregisters on SIGTERM before
-/// draining, so clients stop sending it work first.
+/// Runs etcd and every stage as its own process, speaking mutual TLS: with the `--tls-*` files
+/// given, or else with a throwaway CA made here (its `ca.pem` is what callers of the public API
+/// pass as `--tls-ca`).
 async fn up_processes(
     listen: SocketAddr,
     config: EmbeddedConfig,
     model_dir: PathBuf,
+    tls: ghostwriter_common::tls::TlsArgs,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let dir = model_dir.clone();
     tokio::task::spawn_blocking(move || models::ensure(&dir)).await??;
     let work = tempfile::tempdir()?;
+    let tls = if tls.cert.is_some() {
+        tls
+    } else {
+        ghostwriter::processes::throwaway_ca(&work.path().join("tls"))?
+    };
+    // This process checks the stages' health over the same mesh.
+    ghostwriter_common::tls::init(&tls)?;
     let exe = std::env::current_exe()?;
     // The stage processes have their own process groups (a terminal's ctrl-c reaches only this
     // one): a signal while they start stops them too (dropping the half-started set kills it).
@@ -599,6 +611,7 @@ async fn up_processes(
         &config.retriever.index_dir,
         listen,
         &config.auth,
+        &tls,
     );
     let procs = tokio::select! {
         procs = start => procs?,
@@ -608,9 +621,15 @@ async fn up_processes(
         }
     };
     telemetry::status(&format!(
-        "ghostwriter ready in {:.1}s on http://{listen} (one process per stage, discovery through etcd)",
+        "ghostwriter ready in {:.1}s on https://{listen} (one process per stage, discovery through etcd, mutual TLS)",
         started.elapsed().as_secs_f64()
     ));
+    if let Some(ca) = &tls.ca {
+        telemetry::status(&format!(
+            "  callers: --tls-ca {} (or GHOSTWRITER_TLS_CA)",
+            ca.display()
+        ));
+    }
     for (name, url) in &procs.urls {
         telemetry::status(&format!("  {name:<12} {url}"));
     }
@@ -711,9 +730,9 @@ async fn serve(
 }
 
 async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {
-    let client = GhostwriterClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let client = GhostwriterClient::new(
+        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+    );
     Ok(client
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20))

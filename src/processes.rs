@@ -151,10 +151,56 @@ pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
     Ok((child, url, client))
 }
 
+/// Writes a throwaway certificate authority and one certificate it signed, for every process
+/// of the topology (mesh name `ghostwriter`, plus `localhost` and 127.0.0.1), under `dir`; returns
+/// the flags that use them.
+pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_common::tls::TlsArgs> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "ghostwriter throwaway CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, &ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec![
+        ghostwriter_common::tls::DEFAULT_SERVER_NAME.to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ])?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "ghostwriter process");
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = leaf.signed_by(&key, &issuer)?;
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&ca_path, ca_cert.pem())?;
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    Ok(ghostwriter_common::tls::TlsArgs {
+        cert: Some(cert_path),
+        key: Some(key_path),
+        ca: Some(ca_path),
+        server_name: ghostwriter_common::tls::DEFAULT_SERVER_NAME.into(),
+    })
+}
+
 impl Processes {
     /// Starts etcd (Debian's `etcd-server`) on loopback with its data in `work`, then every
     /// stage as its own process registered in it, and the orchestrator on `public`, which finds
-    /// the stages through etcd.
+    /// the stages through etcd. The processes speak mutual TLS with `tls`.
     pub async fn start_with_etcd(
         exe: &Path,
         model_dir: &Path,
@@ -162,6 +208,7 @@ impl Processes {
         index_dir: &Path,
         public: SocketAddr,
         auth: &ghostwriter_common::auth::AuthArgs,
+        tls: &ghostwriter_common::tls::TlsArgs,
     ) -> anyhow::Result<Self> {
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"))?;
         let mut me = Self {
@@ -200,6 +247,7 @@ impl Processes {
             own_group(&mut cmd);
             cmd.arg("--model-dir")
                 .arg(model_dir)
+                .args(tls.to_args())
                 .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
             if stage == "retriever" {
                 cmd.arg("--index-dir").arg(index_dir);

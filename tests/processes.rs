@@ -1,5 +1,6 @@
-//! `up --processes` through the real binary and a real etcd: every preset works (the summarizer
-//! process reaches the generator process), and ctrl-c stops the processes in order. In its own
+//! `up --processes` through the real binary and a real etcd: the processes speak mutual TLS with
+//! a throwaway CA, every preset works (the summarizer process reaches the generator process),
+//! and ctrl-c stops the processes in order. In its own
 //! test binary so its etcd and stage processes never race the discovery tests for ports.
 
 #![allow(clippy::unwrap_used)]
@@ -69,6 +70,29 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
             "up did not start"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The processes speak mutual TLS with a throwaway CA; callers of the public API need only
+    // the CA (they authenticate with tokens, not certificates).
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let ca = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no CA in the log:\n{log}"));
+    ghostwriter_common::tls::init(&ghostwriter_common::tls::TlsArgs {
+        ca: Some(ca.into()),
+        server_name: ghostwriter_common::tls::DEFAULT_SERVER_NAME.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    // Without TLS the public API does not answer.
+    let plain =
+        ghostwriter::proto::ghostwriter_client::GhostwriterClient::connect(url.clone()).await;
+    if let Ok(mut plain) = plain {
+        plain
+            .ingest(ghostwriter::proto::IngestRequest::default())
+            .await
+            .expect_err("plaintext must not reach the TLS-only API");
     }
     // The orchestrator learns the stages from etcd: wait until it knows the retriever.
     let started = Instant::now();

@@ -256,10 +256,10 @@ pub async fn run_against(
     if jobs.is_empty() {
         return Ok(());
     }
-    let client = GhostwriterClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to {url}"))?
-        .max_decoding_message_size(256 << 20);
+    let client = GhostwriterClient::new(
+        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+    )
+    .max_decoding_message_size(256 << 20);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -109,7 +109,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         let jobs = jobs.clone();
         let max_documents = args.max_documents;
         async move {
-            let client = GhostwriterClient::connect(url).await?;
+            let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
             let results: Vec<anyhow::Result<(f64, bool)>> = futures::stream::iter(jobs)
                 .map(|(user, e, same)| {
                     let mut client = client.clone();

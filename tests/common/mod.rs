@@ -117,11 +117,9 @@ where
     })
 }
 
-/// A client of the public API.
+/// A client of the public API (over TLS when the test turned it on).
 pub async fn client(url: &str) -> GhostwriterClient<Channel> {
-    GhostwriterClient::connect(url.to_string())
-        .await
-        .expect("connect")
+    GhostwriterClient::new(ghostwriter_common::client::channel(url).expect("a channel"))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20)
 }

@@ -5,14 +5,19 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// Opens a lazy channel to a stage: no connection is made until the first call, and a stage
-/// that is down fails that call quickly (connect timeout) instead of hanging.
+/// that is down fails that call quickly (connect timeout) instead of hanging. Over mutual TLS
+/// when the process has it on ([`crate::tls`]).
 pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint URL {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
-    Ok(endpoint.connect_lazy())
+    Ok(if crate::tls::enabled() {
+        endpoint.connect_with_connector_lazy(crate::tls::Connector)
+    } else {
+        endpoint.connect_lazy()
+    })
 }
 
 /// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its

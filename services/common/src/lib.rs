@@ -13,6 +13,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod text;
+pub mod tls;
 
 /// Most characters one document (title and text together) may have.
 pub const MAX_DOCUMENT_CHARS: usize = 100_000;

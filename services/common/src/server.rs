@@ -101,14 +101,23 @@ impl StageServer {
             limit: (options.max_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(options.max_concurrency))),
         };
-        Server::builder()
-            .layer(guard)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                shutdown.wait().await;
-                health.not_serving().await;
-            })
-            .await?;
+        let stopping = async move {
+            shutdown.wait().await;
+            health.not_serving().await;
+        };
+        let server = Server::builder().layer(guard).add_routes(routes);
+        if crate::tls::enabled() {
+            // The public API also takes callers without a client certificate (they present
+            // tokens); every stage API needs the mesh identity.
+            let public = self.health.service == PUBLIC_SERVICE;
+            server
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, public)?, stopping)
+                .await?;
+        } else {
+            server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+                .await?;
+        }
         tracing::info!(service = self.health.service, "stopped");
         Ok(())
     }
@@ -139,6 +148,9 @@ impl StageServer {
         }
     }
 }
+
+/// The public API's service name.
+const PUBLIC_SERVICE: &str = "ghostwriter.v1.Ghostwriter";
 
 /// Process-wide server settings, set once from the command line.
 #[derive(Debug, Clone, Copy, Default)]

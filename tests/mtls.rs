@@ -1,0 +1,183 @@
+//! Mutual TLS against a real stage process (the retriever): its internal API answers only
+//! callers that present a certificate of the mesh's CA, never plaintext, an anonymous TLS caller
+//! or another CA's certificate; and when its certificate files are replaced (a rotation to a new
+//! CA), new connections use the new ones without a restart.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ghostwriter::proto::RetrieveRequest;
+use ghostwriter::proto::retriever_client::RetrieverClient;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tonic::transport::{Channel, Endpoint};
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and one certificate it signed (mesh name `ghostwriter`), as PEM: (ca, cert, key).
+fn authority(name: &str) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, &ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["ghostwriter".to_string()]).unwrap();
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert, key.serialize_pem())
+}
+
+/// Replaces the files the server watches, each atomically (write, then rename).
+fn install(dir: &Path, (ca, cert, key): &(String, String, String)) {
+    for (name, pem) in [("ca.pem", ca), ("cert.pem", cert), ("key.pem", key)] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+}
+
+/// A channel that trusts `ca` and presents `identity` (cert, key), or nothing.
+fn tls_channel(addr: &str, ca: &str, identity: Option<(&str, &str)>) -> Channel {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Arc::new(config);
+    let addr = addr.to_string();
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let (config, addr) = (config.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = ServerName::try_from("ghostwriter").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+}
+
+async fn retrieve(channel: Channel) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(RetrieveRequest {
+        user_id: "u".into(),
+        query: "strings".into(),
+        limit: 1,
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(5));
+    RetrieverClient::new(channel)
+        .retrieve(request)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let first = authority("mesh CA 1");
+    let second = authority("mesh CA 2");
+    install(&tls, &first);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Kill(
+        Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+            .arg("--model-dir")
+            .arg(common::model_dir())
+            .arg(format!("--tls-cert={}", tls.join("cert.pem").display()))
+            .arg(format!("--tls-key={}", tls.join("key.pem").display()))
+            .arg(format!("--tls-ca={}", tls.join("ca.pem").display()))
+            .args(["serve", "retriever", "--listen", &addr, "--index-dir"])
+            .arg(dir.path().join("index"))
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let member = |(ca, cert, key): &(String, String, String)| {
+        tls_channel(&addr, ca, Some((cert.as_str(), key.as_str())))
+    };
+    let started = Instant::now();
+    while let Err(e) = retrieve(member(&first)).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the retriever never answered a mesh member: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Plaintext, an anonymous TLS caller, and a certificate of another CA are all refused.
+    let plain = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    assert!(retrieve(plain).await.is_err(), "plaintext reached Retrieve");
+    let anonymous = tls_channel(&addr, &first.0, None);
+    assert!(
+        retrieve(anonymous).await.is_err(),
+        "a caller without a certificate reached Retrieve"
+    );
+    let stranger = tls_channel(&addr, &first.0, Some((&second.1, &second.2)));
+    assert!(
+        retrieve(stranger).await.is_err(),
+        "another CA's certificate reached Retrieve"
+    );
+
+    // Rotation: the files now hold the second CA's; new connections switch without a restart.
+    install(&tls, &second);
+    let started = Instant::now();
+    while retrieve(member(&second)).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the new certificates were never used"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        retrieve(member(&first)).await.is_err(),
+        "the old CA's certificate still works after the rotation"
+    );
+}
