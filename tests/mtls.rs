@@ -1,7 +1,8 @@
 //! Mutual TLS against a real stage process (the retriever): its internal API answers only
 //! callers that present a certificate of the mesh's CA, never plaintext, an anonymous TLS caller
-//! or another CA's certificate; and when its certificate files are replaced (a rotation to a new
-//! CA), new connections use the new ones without a restart.
+//! or another CA's certificate; when its certificate files are replaced (a rotation to a new
+//! CA), new connections use the new ones without a restart; readiness stays readable over plain
+//! HTTP (`/readyz` on the metrics port) for probes that cannot speak TLS.
 
 #![allow(clippy::unwrap_used)]
 
@@ -125,6 +126,14 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
+    let metrics = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
     let _server = Kill(
         Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
             .arg("--model-dir")
@@ -132,7 +141,15 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
             .arg(format!("--tls-cert={}", tls.join("cert.pem").display()))
             .arg(format!("--tls-key={}", tls.join("key.pem").display()))
             .arg(format!("--tls-ca={}", tls.join("ca.pem").display()))
-            .args(["serve", "retriever", "--listen", &addr, "--index-dir"])
+            .args([
+                "serve",
+                "retriever",
+                "--listen",
+                &addr,
+                "--metrics-listen",
+                &metrics,
+            ])
+            .arg("--index-dir")
             .arg(dir.path().join("index"))
             .env("RUST_LOG", "warn")
             .spawn()
@@ -149,6 +166,17 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Probes that cannot speak TLS gRPC (the kubelet's) read readiness over plain HTTP.
+    let readyz = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 
     // Plaintext, an anonymous TLS caller, and a certificate of another CA are all refused.
     let plain = Endpoint::from_shared(format!("http://{addr}"))

@@ -220,6 +220,9 @@ pub async fn serve(listener: TcpListener, shutdown: Shutdown) {
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render()),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
+                // SERVING, as the gRPC health service says: for probes that cannot speak TLS.
+                "/readyz" if crate::server::ready() => ("200 OK", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
                 _ => (
                     "404 Not Found",
                     "not found; metrics are on /metrics\n".to_string(),

@@ -41,9 +41,24 @@ impl Health {
     }
 
     async fn set(&self, status: ServingStatus) {
+        if let Ok(mut states) = STATES.lock() {
+            states.insert(self.service, status == ServingStatus::Serving);
+        }
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
     }
+}
+
+/// Whether each server of this process is SERVING (for `/readyz`).
+static STATES: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Whether this process serves, and every server in it is SERVING: the plain-HTTP readiness
+/// the metrics endpoint answers on `/readyz` (for probes that cannot speak TLS gRPC).
+pub fn ready() -> bool {
+    STATES
+        .lock()
+        .is_ok_and(|s| !s.is_empty() && s.values().all(|serving| *serving))
 }
 
 /// A stage server being assembled: health and reflection, to which the stage adds its service.
