@@ -173,11 +173,31 @@ for d in docs:
             problems.append(f"{cw}: seccompProfile is not RuntimeDefault")
         if sc.get("readOnlyRootFilesystem") is not True:
             problems.append(f"{cw}: the root filesystem is writable")
+        probes = {}
+        for key in ("startupProbe", "readinessProbe", "livenessProbe"):
+            p = c.get(key)
+            if p is None:
+                continue
+            if "grpc" in p:
+                probes[key] = {"type": "grpc", "port": p["grpc"]["port"]}
+            elif "httpGet" in p:
+                probes[key] = {"type": "httpGet", "path": p["httpGet"].get("path"),
+                               "port": p["httpGet"]["port"]}
+            else:
+                probes[key] = {"type": "other"}
         entry["containers"].append({"name": c["name"], "role": role, "image": c["image"],
-                                    "args": [str(a) for a in c.get("args") or []]})
+                                    "args": [str(a) for a in c.get("args") or []],
+                                    "probes": probes,
+                                    "mounts": [{"name": m["name"], "path": m["mountPath"],
+                                                "readOnly": bool(m.get("readOnly"))}
+                                               for m in c.get("volumeMounts") or []]})
+    entry["secrets"] = {v["name"]: {"secretName": v["secret"]["secretName"],
+                                    "keys": [i["key"] for i in v["secret"].get("items") or []]}
+                        for v in spec.get("volumes") or [] if "secret" in v}
     workloads.append(entry)
 
 names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+certificates = []
 for d in docs:
     kind, name, spec = d["kind"], d["metadata"]["name"], d.get("spec", {})
     if kind == "ScaledObject":
@@ -202,6 +222,16 @@ for d in docs:
                 svc = path["backend"]["service"]["name"]
                 if ("Service", svc) not in names:
                     problems.append(f"Ingress/{name} routes to Service {svc}, not rendered")
+    if kind == "Certificate":
+        for key in ("secretName", "dnsNames", "issuerRef", "usages"):
+            if not spec.get(key):
+                problems.append(f"Certificate/{name} without {key}")
+        if not (spec.get("issuerRef") or {}).get("name"):
+            problems.append(f"Certificate/{name}: issuerRef without a name")
+        certificates.append({"name": name, "secretName": spec.get("secretName"),
+                             "dnsNames": spec.get("dnsNames") or [],
+                             "usages": spec.get("usages") or [],
+                             "issuerRef": spec.get("issuerRef") or {}})
     if kind == "ConfigMap" and (d["metadata"].get("labels") or {}).get("grafana_dashboard") == "1":
         for key, text in d["data"].items():
             dash = json.loads(text)
@@ -213,7 +243,7 @@ if problems:
     print("\n".join(problems))
     sys.exit(1)
 print(json.dumps({"kinds": sorted({d["kind"] for d in docs}), "workloads": workloads,
-                  "services": services, "hooks": hooks}))
+                  "services": services, "hooks": hooks, "certificates": certificates}))
 "#;
 
 /// A rendered chart: its manifests and their summary.
@@ -255,6 +285,15 @@ impl Render {
             .unwrap()
             .iter()
             .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The containers of a workload (init containers included, `role` "init").
+    fn containers(&self, name: &str) -> Vec<&Value> {
+        self.workload(name)["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
             .collect()
     }
 
@@ -321,6 +360,28 @@ const STAGES: [&str; 6] = [
     "synthesizer",
     "generator",
 ];
+
+/// Where every pod that speaks TLS has the Secret.
+const TLS_DIR: &str = "/etc/ghostwriter/tls";
+
+/// The four TLS flags every stage gets with tls.enabled.
+fn tls_flags(server_name: &str) -> [String; 4] {
+    [
+        format!("--tls-cert={TLS_DIR}/tls.crt"),
+        format!("--tls-key={TLS_DIR}/tls.key"),
+        format!("--tls-ca={TLS_DIR}/ca.crt"),
+        format!("--tls-server-name={server_name}"),
+    ]
+}
+
+/// Whether a container mounts the `tls` volume read-only at TLS_DIR.
+fn mounts_tls(container: &Value) -> bool {
+    container["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "tls" && m["path"] == TLS_DIR && m["readOnly"] == true)
+}
 
 fn dns_url(stage: &str) -> String {
     format!("dns:///gw-ghostwriter-{stage}-headless.{NS}.svc.cluster.local:50051")
@@ -468,8 +529,34 @@ fn chart_lints_renders_and_validates() {
         "by default the chart neither opens the API nor invents tokens: the orchestrator \
          refuses to start until one is chosen"
     );
-    for kind in ["PrometheusRule", "GRPCRoute", "Ingress", "ScaledObject"] {
+    for kind in [
+        "PrometheusRule",
+        "GRPCRoute",
+        "Ingress",
+        "ScaledObject",
+        "Certificate",
+    ] {
         assert!(!default.kinds().contains(&kind), "{kind} is off by default");
+    }
+    // TLS is off by default: no flags, no mounts, gRPC probes, a plaintext test hook.
+    assert!(
+        !default.text.contains("--tls-")
+            && !default.text.contains("-tls")
+            && !default.text.contains(TLS_DIR),
+        "no TLS by default"
+    );
+    for stage in STAGES {
+        let name = format!("gw-ghostwriter-{stage}");
+        let main = default
+            .containers(&name)
+            .into_iter()
+            .find(|c| c["name"] == stage)
+            .unwrap();
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(main["probes"][probe]["type"], "grpc", "{stage} {probe}");
+            assert_eq!(main["probes"][probe]["port"], 50051, "{stage} {probe}");
+        }
+        assert!(!mounts_tls(main), "{stage}");
     }
     assert!(
         !default.text.contains("grafana_dashboard"),
@@ -548,6 +635,108 @@ fn chart_lints_renders_and_validates() {
     );
     assert!(prod.text.contains("topology.kubernetes.io/zone"));
 
+    // Production: mutual TLS, the Secret issued by a cert-manager Certificate.
+    let certs = prod.summary["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 1, "one Certificate: {certs:?}");
+    let cert = &certs[0];
+    let secret = cert["secretName"].as_str().unwrap();
+    assert_eq!(secret, "gw-ghostwriter-tls");
+    assert_eq!(cert["issuerRef"]["name"], "ghostwriter-ca");
+    assert_eq!(cert["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(cert["issuerRef"]["group"], "cert-manager.io");
+    let dns_names = cert["dnsNames"].as_array().unwrap();
+    assert!(
+        dns_names.contains(&"ghostwriter".into()),
+        "the mesh name every client checks: {dns_names:?}"
+    );
+    for stage in STAGES {
+        for name in [
+            format!("gw-ghostwriter-{stage}"),
+            format!("gw-ghostwriter-{stage}.{NS}.svc"),
+        ] {
+            assert!(dns_names.contains(&name.into()), "{stage}: {dns_names:?}");
+        }
+    }
+    let usages = cert["usages"].as_array().unwrap();
+    assert!(
+        usages.contains(&"server auth".into()) && usages.contains(&"client auth".into()),
+        "every process is a server and a client: {usages:?}"
+    );
+    for stage in STAGES {
+        let name = format!("gw-ghostwriter-{stage}");
+        let main = prod
+            .containers(&name)
+            .into_iter()
+            .find(|c| c["name"] == stage)
+            .unwrap();
+        let args = prod.args(&name);
+        for flag in tls_flags("ghostwriter") {
+            assert!(args.contains(&flag), "{stage}: {flag} in {args:?}");
+        }
+        assert!(mounts_tls(main), "{stage} mounts the Secret: {main}");
+        assert_eq!(
+            prod.workload(&name)["secrets"]["tls"]["secretName"],
+            secret,
+            "{stage} mounts the Certificate's Secret"
+        );
+        for (probe, path) in [
+            ("startupProbe", "/readyz"),
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/healthz"),
+        ] {
+            let p = &main["probes"][probe];
+            assert!(
+                p["type"] == "httpGet" && p["path"] == path && p["port"] == "metrics",
+                "{stage} {probe}: plain HTTP on the metrics port, not gRPC: {p}"
+            );
+        }
+    }
+    // The ingest Job calls the public API over TLS: the CA only, no client certificate.
+    let job = prod.summary["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["kind"] == "Job")
+        .unwrap();
+    let ingest = &job["containers"][0];
+    let args = ingest["args"].as_array().unwrap();
+    assert!(
+        args.contains(&format!("--tls-ca={TLS_DIR}/ca.crt").into())
+            && args.contains(&"--tls-server-name=ghostwriter".into())
+            && !args
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with("--tls-key")),
+        "{args:?}"
+    );
+    assert!(mounts_tls(ingest));
+    assert_eq!(job["secrets"]["tls"]["secretName"], secret);
+    assert_eq!(
+        job["secrets"]["tls"]["keys"],
+        serde_json::json!(["ca.crt"]),
+        "the ingest Job gets the CA, not the mesh key"
+    );
+    // The `helm test` hook speaks mutual TLS to every stage.
+    let hook = "gw-ghostwriter-test-health";
+    assert_eq!(prod.containers(hook).len(), STAGES.len());
+    for c in prod.containers(hook) {
+        let args = c["args"].as_array().unwrap();
+        for flag in [
+            "-tls".to_string(),
+            format!("-tls-ca-cert={TLS_DIR}/ca.crt"),
+            format!("-tls-client-cert={TLS_DIR}/tls.crt"),
+            format!("-tls-client-key={TLS_DIR}/tls.key"),
+            "-tls-server-name=ghostwriter".to_string(),
+        ] {
+            assert!(
+                args.contains(&flag.clone().into()),
+                "{}: {flag} in {args:?}",
+                c["name"]
+            );
+        }
+        assert!(mounts_tls(c), "{}", c["name"]);
+    }
+    assert_eq!(prod.workload(hook)["secrets"]["tls"]["secretName"], secret);
+
     // Every metric the chart queries (KEDA, alerts, dashboard) is one the code exports.
     let known = code_metrics();
     assert!(
@@ -595,9 +784,30 @@ fn chart_lints_renders_and_validates() {
             "ranker.image.repository=other/ranker,generator.image.tag=x-cuda",
             "--set",
             "global.anything=1",
+            "--set",
+            "tls.enabled=true,tls.secretName=my-mesh-tls,tls.serverName=mesh.internal",
         ],
     );
     assert!(all.kinds().contains(&"Ingress") && all.kinds().contains(&"GRPCRoute"));
+    // TLS from an existing Secret: no Certificate, the Secret and the name given are used, and
+    // the Ingress speaks TLS to the orchestrator.
+    assert!(!all.kinds().contains(&"Certificate"));
+    for stage in STAGES {
+        let name = format!("gw-ghostwriter-{stage}");
+        let args = all.args(&name);
+        for flag in tls_flags("mesh.internal") {
+            assert!(args.contains(&flag), "{stage}: {flag} in {args:?}");
+        }
+        assert_eq!(
+            all.workload(&name)["secrets"]["tls"]["secretName"],
+            "my-mesh-tls"
+        );
+    }
+    assert!(
+        all.text
+            .contains("nginx.ingress.kubernetes.io/backend-protocol: GRPCS"),
+        "ingress-nginx speaks TLS to the orchestrator"
+    );
     let images = all.images();
     assert!(images.contains(&(
         "gw-ghostwriter-ranker".into(),
@@ -616,11 +826,37 @@ fn chart_lints_renders_and_validates() {
         "discovery.mode=consul",
         "ranker.image.pullPolicy=Sometimes",
         "notAValue=1",
+        "tls.serverName=Not_A_Dns_Name",
+        "tls.certManager.duration=90d",
+        "tls.certManager.issuer=x",
     ] {
         let out = Command::new(&helm)
             .args(["template", "gw", CHART, "--set", bad])
             .output()
             .unwrap();
         assert!(!out.status.success(), "the schema must reject {bad}");
+    }
+
+    // TLS values that cannot work fail the render, saying why.
+    for (bad, why) in [
+        (
+            "tls.enabled=true,tls.secretName=s,metrics.enabled=false",
+            "tls.enabled needs metrics.enabled",
+        ),
+        ("tls.enabled=true", "tls.enabled needs tls.secretName"),
+        (
+            "tls.enabled=true,tls.certManager.enabled=true",
+            "needs tls.certManager.issuerRef.name",
+        ),
+    ] {
+        let out = Command::new(&helm)
+            .args(["template", "gw", CHART, "--set", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{bad} must fail with {why:?}: {stderr}"
+        );
     }
 }

@@ -107,6 +107,68 @@ http://{{ include "ghostwriter.fullname" . }}-etcd:2379
 {{- join "," $urls -}}
 {{- end -}}
 
+{{/* Where the TLS Secret is mounted in every pod that speaks TLS. */}}
+{{- define "ghostwriter.tlsDir" -}}
+/etc/ghostwriter/tls
+{{- end -}}
+
+{{/* The Secret with tls.crt, tls.key and ca.crt: tls.secretName, or the one the chart's
+     cert-manager Certificate issues. */}}
+{{- define "ghostwriter.tlsSecretName" -}}
+{{- if .Values.tls.secretName -}}
+{{- .Values.tls.secretName -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "ghostwriter.fullname" .) -}}
+{{- else -}}
+{{- fail "tls.enabled needs tls.secretName (an existing Secret with the keys tls.crt, tls.key and ca.crt) or tls.certManager.enabled (the chart issues one)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fails the render on TLS values that cannot work. */}}
+{{- define "ghostwriter.tlsCheck" -}}
+{{- if .Values.tls.enabled -}}
+{{- if not .Values.metrics.enabled -}}
+{{- fail "tls.enabled needs metrics.enabled: the kubelet's gRPC probes cannot speak TLS, so with TLS the probes ask /readyz and /healthz on the metrics port (metrics.port)" -}}
+{{- end -}}
+{{- $_ := include "ghostwriter.tlsSecretName" . -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (an Issuer or ClusterIssuer that fills ca.crt)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The TLS flags of every stage (the process's certificate, key, CA and mesh name). */}}
+{{- define "ghostwriter.tlsArgs" -}}
+{{- $dir := include "ghostwriter.tlsDir" . -}}
+- --tls-cert={{ $dir }}/tls.crt
+- --tls-key={{ $dir }}/tls.key
+- --tls-ca={{ $dir }}/ca.crt
+- --tls-server-name={{ .Values.tls.serverName }}
+{{- end -}}
+
+{{/* The TLS Secret as a volume named `tls` (whole, not subPath: the kubelet's updates reach
+     the pod and the process reloads them). Optional `items`: (dict "root" $ "items" (list ...)) */}}
+{{- define "ghostwriter.tlsVolume" -}}
+- name: tls
+  secret:
+    secretName: {{ include "ghostwriter.tlsSecretName" .root }}
+    # Readable by the pod's fsGroup only.
+    defaultMode: 0440
+    {{- with .items }}
+    items:
+      {{- range . }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+    {{- end }}
+{{- end -}}
+
+{{- define "ghostwriter.tlsVolumeMount" -}}
+- name: tls
+  mountPath: {{ include "ghostwriter.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+
 {{/* Stage arguments after `serve STAGE --listen ...`. */}}
 {{- define "ghostwriter.stageArgs" -}}
 {{- $root := .root -}}
@@ -232,6 +294,9 @@ spec:
         - serve
         - --listen=0.0.0.0:{{ $root.Values.grpcPort }}
         - --max-concurrency={{ $root.Values.maxConcurrency }}
+        {{- if $root.Values.tls.enabled }}
+        {{- include "ghostwriter.tlsArgs" $root | nindent 8 }}
+        {{- end }}
         {{- if $root.Values.metrics.enabled }}
         - --metrics-listen=0.0.0.0:{{ $root.Values.metrics.port }}
         {{- end }}
@@ -276,6 +341,28 @@ spec:
           containerPort: {{ $root.Values.metrics.port }}
           protocol: TCP
         {{- end }}
+      {{- if $root.Values.tls.enabled }}
+      # The kubelet's gRPC probes cannot speak TLS: plain HTTP on the metrics port instead,
+      # /readyz answering 200 once every server of the process is SERVING.
+      startupProbe:
+        httpGet:
+          path: /readyz
+          port: metrics
+        periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: metrics
+        periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: metrics
+        periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
+        failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+      {{- else }}
       startupProbe:
         grpc:
           port: {{ $root.Values.grpcPort }}
@@ -291,6 +378,7 @@ spec:
           port: {{ $root.Values.grpcPort }}
         periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
         failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
+      {{- end }}
       securityContext:
         {{- include "ghostwriter.containerSecurityContext" $root | nindent 8 }}
       resources:
@@ -318,6 +406,9 @@ spec:
           mountPath: /etc/ghostwriter/auth
           readOnly: true
         {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        {{- include "ghostwriter.tlsVolumeMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
     {{- if $models }}
     - name: models
@@ -337,6 +428,9 @@ spec:
         items:
           - key: tokens
             path: tokens
+    {{- end }}
+    {{- if $root.Values.tls.enabled }}
+    {{- include "ghostwriter.tlsVolume" (dict "root" $root) | nindent 4 }}
     {{- end }}
   {{- with include "ghostwriter.topologySpread" . }}
   topologySpreadConstraints:
