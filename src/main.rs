@@ -175,6 +175,12 @@ struct ProcessArgs {
         global = true
     )]
     max_concurrency: usize,
+    /// Ingest budget, MiB: encoded ingest batches this process holds at once (the public API
+    /// and the retriever each); past it, RESOURCE_EXHAUSTED with a retry delay, so concurrent
+    /// maximum-size batches cannot exhaust memory. A batch larger than the whole budget is told
+    /// to split.
+    #[arg(long, env = "GHOSTWRITER_INGEST_BUDGET_MB", default_value_t = ghostwriter_common::ingest::DEFAULT_BUDGET_MB, global = true)]
+    ingest_budget_mb: usize,
     /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
     #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN", global = true)]
     metrics_listen: Option<SocketAddr>,
@@ -195,6 +201,7 @@ impl ProcessArgs {
         ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
             max_concurrency: self.max_concurrency,
         });
+        ghostwriter_common::ingest::configure_budget(self.ingest_budget_mb);
         if let Some(addr) = self.metrics_listen {
             let listener = TcpListener::bind(addr)
                 .await

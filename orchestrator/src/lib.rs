@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use ghostwriter_common::auth::{Auth, AuthArgs};
+use ghostwriter_common::ingest;
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::status::bad_field;
@@ -754,10 +755,14 @@ impl Ghostwriter for OrchestratorService {
     ) -> Result<Response<IngestResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let grant = self.auth.grant(request.metadata())?;
+        // Held until every shard has the batch: bounds the memory of concurrent ingests.
+        let _budget = ingest::reserve_batch(ingest::Holder::Orchestrator, request.get_ref())?;
         let documents = request.into_inner().documents;
         for d in &documents {
             grant.allow(&d.user_id)?;
         }
+        // Checked whole before any shard sees it: a rejected batch writes nothing anywhere.
+        ingest::check_batch(&documents).map_err(|m| bad_field("documents", m))?;
         let response = self.stages.ingest(documents, deadline).await?;
         Ok(Response::new(response))
     }

@@ -6,6 +6,7 @@ pub mod client;
 pub mod deadline;
 pub mod device;
 pub mod embed;
+pub mod ingest;
 pub mod metrics;
 pub mod models;
 pub mod server;

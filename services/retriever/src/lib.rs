@@ -87,57 +87,22 @@ fn dirs_data() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
-/// Longest user id or doc id accepted.
-const MAX_ID_CHARS: usize = 512;
-/// Most documents in one ingest batch.
-pub const MAX_BATCH: usize = 10_000;
+pub use ghostwriter_common::ingest::MAX_BATCH;
 
-/// Validates a batch whole; the first bad document rejects it, naming the document.
+/// Validates a batch whole ([`ghostwriter_common::ingest::check_batch`]); the first bad
+/// document rejects it, naming the document.
 pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>, Error> {
-    if documents.is_empty() {
-        return Err(Error::InvalidArgument("no documents to ingest".into()));
-    }
-    if documents.len() > MAX_BATCH {
-        return Err(Error::InvalidArgument(format!(
-            "{} documents in one batch; at most {MAX_BATCH}",
-            documents.len()
-        )));
-    }
-    documents
+    ghostwriter_common::ingest::check_batch(documents).map_err(Error::InvalidArgument)?;
+    Ok(documents
         .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let bad = |why: String| {
-                Error::InvalidArgument(format!("document {i} ({:?}): {why}", d.doc_id))
-            };
-            if d.user_id.trim().is_empty() {
-                return Err(bad("user_id is empty".into()));
-            }
-            if d.doc_id.trim().is_empty() {
-                return Err(bad("doc_id is empty".into()));
-            }
-            if d.user_id.len() > MAX_ID_CHARS || d.doc_id.len() > MAX_ID_CHARS {
-                return Err(bad(format!("ids are limited to {MAX_ID_CHARS} bytes")));
-            }
-            if d.title.trim().is_empty() && d.text.trim().is_empty() {
-                return Err(bad("title and text are both empty".into()));
-            }
-            let chars = d.title.chars().count() + d.text.chars().count();
-            if chars > ghostwriter_common::MAX_DOCUMENT_CHARS {
-                return Err(bad(format!(
-                    "{chars} characters; documents are limited to {}",
-                    ghostwriter_common::MAX_DOCUMENT_CHARS
-                )));
-            }
-            Ok(StoredDocument {
-                user_id: d.user_id.clone(),
-                doc_id: d.doc_id.clone(),
-                timestamp: d.timestamp,
-                title: d.title.clone(),
-                text: d.text.clone(),
-            })
+        .map(|d| StoredDocument {
+            user_id: d.user_id.clone(),
+            doc_id: d.doc_id.clone(),
+            timestamp: d.timestamp,
+            title: d.title.clone(),
+            text: d.text.clone(),
         })
-        .collect()
+        .collect())
 }
 
 /// The gRPC adapter over [`DocumentIndex`].
@@ -169,6 +134,11 @@ impl Retriever for RetrieverService {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        // Held until the batch is indexed: bounds the memory of concurrent ingests.
+        let _budget = ghostwriter_common::ingest::reserve_batch(
+            ghostwriter_common::ingest::Holder::Retriever,
+            request.get_ref(),
+        )?;
         let documents = validate_documents(&request.get_ref().documents)?;
         let index = self.index()?;
         // A batch may name one (user, doc_id) twice; the last one is stored.
