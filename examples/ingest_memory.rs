@@ -71,7 +71,7 @@ async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_js
     let requests: Vec<IngestRequest> = (0..batches).map(|n| batch(n, mb)).collect();
     let payload: usize = requests
         .iter()
-        .map(|r| prost::Message::encoded_len(r))
+        .map(prost::Message::encoded_len)
         .sum();
     let started = Instant::now();
     let calls = requests.into_iter().map(|r| {
