@@ -2,7 +2,7 @@
 //! reviewer would use interchangeably (synonyms, inflections) and for unrelated pairs of the same
 //! domain. Run: `cargo run --release --example calibrate_word_similarity`.
 
-use ghostwriter_common::embed::{Embedder, cosine};
+use ghostwriter_embed::{Embedder, cosine};
 
 const RELATED: &[(&str, &str)] = &[
     ("great", "excellent"),
@@ -42,8 +42,7 @@ const UNRELATED: &[(&str, &str)] = &[
 ];
 
 fn main() -> anyhow::Result<()> {
-    let dir =
-        ghostwriter_common::models::default_dir().join(ghostwriter_common::models::EMBEDDER_DIR);
+    let dir = ghostwriter_common::models::default_dir().join(ghostwriter_embed::EMBEDDER_DIR);
     let embedder = Embedder::load(&dir, &candle_core::Device::Cpu)?;
     let score = |pairs: &[(&str, &str)]| -> anyhow::Result<Vec<f32>> {
         pairs

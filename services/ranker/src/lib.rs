@@ -13,8 +13,9 @@ use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrat
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use ghostwriter_common::embed::LazyEmbedder;
-pub use ghostwriter_common::embed::{self as embedder, CachedEmbedder as DenseRanker, Embedder};
+pub use ghostwriter_embed as embedder;
+use ghostwriter_embed::LazyEmbedder;
+pub use ghostwriter_embed::{CachedEmbedder as DenseRanker, Embedder};
 pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 
 /// Ranker settings.
@@ -22,7 +23,7 @@ pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 pub struct RankerConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub embedder: ghostwriter_common::embed::EmbedderArgs,
+    pub embedder: ghostwriter_embed::EmbedderArgs,
 }
 
 /// The gRPC adapter.

@@ -13,11 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::{client, deadline};
 use ghostwriter_discovery::{Balancer, DiscoveryArgs, EndpointSet};
+use ghostwriter_embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};

@@ -6,9 +6,9 @@ pub mod text;
 
 use std::path::PathBuf;
 
-use ghostwriter_common::embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
 use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
 use tokio::net::TcpListener;
@@ -47,7 +47,7 @@ pub fn close_words(
         .iter()
         .map(|a| {
             te.iter()
-                .any(|b| ghostwriter_common::embed::cosine(a, b) >= threshold)
+                .any(|b| ghostwriter_embed::cosine(a, b) >= threshold)
         })
         .collect())
 }

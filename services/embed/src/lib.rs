@@ -1,5 +1,12 @@
 //! all-MiniLM-L6-v2 sentence embeddings in candle: BERT, mean pooling over the attention mask,
-//! L2 normalization (as sentence-transformers does for this model).
+//! L2 normalization (as sentence-transformers does for this model), and the compute devices
+//! models run on ([`device`]).
+//!
+//! The crate that carries candle and tokenizers for the stages that embed (ranker, summarizer,
+//! synthesizer) and the generator's device setting; stages without a model (the retriever)
+//! stay clear of it. Its `cuda` feature turns on candle's CUDA backend.
+
+pub mod device;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -15,6 +22,10 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 const MAX_TOKENS: usize = 256;
 /// Texts embedded in one forward pass.
 const BATCH: usize = 16;
+
+/// The embedding model's directory, relative to the model directory
+/// (`config.json`, `tokenizer.json`, `model.safetensors`).
+pub const EMBEDDER_DIR: &str = "all-minilm-l6-v2";
 
 /// A loaded sentence embedder.
 pub struct Embedder {
@@ -224,7 +235,7 @@ impl EmbedderArgs {
         let dir = self
             .embedder_dir
             .clone()
-            .unwrap_or_else(|| model_dir.join(crate::models::EMBEDDER_DIR));
+            .unwrap_or_else(|| model_dir.join(EMBEDDER_DIR));
         let device = crate::device::parse(&self.embedder_device)?;
         let embedder = Embedder::load(&dir, &device).map_err(|e| {
             anyhow::anyhow!("loading the embedding model from {}: {e}", dir.display())
@@ -259,5 +270,38 @@ impl LazyEmbedder {
             "embedding model loaded"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_evicts_first_in_first_out() {
+        let mut cache = EmbeddingCache {
+            capacity: 2,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        let e = |x: f32| -> Arc<[f32]> { Arc::from(vec![x]) };
+        for (text, x) in [("a", 1.0), ("b", 2.0), ("a", 9.0), ("c", 3.0)] {
+            cache.insert(EmbeddingCache::key(text), e(x));
+        }
+        assert!(!cache.map.contains_key(&EmbeddingCache::key("a")));
+        assert_eq!(cache.map[&EmbeddingCache::key("b")][0], 2.0);
+        assert_eq!(cache.map[&EmbeddingCache::key("c")][0], 3.0);
+        let mut off = EmbeddingCache {
+            capacity: 0,
+            ..cache
+        };
+        off.insert(EmbeddingCache::key("d"), e(4.0));
+        assert!(!off.map.contains_key(&EmbeddingCache::key("d")));
+    }
+
+    #[test]
+    fn cosine_of_unit_vectors() {
+        assert_eq!(cosine(&[1.0, 0.0], &[1.0, 0.0]), 1.0);
+        assert_eq!(cosine(&[1.0, 0.0], &[0.0, 1.0]), 0.0);
     }
 }
