@@ -175,6 +175,14 @@ struct ProcessArgs {
         global = true
     )]
     max_concurrency: usize,
+    /// Seconds a stopping server waits for the RPCs in flight before cutting them off.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_DRAIN_TIMEOUT_SECS",
+        default_value_t = 30.0,
+        global = true
+    )]
+    drain_timeout_secs: f64,
     /// Ingest budget, MiB: encoded ingest batches this process holds at once (the public API
     /// and the retriever each); past it, RESOURCE_EXHAUSTED with a retry delay, so concurrent
     /// maximum-size batches cannot exhaust memory. A batch larger than the whole budget is told
@@ -200,6 +208,7 @@ impl ProcessArgs {
     async fn apply(&self, shutdown: ghostwriter_common::shutdown::Shutdown) -> anyhow::Result<()> {
         ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
             max_concurrency: self.max_concurrency,
+            drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs.max(0.0)),
         });
         ghostwriter_common::ingest::configure_budget(self.ingest_budget_mb);
         if let Some(addr) = self.metrics_listen {

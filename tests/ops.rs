@@ -41,6 +41,7 @@ async fn limits_deadlines_and_metrics() {
     // One RPC at a time per service in this process.
     ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
         max_concurrency: 1,
+        ..Default::default()
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -155,6 +156,28 @@ async fn limits_deadlines_and_metrics() {
         "the cancelled stream kept decoding: {:?}",
         t.elapsed()
     );
+
+    // A unary caller that goes away before the answer is still counted, as CANCELLED.
+    let mut d = GeneratorClient::connect(url.clone()).await.unwrap();
+    let gone = tokio::spawn(async move { d.generate(request(1000)).await });
+    let started = Instant::now();
+    while !scrape(metrics_addr)
+        .await
+        .contains("ghostwriter_generator_running 1")
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gone.abort();
+    let cancelled = r#"ghostwriter_rpc_requests_total{code="Cancelled",method="Generate",service="ghostwriter.v1.Generator"}"#;
+    let started = Instant::now();
+    while !scrape(metrics_addr).await.contains(cancelled) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the cancelled RPC was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let text = scrape(metrics_addr).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");

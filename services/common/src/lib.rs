@@ -13,6 +13,7 @@ pub mod auth;
 pub mod client;
 pub mod deadline;
 pub mod ingest;
+pub mod layers;
 pub mod metrics;
 pub mod models;
 pub mod server;

@@ -1,0 +1,311 @@
+//! The servers' middleware, one concern per tower layer, outermost first:
+//! - [`TraceLayer`]: one span per RPC, child of the caller's `traceparent`;
+//! - [`MetricsLayer`]: requests by code, latency, in flight (until a streaming RPC's stream
+//!   ends); an RPC whose caller goes away before the answer is counted as CANCELLED;
+//! - [`ShedLayer`]: the concurrency limit, RESOURCE_EXHAUSTED at once past it (health checks and
+//!   reflection are never shed);
+//! - [`DeadlineLayer`]: DEADLINE_EXCEEDED once the caller's `grpc-timeout` passes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_layer::Layer;
+use tower_service::Service;
+
+type Body = tonic::body::Body;
+type Request = http::Request<Body>;
+type Response = http::Response<Body>;
+type BoxFuture<E> = Pin<Box<dyn Future<Output = Result<Response, E>> + Send>>;
+
+/// The bound every wrapped service meets (tonic's routes).
+pub trait Inner:
+    Service<Request, Response = Response, Future: Send + 'static, Error: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: Service<Request, Response = Response, Future: Send + 'static, Error: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The ready service for this call, leaving a clone for the next (tower's rule).
+fn take<S: Clone>(s: &mut S) -> S {
+    let clone = s.clone();
+    std::mem::replace(s, clone)
+}
+
+/// (service, method) of a gRPC path `/package.Service/Method`.
+fn rpc_name(request: &Request, fallback: &str) -> (String, String) {
+    let (service, method) = request
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((fallback, ""));
+    (service.to_string(), method.to_string())
+}
+
+/// A response body that keeps `T` alive until the body is dropped: a streaming RPC holds its
+/// permit and its in-flight count until its stream ends, not just until its headers go out.
+struct Holding<T> {
+    inner: Body,
+    _held: T,
+}
+
+impl<T: Unpin> http_body::Body for Holding<T> {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn hold<T: Send + Unpin + 'static>(response: Response, held: T) -> Response {
+    response.map(|inner| Body::new(Holding { inner, _held: held }))
+}
+
+macro_rules! layer {
+    ($layer:ident, $service:ident { $($field:ident: $ty:ty),* }) => {
+        impl<S> Layer<S> for $layer {
+            type Service = $service<S>;
+
+            fn layer(&self, inner: S) -> $service<S> {
+                $service { inner, $($field: self.$field.clone()),* }
+            }
+        }
+
+        #[derive(Clone)]
+        #[doc = concat!("The service of [`", stringify!($layer), "`].")]
+        pub struct $service<S> {
+            inner: S,
+            $($field: $ty),*
+        }
+    };
+}
+
+/// One span per RPC (see the module docs).
+#[derive(Clone)]
+pub struct TraceLayer {
+    /// The server's own service name, for paths that name none.
+    pub service: &'static str,
+}
+
+layer!(TraceLayer, Trace { service: &'static str });
+
+impl<S: Inner> Service<Request> for Trace<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (service, method) = rpc_name(&request, self.service);
+        let span = crate::telemetry::server_span(request.headers(), &service, &method);
+        let call = span.in_scope(|| take(&mut self.inner).call(request));
+        Box::pin(tracing::Instrument::instrument(call, span))
+    }
+}
+
+/// Request counts, latency and in-flight gauges (see the module docs).
+#[derive(Clone)]
+pub struct MetricsLayer {
+    /// The server's own service name, for paths that name none.
+    pub service: &'static str,
+}
+
+layer!(MetricsLayer, Metrics { service: &'static str });
+
+/// Counts one RPC in flight until dropped.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Records an RPC's outcome once: its code when answered, CANCELLED if dropped before.
+struct Outcome {
+    service: String,
+    method: String,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let m = crate::metrics::metrics();
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        m.requests
+            .with_label_values(&[&self.service, &self.method, &format!("{code:?}")])
+            .inc();
+        m.duration
+            .with_label_values(&[&self.service, &self.method])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The status a response carries in its headers (an error answered at once); OK otherwise.
+fn code_of(response: &Response) -> tonic::Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+impl<S: Inner> Service<Request> for Metrics<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (service, method) = rpc_name(&request, self.service);
+        let gauge = crate::metrics::metrics()
+            .in_flight
+            .with_label_values(&[&service]);
+        gauge.inc();
+        let in_flight = InFlight(gauge);
+        let mut outcome = Outcome {
+            service,
+            method,
+            started: Instant::now(),
+            code: None,
+        };
+        let call = take(&mut self.inner).call(request);
+        Box::pin(async move {
+            let response = call.await;
+            outcome.code = Some(match &response {
+                Ok(r) => code_of(r),
+                Err(_) => tonic::Code::Unknown,
+            });
+            drop(outcome);
+            response.map(|r| hold(r, in_flight))
+        })
+    }
+}
+
+/// The concurrency limit (see the module docs).
+#[derive(Clone)]
+pub struct ShedLayer {
+    limit: Option<Arc<Semaphore>>,
+}
+
+impl ShedLayer {
+    /// At most `max` RPCs at once (0 = no limit).
+    pub fn new(max: usize) -> Self {
+        Self {
+            limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+        }
+    }
+}
+
+layer!(ShedLayer, Shed { limit: Option<Arc<Semaphore>> });
+
+impl<S: Inner> Service<Request> for Shed<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // Health checks and reflection are never shed: probes must see the truth under load.
+        let limited = !request.uri().path().starts_with("/grpc.");
+        let permit: Option<OwnedSemaphorePermit> = match (&self.limit, limited) {
+            (Some(limit), true) => match limit.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let (service, _) = rpc_name(&request, "");
+                    crate::metrics::metrics()
+                        .rejected
+                        .with_label_values(&[&service])
+                        .inc();
+                    let status = crate::status::overloaded(format!(
+                        "{service} is at its concurrency limit; retry later"
+                    ));
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
+            },
+            _ => None,
+        };
+        let call = take(&mut self.inner).call(request);
+        Box::pin(async move { call.await.map(|r| hold(r, permit)) })
+    }
+}
+
+/// The caller's deadline (see the module docs).
+#[derive(Clone)]
+pub struct DeadlineLayer {
+    /// The server's own service name, for messages.
+    pub service: &'static str,
+}
+
+layer!(DeadlineLayer, Deadline { service: &'static str });
+
+impl<S: Inner> Service<Request> for Deadline<S> {
+    type Response = Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // tonic answers an expired `grpc-timeout` with CANCELLED; answer DEADLINE_EXCEEDED, as
+        // gRPC specifies, by expiring a moment before tonic's own timer.
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::parse_grpc_timeout)
+            .map(|d| d.saturating_sub((d / 10).min(std::time::Duration::from_millis(5))));
+        let (service, _) = rpc_name(&request, self.service);
+        let call = take(&mut self.inner).call(request);
+        match deadline {
+            None => Box::pin(call),
+            Some(d) => Box::pin(async move {
+                match tokio::time::timeout(d, call).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                        "{service}: the caller's deadline passed"
+                    ))
+                    .into_http()),
+                }
+            }),
+        }
+    }
+}
