@@ -143,6 +143,7 @@ impl Embedded {
             max_candidates: config.max_candidates,
             idf_corpus: config.idf_corpus,
             request_timeout_secs: config.request_timeout_secs,
+            max_new_tokens_limit: config.generator.max_new_tokens_limit,
             retriever_shards: 1,
             auth: config.auth.clone(),
             insecure_no_auth: false,

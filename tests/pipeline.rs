@@ -445,6 +445,7 @@ async fn tokens_bind_callers_to_their_users() {
         max_candidates: 200,
         idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
         request_timeout_secs: 120,
+        max_new_tokens_limit: 1024,
         retriever_shards: 1,
         auth: ghostwriter_common::auth::AuthArgs {
             tokens,

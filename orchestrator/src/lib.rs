@@ -42,8 +42,6 @@ const MAX_USER_ID: usize = 512;
 /// Earlier documents a Distinguish compares by default, and at most.
 const DEFAULT_DISTINGUISH_DOCUMENTS: u32 = 4;
 const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
-/// Most new tokens a write may ask for (each generator enforces its own, lower, limit too).
-const MAX_NEW_TOKENS: u32 = 4096;
 
 /// Corpus of the synthesizer's IDF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,6 +113,14 @@ pub struct OrchestratorConfig {
         default_value_t = 300
     )]
     pub request_timeout_secs: u64,
+    /// Most new tokens a write may ask for: set it as the generators' --max-new-tokens-limit
+    /// (the same variable), so a write over it is refused before any stage runs.
+    #[arg(
+        long = "max-new-tokens-limit",
+        env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT",
+        default_value_t = 1024
+    )]
+    pub max_new_tokens_limit: u32,
     /// Retriever shards: a user's documents live on shard `rendezvous(user_id, N)`. Changing N
     /// moves users between shards: re-ingest after changing it (see the README).
     #[arg(
@@ -284,10 +290,11 @@ impl OrchestratorService {
         // Generation settings are checked before any stage runs.
         if let Some(g) = &o.generation {
             ghostwriter_common::check_sampling(g).map_err(in_options)?;
-            if g.max_new_tokens > MAX_NEW_TOKENS {
+            let limit = self.config.max_new_tokens_limit;
+            if g.max_new_tokens > limit {
                 return Err(bad_field(
                     "options.generation.max_new_tokens",
-                    format!("generation: max_new_tokens is limited to {MAX_NEW_TOKENS}"),
+                    format!("generation: max_new_tokens is limited to {limit}"),
                 ));
             }
             if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
