@@ -69,10 +69,7 @@ async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_js
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline = rss_kib(pid, "VmRSS:");
     let requests: Vec<IngestRequest> = (0..batches).map(|n| batch(n, mb)).collect();
-    let payload: usize = requests
-        .iter()
-        .map(prost::Message::encoded_len)
-        .sum();
+    let payload: usize = requests.iter().map(prost::Message::encoded_len).sum();
     let started = Instant::now();
     let calls = requests.into_iter().map(|r| {
         let url = url.clone();
