@@ -178,6 +178,18 @@ async fn limits_deadlines_and_metrics() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // ... and its decoding stops.
+    let started = Instant::now();
+    while !scrape(metrics_addr)
+        .await
+        .contains("ghostwriter_generator_running 0")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the cancelled RPC kept decoding"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let text = scrape(metrics_addr).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
