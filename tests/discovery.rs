@@ -70,9 +70,10 @@ fn stage(
         .args(extra_serve)
         .arg(stage)
         .args(extra_stage)
+        // GHOSTWRITER_TEST_LOG=info shows the stages' logs (endpoint set changes, ...).
         .env(
             "RUST_LOG",
-            std::env::var("GW_TEST_LOG").unwrap_or("warn".into()),
+            std::env::var("GHOSTWRITER_TEST_LOG").unwrap_or("warn".into()),
         )
         .spawn()
         .unwrap();

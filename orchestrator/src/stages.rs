@@ -3,11 +3,10 @@
 //! one is UNAVAILABLE (bounded by a retry budget, so failures cannot multiply load), and routing
 //! of a user's retrieval and ingest to the retriever shard that owns the user.
 
-use std::future::Future;
 use std::time::Instant;
 
 use ghostwriter_common::deadline;
-use ghostwriter_discovery::{Balancer, Endpoint, EndpointInfo, EndpointSet, shard_of, urls};
+use ghostwriter_discovery::{Balancer, EndpointInfo, EndpointSet, shard_of, urls};
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ranker_client::RankerClient;
 use ghostwriter_proto::v1::retriever_client::RetrieverClient;
@@ -63,22 +62,6 @@ impl Stages {
         &self.generator
     }
 
-    /// Calls `f` on an endpoint of `set` (see [`Balancer::call`]).
-    async fn call<T, F, Fut>(
-        &self,
-        set: &EndpointSet,
-        what: &str,
-        filter: impl Fn(&EndpointInfo) -> bool,
-        idempotent: bool,
-        f: F,
-    ) -> Result<T, Status>
-    where
-        F: Fn(std::sync::Arc<Endpoint>) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        self.balancer.call(set, what, filter, idempotent, f).await
-    }
-
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
         let shards = self.shards;
         let shard = shard_of(user, shards);
@@ -99,17 +82,18 @@ impl Stages {
         } else {
             "retriever".into()
         };
-        self.call(&self.retriever, &what, filter, true, |e| {
-            let r = r.clone();
-            async move {
-                let mut c =
-                    RetrieverClient::new(e.channel.clone()).max_decoding_message_size(LIMIT);
-                Ok(c.retrieve(deadline::request(r, deadline)?)
-                    .await?
-                    .into_inner())
-            }
-        })
-        .await
+        self.balancer
+            .call(&self.retriever, &what, filter, true, |e| {
+                let r = r.clone();
+                async move {
+                    let mut c =
+                        RetrieverClient::new(e.channel.clone()).max_decoding_message_size(LIMIT);
+                    Ok(c.retrieve(deadline::request(r, deadline)?)
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await
     }
 
     /// Ingest, each user's documents to the shard that owns the user (upserts are idempotent).
@@ -154,6 +138,7 @@ impl Stages {
             for replica in replicas {
                 let url = replica.info.url.clone();
                 let response = self
+                    .balancer
                     .call(
                         &self.retriever,
                         &what,
@@ -188,21 +173,22 @@ impl Stages {
         r: RankRequest,
         deadline: Option<Instant>,
     ) -> Result<RankResponse, Status> {
-        self.call(
-            &self.ranker,
-            "ranker",
-            |_| true,
-            true,
-            |e| {
-                let r = r.clone();
-                async move {
-                    let mut c =
-                        RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
-                    Ok(c.rank(deadline::request(r, deadline)?).await?.into_inner())
-                }
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.ranker,
+                "ranker",
+                |_| true,
+                true,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        let mut c =
+                            RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
+                        Ok(c.rank(deadline::request(r, deadline)?).await?.into_inner())
+                    }
+                },
+            )
+            .await
     }
 
     /// Summarize.
@@ -211,23 +197,24 @@ impl Stages {
         r: SummarizeRequest,
         deadline: Option<Instant>,
     ) -> Result<SummarizeResponse, Status> {
-        self.call(
-            &self.summarizer,
-            "summarizer",
-            |_| true,
-            true,
-            |e| {
-                let r = r.clone();
-                async move {
-                    let mut c =
-                        SummarizerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
-                    Ok(c.summarize(deadline::request(r, deadline)?)
-                        .await?
-                        .into_inner())
-                }
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.summarizer,
+                "summarizer",
+                |_| true,
+                true,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        let mut c = SummarizerClient::new(e.channel.clone())
+                            .max_encoding_message_size(LIMIT);
+                        Ok(c.summarize(deadline::request(r, deadline)?)
+                            .await?
+                            .into_inner())
+                    }
+                },
+            )
+            .await
     }
 
     /// Synthesize.
@@ -236,23 +223,24 @@ impl Stages {
         r: SynthesizeRequest,
         deadline: Option<Instant>,
     ) -> Result<SynthesizeResponse, Status> {
-        self.call(
-            &self.synthesizer,
-            "synthesizer",
-            |_| true,
-            true,
-            |e| {
-                let r = r.clone();
-                async move {
-                    let mut c =
-                        SynthesizerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
-                    Ok(c.synthesize(deadline::request(r, deadline)?)
-                        .await?
-                        .into_inner())
-                }
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.synthesizer,
+                "synthesizer",
+                |_| true,
+                true,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        let mut c = SynthesizerClient::new(e.channel.clone())
+                            .max_encoding_message_size(LIMIT);
+                        Ok(c.synthesize(deadline::request(r, deadline)?)
+                            .await?
+                            .into_inner())
+                    }
+                },
+            )
+            .await
     }
 
     /// Unary generation (idempotent: greedy or seeded), retried on another worker.
@@ -261,39 +249,41 @@ impl Stages {
         r: GenerateRequest,
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, Status> {
-        self.call(
-            &self.generator,
-            "generator",
-            |_| true,
-            true,
-            |e| {
-                let r = r.clone();
-                async move {
-                    Ok(GeneratorClient::new(e.channel.clone())
-                        .generate(deadline::request(r, deadline)?)
-                        .await?
-                        .into_inner())
-                }
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.generator,
+                "generator",
+                |_| true,
+                true,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        Ok(GeneratorClient::new(e.channel.clone())
+                            .generate(deadline::request(r, deadline)?)
+                            .await?
+                            .into_inner())
+                    }
+                },
+            )
+            .await
     }
 
     /// One generator worker's model and engine.
     pub async fn generator_info(&self, deadline: Option<Instant>) -> Result<GeneratorInfo, Status> {
-        self.call(
-            &self.generator,
-            "generator",
-            |_| true,
-            true,
-            |e| async move {
-                Ok(GeneratorClient::new(e.channel.clone())
-                    .info(deadline::request(GeneratorInfoRequest {}, deadline)?)
-                    .await?
-                    .into_inner())
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.generator,
+                "generator",
+                |_| true,
+                true,
+                |e| async move {
+                    Ok(GeneratorClient::new(e.channel.clone())
+                        .info(deadline::request(GeneratorInfoRequest {}, deadline)?)
+                        .await?
+                        .into_inner())
+                },
+            )
+            .await
     }
 
     /// Streaming generation: the stream is opened once (tokens already sent cannot be retried).
@@ -302,21 +292,22 @@ impl Stages {
         r: GenerateRequest,
         deadline: Option<Instant>,
     ) -> Result<Streaming<GenerateStreamResponse>, Status> {
-        self.call(
-            &self.generator,
-            "generator",
-            |_| true,
-            false,
-            |e| {
-                let r = r.clone();
-                async move {
-                    Ok(GeneratorClient::new(e.channel.clone())
-                        .generate_stream(deadline::request(r, deadline)?)
-                        .await?
-                        .into_inner())
-                }
-            },
-        )
-        .await
+        self.balancer
+            .call(
+                &self.generator,
+                "generator",
+                |_| true,
+                false,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        Ok(GeneratorClient::new(e.channel.clone())
+                            .generate_stream(deadline::request(r, deadline)?)
+                            .await?
+                            .into_inner())
+                    }
+                },
+            )
+            .await
     }
 }

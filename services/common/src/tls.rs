@@ -195,10 +195,11 @@ pub fn init(args: &TlsArgs) -> anyhow::Result<()> {
     tokio::spawn(async {
         let Some(tls) = TLS.get() else { return };
         let mut seen = modified(&tls.args);
+        let mut failed = None;
         loop {
             tokio::time::sleep(RELOAD_EVERY).await;
             let now = modified(&tls.args);
-            if now == seen {
+            if now == seen || failed.as_ref() == Some(&now) {
                 continue;
             }
             match load(&tls.args) {
@@ -207,11 +208,13 @@ pub fn init(args: &TlsArgs) -> anyhow::Result<()> {
                         *c = Arc::new(configs);
                     }
                     seen = now;
+                    failed = None;
                     tracing::info!("TLS certificates reloaded");
                 }
-                // Retried at the next check (the files may be half written).
+                // Tried again at the files' next change (they may be half written).
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "TLS files changed but do not load; keeping the previous ones")
+                    tracing::warn!(error = %format!("{e:#}"), "TLS files changed but do not load; keeping the previous ones");
+                    failed = Some(now);
                 }
             }
         }
