@@ -21,23 +21,35 @@ pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
 }
 
 /// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its
-/// connection broke mid-call): UNAVAILABLE, or the UNKNOWN status tonic gives a broken
-/// connection. Such a call can be retried on another endpoint.
+/// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL status whose cause is the
+/// connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the
+/// message, which a stage's own error could echo). A downstream stage's failure reported by the
+/// stage ([`is_downstream`]) is not. Such a call can be retried on another endpoint.
 pub fn is_transport_failure(status: &tonic::Status) -> bool {
     if is_downstream(status) {
         return false;
     }
     match status.code() {
         tonic::Code::Unavailable => true,
-        tonic::Code::Unknown | tonic::Code::Internal => {
-            let m = status.message();
-            m.contains("transport")
-                || m.contains("connection")
-                || m.contains("h2 protocol")
-                || m.contains("broken pipe")
-        }
+        tonic::Code::Unknown | tonic::Code::Internal => caused_by_connection(status),
         _ => false,
     }
+}
+
+/// Whether an error in the status's source chain is the connection's.
+fn caused_by_connection(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>()
+            || e.is::<hyper::Error>()
+            || e.is::<h2::Error>()
+            || e.is::<std::io::Error>()
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Rewrites a failed call's status so it names the stage. Transport failures (the stage is down
@@ -102,4 +114,31 @@ pub async fn wait_until_serving(
     Err(tonic::Status::unavailable(format!(
         "{url} not SERVING after {timeout:?}: {last}"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_told_by_type_not_text() {
+        // A stage's own error that merely says "transport" or "connection" is not one.
+        let echoed = tonic::Status::unknown("bad input: transport error, connection reset");
+        assert!(!is_transport_failure(&echoed));
+        let internal = tonic::Status::internal("h2 protocol error (quoted from the caller)");
+        assert!(!is_transport_failure(&internal));
+        // A call whose connection broke is.
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        assert_eq!(broken.code(), tonic::Code::Unknown);
+        assert!(is_transport_failure(&broken));
+        assert!(is_transport_failure(&tonic::Status::unavailable("down")));
+        // A downstream failure reported by the stage is not held against it.
+        assert!(!is_transport_failure(&downstream_status(
+            "generator",
+            tonic::Status::unavailable("down")
+        )));
+    }
 }
