@@ -206,9 +206,12 @@ struct ProcessArgs {
 impl ProcessArgs {
     /// Applies the limit and starts the metrics endpoint.
     async fn apply(&self, shutdown: ghostwriter_common::shutdown::Shutdown) -> anyhow::Result<()> {
+        let drain_timeout = Duration::try_from_secs_f64(self.drain_timeout_secs).map_err(|_| {
+            anyhow::anyhow!("--drain-timeout-secs must be a non-negative number of seconds")
+        })?;
         ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
             max_concurrency: self.max_concurrency,
-            drain_timeout: Duration::from_secs_f64(self.drain_timeout_secs.max(0.0)),
+            drain_timeout,
         });
         ghostwriter_common::ingest::configure_budget(self.ingest_budget_mb);
         if let Some(addr) = self.metrics_listen {
