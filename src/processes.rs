@@ -151,48 +151,68 @@ pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
     Ok((child, url, client))
 }
 
-/// Writes a throwaway certificate authority and one certificate it signed, for every process
-/// of the topology (mesh name `ghostwriter`, plus `localhost` and 127.0.0.1), under `dir`; returns
-/// the flags that use them.
+/// A certificate authority and one certificate it signed for every process of a topology
+/// (mesh name `ghostwriter`, plus `localhost` and 127.0.0.1; server and client auth), as PEM.
+pub struct Authority {
+    /// The CA's certificate.
+    pub ca: String,
+    /// The processes' certificate.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
+}
+
+impl Authority {
+    /// A new CA named `name` and a certificate it signed.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, name);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca, &ca_key);
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(vec![
+            ghostwriter_common::tls::DEFAULT_SERVER_NAME.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ])?;
+        leaf.distinguished_name
+            .push(DnType::CommonName, "ghostwriter process");
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = leaf.signed_by(&key, &issuer)?;
+        Ok(Self {
+            ca: ca_cert.pem(),
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+/// Writes a throwaway [`Authority`] under `dir`; returns the flags that use it.
 pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_common::tls::TlsArgs> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
+    let authority = Authority::new("ghostwriter throwaway CA")?;
     std::fs::create_dir_all(dir)?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "ghostwriter throwaway CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, &ca_key);
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(vec![
-        ghostwriter_common::tls::DEFAULT_SERVER_NAME.to_string(),
-        "localhost".into(),
-        "127.0.0.1".into(),
-    ])?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "ghostwriter process");
-    leaf.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = leaf.signed_by(&key, &issuer)?;
-    let (ca_path, cert_path, key_path) = (
+    let (ca, cert, key) = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),
         dir.join("key.pem"),
     );
-    std::fs::write(&ca_path, ca_cert.pem())?;
-    std::fs::write(&cert_path, cert.pem())?;
-    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::write(&ca, authority.ca)?;
+    std::fs::write(&cert, authority.cert)?;
+    std::fs::write(&key, authority.key)?;
     Ok(ghostwriter_common::tls::TlsArgs {
-        cert: Some(cert_path),
-        key: Some(key_path),
-        ca: Some(ca_path),
+        cert: Some(cert),
+        key: Some(key),
+        ca: Some(ca),
         server_name: ghostwriter_common::tls::DEFAULT_SERVER_NAME.into(),
     })
 }

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{Kill, generated_tokens, port};
+
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,26 +16,6 @@ use std::time::{Duration, Instant};
 use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, RetrieveRequest, WriteRequest};
 use ghostwriter_discovery::etcd::Etcd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
     if Command::new("etcd")
@@ -95,18 +77,6 @@ async fn wait_keys(etcd: &str, prefix: &str, n: usize, within: Duration) -> Vec<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn generated_tokens(metrics: &str) -> u64 {
-    let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.lines()
-        .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn write(user: &str, tokens: u32) -> WriteRequest {

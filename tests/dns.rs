@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::{Kill, free_port, generated_tokens};
+
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command};
@@ -20,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::proto::Document;
 use ghostwriter_discovery::DiscoveryArgs;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 
 /// An authoritative nameserver for a few names: A records from a table the test edits, TTL 0;
@@ -191,25 +192,6 @@ async fn a_dns_set_follows_the_records() {
     assert!(mixed.message().contains("only URL"), "{}", mixed.message());
 }
 
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `ghostwriter serve STAGE` on `listen`, resolving through `ns`.
 fn serve(
     ns: &Nameserver,
@@ -234,20 +216,6 @@ fn serve(
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap()
-}
-
-async fn generated_tokens(metrics: &str) -> u64 {
-    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
-        return 0;
-    };
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.lines()
-        .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,10 @@
 
 mod common;
 
+use common::{Kill, port};
+
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,36 +22,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tonic::transport::{Channel, Endpoint};
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A CA and one certificate it signed (mesh name `ghostwriter`), as PEM: (ca, cert, key).
+/// A CA and one certificate it signed, as PEM: (ca, cert, key).
 fn authority(name: &str) -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, name);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca, &ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["ghostwriter".to_string()]).unwrap();
-    leaf.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = leaf.signed_by(&key, &issuer).unwrap().pem();
-    (ca_pem, cert, key.serialize_pem())
+    let a = ghostwriter::processes::Authority::new(name).unwrap();
+    (a.ca, a.cert, a.key)
 }
 
 /// Replaces the files the server watches, each atomically (write, then rename).
@@ -120,21 +96,9 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
     let first = authority("mesh CA 1");
     let second = authority("mesh CA 2");
     install(&tls, &first);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let metrics = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let _server = Kill(
+    let addr = format!("127.0.0.1:{}", port());
+    let metrics = format!("127.0.0.1:{}", port());
+    let _server = Kill(vec![
         Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
             .arg("--model-dir")
             .arg(common::model_dir())
@@ -154,7 +118,7 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
             .env("RUST_LOG", "warn")
             .spawn()
             .unwrap(),
-    );
+    ]);
     let member = |(ca, cert, key): &(String, String, String)| {
         tls_channel(&addr, ca, Some((cert.as_str(), key.as_str())))
     };

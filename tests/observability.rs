@@ -6,29 +6,14 @@
 
 mod common;
 
+use common::{Kill, port};
+
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// (path, body) of every request posted to the collector.
 type Posts = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
@@ -91,7 +76,7 @@ async fn collector() -> (String, Posts) {
 async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
     let dir = tempfile::tempdir().unwrap();
     let (collector_url, posts) = collector().await;
-    let port = free_port();
+    let port = port();
     let url = format!("http://127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
         .arg("--model-dir")
@@ -114,7 +99,7 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let _child = Kill(child);
+    let _child = Kill(vec![child]);
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = lines.clone();
     std::thread::spawn(move || {

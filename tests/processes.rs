@@ -7,18 +7,12 @@
 
 mod common;
 
+use common::port;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::Document;
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_processes_serves_every_preset_and_stops_in_order() {

@@ -37,8 +37,8 @@ pub use preset::{PRESETS, Preset};
 pub const DEFAULT_CONTEXT_CHARS: usize = 150;
 /// Longest immediate context a request may ask for.
 const MAX_CONTEXT_CHARS: u32 = 20_000;
-/// Longest user id.
-const MAX_USER_ID: usize = 512;
+/// Longest user or document id (the same limit as ingest's).
+const MAX_USER_ID: usize = ingest::MAX_ID_BYTES;
 /// Earlier documents a Distinguish compares by default, and at most.
 const DEFAULT_DISTINGUISH_DOCUMENTS: u32 = 4;
 const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
@@ -272,16 +272,11 @@ impl OrchestratorService {
             ));
         }
         let preset = preset::find(&r.preset).ok_or_else(|| {
-            let shown: String = r.preset.chars().take(100).collect();
             bad_field(
                 "preset",
                 format!(
-                    "unknown preset {shown:?}{}; known presets: {}",
-                    if shown.len() < r.preset.len() {
-                        " (cut)"
-                    } else {
-                        ""
-                    },
+                    "unknown preset {}; known presets: {}",
+                    ghostwriter_common::status::quote(&r.preset),
                     preset::names()
                 ),
             )

@@ -147,3 +147,43 @@ pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteR
         ..Default::default()
     }
 }
+
+/// Child processes killed (and reaped) when dropped, also when a test fails first.
+pub struct Kill(pub Vec<std::process::Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A port free on `ip` now.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A port free on 127.0.0.1 now.
+pub fn port() -> u16 {
+    free_port("127.0.0.1")
+}
+
+/// `ghostwriter_generated_tokens_total` on a process's `/metrics` at `addr`.
+pub async fn generated_tokens(addr: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.lines()
+        .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

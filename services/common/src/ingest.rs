@@ -15,19 +15,6 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_ID_BYTES: usize = 512;
 /// Default ingest budget of a process, MiB of batches (their encoded size) in flight.
 pub const DEFAULT_BUDGET_MB: usize = 256;
-/// Characters of an input a message quotes at most.
-const QUOTE: usize = 100;
-
-/// `s` quoted for an error message: at most [`QUOTE`] characters, marked when cut.
-pub fn quote(s: &str) -> String {
-    let shown: String = s.chars().take(QUOTE).collect();
-    if shown.len() < s.len() {
-        format!("{shown:?} (cut)")
-    } else {
-        format!("{shown:?}")
-    }
-}
-
 /// Checks a batch whole: the first bad document rejects it, naming the document (its index and
 /// id, quoted short).
 pub fn check_batch(documents: &[Document]) -> Result<(), String> {
@@ -41,7 +28,12 @@ pub fn check_batch(documents: &[Document]) -> Result<(), String> {
         ));
     }
     for (i, d) in documents.iter().enumerate() {
-        let bad = |why: String| Err(format!("document {i} ({}): {why}", quote(&d.doc_id)));
+        let bad = |why: String| {
+            Err(format!(
+                "document {i} ({}): {why}",
+                crate::status::quote(&d.doc_id)
+            ))
+        };
         if d.user_id.trim().is_empty() {
             return bad("user_id is empty".into());
         }
@@ -138,13 +130,6 @@ mod tests {
         let whole = reserve(Holder::Retriever, 2 << 20).unwrap_err();
         assert!(whole.message().contains("split it"), "{whole:?}");
         assert!(whole.get_details_retry_info().is_none());
-    }
-
-    #[test]
-    fn quotes_are_short() {
-        assert_eq!(quote("abc"), "\"abc\"");
-        let long = quote(&"x".repeat(20_000));
-        assert!(long.len() < 120 && long.ends_with("(cut)"), "{long}");
     }
 
     #[test]

@@ -7,6 +7,19 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+/// Characters of an input a message quotes at most.
+const QUOTE: usize = 100;
+
+/// `s` quoted for an error message: at most [`QUOTE`] characters, marked when cut.
+pub fn quote(s: &str) -> String {
+    let shown: String = s.chars().take(QUOTE).collect();
+    if shown.len() < s.len() {
+        format!("{shown:?} (cut)")
+    } else {
+        format!("{shown:?}")
+    }
+}
+
 /// How long a caller refused for load should wait before trying again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -33,6 +46,13 @@ pub fn overloaded(message: impl Into<String>) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quotes_are_short() {
+        assert_eq!(quote("abc"), "\"abc\"");
+        let long = quote(&"x".repeat(20_000));
+        assert!(long.len() < 120 && long.ends_with("(cut)"), "{long}");
+    }
 
     #[test]
     fn details_round_trip() {
