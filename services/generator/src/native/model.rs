@@ -410,7 +410,7 @@ impl NativeModel {
         } else {
             opts.threads
         };
-        let pool = Pool::new(threads);
+        let pool = Pool::new(threads, "generator");
         let blocks = cache_blocks(
             opts.kv_cache_mb,
             cfg.kv_bytes_per_token(),

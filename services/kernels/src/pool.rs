@@ -60,8 +60,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool of `threads` threads in all (the caller included).
-    pub fn new(threads: usize) -> Self {
+    /// A pool of `threads` threads in all (the caller included); helpers are named
+    /// `{name}-compute-N`.
+    pub fn new(threads: usize, name: &str) -> Self {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
@@ -74,7 +75,7 @@ impl Pool {
             .map(|i| {
                 let s = shared.clone();
                 std::thread::Builder::new()
-                    .name(format!("generator-compute-{i}"))
+                    .name(format!("{name}-compute-{i}"))
                     .spawn(move || helper(&s))
                     .expect("spawning a compute thread")
             })
@@ -214,7 +215,7 @@ mod tests {
 
     #[test]
     fn every_index_runs_once() {
-        let pool = Pool::new(3);
+        let pool = Pool::new(3, "test");
         for n in [1usize, 2, 7, 100] {
             let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
             pool.run(n, &|i| {

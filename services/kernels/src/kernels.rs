@@ -1,7 +1,8 @@
-//! CPU kernels of the native engine: an int8 GEMM over Q8_0 weights repacked for AVX-512 VNNI,
-//! activation quantization, and the f16 key/value dot products of attention.
+//! CPU kernels of the native engines (the generator's LLM, the embedders' MiniLM): an int8 GEMM
+//! over Q8_0 weights repacked for AVX-512 VNNI, activation quantization, and the f16 key/value
+//! dot products of attention.
 //!
-//! The only `unsafe` code of the generator lives here: SIMD intrinsics (selected at run time
+//! Most of the project's `unsafe` code lives here: SIMD intrinsics (selected at run time
 //! with `is_x86_feature_detected!`, with a portable fallback) and the disjoint column writes of
 //! the parallel GEMM.
 //!
@@ -166,7 +167,7 @@ impl QActs {
     /// then runs in parallel too, and its f32 output never leaves the thread's cache).
     pub fn fill(
         &mut self,
-        pool: &super::pool::Pool,
+        pool: &crate::pool::Pool,
         m: usize,
         k: usize,
         row: &(dyn Fn(usize, &mut [f32]) + Sync),
@@ -277,7 +278,7 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// `out[m][w.n] = x · Wᵀ`, split over `pool`'s threads by groups of 16 output columns.
-pub fn gemm(pool: &super::pool::Pool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
+pub fn gemm(pool: &crate::pool::Pool, x: &QActs, w: &QMatrix, out: &mut [f32]) {
     assert_eq!(x.k, w.k, "inner dimensions differ");
     let m = x.m;
     assert!(out.len() >= m * w.n);
@@ -694,6 +695,68 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// GELU with the exact erf form, `x · (1 + erf(x/√2)) / 2`, in place (BERT's activation).
+/// erf is Abramowitz and Stegun's 7.1.26 (absolute error below 1.5e-7).
+pub fn gelu_erf(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { gelu_erf_avx512(x) };
+        return;
+    }
+    for v in x.iter_mut() {
+        let z = *v * std::f32::consts::FRAC_1_SQRT_2;
+        let a = z.abs();
+        let t = 1.0 / (1.0 + ERF_P * a);
+        let poly = ERF_A.iter().rev().fold(0.0, |acc, &c| (acc + c) * t);
+        let erf = (1.0 - poly * (-a * a).exp()).copysign(z);
+        *v = 0.5 * *v * (1.0 + erf);
+    }
+}
+
+const ERF_P: f32 = 0.327_591_1;
+const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_8,
+    -1.453_152_1,
+    1.061_405_4,
+];
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_erf_avx512(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let one = _mm512_set1_ps(1.0);
+    let half = _mm512_set1_ps(0.5);
+    let mut i = 0;
+    while i < n {
+        let mask: __mmask16 = if n - i >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (n - i)) - 1) as u16
+        };
+        let p = unsafe { x.as_mut_ptr().add(i) };
+        let v = unsafe { _mm512_maskz_loadu_ps(mask, p) };
+        let z = _mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let a = _mm512_abs_ps(z);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(ERF_P), a, one));
+        let mut poly = _mm512_setzero_ps();
+        for &c in ERF_A.iter().rev() {
+            poly = _mm512_mul_ps(_mm512_add_ps(poly, _mm512_set1_ps(c)), t);
+        }
+        let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+        let erf_abs = _mm512_fnmadd_ps(poly, e, one);
+        // erf takes z's sign: negate where z < 0.
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
+        let erf = _mm512_mask_sub_ps(erf_abs, neg, _mm512_setzero_ps(), erf_abs);
+        let g = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, erf));
+        unsafe { _mm512_mask_storeu_ps(p, mask, g) };
+        i += 16;
+    }
+}
+
 /// e^x for 16 lanes: 2^(x·log2 e) split into integer and fraction, the fraction by a degree-7
 /// polynomial (relative error below 1e-7 on the reduced range), scaled with `vscalefps`.
 #[cfg(target_arch = "x86_64")]
@@ -776,6 +839,30 @@ unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn gelu_matches_the_erf_definition() {
+        // erf by its Taylor series, in f64, as the reference.
+        let erf = |z: f64| {
+            let (mut term, mut sum, mut n) = (z, z, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -z * z / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        let xs: Vec<f32> = (-600..=600).map(|i| i as f32 / 100.0).collect();
+        let mut got = xs.clone();
+        gelu_erf(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let want = 0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2));
+            assert!(
+                (g as f64 - want).abs() < 2e-6,
+                "gelu({x}) = {g}, want {want}"
+            );
+        }
+    }
+
     fn reference(x: &[f32], m: usize, k: usize, w: &QMatrix, wf: &[f32]) -> Vec<f32> {
         let _ = w;
         let mut out = vec![0f32; m * (wf.len() / k)];
@@ -802,7 +889,7 @@ mod tests {
         let w = QMatrix::from_f32(n, k, &wf);
         let m = 7;
         let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
-        let pool = super::super::pool::Pool::new(2);
+        let pool = crate::pool::Pool::new(2, "test");
         let mut qa = QActs::default();
         qa.quantize(&x, m, k);
         let mut out = vec![0f32; m * n];
@@ -831,7 +918,7 @@ mod tests {
             .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
             .collect();
         let w = QMatrix::from_f32(n, k, &wf);
-        let pool = super::super::pool::Pool::new(2);
+        let pool = crate::pool::Pool::new(2, "test");
         let run = |portable: bool| {
             PORTABLE.store(portable, std::sync::atomic::Ordering::Relaxed);
             let mut qa = QActs::default();
