@@ -506,48 +506,70 @@ unsafe fn axpy_f16_avx512(y: &mut [f32], a: f32, x: &[f16]) {
     }
 }
 
-/// Attention scores of 16 keys for `nrep` query heads: `out[r·stride + j] = q_r · k_j` for
-/// `j < 16`, where `kt` holds the keys transposed (`kt[d·kstride + j]` = dimension `d` of key
-/// `j`), so 16 scores come out of one vector without a horizontal sum.
+/// Attention scores of 16 keys for `rows` query vectors (the heads of a kv group, for one or
+/// several tokens): `out[r·stride + j] = q_r · k_j` for `j < 16`, where `kt` holds the keys
+/// transposed (`kt[d·kstride + j]` = dimension `d` of key `j`), so 16 scores come out of one
+/// vector without a horizontal sum.
+///
+/// Each score is two fused multiply-add chains, over the even and the odd dimensions, added at
+/// the end: two chains per vector keep the FMA units busy when few vectors share the keys (one
+/// decoding token), and up to 12 vectors go through in one pass, so a tile of prompt tokens
+/// converts each key vector once for all of them. The chains of a vector are the same whatever
+/// the other vectors, so a token's scores do not depend on its tile.
 pub fn scores16(
     q: &[f32],
-    nrep: usize,
+    rows: usize,
     hd: usize,
     kt: &[f16],
     kstride: usize,
     out: &mut [f32],
     stride: usize,
 ) {
-    assert!(kt.len() >= (hd - 1) * kstride + 16 && q.len() >= nrep * hd);
-    assert!(out.len() >= (nrep - 1) * stride + 16);
+    assert!(hd.is_multiple_of(2));
+    assert!(kt.len() >= (hd - 1) * kstride + 16 && q.len() >= rows * hd);
+    assert!(rows == 0 || out.len() >= (rows - 1) * stride + 16);
     #[cfg(target_arch = "x86_64")]
     if has_vnni() {
-        // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
-        match nrep {
-            1 => return unsafe { scores16_avx512::<1>(q, hd, kt, kstride, out, stride) },
-            2 => return unsafe { scores16_avx512::<2>(q, hd, kt, kstride, out, stride) },
-            3 => return unsafe { scores16_avx512::<3>(q, hd, kt, kstride, out, stride) },
-            4 => return unsafe { scores16_avx512::<4>(q, hd, kt, kstride, out, stride) },
-            6 => return unsafe { scores16_avx512::<6>(q, hd, kt, kstride, out, stride) },
-            7 => return unsafe { scores16_avx512::<7>(q, hd, kt, kstride, out, stride) },
-            8 => return unsafe { scores16_avx512::<8>(q, hd, kt, kstride, out, stride) },
-            _ => {}
-        }
-    }
-    for r in 0..nrep {
-        for j in 0..16 {
-            let mut acc = 0f32;
-            for d in 0..hd {
-                acc = q[r * hd + d].mul_add(kt[d * kstride + j].to_f32(), acc);
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(12);
+            let (q, out) = (&q[r0 * hd..], &mut out[r0 * stride..]);
+            // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
+            unsafe {
+                match n {
+                    1 => scores16_avx512::<1>(q, hd, kt, kstride, out, stride),
+                    2 => scores16_avx512::<2>(q, hd, kt, kstride, out, stride),
+                    3 => scores16_avx512::<3>(q, hd, kt, kstride, out, stride),
+                    4 => scores16_avx512::<4>(q, hd, kt, kstride, out, stride),
+                    5 => scores16_avx512::<5>(q, hd, kt, kstride, out, stride),
+                    6 => scores16_avx512::<6>(q, hd, kt, kstride, out, stride),
+                    7 => scores16_avx512::<7>(q, hd, kt, kstride, out, stride),
+                    8 => scores16_avx512::<8>(q, hd, kt, kstride, out, stride),
+                    9 => scores16_avx512::<9>(q, hd, kt, kstride, out, stride),
+                    10 => scores16_avx512::<10>(q, hd, kt, kstride, out, stride),
+                    11 => scores16_avx512::<11>(q, hd, kt, kstride, out, stride),
+                    _ => scores16_avx512::<12>(q, hd, kt, kstride, out, stride),
+                }
             }
-            out[r * stride + j] = acc;
+            r0 += n;
+        }
+        return;
+    }
+    for r in 0..rows {
+        for j in 0..16 {
+            let (mut even, mut odd) = (0f32, 0f32);
+            for d in (0..hd).step_by(2) {
+                even = q[r * hd + d].mul_add(kt[d * kstride + j].to_f32(), even);
+                odd = q[r * hd + d + 1].mul_add(kt[(d + 1) * kstride + j].to_f32(), odd);
+            }
+            out[r * stride + j] = even + odd;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn scores16_avx512<const NREP: usize>(
+unsafe fn scores16_avx512<const ROWS: usize>(
     q: &[f32],
     hd: usize,
     kt: &[f16],
@@ -556,21 +578,25 @@ unsafe fn scores16_avx512<const NREP: usize>(
     stride: usize,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); NREP];
-    for d in 0..hd {
-        let kv = _mm512_cvtph_ps(unsafe {
+    let mut even = [_mm512_setzero_ps(); ROWS];
+    let mut odd = [_mm512_setzero_ps(); ROWS];
+    for d in (0..hd).step_by(2) {
+        let k0 = _mm512_cvtph_ps(unsafe {
             _mm256_loadu_si256(kt.as_ptr().add(d * kstride) as *const _)
         });
-        for (r, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(
-                _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) }),
-                kv,
-                *a,
-            );
+        let k1 = _mm512_cvtph_ps(unsafe {
+            _mm256_loadu_si256(kt.as_ptr().add((d + 1) * kstride) as *const _)
+        });
+        for r in 0..ROWS {
+            let q0 = _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) });
+            let q1 = _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d + 1) });
+            even[r] = _mm512_fmadd_ps(q0, k0, even[r]);
+            odd[r] = _mm512_fmadd_ps(q1, k1, odd[r]);
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * stride), *a) };
+    for r in 0..ROWS {
+        let sum = _mm512_add_ps(even[r], odd[r]);
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * stride), sum) };
     }
 }
 
@@ -954,6 +980,18 @@ mod tests {
         if has_vnni() {
             assert_eq!(fast.0, portable.0, "attention scores differ");
             assert_eq!(fast.1, portable.1, "value accumulation differs");
+        }
+        // A tile of 5 tokens' heads (15 vectors) gives each vector the scores it gets alone.
+        let rows = 15;
+        let q: Vec<f32> = (0..rows * hd)
+            .map(|i| ((i * 37) % 29) as f32 * 0.07 - 1.0)
+            .collect();
+        let mut tiled = vec![0f32; rows * 16];
+        scores16(&q, rows, hd, &kt, 16, &mut tiled, 16);
+        for r in 0..rows {
+            let mut alone = vec![0f32; 16];
+            scores16(&q[r * hd..(r + 1) * hd], 1, hd, &kt, 16, &mut alone, 16);
+            assert_eq!(&tiled[r * 16..(r + 1) * 16], &alone[..], "vector {r}");
         }
     }
 

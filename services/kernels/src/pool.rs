@@ -203,6 +203,34 @@ pub fn for_each_chunk_mut(
     });
 }
 
+/// Hands out the disjoint `ranges` of `data` (sorted, non-overlapping, within `data`) to
+/// `f(index, piece)` across the pool.
+pub fn for_each_range_mut(
+    pool: &Pool,
+    data: &mut [f32],
+    ranges: &[std::ops::Range<usize>],
+    f: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let mut end = 0;
+    for r in ranges {
+        assert!(
+            end <= r.start && r.start <= r.end,
+            "ranges overlap or are unsorted"
+        );
+        end = r.end;
+    }
+    assert!(end <= data.len(), "a range is past the data");
+    let base = SyncPtr(data.as_mut_ptr());
+    pool.run(ranges.len(), &|i| {
+        let p = base;
+        let r = &ranges[i];
+        // SAFETY: the ranges were checked above to be disjoint and within `data`, which
+        // outlives the call.
+        let piece = unsafe { std::slice::from_raw_parts_mut(p.0.add(r.start), r.end - r.start) };
+        f(i, piece);
+    });
+}
+
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
 // SAFETY: used only to hand out disjoint pieces (see `for_each_chunk_mut`).
@@ -227,5 +255,9 @@ mod tests {
         let mut v = vec![0f32; 12];
         for_each_chunk_mut(&pool, &mut v, 3, &|i, piece| piece.fill(i as f32));
         assert_eq!(v, [0., 0., 0., 1., 1., 1., 2., 2., 2., 3., 3., 3.]);
+        for_each_range_mut(&pool, &mut v, &[0..1, 4..9, 9..9, 11..12], &|i, piece| {
+            piece.fill(10.0 + i as f32)
+        });
+        assert_eq!(v, [10., 0., 0., 1., 11., 11., 11., 11., 11., 3., 3., 13.]);
     }
 }

@@ -474,6 +474,15 @@ impl NativeModel {
         if t == 0 {
             return Ok(Vec::new());
         }
+        // Tiles of up to TILE consecutive rows of one sequence: their attention scores are
+        // computed together, each key vector converted once for all of them.
+        let mut tiles: Vec<(usize, usize)> = Vec::new();
+        for (r, &(s, _)) in rows.iter().enumerate() {
+            match tiles.last_mut() {
+                Some((r0, n)) if *n < TILE && rows[*r0].0 == s => *n += 1,
+                _ => tiles.push((r, 1)),
+            }
+        }
         let sc = &mut self.scratch;
         sc.x.resize(t * hidden, 0.0);
         let kbs = hidden / QK;
@@ -548,29 +557,61 @@ impl NativeModel {
                     }
                 }
             }
+            // Attention, one task per (kv group, tile of up to TILE consecutive tokens of a
+            // sequence); outputs group-major, `[group][token][nrep·hd]`, so each task's piece
+            // is contiguous.
+            let gw = nrep * hd;
             sc.att.resize(t * nh * hd, 0.0);
+            let ranges: Vec<std::ops::Range<usize>> = (0..nkv)
+                .flat_map(|g| {
+                    tiles
+                        .iter()
+                        .map(move |&(r0, n)| (g * t + r0) * gw..(g * t + r0 + n) * gw)
+                })
+                .collect();
             let kv = &self.kv;
             let qkv = &sc.qkv;
-            let rows_ref = &rows;
-            let attend = |idx: usize, out: &mut [f32]| {
-                let (ti, g) = (idx / nkv, idx % nkv);
-                let (s, pos) = rows_ref[ti];
-                let q = &qkv[ti * qkv_w + g * nrep * hd..ti * qkv_w + (g + 1) * nrep * hd];
-                attend_group(kv, l, seqs[s].blocks, pos + 1, g, hd, nrep, q, out);
+            let (rows_ref, tiles_ref) = (&rows, &tiles);
+            let attend = |task: usize, out: &mut [f32]| {
+                let (g, (r0, n)) = (task / tiles_ref.len(), tiles_ref[task % tiles_ref.len()]);
+                let (s, first) = rows_ref[r0];
+                QUERIES.with_borrow_mut(|q| {
+                    q.clear();
+                    for r in r0..r0 + n {
+                        q.extend_from_slice(&qkv[r * qkv_w + g * gw..r * qkv_w + (g + 1) * gw]);
+                    }
+                    attend_tile(kv, l, seqs[s].blocks, first, n, g, hd, nrep, q, out);
+                })
             };
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
             if work < 1 << 11 {
-                for (i, out) in sc.att.chunks_mut(nrep * hd).enumerate() {
-                    attend(i, out);
+                let mut rest = &mut sc.att[..];
+                let mut at = 0;
+                for (i, r) in ranges.iter().enumerate() {
+                    let (piece, tail) =
+                        std::mem::take(&mut rest)[r.start - at..].split_at_mut(r.len());
+                    attend(i, piece);
+                    rest = tail;
+                    at = r.end;
                 }
             } else {
-                pool::for_each_chunk_mut(&self.pool, &mut sc.att, nrep * hd, &attend);
+                pool::for_each_range_mut(&self.pool, &mut sc.att, &ranges, &attend);
             }
             let att = &sc.att;
             let w = nh * hd;
-            sc.qa.fill(&self.pool, t, w, &|r, out| {
-                out.copy_from_slice(&att[r * w..(r + 1) * w])
-            });
+            produce(
+                &self.pool,
+                &mut sc.qa,
+                adapter.map(|_| &mut sc.h),
+                t,
+                w,
+                &|r, out| {
+                    for g in 0..nkv {
+                        out[g * gw..(g + 1) * gw]
+                            .copy_from_slice(&att[(g * t + r) * gw..(g * t + r + 1) * gw]);
+                    }
+                },
+            );
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
             lora(
@@ -578,7 +619,7 @@ impl NativeModel {
                 adapter,
                 l,
                 &[(3, 0)],
-                &sc.att,
+                &sc.h,
                 &mut sc.out,
                 hidden,
             );
@@ -684,52 +725,66 @@ fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
     }
 }
 
-/// Attention of the `nrep` query heads of kv group `g` for one token over positions `0..len`
-/// of its sequence. `q` is pre-scaled; `out` gets the heads' outputs side by side.
+/// Tokens per attention tile: with 3 heads per kv group, 12 query vectors share each
+/// converted key vector (the most [`kernels::scores16`] takes in one pass).
+const TILE: usize = 4;
+
+/// Attention of the `nrep` query heads of kv group `g` for `n` consecutive tokens of one
+/// sequence, the first at position `first`; token `i` sees positions `0..=first + i`. `q` holds
+/// the tokens' pre-scaled heads side by side (`[n][nrep][hd]`), and so does `out`.
 #[allow(clippy::too_many_arguments)]
-fn attend_group(
+fn attend_tile(
     kv: &KvCache,
     layer: usize,
     blocks: &[u32],
-    len: usize,
+    first: usize,
+    n: usize,
     g: usize,
     hd: usize,
     nrep: usize,
     q: &[f32],
     out: &mut [f32],
 ) {
-    let padded = len.div_ceil(16) * 16;
+    let padded = (first + n).div_ceil(16) * 16;
+    let gw = nrep * hd;
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
-        scores.resize(nrep * padded, 0.0);
+        scores.resize(n * nrep * padded, 0.0);
         let bs = kv.block_size;
         for p0 in (0..padded).step_by(16) {
             let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
-            kernels::scores16(q, nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
-        }
-        for r in 0..nrep {
-            kernels::softmax(&mut scores[r * padded..r * padded + len]);
+            kernels::scores16(q, n * nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
         }
         out.fill(0.0);
-        for p0 in (0..len).step_by(bs) {
-            let count = bs.min(len - p0);
-            let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
-            kernels::accumulate_values(
-                out,
-                &scores[p0..],
-                padded,
-                count,
-                &kv.v[v..v + count * hd],
-                hd,
-                nrep,
-            );
+        for i in 0..n {
+            let len = first + i + 1;
+            let sc = &mut scores[i * nrep * padded..(i + 1) * nrep * padded];
+            for r in 0..nrep {
+                kernels::softmax(&mut sc[r * padded..r * padded + len]);
+            }
+            let o = &mut out[i * gw..(i + 1) * gw];
+            for p0 in (0..len).step_by(bs) {
+                let count = bs.min(len - p0);
+                let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
+                kernels::accumulate_values(
+                    o,
+                    &sc[p0..],
+                    padded,
+                    count,
+                    &kv.v[v..v + count * hd],
+                    hd,
+                    nrep,
+                );
+            }
         }
     })
 }
 
 thread_local! {
-    /// Attention scores of one group, reused across calls.
+    /// Attention scores of one tile, reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Query heads of one tile, gathered side by side.
+    static QUERIES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Backend for NativeModel {
