@@ -65,6 +65,17 @@ impl Embedder {
 
     /// Loads the model from `dir` with the forward pass `precision` names.
     pub fn load_with(dir: &Path, device: &Device, precision: Precision) -> anyhow::Result<Self> {
+        Self::load_threads(dir, device, precision, 0)
+    }
+
+    /// Like [`Self::load_with`], the int8 forward pass on `threads` compute threads (0 = every
+    /// core).
+    pub fn load_threads(
+        dir: &Path,
+        device: &Device,
+        precision: Precision,
+        threads: usize,
+    ) -> anyhow::Result<Self> {
         let mut tokenizer =
             Tokenizer::from_file(dir.join("tokenizer.json")).map_err(anyhow::Error::msg)?;
         tokenizer
@@ -82,7 +93,7 @@ impl Embedder {
             _ => false,
         };
         let model = if int8 {
-            Model::Int8(native::NativeBert::load(dir, 0)?)
+            Model::Int8(native::NativeBert::load(dir, threads)?)
         } else {
             let config: Config =
                 serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
@@ -307,7 +318,14 @@ pub struct EmbedderArgs {
         value_enum,
         default_value_t = Precision::Auto
     )]
-    pub precision: Precision,
+    pub embedder_precision: Precision,
+    /// Compute threads of the int8 forward pass (0 = every core).
+    #[arg(
+        long = "embedder-threads",
+        env = "GHOSTWRITER_EMBEDDER_THREADS",
+        default_value_t = 0
+    )]
+    pub embedder_threads: usize,
     /// Embeddings kept in memory (1.5 KB each), so repeated texts are embedded once.
     #[arg(
         long = "embedding-cache",
@@ -325,9 +343,13 @@ impl EmbedderArgs {
             .clone()
             .unwrap_or_else(|| model_dir.join(EMBEDDER_DIR));
         let device = crate::device::parse(&self.embedder_device)?;
-        let embedder = Embedder::load_with(&dir, &device, self.precision).map_err(|e| {
-            anyhow::anyhow!("loading the embedding model from {}: {e}", dir.display())
-        })?;
+        let embedder = Embedder::load_threads(
+            &dir,
+            &device,
+            self.embedder_precision,
+            self.embedder_threads,
+        )
+        .map_err(|e| anyhow::anyhow!("loading the embedding model from {}: {e}", dir.display()))?;
         Ok(CachedEmbedder::new(embedder, self.cache_entries))
     }
 }

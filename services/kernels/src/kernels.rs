@@ -601,8 +601,10 @@ unsafe fn scores16_avx512<const ROWS: usize>(
 }
 
 /// `out[r] += Σ_j p[r·stride + j] · v_j` over the `count` value rows of one cache block
-/// (`v[j·hd..]`, f16), for `nrep` heads: each value row is converted once for every head, and
-/// the heads' outputs stay in registers across the block.
+/// (`v[j·hd..]`, f16), for `rows` query vectors (the heads of a kv group, for one or several
+/// tokens). Each 16-wide slice of a value row is converted once for up to 12 vectors, whose
+/// accumulators stay in registers across the block; every output element is one FMA chain
+/// over `j` in order, whatever the other vectors.
 pub fn accumulate_values(
     out: &mut [f32],
     p: &[f32],
@@ -610,37 +612,39 @@ pub fn accumulate_values(
     count: usize,
     v: &[f16],
     hd: usize,
-    nrep: usize,
+    rows: usize,
 ) {
-    assert!(out.len() >= nrep * hd && v.len() >= count * hd);
-    assert!(count == 0 || p.len() >= (nrep - 1) * stride + count);
+    assert!(out.len() >= rows * hd && v.len() >= count * hd);
+    assert!(count == 0 || rows == 0 || p.len() >= (rows - 1) * stride + count);
     #[cfg(target_arch = "x86_64")]
     if has_vnni() && hd.is_multiple_of(16) {
-        // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F. The common shapes
-        // get constant sizes so the accumulators stay in registers.
-        match (hd / 16, nrep) {
-            (4, 3) => unsafe { accumulate_values_avx512::<4, 3>(out, p, stride, count, v) },
-            (4, 1) => unsafe { accumulate_values_avx512::<4, 1>(out, p, stride, count, v) },
-            (4, 2) => unsafe { accumulate_values_avx512::<4, 2>(out, p, stride, count, v) },
-            (4, 4) => unsafe { accumulate_values_avx512::<4, 4>(out, p, stride, count, v) },
-            (8, 1) => unsafe { accumulate_values_avx512::<8, 1>(out, p, stride, count, v) },
-            (8, 2) => unsafe { accumulate_values_avx512::<8, 2>(out, p, stride, count, v) },
-            (8, 3) => unsafe { accumulate_values_avx512::<8, 3>(out, p, stride, count, v) },
-            (8, 6) => unsafe { accumulate_values_avx512::<8, 6>(out, p, stride, count, v) },
-            (8, 7) => unsafe { accumulate_values_avx512::<8, 7>(out, p, stride, count, v) },
-            _ => {
-                for j in 0..count {
-                    for r in 0..nrep {
-                        let pr = p[r * stride + j];
-                        axpy_f16(&mut out[r * hd..(r + 1) * hd], pr, &v[j * hd..(j + 1) * hd]);
-                    }
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = (rows - r0).min(12);
+            let (out, p) = (&mut out[r0 * hd..], &p[r0 * stride..]);
+            // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
+            unsafe {
+                match n {
+                    1 => accumulate_values_avx512::<1>(out, p, stride, count, v, hd),
+                    2 => accumulate_values_avx512::<2>(out, p, stride, count, v, hd),
+                    3 => accumulate_values_avx512::<3>(out, p, stride, count, v, hd),
+                    4 => accumulate_values_avx512::<4>(out, p, stride, count, v, hd),
+                    5 => accumulate_values_avx512::<5>(out, p, stride, count, v, hd),
+                    6 => accumulate_values_avx512::<6>(out, p, stride, count, v, hd),
+                    7 => accumulate_values_avx512::<7>(out, p, stride, count, v, hd),
+                    8 => accumulate_values_avx512::<8>(out, p, stride, count, v, hd),
+                    9 => accumulate_values_avx512::<9>(out, p, stride, count, v, hd),
+                    10 => accumulate_values_avx512::<10>(out, p, stride, count, v, hd),
+                    11 => accumulate_values_avx512::<11>(out, p, stride, count, v, hd),
+                    _ => accumulate_values_avx512::<12>(out, p, stride, count, v, hd),
                 }
             }
+            r0 += n;
         }
         return;
     }
     for j in 0..count {
-        for r in 0..nrep {
+        for r in 0..rows {
             axpy_f16(
                 &mut out[r * hd..(r + 1) * hd],
                 p[r * stride + j],
@@ -652,38 +656,29 @@ pub fn accumulate_values(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn accumulate_values_avx512<const LANES: usize, const NREP: usize>(
+unsafe fn accumulate_values_avx512<const ROWS: usize>(
     out: &mut [f32],
     p: &[f32],
     stride: usize,
     count: usize,
     v: &[f16],
+    hd: usize,
 ) {
     use std::arch::x86_64::*;
-    let hd = LANES * 16;
-    let mut acc = [[_mm512_setzero_ps(); LANES]; NREP];
-    for (r, a) in acc.iter_mut().enumerate() {
-        for (c, x) in a.iter_mut().enumerate() {
-            *x = unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c * 16)) };
-        }
-    }
-    for j in 0..count {
-        let w: [__m512; NREP] =
-            std::array::from_fn(|r| _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) }));
-        let vv: [__m512; LANES] = std::array::from_fn(|c| {
-            _mm512_cvtph_ps(unsafe {
-                _mm256_loadu_si256(v.as_ptr().add(j * hd + c * 16) as *const _)
-            })
-        });
-        for (a, wr) in acc.iter_mut().zip(&w) {
-            for (x, vc) in a.iter_mut().zip(&vv) {
-                *x = _mm512_fmadd_ps(*vc, *wr, *x);
+    for c in (0..hd).step_by(16) {
+        let mut acc: [__m512; ROWS] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c)) });
+        for j in 0..count {
+            let vv = _mm512_cvtph_ps(unsafe {
+                _mm256_loadu_si256(v.as_ptr().add(j * hd + c) as *const _)
+            });
+            for (r, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) });
+                *a = _mm512_fmadd_ps(vv, w, *a);
             }
         }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        for (c, x) in a.iter().enumerate() {
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c * 16), *x) };
+        for (r, a) in acc.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c), *a) };
         }
     }
 }
@@ -992,6 +987,17 @@ mod tests {
             let mut alone = vec![0f32; 16];
             scores16(&q[r * hd..(r + 1) * hd], 1, hd, &kt, 16, &mut alone, 16);
             assert_eq!(&tiled[r * 16..(r + 1) * 16], &alone[..], "vector {r}");
+        }
+        let mut acc_tiled = vec![0.25f32; rows * hd];
+        accumulate_values(&mut acc_tiled, &tiled, 16, 16, &kt, hd, rows);
+        for r in 0..rows {
+            let mut alone = vec![0.25f32; hd];
+            accumulate_values(&mut alone, &tiled[r * 16..], 16, 16, &kt, hd, 1);
+            assert_eq!(
+                &acc_tiled[r * hd..(r + 1) * hd],
+                &alone[..],
+                "values of vector {r}"
+            );
         }
     }
 

@@ -746,7 +746,6 @@ fn attend_tile(
     out: &mut [f32],
 ) {
     let padded = (first + n).div_ceil(16) * 16;
-    let gw = nrep * hd;
     SCORES.with_borrow_mut(|scores| {
         scores.clear();
         scores.resize(n * nrep * padded, 0.0);
@@ -755,27 +754,31 @@ fn attend_tile(
             let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
             kernels::scores16(q, n * nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
         }
-        out.fill(0.0);
+        // Each token's probabilities over the positions it sees, zero up to the tile's last
+        // position (adding 0·v leaves its sums as they are), so one pass over the values
+        // serves the whole tile.
+        let end = first + n;
         for i in 0..n {
             let len = first + i + 1;
-            let sc = &mut scores[i * nrep * padded..(i + 1) * nrep * padded];
             for r in 0..nrep {
-                kernels::softmax(&mut sc[r * padded..r * padded + len]);
+                let row = &mut scores[(i * nrep + r) * padded..(i * nrep + r + 1) * padded];
+                kernels::softmax(&mut row[..len]);
+                row[len..end].fill(0.0);
             }
-            let o = &mut out[i * gw..(i + 1) * gw];
-            for p0 in (0..len).step_by(bs) {
-                let count = bs.min(len - p0);
-                let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
-                kernels::accumulate_values(
-                    o,
-                    &sc[p0..],
-                    padded,
-                    count,
-                    &kv.v[v..v + count * hd],
-                    hd,
-                    nrep,
-                );
-            }
+        }
+        out.fill(0.0);
+        for p0 in (0..end).step_by(bs) {
+            let count = bs.min(end - p0);
+            let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
+            kernels::accumulate_values(
+                out,
+                &scores[p0..],
+                padded,
+                count,
+                &kv.v[v..v + count * hd],
+                hd,
+                n * nrep,
+            );
         }
     })
 }
