@@ -2,17 +2,25 @@
 //! TOKEN`, where TOKEN is either
 //! - a static token from a token file (`--auth-tokens`) whose lines are `TOKEN USER_ID` (that
 //!   user only) or `TOKEN *` (an administrator: any user, e.g. bulk ingest and evaluation), or
-//! - a JWT: HS256 with a shared secret (`--auth-jwt-secret-file`) or RS256/ES256 with a PEM
-//!   public key (`--auth-jwt-keys`); issuer and audience are checked, `exp` is required and
+//! - a JWT: HS256 with a shared secret (`--auth-jwt-secret-file`) or RS256/ES256 with public
+//!   keys (`--auth-jwt-keys`: one PEM key, or a JWK set whose `kid`s select the key, so an
+//!   identity provider can rotate); issuer and audience are checked, `exp` is required and
 //!   `nbf` honoured; `sub` is the only user it may act for, unless its `scope` holds
-//!   `ghostwriter:admin`.
+//!   `ghostwriter:admin`. A token's `alg` must be its key's: no algorithm confusion.
+//!
+//! The files are re-read when they change (checked every few seconds): tokens can be revoked
+//! and keys rotated without a restart. A file that no longer loads keeps the previous
+//! credentials, with a warning.
 //!
 //! Missing or unknown credentials get UNAUTHENTICATED; acting for another user gets
 //! PERMISSION_DENIED. Neither message says whether the user exists.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 use tonic::Status;
 use tonic::metadata::MetadataMap;
@@ -87,16 +95,29 @@ impl Tokens {
 /// The scope that may act for any user.
 pub const ADMIN_SCOPE: &str = "ghostwriter:admin";
 
-/// JWT verification: one key, its algorithm, the expected issuer and audience.
-pub struct Jwt {
-    key: jsonwebtoken::DecodingKey,
+/// A verification key: its `kid` (from a JWK set) and the one algorithm it verifies.
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
     validation: jsonwebtoken::Validation,
+}
+
+/// JWT verification: the keys, the expected issuer and audience.
+pub struct Jwt {
+    keys: Vec<Key>,
 }
 
 impl std::fmt::Debug for Jwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jwt")
-            .field("algorithms", &self.validation.algorithms)
+            .field(
+                "keys",
+                &self
+                    .keys
+                    .iter()
+                    .map(|k| (k.kid.clone(), k.validation.algorithms.clone()))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -108,63 +129,108 @@ struct Claims {
     scope: String,
 }
 
-impl Jwt {
-    fn new(
-        key: jsonwebtoken::DecodingKey,
-        algorithm: jsonwebtoken::Algorithm,
-        issuer: &str,
-        audience: &str,
-    ) -> Self {
-        let mut validation = jsonwebtoken::Validation::new(algorithm);
-        validation.set_issuer(&[issuer]);
-        validation.set_audience(&[audience]);
-        validation.validate_nbf = true;
-        validation.leeway = 30;
-        validation.required_spec_claims = ["exp", "sub", "iss", "aud"]
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        Self { key, validation }
-    }
+fn validation(algorithm: Algorithm, issuer: &str, audience: &str) -> jsonwebtoken::Validation {
+    let mut validation = jsonwebtoken::Validation::new(algorithm);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[audience]);
+    validation.validate_nbf = true;
+    validation.leeway = 30;
+    validation.required_spec_claims = ["exp", "sub", "iss", "aud"]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    validation
+}
 
+impl Jwt {
     /// HS256 with a shared secret.
     pub fn hs256(secret: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             secret.len() >= 32,
             "the JWT secret must be at least 32 bytes"
         );
-        Ok(Self::new(
-            jsonwebtoken::DecodingKey::from_secret(secret),
-            jsonwebtoken::Algorithm::HS256,
-            issuer,
-            audience,
-        ))
+        Ok(Self {
+            keys: vec![Key {
+                kid: None,
+                key: DecodingKey::from_secret(secret),
+                validation: validation(Algorithm::HS256, issuer, audience),
+            }],
+        })
     }
 
-    /// RS256 or ES256 with a PEM public key (RSA or P-256).
-    pub fn public_key(pem: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
-        use jsonwebtoken::{Algorithm, DecodingKey};
-        let (key, algorithm) = match DecodingKey::from_rsa_pem(pem) {
-            Ok(k) => (k, Algorithm::RS256),
-            Err(_) => (
-                DecodingKey::from_ec_pem(pem)
-                    .map_err(|e| anyhow::anyhow!("not an RSA or EC public key in PEM: {e}"))?,
-                Algorithm::ES256,
-            ),
+    /// RS256/ES256 public keys: one PEM key (RSA, or EC P-256), or a JWK set (JSON,
+    /// `{"keys": [...]}`) of RSA and P-256 keys.
+    pub fn public_keys(file: &[u8], issuer: &str, audience: &str) -> anyhow::Result<Self> {
+        let text = String::from_utf8_lossy(file);
+        let keys = if text.trim_start().starts_with('{') {
+            let set: jsonwebtoken::jwk::JwkSet =
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("not a JWK set: {e}"))?;
+            let mut keys = Vec::new();
+            for (i, jwk) in set.keys.iter().enumerate() {
+                use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+                let algorithm = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                    (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => {
+                        Algorithm::RS256
+                    }
+                    (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                        if ec.curve == EllipticCurve::P256 =>
+                    {
+                        Algorithm::ES256
+                    }
+                    _ => anyhow::bail!(
+                        "key {} of the JWK set is neither an RS256 nor an ES256 (P-256) key",
+                        i + 1
+                    ),
+                };
+                keys.push(Key {
+                    kid: jwk.common.key_id.clone(),
+                    key: DecodingKey::from_jwk(jwk)
+                        .map_err(|e| anyhow::anyhow!("key {} of the JWK set: {e}", i + 1))?,
+                    validation: validation(algorithm, issuer, audience),
+                });
+            }
+            anyhow::ensure!(!keys.is_empty(), "the JWK set holds no key");
+            keys
+        } else {
+            let (key, algorithm) = match DecodingKey::from_rsa_pem(file) {
+                Ok(k) => (k, Algorithm::RS256),
+                Err(_) => (
+                    DecodingKey::from_ec_pem(file).map_err(|e| {
+                        anyhow::anyhow!("neither a JWK set nor an RSA or EC public key in PEM: {e}")
+                    })?,
+                    Algorithm::ES256,
+                ),
+            };
+            vec![Key {
+                kid: None,
+                key,
+                validation: validation(algorithm, issuer, audience),
+            }]
         };
-        Ok(Self::new(key, algorithm, issuer, audience))
+        Ok(Self { keys })
     }
 
     fn grant(&self, token: &str) -> Result<Grant, Status> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|_| Status::unauthenticated("invalid credentials"))?;
-        let c = data.claims;
-        if c.scope.split_whitespace().any(|s| s == ADMIN_SCOPE) {
+        let invalid = || Status::unauthenticated("invalid credentials");
+        let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
+        // The keys of the token's algorithm (and of its kid, when both name one).
+        let claims = self
+            .keys
+            .iter()
+            .filter(|k| k.validation.algorithms.contains(&header.alg))
+            .filter(|k| match (&header.kid, &k.kid) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            })
+            .find_map(|k| jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation).ok())
+            .ok_or_else(invalid)?
+            .claims;
+        if claims.scope.split_whitespace().any(|s| s == ADMIN_SCOPE) {
             Ok(Grant::Admin)
-        } else if c.sub.is_empty() {
-            Err(Status::unauthenticated("invalid credentials"))
+        } else if claims.sub.is_empty() {
+            Err(invalid())
         } else {
-            Ok(Grant::User(c.sub))
+            Ok(Grant::User(claims.sub))
         }
     }
 }
@@ -182,7 +248,8 @@ pub struct AuthArgs {
         env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE"
     )]
     pub jwt_secret_file: Option<std::path::PathBuf>,
-    /// Accept RS256/ES256 JWTs verified with the public key in this PEM file.
+    /// Accept RS256/ES256 JWTs verified with the public keys in this file: one PEM key, or a
+    /// JWK set (JSON) whose `kid`s select the key.
     #[arg(long = "auth-jwt-keys", env = "GHOSTWRITER_AUTH_JWT_KEYS")]
     pub jwt_keys: Option<std::path::PathBuf>,
     /// Required `iss` of JWTs.
@@ -203,8 +270,16 @@ impl AuthArgs {
         self.tokens.is_some() || self.jwt_secret_file.is_some() || self.jwt_keys.is_some()
     }
 
-    /// The authenticator these flags describe (off when none is set).
-    pub fn load(&self) -> anyhow::Result<Auth> {
+    /// The credential files these flags name.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        [&self.tokens, &self.jwt_secret_file, &self.jwt_keys]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    fn sources(&self) -> anyhow::Result<Sources> {
         let tokens = self.tokens.as_deref().map(Tokens::load).transpose()?;
         let issuer = || {
             self.jwt_issuer
@@ -223,49 +298,114 @@ impl AuthArgs {
                 let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
                 Some(Jwt::hs256(&secret, issuer()?, &self.jwt_audience)?)
             }
-            (None, Some(p)) => Some(Jwt::public_key(&read(p)?, issuer()?, &self.jwt_audience)?),
+            (None, Some(p)) => Some(
+                Jwt::public_keys(&read(p)?, issuer()?, &self.jwt_audience)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            ),
             (None, None) => None,
         };
-        Ok(Auth {
-            tokens: tokens.map(Arc::new),
-            jwt: jwt.map(Arc::new),
-        })
+        Ok(Sources { tokens, jwt })
     }
+
+    /// The authenticator these flags describe (off when none is set). Inside a tokio runtime,
+    /// its files are watched: a change is loaded within [`RELOAD_EVERY`], and a file that no
+    /// longer loads keeps the previous credentials.
+    pub fn load(&self) -> anyhow::Result<Auth> {
+        let modified = |files: &[std::path::PathBuf]| -> Vec<Option<SystemTime>> {
+            files
+                .iter()
+                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .collect()
+        };
+        // The files' times as loaded: a change from here on is reloaded.
+        let files = self.files();
+        let mut seen = modified(&files);
+        let auth = Auth::from_sources(self.sources()?);
+        if let (true, Ok(runtime)) = (self.configured(), tokio::runtime::Handle::try_current()) {
+            let (args, inner) = (self.clone(), Arc::downgrade(&auth.inner));
+            runtime.spawn(async move {
+                let mut failed = None;
+                loop {
+                    tokio::time::sleep(RELOAD_EVERY).await;
+                    // Stops with the authenticator.
+                    let Some(inner) = inner.upgrade() else { return };
+                    let now = modified(&files);
+                    if now == seen || failed.as_ref() == Some(&now) {
+                        continue;
+                    }
+                    match args.sources() {
+                        Ok(sources) => {
+                            *inner.write().unwrap_or_else(|e| e.into_inner()) = sources;
+                            (seen, failed) = (now, None);
+                            tracing::info!("credential files reloaded");
+                        }
+                        // Tried again at the files' next change (they may be half written).
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "credential files changed but do not load; keeping the previous credentials");
+                            failed = Some(now);
+                        }
+                    }
+                }
+            });
+        }
+        Ok(auth)
+    }
+}
+
+/// How often the credential files are checked for changes.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// The credentials in force.
+#[derive(Debug, Default)]
+struct Sources {
+    tokens: Option<Tokens>,
+    jwt: Option<Jwt>,
 }
 
 /// The public API's authenticator; with neither source, authentication is off.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
-    tokens: Option<Arc<Tokens>>,
-    jwt: Option<Arc<Jwt>>,
+    inner: Arc<RwLock<Sources>>,
 }
 
 impl Auth {
+    fn from_sources(sources: Sources) -> Self {
+        Self {
+            inner: Arc::new(RwLock::new(sources)),
+        }
+    }
+
     /// Authentication with these tokens.
     pub fn tokens(tokens: Tokens) -> Self {
-        Self {
-            tokens: Some(Arc::new(tokens)),
+        Self::from_sources(Sources {
+            tokens: Some(tokens),
             jwt: None,
-        }
+        })
     }
 
     /// Authentication with JWTs.
     pub fn jwt(jwt: Jwt) -> Self {
-        Self {
+        Self::from_sources(Sources {
             tokens: None,
-            jwt: Some(Arc::new(jwt)),
-        }
+            jwt: Some(jwt),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Sources> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether credentials are checked.
     pub fn enabled(&self) -> bool {
-        self.tokens.is_some() || self.jwt.is_some()
+        let s = self.read();
+        s.tokens.is_some() || s.jwt.is_some()
     }
 
     /// The caller's grant from its `authorization` header (with authentication off, everyone
     /// is an administrator).
     pub fn grant(&self, metadata: &MetadataMap) -> Result<Grant, Status> {
-        if !self.enabled() {
+        let s = self.read();
+        if s.tokens.is_none() && s.jwt.is_none() {
             return Ok(Grant::Admin);
         }
         let token = metadata
@@ -276,10 +416,10 @@ impl Auth {
             .ok_or_else(|| {
                 Status::unauthenticated("missing credentials: send `authorization: Bearer TOKEN`")
             })?;
-        if let Some(grant) = self.tokens.as_ref().and_then(|t| t.grants.get(token)) {
+        if let Some(grant) = s.tokens.as_ref().and_then(|t| t.grants.get(token)) {
             return Ok(grant.clone());
         }
-        match &self.jwt {
+        match &s.jwt {
             Some(jwt) => jwt.grant(token),
             None => Err(Status::unauthenticated("invalid credentials")),
         }
@@ -393,5 +533,174 @@ mod tests {
             );
         }
         assert!(Jwt::hs256(b"short", "i", "a").is_err());
+    }
+
+    /// Signs `claims` for alice (issuer `https://idp.example`, audience `ghostwriter`, valid
+    /// ten minutes) with `alg`, `kid` and the key `pem`.
+    fn signed(alg: Algorithm, kid: Option<&str>, pem: &str, sub: &str) -> MetadataMap {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "sub": sub, "iss": "https://idp.example", "aud": "ghostwriter", "exp": now + 600,
+        });
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+            _ => EncodingKey::from_secret(pem.as_bytes()),
+        };
+        let mut header = Header::new(alg);
+        header.kid = kid.map(String::from);
+        md(Some(&format!(
+            "Bearer {}",
+            encode(&header, &claims, &key).unwrap()
+        )))
+    }
+
+    const RSA: &str = include_str!("../tests/data/jwt/rsa.pem");
+    const RSA_PUB: &str = include_str!("../tests/data/jwt/rsa.pub.pem");
+    const EC: &str = include_str!("../tests/data/jwt/ec.pem");
+    const EC_PUB: &str = include_str!("../tests/data/jwt/ec.pub.pem");
+    const JWKS: &str = include_str!("../tests/data/jwt/jwks.json");
+
+    #[test]
+    fn rs256_and_es256_from_pem_keys_and_a_jwk_set() {
+        let unauthenticated = |auth: &Auth, m: &MetadataMap| {
+            auth.grant(m).unwrap_err().code() == tonic::Code::Unauthenticated
+        };
+        let alice = Grant::User("alice".into());
+        // One PEM public key each.
+        let rsa = Auth::jwt(
+            Jwt::public_keys(RSA_PUB.as_bytes(), "https://idp.example", "ghostwriter").unwrap(),
+        );
+        let ec = Auth::jwt(
+            Jwt::public_keys(EC_PUB.as_bytes(), "https://idp.example", "ghostwriter").unwrap(),
+        );
+        assert_eq!(
+            rsa.grant(&signed(Algorithm::RS256, None, RSA, "alice"))
+                .unwrap(),
+            alice
+        );
+        assert_eq!(
+            ec.grant(&signed(Algorithm::ES256, None, EC, "alice"))
+                .unwrap(),
+            alice
+        );
+        assert!(unauthenticated(
+            &rsa,
+            &signed(Algorithm::ES256, None, EC, "alice")
+        ));
+        assert!(unauthenticated(
+            &ec,
+            &signed(Algorithm::RS256, None, RSA, "alice")
+        ));
+        // Algorithm confusion: an HS256 token "signed" with the public key's text.
+        assert!(unauthenticated(
+            &rsa,
+            &signed(Algorithm::HS256, None, RSA_PUB, "alice")
+        ));
+        // A JWK set: both keys, chosen by kid; a token naming the other key's kid fails.
+        let set = Auth::jwt(
+            Jwt::public_keys(JWKS.as_bytes(), "https://idp.example", "ghostwriter").unwrap(),
+        );
+        assert_eq!(
+            set.grant(&signed(Algorithm::RS256, Some("rsa-1"), RSA, "alice"))
+                .unwrap(),
+            alice
+        );
+        assert_eq!(
+            set.grant(&signed(Algorithm::ES256, Some("ec-1"), EC, "alice"))
+                .unwrap(),
+            alice
+        );
+        assert_eq!(
+            set.grant(&signed(Algorithm::ES256, None, EC, "alice"))
+                .unwrap(),
+            alice
+        );
+        assert!(unauthenticated(
+            &set,
+            &signed(Algorithm::ES256, Some("rsa-1"), EC, "alice")
+        ));
+        assert!(unauthenticated(
+            &set,
+            &signed(Algorithm::ES256, Some("gone"), EC, "alice")
+        ));
+        assert!(unauthenticated(
+            &set,
+            &signed(Algorithm::HS256, Some("rsa-1"), RSA_PUB, "alice")
+        ));
+        // Not keys.
+        assert!(Jwt::public_keys(b"{\"keys\": []}", "i", "a").is_err());
+        assert!(Jwt::public_keys(b"-----BEGIN NOTHING-----", "i", "a").is_err());
+        assert!(
+            Jwt::public_keys(br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#, "i", "a").is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn changed_credential_files_are_reloaded_and_a_bad_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tokens, keys) = (dir.path().join("tokens"), dir.path().join("keys.pem"));
+        std::fs::write(&tokens, "old-token-0123456789 alice\n").unwrap();
+        std::fs::write(&keys, EC_PUB).unwrap();
+        let args = AuthArgs {
+            tokens: Some(tokens.clone()),
+            jwt_keys: Some(keys.clone()),
+            jwt_issuer: Some("https://idp.example".into()),
+            jwt_audience: "ghostwriter".into(),
+            ..Default::default()
+        };
+        let auth = args.load().unwrap();
+        let old = md(Some("Bearer old-token-0123456789"));
+        let new = md(Some("Bearer new-token-0123456789"));
+        assert!(auth.grant(&old).is_ok());
+        assert!(
+            auth.grant(&signed(Algorithm::ES256, None, EC, "alice"))
+                .is_ok()
+        );
+        // Rotation: a new token replaces the old one, the RSA key replaces the EC key.
+        let later = SystemTime::now() + Duration::from_secs(5);
+        let touch = |p: &Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(later)
+                .unwrap()
+        };
+        std::fs::write(&tokens, "new-token-0123456789 alice\n").unwrap();
+        std::fs::write(&keys, RSA_PUB).unwrap();
+        touch(&tokens);
+        touch(&keys);
+        let reloaded = async {
+            while auth.grant(&old).is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(RELOAD_EVERY * 5, reloaded)
+            .await
+            .unwrap();
+        assert!(auth.grant(&new).is_ok());
+        assert!(
+            auth.grant(&signed(Algorithm::RS256, None, RSA, "alice"))
+                .is_ok()
+        );
+        assert!(
+            auth.grant(&signed(Algorithm::ES256, None, EC, "alice"))
+                .is_err()
+        );
+        // A token file that no longer parses keeps what was in force.
+        std::fs::write(&tokens, "short alice\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tokens)
+            .unwrap()
+            .set_modified(later + Duration::from_secs(5))
+            .unwrap();
+        tokio::time::sleep(RELOAD_EVERY * 2).await;
+        assert!(auth.grant(&new).is_ok());
     }
 }
