@@ -132,14 +132,7 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
     }
 
     // Probes that cannot speak TLS gRPC (the kubelet's) read readiness over plain HTTP.
-    let readyz = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&metrics).await.unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let readyz = common::http_get(&metrics, "/readyz").await;
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 
     // Plaintext, an anonymous TLS caller, and a certificate of another CA are all refused.

@@ -12,7 +12,6 @@ use ghostwriter::proto::generate_request::Input;
 use ghostwriter::proto::generator_client::GeneratorClient;
 use ghostwriter::proto::{GenerateRequest, GenerationParams};
 use ghostwriter_common::shutdown;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn request(tokens: u32) -> GenerateRequest {
     GenerateRequest {
@@ -27,13 +26,7 @@ fn request(tokens: u32) -> GenerateRequest {
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    common::http_get(&addr.to_string(), "/metrics").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

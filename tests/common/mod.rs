@@ -174,14 +174,23 @@ pub fn port() -> u16 {
     free_port("127.0.0.1")
 }
 
-/// `ghostwriter_generated_tokens_total` on a process's `/metrics` at `addr`.
-pub async fn generated_tokens(addr: &str) -> u64 {
+/// The whole HTTP/1.1 response (status line, headers, body) to `GET path` on the plain-HTTP
+/// metrics port at `addr`, as a probe or a scraper sends it.
+pub async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    out.lines()
+    out
+}
+
+/// `ghostwriter_generated_tokens_total` on a process's `/metrics` at `addr`.
+pub async fn generated_tokens(addr: &str) -> u64 {
+    http_get(addr, "/metrics")
+        .await
+        .lines()
         .find(|l| l.starts_with("ghostwriter_generated_tokens_total"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())

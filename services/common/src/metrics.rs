@@ -9,7 +9,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::shutdown::Shutdown;
@@ -190,50 +189,50 @@ pub fn render() -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// Serves `GET /metrics` (and `/healthz`) over plain HTTP/1.1 on `listener` until `shutdown`.
+/// Serves `GET /metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 (axum) on `listener`
+/// until `shutdown`.
 pub async fn serve(listener: TcpListener, shutdown: Shutdown) {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "metrics on /metrics");
-    let stop = shutdown.wait();
-    tokio::pin!(stop);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut stop => return,
-            a = listener.accept() => a,
-        };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                socket.read(&mut buf),
+    let text = |status: StatusCode, body: String| {
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            body,
+        )
+    };
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move { text(StatusCode::OK, render()) }),
+        )
+        .route(
+            "/healthz",
+            get(move || async move { text(StatusCode::OK, "ok\n".into()) }),
+        )
+        // SERVING, as the gRPC health service says: for probes that cannot speak TLS.
+        .route(
+            "/readyz",
+            get(move || async move {
+                if crate::server::ready() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+                }
+            }),
+        )
+        .fallback(move || async move {
+            text(
+                StatusCode::NOT_FOUND,
+                "not found; metrics are on /metrics\n".into(),
             )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                // SERVING, as the gRPC health service says: for probes that cannot speak TLS.
-                "/readyz" if crate::server::ready() => ("200 OK", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-                _ => (
-                    "404 Not Found",
-                    "not found; metrics are on /metrics\n".to_string(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
         });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await
+    {
+        tracing::warn!(error = %e, "the metrics endpoint stopped");
     }
 }
