@@ -20,14 +20,7 @@ use ghostwriter_synthesizer::SynthesizerConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// The stages, in start order.
-pub const STAGES: &[&str] = &[
-    "retriever",
-    "ranker",
-    "synthesizer",
-    "generator",
-    "summarizer",
-];
+use ghostwriter_common::stage::StageKind;
 
 /// Settings of every stage of the embedded topology.
 #[derive(Debug, Clone, clap::Args)]
@@ -125,8 +118,8 @@ impl Embedded {
         public: TcpListener,
     ) -> anyhow::Result<Self> {
         let mut listeners = BTreeMap::new();
-        for stage in STAGES {
-            listeners.insert(*stage, TcpListener::bind("127.0.0.1:0").await?);
+        for stage in StageKind::STAGES {
+            listeners.insert(stage.name(), TcpListener::bind("127.0.0.1:0").await?);
         }
         let mut addrs: BTreeMap<&'static str, SocketAddr> = listeners
             .iter()
@@ -199,7 +192,7 @@ impl Embedded {
         );
 
         let timeout = Duration::from_secs(config.ready_timeout_secs);
-        for stage in STAGES {
+        for stage in StageKind::STAGES.map(StageKind::name) {
             if let Err(e) = wait_until_serving(&url(addrs[stage]), "", timeout).await {
                 // A stage that failed to start says why in its task's result.
                 let why = me

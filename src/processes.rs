@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ghostwriter_common::client::wait_until_serving;
+use ghostwriter_common::stage::StageKind;
 
 /// Stage processes of a local multi-process topology; killed on drop.
 pub struct Processes {
@@ -39,14 +40,7 @@ impl Processes {
     /// loopback ports, wired by static URLs, and waits until each reports SERVING.
     pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
         let mut urls = BTreeMap::new();
-        for stage in [
-            "retriever",
-            "ranker",
-            "summarizer",
-            "synthesizer",
-            "generator",
-            "orchestrator",
-        ] {
+        for stage in StageKind::ALL.map(StageKind::name) {
             urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
         }
         let mut me = Self {
@@ -250,14 +244,7 @@ impl Processes {
         me.urls.insert("etcd", etcd_url.clone());
         // The summarizer dials the generator directly: it needs its address up front.
         let generator = format!("127.0.0.1:{}", free_port()?);
-        for stage in [
-            "retriever",
-            "ranker",
-            "summarizer",
-            "synthesizer",
-            "generator",
-            "orchestrator",
-        ] {
+        for stage in StageKind::ALL.map(StageKind::name) {
             let listen = match stage {
                 "orchestrator" => public.to_string(),
                 "generator" => generator.clone(),

@@ -352,14 +352,16 @@ fn render(helm: &Path, site: &Path, name: &str, extra: &[&str]) -> Render {
     Render { text, summary }
 }
 
-const STAGES: [&str; 6] = [
-    "orchestrator",
-    "retriever",
-    "ranker",
-    "summarizer",
-    "synthesizer",
-    "generator",
-];
+const STAGES: [&str; 6] = {
+    use ghostwriter_common::stage::StageKind;
+    let mut names = [""; 6];
+    let mut i = 0;
+    while i < 6 {
+        names[i] = StageKind::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
 /// Where every pod that speaks TLS has the Secret.
 const TLS_DIR: &str = "/etc/ghostwriter/tls";

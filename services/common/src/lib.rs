@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod models;
 pub mod server;
 pub mod shutdown;
+pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod text;

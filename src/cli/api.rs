@@ -1,0 +1,339 @@
+//! Clients of the public API: `write`, `ingest`, `distinguish`, `presets`, `info`.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
+use ghostwriter::proto::write_stream_response::Event;
+use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
+use ghostwriter::{loaders, output};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_stream::StreamExt;
+
+/// Where the public API is and the credential it is called with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Ghostwriter API URL.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub to: String,
+    /// Bearer token of the public API (one that may act for the users named).
+    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ApiArgs {
+    /// A request to the API: `body` with a deadline `timeout` seconds away and the token.
+    pub fn request<T>(&self, body: T, timeout: u64) -> anyhow::Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(body);
+        request.set_timeout(Duration::from_secs(timeout));
+        ghostwriter_common::auth::bearer(&mut request, self.token.as_deref())?;
+        Ok(request)
+    }
+}
+
+/// Options of `ingest`.
+#[derive(clap::Args)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Documents per request.
+    #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
+    pub batch: usize,
+    /// The file.
+    pub file: std::path::PathBuf,
+}
+
+/// Options of `presets`.
+#[derive(clap::Args)]
+pub struct PresetsArgs {
+    /// Ask this running Ghostwriter (its ListPresets RPC) instead of listing the built-in ones.
+    #[arg(long, env = "GHOSTWRITER_URL")]
+    pub to: Option<String>,
+    /// Bearer token of the public API.
+    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DistinguishArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The supposed author.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// The text (its first 150 characters are judged).
+    #[arg(long)]
+    text: String,
+    /// Compare only with documents written before this unix time.
+    #[arg(long)]
+    timestamp: Option<i64>,
+    /// Earlier documents compared (0 = 4).
+    #[arg(long, default_value_t = 0)]
+    max_documents: u32,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Parser)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The author.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// Title of the document.
+    #[arg(long, default_value = "", env = "GHOSTWRITER_TITLE")]
+    title: String,
+    /// The start of the document.
+    #[arg(long, env = "GHOSTWRITER_START")]
+    start: String,
+    /// Preset (see `ghostwriter presets`).
+    #[arg(long, default_value = "full", env = "GHOSTWRITER_PRESET")]
+    preset: String,
+    /// Print the whole response, provenance included, as JSON.
+    #[arg(long, env = "GHOSTWRITER_JSON")]
+    json: bool,
+    /// Print the text as it is generated.
+    #[arg(long, env = "GHOSTWRITER_STREAM")]
+    stream: bool,
+    /// Tokens to generate at most (0 = server default).
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_WRITE_MAX_NEW_TOKENS")]
+    max_new_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TEMPERATURE")]
+    temperature: f32,
+    /// Nucleus sampling threshold (0 or 1 = off).
+    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TOP_P")]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_SEED")]
+    seed: u64,
+    /// Stop string (repeatable).
+    #[arg(long, env = "GHOSTWRITER_STOP")]
+    stop: Vec<String>,
+    /// When the document is written (unix seconds); only earlier documents are used.
+    #[arg(long, env = "GHOSTWRITER_TIMESTAMP")]
+    timestamp: Option<i64>,
+    /// Id of the document being written.
+    #[arg(long, default_value = "", env = "GHOSTWRITER_DOC_ID")]
+    doc_id: String,
+    /// Characters of title+start used as the immediate context (0 = the paper's 150).
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_CONTEXT_CHARS")]
+    context_chars: u32,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT")]
+    timeout: u64,
+}
+
+pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.api.to).await?;
+    let request = args.api.request(
+        ghostwriter::proto::DistinguishRequest {
+            user_id: args.user,
+            text: args.text,
+            timestamp: args.timestamp,
+            doc_id: String::new(),
+            max_documents: args.max_documents,
+        },
+        args.timeout,
+    )?;
+    let r = client
+        .distinguish(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("{:.3}", r.probability);
+    for d in &r.documents {
+        eprintln!("  {:.3}  {}", d.probability, d.doc_id);
+    }
+    eprintln!("model: {}", r.model);
+    Ok(())
+}
+
+pub async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {
+    let client = GhostwriterClient::new(
+        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+    );
+    Ok(client
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20))
+}
+
+/// Sends every document of `file` in batches, with a progress bar; returns the count.
+pub async fn ingest(
+    url: &str,
+    batch: usize,
+    file: &std::path::Path,
+    token: Option<&str>,
+) -> anyhow::Result<usize> {
+    let path = file.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
+    if loaded.skipped_empty > 0 {
+        eprintln!(
+            "skipping {} documents with neither title nor text",
+            loaded.skipped_empty
+        );
+    }
+    let bar = ProgressBar::new(loaded.documents.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} docs ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("ingesting");
+    let started = Instant::now();
+    let total = ghostwriter::embedded::ingest_batches(url, &loaded.documents, batch, token, |n| {
+        bar.inc(n as u64)
+    })
+    .await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "ingested {} documents from {} in {:.1}s ({} in the index)",
+        loaded.documents.len(),
+        file.display(),
+        started.elapsed().as_secs_f64(),
+        total
+    );
+    Ok(loaded.documents.len())
+}
+
+fn write_request(a: &WriteArgs) -> WriteRequest {
+    WriteRequest {
+        user_id: a.user.clone(),
+        title: a.title.clone(),
+        start: a.start.clone(),
+        preset: a.preset.clone(),
+        timestamp: a.timestamp,
+        doc_id: a.doc_id.clone(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                seed: a.seed,
+                stop: a.stop.clone(),
+            }),
+            context_chars: a.context_chars,
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub async fn write(args: WriteArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.api.to).await?;
+    let request = args.api.request(write_request(&args), args.timeout)?;
+    if !args.stream {
+        let response = client
+            .write(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&output::write_response_json(&response))?
+            );
+        } else {
+            println!("{}", response.document);
+            if let Some(p) = &response.provenance {
+                eprintln!("\n{}", output::provenance_text(p));
+            }
+        }
+        return Ok(());
+    }
+    let mut stream = client
+        .write_stream(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(message) = stream.next().await {
+        match message.map_err(status_error)?.event {
+            Some(Event::Provenance(p)) if !args.json => {
+                print!("{}", p.immediate_context);
+                stdout.flush()?;
+            }
+            Some(Event::Text(t)) if !args.json => {
+                print!("{t}");
+                stdout.flush()?;
+            }
+            Some(Event::Done(done)) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&output::write_response_json(&done))?
+                    );
+                } else {
+                    println!();
+                    if let Some(p) = &done.provenance {
+                        eprintln!("\n{}", output::provenance_text(p));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `presets`: the built-in ones, or with `--to` those of a running Ghostwriter.
+pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
+    let Some(to) = args.to else {
+        for p in ghostwriter_orchestrator::PRESETS {
+            println!("{:<18} {}", p.name, p.description);
+        }
+        return Ok(());
+    };
+    let api = ApiArgs {
+        to,
+        token: args.token,
+    };
+    let r = connect(&api.to)
+        .await?
+        .list_presets(api.request(ghostwriter::proto::ListPresetsRequest {}, 30)?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for p in r.presets {
+        let default = if p.name == r.default_preset {
+            " (default)"
+        } else {
+            ""
+        };
+        println!("{:<18} {}{default}", p.name, p.description);
+    }
+    Ok(())
+}
+
+/// `info`: what a running Ghostwriter serves.
+pub async fn info(api: ApiArgs) -> anyhow::Result<()> {
+    let r = connect(&api.to)
+        .await?
+        .info(api.request(ghostwriter::proto::InfoRequest {}, 30)?)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let g = r.generator.unwrap_or_default();
+    let info = serde_json::json!({
+        "version": r.version,
+        "model": g.model,
+        "adapter": g.adapter,
+        "backend": g.backend,
+        "context_tokens": g.context_tokens,
+        "default_preset": r.default_preset,
+        "presets": r.presets,
+        "authentication": r.authentication,
+    });
+    println!("{}", serde_json::to_string_pretty(&info)?);
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! `serve STAGE`: one stage (or the orchestrator) as its own server, how Kubernetes runs it,
+//! and the settings every serving process shares.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use ghostwriter_common::shutdown;
+use ghostwriter_common::stage::StageKind;
+use tokio::net::TcpListener;
+
+/// Options of `serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_LISTEN",
+        default_value = "0.0.0.0:50051",
+        global = true
+    )]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+    #[command(subcommand)]
+    pub stage: Stage,
+}
+
+/// Settings of a serving process.
+#[derive(clap::Args)]
+pub struct ProcessArgs {
+    /// RPCs each service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
+    /// Health checks are never limited.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_MAX_CONCURRENCY",
+        default_value_t = 256,
+        global = true
+    )]
+    pub max_concurrency: usize,
+    /// Seconds a stopping server waits for the RPCs in flight before cutting them off.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_DRAIN_TIMEOUT_SECS",
+        default_value_t = 30.0,
+        global = true
+    )]
+    pub drain_timeout_secs: f64,
+    /// Ingest budget, MiB: encoded ingest batches this process holds at once (the public API
+    /// and the retriever each); past it, RESOURCE_EXHAUSTED with a retry delay, so concurrent
+    /// maximum-size batches cannot exhaust memory. A batch larger than the whole budget is told
+    /// to split.
+    #[arg(long, env = "GHOSTWRITER_INGEST_BUDGET_MB", default_value_t = ghostwriter_common::ingest::DEFAULT_BUDGET_MB, global = true)]
+    pub ingest_budget_mb: usize,
+    /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
+    #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub discovery: ghostwriter_discovery::DiscoveryArgs,
+    /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
+    /// 127.0.0.1 for an unspecified address.
+    #[arg(long, env = "GHOSTWRITER_ADVERTISE", global = true)]
+    pub advertise: Option<String>,
+    /// Retriever shard this process serves (registered in etcd; see --retriever-shards).
+    #[arg(long, env = "GHOSTWRITER_SHARD", global = true)]
+    pub shard: Option<u32>,
+}
+
+impl ProcessArgs {
+    /// Applies the limit and starts the metrics endpoint.
+    pub async fn apply(
+        &self,
+        shutdown: ghostwriter_common::shutdown::Shutdown,
+    ) -> anyhow::Result<()> {
+        let drain_timeout = Duration::try_from_secs_f64(self.drain_timeout_secs).map_err(|_| {
+            anyhow::anyhow!("--drain-timeout-secs must be a non-negative number of seconds")
+        })?;
+        ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
+            max_concurrency: self.max_concurrency,
+            drain_timeout,
+        });
+        ghostwriter_common::ingest::configure_budget(self.ingest_budget_mb);
+        if let Some(addr) = self.metrics_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics on {addr}"))?;
+            tokio::spawn(ghostwriter_common::metrics::serve(listener, shutdown));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Stage {
+    /// The tantivy index of users' documents.
+    Retriever {
+        #[command(flatten)]
+        config: ghostwriter_retriever::RetrieverConfig,
+    },
+    /// RankDocBM25, RankDocDense, RankSnippet, RankDocBySnpt and RecentDoc.
+    Ranker {
+        #[command(flatten)]
+        config: ghostwriter_ranker::RankerConfig,
+    },
+    /// SumCtxInd (through the generator's LLM) and SumCtx.
+    Summarizer {
+        #[command(flatten)]
+        config: ghostwriter_summarizer::SummarizerConfig,
+    },
+    /// SynCtxInd and SynCtx important words.
+    Synthesizer {
+        #[command(flatten)]
+        config: ghostwriter_synthesizer::SynthesizerConfig,
+    },
+    /// The LLM worker.
+    Generator {
+        #[command(flatten)]
+        config: ghostwriter_generator::GeneratorConfig,
+    },
+    /// The public API, fanning out to the stages.
+    Orchestrator {
+        #[command(flatten)]
+        config: ghostwriter_orchestrator::OrchestratorConfig,
+    },
+}
+
+impl Stage {
+    /// Which process this is.
+    pub fn kind(&self) -> StageKind {
+        match self {
+            Stage::Retriever { .. } => StageKind::Retriever,
+            Stage::Ranker { .. } => StageKind::Ranker,
+            Stage::Summarizer { .. } => StageKind::Summarizer,
+            Stage::Synthesizer { .. } => StageKind::Synthesizer,
+            Stage::Generator { .. } => StageKind::Generator,
+            Stage::Orchestrator { .. } => StageKind::Orchestrator,
+        }
+    }
+}
+
+/// Runs the stage `args` names until a signal: serves, registers in etcd when discovery
+/// uses it, and on SIGTERM/ctrl-c deregisters, then drains.
+pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
+    let ServeArgs {
+        listen,
+        process,
+        stage,
+    } = args;
+    process.apply(shutdown::Shutdown::never()).await?;
+    use ghostwriter_discovery::{EndpointInfo, Registration};
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let local = listener.local_addr()?;
+    let name = stage.kind().name();
+    let (trigger, stop) = shutdown::channel();
+    let discovery = process.discovery.clone();
+    let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
+        match stage {
+            Stage::Retriever { config } => {
+                ghostwriter_retriever::serve(config, listener, stop).await
+            }
+            Stage::Ranker { config } => {
+                ghostwriter_ranker::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Summarizer { mut config } => {
+                // It finds the generators the way the orchestrator does.
+                config.discovery = discovery;
+                ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Synthesizer { config } => {
+                ghostwriter_synthesizer::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Generator { config } => {
+                ghostwriter_generator::serve(config, model_dir, listener, stop).await
+            }
+            Stage::Orchestrator { mut config } => {
+                // The orchestrator watches what the stages register under the same etcd.
+                config.discovery = discovery;
+                ghostwriter_orchestrator::serve(config, listener, stop).await
+            }
+        }
+    });
+    let reachable = {
+        let ip = if local.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            local.ip().to_string()
+        };
+        format!("http://{ip}:{}", local.port())
+    };
+    let registration = (!process.discovery.etcd.is_empty()).then(|| {
+        let advertise = process
+            .advertise
+            .clone()
+            .unwrap_or_else(|| reachable.clone());
+        let info = EndpointInfo {
+            url: advertise,
+            stage: name.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            capacity: process.max_concurrency as u32,
+            shard: process.shard,
+        };
+        let d = process.discovery.clone();
+        let local_url = reachable.clone();
+        tokio::spawn(async move {
+            ghostwriter_common::client::wait_until_serving(
+                &local_url,
+                "",
+                Duration::from_secs(600),
+            )
+            .await
+            .map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+            Registration::register(&d.etcd, &d.prefix, d.ttl_secs, info).await
+        })
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        done = &mut server => return done?,
+        _ = shutdown::os_signal() => {}
+    }
+    if let Some(task) = registration {
+        if task.is_finished() {
+            if let Ok(Ok(r)) = task.await {
+                r.deregister().await;
+            }
+        } else {
+            task.abort();
+        }
+    }
+    trigger.trigger();
+    server.await?
+}

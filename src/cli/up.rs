@@ -1,0 +1,171 @@
+//! `up` (every stage in this process, or one process per stage with `--processes`) and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use ghostwriter::embedded::{Embedded, EmbeddedConfig};
+use ghostwriter_common::{shutdown, telemetry};
+use tokio::net::TcpListener;
+
+use super::api::{WriteArgs, ingest, write};
+use super::serve::ProcessArgs;
+
+/// Options of `up`.
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Address of the public Ghostwriter API.
+    #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Run etcd and every stage as its own process instead (the distributed mode on one
+    /// machine; needs Debian's etcd-server). Stage flags other than --index-dir keep their
+    /// defaults there.
+    #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
+    pub processes: bool,
+    #[command(flatten)]
+    pub config: EmbeddedConfig,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// Options of `demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Address of the public API while the demo runs (port 0 = any free port).
+    #[arg(long, env = "GHOSTWRITER_DEMO_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+}
+
+/// `up`: the embedded topology, or with `--processes` one process per stage.
+pub async fn run(
+    args: UpArgs,
+    model_dir: PathBuf,
+    tls: ghostwriter_common::tls::TlsArgs,
+) -> anyhow::Result<()> {
+    if args.processes {
+        return up_processes(args.listen, args.config, model_dir, tls).await;
+    }
+    args.process.apply(shutdown::Shutdown::never()).await?;
+    up(args.listen, args.config, model_dir).await
+}
+
+async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> anyhow::Result<()> {
+    let started = Instant::now();
+    super::ensure_models(&model_dir).await?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let embedded = Embedded::start(config, model_dir, listener).await?;
+    telemetry::status(&format!(
+        "ghostwriter ready in {:.1}s on {}",
+        started.elapsed().as_secs_f64(),
+        embedded.url()
+    ));
+    for (stage, addr) in &embedded.addrs {
+        telemetry::status(&format!("  {stage:<12} {addr}"));
+    }
+    shutdown::os_signal().await;
+    embedded.shutdown().await;
+    Ok(())
+}
+
+/// Runs etcd and every stage as its own process, speaking mutual TLS: with the `--tls-*` files
+/// given, or else with a throwaway CA made here (its `ca.pem` is what callers of the public API
+/// pass as `--tls-ca`).
+async fn up_processes(
+    listen: SocketAddr,
+    config: EmbeddedConfig,
+    model_dir: PathBuf,
+    tls: ghostwriter_common::tls::TlsArgs,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    super::ensure_models(&model_dir).await?;
+    let work = tempfile::tempdir()?;
+    let tls = if tls.cert.is_some() {
+        tls
+    } else {
+        ghostwriter::processes::throwaway_ca(&work.path().join("tls"))?
+    };
+    // This process checks the stages' health over the same mesh.
+    ghostwriter_common::tls::init(&tls)?;
+    let exe = std::env::current_exe()?;
+    // The stage processes have their own process groups (a terminal's ctrl-c reaches only this
+    // one): a signal while they start stops them too (dropping the half-started set kills it).
+    let start = ghostwriter::processes::Processes::start_with_etcd(
+        &exe,
+        &model_dir,
+        work.path(),
+        &config.retriever.index_dir,
+        listen,
+        &config.auth,
+        &tls,
+    );
+    let procs = tokio::select! {
+        procs = start => procs?,
+        () = shutdown::os_signal() => {
+            telemetry::status("interrupted while starting");
+            return Ok(());
+        }
+    };
+    telemetry::status(&format!(
+        "ghostwriter ready in {:.1}s on https://{listen} (one process per stage, discovery through etcd, mutual TLS)",
+        started.elapsed().as_secs_f64()
+    ));
+    if let Some(ca) = &tls.ca {
+        telemetry::status(&format!(
+            "  callers: --tls-ca {} (or GHOSTWRITER_TLS_CA)",
+            ca.display()
+        ));
+    }
+    for (name, url) in &procs.urls {
+        telemetry::status(&format!("  {name:<12} {url}"));
+    }
+    shutdown::os_signal().await;
+    procs.terminate();
+    Ok(())
+}
+
+/// The demo corpus: a few users' documents, written for this project.
+const DEMO_CORPUS: &str = include_str!("../../demo/corpus.jsonl");
+
+/// `demo`: pull the models, start the embedded pipeline, ingest the demo corpus, write once.
+pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
+    let listen = args.listen;
+    let started = Instant::now();
+    super::ensure_models(&model_dir).await?;
+    let work = tempfile::tempdir()?;
+    let corpus = work.path().join("corpus.jsonl");
+    std::fs::write(&corpus, DEMO_CORPUS)?;
+    let mut config = EmbeddedConfig::defaults();
+    config.retriever.index_dir = work.path().join("index");
+    let listener = TcpListener::bind(listen).await?;
+    let embedded = Embedded::start(config, model_dir, listener).await?;
+    eprintln!(
+        "pipeline ready in {:.1}s at {}",
+        started.elapsed().as_secs_f64(),
+        embedded.url()
+    );
+    let result = async {
+        ingest(&embedded.url(), 1000, &corpus, None).await?;
+        let args = WriteArgs::parse_from([
+            "write",
+            "--to",
+            &embedded.url(),
+            "--user",
+            "maya",
+            "--title",
+            "Finally, a capo that stays put",
+            "--start",
+            "I have gone through three capos in two years, so I did not expect much from this one.",
+            "--preset",
+            "full",
+        ]);
+        eprintln!("\nwriting for user maya (preset full):\n");
+        write(args).await
+    }
+    .await;
+    embedded.shutdown().await;
+    result
+}
