@@ -117,12 +117,19 @@ impl Processes {
 }
 
 /// Starts a single-member etcd (Debian's `etcd-server`) on free loopback ports with its data in
-/// `data_dir`; returns the process, its client URL and client port.
-pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
+/// `data_dir`; returns the process, its client URL and client port. With `tls`, clients must
+/// speak TLS and present a certificate of its CA (etcd gets the processes' certificate, whose
+/// names include the mesh name), and the URL is `https://`.
+pub fn spawn_etcd(
+    data_dir: &Path,
+    tls: Option<&ghostwriter_common::tls::TlsArgs>,
+) -> anyhow::Result<(Child, String, u16)> {
     let (client, peer) = (free_port()?, free_port()?);
-    let url = format!("http://127.0.0.1:{client}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = own_group(&mut Command::new("etcd"))
+    let mut cmd = Command::new("etcd");
+    own_group(&mut cmd)
         .arg("--data-dir")
         .arg(data_dir)
         .args([
@@ -137,7 +144,20 @@ pub fn spawn_etcd(data_dir: &Path) -> anyhow::Result<(Child, String, u16)> {
             "--initial-advertise-peer-urls",
             &peer_url,
         ])
-        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .args(["--initial-cluster", &format!("default={peer_url}")]);
+    if let Some(tls) = tls {
+        let (Some(cert), Some(key), Some(ca)) = (&tls.cert, &tls.key, &tls.ca) else {
+            anyhow::bail!("etcd over TLS needs a certificate, its key and a CA");
+        };
+        cmd.arg("--cert-file")
+            .arg(cert)
+            .arg("--key-file")
+            .arg(key)
+            .arg("--trusted-ca-file")
+            .arg(ca)
+            .arg("--client-cert-auth");
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -224,7 +244,7 @@ impl Processes {
         auth: &ghostwriter_common::auth::AuthArgs,
         tls: &ghostwriter_common::tls::TlsArgs,
     ) -> anyhow::Result<Self> {
-        let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"))?;
+        let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
         let mut me = Self {
             children: vec![("etcd", etcd)],
             urls: BTreeMap::new(),

@@ -26,7 +26,7 @@ fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
     {
         return common::missing("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
     }
-    let (child, url, _) = ghostwriter::processes::spawn_etcd(&dir.join("etcd")).unwrap();
+    let (child, url, _) = ghostwriter::processes::spawn_etcd(&dir.join("etcd"), None).unwrap();
     Some((child, url))
 }
 

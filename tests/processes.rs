@@ -88,6 +88,26 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
             .await
             .expect_err("plaintext must not reach the TLS-only API");
     }
+    // etcd is on the mesh too: https, and neither a plaintext client nor a TLS client without
+    // a certificate of the CA (this test process has only the CA) reads it.
+    let etcd = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("etcd "))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no etcd URL in the log:\n{log}"));
+    assert!(etcd.starts_with("https://127.0.0.1:"), "{etcd}");
+    for refused in [etcd.replace("https://", "http://"), etcd.to_string()] {
+        use ghostwriter_discovery::etcd::Etcd;
+        let read = async {
+            let mut e = Etcd::connect(std::slice::from_ref(&refused)).await?;
+            e.get_prefix("ghostwriter/", true).await
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), read).await;
+        assert!(
+            !matches!(r, Ok(Ok(_))),
+            "{refused} answered a client without the mesh identity"
+        );
+    }
     // The orchestrator learns the stages from etcd: wait until it knows the retriever.
     let started = Instant::now();
     loop {

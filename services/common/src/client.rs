@@ -20,6 +20,33 @@ pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
     })
 }
 
+/// Connects `endpoint` now; over this process's mutual TLS (its certificate, CA and server
+/// name) when `tls`, which needs TLS on in the process.
+pub async fn connect_now(endpoint: Endpoint, tls: bool) -> Result<Channel, String> {
+    match (tls, crate::tls::enabled()) {
+        (true, true) => endpoint
+            .connect_with_connector(crate::tls::Connector)
+            .await
+            .map_err(|e| transport_error(&e)),
+        (true, false) => Err(
+            "an https:// endpoint needs this process's TLS flags (--tls-cert, --tls-key, --tls-ca)"
+                .into(),
+        ),
+        (false, _) => endpoint.connect().await.map_err(|e| transport_error(&e)),
+    }
+}
+
+/// A transport error with its causes (tonic's own message is only "transport error").
+fn transport_error(e: &tonic::transport::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 /// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its
 /// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL status whose cause is the
 /// connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the

@@ -2,7 +2,9 @@
 //! protos compiled by protox: building it needs no protoc.
 //!
 //! [`Etcd::connect`] dials the given endpoints in turn and keeps the first that answers; callers
-//! that lose it connect again (the registration and watch loops do).
+//! that lose it connect again (the registration and watch loops do). An `https://` endpoint is
+//! dialed over mutual TLS with the process's mesh identity (`--tls-cert`, `--tls-key`,
+//! `--tls-ca`, `--tls-server-name`); `http://` or a bare `host:port` in plaintext.
 
 use std::time::Duration;
 
@@ -106,7 +108,9 @@ impl Etcd {
                     continue;
                 }
             };
-            match endpoint.connect().await {
+            // An https:// endpoint is dialed with this process's mesh TLS identity.
+            let tls = endpoint.uri().scheme_str() == Some("https");
+            match ghostwriter_common::client::connect_now(endpoint, tls).await {
                 Ok(channel) => {
                     return Ok(Self {
                         kv: KvClient::new(channel.clone()),

@@ -32,6 +32,7 @@ pub const DEFAULT_DNS_REFRESH_SECS: f64 = 5.0;
 #[derive(Debug, Clone, clap::Args)]
 pub struct DiscoveryArgs {
     /// etcd endpoints (comma-separated); unset = no etcd (stage URLs are static or dns:///).
+    /// An https:// endpoint is dialed over mutual TLS with this process's --tls-* identity.
     #[arg(
         long = "etcd",
         env = "GHOSTWRITER_ETCD",

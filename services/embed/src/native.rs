@@ -271,7 +271,7 @@ impl NativeBert {
                         let q = &qkv[r * 3 * h + head * hd..r * 3 * h + (head + 1) * hd];
                         for (j, s) in scores.iter_mut().enumerate() {
                             let kr = (start + j) * 3 * h + h + head * hd;
-                            *s = dot(q, &qkv[kr..kr + hd]) * scale;
+                            *s = kernels::dot_f32(q, &qkv[kr..kr + hd]) * scale;
                         }
                         kernels::softmax(scores);
                         let o = &mut out[head * hd..(head + 1) * hd];
@@ -330,24 +330,6 @@ impl NativeBert {
 thread_local! {
     /// Attention scores of one query row, reused across calls.
     static ATT_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Dot product in 16 independent lanes (so the compiler vectorizes it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `x = LayerNorm(x + o + bias)`, row by row.

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use ghostwriter_kernels::kernels::dot_f32 as dot;
 
 /// The projections an adapter may update, by their GGUF tensor names.
 pub const PROJECTIONS: [&str; 7] = [
@@ -231,24 +232,6 @@ impl LoraPair {
             bt,
         }
     }
-}
-
-/// Dot product in 16 independent lanes (so the compiler vectorizes it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// `out_row[offset..offset + outputs] += scale · B·(A·x)` for one input row `x`.

@@ -15,6 +15,45 @@
 
 use half::f16;
 
+/// Calls `$f::<N>(args)` for `N` = `$n` in 1..=12 (12 for anything larger): the attention
+/// kernels' vector counts as compile-time constants, so their accumulators stay in registers.
+macro_rules! with_rows {
+    ($n:expr, $f:ident, ($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            9 => $f::<9>($($arg),*),
+            10 => $f::<10>($($arg),*),
+            11 => $f::<11>($($arg),*),
+            _ => $f::<12>($($arg),*),
+        }
+    };
+}
+
+/// Dot product of two f32 slices in 16 independent lanes (so the compiler vectorizes it).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Rows of the weight matrix packed together (one AVX-512 register of outputs).
 pub const NR: usize = 16;
 /// Quantization block (Q8_0).
@@ -534,23 +573,8 @@ pub fn scores16(
         while r0 < rows {
             let n = (rows - r0).min(12);
             let (q, out) = (&q[r0 * hd..], &mut out[r0 * stride..]);
-            // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
-            unsafe {
-                match n {
-                    1 => scores16_avx512::<1>(q, hd, kt, kstride, out, stride),
-                    2 => scores16_avx512::<2>(q, hd, kt, kstride, out, stride),
-                    3 => scores16_avx512::<3>(q, hd, kt, kstride, out, stride),
-                    4 => scores16_avx512::<4>(q, hd, kt, kstride, out, stride),
-                    5 => scores16_avx512::<5>(q, hd, kt, kstride, out, stride),
-                    6 => scores16_avx512::<6>(q, hd, kt, kstride, out, stride),
-                    7 => scores16_avx512::<7>(q, hd, kt, kstride, out, stride),
-                    8 => scores16_avx512::<8>(q, hd, kt, kstride, out, stride),
-                    9 => scores16_avx512::<9>(q, hd, kt, kstride, out, stride),
-                    10 => scores16_avx512::<10>(q, hd, kt, kstride, out, stride),
-                    11 => scores16_avx512::<11>(q, hd, kt, kstride, out, stride),
-                    _ => scores16_avx512::<12>(q, hd, kt, kstride, out, stride),
-                }
-            }
+            // SAFETY: lengths asserted above; the CPU has AVX-512F.
+            unsafe { with_rows!(n, scores16_avx512, (q, hd, kt, kstride, out, stride)) }
             r0 += n;
         }
         return;
@@ -622,23 +646,8 @@ pub fn accumulate_values(
         while r0 < rows {
             let n = (rows - r0).min(12);
             let (out, p) = (&mut out[r0 * hd..], &p[r0 * stride..]);
-            // SAFETY (all arms): lengths asserted above; the CPU has AVX-512F.
-            unsafe {
-                match n {
-                    1 => accumulate_values_avx512::<1>(out, p, stride, count, v, hd),
-                    2 => accumulate_values_avx512::<2>(out, p, stride, count, v, hd),
-                    3 => accumulate_values_avx512::<3>(out, p, stride, count, v, hd),
-                    4 => accumulate_values_avx512::<4>(out, p, stride, count, v, hd),
-                    5 => accumulate_values_avx512::<5>(out, p, stride, count, v, hd),
-                    6 => accumulate_values_avx512::<6>(out, p, stride, count, v, hd),
-                    7 => accumulate_values_avx512::<7>(out, p, stride, count, v, hd),
-                    8 => accumulate_values_avx512::<8>(out, p, stride, count, v, hd),
-                    9 => accumulate_values_avx512::<9>(out, p, stride, count, v, hd),
-                    10 => accumulate_values_avx512::<10>(out, p, stride, count, v, hd),
-                    11 => accumulate_values_avx512::<11>(out, p, stride, count, v, hd),
-                    _ => accumulate_values_avx512::<12>(out, p, stride, count, v, hd),
-                }
-            }
+            // SAFETY: lengths asserted above; the CPU has AVX-512F.
+            unsafe { with_rows!(n, accumulate_values_avx512, (out, p, stride, count, v, hd)) }
             r0 += n;
         }
         return;
