@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Up(args) => cli::up::run(args, model_dir, cli.tls).await,
+        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, cli.log_format).await,
         Command::Serve(args) => cli::serve::serve(args, model_dir).await,
         Command::Ingest(a) => cli::api::ingest(&a.api.to, a.batch, &a.file, a.api.token.as_deref())
             .await

@@ -231,19 +231,33 @@ pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_common::tls::TlsAr
     })
 }
 
+/// What the processes of `up --processes` share besides their stages' own flags.
+pub struct Mesh<'a> {
+    /// Mutual TLS between the processes, etcd included.
+    pub tls: &'a ghostwriter_common::tls::TlsArgs,
+    /// The public API's authentication (the orchestrator's).
+    pub auth: &'a ghostwriter_common::auth::AuthArgs,
+    /// How every process writes its log lines.
+    pub log_format: ghostwriter_common::telemetry::LogFormat,
+}
+
 impl Processes {
     /// Starts etcd (Debian's `etcd-server`) on loopback with its data in `work`, then every
     /// stage as its own process registered in it, and the orchestrator on `public`, which finds
-    /// the stages through etcd. The processes speak mutual TLS with `tls`.
+    /// the stages through etcd. The processes speak mutual TLS with `mesh.tls`.
     pub async fn start_with_etcd(
         exe: &Path,
         model_dir: &Path,
         work: &Path,
         index_dir: &Path,
         public: SocketAddr,
-        auth: &ghostwriter_common::auth::AuthArgs,
-        tls: &ghostwriter_common::tls::TlsArgs,
+        mesh: Mesh<'_>,
     ) -> anyhow::Result<Self> {
+        let Mesh {
+            tls,
+            auth,
+            log_format,
+        } = mesh;
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
         let mut me = Self {
             children: vec![("etcd", etcd)],
@@ -275,6 +289,7 @@ impl Processes {
             cmd.arg("--model-dir")
                 .arg(model_dir)
                 .args(tls.to_args())
+                .args(["--log-format", log_format.as_arg()])
                 .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
             if stage == "retriever" {
                 cmd.arg("--index-dir").arg(index_dir);

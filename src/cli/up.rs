@@ -43,9 +43,10 @@ pub async fn run(
     args: UpArgs,
     model_dir: PathBuf,
     tls: ghostwriter_common::tls::TlsArgs,
+    log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
     if args.processes {
-        return up_processes(args.listen, args.config, model_dir, tls).await;
+        return up_processes(args.listen, args.config, model_dir, tls, log_format).await;
     }
     args.process.apply(shutdown::Shutdown::never()).await?;
     up(args.listen, args.config, model_dir).await
@@ -79,6 +80,7 @@ async fn up_processes(
     config: EmbeddedConfig,
     model_dir: PathBuf,
     tls: ghostwriter_common::tls::TlsArgs,
+    log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     super::ensure_models(&model_dir).await?;
@@ -99,8 +101,11 @@ async fn up_processes(
         work.path(),
         &config.retriever.index_dir,
         listen,
-        &config.auth,
-        &tls,
+        ghostwriter::processes::Mesh {
+            tls: &tls,
+            auth: &config.auth,
+            log_format,
+        },
     );
     let procs = tokio::select! {
         procs = start => procs?,

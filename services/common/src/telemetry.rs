@@ -56,6 +56,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The value of `--log-format` that selects it (for child processes).
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
 /// The OTLP protocol asked for (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, then
 /// `OTEL_EXPORTER_OTLP_PROTOCOL`): `grpc` (default) or `http/protobuf`.
 fn otlp_http() -> Result<bool, String> {
