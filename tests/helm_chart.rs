@@ -581,6 +581,35 @@ fn chart_lints_renders_and_validates() {
     assert!(etcd.workload("gw-ghostwriter-etcd")["kind"] == "StatefulSet");
     assert!(!etcd.text.contains("dns:///"));
     assert!(!etcd.text.contains("GHOSTWRITER_DNS_REFRESH_SECS"));
+    assert!(!etcd.text.contains("--client-cert-auth"));
+    // etcd mode with TLS: the bundled etcd is on the mesh (https, the mesh certificate, client
+    // certificates required; its probe on the plain metrics port), and the stages dial https.
+    let etcd_tls = render(
+        &helm,
+        &site,
+        "etcd-tls",
+        &["--set", "discovery.mode=etcd,tls.enabled=true,tls.secretName=mesh"],
+    );
+    for stage in STAGES {
+        let args = etcd_tls.args(&format!("gw-ghostwriter-{stage}"));
+        assert!(
+            args.contains(&"--etcd=https://gw-ghostwriter-etcd:2379".to_string()),
+            "{stage}: {args:?}"
+        );
+    }
+    assert_eq!(
+        etcd_tls.workload("gw-ghostwriter-etcd")["secrets"]["tls"]["secretName"],
+        "mesh"
+    );
+    for flag in [
+        "--listen-client-urls=https://0.0.0.0:2379",
+        "--cert-file=/etc/ghostwriter/tls/tls.crt",
+        "--trusted-ca-file=/etc/ghostwriter/tls/ca.crt",
+        "--client-cert-auth",
+        "--listen-metrics-urls=http://0.0.0.0:2381",
+    ] {
+        assert!(etcd_tls.text.contains(flag), "{flag}");
+    }
 
     // Production: the CUDA image for the generator only, GPUs, KEDA, alerts, dashboard, route.
     let prod = render(&helm, &site, "production", &["-f", &production]);

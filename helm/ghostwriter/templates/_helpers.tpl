@@ -88,12 +88,13 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 {{- end -}}
 {{- end -}}
 
-{{/* etcd client URLs: the configured ones or the bundled etcd. */}}
+{{/* etcd client URLs: the configured ones or the bundled etcd (https with tls.enabled: it is
+     on the mesh, and the stages dial it with their certificate). */}}
 {{- define "ghostwriter.etcdEndpoints" -}}
 {{- if .Values.discovery.endpoints -}}
 {{- join "," .Values.discovery.endpoints -}}
 {{- else -}}
-http://{{ include "ghostwriter.fullname" . }}-etcd:2379
+{{ ternary "https" "http" .Values.tls.enabled }}://{{ include "ghostwriter.fullname" . }}-etcd:2379
 {{- end -}}
 {{- end -}}
 
