@@ -588,7 +588,10 @@ fn chart_lints_renders_and_validates() {
         &helm,
         &site,
         "etcd-tls",
-        &["--set", "discovery.mode=etcd,tls.enabled=true,tls.secretName=mesh"],
+        &[
+            "--set",
+            "discovery.mode=etcd,tls.enabled=true,tls.secretName=mesh",
+        ],
     );
     for stage in STAGES {
         let args = etcd_tls.args(&format!("gw-ghostwriter-{stage}"));

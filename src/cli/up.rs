@@ -36,7 +36,15 @@ pub struct DemoArgs {
     /// Address of the public API while the demo runs (port 0 = any free port).
     #[arg(long, env = "GHOSTWRITER_DEMO_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Write with the zero-shot model instead of the shipped fine-tuned adapter
+    /// (`adapters/smollm2-135m-reviews.safetensors`; `--adapter`/GHOSTWRITER_ADAPTER picks another).
+    #[arg(long, env = "GHOSTWRITER_DEMO_ZERO_SHOT")]
+    pub zero_shot: bool,
 }
+
+/// The LoRA adapter the demo serves: `ghostwriter train` on training-split Amazon users,
+/// generation only (see `adapters/README.md`).
+const SHIPPED_ADAPTER: &[u8] = include_bytes!("../../adapters/smollm2-135m-reviews.safetensors");
 
 /// `up`: the embedded topology, or with `--processes` one process per stage.
 pub async fn run(
@@ -145,6 +153,13 @@ pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
     std::fs::write(&corpus, DEMO_CORPUS)?;
     let mut config = EmbeddedConfig::defaults();
     config.retriever.index_dir = work.path().join("index");
+    if args.zero_shot {
+        config.generator.adapter = None;
+    } else if config.generator.adapter.is_none() {
+        let adapter = work.path().join("smollm2-135m-reviews.safetensors");
+        std::fs::write(&adapter, SHIPPED_ADAPTER)?;
+        config.generator.adapter = Some(adapter);
+    }
     let listener = TcpListener::bind(listen).await?;
     let embedded = Embedded::start(config, model_dir, listener).await?;
     eprintln!(
