@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let dir = ghostwriter_common::models::default_dir().join(ghostwriter_embed::EMBEDDER_DIR);
     let texts: usize = jobs.iter().map(|j| j.1.len() + 1).sum();
     for precision in [Precision::Int8, Precision::F32] {
-        let embedder = Embedder::load_with(&dir, &candle_core::Device::Cpu, precision)?;
+        let embedder = Embedder::load_with(&dir, &candle_core::Device::Cpu, precision, 0)?;
         for round in 0..3 {
             let t = Instant::now();
             for (q, docs) in &jobs {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::process::Command;
 
 /// The demo's stdout: the title, then the document (start and continuation).
@@ -26,40 +25,24 @@ fn demo(extra: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn words(text: &str) -> Vec<String> {
-    text.split_whitespace()
-        .map(|w| {
-            w.trim_matches(|c: char| !c.is_alphanumeric())
-                .to_lowercase()
-        })
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
 /// Share of the continuation's 8-grams found verbatim in the demo corpus (the user's past
-/// reviews), and the continuation's length in words.
+/// reviews) or the start (repeating it is a copy too), as the evaluation measures copying, and
+/// the continuation's length in words.
 fn copy_rate(output: &str) -> (f64, usize) {
     const START: &str =
         "I have gone through three capos in two years, so I did not expect much from this one.";
     let continuation = output.split_once(START).map(|(_, rest)| rest).unwrap_or("");
-    let corpus = include_str!("../demo/corpus.jsonl");
-    let past: HashSet<Vec<String>> = corpus
+    let past: Vec<String> = include_str!("../demo/corpus.jsonl")
         .lines()
-        .flat_map(|l| {
+        .map(|l| {
             let d: serde_json::Value = serde_json::from_str(l).unwrap();
-            let w = words(&format!("{} {}", d["title"], d["text"]));
-            w.windows(8).map(<[String]>::to_vec).collect::<Vec<_>>()
+            format!("{} {}", d["title"], d["text"])
         })
         .collect();
-    let mine = words(continuation);
-    // The start repeated is a copy too.
-    let grams: Vec<Vec<String>> = mine.windows(8).map(<[String]>::to_vec).collect();
-    let start: HashSet<Vec<String>> = words(START).windows(8).map(<[String]>::to_vec).collect();
-    let copied = grams
-        .iter()
-        .filter(|g| past.contains(*g) || start.contains(*g))
-        .count();
-    (copied as f64 / grams.len().max(1) as f64, mine.len())
+    let mut sources: Vec<&str> = past.iter().map(String::as_str).collect();
+    sources.push(START);
+    let rate = ghostwriter::eval::report::copy_rate(continuation, &sources).unwrap_or(0.0);
+    (rate, continuation.split_whitespace().count())
 }
 
 #[test]

@@ -20,6 +20,10 @@ use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, IngestRequest, RetrieveRequest};
 use tonic::transport::Channel;
 
+mod common;
+
+use common::{Rng, port};
+
 /// Kill rounds.
 const ROUNDS: usize = 3;
 /// Acknowledged documents a round waits for before it kills the process.
@@ -29,23 +33,6 @@ const WRITERS: usize = 4;
 /// Users the documents spread over (each batch spans several).
 const USERS: u64 = 11;
 const SEED: u64 = 0x6b69_6c6c_2d39;
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 const WORDS: &[&str] = &[
     "strings", "guitar", "tuner", "pedal", "gig", "sound", "great", "cable", "strap", "amp",
@@ -58,14 +45,6 @@ struct Batch {
     round: usize,
     docs: Vec<(String, String)>,
     acked: bool,
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The retriever process; killed (SIGKILL) when dropped.
@@ -156,7 +135,7 @@ async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> 
         writers.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let k = next.fetch_add(1, Ordering::SeqCst);
-                let size = rng.range(10, 60);
+                let size = rng.range(10, 60) as u64;
                 let documents: Vec<Document> = (0..size)
                     .map(|i| {
                         let words: Vec<&str> = (0..rng.range(8, 60))
@@ -209,7 +188,7 @@ async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> 
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Somewhere in the middle of the next batches (commits included).
-    tokio::time::sleep(Duration::from_millis(rng.range(0, 40))).await;
+    tokio::time::sleep(Duration::from_millis(rng.range(0, 40) as u64)).await;
     stop.store(true, Ordering::SeqCst);
     let mut retriever = retriever;
     retriever.child.kill().unwrap();

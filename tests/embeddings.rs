@@ -32,8 +32,8 @@ fn reviews(n: usize) -> Option<Vec<String>> {
 fn int8_embeddings_match_f32_and_rank_the_same() {
     let Some(texts) = reviews(200) else { return };
     let dir = common::model_dir().join(EMBEDDER_DIR);
-    let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8).unwrap();
-    let f32 = Embedder::load_with(&dir, &Device::Cpu, Precision::F32).unwrap();
+    let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8, 0).unwrap();
+    let f32 = Embedder::load_with(&dir, &Device::Cpu, Precision::F32, 0).unwrap();
     assert!(int8.describe().starts_with("int8"), "{}", int8.describe());
     assert!(f32.describe().starts_with("f32"), "{}", f32.describe());
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -88,7 +88,7 @@ fn int8_embeddings_match_f32_and_rank_the_same() {
 fn a_text_embeds_the_same_alone_and_packed_with_others() {
     let Some(texts) = reviews(12) else { return };
     let dir = common::model_dir().join(EMBEDDER_DIR);
-    let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8).unwrap();
+    let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8, 0).unwrap();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let packed = int8.embed(&refs).unwrap();
     for (t, p) in refs.iter().zip(&packed) {

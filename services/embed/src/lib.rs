@@ -60,17 +60,12 @@ impl Embedder {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `dir` for `device`,
     /// int8 on CPU and f32 on CUDA.
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
-        Self::load_with(dir, device, Precision::Auto)
+        Self::load_with(dir, device, Precision::Auto, 0)
     }
 
-    /// Loads the model from `dir` with the forward pass `precision` names.
-    pub fn load_with(dir: &Path, device: &Device, precision: Precision) -> anyhow::Result<Self> {
-        Self::load_threads(dir, device, precision, 0)
-    }
-
-    /// Like [`Self::load_with`], the int8 forward pass on `threads` compute threads (0 = every
-    /// core).
-    pub fn load_threads(
+    /// Loads the model from `dir` with the forward pass `precision` names; the int8 one on
+    /// `threads` compute threads (0 = every core).
+    pub fn load_with(
         dir: &Path,
         device: &Device,
         precision: Precision,
@@ -343,7 +338,7 @@ impl EmbedderArgs {
             .clone()
             .unwrap_or_else(|| model_dir.join(EMBEDDER_DIR));
         let device = crate::device::parse(&self.embedder_device)?;
-        let embedder = Embedder::load_threads(
+        let embedder = Embedder::load_with(
             &dir,
             &device,
             self.embedder_precision,

@@ -17,6 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 /// The BERT hyper-parameters this forward pass reads from `config.json`.
 #[derive(Debug, Clone, serde::Deserialize)]
 struct Config {
+    vocab_size: usize,
     hidden_size: usize,
     num_hidden_layers: usize,
     num_attention_heads: usize,
@@ -132,12 +133,7 @@ impl NativeBert {
                 b: t(&format!("{prefix}.bias"), &[h])?,
             })
         };
-        let vocab = st
-            .tensor("embeddings.word_embeddings.weight")
-            .or_else(|_| st.tensor("bert.embeddings.word_embeddings.weight"))
-            .context("tensor embeddings.word_embeddings.weight is missing")?
-            .shape()[0];
-        let word = t("embeddings.word_embeddings.weight", &[vocab, h])?;
+        let word = t("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
         let position = t(
             "embeddings.position_embeddings.weight",
             &[cfg.max_position_embeddings, h],
@@ -201,7 +197,7 @@ impl NativeBert {
     pub fn embed(&self, texts: &[&[u32]]) -> anyhow::Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let vocab = self.word.len() / h;
+        let vocab = cfg.vocab_size;
         let mut spans = Vec::with_capacity(texts.len());
         let mut t = 0;
         for ids in texts {
