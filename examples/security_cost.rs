@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
-use ghostwriter::proto::{Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest};
+use ghostwriter::proto::{Document, IngestRequest, WriteRequest};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -94,18 +94,8 @@ async fn run(
     let mut results = serde_json::Map::new();
     for (preset, tokens) in [("copy-best", 0), ("immediate-context", 4)] {
         let write = WriteRequest {
-            user_id: "bench".into(),
-            start: "This tuner".into(),
-            preset: preset.into(),
-            options: Some(WriteOptions {
-                generation: Some(GenerationParams {
-                    max_new_tokens: tokens,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
             timestamp: Some(1_000),
-            ..Default::default()
+            ..ghostwriter::embedded::short_write("bench", "This tuner", preset, tokens)
         };
         for _ in 0..10 {
             client

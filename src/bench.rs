@@ -19,7 +19,7 @@ use ghostwriter_proto::v1::{
 use serde_json::{Value, json};
 
 use crate::loaders;
-use crate::processes::Processes;
+use crate::processes::{Processes, free_port as port};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -193,12 +193,6 @@ fn spawn_stage(
         .spawn()?)
 }
 
-fn port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn summary(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
     json!({"n": v.len(), "p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "max": v.last().copied().unwrap_or(0.0)})
@@ -208,7 +202,7 @@ fn summary(mut v: Vec<f64>) -> Value {
 /// orchestrator's own overhead over five hops, the latency of a RESOURCE_EXHAUSTED refusal, and
 /// what killing a generator costs in-flight unary writes.
 pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<Value> {
-    use ghostwriter_proto::v1::{Document, IngestRequest, WriteOptions, WriteRequest};
+    use ghostwriter_proto::v1::{Document, IngestRequest};
     let work = tempfile::tempdir()?;
     let demo: Vec<Document> = (0..6)
         .map(|i| Document {
@@ -221,18 +215,8 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
             ),
         })
         .collect();
-    let write = |preset: &str, tokens: u32| WriteRequest {
-        user_id: "bench".into(),
-        start: "This capo".into(),
-        preset: preset.into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: tokens,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let write = |preset: &str, tokens: u32| {
+        crate::embedded::short_write("bench", "This capo", preset, tokens)
     };
 
     // 1. Overhead over five hops (retriever, ranker, summarizer ∥ synthesizer, generator).

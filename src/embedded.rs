@@ -12,7 +12,9 @@ use ghostwriter_common::shutdown::{self, Shutdown, ShutdownTrigger};
 use ghostwriter_generator::GeneratorConfig;
 use ghostwriter_orchestrator::OrchestratorConfig;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
-use ghostwriter_proto::v1::{Document, IngestRequest};
+use ghostwriter_proto::v1::{
+    Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest,
+};
 use ghostwriter_ranker::RankerConfig;
 use ghostwriter_retriever::RetrieverConfig;
 use ghostwriter_summarizer::SummarizerConfig;
@@ -301,6 +303,24 @@ impl Embedded {
                 Err(e) => tracing::warn!(stage, error = %e, "stage task failed"),
             }
         }
+    }
+}
+
+/// A write of `start` for `user` with `preset`, generating at most `tokens` tokens (everything
+/// else default).
+pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteRequest {
+    WriteRequest {
+        user_id: user.into(),
+        start: start.into(),
+        preset: preset.into(),
+        options: Some(WriteOptions {
+            generation: Some(GenerationParams {
+                max_new_tokens: tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

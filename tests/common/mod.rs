@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ghostwriter::embedded::{Embedded, EmbeddedConfig};
+use ghostwriter::proto::Document;
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
-use ghostwriter::proto::{Document, GenerationParams, WriteOptions, WriteRequest};
 use tonic::transport::Channel;
 
 /// Whether a test may skip when its data or service is missing (`GHOSTWRITER_ALLOW_SKIP=1`).
@@ -131,22 +131,8 @@ pub async fn ingest(url: &str, documents: &[Document]) {
         .expect("ingest");
 }
 
-/// A write of `start` for `user` with `preset`, generating at most `tokens` tokens.
-pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteRequest {
-    WriteRequest {
-        user_id: user.into(),
-        start: start.into(),
-        preset: preset.into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: tokens,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+#[allow(unused_imports)] // not every test binary writes
+pub use ghostwriter::embedded::short_write;
 
 /// Child processes killed (and reaped) when dropped, also when a test fails first.
 pub struct Kill(pub Vec<std::process::Child>);
