@@ -17,7 +17,7 @@ use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::embedded::{Embedded, EmbeddedConfig};
+use ghostwriter_runtime::embedded::{Embedded, EmbeddedConfig};
 
 /// Options of the whole-job benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -196,7 +196,7 @@ async fn write_all(
 /// Runs the benchmark.
 pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = a.data.clone();
-    let docs = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
+    let docs = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let mut targets = targets(&docs.documents, a.n + 1);
     anyhow::ensure!(targets.len() > 1, "no targets in {}", a.data.display());
     // The first user after the peer's targets warms each pipeline up (model pages, first

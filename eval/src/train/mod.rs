@@ -18,8 +18,8 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::Rng;
-use crate::eval::protocol::{self, Example, Split};
+use crate::Rng;
+use crate::protocol::{self, Example, Split};
 use data::{Lengths, Task, TrainExample};
 use model::TrainModel;
 
@@ -258,7 +258,7 @@ async fn build_examples(
         return Ok((train, val));
     }
     let data = args.data.clone();
-    let loaded = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
+    let loaded = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let dataset = protocol::build(loaded.documents);
     let train_targets = sample(&dataset.examples, Split::Train, args.examples, args.seed);
     let val_targets = sample(
@@ -303,12 +303,12 @@ async fn build_examples(
     };
     // The real stages, over an index of every user's documents (retrieval only ever returns
     // the target user's earlier ones).
-    let summary_chars = crate::embedded::EmbeddedConfig::defaults().summary_chars as usize;
+    let summary_chars = ghostwriter_runtime::embedded::EmbeddedConfig::defaults().summary_chars as usize;
     let lengths = Lengths {
         max_target_tokens: args.max_target_tokens,
         max_tokens: args.max_tokens,
     };
-    let built = crate::embedded::Embedded::with_pipeline(
+    let built = ghostwriter_runtime::embedded::Embedded::with_pipeline(
         model_dir.to_path_buf(),
         None,
         &dataset.documents,
@@ -421,7 +421,7 @@ pub async fn run(args: TrainArgs, model_dir: PathBuf) -> anyhow::Result<PathBuf>
     );
     {
         let dir = model_dir.clone();
-        tokio::task::spawn_blocking(move || crate::models::ensure(&dir)).await??;
+        tokio::task::spawn_blocking(move || ghostwriter_runtime::models::ensure(&dir)).await??;
     }
     let base = args
         .model

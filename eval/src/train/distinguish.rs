@@ -11,8 +11,8 @@ use ghostwriter_proto::v1::DistinguishRequest;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
 use serde_json::{Value, json};
 
-use crate::eval::Rng;
-use crate::eval::protocol::{self, Split};
+use crate::Rng;
+use crate::protocol::{self, Split};
 
 /// Settings of a distinction evaluation.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,7 +71,7 @@ pub fn roc_auc(scores: &[(f64, bool)]) -> f64 {
 /// Runs the evaluation and writes its report.
 pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = args.data.clone();
-    let loaded = tokio::task::spawn_blocking(move || crate::loaders::load(&data)).await??;
+    let loaded = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let dataset = protocol::build(loaded.documents);
     let mut targets: Vec<_> = dataset
         .examples
@@ -145,7 +145,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
     let scores = match &args.to {
         Some(url) => run(url.clone()).await?,
         None => {
-            crate::embedded::Embedded::with_pipeline(
+            ghostwriter_runtime::embedded::Embedded::with_pipeline(
                 model_dir,
                 args.adapter.clone(),
                 &dataset.documents,

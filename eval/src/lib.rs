@@ -1,14 +1,21 @@
-//! `ghostwriter eval`: the paper's evaluation, through the real services over gRPC.
+//! Offline work on Ghostwriter, kept out of the serving crates: the paper's evaluation
+//! (`ghostwriter eval`, through the real services over gRPC), the benchmarks ([`bench`],
+//! [`bench_generator`], [`bench_job`]) and LoRA fine-tuning ([`train`]).
 //!
-//! Examples come from [`protocol`]; each (preset, example) is one `Write` to the orchestrator
-//! with the example's timestamp and id (so only strictly earlier documents are used). Results are
-//! appended to `results.jsonl` as they finish, so an interrupted run resumes where it stopped.
-//! Metrics follow [`metrics`]; the report is a JSON summary, a Markdown table and an SVG chart.
+//! Evaluation examples come from [`protocol`]; each (preset, example) is one `Write` to the
+//! orchestrator with the example's timestamp and id (so only strictly earlier documents are
+//! used). Results are appended to `results.jsonl` as they finish, so an interrupted run resumes
+//! where it stopped. Metrics follow [`metrics`]; the report is a JSON summary, a Markdown table
+//! and an SVG chart.
 
+pub mod bench;
+pub mod bench_generator;
+pub mod bench_job;
 pub mod metrics;
 pub mod porter;
 pub mod protocol;
 pub mod report;
+pub mod train;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write as _};
@@ -22,7 +29,7 @@ use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::loaders;
+use ghostwriter_runtime::loaders;
 use protocol::{Example, Split};
 
 /// One finished (preset, example).
@@ -334,12 +341,12 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
-                crate::embedded::ingest(url, &dataset.documents, args.token.as_deref()).await?;
+                ghostwriter_runtime::embedded::ingest(url, &dataset.documents, args.token.as_deref()).await?;
             }
             run_against(url, &args, &presets, &examples).await?;
         }
         None => {
-            crate::embedded::Embedded::with_pipeline(
+            ghostwriter_runtime::embedded::Embedded::with_pipeline(
                 model_dir,
                 args.adapter.clone(),
                 &dataset.documents,

@@ -20,8 +20,8 @@ use ghostwriter_orchestrator::{OrchestratorService, preset};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::{Document, SummaryMode, WriteOptions, WriteRequest};
 
-use crate::eval::Rng;
-use crate::eval::protocol::{Example, full_text};
+use crate::Rng;
+use crate::protocol::{Example, full_text};
 
 /// What an example teaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

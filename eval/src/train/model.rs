@@ -110,7 +110,7 @@ impl TrainModel {
         let half = cfg.head_dim / 2;
         let cos = Tensor::from_vec(cos, (cfg.context, half), device)?;
         let sin = Tensor::from_vec(sin, (cfg.context, half), device)?;
-        let mut rng = crate::eval::Rng::new(seed);
+        let mut rng = crate::Rng::new(seed);
         let mut lora = BTreeMap::new();
         for l in 0..cfg.layers {
             for &name in targets {

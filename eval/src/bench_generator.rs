@@ -148,7 +148,7 @@ fn instruction_of(engine: &Engine, texts: &[String], offset: usize, tokens: usiz
 }
 
 fn load_texts(data: &Path) -> anyhow::Result<Vec<String>> {
-    let loaded = crate::loaders::load(data)?;
+    let loaded = ghostwriter_runtime::loaders::load(data)?;
     Ok(loaded
         .documents
         .into_iter()

@@ -30,7 +30,7 @@ impl Drop for Processes {
 }
 
 /// A port free on 127.0.0.1 now.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -18,8 +18,8 @@ use ghostwriter_proto::v1::{
 };
 use serde_json::{Value, json};
 
-use crate::loaders;
-use crate::processes::{Processes, free_port as port};
+use ghostwriter_runtime::loaders;
+use ghostwriter_runtime::processes::{Processes, free_port as port};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -145,7 +145,7 @@ pub fn default_data() -> PathBuf {
 /// Times BLEU and ROUGE on `pairs` real pairs: each document's immediate context followed by the
 /// author's previous document (a copy baseline), against the document.
 pub fn metrics(data: &Path, pairs: usize) -> anyhow::Result<Value> {
-    use crate::eval::{metrics, protocol};
+    use crate::{metrics, protocol};
     let loaded = loaders::load(data)?;
     let mut by_user: BTreeMap<String, Vec<Document>> = BTreeMap::new();
     for d in loaded.documents {
@@ -216,7 +216,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
         })
         .collect();
     let write = |preset: &str, tokens: u32| {
-        crate::embedded::short_write("bench", "This capo", preset, tokens)
+        ghostwriter_runtime::embedded::short_write("bench", "This capo", preset, tokens)
     };
 
     // 1. Overhead over five hops (retriever, ranker, summarizer ∥ synthesizer, generator).
