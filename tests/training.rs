@@ -179,7 +179,7 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
             .iter()
             .map(|v| store.get(v.as_tensor()).unwrap().clone())
             .collect();
-        opt.step(&model, &grads, 1, 1e-3, t).unwrap();
+        opt.step(&model, &grads, 1.0, 1e-3, t).unwrap();
         last = model
             .loss(&ids, prompt.len())
             .unwrap()

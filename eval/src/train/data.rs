@@ -47,6 +47,14 @@ pub struct TrainExample {
     pub prompt: usize,
 }
 
+impl TrainExample {
+    /// Tokens the loss predicts: every token after the prompt (the first token is never
+    /// predicted).
+    pub fn answer_tokens(&self) -> usize {
+        self.ids.len().saturating_sub(self.prompt.max(1))
+    }
+}
+
 /// Limits on example length.
 #[derive(Debug, Clone, Copy)]
 pub struct Lengths {

@@ -74,6 +74,11 @@ pub struct TrainArgs {
     /// Examples whose gradients are summed into one optimizer step.
     #[arg(long = "grad-accum", default_value_t = 8)]
     pub grad_accum: usize,
+    /// How a step's loss averages its examples: `token` (every answer token weighs the same, as
+    /// sequence-to-sequence trainers average a batch) or `example` (each example's mean loss
+    /// weighs the same, so a one-token distinction answer weighs as much as a whole review).
+    #[arg(long = "loss-weighting", value_enum, default_value_t = LossWeighting::Token)]
+    pub loss_weighting: LossWeighting,
     /// Passes over the examples.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -101,6 +106,25 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+/// How the examples of one optimizer step are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum LossWeighting {
+    /// Mean over all answer tokens of the step.
+    Token,
+    /// Mean over examples of each example's mean token loss.
+    Example,
+}
+
+impl LossWeighting {
+    /// The weight of an example with `answer_tokens` tokens to predict.
+    pub fn weight(self, answer_tokens: usize) -> f64 {
+        match self {
+            LossWeighting::Token => answer_tokens as f64,
+            LossWeighting::Example => 1.0,
+        }
+    }
 }
 
 /// One point of the loss curve.
@@ -162,11 +186,11 @@ impl AdamW {
         &mut self,
         model: &TrainModel,
         grads: &[Tensor],
-        count: usize,
+        weight: f64,
         lr: f64,
         t: usize,
     ) -> candle_core::Result<f64> {
-        let scale = 1.0 / count.max(1) as f64;
+        let scale = 1.0 / weight.max(1e-12);
         let mut norm2 = 0.0;
         for g in grads {
             norm2 += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -389,12 +413,18 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Mean loss over `examples` (no gradients).
-fn mean_loss(model: &TrainModel, examples: &[TrainExample]) -> anyhow::Result<f64> {
-    let mut sum = 0.0;
+fn mean_loss(
+    model: &TrainModel,
+    examples: &[TrainExample],
+    weighting: LossWeighting,
+) -> anyhow::Result<f64> {
+    let (mut sum, mut weights) = (0.0, 0.0);
     for e in examples {
-        sum += model.loss(&e.ids, e.prompt)?.to_scalar::<f32>()? as f64;
+        let weight = weighting.weight(e.answer_tokens());
+        sum += weight * model.loss(&e.ids, e.prompt)?.to_scalar::<f32>()? as f64;
+        weights += weight;
     }
-    Ok(sum / examples.len().max(1) as f64)
+    Ok(sum / weights.max(1e-12))
 }
 
 /// Hash of the examples' token ids (the adapter's data provenance).
@@ -488,6 +518,10 @@ fn fit(
             ("data", args.data.display().to_string()),
             ("presets", args.presets.join(",")),
             ("distinction_ratio", args.distinction_ratio.to_string()),
+            (
+                "loss_weighting",
+                format!("{:?}", args.loss_weighting).to_lowercase(),
+            ),
             ("examples", train.len().to_string()),
             ("steps", state.step.to_string()),
             ("lr", args.lr.to_string()),
@@ -509,10 +543,12 @@ fn fit(
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut count = 0;
         let mut loss_sum = 0.0;
+        let mut weight_sum = 0.0;
         while count < args.grad_accum && state.position < total_examples {
             let e = &train[state.position % train.len()];
+            let weight = args.loss_weighting.weight(e.answer_tokens());
             let loss = model.loss(&e.ids, e.prompt)?;
-            let store = loss.backward()?;
+            let store = (&loss * weight)?.backward()?;
             for (i, var) in vars.iter().enumerate() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {
@@ -521,7 +557,8 @@ fn fit(
                     });
                 }
             }
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            loss_sum += weight * loss.to_scalar::<f32>()? as f64;
+            weight_sum += weight;
             state.tokens += e.ids.len();
             state.position += 1;
             count += 1;
@@ -534,8 +571,8 @@ fn fit(
             .collect::<Result<_, _>>()?;
         state.step += 1;
         let lr = learning_rate(args.lr, state.step, args.warmup_steps, total_steps);
-        opt.step(&model, &grads, count, lr, state.step)?;
-        let train_loss = loss_sum / count as f64;
+        opt.step(&model, &grads, weight_sum, lr, state.step)?;
+        let train_loss = loss_sum / weight_sum;
         let elapsed = started.elapsed().as_secs_f64();
         bar.set_message(format!(
             "step {} loss {:.3} lr {:.1e} {:.0} tok/s",
@@ -548,7 +585,7 @@ fn fit(
         let validation = if !val.is_empty()
             && (last || (args.eval_every > 0 && state.step.is_multiple_of(args.eval_every)))
         {
-            let v = mean_loss(&model, val)?;
+            let v = mean_loss(&model, val, args.loss_weighting)?;
             bar.println(format!("step {}: validation loss {v:.4}", state.step));
             Some(v)
         } else {
@@ -662,5 +699,24 @@ mod tests {
             },
         ]);
         assert!(svg.contains("<polyline") && svg.contains("<circle"));
+    }
+
+    #[test]
+    fn token_weighting_counts_answer_tokens() {
+        let example = |len: usize, prompt: usize| TrainExample {
+            task: Task::Generation,
+            preset: String::new(),
+            user_id: String::new(),
+            ids: vec![0; len],
+            prompt,
+        };
+        // A one-token distinction answer and a 96-token review: by token they weigh 1 to 96,
+        // by example the same.
+        let (short, long) = (example(201, 200), example(396, 300));
+        assert_eq!((short.answer_tokens(), long.answer_tokens()), (1, 96));
+        assert_eq!(LossWeighting::Token.weight(long.answer_tokens()), 96.0);
+        assert_eq!(LossWeighting::Example.weight(long.answer_tokens()), 1.0);
+        // With no prompt the first token is still not predicted.
+        assert_eq!(example(5, 0).answer_tokens(), 4);
     }
 }
