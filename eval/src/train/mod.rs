@@ -76,7 +76,7 @@ pub struct TrainArgs {
     pub grad_accum: usize,
     /// How a step's loss averages its examples: `token` (every answer token weighs the same, as
     /// sequence-to-sequence trainers average a batch) or `example` (each example's mean loss
-    /// weighs the same, so a one-token distinction answer weighs as much as a whole review).
+    /// weighs the same, so a two-token distinction answer weighs as much as a whole review).
     #[arg(long = "loss-weighting", value_enum, default_value_t = LossWeighting::Token)]
     pub loss_weighting: LossWeighting,
     /// Passes over the examples.
@@ -703,20 +703,23 @@ mod tests {
 
     #[test]
     fn token_weighting_counts_answer_tokens() {
-        let example = |len: usize, prompt: usize| TrainExample {
-            task: Task::Generation,
+        let example = |task, len: usize, prompt: usize| TrainExample {
+            task,
             preset: String::new(),
             user_id: String::new(),
             ids: vec![0; len],
             prompt,
         };
-        // A one-token distinction answer and a 96-token review: by token they weigh 1 to 96,
+        // A two-token distinction answer and a 96-token review: by token they weigh 2 to 96,
         // by example the same.
-        let (short, long) = (example(201, 200), example(396, 300));
-        assert_eq!((short.answer_tokens(), long.answer_tokens()), (1, 96));
+        let (short, long) = (
+            example(Task::Distinction, 202, 200),
+            example(Task::Generation, 396, 300),
+        );
+        assert_eq!((short.answer_tokens(), long.answer_tokens()), (2, 96));
         assert_eq!(LossWeighting::Token.weight(long.answer_tokens()), 96.0);
         assert_eq!(LossWeighting::Example.weight(long.answer_tokens()), 1.0);
         // With no prompt the first token is still not predicted.
-        assert_eq!(example(5, 0).answer_tokens(), 4);
+        assert_eq!(example(Task::Generation, 5, 0).answer_tokens(), 4);
     }
 }
