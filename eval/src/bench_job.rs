@@ -196,7 +196,8 @@ async fn write_all(
 /// Runs the benchmark.
 pub async fn run(a: BenchJobArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = a.data.clone();
-    let docs = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
+    let docs =
+        tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let mut targets = targets(&docs.documents, a.n + 1);
     anyhow::ensure!(targets.len() > 1, "no targets in {}", a.data.display());
     // The first user after the peer's targets warms each pipeline up (model pages, first

@@ -341,7 +341,12 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
-                ghostwriter_runtime::embedded::ingest(url, &dataset.documents, args.token.as_deref()).await?;
+                ghostwriter_runtime::embedded::ingest(
+                    url,
+                    &dataset.documents,
+                    args.token.as_deref(),
+                )
+                .await?;
             }
             run_against(url, &args, &presets, &examples).await?;
         }

@@ -71,7 +71,8 @@ pub fn roc_auc(scores: &[(f64, bool)]) -> f64 {
 /// Runs the evaluation and writes its report.
 pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = args.data.clone();
-    let loaded = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
+    let loaded =
+        tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let dataset = protocol::build(loaded.documents);
     let mut targets: Vec<_> = dataset
         .examples

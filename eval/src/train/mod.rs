@@ -282,7 +282,8 @@ async fn build_examples(
         return Ok((train, val));
     }
     let data = args.data.clone();
-    let loaded = tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
+    let loaded =
+        tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
     let dataset = protocol::build(loaded.documents);
     let train_targets = sample(&dataset.examples, Split::Train, args.examples, args.seed);
     let val_targets = sample(
@@ -327,7 +328,8 @@ async fn build_examples(
     };
     // The real stages, over an index of every user's documents (retrieval only ever returns
     // the target user's earlier ones).
-    let summary_chars = ghostwriter_runtime::embedded::EmbeddedConfig::defaults().summary_chars as usize;
+    let summary_chars =
+        ghostwriter_runtime::embedded::EmbeddedConfig::defaults().summary_chars as usize;
     let lengths = Lengths {
         max_target_tokens: args.max_target_tokens,
         max_tokens: args.max_tokens,
