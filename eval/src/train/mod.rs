@@ -522,7 +522,9 @@ fn fit(
             ("distinction_ratio", args.distinction_ratio.to_string()),
             (
                 "loss_weighting",
-                format!("{:?}", args.loss_weighting).to_lowercase(),
+                clap::ValueEnum::to_possible_value(&args.loss_weighting)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
             ),
             ("examples", train.len().to_string()),
             ("steps", state.step.to_string()),
