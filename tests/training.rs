@@ -189,3 +189,54 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
     assert!(first.is_finite() && first > 0.5, "{first}");
     assert!(last < first * 0.9, "loss {first} -> {last}");
 }
+
+/// `train --resume` over an example cache with an explicit `--model` (how a GPU worker given
+/// only the base GGUF and `examples.jsonl` trains): no model is pulled, `--max-steps` stops the
+/// run after that many optimizer steps, and the adapter written then records them.
+#[test]
+fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
+    let Some((prompt, answer)) = real_example() else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let empty_models = tempfile::tempdir().unwrap();
+    let mut ids = prompt.clone();
+    ids.extend(&answer[..answer.len().min(24)]);
+    let example = |user: &str| ghostwriter::train::data::TrainExample {
+        task: ghostwriter::train::data::Task::Generation,
+        preset: "immediate-context".into(),
+        user_id: user.into(),
+        ids: ids.clone(),
+        prompt: prompt.len(),
+    };
+    let mut cache = String::new();
+    for (is_val, user) in [(false, "a"), (false, "b"), (false, "c"), (true, "v")] {
+        cache += &serde_json::to_string(&(is_val, example(user))).unwrap();
+        cache.push('\n');
+    }
+    std::fs::write(out.path().join("examples.jsonl"), cache).unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .env("GHOSTWRITER_MODEL_DIR", empty_models.path())
+        .args(["train", "--resume", "--grad-accum", "1", "--max-steps", "2"])
+        .arg("--model")
+        .arg(model_path())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("after step 2 of 3"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("train.json")).unwrap()).unwrap();
+    assert_eq!(report["steps"], 2, "{report}");
+    assert_eq!(report["total_steps"], 3, "{report}");
+    assert_eq!(report["stopped_early"], true, "{report}");
+    let adapter = Adapter::load(&out.path().join("adapter.safetensors")).unwrap();
+    assert_eq!(adapter.metadata.get("steps").map(String::as_str), Some("2"));
+    assert_eq!(
+        std::fs::read_dir(empty_models.path()).unwrap().count(),
+        0,
+        "nothing is pulled"
+    );
+}

@@ -283,6 +283,16 @@ pub fn pull(dir: &Path, verify_all: bool) -> anyhow::Result<PullReport> {
     Ok(report)
 }
 
+/// Re-quantizes `from` to Q8_0 at `to` (the step `pull` takes after the download) and returns
+/// the sha256 of the file written.
+pub fn requantize(from: &Path, to: &Path) -> anyhow::Result<String> {
+    anyhow::ensure!(from.is_file(), "{} is not a file", from.display());
+    anyhow::ensure!(from != to, "--from and --to name the same file");
+    ghostwriter_generator::gguf::requantize_q8_0(from, to)
+        .with_context(|| format!("re-quantizing {} to Q8_0", from.display()))?;
+    Ok(sha256_file(to)?)
+}
+
 /// Pulls into `dir` when anything is missing, saying what it did.
 pub fn ensure(dir: &Path) -> anyhow::Result<ModelPaths> {
     for line in pull(dir, false)?.lines {

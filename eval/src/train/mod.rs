@@ -82,6 +82,15 @@ pub struct TrainArgs {
     /// Passes over the examples.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
+    /// Stop at the first optimizer step that ends after this many minutes of training and write
+    /// the adapter then (0 = no limit). The learning-rate schedule still spans every example, so
+    /// a stopped run ends before its decay does; train.json says `stopped_early`.
+    #[arg(long = "max-minutes", default_value_t = 0.0)]
+    pub max_minutes: f64,
+    /// Stop after this many optimizer steps in all (0 = no limit); like --max-minutes the
+    /// schedule still spans every example, but the stop does not depend on the machine's speed.
+    #[arg(long = "max-steps", default_value_t = 0)]
+    pub max_steps: usize,
     /// Answer tokens kept per generation example.
     #[arg(long = "max-target-tokens", default_value_t = 96)]
     pub max_target_tokens: usize,
@@ -451,7 +460,14 @@ pub async fn run(args: TrainArgs, model_dir: PathBuf) -> anyhow::Result<PathBuf>
         args.distinction_ratio >= 0.0 && args.distinction_ratio.is_finite(),
         "--distinction-ratio must be 0 or more"
     );
-    {
+    anyhow::ensure!(
+        args.max_minutes >= 0.0 && args.max_minutes.is_finite(),
+        "--max-minutes must be 0 or more"
+    );
+    // Resuming from the example cache with an explicit --model needs no other model file (a GPU
+    // worker can be given only the base GGUF and examples.jsonl).
+    let cached = args.resume && args.out.join("examples.jsonl").is_file();
+    if !(cached && args.model.is_some()) {
         let dir = model_dir.clone();
         tokio::task::spawn_blocking(move || ghostwriter_runtime::models::ensure(&dir)).await??;
     }
@@ -543,7 +559,14 @@ fn fit(
         .checked_sub(std::time::Duration::from_secs_f64(state.seconds))
         .unwrap_or_else(Instant::now);
     let vars = model.vars();
-    while state.position < total_examples {
+    // --max-minutes / --max-steps: checked after each optimizer step (and once on resume).
+    let limit_reached = |state: &State, elapsed: f64| {
+        state.position < total_examples
+            && ((args.max_minutes > 0.0 && elapsed >= args.max_minutes * 60.0)
+                || (args.max_steps > 0 && state.step >= args.max_steps))
+    };
+    let mut stopped_early = limit_reached(&state, state.seconds);
+    while state.position < total_examples && !stopped_early {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut count = 0;
         let mut loss_sum = 0.0;
@@ -585,7 +608,8 @@ fn fit(
             lr,
             state.tokens as f64 / elapsed.max(1e-9)
         ));
-        let last = state.position >= total_examples;
+        let stop = limit_reached(&state, elapsed);
+        let last = state.position >= total_examples || stop;
         let validation = if !val.is_empty()
             && (last || (args.eval_every > 0 && state.step.is_multiple_of(args.eval_every)))
         {
@@ -613,6 +637,14 @@ fn fit(
             )?;
             std::fs::write(args.out.join("loss.svg"), loss_svg(&state.curve))?;
         }
+        if stop {
+            stopped_early = true;
+            eprintln!(
+                "stopped by --max-minutes/--max-steps after step {} of {total_steps} ({} of {total_examples} examples)",
+                state.step, state.position
+            );
+            break;
+        }
     }
     bar.finish();
     let path = args.out.join("adapter.safetensors");
@@ -621,6 +653,8 @@ fn fit(
     let report = serde_json::json!({
         "adapter": path,
         "steps": state.step,
+        "total_steps": total_steps,
+        "stopped_early": stopped_early,
         "examples": train.len(),
         "epochs": args.epochs,
         "tokens": state.tokens,
