@@ -42,8 +42,8 @@ pub struct DemoArgs {
     pub zero_shot: bool,
 }
 
-/// The LoRA adapter the demo serves: `ghostwriter train` on training-split Amazon users,
-/// generation only (see `adapters/README.md`).
+/// The LoRA adapter the demo serves: `ghostwriter train` on the whole training split of the
+/// Amazon users, multitask (see `adapters/README.md`).
 const SHIPPED_ADAPTER: &[u8] = include_bytes!("../../adapters/smollm2-135m-reviews.safetensors");
 
 /// `up`: the embedded topology, or with `--processes` one process per stage.
