@@ -192,7 +192,8 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
 
 /// `train --resume` over an example cache with an explicit `--model` (how a GPU worker given
 /// only the base GGUF and `examples.jsonl` trains): no model is pulled, `--max-steps` stops the
-/// run after that many optimizer steps, and the adapter written then records them.
+/// run after that many optimizer steps, and the adapter written then records them; resuming
+/// refuses other settings and, with the same ones, finishes the epoch.
 #[test]
 fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
     let Some((prompt, answer)) = real_example() else {
@@ -215,15 +216,19 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
         cache.push('\n');
     }
     std::fs::write(out.path().join("examples.jsonl"), cache).unwrap();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .env("GHOSTWRITER_MODEL_DIR", empty_models.path())
-        .args(["train", "--resume", "--grad-accum", "1", "--max-steps", "2"])
-        .arg("--model")
-        .arg(model_path())
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let train = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+            .env("GHOSTWRITER_MODEL_DIR", empty_models.path())
+            .args(["train", "--resume", "--grad-accum", "1"])
+            .args(extra)
+            .arg("--model")
+            .arg(model_path())
+            .arg("--out")
+            .arg(out.path())
+            .output()
+            .unwrap()
+    };
+    let run = train(&["--max-steps", "2"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("after step 2 of 3"), "{stderr}");
@@ -239,4 +244,21 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
         0,
         "nothing is pulled"
     );
+    // The checkpoint continues only the run that wrote it.
+    let other = train(&["--loss-weighting", "example"]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--loss-weighting = token, this run has example"),
+        "{stderr}"
+    );
+    // With the same settings it goes on from step 2 to the end of the epoch.
+    let rest = train(&[]);
+    let stderr = String::from_utf8_lossy(&rest.stderr);
+    assert!(rest.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming at step 2"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("train.json")).unwrap()).unwrap();
+    assert_eq!(report["steps"], 3, "{report}");
+    assert_eq!(report["stopped_early"], false, "{report}");
 }

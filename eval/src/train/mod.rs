@@ -491,6 +491,34 @@ pub async fn run(args: TrainArgs, model_dir: PathBuf) -> anyhow::Result<PathBuf>
     tokio::task::spawn_blocking(move || fit(&args2, &base, &train, &val)).await?
 }
 
+/// A checkpoint continues only the run that wrote it: the settings that shape the optimization
+/// must match (resuming with, say, another loss weighting would mix two runs in one adapter).
+fn check_resumable(
+    checkpoint: &BTreeMap<String, String>,
+    run: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    const SETTINGS: [(&str, &str); 7] = [
+        ("base_sha256", "--model"),
+        ("data_hash", "the examples (examples.jsonl)"),
+        ("loss_weighting", "--loss-weighting"),
+        ("lr", "--lr"),
+        ("targets", "--targets"),
+        ("seed", "--seed"),
+        ("distinction_ratio", "--distinction-ratio"),
+    ];
+    for (key, what) in SETTINGS {
+        if let (Some(had), Some(has)) = (checkpoint.get(key), run.get(key))
+            && had != has
+        {
+            anyhow::bail!(
+                "the checkpoint was trained with {what} = {had}, this run has {has}: resume with \
+                 the same settings, or train into another --out"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn fit(
     args: &TrainArgs,
     base: &Path,
@@ -509,17 +537,6 @@ fn fit(
         seconds: 0.0,
         tokens: 0,
     };
-    if args.resume && checkpoint.join("state.json").exists() {
-        let adapter =
-            ghostwriter_generator::adapter::Adapter::load(&checkpoint.join("adapter.safetensors"))?;
-        model.set_adapter(&adapter)?;
-        opt.load(&checkpoint.join("optimizer.safetensors"), &device)?;
-        state = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
-        eprintln!(
-            "resuming at step {} (example {})",
-            state.step, state.position
-        );
-    }
     let total_examples = train.len() * args.epochs;
     let total_steps = total_examples.div_ceil(args.grad_accum);
     let base_sha = ghostwriter_common::models::sha256_file(base)?;
@@ -552,6 +569,18 @@ fn fit(
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     };
+    if args.resume && checkpoint.join("state.json").exists() {
+        let adapter =
+            ghostwriter_generator::adapter::Adapter::load(&checkpoint.join("adapter.safetensors"))?;
+        check_resumable(&adapter.metadata, &metadata(&state))?;
+        model.set_adapter(&adapter)?;
+        opt.load(&checkpoint.join("optimizer.safetensors"), &device)?;
+        state = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json"))?)?;
+        eprintln!(
+            "resuming at step {} (example {})",
+            state.step, state.position
+        );
+    }
     let bar = progress(total_examples as u64, "fine-tuning");
     bar.set_position(state.position as u64);
     // Time already spent (on resume) counts toward the reported rate.
