@@ -228,15 +228,17 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
             .output()
             .unwrap()
     };
+    let report = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.path().join("train.json")).unwrap()).unwrap()
+    };
     let run = train(&["--max-steps", "2"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("after step 2 of 3"), "{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("train.json")).unwrap()).unwrap();
-    assert_eq!(report["steps"], 2, "{report}");
-    assert_eq!(report["total_steps"], 3, "{report}");
-    assert_eq!(report["stopped_early"], true, "{report}");
+    let stopped = report();
+    assert_eq!(stopped["steps"], 2, "{stopped}");
+    assert_eq!(stopped["total_steps"], 3, "{stopped}");
+    assert_eq!(stopped["stopped_early"], true, "{stopped}");
     let adapter = Adapter::load(&out.path().join("adapter.safetensors")).unwrap();
     assert_eq!(adapter.metadata.get("steps").map(String::as_str), Some("2"));
     assert_eq!(
@@ -257,8 +259,7 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
     let stderr = String::from_utf8_lossy(&rest.stderr);
     assert!(rest.status.success(), "{stderr}");
     assert!(stderr.contains("resuming at step 2"), "{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("train.json")).unwrap()).unwrap();
-    assert_eq!(report["steps"], 3, "{report}");
-    assert_eq!(report["stopped_early"], false, "{report}");
+    let finished = report();
+    assert_eq!(finished["steps"], 3, "{finished}");
+    assert_eq!(finished["stopped_early"], false, "{finished}");
 }
