@@ -8,8 +8,10 @@
 //! whether a model learned the question or only its training pairs' cues.
 //!
 //! Run: `cargo run --release --example distinction_pairs -- CACHE [ADAPTER] [--split
-//! validation|train|all]` (CACHE: `OUT/examples.jsonl` of a `train` run; build validation pairs
-//! with `train --examples 1 --val-examples 150 --out OUT`, stopped once the cache is written).
+//! validation|train|all] [--engine training|served]` (CACHE: `OUT/examples.jsonl` of a `train`
+//! run; build validation pairs with `train --examples 1 --val-examples 150 --out OUT`, stopped
+//! once the cache is written). `--engine served` scores with the generator's serving engine
+//! (int8 kernels, f16 KV cache, the adapter unmerged) instead of the f32 training forward.
 
 use std::path::PathBuf;
 
@@ -18,21 +20,30 @@ use candle_core::Device;
 use ghostwriter::train::data::{Task, TrainExample};
 use ghostwriter::train::distinguish::roc_auc;
 use ghostwriter::train::model::TrainModel;
+use ghostwriter_generator::LoadOptions;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
+use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
+use ghostwriter_generator::native::NativeModel;
+
+/// The logits after a prompt's last token.
+type Scorer = dyn FnMut(&[u32]) -> anyhow::Result<Vec<f32>>;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut cache = None;
     let mut adapter = None;
     let mut split = "validation".to_string();
+    let mut engine = "training".to_string();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--split" => split = args.next().context("--split needs a value")?,
+            "--engine" => engine = args.next().context("--engine needs a value")?,
             "-h" | "--help" => {
                 println!(
-                    "distinction_pairs CACHE [ADAPTER] [--split validation|train|all]: accuracy \
-                     and ROC AUC of P(same author) on a train example cache's distinction pairs"
+                    "distinction_pairs CACHE [ADAPTER] [--split validation|train|all] [--engine \
+                     training|served]: accuracy and ROC AUC of P(same author) on a train example \
+                     cache's distinction pairs"
                 );
                 return Ok(());
             }
@@ -45,6 +56,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         matches!(split.as_str(), "validation" | "train" | "all"),
         "--split is validation, train or all"
+    );
+    anyhow::ensure!(
+        matches!(engine.as_str(), "training" | "served"),
+        "--engine is training or served"
     );
     let base =
         ghostwriter_common::models::default_dir().join(ghostwriter_common::models::GENERATOR_Q8_0);
@@ -68,18 +83,47 @@ fn main() -> anyhow::Result<()> {
         "no {split} distinction pairs in {}",
         cache.display()
     );
-    let mut model = TrainModel::load(&base, &Device::Cpu, 8, 16.0, &PROJECTIONS, 1)?;
-    if let Some(path) = &adapter {
-        model.set_adapter(&Adapter::load(path)?)?;
-    }
+    // The logits after each pair's prompt, from the chosen engine.
+    let mut logits_of: Box<Scorer> = if engine == "served" {
+        let mut model = NativeModel::load(
+            &base,
+            &LoadOptions {
+                device: "cpu".into(),
+                max_context: 2048,
+                threads: 0,
+                block_size: 16,
+                kv_cache_mb: 64,
+                adapter: adapter.clone(),
+            },
+        )?;
+        Box::new(move |ids: &[u32]| {
+            let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+            Ok(model
+                .forward(&[SeqStep {
+                    tokens: ids,
+                    start: 0,
+                    blocks: &blocks,
+                    logits: true,
+                }])?
+                .remove(0))
+        })
+    } else {
+        let mut model = TrainModel::load(&base, &Device::Cpu, 8, 16.0, &PROJECTIONS, 1)?;
+        if let Some(path) = &adapter {
+            model.set_adapter(&Adapter::load(path)?)?;
+        }
+        Box::new(move |ids: &[u32]| {
+            let hidden = model.hidden(ids)?;
+            Ok(model
+                .logits(&hidden, &[(ids.len() - 1) as u32])?
+                .flatten_all()?
+                .to_vec1()?)
+        })
+    };
     let mut scored = Vec::with_capacity(pairs.len());
     for e in &pairs {
         let same = e.ids[e.prompt] == true_id;
-        let hidden = model.hidden(&e.ids[..e.prompt])?;
-        let logits: Vec<f32> = model
-            .logits(&hidden, &[(e.prompt - 1) as u32])?
-            .flatten_all()?
-            .to_vec1()?;
+        let logits = logits_of(&e.ids[..e.prompt])?;
         let (t, f) = (logits[true_id as usize], logits[false_id as usize]);
         scored.push((1.0 / (1.0 + f64::from(f - t).exp()), same));
     }
@@ -98,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     let report = serde_json::json!({
         "cache": cache,
         "split": split,
+        "engine": engine,
         "adapter": adapter,
         "pairs": scored.len(),
         "same_author_pairs": scored.iter().filter(|s| s.1).count(),

@@ -263,3 +263,108 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
     assert_eq!(finished["steps"], 3, "{finished}");
     assert_eq!(finished["stopped_early"], false, "{finished}");
 }
+
+/// `--distinction-pairs matched` pairs a start with what the served `Distinguish` compares it
+/// with: an earlier document of its author (never its own, never a later one), or a document of
+/// the other user, each the retriever's best match for the start, so it shares more of the
+/// start's words than the user's typical document; random pairs draw any document.
+#[tokio::test(flavor = "multi_thread")]
+async fn matched_distinction_pairs_are_the_retrievers_best_matches() {
+    use ghostwriter::eval::protocol::{self, Split};
+    use ghostwriter::train::data::{DistinctionPairs, distinction_partners};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let Some(path) = common::amazon_docs() else {
+        return;
+    };
+    let dataset = protocol::build(ghostwriter::loaders::load(&path).unwrap().documents);
+    // The two training users with the most targets.
+    let mut targets: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in dataset.examples.iter().filter(|e| e.split == Split::Train) {
+        *targets.entry(e.user_id.as_str()).or_default() += 1;
+    }
+    let mut ranked: Vec<(&str, usize)> = targets.into_iter().collect();
+    ranked.sort_by_key(|(u, n)| (std::cmp::Reverse(*n), *u));
+    let users: BTreeSet<&str> = ranked.iter().take(2).map(|(u, _)| *u).collect();
+    let mut by_user: BTreeMap<String, Vec<ghostwriter_proto::v1::Document>> = BTreeMap::new();
+    for d in dataset
+        .documents
+        .iter()
+        .filter(|d| users.contains(d.user_id.as_str()))
+    {
+        by_user
+            .entry(d.user_id.clone())
+            .or_default()
+            .push(d.clone());
+    }
+    let documents: Vec<_> = by_user.values().flatten().cloned().collect();
+    let starts: Vec<&protocol::Example> = dataset
+        .examples
+        .iter()
+        .filter(|e| users.contains(e.user_id.as_str()))
+        .take(8)
+        .collect();
+    assert!(starts.len() >= 4, "{} starts", starts.len());
+    let words = |t: &str| -> BTreeSet<String> {
+        t.to_lowercase()
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.len() > 3)
+            .map(str::to_owned)
+            .collect()
+    };
+    let shared = |e: &protocol::Example, d: &ghostwriter_proto::v1::Document| {
+        words(&e.context())
+            .intersection(&words(&format!("{} {}", d.title, d.text)))
+            .count()
+    };
+    let (matched, random) = ghostwriter::embedded::Embedded::with_pipeline(
+        common::model_dir(),
+        None,
+        &documents,
+        async |embedded| {
+            let mut retriever = ghostwriter_proto::v1::retriever_client::RetrieverClient::new(
+                ghostwriter_common::client::channel(&embedded.orchestrator.retriever_url)?,
+            );
+            let matched = distinction_partners(
+                &starts,
+                &by_user,
+                DistinctionPairs::Matched,
+                Some(&mut retriever),
+                7,
+            )
+            .await?;
+            let random =
+                distinction_partners(&starts, &by_user, DistinctionPairs::Random, None, 7).await?;
+            Ok((matched, random))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matched.len() >= 4, "{} matched pairs", matched.len());
+    assert!(matched.iter().any(|p| p.2) && matched.iter().any(|p| !p.2));
+    let (mut best, mut typical) = (0, 0);
+    for (i, doc, same) in &matched {
+        let e = starts[*i];
+        assert_eq!(*same, doc.user_id == e.user_id, "{i}");
+        assert_eq!(*same, i % 2 == 0, "{i}");
+        if *same {
+            assert_ne!(doc.doc_id, e.doc_id, "the start's own document");
+            assert!(
+                doc.timestamp <= e.timestamp,
+                "a later document of the author"
+            );
+        }
+        let pool = &by_user[&doc.user_id];
+        best += shared(e, doc);
+        typical += pool.iter().map(|d| shared(e, d)).sum::<usize>() / pool.len();
+    }
+    assert!(
+        best > typical,
+        "matched documents share {best} words with their starts, typical ones {typical}"
+    );
+    // Random pairs draw from the same users, with the same labels.
+    assert_eq!(
+        random.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>(),
+        matched.iter().map(|p| (p.0, p.2)).collect::<Vec<_>>()
+    );
+}

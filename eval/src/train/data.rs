@@ -8,7 +8,9 @@
 //!   snippets, the most similar not-yet-picked snippet of the ranked entries (MiniLM cosine),
 //!   joined and cut to the summary budget. Serving uses the summarizer instead.
 //! - **Author distinction**: a document start and another document of the same user (`true`)
-//!   or of another training user (`false`), half and half.
+//!   or of another training user (`false`), half and half; the other document is drawn at
+//!   random, or (`--distinction-pairs matched`) is the one the served `Distinguish` compares
+//!   with, the best retrieval match for the start.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +20,9 @@ use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::prompt::{self, Parts};
 use ghostwriter_orchestrator::{OrchestratorService, preset};
 use ghostwriter_proto::v1::generate_request::Input;
-use ghostwriter_proto::v1::{Document, SummaryMode, WriteOptions, WriteRequest};
+use ghostwriter_proto::v1::retriever_client::RetrieverClient;
+use ghostwriter_proto::v1::{Document, RetrieveRequest, SummaryMode, WriteOptions, WriteRequest};
+use tonic::transport::Channel;
 
 use crate::Rng;
 use crate::protocol::{Example, full_text};
@@ -177,51 +181,120 @@ pub fn weak_summary(
     Ok(out.chars().take(max_chars).collect())
 }
 
-/// Author-distinction examples: for each of `starts` (a training example), one pair, `true`
-/// for even indices (another earlier-or-later document of the same user) and `false` for odd
-/// ones (a document of another user in `by_user`).
+/// How the second document of an author-distinction pair is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DistinctionPairs {
+    /// Any other document of the same user, or any document of a random other user (the
+    /// paper's framing). "Same topic" then predicts "same author" well.
+    Random,
+    /// The document the served `Distinguish` would compare with: the same user's best BM25 match
+    /// for the start among their earlier documents, or the other user's best match among all
+    /// of theirs. Both sides are on topic, so only the writing tells them apart.
+    Matched,
+}
+
+/// The user an `i`-th pair compares with: the start's own for even `i`, else a random other
+/// user of `users` (`None` when eight draws find none).
+fn partner_user<'a>(
+    rng: &mut Rng,
+    users: &[&'a String],
+    own: &'a String,
+    i: usize,
+) -> Option<&'a String> {
+    if i.is_multiple_of(2) {
+        return Some(own);
+    }
+    (0..9)
+        .map(|_| users[rng.below(users.len())])
+        .find(|u| *u != own)
+}
+
+/// The other document of each author-distinction pair: for the `i`-th of `starts` (a training
+/// example), `(i, document, same author)`, the author's own for even `i` and another user's of
+/// `by_user` for odd ones. `retriever` picks the documents for [`DistinctionPairs::Matched`];
+/// random pairs draw them with `seed`. A start with no document to pair is left out.
+pub async fn distinction_partners(
+    starts: &[&Example],
+    by_user: &BTreeMap<String, Vec<Document>>,
+    pairs: DistinctionPairs,
+    mut retriever: Option<&mut RetrieverClient<Channel>>,
+    seed: u64,
+) -> anyhow::Result<Vec<(usize, Document, bool)>> {
+    let users: Vec<&String> = by_user.keys().collect();
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::new();
+    for (i, e) in starts.iter().enumerate() {
+        let Some(own) = by_user.get_key_value(&e.user_id).map(|(k, _)| k) else {
+            continue;
+        };
+        let Some(user) = partner_user(&mut rng, &users, own, i) else {
+            continue;
+        };
+        let same = user == own;
+        let other = match (pairs, retriever.as_deref_mut()) {
+            (DistinctionPairs::Random, _) => {
+                let docs: Vec<&Document> = by_user[user]
+                    .iter()
+                    .filter(|d| !same || d.doc_id != e.doc_id)
+                    .collect();
+                if docs.is_empty() {
+                    continue;
+                }
+                docs[rng.below(docs.len())].clone()
+            }
+            (DistinctionPairs::Matched, Some(retriever)) => {
+                // As `Distinguish` and `eval-distinguish` ask: the author's history before the
+                // start; another user's whole.
+                let found = retriever
+                    .retrieve(RetrieveRequest {
+                        user_id: user.clone(),
+                        query: e.context(),
+                        before_timestamp: same.then_some(e.timestamp),
+                        current_doc_id: if same {
+                            e.doc_id.clone()
+                        } else {
+                            String::new()
+                        },
+                        limit: 1,
+                        term_statistics: false,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("retrieving a distinction pair: {}", s.message()))?
+                    .into_inner();
+                match found.documents.into_iter().find_map(|c| c.document) {
+                    Some(d) => d,
+                    None => continue,
+                }
+            }
+            (DistinctionPairs::Matched, None) => {
+                anyhow::bail!("matched distinction pairs need the retriever")
+            }
+        };
+        out.push((i, other, same));
+    }
+    Ok(out)
+}
+
+/// Author-distinction examples from [`distinction_partners`]: the start's first 150 characters
+/// against the other document's first 600, answered `true` or `false`.
 pub fn distinction_examples(
     prompter: &Prompter,
     system: &str,
     starts: &[&Example],
-    by_user: &BTreeMap<String, Vec<Document>>,
-    seed: u64,
+    partners: &[(usize, Document, bool)],
     lengths: Lengths,
 ) -> anyhow::Result<Vec<TrainExample>> {
-    let users: Vec<&String> = by_user.keys().collect();
-    let mut rng = Rng::new(seed);
     let true_id = prompter.encode_plain("true")?;
     let false_id = prompter.encode_plain("false")?;
     let mut out = Vec::new();
-    for (i, e) in starts.iter().enumerate() {
-        let same = i % 2 == 0;
-        let other = if same {
-            let docs = &by_user[&e.user_id];
-            let others: Vec<&Document> = docs.iter().filter(|d| d.doc_id != e.doc_id).collect();
-            if others.is_empty() {
-                continue;
-            }
-            others[rng.below(others.len())]
-        } else {
-            let mut pick = users[rng.below(users.len())];
-            for _ in 0..8 {
-                if *pick != e.user_id {
-                    break;
-                }
-                pick = users[rng.below(users.len())];
-            }
-            if *pick == e.user_id {
-                continue;
-            }
-            let docs = &by_user[pick];
-            &docs[rng.below(docs.len())]
-        };
+    for (i, other, same) in partners {
+        let e = starts[*i];
         let second: String = full_text(&other.title, &other.text)
             .chars()
             .take(600)
             .collect();
         let ids = prompter.encode(&prompt::distinction(system, &e.context(), &second))?;
-        let answer = if same {
+        let answer = if *same {
             true_id.clone()
         } else {
             false_id.clone()

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Rng;
 use crate::protocol::{self, Example, Split};
-use data::{Lengths, Task, TrainExample};
+use data::{DistinctionPairs, Lengths, Task, TrainExample};
 use model::TrainModel;
 
 /// Settings of a fine-tuning run.
@@ -49,6 +49,12 @@ pub struct TrainArgs {
     /// generation only).
     #[arg(long = "distinction-ratio", default_value_t = 1.0)]
     pub distinction_ratio: f64,
+    /// How the second document of an author-distinction pair is chosen: `random` (any other
+    /// document of the author, or of a random other user, as the paper frames it) or `matched`
+    /// (the best retrieval match for the start among the author's earlier documents, or among
+    /// the other user's: what the served `Distinguish` compares with).
+    #[arg(long = "distinction-pairs", value_enum, default_value_t = DistinctionPairs::Random)]
+    pub distinction_pairs: DistinctionPairs,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
@@ -351,6 +357,14 @@ async fn build_examples(
             let orchestrator =
                 ghostwriter_orchestrator::OrchestratorService::new(embedded.orchestrator.clone())
                     .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let mut retriever = match args.distinction_pairs {
+                DistinctionPairs::Matched => Some(
+                    ghostwriter_proto::v1::retriever_client::RetrieverClient::new(
+                        ghostwriter_common::client::channel(&embedded.orchestrator.retriever_url)?,
+                    ),
+                ),
+                DistinctionPairs::Random => None,
+            };
             let mut out = Vec::new();
             for (k, (targets, users)) in
                 [(&train_targets, &by_split[0]), (&val_targets, &by_split[1])]
@@ -389,8 +403,16 @@ async fn build_examples(
                 let mut starts: Vec<&Example> = targets.iter().collect();
                 Rng::new(args.seed ^ 0xd15).shuffle(&mut starts);
                 let starts: Vec<&Example> = starts.into_iter().cycle().take(n).collect();
+                let partners = data::distinction_partners(
+                    &starts,
+                    users,
+                    args.distinction_pairs,
+                    retriever.as_mut(),
+                    args.seed,
+                )
+                .await?;
                 built.extend(data::distinction_examples(
-                    &prompter, system, &starts, users, args.seed, lengths,
+                    &prompter, system, &starts, &partners, lengths,
                 )?);
                 Rng::new(args.seed ^ k as u64).shuffle(&mut built);
                 out.push(built);
@@ -497,7 +519,7 @@ fn check_resumable(
     checkpoint: &BTreeMap<String, String>,
     run: &BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
-    const SETTINGS: [(&str, &str); 7] = [
+    const SETTINGS: [(&str, &str); 8] = [
         ("base_sha256", "--model"),
         ("data_hash", "the examples (examples.jsonl)"),
         ("loss_weighting", "--loss-weighting"),
@@ -505,6 +527,7 @@ fn check_resumable(
         ("targets", "--targets"),
         ("seed", "--seed"),
         ("distinction_ratio", "--distinction-ratio"),
+        ("distinction_pairs", "--distinction-pairs"),
     ];
     for (key, what) in SETTINGS {
         if let (Some(had), Some(has)) = (checkpoint.get(key), run.get(key))
@@ -553,6 +576,12 @@ fn fit(
             ("data", args.data.display().to_string()),
             ("presets", args.presets.join(",")),
             ("distinction_ratio", args.distinction_ratio.to_string()),
+            (
+                "distinction_pairs",
+                clap::ValueEnum::to_possible_value(&args.distinction_pairs)
+                    .map(|v| v.get_name().to_owned())
+                    .unwrap_or_default(),
+            ),
             (
                 "loss_weighting",
                 clap::ValueEnum::to_possible_value(&args.loss_weighting)
