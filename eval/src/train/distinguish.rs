@@ -38,12 +38,26 @@ pub struct EvalArgs {
     /// Earlier documents each judgement compares with.
     #[arg(long, default_value_t = 4)]
     pub max_documents: u32,
+    /// Which of the author's documents a same-author judgement may compare with: `before` (those
+    /// written before the target, as a write sees them) or `all` (every other one, so the
+    /// author's pool is as whole as the other user's, whose whole history is searched).
+    #[arg(long = "author-history", value_enum, default_value_t = AuthorHistory::Before)]
+    pub author_history: AuthorHistory,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Where to write the JSON report.
     #[arg(long, default_value = "eval-distinguish.json")]
     pub out: PathBuf,
+}
+
+/// The author's documents a same-author judgement may compare with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthorHistory {
+    /// Those written before the target.
+    Before,
+    /// Every one but the target.
+    All,
 }
 
 /// ROC AUC of `scores` for `labels` (Mann–Whitney, ties counted half).
@@ -109,6 +123,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
     let run = |url: String| {
         let jobs = jobs.clone();
         let max_documents = args.max_documents;
+        let author_history = args.author_history;
         async move {
             let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
             let results: Vec<anyhow::Result<(f64, bool)>> = futures::stream::iter(jobs)
@@ -118,8 +133,10 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                         let mut request = tonic::Request::new(DistinguishRequest {
                             user_id: user,
                             text: e.target(),
-                            // The author's history before the target; another user's whole.
-                            timestamp: same.then_some(e.timestamp),
+                            // The author's history before the target (or all but the target);
+                            // another user's whole.
+                            timestamp: (same && author_history == AuthorHistory::Before)
+                                .then_some(e.timestamp),
                             doc_id: if same {
                                 e.doc_id.clone()
                             } else {
@@ -172,6 +189,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         "mean_probability_other_author": mean(false),
         "adapter": args.adapter,
         "max_documents": args.max_documents,
+        "author_history": format!("{:?}", args.author_history).to_lowercase(),
         "seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
