@@ -284,3 +284,56 @@ async fn etcd_discovery_sharding_and_failover() {
         assert_eq!(p.history_size, 3);
     }
 }
+
+/// A stage that starts while etcd is down registers once etcd comes up: the first registration
+/// is retried, not given up (before, such a stage served on, never discoverable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_started_before_etcd_registers_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // etcd() checks that etcd is installed; this test starts its own on ports it picked.
+    let Some((probe, _)) = etcd(&dir.path().join("probe")) else {
+        return;
+    };
+    drop(Kill(vec![probe]));
+    let (client, peer) = (port(), port());
+    let url = format!("http://127.0.0.1:{client}");
+    let index = dir.path().join("index").display().to_string();
+    let (retriever, _) = stage(&url, "retriever", &[], &["--index-dir".into(), index]);
+    let mut procs = Kill(vec![retriever]);
+    // Long enough for the stage to serve and find etcd unreachable.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let etcd = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(dir.path().join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    procs.0.push(etcd);
+    let started = Instant::now();
+    let registered = loop {
+        let found = match Etcd::connect(std::slice::from_ref(&url)).await {
+            Ok(mut c) => c
+                .get_prefix("/ghostwriter/v1/retriever/", true)
+                .await
+                .map(|(_, kvs)| kvs.len())
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        if found > 0 || started.elapsed() > Duration::from_secs(30) {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(registered, 1, "the retriever never registered");
+}

@@ -44,7 +44,10 @@ impl EndpointSet {
 
 impl Registration {
     /// Registers `info` with a lease of `ttl` seconds and keeps it alive (re-registering if
-    /// etcd loses it) until deregistered or the process dies.
+    /// etcd loses it) until deregistered or the process dies. While etcd cannot be reached the
+    /// first registration is retried every `ttl / 3` (a stage that starts before etcd, or while
+    /// it restarts, joins once etcd is back), so this returns only once the endpoint is
+    /// registered.
     pub async fn register(
         etcd: &[String],
         prefix: &str,
@@ -54,8 +57,16 @@ impl Registration {
         let lease = Arc::new(Mutex::new(None));
         let key = key(prefix, &info.stage, &info.url);
         let value = serde_json::to_string(&info)?;
-        // The first registration must succeed; later failures are retried in the background.
-        let (client, id) = put_with_lease(etcd, &key, &value, ttl).await?;
+        let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let (client, id) = loop {
+            match put_with_lease(etcd, &key, &value, ttl).await {
+                Ok(registered) => break registered,
+                Err(e) => {
+                    tracing::warn!(error = %e, key, "etcd unavailable; will retry registration");
+                    tokio::time::sleep(period).await;
+                }
+            }
+        };
         *lease.lock().map_err(|_| anyhow::anyhow!("lease lock"))? = Some(id);
         tracing::info!(stage = %info.stage, url = %info.url, key, "registered in etcd");
         let task = tokio::spawn(keep_alive(
