@@ -1,7 +1,7 @@
-//! Author distinction on the distribution `train` learns it from: P(same author) for the
-//! distinction examples of a `train` example cache (a document start against another document
-//! of the same user or of a random other user, half and half), scored by the training forward
-//! pass with and without an adapter; prints accuracy at 0.5 and ROC AUC as JSON.
+//! Author distinction on the pairs `train` learns it from: P(same author) for the distinction
+//! examples of a `train` example cache (a document start against another document of the same
+//! user or of another user, half and half; random or `--distinction-pairs matched`), scored with
+//! and without an adapter; prints accuracy at 0.5 and ROC AUC as JSON.
 //!
 //! `eval-distinguish` measures the served `Distinguish`, which compares a text with the user's
 //! best-matching earlier documents; this measures the task as trained, so the two together say

@@ -194,7 +194,7 @@ pub enum DistinctionPairs {
 }
 
 /// The user an `i`-th pair compares with: the start's own for even `i`, else a random other
-/// user of `users` (`None` when eight draws find none).
+/// user of `users` (`None` when nine draws find none).
 fn partner_user<'a>(
     rng: &mut Rng,
     users: &[&'a String],
