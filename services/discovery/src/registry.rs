@@ -57,16 +57,7 @@ impl Registration {
         let lease = Arc::new(Mutex::new(None));
         let key = key(prefix, &info.stage, &info.url);
         let value = serde_json::to_string(&info)?;
-        let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
-        let (client, id) = loop {
-            match put_with_lease(etcd, &key, &value, ttl).await {
-                Ok(registered) => break registered,
-                Err(e) => {
-                    tracing::warn!(error = %e, key, "etcd unavailable; will retry registration");
-                    tokio::time::sleep(period).await;
-                }
-            }
-        };
+        let (client, id) = put_until_registered(etcd, &key, &value, ttl).await;
         *lease.lock().map_err(|_| anyhow::anyhow!("lease lock"))? = Some(id);
         tracing::info!(stage = %info.stage, url = %info.url, key, "registered in etcd");
         let task = tokio::spawn(keep_alive(
@@ -112,6 +103,24 @@ async fn put_with_lease(
     Ok((client, id))
 }
 
+/// How often a lease of `ttl` seconds is renewed, and a failed registration retried.
+fn renew_period(ttl: i64) -> Duration {
+    Duration::from_millis((ttl.max(1) as u64 * 1000) / 3)
+}
+
+/// [`put_with_lease`], retried every [`renew_period`] until etcd takes it.
+async fn put_until_registered(etcd: &[String], key: &str, value: &str, ttl: i64) -> (Etcd, i64) {
+    loop {
+        match put_with_lease(etcd, key, value, ttl).await {
+            Ok(registered) => return registered,
+            Err(e) => {
+                tracing::warn!(error = %e, key, "etcd unavailable; will retry registration");
+                tokio::time::sleep(renew_period(ttl)).await;
+            }
+        }
+    }
+}
+
 async fn keep_alive(
     etcd: Vec<String>,
     key: String,
@@ -121,7 +130,7 @@ async fn keep_alive(
     mut id: i64,
     lease: Arc<Mutex<Option<i64>>>,
 ) {
-    let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+    let period = renew_period(ttl);
     loop {
         let alive = async {
             let mut keeper = client.keep_alive(id).await?;
@@ -135,23 +144,12 @@ async fn keep_alive(
         if let Err(e) = alive.await {
             tracing::warn!(error = %e, key, "etcd keep-alive failed; registering again");
         }
-        loop {
-            tokio::time::sleep(period).await;
-            match put_with_lease(&etcd, &key, &value, ttl).await {
-                Ok((c, new_id)) => {
-                    client = c;
-                    id = new_id;
-                    if let Ok(mut l) = lease.lock() {
-                        *l = Some(id);
-                    }
-                    tracing::info!(key, "registered in etcd again");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, key, "etcd unavailable; will retry registration")
-                }
-            }
+        tokio::time::sleep(period).await;
+        (client, id) = put_until_registered(&etcd, &key, &value, ttl).await;
+        if let Ok(mut l) = lease.lock() {
+            *l = Some(id);
         }
+        tracing::info!(key, "registered in etcd again");
     }
 }
 
