@@ -125,7 +125,17 @@ pub fn spawn_etcd(
     data_dir: &Path,
     tls: Option<&ghostwriter_common::tls::TlsArgs>,
 ) -> anyhow::Result<(Child, String, u16)> {
-    let (client, peer) = (free_port()?, free_port()?);
+    spawn_etcd_on(data_dir, tls, free_port()?, free_port()?)
+}
+
+/// [`spawn_etcd`] on the given loopback client and peer ports (for a client that was told the
+/// URL before etcd started).
+pub fn spawn_etcd_on(
+    data_dir: &Path,
+    tls: Option<&ghostwriter_common::tls::TlsArgs>,
+    client: u16,
+    peer: u16,
+) -> anyhow::Result<(Child, String, u16)> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
