@@ -274,6 +274,19 @@ fn sample(examples: &[Example], split: Split, n: usize, seed: u64) -> Vec<Exampl
     chosen
 }
 
+/// Whether the run reads its examples from `OUT/examples.jsonl` instead of building them.
+fn resumes_from_cache(args: &TrainArgs) -> bool {
+    args.resume && args.out.join("examples.jsonl").is_file()
+}
+
+/// The name clap gives `value` (`token`, `matched`, ...): the one spelling its flag accepts.
+pub(crate) fn value_name(value: &impl clap::ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
+
 /// Builds (or, on resume, reads) the training and validation examples.
 async fn build_examples(
     args: &TrainArgs,
@@ -281,7 +294,7 @@ async fn build_examples(
     base: &Path,
 ) -> anyhow::Result<(Vec<TrainExample>, Vec<TrainExample>)> {
     let cache = args.out.join("examples.jsonl");
-    if args.resume && cache.exists() {
+    if resumes_from_cache(args) {
         let mut train = Vec::new();
         let mut val = Vec::new();
         for line in std::fs::read_to_string(&cache)?.lines() {
@@ -488,8 +501,7 @@ pub async fn run(args: TrainArgs, model_dir: PathBuf) -> anyhow::Result<PathBuf>
     );
     // Resuming from the example cache with an explicit --model needs no other model file (a GPU
     // worker can be given only the base GGUF and examples.jsonl).
-    let cached = args.resume && args.out.join("examples.jsonl").is_file();
-    if !(cached && args.model.is_some()) {
+    if !(resumes_from_cache(&args) && args.model.is_some()) {
         let dir = model_dir.clone();
         tokio::task::spawn_blocking(move || ghostwriter_runtime::models::ensure(&dir)).await??;
     }
@@ -576,18 +588,8 @@ fn fit(
             ("data", args.data.display().to_string()),
             ("presets", args.presets.join(",")),
             ("distinction_ratio", args.distinction_ratio.to_string()),
-            (
-                "distinction_pairs",
-                clap::ValueEnum::to_possible_value(&args.distinction_pairs)
-                    .map(|v| v.get_name().to_owned())
-                    .unwrap_or_default(),
-            ),
-            (
-                "loss_weighting",
-                clap::ValueEnum::to_possible_value(&args.loss_weighting)
-                    .map(|v| v.get_name().to_owned())
-                    .unwrap_or_default(),
-            ),
+            ("distinction_pairs", value_name(&args.distinction_pairs)),
+            ("loss_weighting", value_name(&args.loss_weighting)),
             ("examples", train.len().to_string()),
             ("steps", state.step.to_string()),
             ("lr", args.lr.to_string()),
