@@ -18,13 +18,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Device;
 use ghostwriter::train::data::{Task, TrainExample};
-use ghostwriter::train::distinguish::roc_auc;
+use ghostwriter::train::distinguish::scored;
 use ghostwriter::train::model::TrainModel;
-use ghostwriter_generator::LoadOptions;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
 use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::native::NativeModel;
+use ghostwriter_generator::{LoadOptions, same_author_probability};
 
 /// The logits after a prompt's last token.
 type Scorer = dyn FnMut(&[u32]) -> anyhow::Result<Vec<f32>>;
@@ -120,37 +120,26 @@ fn main() -> anyhow::Result<()> {
                 .to_vec1()?)
         })
     };
-    let mut scored = Vec::with_capacity(pairs.len());
+    let mut scores = Vec::with_capacity(pairs.len());
     for e in &pairs {
         let same = e.ids[e.prompt] == true_id;
         let logits = logits_of(&e.ids[..e.prompt])?;
         let (t, f) = (logits[true_id as usize], logits[false_id as usize]);
-        scored.push((1.0 / (1.0 + f64::from(f - t).exp()), same));
+        scores.push((f64::from(same_author_probability(t, f)), same));
     }
-    let correct = scored
-        .iter()
-        .filter(|(p, same)| (*p >= 0.5) == *same)
-        .count();
-    let mean = |label: bool| {
-        let v: Vec<f64> = scored
-            .iter()
-            .filter(|s| s.1 == label)
-            .map(|s| s.0)
-            .collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
-    };
-    let report = serde_json::json!({
-        "cache": cache,
-        "split": split,
-        "engine": engine,
-        "adapter": adapter,
-        "pairs": scored.len(),
-        "same_author_pairs": scored.iter().filter(|s| s.1).count(),
-        "accuracy": correct as f64 / scored.len() as f64,
-        "roc_auc": roc_auc(&scored),
-        "mean_probability_same_author": mean(true),
-        "mean_probability_other_author": mean(false),
-    });
+    let mut report = scored(&scores);
+    for (key, value) in [
+        ("cache", serde_json::json!(cache)),
+        ("split", serde_json::json!(split)),
+        ("engine", serde_json::json!(engine)),
+        ("adapter", serde_json::json!(adapter)),
+        (
+            "same_author_pairs",
+            serde_json::json!(scores.iter().filter(|s| s.1).count()),
+        ),
+    ] {
+        report.insert(key.to_string(), value);
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

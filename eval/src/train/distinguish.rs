@@ -82,6 +82,35 @@ pub fn roc_auc(scores: &[(f64, bool)]) -> f64 {
     wins / (pos.len() * neg.len()) as f64
 }
 
+/// The figures of judged pairs `(P(same author), same author)`: their count, accuracy at 0.5,
+/// ROC AUC and the mean probability for each label.
+pub fn scored(scores: &[(f64, bool)]) -> serde_json::Map<String, Value> {
+    let correct = scores
+        .iter()
+        .filter(|(p, same)| (*p >= 0.5) == *same)
+        .count();
+    let mean = |same: bool| {
+        let v: Vec<f64> = scores.iter().filter(|s| s.1 == same).map(|s| s.0).collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    serde_json::Map::from_iter([
+        ("pairs".to_string(), json!(scores.len())),
+        (
+            "accuracy".to_string(),
+            json!(correct as f64 / scores.len().max(1) as f64),
+        ),
+        ("roc_auc".to_string(), json!(roc_auc(scores))),
+        (
+            "mean_probability_same_author".to_string(),
+            json!(mean(true)),
+        ),
+        (
+            "mean_probability_other_author".to_string(),
+            json!(mean(false)),
+        ),
+    ])
+}
+
 /// Runs the evaluation and writes its report.
 pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
     let data = args.data.clone();
@@ -172,26 +201,20 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
             .await?
         }
     };
-    let correct = scores
-        .iter()
-        .filter(|(p, same)| (*p >= 0.5) == *same)
-        .count();
-    let mean = |same: bool| {
-        let v: Vec<f64> = scores.iter().filter(|s| s.1 == same).map(|s| s.0).collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
-    };
-    let report = json!({
-        "split": format!("{:?}", args.split).to_lowercase(),
-        "pairs": scores.len(),
-        "accuracy": correct as f64 / scores.len().max(1) as f64,
-        "roc_auc": roc_auc(&scores),
-        "mean_probability_same_author": mean(true),
-        "mean_probability_other_author": mean(false),
-        "adapter": args.adapter,
-        "max_documents": args.max_documents,
-        "author_history": format!("{:?}", args.author_history).to_lowercase(),
-        "seconds": started.elapsed().as_secs_f64(),
-    });
+    let mut report = scored(&scores);
+    for (key, value) in [
+        ("split", json!(format!("{:?}", args.split).to_lowercase())),
+        ("adapter", json!(args.adapter)),
+        ("max_documents", json!(args.max_documents)),
+        (
+            "author_history",
+            json!(super::value_name(&args.author_history)),
+        ),
+        ("seconds", json!(started.elapsed().as_secs_f64())),
+    ] {
+        report.insert(key.to_string(), value);
+    }
+    let report = Value::Object(report);
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     Ok(report)
 }

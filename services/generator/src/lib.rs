@@ -204,10 +204,16 @@ fn finish_reason(f: Finish) -> FinishReason {
     }
 }
 
+/// The author-distinction answer: P("true" | "true" or "false") from the two answers' scores
+/// (log-probabilities or logits of the same position).
+pub fn same_author_probability(true_score: f32, false_score: f32) -> f32 {
+    1.0 / (1.0 + (false_score - true_score).exp())
+}
+
 fn response(stats: Stats, model: &str) -> GenerateResponse {
-    // Scores are the log-probabilities of "true" and "false": P(true | one of the two).
+    // Scores are the log-probabilities of "true" and "false".
     let same_author_probability = match stats.scores.as_slice() {
-        [t, f] => 1.0 / (1.0 + (f - t).exp()),
+        [t, f] => same_author_probability(*t, *f),
         _ => 0.0,
     };
     GenerateResponse {
