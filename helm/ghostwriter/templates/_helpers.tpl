@@ -213,6 +213,8 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 - --kv-cache-mb={{ $v.kvCacheMb }}
 {{- if $v.model }}
 - --model={{ $v.model }}
+{{- else if $v.gpuTier }}
+- --model=/models/qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 {{- end }}
 {{- end }}
 {{- end -}}
@@ -269,7 +271,7 @@ spec:
     - name: models-pull
       image: {{ include "ghostwriter.modelsImage" $root }}
       imagePullPolicy: {{ $root.Values.models.image.pullPolicy | default $root.Values.image.pullPolicy }}
-      args: ["models", "pull", "--dir", "/models"]
+      args: ["models", "pull", "--dir", "/models"{{ if and (eq $stage "generator") $v.gpuTier }}, "--gpu-tier"{{ end }}]
       env:
         - name: HOME
           value: /tmp

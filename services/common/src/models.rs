@@ -5,6 +5,8 @@
 //! - `smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf`: the file as shipped;
 //! - `smollm2-135m-instruct/SmolLM2-135M-Instruct.Q8_0.gguf`: re-quantized at pull (Q4_1 has
 //!   no SIMD kernel in candle, Q8_0 decodes ~3x faster with the same output quality);
+//! - `qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf`: the GPU tier's
+//!   generator, only with `models pull --gpu-tier`;
 //! - `all-minilm-l6-v2/{model.safetensors,tokenizer.json,config.json}` (the embedder's
 //!   directory, `ghostwriter_embed::EMBEDDER_DIR`).
 
@@ -18,6 +20,10 @@ pub const MODEL_DIR_ENV: &str = "GHOSTWRITER_MODEL_DIR";
 
 /// The default generator model (re-quantized at pull), relative to the model directory.
 pub const GENERATOR_Q8_0: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q8_0.gguf";
+/// The GPU-tier generator (Qwen2.5-Coder-1.5B-Instruct Q4_K_M, qwen2), fetched by `models pull
+/// --gpu-tier`, relative to the model directory; served with `--model`.
+pub const GPU_TIER_GENERATOR: &str =
+    "qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf";
 /// The shipped generator model, relative to the model directory.
 pub const GENERATOR_SOURCE: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 
