@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ghostwriter_proto::v1::DistinguishRequest;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
+use ghostwriter_proto::v1::{DistinctionPartners, DistinguishRequest};
 use serde_json::{Value, json};
 
 use crate::Rng;
@@ -43,6 +43,10 @@ pub struct EvalArgs {
     /// author's pool is as whole as the other user's, whose whole history is searched).
     #[arg(long = "author-history", value_enum, default_value_t = AuthorHistory::Before)]
     pub author_history: AuthorHistory,
+    /// Which of the user's documents each judgement compares with: `best-match` (the best BM25
+    /// matches for the text's start) or `recent` (the most recent ones).
+    #[arg(long, value_enum, default_value_t = Partners::BestMatch)]
+    pub partners: Partners,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -58,6 +62,25 @@ pub enum AuthorHistory {
     Before,
     /// Every one but the target.
     All,
+}
+
+/// The documents a judgement compares the text with (`DistinguishRequest.partners`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Partners {
+    /// The best BM25 matches for the text's start.
+    BestMatch,
+    /// The most recent documents.
+    Recent,
+}
+
+impl Partners {
+    /// The request's value.
+    pub fn proto(self) -> DistinctionPartners {
+        match self {
+            Self::BestMatch => DistinctionPartners::BestMatch,
+            Self::Recent => DistinctionPartners::Recent,
+        }
+    }
 }
 
 /// ROC AUC of `scores` for `labels` (Mann–Whitney, ties counted half).
@@ -153,14 +176,15 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         let jobs = jobs.clone();
         let max_documents = args.max_documents;
         let author_history = args.author_history;
+        let partners = args.partners.proto() as i32;
         async move {
             let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
-            let results: Vec<anyhow::Result<(f64, bool)>> = futures::stream::iter(jobs)
+            let results: Vec<anyhow::Result<Value>> = futures::stream::iter(jobs)
                 .map(|(user, e, same)| {
                     let mut client = client.clone();
                     async move {
                         let mut request = tonic::Request::new(DistinguishRequest {
-                            user_id: user,
+                            user_id: user.clone(),
                             text: e.target(),
                             // The author's history before the target (or all but the target);
                             // another user's whole.
@@ -172,6 +196,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                                 String::new()
                             },
                             max_documents,
+                            partners,
                         });
                         request.set_timeout(Duration::from_secs(300));
                         let r = client
@@ -179,7 +204,14 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                             .await
                             .map_err(|s| anyhow::anyhow!("distinguish: {}", s.message()))?
                             .into_inner();
-                        Ok((r.probability as f64, same))
+                        Ok(json!({
+                            "user_id": user,
+                            "doc_id": e.doc_id,
+                            "author": e.user_id,
+                            "same_author": same,
+                            "probability": r.probability,
+                            "compared": r.documents.iter().map(|d| &d.doc_id).collect::<Vec<_>>(),
+                        }))
                     }
                 })
                 .buffer_unordered(args.concurrency.max(1))
@@ -189,7 +221,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         }
     };
     let started = Instant::now();
-    let scores = match &args.to {
+    let judgements = match &args.to {
         Some(url) => run(url.clone()).await?,
         None => {
             ghostwriter_runtime::embedded::Embedded::with_pipeline(
@@ -201,16 +233,27 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
             .await?
         }
     };
-    let mut report = scored(&scores);
+    let pairs: Vec<(f64, bool)> = judgements
+        .iter()
+        .map(|j| {
+            (
+                j["probability"].as_f64().unwrap_or_default(),
+                j["same_author"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut report = scored(&pairs);
     for (key, value) in [
         ("split", json!(format!("{:?}", args.split).to_lowercase())),
         ("adapter", json!(args.adapter)),
         ("max_documents", json!(args.max_documents)),
+        ("partners", json!(super::value_name(&args.partners))),
         (
             "author_history",
             json!(super::value_name(&args.author_history)),
         ),
         ("seconds", json!(started.elapsed().as_secs_f64())),
+        ("judgements", json!(judgements)),
     ] {
         report.insert(key.to_string(), value);
     }
