@@ -91,3 +91,79 @@ async fn evaluation_runs_and_resumes() {
             .unwrap();
     assert_eq!(json["presets"][0]["examples"], 3);
 }
+
+/// `eval-distinguish` on real data: each target judged once against its author (only documents
+/// written before it) and once against another user of the split, every judgement in the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinction_evaluation_judges_each_target_against_its_author_and_another_user() {
+    let Some(data) = common::amazon_docs() else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let args = ghostwriter::train::distinguish::EvalArgs {
+        to: None,
+        data: data.clone(),
+        split: Split::Validation,
+        targets: 3,
+        adapter: None,
+        concurrency: 2,
+        max_documents: 2,
+        author_history: ghostwriter::train::distinguish::AuthorHistory::Before,
+        seed: 7,
+        out: out.path().join("report.json"),
+    };
+    let report = ghostwriter::train::distinguish::evaluate(args, common::model_dir())
+        .await
+        .unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    // The file holds the report (floats compared loosely: JSON does not round-trip f32s).
+    assert_eq!(written["judgements"].as_array().unwrap().len(), 6);
+    assert!(
+        (written["roc_auc"].as_f64().unwrap() - report["roc_auc"].as_f64().unwrap()).abs() < 1e-9
+    );
+    assert_eq!(report["pairs"], 6);
+    let judgements = report["judgements"].as_array().unwrap();
+    assert_eq!(judgements.len(), 6);
+    let docs: std::collections::HashMap<String, ghostwriter::proto::Document> =
+        ghostwriter::loaders::load(&data)
+            .unwrap()
+            .documents
+            .into_iter()
+            .map(|d| (d.doc_id.clone(), d))
+            .collect();
+    let mut targets = std::collections::BTreeMap::new();
+    for j in judgements {
+        let (user, author) = (
+            j["user_id"].as_str().unwrap(),
+            j["author"].as_str().unwrap(),
+        );
+        let same = j["same_author"].as_bool().unwrap();
+        assert_eq!(same, user == author, "{j}");
+        assert!((0.0..=1.0).contains(&j["probability"].as_f64().unwrap()));
+        let target = &docs[j["doc_id"].as_str().unwrap()];
+        let compared = j["compared"].as_array().unwrap();
+        assert!(!compared.is_empty() && compared.len() <= 2, "{j}");
+        for c in compared {
+            let d = &docs[c.as_str().unwrap()];
+            // Only the judged user's documents, never the text itself; the author's only
+            // from before it.
+            assert_eq!(d.user_id, user);
+            assert_ne!(d.doc_id, target.doc_id);
+            if same {
+                assert!(
+                    (d.timestamp, &d.doc_id) < (target.timestamp, &target.doc_id),
+                    "{j}"
+                );
+            }
+        }
+        *targets.entry(target.doc_id.clone()).or_insert(0) += 1;
+    }
+    assert!(targets.values().all(|n| *n == 2), "{targets:?}");
+    let same = judgements
+        .iter()
+        .filter(|j| j["same_author"] == true)
+        .count();
+    assert_eq!(same, 3);
+}

@@ -614,13 +614,12 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
         } else {
             rng.pick(&[0, MAX_DISTINGUISH_DOCUMENTS])
         },
-        partners: rng.below(3) as i32,
     };
     // About 4% stay valid (each asks the generator once per compared document).
     let mutations = if rng.percent(4) { 0 } else { rng.range(1, 2) };
     let mut what = Vec::new();
     for _ in 0..mutations {
-        match rng.below(7) {
+        match rng.below(6) {
             0 => {
                 r.user_id = blank(rng);
                 what.push("user_id blank");
@@ -640,10 +639,6 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
             4 => {
                 r.text = longer_than(rng, MAX_DOCUMENT_CHARS);
                 what.push("text over 100,000 characters");
-            }
-            5 => {
-                r.partners = rng.pick(&[3, 100, -1, i32::MAX]);
-                what.push("partners unknown");
             }
             _ => {
                 r.max_documents =

@@ -390,7 +390,6 @@ async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
         timestamp: Some(target.timestamp),
         doc_id: target.doc_id.clone(),
         max_documents: max,
-        partners: 0,
     };
     let r = client
         .distinguish(request(&user, &target.text, 3))
@@ -407,32 +406,10 @@ async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
     assert!((r.probability - mean).abs() < 1e-6);
     assert!(!r.model.is_empty());
 
-    // Recent partners: the user's most recent documents before the text, whatever they are
-    // about, newest first.
-    let recent = client
-        .distinguish(ghostwriter::proto::DistinguishRequest {
-            partners: ghostwriter::proto::DistinctionPartners::Recent as i32,
-            ..request(&user, &target.text, 3)
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut earlier: Vec<_> = docs
-        .iter()
-        .filter(|d| (d.timestamp, &d.doc_id) < (target.timestamp, &target.doc_id))
-        .collect();
-    earlier.sort_by(|a, b| (b.timestamp, &b.doc_id).cmp(&(a.timestamp, &a.doc_id)));
-    let newest: Vec<&str> = earlier.iter().take(3).map(|d| d.doc_id.as_str()).collect();
-    let got: Vec<&str> = recent.documents.iter().map(|d| d.doc_id.as_str()).collect();
-    assert_eq!(got, newest);
-
-    let mut unknown = request(&user, "some text", 0);
-    unknown.partners = 9;
     for (bad, why) in [
         (request(&user, "  ", 0), "text is empty"),
         (request("", "some text", 0), "user_id is empty"),
         (request(&user, "some text", 17), "max_documents"),
-        (unknown, "partners"),
     ] {
         let err = client.distinguish(bad).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -19,12 +19,11 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    DistinctionInput, DistinctionPartners, DistinctionScore, DistinguishRequest,
-    DistinguishResponse, GenerateRequest, GenerateResponse, InfoRequest, InfoResponse,
-    IngestRequest, IngestResponse, ListPresetsRequest, ListPresetsResponse, PersonalizedInput,
-    PresetInfo, Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest,
-    SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse,
-    WriteStreamResponse,
+    DistinctionInput, DistinctionScore, DistinguishRequest, DistinguishResponse, GenerateRequest,
+    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
+    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
+    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
+    WriteResponse, WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -43,8 +42,6 @@ const MAX_USER_ID: usize = ingest::MAX_ID_BYTES;
 /// Earlier documents a Distinguish compares by default, and at most.
 const DEFAULT_DISTINGUISH_DOCUMENTS: u32 = 4;
 const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
-/// Documents fetched to find a user's most recent ones (`DISTINCTION_PARTNERS_RECENT`).
-const MAX_RECENT_HISTORY: u32 = 1_000;
 
 /// Corpus of the synthesizer's IDF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -683,8 +680,6 @@ impl Ghostwriter for OrchestratorService {
                 format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"),
             ));
         }
-        let partners = DistinctionPartners::try_from(r.partners)
-            .map_err(|_| bad_field("partners", format!("unknown partners {}", r.partners)))?;
         let limit = if r.max_documents == 0 {
             DEFAULT_DISTINGUISH_DOCUMENTS
         } else {
@@ -693,24 +688,15 @@ impl Ghostwriter for OrchestratorService {
         // As in training: the text's first 150 characters against an earlier document's first
         // 600.
         let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
-        // Best matches: the start is the query. Recent: no query, so every document scores the
-        // same and the retriever orders them most recent first; a user's whole history is
-        // fetched (users have tens of documents) and the first `limit` kept.
-        let (query, fetched) = match partners {
-            DistinctionPartners::Recent => (String::new(), MAX_RECENT_HISTORY),
-            DistinctionPartners::Unspecified | DistinctionPartners::BestMatch => {
-                (first.clone(), limit)
-            }
-        };
         let retrieved = self
             .stages
             .retrieve(
                 RetrieveRequest {
                     user_id: r.user_id,
-                    query,
+                    query: first.clone(),
                     before_timestamp: r.timestamp,
                     current_doc_id: r.doc_id,
-                    limit: fetched,
+                    limit,
                     term_statistics: false,
                 },
                 deadline,
@@ -724,7 +710,6 @@ impl Ghostwriter for OrchestratorService {
         let judged = retrieved
             .documents
             .iter()
-            .take(limit as usize)
             .filter_map(|c| c.document.as_ref())
             .map(|d| {
                 let second: String = format!("{}\n{}", d.title, d.text)

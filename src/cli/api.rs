@@ -76,10 +76,6 @@ pub struct DistinguishArgs {
     /// Earlier documents compared (0 = 4).
     #[arg(long, default_value_t = 0)]
     max_documents: u32,
-    /// Which of the user's documents the text is compared with: `best-match` (the best BM25
-    /// matches for its start) or `recent` (the most recent ones, whatever their topic).
-    #[arg(long, value_enum, default_value_t = ghostwriter::train::distinguish::Partners::BestMatch)]
-    partners: ghostwriter::train::distinguish::Partners,
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -145,7 +141,6 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
             timestamp: args.timestamp,
             doc_id: String::new(),
             max_documents: args.max_documents,
-            partners: args.partners.proto() as i32,
         },
         args.timeout,
     )?;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ghostwriter_proto::v1::DistinguishRequest;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
-use ghostwriter_proto::v1::{DistinctionPartners, DistinguishRequest};
 use serde_json::{Value, json};
 
 use crate::Rng;
@@ -43,10 +43,6 @@ pub struct EvalArgs {
     /// author's pool is as whole as the other user's, whose whole history is searched).
     #[arg(long = "author-history", value_enum, default_value_t = AuthorHistory::Before)]
     pub author_history: AuthorHistory,
-    /// Which of the user's documents each judgement compares with: `best-match` (the best BM25
-    /// matches for the text's start) or `recent` (the most recent ones).
-    #[arg(long, value_enum, default_value_t = Partners::BestMatch)]
-    pub partners: Partners,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -62,25 +58,6 @@ pub enum AuthorHistory {
     Before,
     /// Every one but the target.
     All,
-}
-
-/// The documents a judgement compares the text with (`DistinguishRequest.partners`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Partners {
-    /// The best BM25 matches for the text's start.
-    BestMatch,
-    /// The most recent documents.
-    Recent,
-}
-
-impl Partners {
-    /// The request's value.
-    pub fn proto(self) -> DistinctionPartners {
-        match self {
-            Self::BestMatch => DistinctionPartners::BestMatch,
-            Self::Recent => DistinctionPartners::Recent,
-        }
-    }
 }
 
 /// ROC AUC of `scores` for `labels` (Mann–Whitney, ties counted half).
@@ -176,7 +153,6 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         let jobs = jobs.clone();
         let max_documents = args.max_documents;
         let author_history = args.author_history;
-        let partners = args.partners.proto() as i32;
         async move {
             let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
             let results: Vec<anyhow::Result<Value>> = futures::stream::iter(jobs)
@@ -196,7 +172,6 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                                 String::new()
                             },
                             max_documents,
-                            partners,
                         });
                         request.set_timeout(Duration::from_secs(300));
                         let r = client
@@ -247,7 +222,6 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         ("split", json!(format!("{:?}", args.split).to_lowercase())),
         ("adapter", json!(args.adapter)),
         ("max_documents", json!(args.max_documents)),
-        ("partners", json!(super::value_name(&args.partners))),
         (
             "author_history",
             json!(super::value_name(&args.author_history)),
