@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, D, DType, Device, Layout, Shape, Tensor, Var,
+};
 use ghostwriter_generator::adapter::{Adapter, LoraPair, PROJECTIONS};
 use ghostwriter_generator::gguf;
 use ghostwriter_generator::native::Config;
@@ -18,6 +21,59 @@ struct Linear {
     /// `out × in`, frozen.
     w: Tensor,
     b: Option<Tensor>,
+}
+
+/// `x · wᵀ` for a frozen `w` (`out × in`), whose backward pass computes only the gradient of
+/// `x`. candle's matmul backward also computes a gradient for the other operand, tracked or not:
+/// for frozen base weights that is a third of a training step's arithmetic, and a weight-sized
+/// tensor per projection held until the step's gradients are dropped (for a 1.5B model, the
+/// size of the model again).
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    // A fresh, contiguous result: the op's forward pass clones its whole storage.
+    let y = x.detach().matmul(&w.t()?)?;
+    y.apply_op2(x, GradOfInput { w: w.clone() })
+}
+
+/// Attaches `y = x · wᵀ` (computed without a graph) to `x`: the forward pass returns `y`, the
+/// backward pass `grad · w` for `x` and nothing for `y`.
+struct GradOfInput {
+    w: Tensor,
+}
+
+impl CustomOp2 for GradOfInput {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &CudaStorage,
+        layout: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(grad.matmul(&self.w)?)))
+    }
 }
 
 struct Layer {
@@ -199,7 +255,7 @@ impl TrainModel {
 
     fn linear(&self, layer: usize, name: &'static str, x: &Tensor) -> candle_core::Result<Tensor> {
         let lin = &self.layers[layer].proj[name];
-        let mut y = x.matmul(&lin.w.t()?)?;
+        let mut y = frozen_matmul(x, &lin.w)?;
         if let Some(b) = &lin.b {
             y = y.broadcast_add(b)?;
         }
@@ -285,7 +341,7 @@ impl TrainModel {
     /// Logits of the rows `rows` of the hidden states.
     pub fn logits(&self, hidden: &Tensor, rows: &[u32]) -> candle_core::Result<Tensor> {
         let idx = Tensor::new(rows, &self.device)?;
-        hidden.index_select(&idx, 0)?.matmul(&self.lm_head.t()?)
+        frozen_matmul(&hidden.index_select(&idx, 0)?, &self.lm_head)
     }
 
     /// Mean cross-entropy of predicting `ids[prompt..]`, each from the tokens before it.
@@ -297,5 +353,52 @@ impl TrainModel {
         let targets = Tensor::new(&ids[prompt.max(1)..], &self.device)?;
         let logits = self.logits(&hidden, &rows)?;
         candle_nn::loss::cross_entropy(&logits, &targets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_matmul_gives_matmuls_values_and_input_gradient_but_no_weight_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 12., &dev)
+                .unwrap()
+                .reshape((3, 4))
+                .unwrap(),
+        )
+        .unwrap();
+        let w = (Tensor::arange(0f32, 20., &dev)
+            .unwrap()
+            .reshape((5, 4))
+            .unwrap()
+            * 0.1)
+            .unwrap();
+        // A loss that weighs each output differently, so the input gradient is not uniform.
+        let weights = Tensor::arange(1f32, 16., &dev)
+            .unwrap()
+            .reshape((3, 5))
+            .unwrap();
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let frozen = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&plain), values(&frozen));
+
+        let plain_grads = loss(&plain).backward().unwrap();
+        let frozen_grads = loss(&frozen).backward().unwrap();
+        let gx = |g: &candle_core::backprop::GradStore| values(g.get(x.as_tensor()).unwrap());
+        assert_eq!(gx(&plain_grads), gx(&frozen_grads));
+        // candle's matmul also computes and stores a gradient for its weight operand (under the
+        // id of the transposed view), 5 × 4 more elements; the frozen op stores none.
+        let elements = |g: &candle_core::backprop::GradStore| -> usize {
+            g.get_ids()
+                .map(|id| g.get_id(*id).unwrap().elem_count())
+                .sum()
+        };
+        assert_eq!(elements(&plain_grads), elements(&frozen_grads) + 5 * 4);
     }
 }
