@@ -508,12 +508,12 @@ mod tests {
         // sha256 of "ab", "c" and "abc"
         let sha_a = "fb8e20fc2e4c3f248c60c39bd652f3c1347298bb977b8b4d5903b85055620603";
         let sha_b = "2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6";
-        let sha_ab = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let dest = dir.path().join("m/model.gguf");
         let mut joined = Joined::create(&dest).unwrap();
         joined.append(&a, sha_a).unwrap();
         joined.append(&b, sha_b).unwrap();
-        joined.finish(sha_ab).unwrap();
+        joined.finish(sha_abc).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
 
         // A part with another digest is refused, and nothing is left behind.
@@ -526,7 +526,7 @@ mod tests {
         let mut joined = Joined::create(&other).unwrap();
         joined.append(&b, sha_b).unwrap();
         joined.append(&a, sha_a).unwrap();
-        let err = joined.finish(sha_ab).unwrap_err();
+        let err = joined.finish(sha_abc).unwrap_err();
         assert!(matches!(err, ModelError::Digest { .. }), "{err}");
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
