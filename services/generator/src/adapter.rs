@@ -6,7 +6,7 @@
 //! `.lora_b` (out × rank), with metadata `rank`, `alpha`, `base_sha256` and whatever the
 //! trainer records (data hash, steps, presets).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -134,27 +134,14 @@ impl Adapter {
                 vec![p.outputs, self.rank],
             ));
         }
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-            .iter()
-            .map(|(n, data, shape)| {
-                Ok((
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(
-                        safetensors::Dtype::F32,
-                        shape.clone(),
-                        data,
-                    )?,
-                ))
-            })
-            .collect::<Result<_, safetensors::SafeTensorError>>()?;
-        let mut metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        let mut metadata = self.metadata.clone();
         metadata.insert("rank".into(), self.rank.to_string());
         metadata.insert("alpha".into(), self.alpha.to_string());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("tmp");
-        safetensors::serialize_to_file(views, Some(metadata), &tmp)?;
+        std::fs::write(&tmp, safetensors_f32(&tensors, &metadata)?)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
@@ -257,6 +244,44 @@ fn f32s(data: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A safetensors file of f32 `tensors` (name, little-endian data, shape) with `metadata`, the
+/// same bytes for the same input: header keys sorted, data in the order given, the header
+/// padded with spaces to 8 bytes as the safetensors crate pads it. (The crate's own writer
+/// takes the metadata as a hash map, so its files differ from run to run in header order.)
+fn safetensors_f32(
+    tensors: &[(String, Vec<u8>, Vec<usize>)],
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut header: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    header.insert("__metadata__", serde_json::json!(metadata));
+    let mut offset = 0usize;
+    for (name, data, shape) in tensors {
+        anyhow::ensure!(
+            data.len() == shape.iter().product::<usize>() * 4,
+            "tensor {name}: {} bytes for shape {shape:?}",
+            data.len()
+        );
+        header.insert(
+            name,
+            serde_json::json!({
+                "dtype": "F32",
+                "shape": shape,
+                "data_offsets": [offset, offset + data.len()],
+            }),
+        );
+        offset += data.len();
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + head.len() + offset);
+    out.extend((head.len() as u64).to_le_bytes());
+    out.extend(head);
+    for (_, data, _) in tensors {
+        out.extend_from_slice(data);
+    }
+    Ok(out)
+}
+
 fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -303,5 +328,26 @@ mod tests {
         assert!(back.check(2, |_| Some((3, 2)), None).is_ok());
         assert!(back.check(1, |_| Some((3, 2)), None).is_err());
         assert!(back.check(2, |_| Some((4, 2)), None).is_err());
+
+        // The same adapter saves to the same bytes (many metadata keys, where a hash map's
+        // order would show), and the safetensors crate reads the file back.
+        let mut many = adapter.clone();
+        for i in 0..24 {
+            many.metadata.insert(format!("key{i}"), i.to_string());
+        }
+        let (p1, p2) = (
+            dir.path().join("1.safetensors"),
+            dir.path().join("2.safetensors"),
+        );
+        many.save(&p1).unwrap();
+        many.save(&p2).unwrap();
+        let (b1, b2) = (std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        assert_eq!(b1, b2);
+        let st = safetensors::SafeTensors::deserialize(&b1).unwrap();
+        assert_eq!(st.names().len(), 2);
+        let again = Adapter::load(&p1).unwrap();
+        assert_eq!(again.pairs, many.pairs);
+        assert_eq!(again.metadata["key17"], "17");
+        assert_eq!(again.metadata["rank"], "2");
     }
 }
