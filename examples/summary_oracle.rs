@@ -59,8 +59,8 @@ fn main() -> anyhow::Result<()> {
     let out = out.context("--out DIR is required")?;
     std::fs::create_dir_all(&out)?;
     let model_dir = ghostwriter_common::models::default_dir();
-    let data = PathBuf::from("../shared/data/amazon-musical-instruments/docs.jsonl");
-    let dataset = protocol::build(ghostwriter::loaders::load(&data)?.documents);
+    let dataset =
+        protocol::build(ghostwriter::loaders::load(&ghostwriter::bench::default_data())?.documents);
     let examples = select(&dataset.examples, Split::Test, limit, 42);
     let embedder = ghostwriter_embed::Embedder::load(
         &model_dir.join(ghostwriter_embed::EMBEDDER_DIR),

@@ -51,6 +51,23 @@ pub struct EvalArgs {
     pub out: PathBuf,
 }
 
+/// One served judgement, as the report lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Judgement {
+    /// The supposed author asked about.
+    user_id: String,
+    /// The text judged (a target of the split).
+    doc_id: String,
+    /// Its real author.
+    author: String,
+    /// Whether `user_id` is the author.
+    same_author: bool,
+    /// P(same author) as served.
+    probability: f32,
+    /// The documents of `user_id` it was compared with.
+    compared: Vec<String>,
+}
+
 /// The author's documents a same-author judgement may compare with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthorHistory {
@@ -155,7 +172,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         let author_history = args.author_history;
         async move {
             let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
-            let results: Vec<anyhow::Result<Value>> = futures::stream::iter(jobs)
+            let results: Vec<anyhow::Result<Judgement>> = futures::stream::iter(jobs)
                 .map(|(user, e, same)| {
                     let mut client = client.clone();
                     async move {
@@ -179,14 +196,14 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                             .await
                             .map_err(|s| anyhow::anyhow!("distinguish: {}", s.message()))?
                             .into_inner();
-                        Ok(json!({
-                            "user_id": user,
-                            "doc_id": e.doc_id,
-                            "author": e.user_id,
-                            "same_author": same,
-                            "probability": r.probability,
-                            "compared": r.documents.iter().map(|d| &d.doc_id).collect::<Vec<_>>(),
-                        }))
+                        Ok(Judgement {
+                            user_id: user,
+                            doc_id: e.doc_id,
+                            author: e.user_id,
+                            same_author: same,
+                            probability: r.probability,
+                            compared: r.documents.into_iter().map(|d| d.doc_id).collect(),
+                        })
                     }
                 })
                 .buffer_unordered(args.concurrency.max(1))
@@ -210,12 +227,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
     };
     let pairs: Vec<(f64, bool)> = judgements
         .iter()
-        .map(|j| {
-            (
-                j["probability"].as_f64().unwrap_or_default(),
-                j["same_author"].as_bool().unwrap_or_default(),
-            )
-        })
+        .map(|j| (f64::from(j.probability), j.same_author))
         .collect();
     let mut report = scored(&pairs);
     for (key, value) in [
