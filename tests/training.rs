@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use ghostwriter::train::AdamW;
-use ghostwriter::train::model::TrainModel;
+use ghostwriter::train::model::{Scored, TrainModel};
 use ghostwriter_generator::LoadOptions;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
 use ghostwriter_generator::backend::SeqStep;
@@ -188,6 +188,100 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
     }
     assert!(first.is_finite() && first > 0.5, "{first}");
     assert!(last < first * 0.9, "loss {first} -> {last}");
+}
+
+/// Sequences of different lengths run as one padded batch give the loss and the gradients of
+/// each run alone (summed with their weights): padding at the end is never attended to.
+#[test]
+fn a_padded_batch_gives_each_sequences_own_loss_and_gradients() {
+    let Some((prompt, answer)) = real_example() else {
+        return;
+    };
+    let long: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
+    let short: Vec<u32> = prompt
+        .iter()
+        .chain(&answer[..answer.len() / 3])
+        .copied()
+        .collect();
+    // A third sequence with another prompt length: the answer's tail, predicted from its head.
+    let third: Vec<u32> = answer.clone();
+    let model = TrainModel::load(&model_path(), &Device::Cpu, 8, 16.0, &PROJECTIONS, 3).unwrap();
+    // One optimizer step first, so that the B matrices are not zero and every variable gets a
+    // gradient.
+    let mut opt = AdamW::new(&model, 0.0).unwrap();
+    let grads_of = |loss: &Tensor| -> Vec<Vec<f32>> {
+        let store = loss.backward().unwrap();
+        model
+            .vars()
+            .iter()
+            .map(|v| {
+                store
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let warm = model.loss(&long, prompt.len()).unwrap();
+    let g: Vec<Tensor> = grads_of(&warm)
+        .into_iter()
+        .zip(model.vars())
+        .map(|(g, v)| Tensor::from_vec(g, v.shape(), &Device::Cpu).unwrap())
+        .collect();
+    opt.step(&model, &g, 1.0, 1e-2, 1).unwrap();
+
+    let seqs = [
+        Scored {
+            ids: &long,
+            prompt: prompt.len(),
+            weight: 3.0,
+        },
+        Scored {
+            ids: &short,
+            prompt: prompt.len(),
+            weight: 1.0,
+        },
+        Scored {
+            ids: &third,
+            prompt: answer.len() / 2,
+            weight: 0.5,
+        },
+    ];
+    let batched = model.weighted_loss(&seqs).unwrap();
+    let batched_grads = grads_of(&batched);
+    let mut alone = 0.0;
+    let mut alone_grads: Vec<Vec<f32>> = Vec::new();
+    for s in &seqs {
+        let loss = (model.loss(s.ids, s.prompt).unwrap() * s.weight).unwrap();
+        alone += loss.to_scalar::<f32>().unwrap();
+        for (i, g) in grads_of(&loss).into_iter().enumerate() {
+            match alone_grads.get_mut(i) {
+                Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+                None => alone_grads.push(g),
+            }
+        }
+    }
+    let batched = batched.to_scalar::<f32>().unwrap();
+    assert!(
+        (batched - alone).abs() < 1e-4 * alone.abs(),
+        "batched {batched}, alone {alone}"
+    );
+    let flat = |g: &[Vec<f32>]| g.concat();
+    let (b, a) = (flat(&batched_grads), flat(&alone_grads));
+    let norm = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff = b
+        .iter()
+        .zip(&a)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt();
+    assert!(
+        norm > 0.0 && diff < 1e-3 * norm,
+        "gradient difference {diff} of norm {norm}"
+    );
 }
 
 /// `train --resume` over an example cache with an explicit `--model` (how a GPU worker given

@@ -85,6 +85,12 @@ pub struct TrainArgs {
     /// weighs the same, so a two-token distinction answer weighs as much as a whole review).
     #[arg(long = "loss-weighting", value_enum, default_value_t = LossWeighting::Token)]
     pub loss_weighting: LossWeighting,
+    /// Padded tokens per forward pass: a step's examples, longest first, share a pass while
+    /// their count times the longest one's length fits (0 = one example per pass). The default
+    /// packs the short examples without raising the peak memory above that of the longest
+    /// example alone (attention memory grows as count × length²).
+    #[arg(long = "batch-tokens", default_value_t = 1280)]
+    pub batch_tokens: usize,
     /// Passes over the examples.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -458,19 +464,56 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Mean loss over `examples` (no gradients).
+/// Mean loss over `examples` (no gradients), in batches of at most `batch_tokens` padded tokens.
 fn mean_loss(
     model: &TrainModel,
     examples: &[TrainExample],
     weighting: LossWeighting,
+    batch_tokens: usize,
 ) -> anyhow::Result<f64> {
     let (mut sum, mut weights) = (0.0, 0.0);
-    for e in examples {
-        let weight = weighting.weight(e.answer_tokens());
-        sum += weight * model.loss(&e.ids, e.prompt)?.to_scalar::<f32>()? as f64;
-        weights += weight;
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    for batch in micro_batches(&lengths, batch_tokens) {
+        let scored = scored(examples, &batch, weighting);
+        sum += model.weighted_loss(&scored)?.to_scalar::<f32>()? as f64;
+        weights += scored.iter().map(|s| s.weight).sum::<f64>();
     }
     Ok(sum / weights.max(1e-12))
+}
+
+/// The examples `batch` of `examples`, weighted as `weighting` says.
+fn scored<'a>(
+    examples: &'a [TrainExample],
+    batch: &[usize],
+    weighting: LossWeighting,
+) -> Vec<model::Scored<'a>> {
+    batch
+        .iter()
+        .map(|&i| {
+            let e = &examples[i];
+            model::Scored {
+                ids: &e.ids,
+                prompt: e.prompt,
+                weight: weighting.weight(e.answer_tokens()),
+            }
+        })
+        .collect()
+}
+
+/// Groups sequences (by index into `lengths`) into forward passes: longest first, a pass takes
+/// the next sequence while its size times the pass's longest length stays within `budget`
+/// tokens (a sequence longer than `budget` goes alone; 0 puts every sequence alone).
+pub fn micro_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        match batches.last_mut() {
+            Some(batch) if (batch.len() + 1) * lengths[batch[0]] <= budget => batch.push(i),
+            _ => batches.push(vec![i]),
+        }
+    }
+    batches
 }
 
 /// Hash of the examples' token ids (the adapter's data provenance).
@@ -628,14 +671,20 @@ fn fit(
     let mut stopped_early = limit_reached(&state, state.seconds);
     while state.position < total_examples && !stopped_early {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut count = 0;
         let mut loss_sum = 0.0;
         let mut weight_sum = 0.0;
-        while count < args.grad_accum && state.position < total_examples {
-            let e = &train[state.position % train.len()];
-            let weight = args.loss_weighting.weight(e.answer_tokens());
-            let loss = model.loss(&e.ids, e.prompt)?;
-            let store = (&loss * weight)?.backward()?;
+        // This step's examples, run in padded batches (the step's gradient is their sum, so
+        // their order within it does not matter).
+        let step: Vec<usize> = (state.position
+            ..total_examples.min(state.position + args.grad_accum))
+            .map(|p| p % train.len())
+            .collect();
+        let lengths: Vec<usize> = step.iter().map(|&i| train[i].ids.len()).collect();
+        for batch in micro_batches(&lengths, args.batch_tokens) {
+            let batch: Vec<usize> = batch.into_iter().map(|k| step[k]).collect();
+            let scored = scored(train, &batch, args.loss_weighting);
+            let loss = model.weighted_loss(&scored)?;
+            let store = loss.backward()?;
             for (i, var) in vars.iter().enumerate() {
                 if let Some(g) = store.get(var.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {
@@ -644,13 +693,12 @@ fn fit(
                     });
                 }
             }
-            loss_sum += weight * loss.to_scalar::<f32>()? as f64;
-            weight_sum += weight;
-            state.tokens += e.ids.len();
-            state.position += 1;
-            count += 1;
-            bar.inc(1);
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            weight_sum += scored.iter().map(|s| s.weight).sum::<f64>();
+            state.tokens += scored.iter().map(|s| s.ids.len()).sum::<usize>();
+            bar.inc(batch.len() as u64);
         }
+        state.position += step.len();
         let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&vars)
@@ -673,7 +721,7 @@ fn fit(
         let validation = if !val.is_empty()
             && (last || (args.eval_every > 0 && state.step.is_multiple_of(args.eval_every)))
         {
-            let v = mean_loss(&model, val, args.loss_weighting)?;
+            let v = mean_loss(&model, val, args.loss_weighting, args.batch_tokens)?;
             bar.println(format!("step {}: validation loss {v:.4}", state.step));
             Some(v)
         } else {
@@ -819,5 +867,23 @@ mod tests {
         assert_eq!(LossWeighting::Example.weight(long.answer_tokens()), 1.0);
         // With no prompt the first token is still not predicted.
         assert_eq!(example(Task::Generation, 5, 0).answer_tokens(), 4);
+    }
+
+    #[test]
+    fn micro_batches_pack_short_examples_within_the_padded_budget() {
+        // Longest first; a pass grows while count × its longest length fits.
+        let lengths = [200, 1100, 250, 150, 900, 240];
+        assert_eq!(
+            micro_batches(&lengths, 1280),
+            vec![vec![1], vec![4], vec![2, 5, 0, 3]]
+        );
+        // Every example is in exactly one pass.
+        let mut all: Vec<usize> = micro_batches(&lengths, 600).concat();
+        all.sort();
+        assert_eq!(all, (0..lengths.len()).collect::<Vec<_>>());
+        // An example longer than the budget runs alone; 0 runs each alone.
+        assert_eq!(micro_batches(&[2000, 10], 1280), vec![vec![0], vec![1]]);
+        assert_eq!(micro_batches(&[10, 10], 0), vec![vec![0], vec![1]]);
+        assert!(micro_batches(&[], 1280).is_empty());
     }
 }

@@ -273,35 +273,49 @@ impl TrainModel {
         x.broadcast_mul(&r)?.broadcast_mul(w)
     }
 
-    /// RoPE on `x` (`heads × t × head_dim`) for positions `0..t`.
+    /// RoPE on `x` (`batch × heads × t × head_dim`) for positions `0..t` of every sequence.
     fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (h, t, hd) = x.dims3()?;
+        let (b, h, t, hd) = x.dims4()?;
         let half = hd / 2;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         if self.cfg.neox {
-            let x0 = x.narrow(2, 0, half)?;
-            let x1 = x.narrow(2, half, half)?;
+            let x0 = x.narrow(3, 0, half)?;
+            let x1 = x.narrow(3, half, half)?;
             let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-            Tensor::cat(&[a, b], 2)
+            let c = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::cat(&[a, c], 3)
         } else {
-            let x = x.reshape((h, t, half, 2))?;
-            let x0 = x.narrow(3, 0, 1)?.squeeze(3)?;
-            let x1 = x.narrow(3, 1, 1)?.squeeze(3)?;
+            let x = x.reshape((b, h, t, half, 2))?;
+            let x0 = x.narrow(4, 0, 1)?.squeeze(4)?;
+            let x1 = x.narrow(4, 1, 1)?.squeeze(4)?;
             let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-            Tensor::stack(&[a, b], 3)?.reshape((h, t, hd))
+            let c = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Tensor::stack(&[a, c], 4)?.reshape((b, h, t, hd))
         }
     }
 
-    /// Hidden states after the final norm for `ids` (one sequence from position 0).
+    /// Hidden states after the final norm for `ids` (one sequence from position 0): `t × hidden`.
     pub fn hidden(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        self.hidden_batch(&[ids])
+    }
+
+    /// Hidden states after the final norm for several sequences in one pass, each from position
+    /// 0: `(batch · t) × hidden`, where `t` is the longest sequence's length and row `i · t + p`
+    /// is position `p` of sequence `i`. Shorter sequences are padded at the end; under the causal
+    /// mask no real position attends to a padded one, so each sequence's rows are those it gets
+    /// alone (the padded rows are never read).
+    pub fn hidden_batch(&self, seqs: &[&[u32]]) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
-        let t = ids.len();
+        let b = seqs.len();
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let (nh, nkv, hd) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let ids_t = Tensor::new(ids, &self.device)?;
-        let mut x = self.embedding.index_select(&ids_t, 0)?; // t × hidden
+        let padded: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, t - s.len())))
+            .collect();
+        let ids_t = Tensor::new(padded.as_slice(), &self.device)?;
+        let mut x = self.embedding.index_select(&ids_t, 0)?; // (b·t) × hidden
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
@@ -313,21 +327,24 @@ impl TrainModel {
             let k = self.linear(l, "attn_k", &h)?;
             let v = self.linear(l, "attn_v", &h)?;
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()
+                y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
             let q = (self.rope(&heads(q, nh)?)? * scale)?;
             let k = self.rope(&heads(k, nkv)?)?;
             let v = heads(v, nkv)?;
             // Each key/value head serves nh/nkv consecutive query heads.
             let rep = |y: Tensor| -> candle_core::Result<Tensor> {
-                y.unsqueeze(1)?
-                    .broadcast_as((nkv, nh / nkv, t, hd))?
-                    .reshape((nh, t, hd))
+                y.unsqueeze(2)?
+                    .broadcast_as((b, nkv, nh / nkv, t, hd))?
+                    .reshape((b, nh, t, hd))
             };
             let (k, v) = (rep(k)?, rep(v)?);
             let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let att = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+            let att = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))?;
             x = (x + self.linear(l, "attn_output", &att)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let g = self.linear(l, "ffn_gate", &h)?;
@@ -346,14 +363,50 @@ impl TrainModel {
 
     /// Mean cross-entropy of predicting `ids[prompt..]`, each from the tokens before it.
     pub fn loss(&self, ids: &[u32], prompt: usize) -> candle_core::Result<Tensor> {
-        let hidden = self.hidden(ids)?;
-        let rows: Vec<u32> = (prompt.max(1) - 1..ids.len() - 1)
-            .map(|r| r as u32)
-            .collect();
-        let targets = Tensor::new(&ids[prompt.max(1)..], &self.device)?;
-        let logits = self.logits(&hidden, &rows)?;
-        candle_nn::loss::cross_entropy(&logits, &targets)
+        self.weighted_loss(&[Scored {
+            ids,
+            prompt,
+            weight: 1.0,
+        }])
     }
+
+    /// `Σ weight · (mean cross-entropy of predicting ids[prompt..])` over sequences run as one
+    /// padded batch ([`TrainModel::hidden_batch`]): the same value, and the same gradients, as
+    /// the sum of each sequence's own weighted [`TrainModel::loss`].
+    pub fn weighted_loss(&self, seqs: &[Scored]) -> candle_core::Result<Tensor> {
+        let ids: Vec<&[u32]> = seqs.iter().map(|s| s.ids).collect();
+        let hidden = self.hidden_batch(&ids)?;
+        let t = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        let (mut rows, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in seqs.iter().enumerate() {
+            let first = s.prompt.max(1);
+            let n = s.ids.len().saturating_sub(first);
+            for r in first..s.ids.len() {
+                rows.push((i * t + r - 1) as u32);
+                targets.push(s.ids[r]);
+                weights.push((s.weight / n as f64) as f32);
+            }
+        }
+        let logits = self.logits(&hidden, &rows)?;
+        let targets = Tensor::new(targets.as_slice(), &self.device)?.unsqueeze(1)?;
+        let weights = Tensor::new(weights.as_slice(), &self.device)?;
+        let nll = candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .gather(&targets, 1)?
+            .squeeze(1)?
+            .neg()?;
+        (nll * weights)?.sum_all()
+    }
+}
+
+/// A sequence scored by [`TrainModel::weighted_loss`]: tokens from `prompt` on are predicted.
+#[derive(Debug, Clone, Copy)]
+pub struct Scored<'a> {
+    /// Token ids, prompt then answer.
+    pub ids: &'a [u32],
+    /// Prompt length: the first predicted token is `ids[prompt]`.
+    pub prompt: usize,
+    /// Weight of this sequence's mean token loss.
+    pub weight: f64,
 }
 
 #[cfg(test)]
