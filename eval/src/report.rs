@@ -38,6 +38,10 @@ pub struct PresetScore {
     pub copy_rate: f64,
     /// Mean share of the generated text's word 4-grams that repeat an earlier 4-gram of it.
     pub repetition_rate: f64,
+    /// Mean share of the generated text's ROUGE tokens (stemmed, as ROUGE-1 counts them) found
+    /// in the part of the target that the immediate context does not already hold: how right
+    /// the new words are, whatever their number (examples that generated something).
+    pub generated_precision: f64,
     /// Mean words generated.
     pub mean_output_words: f64,
     /// Mean words of the targets' rest (what the generator should have written).
@@ -103,6 +107,14 @@ fn paired(diffs: &[f64], resamples: usize, seed: u64) -> Paired {
     }
 }
 
+/// The part of a record's prediction that is the immediate context (the prediction is the
+/// context followed by the generated text).
+fn context(r: &Record) -> &str {
+    r.prediction
+        .strip_suffix(r.generated.as_str())
+        .unwrap_or("")
+}
+
 fn words(text: &str) -> Vec<String> {
     text.split_whitespace()
         .map(|w| {
@@ -130,6 +142,34 @@ pub fn copy_rate(generated: &str, sources: &[&str]) -> Option<f64> {
     Some(grams.iter().filter(|x| seen.contains(**x)).count() as f64 / grams.len() as f64)
 }
 
+/// Share of `generated`'s ROUGE tokens found in `target` beyond what `context` already covers,
+/// counts clipped as ROUGE-1 clips them; `None` when nothing was generated.
+pub fn generated_precision(generated: &str, context: &str, target: &str) -> Option<f64> {
+    let generated = metrics::rouge_tokens(generated);
+    if generated.is_empty() {
+        return None;
+    }
+    let mut rest: HashMap<String, usize> = HashMap::new();
+    for t in metrics::rouge_tokens(target) {
+        *rest.entry(t).or_default() += 1;
+    }
+    for t in metrics::rouge_tokens(context) {
+        if let Some(n) = rest.get_mut(&t) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    let mut hits = 0;
+    for t in &generated {
+        if let Some(n) = rest.get_mut(t)
+            && *n > 0
+        {
+            *n -= 1;
+            hits += 1;
+        }
+    }
+    Some(hits as f64 / generated.len() as f64)
+}
+
 /// Share of `generated`'s word 4-grams that repeat an earlier one; 0 below 5 words.
 pub fn repetition_rate(generated: &str) -> f64 {
     let g = words(generated);
@@ -154,14 +194,16 @@ pub fn summarize(
     args: &EvalArgs,
 ) -> Summary {
     let started = std::time::Instant::now();
-    let rouge_of = |rs: &[Record]| -> HashMap<String, Rouge> {
+    // By doc id, in order: the bootstrap resamples the paired differences by position, so the
+    // same records and seed give the same interval in every run.
+    let rouge_of = |rs: &[Record]| -> BTreeMap<String, Rouge> {
         metrics::par_map(rs, |r| {
             (r.doc_id.clone(), metrics::rouge(&r.target, &r.prediction))
         })
         .into_iter()
         .collect()
     };
-    let scored: BTreeMap<&String, HashMap<String, Rouge>> =
+    let scored: BTreeMap<&String, BTreeMap<String, Rouge>> =
         records.iter().map(|(p, rs)| (p, rouge_of(rs))).collect();
     let baseline = scored.get(&BASELINE.to_string());
     let rows = presets
@@ -201,14 +243,13 @@ pub fn summarize(
                     copy_rate(&r.generated, &sources)
                 })),
                 repetition_rate: mean(rs.iter().map(|r| repetition_rate(&r.generated))),
+                generated_precision: mean(
+                    rs.iter()
+                        .filter_map(|r| generated_precision(&r.generated, context(r), &r.target)),
+                ),
                 mean_output_words: mean(rs.iter().map(|r| words(&r.generated).len() as f64)),
                 mean_target_words: mean(rs.iter().map(|r| {
-                    let context_words = words(
-                        r.prediction
-                            .strip_suffix(r.generated.as_str())
-                            .unwrap_or(""),
-                    )
-                    .len();
+                    let context_words = words(context(r)).len();
                     words(&r.target).len().saturating_sub(context_words) as f64
                 })),
                 rouge1_vs_baseline: vs,
@@ -229,14 +270,14 @@ pub fn summarize(
 /// The Markdown table.
 pub fn markdown(s: &Summary) -> String {
     let mut out = String::from(
-        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | repetition | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | repetition | generated precision | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for p in &s.presets {
         let delta = p.rouge1_vs_baseline.as_ref().map_or("—".to_string(), |d| {
             format!("{:+.2} [{:+.2}, {:+.2}]", d.mean_diff, d.ci_low, d.ci_high)
         });
         out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
             p.preset,
             p.bleu,
             p.rouge1,
@@ -245,6 +286,7 @@ pub fn markdown(s: &Summary) -> String {
             delta,
             100.0 * p.copy_rate,
             100.0 * p.repetition_rate,
+            100.0 * p.generated_precision,
             p.mean_output_words,
             p.mean_target_words,
             p.empty_words_share
@@ -321,5 +363,66 @@ mod tests {
         let r = repetition_rate("great strings for the price great strings for the price");
         // 7 four-grams: the last 2 repeat the first 2.
         assert!((r - 2.0 / 7.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn generated_precision_counts_only_what_the_context_left() {
+        let target = "Great strings. They sound bright and stay in tune; great value.";
+        let context = "Great strings. They sound";
+        // "bright", "and", "great" are in the rest (stemmed "strings" is not: the context used
+        // its one occurrence); "cheap" is in none.
+        let p = generated_precision(" bright and cheap strings great", context, target).unwrap();
+        assert!((p - 3.0 / 5.0).abs() < 1e-9, "{p}");
+        // Clipped: the rest has one "and".
+        let p = generated_precision("and and", context, target).unwrap();
+        assert!((p - 0.5).abs() < 1e-9, "{p}");
+        assert_eq!(generated_precision("", context, target), None);
+    }
+
+    #[test]
+    fn the_same_records_and_seed_give_the_same_interval() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            eval: EvalArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["eval"]).eval;
+        let record = |preset: &str, i: usize, prediction: String| Record {
+            preset: preset.into(),
+            user_id: "u".into(),
+            doc_id: format!("d{i}"),
+            prediction,
+            target: format!("great strings number {i} sound bright and warm for the money"),
+            latency_ms: 1.0,
+            generated_tokens: 1,
+            generated: String::new(),
+            important_words: 0,
+            passage_ids: Vec::new(),
+        };
+        let mut records: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+        for i in 0..40 {
+            records.entry(BASELINE.into()).or_default().push(record(
+                BASELINE,
+                i,
+                format!("great strings number {i}"),
+            ));
+            // Differences that vary by example, so the order of resampling matters.
+            let extra = ["sound", "sound bright", "sound bright and warm", "cheap"][i % 4];
+            records.entry("syn-ctx".into()).or_default().push(record(
+                "syn-ctx",
+                i,
+                format!("great strings number {i} {extra}"),
+            ));
+        }
+        let presets = vec![BASELINE.to_string(), "syn-ctx".to_string()];
+        let interval = || {
+            let s = summarize(&presets, &records, &HashMap::new(), 1000, 42, 0.0, &args);
+            let d = s.presets[1].rouge1_vs_baseline.clone().unwrap();
+            (d.ci_low, d.ci_high, d.p_not_better)
+        };
+        let first = interval();
+        for _ in 0..5 {
+            assert_eq!(interval(), first);
+        }
     }
 }
