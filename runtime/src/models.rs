@@ -156,14 +156,14 @@ impl Joined {
             (Some((done, len)), Some(have)) if have >= len => (done, len),
             _ => (0, 0),
         };
+        // Appending: every write lands at the end, which `set_len` puts at the recorded length.
         let out = std::fs::OpenOptions::new()
             .create(true)
-            .truncate(false)
-            .write(true)
+            .append(true)
             .open(&tmp)
             .map_err(io(&tmp))?;
         out.set_len(len).map_err(io(&tmp))?;
-        let mut joined = Self {
+        let joined = Self {
             tmp,
             record,
             dest: dest.to_path_buf(),
@@ -171,11 +171,6 @@ impl Joined {
             done,
             len,
         };
-        use std::io::Seek as _;
-        joined
-            .out
-            .seek(std::io::SeekFrom::Start(len))
-            .map_err(io(&joined.tmp))?;
         joined.save_record()?;
         Ok(joined)
     }
