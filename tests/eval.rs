@@ -21,6 +21,8 @@ async fn evaluation_runs_and_resumes() {
         limit: Some(3),
         concurrency: 2,
         max_new_tokens: 8,
+        num_beams: 2,
+        length_penalty: 1.0,
         seed: 7,
         out: out.path().to_path_buf(),
         bootstrap: 200,

@@ -54,6 +54,8 @@ fn greedy(max_new_tokens: usize) -> Params {
         repeat_penalty: 1.1,
         ignore_eos: false,
         score: Vec::new(),
+        num_beams: 1,
+        length_penalty: 1.0,
     }
 }
 
@@ -383,4 +385,127 @@ fn chat_markers_in_user_text_are_plain_text() {
         hostile.len() > clean.len() + 20,
         "the markers are spelled out as text"
     );
+}
+
+/// The log-probability of `generated` after `prompt`, token by token on a fresh model with
+/// the end-of-turn tokens masked (as `ignore_eos` does).
+fn rescore(prompt: &[u32], generated: &[u32]) -> f32 {
+    let lm = LanguageModel::load(&model_path(), &options(64)).unwrap();
+    let mut backend = lm.backend;
+    let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let blocks = blocks_for(all.len());
+    let mut total = 0.0;
+    for (k, &token) in generated.iter().enumerate() {
+        let (start, len) = if k == 0 {
+            (0, prompt.len())
+        } else {
+            (prompt.len() + k - 1, 1)
+        };
+        let step = [SeqStep {
+            tokens: &all[start..start + len],
+            start,
+            blocks: &blocks,
+            logits: true,
+        }];
+        let mut row = backend.forward(&step).unwrap().remove(0);
+        for &id in &lm.prompter.stop_ids {
+            row[id as usize] = f32::NEG_INFINITY;
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+        total += row[token as usize] - lse;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beam_search_finds_likelier_text_with_forked_caches_and_batch_invariance() {
+    let cases = cases(3);
+    if cases.is_empty() {
+        return;
+    }
+    let e = engine(8, 64, true, 128);
+    // Fixed length and no repeat penalty: the beams compare plain model log-probabilities.
+    let fixed = |num_beams| Params {
+        num_beams,
+        repeat_penalty: 1.0,
+        ignore_eos: true,
+        ..greedy(20)
+    };
+    let mut gains = Vec::new();
+    let mut beams = Vec::new();
+    for (p, s) in &cases {
+        let input = personalized(p, s);
+        let greedy = e.generate(input.clone(), fixed(1), None).await.unwrap();
+        let beam = e.generate(input.clone(), fixed(4), None).await.unwrap();
+        assert_eq!(
+            beam.tokens.len(),
+            20,
+            "ignore_eos keeps every beam to the limit"
+        );
+        assert_eq!(beam.text, e.prompter().decode(&beam.tokens).unwrap());
+        // Forked beams share their parents' cache blocks and recompute the last one: the
+        // search's own log-probability must be that of its text on a fresh model.
+        let prompt = e.tokenize(&input, 20).unwrap();
+        let fresh = rescore(&prompt, &beam.tokens);
+        assert!(
+            (fresh - beam.log_prob).abs() < 0.02 * fresh.abs().max(1.0),
+            "beam log-prob {} against {fresh} on a fresh model",
+            beam.log_prob
+        );
+        let fresh_greedy = rescore(&prompt, &greedy.tokens);
+        assert!((fresh_greedy - greedy.log_prob).abs() < 0.02 * fresh_greedy.abs().max(1.0));
+        assert!(
+            beam.log_prob >= greedy.log_prob - 1e-3,
+            "beam {} below greedy {}",
+            beam.log_prob,
+            greedy.log_prob
+        );
+        gains.push(beam.log_prob - greedy.log_prob);
+        beams.push(beam.text);
+    }
+    assert!(
+        gains.iter().any(|&g| g > 0.1),
+        "beam search never beat greedy: {gains:?}"
+    );
+    // The same searches again, side by side with each other and with greedy jobs.
+    let together = futures::future::join_all(cases.iter().flat_map(|(p, s)| {
+        [
+            e.generate(personalized(p, s), fixed(4), None),
+            e.generate(personalized(p, s), greedy(16), None),
+        ]
+    }))
+    .await;
+    for (i, b) in together.into_iter().step_by(2).enumerate() {
+        assert_eq!(
+            b.unwrap().text,
+            beams[i],
+            "case {i}: batched beam text differs"
+        );
+    }
+    // Beam search with end-of-turn tokens and the repeat penalty finishes and writes.
+    let (p, s) = &cases[0];
+    let natural = e
+        .generate(
+            personalized(p, s),
+            Params {
+                num_beams: 4,
+                ..greedy(40)
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!natural.text.trim().is_empty());
+    let refused = e
+        .generate(
+            personalized(p, s),
+            Params {
+                num_beams: 9,
+                ..greedy(8)
+            },
+            None,
+        )
+        .await;
+    assert!(matches!(refused, Err(EngineError::InvalidArgument(_))));
 }

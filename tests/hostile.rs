@@ -58,6 +58,7 @@ const MAX_ID_BYTES: usize = 512;
 const MAX_DOCUMENT_CHARS: usize = 100_000;
 const MAX_NEW_TOKENS: u32 = 4096;
 const GENERATOR_MAX_NEW_TOKENS: u32 = 1024;
+const MAX_BEAMS: u32 = ghostwriter_common::MAX_BEAMS;
 const MAX_CONTEXT_CHARS: u32 = 20_000;
 const MAX_BATCH: usize = 10_000;
 const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
@@ -303,6 +304,8 @@ fn generation_valid(rng: &mut Rng) -> Option<GenerationParams> {
             rng.pick(&[0, 1, u64::MAX, random])
         },
         stop,
+        num_beams: rng.pick(&[0, 1]),
+        length_penalty: rng.pick(&[None, Some(0.0), Some(1.0), Some(5.0)]),
     })
 }
 
@@ -412,6 +415,15 @@ fn write_case(rng: &mut Rng, users: &Users) -> (String, Expect, WriteRequest) {
                     -1e-30,
                 ]);
                 what.push("temperature out of range");
+            }
+            7 if rng.percent(30) => {
+                g.length_penalty =
+                    Some(rng.pick(&[f32::NAN, -0.1, 5.001, f32::INFINITY, f32::NEG_INFINITY]));
+                what.push("length_penalty out of range");
+            }
+            7 if rng.percent(30) => {
+                g.num_beams = rng.pick(&[MAX_BEAMS + 1, 1000, u32::MAX]);
+                what.push("num_beams over 16");
             }
             7 => {
                 g.top_p = rng.pick(&[

@@ -113,6 +113,8 @@ fn params(new_tokens: usize, ignore_eos: bool) -> Params {
         repeat_penalty: 1.0,
         ignore_eos,
         score: Vec::new(),
+        num_beams: 1,
+        length_penalty: 1.0,
     }
 }
 

@@ -88,6 +88,12 @@ pub struct EvalArgs {
     /// Tokens generated per example.
     #[arg(long, env = "GHOSTWRITER_EVAL_MAX_NEW_TOKENS", default_value_t = 128)]
     pub max_new_tokens: u32,
+    /// Beams of the generator's beam search (the paper decodes with 4); 1 = greedy.
+    #[arg(long, env = "GHOSTWRITER_EVAL_NUM_BEAMS", default_value_t = 1)]
+    pub num_beams: u32,
+    /// Beam hypotheses are ranked by log-probability / length^this (used with --num-beams).
+    #[arg(long, env = "GHOSTWRITER_EVAL_LENGTH_PENALTY", default_value_t = 1.0)]
+    pub length_penalty: f32,
     /// Seed of the example sample, the bootstrap and sampling (decoding is greedy).
     #[arg(long, env = "GHOSTWRITER_EVAL_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -195,6 +201,8 @@ async fn write_one(
             generation: Some(GenerationParams {
                 max_new_tokens: args.max_new_tokens,
                 seed: args.seed,
+                num_beams: args.num_beams,
+                length_penalty: Some(args.length_penalty),
                 ..Default::default()
             }),
             ..Default::default()

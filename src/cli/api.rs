@@ -118,6 +118,13 @@ pub struct WriteArgs {
     /// Stop string (repeatable).
     #[arg(long, env = "GHOSTWRITER_STOP")]
     stop: Vec<String>,
+    /// Beam search with this many beams (needs temperature 0; 0 or 1 = off). The text comes
+    /// in one piece when the search ends, also with --stream.
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_NUM_BEAMS")]
+    num_beams: u32,
+    /// Beam hypotheses are ranked by log-probability / length^this (default 1).
+    #[arg(long, env = "GHOSTWRITER_LENGTH_PENALTY")]
+    length_penalty: Option<f32>,
     /// When the document is written (unix seconds); only earlier documents are used.
     #[arg(long, env = "GHOSTWRITER_TIMESTAMP")]
     timestamp: Option<i64>,
@@ -218,6 +225,8 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
                 top_p: a.top_p,
                 seed: a.seed,
                 stop: a.stop.clone(),
+                num_beams: a.num_beams,
+                length_penalty: a.length_penalty,
             }),
             context_chars: a.context_chars,
             ..Default::default()

@@ -24,10 +24,13 @@ pub mod telemetry;
 pub mod text;
 pub mod tls;
 
+/// Most beams a beam search may ask for.
+pub const MAX_BEAMS: u32 = 16;
+
 /// Most characters one document (title and text together) may have.
 pub const MAX_DOCUMENT_CHARS: usize = 100_000;
 
-/// Checks the ranges of caller-set generation settings (the orchestrator before any stage
+/// Checks the ranges of caller-set generation settings (sampling and beam search) (the orchestrator before any stage
 /// runs, the generator for its direct callers); each also checks its own token limit.
 pub fn check_sampling(g: &ghostwriter_proto::v1::GenerationParams) -> Result<(), tonic::Status> {
     let message = "temperature must be in [0, 10] and top_p in [0, 1]";
@@ -36,6 +39,24 @@ pub fn check_sampling(g: &ghostwriter_proto::v1::GenerationParams) -> Result<(),
     }
     if !(0.0..=1.0).contains(&g.top_p) {
         return Err(status::bad_field("generation.top_p", message));
+    }
+    if g.num_beams > MAX_BEAMS {
+        return Err(status::bad_field(
+            "generation.num_beams",
+            format!("num_beams must be at most {MAX_BEAMS}"),
+        ));
+    }
+    if g.num_beams > 1 && g.temperature > 0.0 {
+        return Err(status::bad_field(
+            "generation.num_beams",
+            "beam search is deterministic: set temperature 0 or num_beams 1",
+        ));
+    }
+    if g.length_penalty.is_some_and(|l| !(0.0..=5.0).contains(&l)) {
+        return Err(status::bad_field(
+            "generation.length_penalty",
+            "length_penalty must be in [0, 5]",
+        ));
     }
     Ok(())
 }

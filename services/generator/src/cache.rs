@@ -103,6 +103,13 @@ impl BlockManager {
         (out, parent)
     }
 
+    /// Takes one more reference to each of `blocks` (the full blocks a forked beam shares).
+    pub fn share(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            self.retain(b);
+        }
+    }
+
     fn retain(&mut self, b: u32) {
         if self.refs[b as usize] == 0 {
             self.lru.remove(&self.last_use[b as usize]);

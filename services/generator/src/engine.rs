@@ -13,11 +13,17 @@
 //! 4. samples each sequence's next token with its own settings and seed, streams its text,
 //!    and finishes it on an end-of-turn token, its token limit or a stop string.
 //!
+//! A job asking for beam search (`num_beams` > 1) runs as that many sequences of one
+//! [`Search`]. When every beam of it has its logits, the search picks the next beams
+//! ([`crate::beam`]); a beam continued by two candidates forks: the fork shares the parent's
+//! full cache blocks and recomputes only the tokens of the parent's last, partly filled block.
+//! A beam-search job streams its text once, when the search ends.
+//!
 //! A sequence's logits do not depend on what else is in the batch or on what came from the
 //! prefix cache (the backends compute each row independently), so greedy text is the same
 //! alone, batched, chunked or cached.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -26,6 +32,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::SeqStep;
+use crate::beam::{Beam, Search};
 use crate::cache::BlockManager;
 use crate::model::{LanguageModel, Prompter};
 use crate::prompt::{self, Parts};
@@ -94,6 +101,10 @@ pub struct Params {
     /// Score instead of generating: the log-probabilities of these tokens as the first answer
     /// token are returned in [`Stats::scores`], and nothing is generated.
     pub score: Vec<u32>,
+    /// Beams of a beam search (1 = greedy or sampled decoding); needs temperature 0.
+    pub num_beams: usize,
+    /// Beam hypotheses are ranked by `log_prob / length^length_penalty`.
+    pub length_penalty: f32,
 }
 
 /// Why decoding stopped.
@@ -118,6 +129,8 @@ pub struct Stats {
     pub cached_tokens: usize,
     /// Generated tokens.
     pub generated_tokens: usize,
+    /// Their ids.
+    pub tokens: Vec<u32>,
     /// Why it stopped.
     pub finish: Finish,
     /// Decode rate after the first token.
@@ -126,6 +139,9 @@ pub struct Stats {
     pub time_to_first_token: f64,
     /// Log-probabilities of [`Params::score`]'s tokens.
     pub scores: Vec<f32>,
+    /// Sum of the generated tokens' log-probabilities (an end-of-turn token's included) after
+    /// the repeat penalty, before any temperature.
+    pub log_prob: f32,
 }
 
 /// Events a job sends back.
@@ -186,6 +202,7 @@ pub struct Engine {
     prompter: Arc<Prompter>,
     system: Arc<str>,
     context: usize,
+    max_running: usize,
     /// Model id.
     pub model_name: String,
     /// One line about the backend.
@@ -205,6 +222,7 @@ impl Engine {
         let model_name = model.name.clone();
         let capacity = config.queue_capacity.max(1);
         let system: Arc<str> = config.system.clone().into();
+        let max_running = config.max_running;
         let (w, p) = (waiting.clone(), prompter.clone());
         let backend = model.backend;
         std::thread::Builder::new()
@@ -218,6 +236,7 @@ impl Engine {
             prompter,
             system,
             context,
+            max_running,
             model_name,
             backend: backend_line,
         }
@@ -231,6 +250,20 @@ impl Engine {
     /// Tokenizes the job's prompt and queues it, or refuses it at once when the queue is full
     /// or the prompt cannot fit.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        let p = &job.params;
+        if p.num_beams > 1 {
+            if p.num_beams > self.max_running {
+                return Err(EngineError::InvalidArgument(format!(
+                    "num_beams {} exceeds the {} sequences the generator runs at once",
+                    p.num_beams, self.max_running
+                )));
+            }
+            if p.temperature > 0.0 || !p.score.is_empty() {
+                return Err(EngineError::InvalidArgument(
+                    "beam search needs temperature 0 and a generating input".into(),
+                ));
+            }
+        }
         let prompt = fit_prompt(
             &self.prompter,
             &self.system,
@@ -403,11 +436,46 @@ struct Seq {
     prefix_offset: usize,
     read_offset: usize,
     scores: Vec<f32>,
+    /// Sum of the generated tokens' log-probabilities.
+    log_prob: f32,
+    /// The beam search this sequence is a beam of, and its logits waiting for the others'.
+    beam: Option<(u64, Option<Vec<f32>>)>,
 }
 
 impl Seq {
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
+    }
+
+    fn search(&self) -> Option<u64> {
+        self.beam.as_ref().map(|b| b.0)
+    }
+
+    /// A copy of this beam holding `blocks`, whose first `computed` positions it shares.
+    fn fork(&self, blocks: Vec<u32>, computed: usize, registered: usize) -> Seq {
+        Seq {
+            events: self.events.clone(),
+            params: self.params.clone(),
+            deadline: self.deadline,
+            enqueued: self.enqueued,
+            admitted: self.admitted,
+            first_token: self.first_token,
+            tokens: self.tokens.clone(),
+            prompt_len: self.prompt_len,
+            cached: self.cached,
+            computed,
+            blocks,
+            registered,
+            parent_hash: self.parent_hash,
+            sampler: self.sampler.clone(),
+            text: self.text.clone(),
+            sent: self.sent,
+            prefix_offset: self.prefix_offset,
+            read_offset: self.read_offset,
+            scores: Vec::new(),
+            log_prob: self.log_prob,
+            beam: self.search().map(|id| (id, None)),
+        }
     }
 }
 
@@ -419,6 +487,9 @@ struct Scheduler {
     blocks: BlockManager,
     waiting: VecDeque<Queued>,
     running: Vec<Seq>,
+    /// Beam searches in progress, by id.
+    searches: HashMap<u64, Search>,
+    next_search: u64,
 }
 
 impl Scheduler {
@@ -441,6 +512,8 @@ impl Scheduler {
             blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            searches: HashMap::new(),
+            next_search: 0,
         }
     }
 
@@ -476,6 +549,7 @@ impl Scheduler {
                     let _ = seq.events.send(Event::Failed(err.clone()));
                     self.blocks.release(&seq.blocks);
                 }
+                self.searches.clear();
             }
             m.generator_running.set(self.running.len() as i64);
         }
@@ -518,6 +592,9 @@ impl Scheduler {
                 i += 1;
             }
         }
+        let running = &self.running;
+        self.searches
+            .retain(|id, _| running.iter().any(|s| s.search() == Some(*id)));
     }
 
     /// Admits waiting jobs in order while there is room.
@@ -528,9 +605,13 @@ impl Scheduler {
             let Some(q) = self.waiting.front() else {
                 return;
             };
+            let beams = q.params.num_beams.max(1);
+            if beams > 1 && self.running.len() + beams > self.config.max_running {
+                return;
+            }
             let total = (q.prompt.len() + q.params.max_new_tokens).min(self.backend.context());
             let need = total.div_ceil(bs);
-            if need > self.blocks.total() {
+            if need * beams > self.blocks.total() {
                 let q = self.waiting.pop_front().expect("front exists");
                 self.dequeued();
                 let _ = q.events.send(Event::Failed(EngineError::InvalidArgument(
@@ -542,7 +623,14 @@ impl Scheduler {
             let (hit, parent) = self
                 .blocks
                 .lookup(&q.prompt, q.prompt.len().saturating_sub(1));
-            let Some(fresh) = self.blocks.allocate(need - hit.len()) else {
+            // A beam search starts once its every beam could get its own blocks.
+            let later = (beams - 1) * need;
+            let fresh = if self.blocks.available() >= need - hit.len() + later {
+                self.blocks.allocate(need - hit.len())
+            } else {
+                None
+            };
+            let Some(fresh) = fresh else {
                 self.blocks.release(&hit);
                 return;
             };
@@ -565,6 +653,13 @@ impl Scheduler {
             let registered = hit.len();
             let mut blocks = hit;
             blocks.extend(fresh);
+            let beam = (beams > 1).then(|| {
+                let id = self.next_search;
+                self.next_search += 1;
+                self.searches
+                    .insert(id, Search::new(beams, q.params.length_penalty));
+                (id, None)
+            });
             self.running.push(Seq {
                 prompt_len: q.prompt.len(),
                 tokens: q.prompt,
@@ -579,6 +674,8 @@ impl Scheduler {
                 prefix_offset: 0,
                 read_offset: 0,
                 scores: Vec::new(),
+                log_prob: 0.0,
+                beam,
                 events: q.events,
                 params: q.params,
                 deadline: q.deadline,
@@ -624,6 +721,7 @@ impl Scheduler {
         m.generator_batch_tokens.observe(batch_tokens as f64);
         let bs = self.blocks.block_size();
         let mut finished = Vec::new();
+        let mut searches = Vec::new();
         for &(i, _, len, wants) in &plan {
             let s = &mut self.running[i];
             s.computed += len;
@@ -642,6 +740,12 @@ impl Scheduler {
             let Some(mut row) = logits.next() else {
                 anyhow::bail!("the backend returned too few logits");
             };
+            if let Some((id, waiting)) = &mut s.beam {
+                first_token(s.enqueued, &mut s.first_token);
+                searches.push(*id);
+                *waiting = Some(row);
+                continue;
+            }
             if let Some(finish) = advance(s, &mut row, &self.prompter, self.backend.context()) {
                 finished.push((i, finish));
             }
@@ -660,46 +764,213 @@ impl Scheduler {
         for (s, finish) in done {
             finish_seq(s, finish);
         }
+        searches.sort_unstable();
+        searches.dedup();
+        for id in searches {
+            let ready = self
+                .running
+                .iter()
+                .filter(|s| s.search() == Some(id))
+                .all(|s| matches!(s.beam, Some((_, Some(_)))));
+            if ready {
+                self.beam_step(id);
+            }
+        }
         Ok(())
+    }
+
+    /// One step of beam search `id`, every beam of which has its logits: chooses the next
+    /// beams, forks and drops beams accordingly, and ends the search when it is over.
+    fn beam_step(&mut self, id: u64) {
+        let Some(search) = self.searches.get_mut(&id) else {
+            return;
+        };
+        let context = self.backend.context();
+        let prompter = &self.prompter;
+        let idx: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].search() == Some(id))
+            .collect();
+        let mut beams = Vec::with_capacity(idx.len());
+        for &i in &idx {
+            let s = &mut self.running[i];
+            let Some((_, Some(mut row))) = s.beam.take() else {
+                unreachable!("every beam has its logits");
+            };
+            s.beam = Some((id, None));
+            s.sampler.penalize(&mut row, &s.tokens[s.prompt_len..]);
+            if s.params.ignore_eos {
+                mask(&mut row, &prompter.stop_ids);
+            }
+            beams.push(row);
+        }
+        let beams: Vec<Beam<'_>> = idx
+            .iter()
+            .zip(beams)
+            .map(|(&i, row)| Beam {
+                log_prob: self.running[i].log_prob,
+                generated: self.running[i].generated(),
+                next: crate::beam::top_log_probs(&row, search.proposals()),
+            })
+            .collect();
+        let chosen = search.select(&beams, |t| prompter.stop_ids.contains(&t));
+        drop(beams);
+        // Each beam's continuations: the first extends the beam, the others fork it.
+        let mut children: Vec<Vec<(u32, f32)>> = vec![Vec::new(); idx.len()];
+        for c in chosen {
+            children[c.beam].push((c.token, c.log_prob));
+        }
+        let bs = self.blocks.block_size();
+        let mut forks = Vec::new();
+        for (p, kids) in children.iter().enumerate() {
+            let parent = &self.running[idx[p]];
+            for &(token, log_prob) in kids.iter().skip(1) {
+                // Full blocks are shared; the partly filled last one is recomputed.
+                let full = parent.computed / bs;
+                let Some(fresh) = self.blocks.allocate(parent.blocks.len() - full) else {
+                    tracing::warn!("no cache blocks for a beam; the search goes on with fewer");
+                    continue;
+                };
+                self.blocks.share(&parent.blocks[..full]);
+                let mut blocks = parent.blocks[..full].to_vec();
+                blocks.extend(fresh);
+                let mut child = parent.fork(blocks, full * bs, parent.registered.min(full));
+                child.log_prob = log_prob;
+                forks.push((child, token));
+            }
+        }
+        let mut ended: Vec<(usize, Option<Finish>)> = Vec::new();
+        for (p, kids) in children.iter().enumerate() {
+            let s = &mut self.running[idx[p]];
+            match kids.first() {
+                Some(&(token, log_prob)) => {
+                    s.log_prob = log_prob;
+                    if let Some(f) = push_token(s, token, prompter, context) {
+                        ended.push((idx[p], Some(f)));
+                    }
+                }
+                None => ended.push((idx[p], None)),
+            }
+        }
+        for (mut child, token) in forks {
+            match push_token(&mut child, token, prompter, context) {
+                Some(f) => {
+                    search.finish(child.generated().to_vec(), child.log_prob, f);
+                    self.blocks.release(&child.blocks);
+                }
+                None => self.running.push(child),
+            }
+        }
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut carrier = None;
+        for (i, finish) in ended {
+            let s = self.running.remove(i);
+            if let Some(f) = finish {
+                search.finish(s.generated().to_vec(), s.log_prob, f);
+            }
+            self.blocks.release(&s.blocks);
+            carrier = Some(s);
+        }
+        let best_live = self
+            .running
+            .iter()
+            .filter(|s| s.search() == Some(id))
+            .map(|s| (s.log_prob, s.generated().len()))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if !search.done(best_live) {
+            return;
+        }
+        // The search is over: its live beams go, and the best hypothesis is the answer.
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].search() == Some(id) {
+                let s = self.running.remove(i);
+                self.blocks.release(&s.blocks);
+                carrier = Some(s);
+            } else {
+                i += 1;
+            }
+        }
+        let search = self.searches.remove(&id).expect("the search exists");
+        let Some(mut s) = carrier else {
+            return;
+        };
+        let Some(best) = search.best() else {
+            let e = EngineError::Inference("the beam search ended without a hypothesis".into());
+            let _ = s.events.send(Event::Failed(e));
+            return;
+        };
+        s.tokens.truncate(s.prompt_len);
+        s.tokens.extend(&best.tokens);
+        s.text = prompter.decode(&best.tokens).unwrap_or_default();
+        if let Some(at) = find_stop(&s.text, &s.params.stop) {
+            s.text.truncate(at);
+        }
+        s.sent = 0;
+        s.log_prob = best.log_prob;
+        ghostwriter_common::metrics::metrics()
+            .generator_running
+            .set(self.running.len() as i64);
+        finish_seq(s, best.finish);
+    }
+}
+
+/// Records when a sequence's first token came (and the metric of it).
+fn first_token(enqueued: Instant, first: &mut Option<Instant>) {
+    if first.is_none() {
+        let now = Instant::now();
+        *first = Some(now);
+        ghostwriter_common::metrics::metrics()
+            .generator_time_to_first_token
+            .observe(now.duration_since(enqueued).as_secs_f64());
+    }
+}
+
+/// Makes the end-of-turn tokens impossible.
+fn mask(logits: &mut [f32], ids: &[u32]) {
+    for &id in ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
+        }
     }
 }
 
 /// Samples the next token of `s` from `logits` and streams its text; returns why the sequence
 /// ends, if it does.
 fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize) -> Option<Finish> {
-    let m = ghostwriter_common::metrics::metrics();
-    if s.first_token.is_none() {
-        let now = Instant::now();
-        s.first_token = Some(now);
-        m.generator_time_to_first_token
-            .observe(now.duration_since(s.enqueued).as_secs_f64());
-    }
+    first_token(s.enqueued, &mut s.first_token);
     if !s.params.score.is_empty() {
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
         s.scores = s
             .params
             .score
             .iter()
-            .map(|&id| {
-                logits
-                    .get(id as usize)
-                    .map_or(f32::NEG_INFINITY, |&l| l - lse)
-            })
+            .map(|&id| log_prob(logits, id))
             .collect();
         return Some(Finish::Length);
     }
     if s.params.ignore_eos {
-        for &id in &prompter.stop_ids {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        mask(logits, &prompter.stop_ids);
     }
     let next = s.sampler.sample(logits, &s.tokens[s.prompt_len..]);
+    s.log_prob += log_prob(logits, next);
     if prompter.stop_ids.contains(&next) {
         return Some(Finish::Eos);
     }
+    push_token(s, next, prompter, context)
+}
+
+/// The log-probability of `id` under `logits`.
+fn log_prob(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    logits
+        .get(id as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - lse)
+}
+
+/// Appends a chosen token to `s`, detokenizes it and streams the new text (beams stream
+/// nothing until their search ends); returns why the sequence ends, if it does.
+fn push_token(s: &mut Seq, next: u32, prompter: &Prompter, context: usize) -> Option<Finish> {
+    let m = ghostwriter_common::metrics::metrics();
     s.tokens.push(next);
     m.generated_tokens.inc();
     // Incremental detokenization: decode a short window, emit what it adds.
@@ -723,7 +994,7 @@ fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize)
         return Some(Finish::Stop);
     }
     let safe = s.text.len() - held_back(&s.text, &s.params.stop);
-    if safe > s.sent && s.text.is_char_boundary(safe) {
+    if s.beam.is_none() && safe > s.sent && s.text.is_char_boundary(safe) {
         let _ = s.events.send(Event::Text(s.text[s.sent..safe].to_string()));
         s.sent = safe;
     }
@@ -749,7 +1020,9 @@ fn finish_seq(s: Seq, finish: Finish) {
     if tokens_per_second > 0.0 {
         m.decode_tokens_per_second.observe(tokens_per_second);
     }
+    let tokens = s.tokens[s.prompt_len..].to_vec();
     let _ = s.events.send(Event::Done(Stats {
+        tokens,
         prompt_tokens: s.prompt_len,
         cached_tokens: s.cached,
         generated_tokens: generated,
@@ -758,6 +1031,7 @@ fn finish_seq(s: Seq, finish: Finish) {
         time_to_first_token: first.duration_since(s.enqueued).as_secs_f64(),
         text: s.text,
         scores: s.scores,
+        log_prob: s.log_prob,
     }));
 }
 

@@ -5,6 +5,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod beam;
 pub mod cache;
 pub mod engine;
 pub mod gguf;
@@ -313,11 +314,14 @@ impl GeneratorService {
             repeat_penalty: c.repeat_penalty,
             ignore_eos: false,
             score: Vec::new(),
+            num_beams: g.num_beams.max(1) as usize,
+            length_penalty: g.length_penalty.unwrap_or(1.0),
         };
         let params = match &input {
             Input::Distinction { .. } => Params {
                 max_new_tokens: 1,
                 score: self.answer_tokens()?.to_vec(),
+                num_beams: 1,
                 ..params
             },
             _ => params,

@@ -2,6 +2,7 @@
 //! the request's own seed (a request's draws never depend on other requests).
 
 /// One request's sampling state.
+#[derive(Clone)]
 pub struct Sampler {
     temperature: f64,
     top_p: f64,
@@ -38,9 +39,8 @@ impl Sampler {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Chooses the next token from `logits` (modified in place), given the tokens generated so
-    /// far.
-    pub fn sample(&mut self, logits: &mut [f32], generated: &[u32]) -> u32 {
+    /// Applies the repeat penalty to `logits` for the recent tokens of `generated`.
+    pub fn penalize(&self, logits: &mut [f32], generated: &[u32]) {
         if self.repeat_penalty != 1.0 && !generated.is_empty() {
             let start = generated.len().saturating_sub(self.repeat_last_n);
             let mut seen: Vec<u32> = generated[start..].to_vec();
@@ -56,6 +56,12 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Chooses the next token from `logits` (modified in place), given the tokens generated so
+    /// far.
+    pub fn sample(&mut self, logits: &mut [f32], generated: &[u32]) -> u32 {
+        self.penalize(logits, generated);
         if self.temperature <= 0.0 {
             return argmax(logits);
         }
