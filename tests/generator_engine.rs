@@ -1,7 +1,7 @@
 //! The generator engine with the real SmolLM2 weights on real reviews: the native CPU forward
 //! pass against candle's, batch invariance, prefix-cache correctness, cancellation and
-//! deadlines freeing their cache, refusal past the queue, and user text that cannot inject
-//! chat markup.
+//! deadlines freeing their cache, refusal past the queue, user text that cannot inject chat
+//! markup, and beam search (its forked caches, its batch invariance and its cleanup).
 
 #![allow(clippy::unwrap_used)]
 
@@ -508,4 +508,55 @@ async fn beam_search_finds_likelier_text_with_forked_caches_and_batch_invariance
         )
         .await;
     assert!(matches!(refused, Err(EngineError::InvalidArgument(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beam_searches_cancelled_or_expired_free_every_beams_blocks() {
+    // A cache of one 2,048-token context and four beams of up to 500 tokens each: a search
+    // that kept any beam's blocks (or a forked beam's share of its parent's) would keep the
+    // next one from starting.
+    let e = engine(4, 8, true, 1);
+    let beam_job = |deadline| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            input: Input::Instruction("Write a very long story about a guitar.".into()),
+            params: Params {
+                num_beams: 4,
+                ignore_eos: true,
+                ..greedy(460)
+            },
+            events: tx,
+            deadline,
+        };
+        (job, rx)
+    };
+    let (job, rx) = beam_job(None);
+    e.submit(job).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(rx); // the caller goes away mid-search
+    let (job, mut rx) = beam_job(Some(Instant::now() + Duration::from_millis(1500)));
+    e.submit(job).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("a cancelled search kept its blocks");
+    assert!(
+        matches!(outcome, Some(Event::Failed(EngineError::DeadlineExceeded(n))) if n > 0),
+        "{outcome:?}"
+    );
+    let params = Params {
+        num_beams: 4,
+        ..greedy(460)
+    };
+    let done = tokio::time::timeout(
+        Duration::from_secs(120),
+        e.generate(
+            Input::Instruction("Write a very long story about a guitar.".into()),
+            params,
+            None,
+        ),
+    )
+    .await
+    .expect("an expired search kept its blocks")
+    .unwrap();
+    assert!(!done.text.is_empty());
 }
