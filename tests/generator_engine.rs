@@ -560,3 +560,82 @@ async fn beam_searches_cancelled_or_expired_free_every_beams_blocks() {
     .unwrap();
     assert!(!done.text.is_empty());
 }
+
+#[test]
+fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
+    let cases = cases(1);
+    if cases.is_empty() {
+        return;
+    }
+    let native = LanguageModel::load(&model_path(), &options(64)).unwrap();
+    let prompter = native.prompter;
+    let candle = ghostwriter_generator::gpu::CandleModel::load(
+        &model_path(),
+        &candle_core::Device::Cpu,
+        &options(64),
+    )
+    .unwrap();
+    let backends: [(&str, Box<dyn Backend>); 2] =
+        [("native", native.backend), ("candle", Box::new(candle))];
+    let mut ids = prompter
+        .encode(&ghostwriter_generator::prompt::personalized(
+            DEFAULT_SYSTEM,
+            &Parts {
+                passage_start: cases[0].1.clone(),
+                past_passages: cases[0].0.clone(),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    if ids.len() % 16 == 0 {
+        ids.pop(); // the last block must be partly filled
+    }
+    let n = ids.len();
+    let next = [ids[n / 2]];
+    for (name, mut b) in backends {
+        let source = blocks_for(n + 1);
+        let last = source.len() - 1;
+        let prefill = SeqStep {
+            tokens: &ids,
+            start: 0,
+            blocks: &source,
+            logits: true,
+        };
+        b.forward(&[prefill]).unwrap();
+        // The fork: the full blocks shared, the partly filled one copied to a fresh block.
+        let (copy, untouched) = (source.len() as u32 + 5, source.len() as u32 + 9);
+        b.copy_blocks(&[(source[last], copy)]).unwrap();
+        let with = |block: u32| {
+            let mut blocks = source.clone();
+            blocks[last] = block;
+            blocks
+        };
+        let mut logits = |blocks: &[u32]| {
+            let s = SeqStep {
+                tokens: &next,
+                start: n,
+                blocks,
+                logits: true,
+            };
+            b.forward(&[s]).unwrap().remove(0)
+        };
+        let reference = logits(&source);
+        let copied = logits(&with(copy));
+        let stale = logits(&with(untouched));
+        let diff = |a: &[f32]| {
+            a.iter()
+                .zip(&reference)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(
+            diff(&copied) < 1e-4,
+            "{name}: the copy differs by {}",
+            diff(&copied)
+        );
+        assert!(
+            diff(&stale) > 0.1,
+            "{name}: a block never written should change the logits"
+        );
+    }
+}

@@ -52,6 +52,12 @@ pub struct BenchGeneratorArgs {
     /// Repetitions of each single-stream measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Beams of the beam-search measurement (0 or 1 = skip it).
+    #[arg(long, default_value_t = 4)]
+    pub beams: usize,
+    /// Concurrent beam searches in that measurement (each against greedy on the same prompts).
+    #[arg(long, default_value_t = 4)]
+    pub beam_streams: usize,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 128)]
     pub max_running: usize,
@@ -276,6 +282,11 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         );
         concurrency.push(row);
     }
+    let beam_search = if a.beams > 1 {
+        Some(beam_search(a, &engine, &texts).await?)
+    } else {
+        None
+    };
     drop(engine);
 
     // Prefix cache: the presets of one write (one evaluation example): the same start and
@@ -354,6 +365,9 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         },
         "peak_rss_mb": peak_rss_mb(),
     });
+    if let Some(b) = beam_search {
+        report["beam_search"] = b;
+    }
     if let Some(agg) = aggregate_8 {
         report["aggregate_decode_8_over_single"] = json!(agg / single_decode);
     }
@@ -367,6 +381,56 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         });
     }
     Ok(report)
+}
+
+/// `--beam-streams` beam searches at once against greedy decoding of the same prompts: wall
+/// time and output tokens per second (a search's output is its best hypothesis).
+async fn beam_search(
+    a: &BenchGeneratorArgs,
+    engine: &Engine,
+    texts: &[String],
+) -> anyhow::Result<Value> {
+    let n = a.beam_streams.max(1);
+    let inputs: Vec<Input> = (0..n)
+        .map(|i| instruction_of(engine, texts, 3000 + i * 17, a.decode_prompt_tokens))
+        .collect();
+    let mut rows = Vec::new();
+    for beams in [1, a.beams] {
+        let started = Instant::now();
+        let jobs = inputs.iter().map(|input| {
+            let p = Params {
+                num_beams: beams,
+                ..params(a.new_tokens, a.ignore_eos)
+            };
+            run_job(engine, input.clone(), p)
+        });
+        let stats: Vec<Stats> = futures::future::join_all(jobs)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let wall = started.elapsed().as_secs_f64();
+        let out: usize = stats.iter().map(|s| s.generated_tokens).sum();
+        eprintln!(
+            "{n} streams, {beams} beam(s): {wall:.2} s, {:.1} output tokens/s",
+            out as f64 / wall
+        );
+        rows.push(json!({
+            "beams": beams,
+            "wall_s": wall,
+            "output_tokens": out,
+            "output_tokens_per_s": out as f64 / wall,
+            "log_prob_mean": stats.iter().map(|s| f64::from(s.log_prob)).sum::<f64>() / n as f64,
+        }));
+    }
+    let ratio =
+        rows[1]["wall_s"].as_f64().unwrap_or(0.0) / rows[0]["wall_s"].as_f64().unwrap_or(1.0);
+    Ok(json!({
+        "streams": n,
+        "prompt_tokens": a.decode_prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "runs": rows,
+        "beam_over_greedy_wall": ratio,
+    }))
 }
 
 const LLAMA_SCRIPT: &str = r#"

@@ -19,6 +19,9 @@ pub trait Backend: Send {
     /// Runs every sequence's tokens (writing their keys and values into their blocks) and
     /// returns the last-token logits of the sequences that asked for them, in order.
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// Copies the keys and values of block `src` into block `dst`, for each `(src, dst)` (the
+    /// partly filled last block of a forked beam: copy on write).
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> anyhow::Result<()>;
     /// Positions per cache block.
     fn block_size(&self) -> usize;
     /// Blocks in the cache.

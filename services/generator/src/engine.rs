@@ -16,7 +16,8 @@
 //! A job asking for beam search (`num_beams` > 1) runs as that many sequences of one
 //! [`Search`]. When every beam of it has its logits, the search picks the next beams
 //! ([`crate::beam`]); a beam continued by two candidates forks: the fork shares the parent's
-//! full cache blocks and recomputes only the tokens of the parent's last, partly filled block.
+//! full cache blocks and gets a copy of its last, partly filled one (copy on write), so it
+//! decodes on at once, recomputing nothing.
 //! A beam-search job streams its text once, when the search ends.
 //!
 //! A sequence's logits do not depend on what else is in the batch or on what came from the
@@ -451,7 +452,8 @@ impl Seq {
         self.beam.as_ref().map(|b| b.0)
     }
 
-    /// A copy of this beam holding `blocks`, whose first `computed` positions it shares.
+    /// A copy of this beam holding `blocks`, whose first `computed` positions hold its keys and
+    /// values.
     fn fork(&self, blocks: Vec<u32>, computed: usize, registered: usize) -> Seq {
         Seq {
             events: self.events.clone(),
@@ -773,7 +775,7 @@ impl Scheduler {
                 .filter(|s| s.search() == Some(id))
                 .all(|s| matches!(s.beam, Some((_, Some(_)))));
             if ready {
-                self.beam_step(id);
+                self.beam_step(id)?;
             }
         }
         Ok(())
@@ -781,9 +783,9 @@ impl Scheduler {
 
     /// One step of beam search `id`, every beam of which has its logits: chooses the next
     /// beams, forks and drops beams accordingly, and ends the search when it is over.
-    fn beam_step(&mut self, id: u64) {
+    fn beam_step(&mut self, id: u64) -> anyhow::Result<()> {
         let Some(search) = self.searches.get_mut(&id) else {
-            return;
+            return Ok(());
         };
         let context = self.backend.context();
         let prompter = &self.prompter;
@@ -821,23 +823,28 @@ impl Scheduler {
         }
         let bs = self.blocks.block_size();
         let mut forks = Vec::new();
+        let mut copies = Vec::new();
         for (p, kids) in children.iter().enumerate() {
             let parent = &self.running[idx[p]];
             for &(token, log_prob) in kids.iter().skip(1) {
-                // Full blocks are shared; the partly filled last one is recomputed.
+                // Full blocks are shared; the partly filled last one is copied.
                 let full = parent.computed / bs;
                 let Some(fresh) = self.blocks.allocate(parent.blocks.len() - full) else {
                     tracing::warn!("no cache blocks for a beam; the search goes on with fewer");
                     continue;
                 };
+                if parent.computed % bs != 0 {
+                    copies.push((parent.blocks[full], fresh[0]));
+                }
                 self.blocks.share(&parent.blocks[..full]);
                 let mut blocks = parent.blocks[..full].to_vec();
                 blocks.extend(fresh);
-                let mut child = parent.fork(blocks, full * bs, parent.registered.min(full));
+                let mut child = parent.fork(blocks, parent.computed, parent.registered);
                 child.log_prob = log_prob;
                 forks.push((child, token));
             }
         }
+        self.backend.copy_blocks(&copies)?;
         let mut ended: Vec<(usize, Option<Finish>)> = Vec::new();
         for (p, kids) in children.iter().enumerate() {
             let s = &mut self.running[idx[p]];
@@ -877,7 +884,7 @@ impl Scheduler {
             .map(|s| (s.log_prob, s.generated().len()))
             .max_by(|a, b| a.0.total_cmp(&b.0));
         if !search.done(best_live) {
-            return;
+            return Ok(());
         }
         // The search is over: its live beams go, and the best hypothesis is the answer.
         let mut i = 0;
@@ -892,12 +899,12 @@ impl Scheduler {
         }
         let search = self.searches.remove(&id).expect("the search exists");
         let Some(mut s) = carrier else {
-            return;
+            return Ok(());
         };
         let Some(best) = search.best() else {
             let e = EngineError::Inference("the beam search ended without a hypothesis".into());
             let _ = s.events.send(Event::Failed(e));
-            return;
+            return Ok(());
         };
         s.tokens.truncate(s.prompt_len);
         s.tokens.extend(&best.tokens);
@@ -911,6 +918,7 @@ impl Scheduler {
             .generator_running
             .set(self.running.len() as i64);
         finish_seq(s, best.finish);
+        Ok(())
     }
 }
 

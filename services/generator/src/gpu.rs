@@ -395,6 +395,37 @@ impl Backend for CandleModel {
         self.forward_impl(seqs)
     }
 
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> anyhow::Result<()> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let (bs, blocks) = (self.block_size as u32, self.blocks as u32);
+        anyhow::ensure!(
+            pairs.iter().all(|&(s, d)| s < blocks && d < blocks),
+            "a cache block is out of range"
+        );
+        let slots = |pick: fn(&(u32, u32)) -> u32| -> Vec<u32> {
+            pairs
+                .iter()
+                .flat_map(|p| pick(p) * bs..(pick(p) + 1) * bs)
+                .collect()
+        };
+        let dev = self.k_cache[0].device().clone();
+        let src = Tensor::new(slots(|p| p.0).as_slice(), &dev)?;
+        let row = self.k_cache[0].dim(1)?;
+        let dst: Vec<u32> = slots(|p| p.1)
+            .into_iter()
+            .flat_map(|s| std::iter::repeat_n(s, row))
+            .collect();
+        let n = dst.len() / row;
+        let dst = Tensor::from_vec(dst, (n, row), &dev)?;
+        for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            let rows = cache.index_select(&src, 0)?;
+            cache.scatter_set(&dst, &rows, 0)?;
+        }
+        Ok(())
+    }
+
     fn block_size(&self) -> usize {
         self.block_size
     }

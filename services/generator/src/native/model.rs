@@ -795,6 +795,31 @@ impl Backend for NativeModel {
         NativeModel::forward(self, seqs)
     }
 
+    fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> anyhow::Result<()> {
+        let hd = self.cfg.head_dim;
+        // A block of one layer, every kv head: keys and values are each contiguous.
+        let n = self.kv.kv_heads * hd * self.kv.block_size;
+        for &(src, dst) in pairs {
+            anyhow::ensure!(
+                (src as usize) < self.kv.blocks && (dst as usize) < self.kv.blocks,
+                "cache block {src} or {dst} is out of range"
+            );
+            for layer in 0..self.cfg.layers {
+                let (s, d) = (
+                    self.kv.k_at(layer, src, 0, hd),
+                    self.kv.k_at(layer, dst, 0, hd),
+                );
+                self.kv.k.copy_within(s..s + n, d);
+                let (s, d) = (
+                    self.kv.v_at(layer, src, 0, hd, 0),
+                    self.kv.v_at(layer, dst, 0, hd, 0),
+                );
+                self.kv.v.copy_within(s..s + n, d);
+            }
+        }
+        Ok(())
+    }
+
     fn block_size(&self) -> usize {
         self.kv.block_size
     }
