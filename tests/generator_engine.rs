@@ -587,7 +587,7 @@ fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
             },
         ))
         .unwrap();
-    if ids.len() % 16 == 0 {
+    if ids.len().is_multiple_of(16) {
         ids.pop(); // the last block must be partly filled
     }
     let n = ids.len();

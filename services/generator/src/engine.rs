@@ -833,7 +833,7 @@ impl Scheduler {
                     tracing::warn!("no cache blocks for a beam; the search goes on with fewer");
                     continue;
                 };
-                if parent.computed % bs != 0 {
+                if !parent.computed.is_multiple_of(bs) {
                     copies.push((parent.blocks[full], fresh[0]));
                 }
                 self.blocks.share(&parent.blocks[..full]);
