@@ -639,3 +639,89 @@ fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_beam_search_keeps_room_for_its_beams_when_other_jobs_arrive() {
+    let cases = cases(8);
+    if cases.is_empty() {
+        return;
+    }
+    // 312 cache blocks of 16 positions, and a search over a ~1,000-token prompt whose beams
+    // need 75 blocks each. Three long greedy jobs arrive while its prompt is being prefilled:
+    // admitted then, they would take the blocks its beams fork into.
+    let e = engine(4, 16, false, 110);
+    let reviews: Vec<String> = cases
+        .iter()
+        .flat_map(|(p, s)| p.iter().chain([s]).cloned())
+        .collect();
+    let mut text = String::from("Summarize these reviews.\n");
+    for r in &reviews {
+        if e.tokenize(&Input::Instruction(text.clone()), 200)
+            .unwrap()
+            .len()
+            > 950
+        {
+            break;
+        }
+        text.push_str(r);
+        text.push('\n');
+    }
+    let prompt = e
+        .tokenize(&Input::Instruction(text.clone()), 200)
+        .unwrap()
+        .len();
+    assert!((900..=1300).contains(&prompt), "a {prompt}-token prompt");
+    let search = |num_beams| Params {
+        num_beams,
+        ignore_eos: true,
+        ..greedy(200)
+    };
+    let four = e
+        .generate(Input::Instruction(text.clone()), search(4), None)
+        .await
+        .unwrap();
+    let two = e
+        .generate(Input::Instruction(text.clone()), search(2), None)
+        .await
+        .unwrap();
+    assert_ne!(
+        four.text, two.text,
+        "2 beams wrote what 4 did: a lost beam would not show"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    e.submit(Job {
+        input: Input::Instruction(text.clone()),
+        params: search(4),
+        events: tx,
+        deadline: None,
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        e.submit(Job {
+            input: Input::Instruction("Write a very long story about a guitar.".into()),
+            params: Params {
+                ignore_eos: true,
+                ..greedy(1200)
+            },
+            events: tx,
+            deadline: None,
+        })
+        .unwrap();
+        others.push(rx);
+    }
+    let mut done = None;
+    while let Some(ev) = rx.recv().await {
+        if let Event::Done(s) = ev {
+            done = Some(s);
+        }
+    }
+    assert_eq!(
+        done.expect("the search finished").text,
+        four.text,
+        "the search lost beams to the later jobs"
+    );
+    drop(others); // cancel them
+}

@@ -18,7 +18,8 @@
 //! ([`crate::beam`]); a beam continued by two candidates forks: the fork shares the parent's
 //! full cache blocks and gets a copy of its last, partly filled one (copy on write), so it
 //! decodes on at once, recomputing nothing.
-//! A beam-search job streams its text once, when the search ends.
+//! Until a search ends, later jobs leave room for the beams it may still fork (sequences and
+//! cache blocks). A beam-search job streams its text once, when the search ends.
 //!
 //! A sequence's logits do not depend on what else is in the batch or on what came from the
 //! prefix cache (the backends compute each row independently), so greedy text is the same
@@ -489,8 +490,8 @@ struct Scheduler {
     blocks: BlockManager,
     waiting: VecDeque<Queued>,
     running: Vec<Seq>,
-    /// Beam searches in progress, by id.
-    searches: HashMap<u64, Search>,
+    /// Beam searches in progress, by id, with the cache blocks each of their beams may need.
+    searches: HashMap<u64, (Search, usize)>,
     next_search: u64,
 }
 
@@ -599,16 +600,36 @@ impl Scheduler {
             .retain(|id, _| running.iter().any(|s| s.search() == Some(*id)));
     }
 
+    /// Sequences and cache blocks that the running beam searches may still claim by forking
+    /// (each search up to its width, each beam up to the blocks of a whole sequence).
+    fn reserved(&self) -> (usize, usize) {
+        let mut slots = 0;
+        let mut blocks = 0;
+        for (id, (search, need)) in &self.searches {
+            let live = self
+                .running
+                .iter()
+                .filter(|s| s.search() == Some(*id))
+                .count();
+            let missing = search.width().saturating_sub(live);
+            slots += missing;
+            blocks += missing * need;
+        }
+        (slots, blocks)
+    }
+
     /// Admits waiting jobs in order while there is room.
     fn admit(&mut self) {
         let m = ghostwriter_common::metrics::metrics();
         let bs = self.blocks.block_size();
-        while self.running.len() < self.config.max_running {
+        loop {
             let Some(q) = self.waiting.front() else {
                 return;
             };
+            // Running beam searches keep room for the beams they may still fork.
+            let (slots, reserved) = self.reserved();
             let beams = q.params.num_beams.max(1);
-            if beams > 1 && self.running.len() + beams > self.config.max_running {
+            if self.running.len() + slots + beams > self.config.max_running {
                 return;
             }
             let total = (q.prompt.len() + q.params.max_new_tokens).min(self.backend.context());
@@ -627,7 +648,7 @@ impl Scheduler {
                 .lookup(&q.prompt, q.prompt.len().saturating_sub(1));
             // A beam search starts once its every beam could get its own blocks.
             let later = (beams - 1) * need;
-            let fresh = if self.blocks.available() >= need - hit.len() + later {
+            let fresh = if self.blocks.available() >= need - hit.len() + later + reserved {
                 self.blocks.allocate(need - hit.len())
             } else {
                 None
@@ -658,8 +679,8 @@ impl Scheduler {
             let beam = (beams > 1).then(|| {
                 let id = self.next_search;
                 self.next_search += 1;
-                self.searches
-                    .insert(id, Search::new(beams, q.params.length_penalty));
+                let search = Search::new(beams, q.params.length_penalty);
+                self.searches.insert(id, (search, need));
                 (id, None)
             });
             self.running.push(Seq {
@@ -784,7 +805,7 @@ impl Scheduler {
     /// One step of beam search `id`, every beam of which has its logits: chooses the next
     /// beams, forks and drops beams accordingly, and ends the search when it is over.
     fn beam_step(&mut self, id: u64) -> anyhow::Result<()> {
-        let Some(search) = self.searches.get_mut(&id) else {
+        let Some((search, _)) = self.searches.get_mut(&id) else {
             return Ok(());
         };
         let context = self.backend.context();
@@ -897,7 +918,7 @@ impl Scheduler {
                 i += 1;
             }
         }
-        let search = self.searches.remove(&id).expect("the search exists");
+        let (search, _) = self.searches.remove(&id).expect("the search exists");
         let Some(mut s) = carrier else {
             return Ok(());
         };
