@@ -30,8 +30,8 @@ pub const MAX_BEAMS: u32 = 16;
 /// Most characters one document (title and text together) may have.
 pub const MAX_DOCUMENT_CHARS: usize = 100_000;
 
-/// Checks the ranges of caller-set generation settings (sampling and beam search) (the orchestrator before any stage
-/// runs, the generator for its direct callers); each also checks its own token limit.
+/// Checks the ranges of caller-set sampling and beam-search settings (the orchestrator before
+/// any stage runs, the generator for its direct callers); each also checks its own token limit.
 pub fn check_sampling(g: &ghostwriter_proto::v1::GenerationParams) -> Result<(), tonic::Status> {
     let message = "temperature must be in [0, 10] and top_p in [0, 1]";
     if !(0.0..=10.0).contains(&g.temperature) {
