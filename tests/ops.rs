@@ -1,6 +1,7 @@
 //! Operations: a stage past its concurrency limit answers RESOURCE_EXHAUSTED at once (health
 //! still answers), a short deadline ends in DEADLINE_EXCEEDED and stops generation downstream, a
-//! caller that drops its stream cancels decoding, and every process exposes Prometheus metrics.
+//! caller that drops its stream cancels decoding, and every process exposes Prometheus metrics
+//! (beam searches and their forks included).
 
 #![allow(clippy::unwrap_used)]
 
@@ -184,8 +185,25 @@ async fn limits_deadlines_and_metrics() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // A beam search, counted with its forks.
+    let mut beam = request(8);
+    if let Some(p) = beam.params.as_mut() {
+        p.num_beams = 2;
+    }
+    let mut c = GeneratorClient::connect(url.clone()).await.unwrap();
+    c.generate(beam).await.unwrap();
+
     let text = scrape(metrics_addr).await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("ghostwriter_generator_beam_searches_total 1\n"),
+        "{text}"
+    );
+    let forks = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ghostwriter_generator_beam_forks_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(forks.is_some_and(|f| f >= 1), "beam forks: {forks:?}");
     for needle in [
         r#"ghostwriter_rpc_requests_total{code="Ok",method="Generate",service="ghostwriter.v1.Generator"}"#,
         r#"ghostwriter_rpc_requests_total{code="ResourceExhausted",method="Generate",service="ghostwriter.v1.Generator"}"#,

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub generator_prefix_cache_hit_tokens: IntCounter,
     /// Generator: tokens generated.
     pub generated_tokens: IntCounter,
+    /// Generator: beam searches admitted.
+    pub generator_beam_searches: IntCounter,
+    /// Generator: beams forked by beam searches.
+    pub generator_beam_forks: IntCounter,
     /// Generator: decode rate of finished jobs, tokens per second.
     pub decode_tokens_per_second: Histogram,
     /// Retriever: documents in the index.
@@ -124,6 +128,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "ghostwriter_generated_tokens_total",
             "Tokens generated",
         )?,
+        generator_beam_searches: IntCounter::new(
+            "ghostwriter_generator_beam_searches_total",
+            "Beam searches admitted",
+        )?,
+        generator_beam_forks: IntCounter::new(
+            "ghostwriter_generator_beam_forks_total",
+            "Beams forked (each shares its parent's full cache blocks and copies its last one)",
+        )?,
         decode_tokens_per_second: Histogram::with_opts(
             HistogramOpts::new(
                 "ghostwriter_generator_decode_tokens_per_second",
@@ -155,6 +167,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.generator_queue_depth.clone()))?;
     m.registry.register(Box::new(m.generated_tokens.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_beam_searches.clone()))?;
+    m.registry
+        .register(Box::new(m.generator_beam_forks.clone()))?;
     m.registry.register(Box::new(m.generator_running.clone()))?;
     m.registry
         .register(Box::new(m.generator_queue_wait.clone()))?;

@@ -681,6 +681,7 @@ impl Scheduler {
                 self.next_search += 1;
                 let search = Search::new(beams, q.params.length_penalty);
                 self.searches.insert(id, (search, need));
+                m.generator_beam_searches.inc();
                 (id, None)
             });
             self.running.push(Seq {
@@ -866,6 +867,9 @@ impl Scheduler {
             }
         }
         self.backend.copy_blocks(&copies)?;
+        ghostwriter_common::metrics::metrics()
+            .generator_beam_forks
+            .inc_by(forks.len() as u64);
         let mut ended: Vec<(usize, Option<Finish>)> = Vec::new();
         for (p, kids) in children.iter().enumerate() {
             let s = &mut self.running[idx[p]];
