@@ -43,6 +43,14 @@ pub struct EmbeddedConfig {
         default_value_t = 96
     )]
     pub summary_tokens: u32,
+    /// Beams of the LLM summary's beam search (the paper uses 4); 1 = greedy.
+    #[arg(
+        long = "summary-num-beams",
+        env = "GHOSTWRITER_SUMMARY_NUM_BEAMS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=16)
+    )]
+    pub summary_num_beams: u32,
     /// Character budget of a SumCtx summary.
     #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = ghostwriter_summarizer::DEFAULT_SUMMARY_CHARS)]
     pub summary_chars: u32,
@@ -153,6 +161,7 @@ impl Embedded {
         let summarizer = SummarizerConfig {
             generator_url: url(addrs["generator"]),
             max_new_tokens: config.summary_tokens,
+            num_beams: config.summary_num_beams,
             summary_chars: config.summary_chars,
             embedder: config.ranker.embedder.clone(),
             discovery: Default::default(),

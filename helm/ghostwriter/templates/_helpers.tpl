@@ -201,6 +201,7 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 {{- else if eq .stage "summarizer" }}
 - --generator-url={{ include "ghostwriter.callUrl" (dict "root" $root "stage" "generator") }}
 - --summary-tokens={{ $v.summaryTokens }}
+- --summary-num-beams={{ $v.summaryNumBeams }}
 - --summary-chars={{ $v.summaryChars }}
 {{- else if eq .stage "synthesizer" }}
 - --word-similarity={{ $v.wordSimilarity }}

@@ -47,6 +47,15 @@ pub struct SummarizerConfig {
         default_value_t = 96
     )]
     pub max_new_tokens: u32,
+    /// Beams of the LLM summary's beam search (the paper decodes its summaries with 4); 1 =
+    /// greedy. At most the generators' --max-running.
+    #[arg(
+        long = "summary-num-beams",
+        env = "GHOSTWRITER_SUMMARY_NUM_BEAMS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=16)
+    )]
+    pub num_beams: u32,
     /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
     #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
     pub summary_chars: u32,
@@ -131,6 +140,7 @@ pub struct SummarizerService {
     generators: EndpointSet,
     balancer: Arc<Balancer>,
     default_tokens: u32,
+    num_beams: u32,
     default_chars: u32,
     embedder: LazyEmbedder,
 }
@@ -193,6 +203,7 @@ impl Summarizer for SummarizerService {
             })),
             params: Some(GenerationParams {
                 max_new_tokens: tokens,
+                num_beams: self.num_beams,
                 ..Default::default()
             }),
         };
@@ -238,6 +249,7 @@ pub async fn serve(
         generators,
         balancer: Arc::default(),
         default_tokens: config.max_new_tokens,
+        num_beams: config.num_beams,
         default_chars: config.summary_chars,
         embedder: cell.clone(),
     };
