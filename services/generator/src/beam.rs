@@ -158,8 +158,7 @@ impl Search {
 /// The `n` most likely tokens of `logits` with their log-probabilities, best first (lower ids
 /// first on ties).
 pub fn top_log_probs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    let lse = crate::sampler::log_sum_exp(logits);
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let by = |a: &u32, b: &u32| {
         logits[*b as usize]

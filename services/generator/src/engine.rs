@@ -38,7 +38,7 @@ use crate::beam::{Beam, Search};
 use crate::cache::BlockManager;
 use crate::model::{LanguageModel, Prompter};
 use crate::prompt::{self, Parts};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, log_sum_exp};
 
 /// Errors of a job.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -453,9 +453,9 @@ impl Seq {
         self.beam.as_ref().map(|b| b.0)
     }
 
-    /// A copy of this beam holding `blocks`, whose first `computed` positions hold its keys and
-    /// values.
-    fn fork(&self, blocks: Vec<u32>, computed: usize, registered: usize) -> Seq {
+    /// A copy of this beam holding `blocks`: its full blocks shared and a copy of the last,
+    /// partly filled one, so they hold the same keys and values.
+    fn fork(&self, blocks: Vec<u32>) -> Seq {
         Seq {
             events: self.events.clone(),
             params: self.params.clone(),
@@ -466,9 +466,9 @@ impl Seq {
             tokens: self.tokens.clone(),
             prompt_len: self.prompt_len,
             cached: self.cached,
-            computed,
+            computed: self.computed,
             blocks,
-            registered,
+            registered: self.registered,
             parent_hash: self.parent_hash,
             sampler: self.sampler.clone(),
             text: self.text.clone(),
@@ -861,7 +861,7 @@ impl Scheduler {
                 self.blocks.share(&parent.blocks[..full]);
                 let mut blocks = parent.blocks[..full].to_vec();
                 blocks.extend(fresh);
-                let mut child = parent.fork(blocks, parent.computed, parent.registered);
+                let mut child = parent.fork(blocks);
                 child.log_prob = log_prob;
                 forks.push((child, token));
             }
@@ -972,11 +972,16 @@ fn mask(logits: &mut [f32], ids: &[u32]) {
 fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize) -> Option<Finish> {
     first_token(s.enqueued, &mut s.first_token);
     if !s.params.score.is_empty() {
+        let lse = log_sum_exp(logits);
         s.scores = s
             .params
             .score
             .iter()
-            .map(|&id| log_prob(logits, id))
+            .map(|&id| {
+                logits
+                    .get(id as usize)
+                    .map_or(f32::NEG_INFINITY, |&l| l - lse)
+            })
             .collect();
         return Some(Finish::Length);
     }
@@ -984,20 +989,11 @@ fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize)
         mask(logits, &prompter.stop_ids);
     }
     let next = s.sampler.sample(logits, &s.tokens[s.prompt_len..]);
-    s.log_prob += log_prob(logits, next);
+    s.log_prob += logits[next as usize] - log_sum_exp(logits);
     if prompter.stop_ids.contains(&next) {
         return Some(Finish::Eos);
     }
     push_token(s, next, prompter, context)
-}
-
-/// The log-probability of `id` under `logits`.
-fn log_prob(logits: &[f32], id: u32) -> f32 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let lse = max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
-    logits
-        .get(id as usize)
-        .map_or(f32::NEG_INFINITY, |&l| l - lse)
 }
 
 /// Appends a chosen token to `s`, detokenizes it and streams the new text (beams stream

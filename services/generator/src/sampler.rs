@@ -98,6 +98,12 @@ impl Sampler {
     }
 }
 
+/// ln Σ exp(logits), computed stably: a token's log-probability is its logit minus this.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+}
+
 /// Index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
