@@ -1,7 +1,8 @@
 //! The generator engine with the real SmolLM2 weights on real reviews: the native CPU forward
-//! pass against candle's, batch invariance, prefix-cache correctness, cancellation and
-//! deadlines freeing their cache, refusal past the queue, user text that cannot inject chat
-//! markup, and beam search (its forked caches, its batch invariance and its cleanup).
+//! pass against candle's (with and without the shipped LoRA adapter), batch invariance,
+//! prefix-cache correctness, cancellation and deadlines freeing their cache, refusal past the
+//! queue, user text that cannot inject chat markup, and beam search (its forked caches, its
+//! batch invariance and its cleanup).
 
 #![allow(clippy::unwrap_used)]
 
@@ -163,6 +164,87 @@ fn native_forward_matches_candle() {
     let a = native.forward(&step).unwrap().remove(0);
     let b = reference.forward(&step).unwrap().remove(0);
     assert_eq!(top(&a), top(&b));
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// The candle backend (the one `--device cuda` runs, here on the CPU device) serves a LoRA
+/// adapter as the native engine does: with the shipped adapter, its logits match the native
+/// engine's with the adapter, and are further from the native engine's without it.
+#[test]
+fn candle_serves_the_adapter_as_the_native_engine_does() {
+    let cases = cases(1);
+    if cases.is_empty() {
+        return;
+    }
+    let adapter = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("adapters/smollm2-135m-reviews.safetensors");
+    let with = LoadOptions {
+        adapter: Some(adapter),
+        ..options(64)
+    };
+    let native = LanguageModel::load(&model_path(), &with).unwrap();
+    let prompt = ghostwriter_generator::prompt::personalized(
+        DEFAULT_SYSTEM,
+        &Parts {
+            passage_start: cases[0].1.clone(),
+            past_passages: cases[0].0.clone(),
+            ..Default::default()
+        },
+    );
+    let ids = native.prompter.encode(&prompt).unwrap();
+    let mut native = native.backend;
+    let mut plain = LanguageModel::load(&model_path(), &options(64))
+        .unwrap()
+        .backend;
+    let mut candle = ghostwriter_generator::gpu::CandleModel::load(
+        &model_path(),
+        &candle_core::Device::Cpu,
+        &with,
+    )
+    .unwrap();
+    let blocks = blocks_for(ids.len() + 1);
+    let step = [SeqStep {
+        tokens: &ids,
+        start: 0,
+        blocks: &blocks,
+        logits: true,
+    }];
+    let tuned = native.forward(&step).unwrap().remove(0);
+    let base = plain.forward(&step).unwrap().remove(0);
+    let served = candle.forward(&step).unwrap().remove(0);
+    let top = |l: &[f32]| ghostwriter_generator::sampler::argmax(l);
+    let (same, other) = (cosine(&served, &tuned), cosine(&served, &base));
+    assert!(
+        same > 0.995,
+        "candle with the adapter differs from native with it: {same}"
+    );
+    assert!(
+        other < same - 0.01,
+        "the adapter barely changes candle's logits: cosine {other} to the base, {same} to the tuned"
+    );
+    assert_eq!(top(&served), top(&tuned));
+    // The next token, decoded from the cache, agrees too.
+    let next = [top(&tuned)];
+    let step = [SeqStep {
+        tokens: &next,
+        start: ids.len(),
+        blocks: &blocks,
+        logits: true,
+    }];
+    let tuned = native.forward(&step).unwrap().remove(0);
+    let served = candle.forward(&step).unwrap().remove(0);
+    assert!(cosine(&served, &tuned) > 0.995);
+    assert_eq!(top(&served), top(&tuned));
 }
 
 fn blocks_for(n: usize) -> Vec<u32> {

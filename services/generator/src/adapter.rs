@@ -146,6 +146,20 @@ impl Adapter {
         Ok(())
     }
 
+    /// Reads an adapter file to serve on the model at `model`: checked against its layer
+    /// count, projection widths (`widths(projection)` = (in, out)) and sha256.
+    pub fn load_for(
+        file: &Path,
+        model: &Path,
+        layers: usize,
+        widths: impl Fn(&str) -> Option<(usize, usize)>,
+    ) -> anyhow::Result<Self> {
+        let a = Self::load(file)?;
+        let base = ghostwriter_common::models::sha256_file(model)?;
+        a.check(layers, widths, Some(&base))?;
+        Ok(a)
+    }
+
     /// Checks that every pair fits the model's widths (`widths(projection)` = (in, out)) and
     /// layer count, and that it was trained on this base (when `base_sha256` is known).
     pub fn check(

@@ -10,8 +10,9 @@
 //!
 //! Weights: dense bf16 by default (candle's quantized CUDA matmul has a fast kernel only up to
 //! 8 rows and dequantizes on every call above that), or the GGUF's own quantized blocks with
-//! `--gpu-weights quantized`. On a CPU device (used by tests to check this code against the
-//! native engine) weights and activations are f32.
+//! `--gpu-weights quantized`. A LoRA adapter is served unmerged: each updated projection adds
+//! its low-rank term, computed in f32, to the base product. On a CPU device (used by tests to
+//! check this code against the native engine) weights and activations are f32.
 
 use std::path::Path;
 
@@ -19,6 +20,7 @@ use anyhow::{Context, bail};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::adapter::Adapter;
 use crate::backend::{Backend, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
@@ -50,17 +52,38 @@ impl Linear {
     }
 }
 
+/// A projection with, when an adapter is served, its low-rank update kept apart (unmerged, in
+/// f32): `x·Wᵀ + (x·Aᵀ)·(scale·B)ᵀ`.
+struct Projection {
+    w: Linear,
+    /// `Aᵀ` (in × rank) and `scale·Bᵀ` (rank × out), f32.
+    lora: Option<(Tensor, Tensor)>,
+}
+
+impl Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.w.forward(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some((at, bt)) => {
+                let update = x.to_dtype(DType::F32)?.matmul(at)?.matmul(bt)?;
+                (y.to_dtype(DType::F32)? + update)?.to_dtype(y.dtype())
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    wq: Projection,
+    wk: Projection,
+    wv: Projection,
     bias: Option<(Tensor, Tensor, Tensor)>,
-    wo: Linear,
+    wo: Projection,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    w_gate: Projection,
+    w_up: Projection,
+    w_down: Projection,
 }
 
 /// The model on a candle device, with its paged cache.
@@ -110,6 +133,36 @@ impl CandleModel {
             (Err(_), None) => Linear::Quant(QMatMul::from_qtensor(embd_q)?),
         };
         let out_norm = vec(t("output_norm.weight")?)?;
+        let adapter = match &opts.adapter {
+            None => None,
+            Some(file) => Some(Adapter::load_for(file, path, cfg.layers, |p| {
+                cfg.projection_widths(p)
+            })?),
+        };
+        // A projection of layer `l`, its adapter pair (if any) on the device.
+        let projection = |l: usize, name: &str, q: QTensor| -> anyhow::Result<Projection> {
+            let lora = match adapter
+                .as_ref()
+                .and_then(|a| a.pair(l, name).map(|p| (a, p)))
+            {
+                None => None,
+                Some((a, p)) => {
+                    let rank = p.a.len() / p.inputs.max(1);
+                    let at = Tensor::from_slice(&p.a, (rank, p.inputs), device)?
+                        .t()?
+                        .contiguous()?;
+                    let bt = (Tensor::from_slice(&p.b, (p.outputs, rank), device)?
+                        * a.scale() as f64)?
+                        .t()?
+                        .contiguous()?;
+                    Some((at, bt))
+                }
+            };
+            Ok(Projection {
+                w: Linear::new(q, dense, device)?,
+                lora,
+            })
+        };
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let p = format!("blk.{l}");
@@ -124,15 +177,15 @@ impl CandleModel {
             };
             layers.push(Layer {
                 attn_norm: vec(t(&format!("{p}.attn_norm.weight"))?)?,
-                wq: Linear::new(t(&format!("{p}.attn_q.weight"))?, dense, device)?,
-                wk: Linear::new(t(&format!("{p}.attn_k.weight"))?, dense, device)?,
-                wv: Linear::new(t(&format!("{p}.attn_v.weight"))?, dense, device)?,
+                wq: projection(l, "attn_q", t(&format!("{p}.attn_q.weight"))?)?,
+                wk: projection(l, "attn_k", t(&format!("{p}.attn_k.weight"))?)?,
+                wv: projection(l, "attn_v", t(&format!("{p}.attn_v.weight"))?)?,
                 bias,
-                wo: Linear::new(t(&format!("{p}.attn_output.weight"))?, dense, device)?,
+                wo: projection(l, "attn_output", t(&format!("{p}.attn_output.weight"))?)?,
                 ffn_norm: vec(t(&format!("{p}.ffn_norm.weight"))?)?,
-                w_gate: Linear::new(t(&format!("{p}.ffn_gate.weight"))?, dense, device)?,
-                w_up: Linear::new(t(&format!("{p}.ffn_up.weight"))?, dense, device)?,
-                w_down: Linear::new(t(&format!("{p}.ffn_down.weight"))?, dense, device)?,
+                w_gate: projection(l, "ffn_gate", t(&format!("{p}.ffn_gate.weight"))?)?,
+                w_up: projection(l, "ffn_up", t(&format!("{p}.ffn_up.weight"))?)?,
+                w_down: projection(l, "ffn_down", t(&format!("{p}.ffn_down.weight"))?)?,
             });
         }
         let half = cfg.head_dim / 2;

@@ -156,7 +156,8 @@ pub struct GeneratorConfig {
     )]
     pub prefix_cache: bool,
     /// LoRA adapter trained by `ghostwriter train` (safetensors), applied unmerged on top of
-    /// the model; its name and hash appear in every response's model field. CPU engine only.
+    /// the model (the CPU engine and the candle backend alike); its name and hash appear in every
+    /// response's model field.
     #[arg(long = "adapter", env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
 }

@@ -141,12 +141,6 @@ impl LanguageModel {
         });
         let prompter = Prompter::from_metadata(md)?;
         let device = ghostwriter_embed::device::parse(&opts.device)?;
-        if opts.adapter.is_some() && !device.is_cpu() {
-            anyhow::bail!(
-                "--adapter is served by the CPU engine only for now (the CUDA backend would \
-                 need the low-rank update in its candle graph)"
-            );
-        }
         let name = match &opts.adapter {
             Some(a) => format!("{name}+{}", crate::adapter::Adapter::describe(a)),
             None => name,

@@ -398,9 +398,7 @@ impl NativeModel {
         let adapter = match &opts.adapter {
             None => None,
             Some(file) => {
-                let a = Adapter::load(file)?;
-                let base = ghostwriter_common::models::sha256_file(path)?;
-                a.check(cfg.layers, |p| cfg.projection_widths(p), Some(&base))?;
+                let a = Adapter::load_for(file, path, cfg.layers, |p| cfg.projection_widths(p))?;
                 Some(Lora::new(&a, cfg.layers))
             }
         };
