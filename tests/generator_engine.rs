@@ -106,64 +106,48 @@ fn personalized(passages: &[String], start: &str) -> Input {
     })
 }
 
-#[test]
-fn native_forward_matches_candle() {
-    let cases = cases(1);
-    if cases.is_empty() {
-        return;
-    }
-    let lm = LanguageModel::load(&model_path(), &options(64)).unwrap();
+/// The `personalized` prompt of one real review case, tokenized by `prompter`.
+fn case_ids(
+    prompter: &ghostwriter_generator::model::Prompter,
+    case: &(Vec<String>, String),
+) -> Vec<u32> {
     let prompt = ghostwriter_generator::prompt::personalized(
         DEFAULT_SYSTEM,
         &Parts {
-            passage_start: cases[0].1.clone(),
-            past_passages: cases[0].0.clone(),
+            passage_start: case.1.clone(),
+            past_passages: case.0.clone(),
             ..Default::default()
         },
     );
-    let ids = lm.prompter.encode(&prompt).unwrap();
-    let mut native = lm.backend;
-    let mut reference = ghostwriter_generator::gpu::CandleModel::load(
-        &model_path(),
-        &candle_core::Device::Cpu,
-        &options(64),
-    )
-    .unwrap();
-    let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+    prompter.encode(&prompt).unwrap()
+}
+
+/// The last-token logits of `ids` from each backend, then of one more token (`a`'s choice)
+/// decoded from their caches.
+fn two_steps(a: &mut dyn Backend, b: &mut dyn Backend, ids: &[u32]) -> [(Vec<f32>, Vec<f32>); 2] {
+    let blocks = blocks_for(ids.len() + 1);
     let step = [SeqStep {
-        tokens: &ids,
+        tokens: ids,
         start: 0,
         blocks: &blocks,
         logits: true,
     }];
-    let a = native.forward(&step).unwrap().remove(0);
-    let b = reference.forward(&step).unwrap().remove(0);
-    let top = |l: &[f32]| ghostwriter_generator::sampler::argmax(l);
-    assert_eq!(
-        top(&a),
-        top(&b),
-        "the two implementations pick different tokens"
+    let first = (
+        a.forward(&step).unwrap().remove(0),
+        b.forward(&step).unwrap().remove(0),
     );
-    let dot: f64 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (*x as f64) * (*y as f64))
-        .sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let cos = dot / (na * nb);
-    assert!(cos > 0.995, "logits differ: cosine {cos}");
-    // Decoding one more token from the cache agrees too.
-    let next = [top(&a)];
+    let next = [ghostwriter_generator::sampler::argmax(&first.0)];
     let step = [SeqStep {
         tokens: &next,
         start: ids.len(),
-        blocks: &blocks_for(ids.len() + 1),
+        blocks: &blocks,
         logits: true,
     }];
-    let a = native.forward(&step).unwrap().remove(0);
-    let b = reference.forward(&step).unwrap().remove(0);
-    assert_eq!(top(&a), top(&b));
+    let second = (
+        a.forward(&step).unwrap().remove(0),
+        b.forward(&step).unwrap().remove(0),
+    );
+    [first, second]
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -175,6 +159,40 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
+}
+
+/// Both steps pick the same token and their logits agree.
+fn assert_agree(steps: &[(Vec<f32>, Vec<f32>); 2], what: &str) {
+    let top = |l: &[f32]| ghostwriter_generator::sampler::argmax(l);
+    for (i, (a, b)) in steps.iter().enumerate() {
+        assert_eq!(top(a), top(b), "{what}: different tokens at step {i}");
+        let cos = cosine(a, b);
+        assert!(
+            cos > 0.995,
+            "{what}: logits differ at step {i}: cosine {cos}"
+        );
+    }
+}
+
+#[test]
+fn native_forward_matches_candle() {
+    let cases = cases(1);
+    if cases.is_empty() {
+        return;
+    }
+    let lm = LanguageModel::load(&model_path(), &options(64)).unwrap();
+    let ids = case_ids(&lm.prompter, &cases[0]);
+    let mut native = lm.backend;
+    let mut candle = ghostwriter_generator::gpu::CandleModel::load(
+        &model_path(),
+        &candle_core::Device::Cpu,
+        &options(64),
+    )
+    .unwrap();
+    assert_agree(
+        &two_steps(native.as_mut(), &mut candle, &ids),
+        "native and candle",
+    );
 }
 
 /// The candle backend (the one `--device cuda` runs, here on the CPU device) serves a LoRA
@@ -192,59 +210,35 @@ fn candle_serves_the_adapter_as_the_native_engine_does() {
         adapter: Some(adapter),
         ..options(64)
     };
-    let native = LanguageModel::load(&model_path(), &with).unwrap();
-    let prompt = ghostwriter_generator::prompt::personalized(
-        DEFAULT_SYSTEM,
-        &Parts {
-            passage_start: cases[0].1.clone(),
-            past_passages: cases[0].0.clone(),
-            ..Default::default()
-        },
-    );
-    let ids = native.prompter.encode(&prompt).unwrap();
-    let mut native = native.backend;
-    let mut plain = LanguageModel::load(&model_path(), &options(64))
-        .unwrap()
-        .backend;
+    let tuned = LanguageModel::load(&model_path(), &with).unwrap();
+    let ids = case_ids(&tuned.prompter, &cases[0]);
+    let mut tuned = tuned.backend;
     let mut candle = ghostwriter_generator::gpu::CandleModel::load(
         &model_path(),
         &candle_core::Device::Cpu,
         &with,
     )
     .unwrap();
-    let blocks = blocks_for(ids.len() + 1);
-    let step = [SeqStep {
-        tokens: &ids,
-        start: 0,
-        blocks: &blocks,
-        logits: true,
-    }];
-    let tuned = native.forward(&step).unwrap().remove(0);
-    let base = plain.forward(&step).unwrap().remove(0);
-    let served = candle.forward(&step).unwrap().remove(0);
-    let top = |l: &[f32]| ghostwriter_generator::sampler::argmax(l);
-    let (same, other) = (cosine(&served, &tuned), cosine(&served, &base));
-    assert!(
-        same > 0.995,
-        "candle with the adapter differs from native with it: {same}"
-    );
+    let steps = two_steps(tuned.as_mut(), &mut candle, &ids);
+    assert_agree(&steps, "native and candle with the adapter");
+    let mut plain = LanguageModel::load(&model_path(), &options(64))
+        .unwrap()
+        .backend;
+    let blocks = blocks_for(ids.len());
+    let base = plain
+        .forward(&[SeqStep {
+            tokens: &ids,
+            start: 0,
+            blocks: &blocks,
+            logits: true,
+        }])
+        .unwrap()
+        .remove(0);
+    let (same, other) = (cosine(&steps[0].1, &steps[0].0), cosine(&steps[0].1, &base));
     assert!(
         other < same - 0.01,
         "the adapter barely changes candle's logits: cosine {other} to the base, {same} to the tuned"
     );
-    assert_eq!(top(&served), top(&tuned));
-    // The next token, decoded from the cache, agrees too.
-    let next = [top(&tuned)];
-    let step = [SeqStep {
-        tokens: &next,
-        start: ids.len(),
-        blocks: &blocks,
-        logits: true,
-    }];
-    let tuned = native.forward(&step).unwrap().remove(0);
-    let served = candle.forward(&step).unwrap().remove(0);
-    assert!(cosine(&served, &tuned) > 0.995);
-    assert_eq!(top(&served), top(&tuned));
 }
 
 fn blocks_for(n: usize) -> Vec<u32> {
