@@ -15,8 +15,13 @@
 //! `syn-ctx` records (alpha 0 is plain greedy `syn-ctx`), which `eval --presets
 //! immediate-context,syn-ctx --to http://127.0.0.1:9 --no-ingest --out DIR/alpha-A` scores.
 //!
+//! With `--score` it decodes nothing: it feeds each example's true continuation (at most 128
+//! tokens) after both prompts and writes `DIR/score.json`, the mean nats per token under each
+//! and the paired gain from the past reviews (`--model` scores another GGUF, such as the GPU
+//! tier's).
+//!
 //! Run: `cargo run --release --example context_contrast -- --out DIR [--adapter PATH]
-//! [--alpha 0,0.5,1] [--plausibility 0.1] [--limit N]`.
+//! [--model GGUF] [--alpha 0,0.5,1] [--plausibility 0.1] [--limit N] [--chunk N] [--score]`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -83,6 +88,8 @@ fn main() -> anyhow::Result<()> {
     let mut alphas = vec![0.0f32, 0.5, 1.0];
     let mut plausibility = 0.1f32;
     let mut chunk = 2usize;
+    let mut score = false;
+    let mut model_path = None;
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -97,11 +104,15 @@ fn main() -> anyhow::Result<()> {
             }
             "--plausibility" => plausibility = value()?.parse()?,
             "--chunk" => chunk = value()?.parse()?,
+            "--score" => score = true,
+            "--model" => model_path = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
                 println!(
-                    "context_contrast --out DIR [--adapter PATH] [--alpha 0,0.5,1] \
-                     [--plausibility 0.1] [--limit N] [--chunk EXAMPLES]: syn-ctx writes of the \
-                     test split with context-aware decoding against the immediate-context prompt"
+                    "context_contrast --out DIR [--adapter PATH] [--model GGUF] [--alpha 0,0.5,1] \
+                     [--plausibility 0.1] [--limit N] [--chunk EXAMPLES] [--score]: syn-ctx writes \
+                     of the test split with context-aware decoding against the immediate-context \
+                     prompt; with --score, the true continuation's log-likelihood under each \
+                     prompt instead (DIR/score.json)"
                 );
                 return Ok(());
             }
@@ -177,7 +188,8 @@ fn main() -> anyhow::Result<()> {
     let mut config = ghostwriter::embedded::EmbeddedConfig::defaults().generator;
     config.adapter = adapter;
     config.kv_cache_mb = 2048;
-    let path = model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0);
+    let path =
+        model_path.unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let mut model = LanguageModel::load(&path, &config.load_options())?;
     let bs = model.backend.block_size();
     let total_blocks = model.backend.cache_blocks();
@@ -187,6 +199,28 @@ fn main() -> anyhow::Result<()> {
         m.prompter
             .encode(&prompt::personalized(&config.system, &parts(p)))
     };
+    if score {
+        let mut prompts = Vec::new();
+        for inp in &inputs {
+            let e = &examples[inp.example];
+            let rest = e
+                .target()
+                .strip_prefix(inp.immediate_context.as_str())
+                .map(str::to_string)
+                .unwrap_or_default();
+            let mut rest = model.prompter.encode_plain(&rest)?;
+            rest.truncate(MAX_NEW);
+            prompts.push((encode(&model, &inp.syn)?, encode(&model, &inp.imm)?, rest));
+        }
+        let report = likelihoods(&mut model, &prompts, chunk)?;
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(
+            out.join("score.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     // variant 0: immediate-context; 1..: syn-ctx with each alpha.
     let mut texts: Vec<Vec<(String, u32)>> = vec![vec![]; inputs.len()];
     let ln_plaus = plausibility.ln();
@@ -364,6 +398,111 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Teacher-forced log-likelihood of each example's true continuation (`rest`) after its
+/// `syn-ctx` prompt and after its `immediate-context` prompt: mean nats per token under each,
+/// and the paired per-example difference with a normal 95% interval.
+fn likelihoods(
+    model: &mut LanguageModel,
+    prompts: &[(Vec<u32>, Vec<u32>, Vec<u32>)],
+    chunk: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let bs = model.backend.block_size();
+    // Per example: (nats, tokens) under the syn-ctx and the immediate-context prompt.
+    let mut totals = vec![[(0f64, 0usize); 2]; prompts.len()];
+    let started = Instant::now();
+    for (c, group) in prompts.chunks(chunk.max(1)).enumerate() {
+        // (example, variant, tokens = prompt ++ rest, prompt length, blocks, fed)
+        let mut seqs = Vec::new();
+        let mut next_block = 0u32;
+        for (i, (syn, imm, rest)) in group.iter().enumerate() {
+            if rest.is_empty() {
+                continue;
+            }
+            for (v, prompt) in [syn, imm].into_iter().enumerate() {
+                let mut tokens = prompt.clone();
+                tokens.extend(rest);
+                let n = (tokens.len() + 1).div_ceil(bs) as u32;
+                let blocks: Vec<u32> = (next_block..next_block + n).collect();
+                next_block += n;
+                seqs.push((c * chunk + i, v, tokens, prompt.len(), blocks, 0usize));
+            }
+        }
+        anyhow::ensure!(
+            (next_block as usize) <= model.backend.cache_blocks(),
+            "chunk needs {next_block} cache blocks, the cache has {}",
+            model.backend.cache_blocks()
+        );
+        loop {
+            let live: Vec<usize> = (0..seqs.len())
+                .filter(|&k| seqs[k].5 < seqs[k].2.len())
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let steps: Vec<SeqStep<'_>> = live
+                .iter()
+                .map(|&k| {
+                    let (_, _, tokens, prompt, blocks, fed) = &seqs[k];
+                    let take = if *fed == 0 { *prompt } else { 1 };
+                    SeqStep {
+                        tokens: &tokens[*fed..*fed + take],
+                        start: *fed,
+                        blocks,
+                        logits: true,
+                    }
+                })
+                .collect();
+            let logits = model.backend.forward(&steps)?;
+            let fed: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
+            drop(steps);
+            for ((&k, row), n) in live.iter().zip(logits).zip(fed) {
+                let s = &mut seqs[k];
+                s.5 += n;
+                let lp = log_softmax(&row);
+                let t = &mut totals[s.0][s.1];
+                t.0 -= lp[s.2[s.5] as usize] as f64;
+                t.1 += 1;
+                if s.5 + 1 == s.2.len() {
+                    // Every continuation token is scored; the last one is never fed.
+                    s.5 = s.2.len();
+                }
+            }
+        }
+        eprintln!(
+            "{}/{} examples scored ({:.0} s)",
+            ((c + 1) * chunk).min(prompts.len()),
+            prompts.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let scored: Vec<&[(f64, usize); 2]> = totals.iter().filter(|t| t[0].1 > 0).collect();
+    let mean = |v: usize| {
+        let (n, t) = scored
+            .iter()
+            .fold((0f64, 0usize), |a, x| (a.0 + x[v].0, a.1 + x[v].1));
+        n / t.max(1) as f64
+    };
+    // Paired per example: immediate-context nats/token minus syn-ctx nats/token.
+    let gains: Vec<f64> = scored
+        .iter()
+        .map(|x| x[1].0 / x[1].1 as f64 - x[0].0 / x[0].1 as f64)
+        .collect();
+    let n = gains.len().max(1) as f64;
+    let g = gains.iter().sum::<f64>() / n;
+    let sd = (gains.iter().map(|x| (x - g).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+    let half = 1.96 * sd / n.sqrt();
+    Ok(serde_json::json!({
+        "model": model.name,
+        "examples": scored.len(),
+        "tokens_per_example": scored.iter().map(|x| x[0].1).sum::<usize>() as f64 / n,
+        "nats_per_token_syn_ctx": mean(0),
+        "nats_per_token_immediate_context": mean(1),
+        "gain_nats_per_token": g,
+        "gain_ci95": [g - half, g + half],
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
 }
 
 fn argmax(v: &[f32]) -> u32 {
