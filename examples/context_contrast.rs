@@ -33,7 +33,7 @@ use ghostwriter::eval::{Record, select};
 use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::LanguageModel;
 use ghostwriter_generator::prompt::{self, Parts};
-use ghostwriter_generator::sampler::Sampler;
+use ghostwriter_generator::sampler::{Sampler, argmax, log_sum_exp};
 use ghostwriter_orchestrator::OrchestratorService;
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::{GenerationParams, PersonalizedInput, WriteOptions, WriteRequest};
@@ -66,9 +66,7 @@ struct Run {
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let lse = max + sum.ln();
+    let lse = log_sum_exp(logits);
     logits.iter().map(|&l| l - lse).collect()
 }
 
@@ -503,14 +501,4 @@ fn likelihoods(
         "gain_ci95": [g - half, g + half],
         "seconds": started.elapsed().as_secs_f64(),
     }))
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
