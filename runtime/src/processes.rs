@@ -29,6 +29,35 @@ impl Drop for Processes {
     }
 }
 
+/// Spawns `cmd`, a `ghostwriter serve`, and returns it with the URL it reports on its first
+/// line of stdout (where it bound; with `--listen 127.0.0.1:0`, the port the OS chose, so no
+/// other process can take it first). The rest of its stdout goes on to ours.
+async fn spawn_serving(cmd: &mut Command, stage: &str) -> anyhow::Result<(Child, String)> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the {stage} process"))?;
+    let stdout = child.stdout.take().context("the process has no stdout")?;
+    let (reader, line) = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).map(|_| (reader, line))
+    })
+    .await??;
+    let Some(url) = line.trim().strip_prefix("listening on ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!("the {stage} process did not report its address (first line: {line:?})");
+    };
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut reader = reader;
+        let _ = std::io::copy(&mut reader, &mut std::io::stdout());
+    });
+    Ok((child, url))
+}
+
 /// A port free on 127.0.0.1 now.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -40,56 +69,41 @@ impl Processes {
     /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
     /// loopback ports, wired by static URLs, and waits until each reports SERVING.
     pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
-        let mut urls = BTreeMap::new();
-        for stage in StageKind::ALL.map(StageKind::name) {
-            urls.insert(stage, format!("http://127.0.0.1:{}", free_port()?));
-        }
         let mut me = Self {
             children: Vec::new(),
-            urls: urls.clone(),
+            urls: BTreeMap::new(),
         };
-        let listen = |s: &str| urls[s].trim_start_matches("http://").to_string();
-        let stage_args: Vec<(&'static str, Vec<String>)> = vec![
-            (
-                "retriever",
-                vec!["--index-dir".into(), index_dir.display().to_string()],
-            ),
-            ("ranker", vec![]),
-            ("synthesizer", vec![]),
-            ("generator", vec![]),
-            (
-                "summarizer",
-                vec!["--generator-url".into(), urls["generator"].clone()],
-            ),
-            (
-                "orchestrator",
-                vec![
-                    "--retriever-url".into(),
-                    urls["retriever"].clone(),
-                    "--ranker-url".into(),
-                    urls["ranker"].clone(),
-                    "--summarizer-url".into(),
-                    urls["summarizer"].clone(),
-                    "--synthesizer-url".into(),
-                    urls["synthesizer"].clone(),
-                    "--generator-url".into(),
-                    urls["generator"].clone(),
-                ],
-            ),
-        ];
-        for (stage, args) in stage_args {
-            let child = own_group(&mut Command::new(exe))
+        // In StageKind::ALL order, so a stage's dependencies report their URLs first.
+        for stage in StageKind::ALL.map(StageKind::name) {
+            let url = |s: &str| me.urls[s].clone();
+            let args: Vec<String> = match stage {
+                "retriever" => vec!["--index-dir".into(), index_dir.display().to_string()],
+                "summarizer" => vec!["--generator-url".into(), url("generator")],
+                "orchestrator" => [
+                    "retriever",
+                    "ranker",
+                    "summarizer",
+                    "synthesizer",
+                    "generator",
+                ]
+                .into_iter()
+                .flat_map(|s| [format!("--{s}-url"), url(s)])
+                .collect(),
+                _ => Vec::new(),
+            };
+            let mut cmd = Command::new(exe);
+            own_group(&mut cmd)
                 .arg("--model-dir")
                 .arg(model_dir)
-                .args(["serve", "--listen", &listen(stage), stage])
+                .args(["serve", "--listen", "127.0.0.1:0", stage])
                 .args(&args)
                 .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting the {stage} process"))?;
+                .stdin(Stdio::null());
+            let (child, url) = spawn_serving(&mut cmd, stage).await?;
             me.children.push((stage, child));
+            me.urls.insert(stage, url);
         }
-        for (stage, url) in &urls {
+        for (stage, url) in &me.urls {
             wait_until_serving(url, "", Duration::from_secs(120))
                 .await
                 .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
@@ -287,13 +301,12 @@ impl Processes {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         me.urls.insert("etcd", etcd_url.clone());
-        // The summarizer dials the generator directly: it needs its address up front.
-        let generator = format!("127.0.0.1:{}", free_port()?);
+        // In StageKind::ALL order: the summarizer dials the generator directly, which has
+        // reported its address by then.
         for stage in StageKind::ALL.map(StageKind::name) {
             let listen = match stage {
                 "orchestrator" => public.to_string(),
-                "generator" => generator.clone(),
-                _ => format!("127.0.0.1:{}", free_port()?),
+                _ => "127.0.0.1:0".to_string(),
             };
             let mut cmd = Command::new(exe);
             own_group(&mut cmd);
@@ -306,8 +319,7 @@ impl Processes {
                 cmd.arg("--index-dir").arg(index_dir);
             }
             if stage == "summarizer" {
-                cmd.arg("--generator-url")
-                    .arg(format!("http://{generator}"));
+                cmd.arg("--generator-url").arg(&me.urls["generator"]);
             }
             if stage == "orchestrator" {
                 for (flag, path) in [
@@ -324,16 +336,14 @@ impl Processes {
                 }
                 cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
             }
-            let child = cmd
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting the {stage} process"))?;
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null());
+            let (child, url) = spawn_serving(&mut cmd, stage).await?;
             me.children.push((stage, child));
-            me.urls.insert(stage, format!("http://{listen}"));
+            me.urls.insert(stage, url);
         }
         for (stage, url) in me.urls.clone() {
             if stage == "etcd" {

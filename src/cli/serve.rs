@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 /// Options of `serve`.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on (port 0: the OS picks one; the first line on stdout, `listening on
+    /// URL`, says which).
     #[arg(
         long,
         env = "GHOSTWRITER_LISTEN",
@@ -154,6 +155,22 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     let local = listener.local_addr()?;
+    let reachable = {
+        let ip = if local.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            local.ip().to_string()
+        };
+        format!("http://{ip}:{}", local.port())
+    };
+    // The first line on stdout: where the stage listens (what `--listen 127.0.0.1:0` chose), so
+    // a parent that starts processes need not guess a free port.
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {reachable}")?;
+        out.flush()?;
+    }
     let name = stage.kind().name();
     let (trigger, stop) = shutdown::channel();
     let discovery = process.discovery.clone();
@@ -183,14 +200,6 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
             }
         }
     });
-    let reachable = {
-        let ip = if local.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            local.ip().to_string()
-        };
-        format!("http://{ip}:{}", local.port())
-    };
     let registration = (!process.discovery.etcd.is_empty()).then(|| {
         let advertise = process
             .advertise
