@@ -39,12 +39,20 @@ async fn spawn_serving(cmd: &mut Command, stage: &str) -> anyhow::Result<(Child,
         .spawn()
         .with_context(|| format!("starting the {stage} process"))?;
     let stdout = child.stdout.take().context("the process has no stdout")?;
-    let (reader, line) = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).map(|_| (reader, line))
-    })
-    .await??;
+    });
+    let (reader, line) = match tokio::time::timeout(Duration::from_secs(120), read).await {
+        Ok(read) => read??,
+        Err(_) => {
+            // Killing it closes the pipe, which ends the blocked read.
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the {stage} process did not report its address within 120 s");
+        }
+    };
     let Some(url) = line.trim().strip_prefix("listening on ") else {
         let _ = child.kill();
         let _ = child.wait();
