@@ -164,12 +164,12 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         format!("http://{ip}:{}", local.port())
     };
     // The first line on stdout: where the stage listens (what `--listen 127.0.0.1:0` chose), so
-    // a parent that starts processes need not guess a free port.
+    // a parent that starts processes need not guess a free port. A closed stdout is no reason
+    // to stop serving.
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {reachable}")?;
-        out.flush()?;
+        let _ = writeln!(out, "listening on {reachable}").and_then(|()| out.flush());
     }
     let name = stage.kind().name();
     let (trigger, stop) = shutdown::channel();
