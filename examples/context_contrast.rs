@@ -50,17 +50,78 @@ struct Inputs {
     passage_ids: Vec<String>,
 }
 
+/// Hands out consecutive cache blocks to the sequences of one chunk.
+struct Blocks {
+    size: usize,
+    total: usize,
+    next: u32,
+}
+
+impl Blocks {
+    fn new(model: &LanguageModel) -> Self {
+        Self {
+            size: model.backend.block_size(),
+            total: model.backend.cache_blocks(),
+            next: 0,
+        }
+    }
+
+    /// Blocks for `positions` positions.
+    fn take(&mut self, positions: usize) -> anyhow::Result<Vec<u32>> {
+        let n = positions.div_ceil(self.size) as u32;
+        let blocks: Vec<u32> = (self.next..self.next + n).collect();
+        self.next += n;
+        anyhow::ensure!(
+            self.next as usize <= self.total,
+            "a chunk needs more than the {} cache blocks; lower --chunk",
+            self.total
+        );
+        Ok(blocks)
+    }
+}
+
+/// One sequence on the backend: its prompt in the first step, then one token a step.
+struct Stream {
+    prompt: Vec<u32>,
+    /// Positions computed.
+    pos: usize,
+    blocks: Vec<u32>,
+}
+
+impl Stream {
+    /// `prompt`, with room for `more` tokens after it.
+    fn new(prompt: Vec<u32>, more: usize, blocks: &mut Blocks) -> anyhow::Result<Self> {
+        let blocks = blocks.take(prompt.len() + more + 1)?;
+        Ok(Self {
+            prompt,
+            pos: 0,
+            blocks,
+        })
+    }
+
+    /// This step's share: the whole prompt first, afterwards `next`.
+    fn step<'a>(&'a self, next: &'a [u32]) -> SeqStep<'a> {
+        let (tokens, start) = if self.pos == 0 {
+            (self.prompt.as_slice(), 0)
+        } else {
+            (next, self.pos)
+        };
+        SeqStep {
+            tokens,
+            start,
+            blocks: &self.blocks,
+            logits: true,
+        }
+    }
+}
+
 /// One decoding: a main prompt, and for contrast a second prompt with its weight.
 struct Run {
     example: usize,
     variant: usize,
-    main: Vec<u32>,
-    contrast: Option<Vec<u32>>,
+    main: Stream,
+    contrast: Option<Stream>,
     alpha: f32,
-    main_pos: usize,
-    contrast_pos: usize,
-    main_blocks: Vec<u32>,
-    contrast_blocks: Vec<u32>,
     out: Vec<u32>,
     done: bool,
 }
@@ -189,8 +250,6 @@ fn main() -> anyhow::Result<()> {
     let path =
         model_path.unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let mut model = LanguageModel::load(&path, &config.load_options())?;
-    let bs = model.backend.block_size();
-    let total_blocks = model.backend.cache_blocks();
     let sampler = Sampler::new(0.0, 1.0, 0, config.repeat_penalty, config.repeat_last_n);
     let stop = model.prompter.stop_ids.clone();
     let encode = |m: &LanguageModel, p: &PersonalizedInput| {
@@ -225,12 +284,7 @@ fn main() -> anyhow::Result<()> {
     let decode_started = Instant::now();
     for (c, group) in inputs.chunks(chunk.max(1)).enumerate() {
         let mut runs = Vec::new();
-        let mut next_block = 0u32;
-        let mut take = |n: usize| {
-            let blocks: Vec<u32> = (next_block..next_block + n.div_ceil(bs) as u32).collect();
-            next_block += blocks.len() as u32;
-            blocks
-        };
+        let mut blocks = Blocks::new(&model);
         for inp in group {
             let syn = encode(&model, &inp.syn)?;
             let imm = encode(&model, &inp.imm)?;
@@ -239,30 +293,19 @@ fn main() -> anyhow::Result<()> {
                 variants.push((syn.clone(), (a != 0.0).then(|| imm.clone()), a));
             }
             for (v, (main, contrast, alpha)) in variants.into_iter().enumerate() {
-                let main_blocks = take(main.len() + MAX_NEW + 1);
-                let contrast_blocks = contrast
-                    .as_ref()
-                    .map(|c| take(c.len() + MAX_NEW + 1))
-                    .unwrap_or_default();
                 runs.push(Run {
                     example: inp.example,
                     variant: v,
-                    main,
-                    contrast,
+                    main: Stream::new(main, MAX_NEW, &mut blocks)?,
+                    contrast: contrast
+                        .map(|c| Stream::new(c, MAX_NEW, &mut blocks))
+                        .transpose()?,
                     alpha,
-                    main_pos: 0,
-                    contrast_pos: 0,
-                    main_blocks,
-                    contrast_blocks,
                     out: Vec::new(),
                     done: false,
                 });
             }
         }
-        anyhow::ensure!(
-            (next_block as usize) <= total_blocks,
-            "chunk needs {next_block} cache blocks, the cache has {total_blocks}"
-        );
         while runs.iter().any(|r| !r.done) {
             let mut steps = Vec::new();
             let mut owners = Vec::new();
@@ -271,51 +314,32 @@ fn main() -> anyhow::Result<()> {
                 .map(|r| r.out.last().copied().into_iter().collect())
                 .collect();
             for (i, r) in runs.iter().enumerate().filter(|(_, r)| !r.done) {
-                let (tokens, start): (&[u32], usize) = if r.main_pos == 0 {
-                    (&r.main, 0)
-                } else {
-                    (&last[i], r.main_pos)
-                };
-                steps.push(SeqStep {
-                    tokens,
-                    start,
-                    blocks: &r.main_blocks,
-                    logits: true,
-                });
+                steps.push(r.main.step(&last[i]));
                 owners.push((i, false));
                 if let Some(c) = &r.contrast {
-                    let (tokens, start): (&[u32], usize) = if r.contrast_pos == 0 {
-                        (c, 0)
-                    } else {
-                        (&last[i], r.contrast_pos)
-                    };
-                    steps.push(SeqStep {
-                        tokens,
-                        start,
-                        blocks: &r.contrast_blocks,
-                        logits: true,
-                    });
+                    steps.push(c.step(&last[i]));
                     owners.push((i, true));
                 }
             }
             let logits = model.backend.forward(&steps)?;
             let fed: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
             drop(steps);
-            let mut main_logits: Vec<Option<Vec<f32>>> = vec![None; runs.len()];
-            let mut contrast_logits: Vec<Option<Vec<f32>>> = vec![None; runs.len()];
+            // Per run: the main stream's logits, and the contrast stream's.
+            let mut rows: Vec<[Option<Vec<f32>>; 2]> = vec![[None, None]; runs.len()];
             for (((i, is_contrast), l), n) in owners.into_iter().zip(logits).zip(fed) {
-                if is_contrast {
-                    runs[i].contrast_pos += n;
-                    contrast_logits[i] = Some(l);
-                } else {
-                    runs[i].main_pos += n;
-                    main_logits[i] = Some(l);
-                }
+                let r = &mut runs[i];
+                let stream = match &mut r.contrast {
+                    Some(c) if is_contrast => c,
+                    _ => &mut r.main,
+                };
+                stream.pos += n;
+                rows[i][usize::from(is_contrast)] = Some(l);
             }
             for (i, r) in runs.iter_mut().enumerate().filter(|(_, r)| !r.done) {
-                let mut main = main_logits[i].take().context("main logits")?;
+                let [main, contrast] = std::mem::take(&mut rows[i]);
+                let mut main = main.context("main logits")?;
                 sampler.penalize(&mut main, &r.out);
-                let token = match contrast_logits[i].take() {
+                let token = match contrast {
                     None => argmax(&main),
                     Some(mut con) => {
                         sampler.penalize(&mut con, &r.out);
@@ -406,35 +430,28 @@ fn likelihoods(
     prompts: &[(Vec<u32>, Vec<u32>, Vec<u32>)],
     chunk: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let bs = model.backend.block_size();
     // Per example: (nats, tokens) under the syn-ctx and the immediate-context prompt.
     let mut totals = vec![[(0f64, 0usize); 2]; prompts.len()];
     let started = Instant::now();
     for (c, group) in prompts.chunks(chunk.max(1)).enumerate() {
-        // (example, variant, tokens = prompt ++ rest, prompt length, blocks, fed)
+        // (example, variant, stream, the continuation it is scored on)
         let mut seqs = Vec::new();
-        let mut next_block = 0u32;
+        let mut blocks = Blocks::new(model);
         for (i, (syn, imm, rest)) in group.iter().enumerate() {
             if rest.is_empty() {
                 continue;
             }
             for (v, prompt) in [syn, imm].into_iter().enumerate() {
-                let mut tokens = prompt.clone();
-                tokens.extend(rest);
-                let n = (tokens.len() + 1).div_ceil(bs) as u32;
-                let blocks: Vec<u32> = (next_block..next_block + n).collect();
-                next_block += n;
-                seqs.push((c * chunk + i, v, tokens, prompt.len(), blocks, 0usize));
+                let stream = Stream::new(prompt.clone(), rest.len(), &mut blocks)?;
+                seqs.push((c * chunk + i, v, stream, rest));
             }
         }
-        anyhow::ensure!(
-            (next_block as usize) <= model.backend.cache_blocks(),
-            "chunk needs {next_block} cache blocks, the cache has {}",
-            model.backend.cache_blocks()
-        );
+        // A stream is done once every continuation token is scored (the last is never fed).
+        let scored =
+            |s: &Stream, rest: &[u32]| s.pos > 0 && s.pos - s.prompt.len() == rest.len() - 1;
         loop {
             let live: Vec<usize> = (0..seqs.len())
-                .filter(|&k| seqs[k].5 < seqs[k].2.len())
+                .filter(|&k| !scored(&seqs[k].2, seqs[k].3))
                 .collect();
             if live.is_empty() {
                 break;
@@ -442,30 +459,21 @@ fn likelihoods(
             let steps: Vec<SeqStep<'_>> = live
                 .iter()
                 .map(|&k| {
-                    let (_, _, tokens, prompt, blocks, fed) = &seqs[k];
-                    let take = if *fed == 0 { *prompt } else { 1 };
-                    SeqStep {
-                        tokens: &tokens[*fed..*fed + take],
-                        start: *fed,
-                        blocks,
-                        logits: true,
-                    }
+                    let (_, _, stream, rest) = &seqs[k];
+                    let fed = stream.pos.saturating_sub(stream.prompt.len());
+                    stream.step(&rest[fed..=fed])
                 })
                 .collect();
             let logits = model.backend.forward(&steps)?;
             let fed: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
             drop(steps);
             for ((&k, row), n) in live.iter().zip(logits).zip(fed) {
-                let s = &mut seqs[k];
-                s.5 += n;
-                let lp = log_softmax(&row);
-                let t = &mut totals[s.0][s.1];
-                t.0 -= lp[s.2[s.5] as usize] as f64;
+                let (example, v, stream, rest) = &mut seqs[k];
+                stream.pos += n;
+                let next = rest[stream.pos - stream.prompt.len()];
+                let t = &mut totals[*example][*v];
+                t.0 -= log_softmax(&row)[next as usize] as f64;
                 t.1 += 1;
-                if s.5 + 1 == s.2.len() {
-                    // Every continuation token is scored; the last one is never fed.
-                    s.5 = s.2.len();
-                }
             }
         }
         eprintln!(
