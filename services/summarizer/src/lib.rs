@@ -53,7 +53,7 @@ pub struct SummarizerConfig {
         long = "summary-num-beams",
         env = "GHOSTWRITER_SUMMARY_NUM_BEAMS",
         default_value_t = 1,
-        value_parser = clap::value_parser!(u32).range(1..=16)
+        value_parser = clap::value_parser!(u32).range(1..=ghostwriter_common::MAX_BEAMS as i64)
     )]
     pub num_beams: u32,
     /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
