@@ -9,16 +9,17 @@
 //! syn-ctx prompt's likeliest one: it favours what the past reviews make likelier.
 //!
 //! Every test example's `syn-ctx` and `immediate-context` generator inputs come from the real
-//! stages (the embedded pipeline); decoding runs here on the generator's own backend and
-//! prompts (greedy, the served repeat penalty, 128 new tokens). For each `--alpha` it writes
+//! stages (the embedded pipeline); decoding runs on the generator's engine with its prompts
+//! (greedy, the served repeat penalty, 128 new tokens), context-aware decoding as the engine's
+//! contrast policy ([`Params::contrast`]). For each `--alpha` it writes
 //! `DIR/alpha-A/results.jsonl` with the plain `immediate-context` records and that alpha's
 //! `syn-ctx` records (alpha 0 is plain greedy `syn-ctx`), which `eval --presets
 //! immediate-context,syn-ctx --to http://127.0.0.1:9 --no-ingest --out DIR/alpha-A` scores.
 //!
 //! With `--score` it decodes nothing: it feeds each example's true continuation (at most 128
-//! tokens) after both prompts and writes `DIR/score.json`, the mean nats per token under each
-//! and the paired gain from the past reviews (`--model` scores another GGUF, such as the GPU
-//! tier's).
+//! tokens) after both prompts ([`Params::score_continuation`]) and writes `DIR/score.json`, the
+//! mean nats per token under each and the paired gain from the past reviews (`--model` scores
+//! another GGUF, such as the GPU tier's).
 //!
 //! Run: `cargo run --release --example context_contrast -- --out DIR [--adapter PATH]
 //! [--model GGUF] [--alpha 0,0.5,1] [--plausibility 0.1] [--limit N] [--chunk N] [--score]`.
@@ -30,10 +31,9 @@ use std::time::Instant;
 use anyhow::Context;
 use ghostwriter::eval::protocol::{self, Split};
 use ghostwriter::eval::{Record, select};
-use ghostwriter_generator::backend::SeqStep;
+use ghostwriter_generator::engine::{Contrast, Engine, Input as EngineInput, Params};
 use ghostwriter_generator::model::LanguageModel;
-use ghostwriter_generator::prompt::{self, Parts};
-use ghostwriter_generator::sampler::{Sampler, argmax, log_sum_exp};
+use ghostwriter_generator::prompt::Parts;
 use ghostwriter_orchestrator::OrchestratorService;
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::{GenerationParams, PersonalizedInput, WriteOptions, WriteRequest};
@@ -48,87 +48,6 @@ struct Inputs {
     imm: PersonalizedInput,
     important_words: u32,
     passage_ids: Vec<String>,
-}
-
-/// Hands out consecutive cache blocks to the sequences of one chunk.
-struct Blocks {
-    size: usize,
-    total: usize,
-    next: u32,
-}
-
-impl Blocks {
-    fn new(model: &LanguageModel) -> Self {
-        Self {
-            size: model.backend.block_size(),
-            total: model.backend.cache_blocks(),
-            next: 0,
-        }
-    }
-
-    /// Blocks for `positions` positions.
-    fn take(&mut self, positions: usize) -> anyhow::Result<Vec<u32>> {
-        let n = positions.div_ceil(self.size) as u32;
-        let blocks: Vec<u32> = (self.next..self.next + n).collect();
-        self.next += n;
-        anyhow::ensure!(
-            self.next as usize <= self.total,
-            "a chunk needs more than the {} cache blocks; lower --chunk",
-            self.total
-        );
-        Ok(blocks)
-    }
-}
-
-/// One sequence on the backend: its prompt in the first step, then one token a step.
-struct Stream {
-    prompt: Vec<u32>,
-    /// Positions computed.
-    pos: usize,
-    blocks: Vec<u32>,
-}
-
-impl Stream {
-    /// `prompt`, with room for `more` tokens after it.
-    fn new(prompt: Vec<u32>, more: usize, blocks: &mut Blocks) -> anyhow::Result<Self> {
-        let blocks = blocks.take(prompt.len() + more + 1)?;
-        Ok(Self {
-            prompt,
-            pos: 0,
-            blocks,
-        })
-    }
-
-    /// This step's share: the whole prompt first, afterwards `next`.
-    fn step<'a>(&'a self, next: &'a [u32]) -> SeqStep<'a> {
-        let (tokens, start) = if self.pos == 0 {
-            (self.prompt.as_slice(), 0)
-        } else {
-            (next, self.pos)
-        };
-        SeqStep {
-            tokens,
-            start,
-            blocks: &self.blocks,
-            logits: true,
-        }
-    }
-}
-
-/// One decoding: a main prompt, and for contrast a second prompt with its weight.
-struct Run {
-    example: usize,
-    variant: usize,
-    main: Stream,
-    contrast: Option<Stream>,
-    alpha: f32,
-    out: Vec<u32>,
-    done: bool,
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let lse = log_sum_exp(logits);
-    logits.iter().map(|&l| l - lse).collect()
 }
 
 fn parts(input: &PersonalizedInput) -> Parts {
@@ -249,15 +168,16 @@ fn main() -> anyhow::Result<()> {
     config.kv_cache_mb = 2048;
     let path =
         model_path.unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
-    let mut model = LanguageModel::load(&path, &config.load_options())?;
-    let sampler = Sampler::new(0.0, 1.0, 0, config.repeat_penalty, config.repeat_last_n);
-    let stop = model.prompter.stop_ids.clone();
-    let encode = |m: &LanguageModel, p: &PersonalizedInput| {
-        m.prompter
-            .encode(&prompt::personalized(&config.system, &parts(p)))
+    let model = LanguageModel::load(&path, &config.load_options())?;
+    let engine = Engine::start(model, config.engine_config());
+    let input = |p: &PersonalizedInput| EngineInput::Personalized(parts(p));
+    let greedy = Params {
+        max_new_tokens: MAX_NEW,
+        repeat_penalty: config.repeat_penalty,
+        ..Params::default()
     };
     if score {
-        let mut prompts = Vec::new();
+        let mut jobs = Vec::new();
         for inp in &inputs {
             let e = &examples[inp.example];
             let rest = e
@@ -265,11 +185,11 @@ fn main() -> anyhow::Result<()> {
                 .strip_prefix(inp.immediate_context.as_str())
                 .map(str::to_string)
                 .unwrap_or_default();
-            let mut rest = model.prompter.encode_plain(&rest)?;
+            let mut rest = engine.prompter().encode_plain(&rest)?;
             rest.truncate(MAX_NEW);
-            prompts.push((encode(&model, &inp.syn)?, encode(&model, &inp.imm)?, rest));
+            jobs.push((input(&inp.syn), input(&inp.imm), rest));
         }
-        let report = likelihoods(&mut model, &prompts, chunk)?;
+        let report = runtime.block_on(likelihoods(&engine, jobs, chunk))?;
         std::fs::create_dir_all(&out)?;
         std::fs::write(
             out.join("score.json"),
@@ -280,103 +200,40 @@ fn main() -> anyhow::Result<()> {
     }
     // variant 0: immediate-context; 1..: syn-ctx with each alpha.
     let mut texts: Vec<Vec<(String, u32)>> = vec![vec![]; inputs.len()];
-    let ln_plaus = plausibility.ln();
     let decode_started = Instant::now();
     for (c, group) in inputs.chunks(chunk.max(1)).enumerate() {
-        let mut runs = Vec::new();
-        let mut blocks = Blocks::new(&model);
+        let mut jobs = Vec::new();
         for inp in group {
-            let syn = encode(&model, &inp.syn)?;
-            let imm = encode(&model, &inp.imm)?;
-            let mut variants = vec![(imm.clone(), None, 0.0)];
-            for &a in &alphas {
-                variants.push((syn.clone(), (a != 0.0).then(|| imm.clone()), a));
-            }
-            for (v, (main, contrast, alpha)) in variants.into_iter().enumerate() {
-                runs.push(Run {
-                    example: inp.example,
-                    variant: v,
-                    main: Stream::new(main, MAX_NEW, &mut blocks)?,
-                    contrast: contrast
-                        .map(|c| Stream::new(c, MAX_NEW, &mut blocks))
-                        .transpose()?,
+            jobs.push((inp.example, 0, input(&inp.imm), greedy.clone()));
+            for (v, &alpha) in alphas.iter().enumerate() {
+                // Alpha 0 is plain greedy decoding of the syn-ctx prompt.
+                let contrast = (alpha != 0.0).then(|| Contrast {
+                    against: input(&inp.imm),
                     alpha,
-                    out: Vec::new(),
-                    done: false,
+                    plausibility,
                 });
+                let params = Params {
+                    contrast,
+                    ..greedy.clone()
+                };
+                jobs.push((inp.example, v + 1, input(&inp.syn), params));
             }
         }
-        while runs.iter().any(|r| !r.done) {
-            let mut steps = Vec::new();
-            let mut owners = Vec::new();
-            let last: Vec<Vec<u32>> = runs
-                .iter()
-                .map(|r| r.out.last().copied().into_iter().collect())
-                .collect();
-            for (i, r) in runs.iter().enumerate().filter(|(_, r)| !r.done) {
-                steps.push(r.main.step(&last[i]));
-                owners.push((i, false));
-                if let Some(c) = &r.contrast {
-                    steps.push(c.step(&last[i]));
-                    owners.push((i, true));
-                }
+        let runs = jobs.into_iter().map(|(example, variant, input, params)| {
+            let engine = &engine;
+            async move {
+                let stats = engine.generate(input, params, None).await?;
+                anyhow::Ok((example, variant, stats.tokens))
             }
-            let logits = model.backend.forward(&steps)?;
-            let fed: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
-            drop(steps);
-            // Per run: the main stream's logits, and the contrast stream's.
-            let mut rows: Vec<[Option<Vec<f32>>; 2]> = vec![[None, None]; runs.len()];
-            for (((i, is_contrast), l), n) in owners.into_iter().zip(logits).zip(fed) {
-                let r = &mut runs[i];
-                let stream = match &mut r.contrast {
-                    Some(c) if is_contrast => c,
-                    _ => &mut r.main,
-                };
-                stream.pos += n;
-                rows[i][usize::from(is_contrast)] = Some(l);
+        });
+        for run in runtime.block_on(futures::future::join_all(runs)) {
+            let (example, variant, tokens) = run?;
+            let text = engine.prompter().decode(&tokens)?;
+            let slot = &mut texts[example];
+            if slot.len() <= variant {
+                slot.resize(variant + 1, (String::new(), 0));
             }
-            for (i, r) in runs.iter_mut().enumerate().filter(|(_, r)| !r.done) {
-                let [main, contrast] = std::mem::take(&mut rows[i]);
-                let mut main = main.context("main logits")?;
-                sampler.penalize(&mut main, &r.out);
-                let token = match contrast {
-                    None => argmax(&main),
-                    Some(mut con) => {
-                        sampler.penalize(&mut con, &r.out);
-                        let lm = log_softmax(&main);
-                        let lc = log_softmax(&con);
-                        let best = lm.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let scored: Vec<f32> = lm
-                            .iter()
-                            .zip(&lc)
-                            .map(|(&m, &c)| {
-                                if m >= best + ln_plaus {
-                                    m + r.alpha * (m - c)
-                                } else {
-                                    f32::NEG_INFINITY
-                                }
-                            })
-                            .collect();
-                        argmax(&scored)
-                    }
-                };
-                if stop.contains(&token) {
-                    r.done = true;
-                    continue;
-                }
-                r.out.push(token);
-                if r.out.len() >= MAX_NEW {
-                    r.done = true;
-                }
-            }
-        }
-        for r in &runs {
-            let text = model.prompter.decode(&r.out)?;
-            let slot = &mut texts[r.example];
-            if slot.len() <= r.variant {
-                slot.resize(r.variant + 1, (String::new(), 0));
-            }
-            slot[r.variant] = (text, r.out.len() as u32);
+            slot[variant] = (text, tokens.len() as u32);
         }
         eprintln!(
             "{}/{} examples decoded ({:.0} s)",
@@ -422,64 +279,51 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Teacher-forced log-likelihood of each example's true continuation (`rest`) after its
-/// `syn-ctx` prompt and after its `immediate-context` prompt: mean nats per token under each,
-/// and the paired per-example difference with a normal 95% interval.
-fn likelihoods(
-    model: &mut LanguageModel,
-    prompts: &[(Vec<u32>, Vec<u32>, Vec<u32>)],
+/// Teacher-forced log-likelihood of each example's true continuation after its `syn-ctx`
+/// prompt and after its `immediate-context` prompt (`(syn, imm, continuation)`): mean nats per
+/// token under each, and the paired per-example difference with a normal 95% interval.
+async fn likelihoods(
+    engine: &Engine,
+    jobs: Vec<(EngineInput, EngineInput, Vec<u32>)>,
     chunk: usize,
 ) -> anyhow::Result<serde_json::Value> {
     // Per example: (nats, tokens) under the syn-ctx and the immediate-context prompt.
-    let mut totals = vec![[(0f64, 0usize); 2]; prompts.len()];
+    let mut totals = vec![[(0f64, 0usize); 2]; jobs.len()];
     let started = Instant::now();
-    for (c, group) in prompts.chunks(chunk.max(1)).enumerate() {
-        // (example, variant, stream, the continuation it is scored on)
-        let mut seqs = Vec::new();
-        let mut blocks = Blocks::new(model);
-        for (i, (syn, imm, rest)) in group.iter().enumerate() {
+    let n_jobs = jobs.len();
+    let chunk = chunk.max(1);
+    let mut jobs = jobs.into_iter().enumerate().peekable();
+    let mut c = 0;
+    while jobs.peek().is_some() {
+        let mut runs = Vec::new();
+        for (example, (syn, imm, rest)) in jobs.by_ref().take(chunk) {
             if rest.is_empty() {
                 continue;
             }
             for (v, prompt) in [syn, imm].into_iter().enumerate() {
-                let stream = Stream::new(prompt.clone(), rest.len(), &mut blocks)?;
-                seqs.push((c * chunk + i, v, stream, rest));
+                let params = Params {
+                    score_continuation: rest.clone(),
+                    ..Params::default()
+                };
+                runs.push(async move {
+                    let stats = engine.generate(prompt, params, None).await?;
+                    anyhow::Ok((example, v, stats.scores))
+                });
             }
         }
-        // A stream is done once every continuation token is scored (the last is never fed).
-        let scored =
-            |s: &Stream, rest: &[u32]| s.pos > 0 && s.pos - s.prompt.len() == rest.len() - 1;
-        loop {
-            let live: Vec<usize> = (0..seqs.len())
-                .filter(|&k| !scored(&seqs[k].2, seqs[k].3))
-                .collect();
-            if live.is_empty() {
-                break;
-            }
-            let steps: Vec<SeqStep<'_>> = live
-                .iter()
-                .map(|&k| {
-                    let (_, _, stream, rest) = &seqs[k];
-                    let fed = stream.pos.saturating_sub(stream.prompt.len());
-                    stream.step(&rest[fed..=fed])
-                })
-                .collect();
-            let logits = model.backend.forward(&steps)?;
-            let fed: Vec<usize> = steps.iter().map(|s| s.tokens.len()).collect();
-            drop(steps);
-            for ((&k, row), n) in live.iter().zip(logits).zip(fed) {
-                let (example, v, stream, rest) = &mut seqs[k];
-                stream.pos += n;
-                let next = rest[stream.pos - stream.prompt.len()];
-                let t = &mut totals[*example][*v];
-                t.0 -= log_softmax(&row)[next as usize] as f64;
+        for run in futures::future::join_all(runs).await {
+            let (example, v, scores) = run?;
+            let t = &mut totals[example][v];
+            for lp in scores {
+                t.0 -= lp as f64;
                 t.1 += 1;
             }
         }
+        c += 1;
         eprintln!(
             "{}/{} examples scored ({:.0} s)",
-            ((c + 1) * chunk).min(prompts.len()),
-            prompts.len(),
+            (c * chunk).min(n_jobs),
+            n_jobs,
             started.elapsed().as_secs_f64()
         );
     }
@@ -500,7 +344,7 @@ fn likelihoods(
     let sd = (gains.iter().map(|x| (x - g).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
     let half = 1.96 * sd / n.sqrt();
     Ok(serde_json::json!({
-        "model": model.name,
+        "model": engine.model_name,
         "examples": scored.len(),
         "tokens_per_example": scored.iter().map(|x| x[0].1).sum::<usize>() as f64 / n,
         "nats_per_token_syn_ctx": mean(0),

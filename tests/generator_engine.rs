@@ -57,6 +57,7 @@ fn greedy(max_new_tokens: usize) -> Params {
         score: Vec::new(),
         num_beams: 1,
         length_penalty: 1.0,
+        ..Params::default()
     }
 }
 
@@ -800,4 +801,236 @@ async fn a_beam_search_keeps_room_for_its_beams_when_other_jobs_arrive() {
         "the search lost beams to the later jobs"
     );
     drop(others); // cancel them
+}
+
+/// Runs a job, collecting its text chunks before its statistics.
+async fn chunks_of(
+    engine: &Engine,
+    input: Input,
+    params: Params,
+) -> (
+    Vec<ghostwriter_generator::Chunk>,
+    ghostwriter_generator::Stats,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .submit(Job {
+            input,
+            params,
+            events: tx,
+            deadline: None,
+        })
+        .unwrap();
+    let mut chunks = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(c) => chunks.push(c),
+            Event::Done(s) => return (chunks, s),
+            Event::Failed(e) => panic!("{e}"),
+        }
+    }
+    panic!("the engine stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_stream_continues_exactly_where_it_stood() {
+    let cases = cases(2);
+    if cases.is_empty() {
+        return;
+    }
+    let e = engine(4, 64, true, 128);
+    let fixed = |params: Params| Params {
+        ignore_eos: true,
+        ..params
+    };
+    let sampled = Params {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 7,
+        ..greedy(40)
+    };
+    for (case, params) in cases.iter().zip([fixed(greedy(40)), fixed(sampled)]) {
+        let input = personalized(&case.0, &case.1);
+        let (chunks, whole) = chunks_of(&e, input.clone(), params.clone()).await;
+        assert_eq!(whole.tokens.len(), 40);
+        let streamed: Vec<u32> = chunks.iter().flat_map(|c| c.token_ids.clone()).collect();
+        assert_eq!(
+            streamed,
+            whole.tokens[..streamed.len()],
+            "the chunks carry the tokens in order"
+        );
+        // What a caller had received when the stream broke off halfway: the chunks so far.
+        let m = chunks
+            .iter()
+            .scan(0, |n, c| {
+                *n += c.token_ids.len();
+                Some(*n)
+            })
+            .position(|n| n >= 20)
+            .unwrap();
+        let received: Vec<u32> = chunks[..=m]
+            .iter()
+            .flat_map(|c| c.token_ids.clone())
+            .collect();
+        let text: String = chunks[..=m].iter().map(|c| c.text.as_str()).collect();
+        let k = received.len();
+        let resumed = e
+            .generate(
+                input.clone(),
+                Params {
+                    resume_token_ids: received,
+                    ..params.clone()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resumed.tokens, whole.tokens[k..], "the remaining tokens");
+        assert_eq!(resumed.generated_tokens, 40 - k);
+        assert_eq!(
+            format!("{text}{}", resumed.text),
+            whole.text,
+            "no repeated and no missing text"
+        );
+        // Resumed after any token, the tokens still continue exactly.
+        let resumed = e
+            .generate(
+                input,
+                Params {
+                    resume_token_ids: whole.tokens[..7].to_vec(),
+                    ..params
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resumed.tokens, whole.tokens[7..]);
+    }
+
+    // A stop string that begins in the resumed tokens ends the resumed run where it ends the
+    // undisturbed one.
+    let input = personalized(&cases[0].0, &cases[0].1);
+    let plain = e
+        .generate(input.clone(), fixed(greedy(60)), None)
+        .await
+        .unwrap();
+    let text = &plain.text;
+    let at = (text.len() / 2..text.len())
+        .find(|&i| text.is_char_boundary(i) && text.is_char_boundary(i + 12))
+        .unwrap();
+    let stop_string = text[at..at + 12].to_string();
+    let stopping = Params {
+        stop: vec![stop_string.clone()],
+        ..fixed(greedy(60))
+    };
+    let (chunks, stopped) = chunks_of(&e, input.clone(), stopping.clone()).await;
+    assert_eq!(stopped.finish, ghostwriter_generator::Finish::Stop);
+    assert!(!stopped.text.contains(&stop_string));
+    let n = stopped.tokens.len();
+    let before = e.prompter().decode(&stopped.tokens[..n - 1]).unwrap();
+    assert!(
+        before.len() > text.find(&stop_string).unwrap(),
+        "the stop string should begin before its last token"
+    );
+    let resumed = e
+        .generate(
+            input,
+            Params {
+                resume_token_ids: stopped.tokens[..n - 1].to_vec(),
+                ..stopping
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resumed.finish, ghostwriter_generator::Finish::Stop);
+    assert_eq!(resumed.tokens, stopped.tokens[n - 1..]);
+    // What was sent before the last token (whose chunk, if any, also carries the rest).
+    let mut ids = 0;
+    let sent: String = chunks
+        .iter()
+        .take_while(|c| {
+            ids += c.token_ids.len();
+            ids < n
+        })
+        .map(|c| c.text.as_str())
+        .collect();
+    assert_eq!(format!("{sent}{}", resumed.text), stopped.text);
+
+    let refused = e
+        .generate(
+            personalized(&cases[0].0, &cases[0].1),
+            Params {
+                resume_token_ids: vec![u32::MAX],
+                ..greedy(8)
+            },
+            None,
+        )
+        .await;
+    assert!(matches!(refused, Err(EngineError::InvalidArgument(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_salts_share_only_the_instruction_between_callers() {
+    let cases = cases(1);
+    if cases.is_empty() {
+        return;
+    }
+    let e = engine(4, 64, true, 128);
+    let (passages, start) = &cases[0];
+    let input = personalized(passages, start);
+    let salted = |salt: &[u8]| Params {
+        cache_salt: salt.to_vec(),
+        ..greedy(8)
+    };
+    let parts = Parts {
+        passage_start: start.clone(),
+        past_passages: passages.clone(),
+        ..Default::default()
+    };
+    let (ids, template) = e
+        .prompter()
+        .encode_split(&ghostwriter_generator::prompt::personalized(
+            DEFAULT_SYSTEM,
+            &parts,
+        ))
+        .unwrap();
+    let shared = template / 16 * 16;
+    assert!(
+        shared >= 16,
+        "the instruction fills a block: {template} tokens"
+    );
+    let alice = e
+        .generate(input.clone(), salted(b"alice"), None)
+        .await
+        .unwrap();
+    assert_eq!(alice.cached_tokens, 0);
+    let bob = e
+        .generate(input.clone(), salted(b"bob"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.cached_tokens, shared,
+        "another caller finds the instruction's blocks and nothing of alice's"
+    );
+    let anyone = e.generate(input.clone(), greedy(8), None).await.unwrap();
+    assert_eq!(
+        anyone.cached_tokens, shared,
+        "so does a request without a salt"
+    );
+    let again = e
+        .generate(input.clone(), salted(b"alice"), None)
+        .await
+        .unwrap();
+    assert!(
+        again.cached_tokens + 16 >= ids.len() - 1,
+        "alice's repeated prompt hits her own blocks: {} of {}",
+        again.cached_tokens,
+        ids.len()
+    );
+    let bob_again = e.generate(input, salted(b"bob"), None).await.unwrap();
+    assert!(bob_again.cached_tokens + 16 >= ids.len() - 1);
+    for other in [&bob, &anyone, &again, &bob_again] {
+        assert_eq!(other.text, alice.text, "the cache never changes the text");
+    }
 }

@@ -121,6 +121,7 @@ fn params(new_tokens: usize, ignore_eos: bool) -> Params {
         score: Vec::new(),
         num_beams: 1,
         length_penalty: 1.0,
+        ..Params::default()
     }
 }
 

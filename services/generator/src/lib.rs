@@ -34,7 +34,9 @@ use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-pub use engine::{Engine, EngineConfig, EngineError, Event, Finish, Input, Job, Params, Stats};
+pub use engine::{
+    Chunk, Engine, EngineConfig, EngineError, Event, Finish, Input, Job, Params, Stats, StepStats,
+};
 pub use model::{LanguageModel, LoadOptions};
 
 impl From<EngineError> for Status {
@@ -317,6 +319,7 @@ impl GeneratorService {
             score: Vec::new(),
             num_beams: g.num_beams.max(1) as usize,
             length_penalty: g.length_penalty.unwrap_or(1.0),
+            ..Params::default()
         };
         let params = match &input {
             Input::Distinction { .. } => Params {
@@ -340,6 +343,7 @@ impl Generator for GeneratorService {
         let (input, params, deadline) = self.parse(request)?;
         let engine = self.engine()?;
         let stats = engine.generate(input, params, deadline).await?;
+        record_finished(&stats);
         Ok(Response::new(response(stats, &engine.model_name)))
     }
 
@@ -392,14 +396,19 @@ fn event_stream(
         move |tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>| async move {
             while let Some(event) = rx.recv().await {
                 let message = match event {
-                    Event::Text(text) => Ok(GenerateStreamResponse {
-                        text,
+                    Event::Text(chunk) => Ok(GenerateStreamResponse {
+                        text: chunk.text,
                         summary: None,
+                        token_ids: chunk.token_ids,
                     }),
-                    Event::Done(stats) => Ok(GenerateStreamResponse {
-                        text: String::new(),
-                        summary: Some(response(stats, &model)),
-                    }),
+                    Event::Done(stats) => {
+                        record_finished(&stats);
+                        Ok(GenerateStreamResponse {
+                            text: String::new(),
+                            summary: Some(response(stats, &model)),
+                            token_ids: Vec::new(),
+                        })
+                    }
                     Event::Failed(e) => Err(e.into()),
                 };
                 let last = !matches!(message, Ok(GenerateStreamResponse { summary: None, .. }));
@@ -423,6 +432,39 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Turns an engine step's statistics into the generator's metrics.
+fn record_step(s: &StepStats) {
+    let m = ghostwriter_common::metrics::metrics();
+    m.generator_queue_depth.set(s.waiting as i64);
+    m.generator_running.set(s.running as i64);
+    if s.batch_tokens > 0 {
+        m.generator_batch_tokens.observe(s.batch_tokens as f64);
+    }
+    for a in &s.admitted {
+        m.generator_queue_wait.observe(a.queue_wait.as_secs_f64());
+        m.generator_prompt_tokens.inc_by(a.prompt_tokens as u64);
+        m.generator_prefix_cache_hit_tokens
+            .inc_by(a.cached_tokens as u64);
+        if a.beams > 1 {
+            m.generator_beam_searches.inc();
+        }
+    }
+    for t in &s.first_tokens {
+        m.generator_time_to_first_token.observe(t.as_secs_f64());
+    }
+    m.generated_tokens.inc_by(s.sampled_tokens as u64);
+    m.generator_beam_forks.inc_by(s.beam_forks as u64);
+}
+
+/// Records a finished job's decode rate.
+fn record_finished(stats: &Stats) {
+    if stats.tokens_per_second > 0.0 {
+        ghostwriter_common::metrics::metrics()
+            .decode_tokens_per_second
+            .observe(stats.tokens_per_second);
+    }
+}
+
 /// Loads the model synchronously (for benchmarks and tools).
 pub fn load_engine(
     config: &GeneratorConfig,
@@ -434,7 +476,7 @@ pub fn load_engine(
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let model = LanguageModel::load(&path, &config.load_options())
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
-    let engine = Engine::start(model, config.engine_config());
+    let engine = Engine::start_with_stats(model, config.engine_config(), record_step);
     tracing::info!(stage = "generator", model = %engine.model_name, backend = %engine.backend, context = engine.context(), "model loaded");
     Ok(engine)
 }

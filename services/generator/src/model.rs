@@ -23,12 +23,22 @@ impl Prompter {
     /// Token ids of a prompt: template pieces with special tokens recognized, user pieces
     /// without.
     pub fn encode(&self, prompt: &Prompt) -> anyhow::Result<Vec<u32>> {
+        Ok(self.encode_split(prompt)?.0)
+    }
+
+    /// Token ids of a prompt, and how many of them its leading template pieces make up: the
+    /// part before the first caller-supplied text, which is the same for every caller.
+    pub fn encode_split(&self, prompt: &Prompt) -> anyhow::Result<(Vec<u32>, usize)> {
         let mut ids = Vec::new();
+        let mut template_prefix = None;
         for piece in &prompt.pieces {
             let (tok, text) = match piece {
                 Piece::Template(t) => (&self.special, t),
                 Piece::User(t) => (&self.plain, t),
             };
+            if matches!(piece, Piece::User(_)) && template_prefix.is_none() {
+                template_prefix = Some(ids.len());
+            }
             if text.is_empty() {
                 continue;
             }
@@ -37,7 +47,13 @@ impl Prompter {
                 .map_err(anyhow::Error::msg)?;
             ids.extend_from_slice(enc.get_ids());
         }
-        Ok(ids)
+        let template_prefix = template_prefix.unwrap_or(ids.len());
+        Ok((ids, template_prefix))
+    }
+
+    /// Tokens in the vocabulary (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.special.get_vocab_size(true)
     }
 
     /// The tokenizer and end-of-turn ids of a GGUF file (no weights are read).

@@ -39,6 +39,16 @@ impl Sampler {
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Moves the sampler past `tokens` already chosen by an earlier run with the same seed: as
+    /// many draws as that run made for them (none when greedy).
+    pub fn replay(&mut self, tokens: usize) {
+        if self.temperature > 0.0 {
+            for _ in 0..tokens {
+                self.next_f64();
+            }
+        }
+    }
+
     /// Applies the repeat penalty to `logits` for the recent tokens of `generated`.
     pub fn penalize(&self, logits: &mut [f32], generated: &[u32]) {
         if self.repeat_penalty != 1.0 && !generated.is_empty() {
@@ -102,6 +112,12 @@ impl Sampler {
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     max + logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln()
+}
+
+/// Log-probabilities of every token: each logit minus [`log_sum_exp`].
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
+    logits.iter().map(|&l| l - lse).collect()
 }
 
 /// Index of the largest logit (the first one on ties).

@@ -1,0 +1,74 @@
+//! The engine thread's loop (vLLM's `EngineCore.step`): take in new jobs, drop abandoned ones,
+//! admit, schedule a [`StepPlan`](super::scheduler::StepPlan), run it, update from its logits,
+//! report the step's statistics, and hand what callers should hear to the output processor.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use super::api::{EngineError, StatsSink, StepStats};
+use super::output::Update;
+use super::request::Request;
+use super::runner;
+use super::scheduler::Scheduler;
+use crate::backend::Backend;
+use crate::model::Prompter;
+
+/// Everything the engine thread owns.
+pub(super) struct EngineCore {
+    pub scheduler: Scheduler,
+    pub backend: Box<dyn Backend>,
+    pub prompter: Arc<Prompter>,
+    pub inbox: Receiver<Request>,
+    pub outputs: Sender<Vec<Update>>,
+    pub sink: Box<dyn StatsSink>,
+}
+
+impl EngineCore {
+    /// Steps until every engine handle is gone and no job is left.
+    pub fn run(mut self) {
+        loop {
+            let mut out = Vec::new();
+            if self.scheduler.is_idle() {
+                match self.inbox.recv() {
+                    Ok(r) => self.scheduler.enqueue(r, &mut out),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(r) = self.inbox.try_recv() {
+                self.scheduler.enqueue(r, &mut out);
+            }
+            let mut stats = StepStats::default();
+            self.scheduler.sweep(Instant::now(), &mut out);
+            self.scheduler.admit(&mut out, &mut stats);
+            if !self.scheduler.running.is_empty() {
+                self.step(&mut out, &mut stats);
+            }
+            stats.waiting = self.scheduler.waiting();
+            stats.running = self.scheduler.running_seqs();
+            // The statistics are current before any caller hears that its job is done.
+            self.sink.record(&stats);
+            if !out.is_empty() && self.outputs.send(out).is_err() {
+                tracing::error!("the output processor is gone");
+                return;
+            }
+        }
+    }
+
+    /// One forward pass and what follows from it.
+    fn step(&mut self, out: &mut Vec<Update>, stats: &mut StepStats) {
+        let plan = self.scheduler.schedule();
+        stats.batch_tokens = plan.tokens();
+        let result = runner::execute(self.backend.as_mut(), &plan, &self.scheduler.running)
+            .and_then(|logits| {
+                self.scheduler
+                    .update(&plan, logits, &self.prompter, out, stats)
+            })
+            .and_then(|copies| runner::copy_blocks(self.backend.as_mut(), &copies));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "forward pass failed");
+            self.scheduler
+                .fail_all(&EngineError::Inference(e.to_string()), out);
+        }
+    }
+}
