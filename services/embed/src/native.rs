@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context, bail};
-use ghostwriter_kernels::kernels::{self, QActs, QMatrix};
+use ghostwriter_kernels::kernels::{self, Isa, QActs, QMatrix};
 use ghostwriter_kernels::pool::Pool;
 use safetensors::{Dtype, SafeTensors};
 
@@ -127,6 +127,7 @@ impl NativeBert {
         let bytes = std::fs::read(dir.join("model.safetensors"))?;
         let st = SafeTensors::deserialize(&bytes)?;
         let t = |name: &str, shape: &[usize]| tensor(&st, name, shape);
+        let isa = Isa::detect();
         let norm = |prefix: &str| -> anyhow::Result<Norm> {
             Ok(Norm {
                 w: t(&format!("{prefix}.weight"), &[h])?,
@@ -150,9 +151,10 @@ impl NativeBert {
                 bqkv.extend(t(&format!("{p}.attention.self.{part}.bias"), &[h])?);
             }
             layers.push(Layer {
-                qkv: QMatrix::from_f32(3 * h, h, &qkv),
+                qkv: QMatrix::from_f32(isa, 3 * h, h, &qkv),
                 bqkv,
                 out: QMatrix::from_f32(
+                    isa,
                     h,
                     h,
                     &t(&format!("{p}.attention.output.dense.weight"), &[h, h])?,
@@ -160,12 +162,18 @@ impl NativeBert {
                 bout: t(&format!("{p}.attention.output.dense.bias"), &[h])?,
                 attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
                 up: QMatrix::from_f32(
+                    isa,
                     ff,
                     h,
                     &t(&format!("{p}.intermediate.dense.weight"), &[ff, h])?,
                 ),
                 bup: t(&format!("{p}.intermediate.dense.bias"), &[ff])?,
-                down: QMatrix::from_f32(h, ff, &t(&format!("{p}.output.dense.weight"), &[h, ff])?),
+                down: QMatrix::from_f32(
+                    isa,
+                    h,
+                    ff,
+                    &t(&format!("{p}.output.dense.weight"), &[h, ff])?,
+                ),
                 bdown: t(&format!("{p}.output.dense.bias"), &[h])?,
                 ffn_norm: norm(&format!("{p}.output.LayerNorm"))?,
             });
@@ -239,17 +247,19 @@ impl NativeBert {
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
         // Which text each packed row belongs to.
+        // Detected once per process (cached), passed to every kernel.
+        let isa = Isa::detect();
         let owner: Vec<(usize, usize)> = spans
             .iter()
             .flat_map(|&(start, len)| (0..len).map(move |_| (start, len)))
             .collect();
         for layer in &self.layers {
             let x = &sc.x;
-            sc.qa.fill(&self.pool, t, h, &|r, out| {
+            sc.qa.fill(&self.pool, isa, t, h, &|r, out| {
                 out.copy_from_slice(&x[r * h..(r + 1) * h])
             });
             sc.qkv.resize(t * 3 * h, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.qkv, &mut sc.qkv);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.qkv, &mut sc.qkv);
             for r in sc.qkv.chunks_exact_mut(3 * h) {
                 for (v, b) in r.iter_mut().zip(&layer.bqkv) {
                     *v += b;
@@ -269,7 +279,7 @@ impl NativeBert {
                             let kr = (start + j) * 3 * h + h + head * hd;
                             *s = kernels::dot_f32(q, &qkv[kr..kr + hd]) * scale;
                         }
-                        kernels::softmax(scores);
+                        kernels::softmax(isa, scores);
                         let o = &mut out[head * hd..(head + 1) * hd];
                         o.fill(0.0);
                         for (j, &p) in scores.iter().enumerate() {
@@ -282,27 +292,27 @@ impl NativeBert {
                 })
             });
             let att = &sc.att;
-            sc.qa.fill(&self.pool, t, h, &|r, out| {
+            sc.qa.fill(&self.pool, isa, t, h, &|r, out| {
                 out.copy_from_slice(&att[r * h..(r + 1) * h])
             });
             sc.o.resize(t * h, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.out, &mut sc.o);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.out, &mut sc.o);
             residual_norm(&mut sc.x, &sc.o, &layer.bout, &layer.attn_norm, eps, h);
             // Feed-forward.
             let x = &sc.x;
-            sc.qa.fill(&self.pool, t, h, &|r, out| {
+            sc.qa.fill(&self.pool, isa, t, h, &|r, out| {
                 out.copy_from_slice(&x[r * h..(r + 1) * h])
             });
             sc.h.resize(t * ff, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.up, &mut sc.h);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.up, &mut sc.h);
             let (hb, bup) = (&sc.h, &layer.bup);
-            sc.qa.fill(&self.pool, t, ff, &|r, out| {
+            sc.qa.fill(&self.pool, isa, t, ff, &|r, out| {
                 for ((o, v), b) in out.iter_mut().zip(&hb[r * ff..(r + 1) * ff]).zip(bup) {
                     *o = v + b;
                 }
-                kernels::gelu_erf(out);
+                kernels::gelu_erf(isa, out);
             });
-            kernels::gemm(&self.pool, &sc.qa, &layer.down, &mut sc.o);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.down, &mut sc.o);
             residual_norm(&mut sc.x, &sc.o, &layer.bdown, &layer.ffn_norm, eps, h);
         }
         // Mean over each text's tokens, then unit length.

@@ -153,5 +153,15 @@ mod tests {
         };
         assert_eq!(draws(7), draws(7), "same seed, same draws");
         assert_ne!(draws(7), draws(8));
+        // A resumed sampler continues the draws of the run it resumes.
+        let mut resumed = Sampler::new(1.0, 0.9, 7, 1.0, 64);
+        resumed.replay(5);
+        let rest: Vec<u32> = (0..15)
+            .map(|_| resumed.sample(&mut [1.0, 1.1, 0.9, 1.0], &[]))
+            .collect();
+        assert_eq!(rest, draws(7)[5..]);
+        let mut greedy = Sampler::new(0.0, 1.0, 7, 1.0, 64);
+        greedy.replay(5);
+        assert_eq!(greedy.sample(&mut [0.1, 2.0, 1.0], &[]), 1);
     }
 }

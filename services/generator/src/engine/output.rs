@@ -325,6 +325,7 @@ impl Processor {
                     if let Some(at) = find_stop(&text, &a.stop) {
                         text.truncate(at);
                     }
+                    a.unsent = answer.clone();
                     a.detok = Detokenizer {
                         tokens: answer,
                         text,

@@ -16,7 +16,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-use super::kernels::{self, QActs, QK, QMatrix};
+use super::kernels::{self, Isa, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
 use crate::adapter::{Adapter, PROJECTIONS, Prepared, apply_row};
 use crate::backend::{Backend, SeqStep};
@@ -218,12 +218,15 @@ pub struct NativeModel {
     scratch: Scratch,
     /// LoRA adapter applied unmerged, in f32.
     adapter: Option<Lora>,
+    /// The kernels' instruction set, detected at load.
+    isa: Isa,
 }
 
 /// Quantizes `m` rows from `row` for the next GEMM; with `keep`, the f32 rows are also kept
 /// there (an adapter's low-rank update reads them).
 fn produce(
     pool: &Pool,
+    isa: Isa,
     qa: &mut kernels::QActs,
     keep: Option<&mut Vec<f32>>,
     m: usize,
@@ -231,14 +234,14 @@ fn produce(
     row: &(dyn Fn(usize, &mut [f32]) + Sync),
 ) {
     match keep {
-        None => qa.fill(pool, m, k, row),
+        None => qa.fill(pool, isa, m, k, row),
         Some(buf) => {
             buf.resize(m * k, 0.0);
             for (r, out) in buf.chunks_exact_mut(k).enumerate() {
                 row(r, out);
             }
             let kept = &*buf;
-            qa.fill(pool, m, k, &|r, out| {
+            qa.fill(pool, isa, m, k, &|r, out| {
                 out.copy_from_slice(&kept[r * k..(r + 1) * k])
             });
         }
@@ -295,7 +298,7 @@ struct Q8Rows {
     q: Vec<i8>,
 }
 
-fn q8_rows(t: &QTensor) -> anyhow::Result<Q8Rows> {
+fn q8_rows(isa: Isa, t: &QTensor) -> anyhow::Result<Q8Rows> {
     let (n, k) = t.shape().dims2()?;
     if k % QK != 0 {
         bail!("a weight of width {k} is not a multiple of {QK}");
@@ -323,7 +326,7 @@ fn q8_rows(t: &QTensor) -> anyhow::Result<Q8Rows> {
     let mut d = vec![0f32; n * kbs];
     let mut q = vec![0i8; n * k];
     for (blk, x) in f.chunks_exact(QK).enumerate() {
-        let (s, qs) = kernels::quantize_block(x);
+        let (s, qs) = kernels::quantize_block(isa, x);
         d[blk] = s;
         q[blk * QK..(blk + 1) * QK].copy_from_slice(&qs);
     }
@@ -343,6 +346,7 @@ impl NativeModel {
     /// `opts.kv_cache_mb` in blocks of `opts.block_size` positions.
     pub fn load(path: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
         let block_size = opts.block_size;
+        let isa = Isa::detect();
         if block_size == 0 || !block_size.is_multiple_of(16) {
             bail!(
                 "the native engine needs a key/value block size that is a multiple of 16, not {block_size}"
@@ -363,18 +367,18 @@ impl NativeModel {
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        let embd = q8_rows(&tensor("token_embd.weight")?)?;
+        let embd = q8_rows(isa, &tensor("token_embd.weight")?)?;
         let out_norm = vector(tensor("output_norm.weight")?)?;
         let lm_head = match tensor("output.weight") {
-            Ok(t) => stack(&[q8_rows(&t)?]),
+            Ok(t) => stack(&[q8_rows(isa, &t)?]),
             Err(_) => QMatrix::from_q8(embd.n, embd.k, &embd.d, &embd.q),
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let p = format!("blk.{l}");
-            let wq = q8_rows(&tensor(&format!("{p}.attn_q.weight"))?)?;
-            let wk = q8_rows(&tensor(&format!("{p}.attn_k.weight"))?)?;
-            let wv = q8_rows(&tensor(&format!("{p}.attn_v.weight"))?)?;
+            let wq = q8_rows(isa, &tensor(&format!("{p}.attn_q.weight"))?)?;
+            let wk = q8_rows(isa, &tensor(&format!("{p}.attn_k.weight"))?)?;
+            let wv = q8_rows(isa, &tensor(&format!("{p}.attn_v.weight"))?)?;
             let bqkv = if cfg.architecture == "qwen2" {
                 let mut b = vector(tensor(&format!("{p}.attn_q.bias"))?)?;
                 b.extend(vector(tensor(&format!("{p}.attn_k.bias"))?)?);
@@ -383,16 +387,16 @@ impl NativeModel {
             } else {
                 None
             };
-            let gate = q8_rows(&tensor(&format!("{p}.ffn_gate.weight"))?)?;
-            let up = q8_rows(&tensor(&format!("{p}.ffn_up.weight"))?)?;
+            let gate = q8_rows(isa, &tensor(&format!("{p}.ffn_gate.weight"))?)?;
+            let up = q8_rows(isa, &tensor(&format!("{p}.ffn_up.weight"))?)?;
             layers.push(Layer {
                 attn_norm: vector(tensor(&format!("{p}.attn_norm.weight"))?)?,
                 wqkv: stack(&[wq, wk, wv]),
                 bqkv,
-                wo: stack(&[q8_rows(&tensor(&format!("{p}.attn_output.weight"))?)?]),
+                wo: stack(&[q8_rows(isa, &tensor(&format!("{p}.attn_output.weight"))?)?]),
                 ffn_norm: vector(tensor(&format!("{p}.ffn_norm.weight"))?)?,
                 wgu: stack(&[gate, up]),
-                wdown: stack(&[q8_rows(&tensor(&format!("{p}.ffn_down.weight"))?)?]),
+                wdown: stack(&[q8_rows(isa, &tensor(&format!("{p}.ffn_down.weight"))?)?]),
             });
         }
         let adapter = match &opts.adapter {
@@ -429,6 +433,7 @@ impl NativeModel {
             cfg,
             scratch: Scratch::default(),
             adapter,
+            isa,
         })
     }
 
@@ -450,6 +455,7 @@ impl NativeModel {
     /// One forward pass over every sequence's tokens; returns the last-token logits of the
     /// sequences that asked for them, in order.
     pub fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let isa = self.isa;
         let cfg = &self.cfg;
         let (hd, nh, nkv, hidden) = (cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.hidden);
         let bs = self.kv.block_size;
@@ -506,10 +512,10 @@ impl NativeModel {
             {
                 let norm = norm_rows(&sc.x, &layer.attn_norm, cfg.eps, hidden);
                 let keep = adapter.map(|_| &mut sc.h);
-                produce(&self.pool, &mut sc.qa, keep, t, hidden, &norm);
+                produce(&self.pool, isa, &mut sc.qa, keep, t, hidden, &norm);
             }
             sc.qkv.resize(t * qkv_w, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.wqkv, &mut sc.qkv);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.wqkv, &mut sc.qkv);
             let (qw, kw) = (nh * hd, nkv * hd);
             let qkv_parts = [(0, 0), (1, qw), (2, qw + kw)];
             lora(
@@ -578,7 +584,7 @@ impl NativeModel {
                     for r in r0..r0 + n {
                         q.extend_from_slice(&qkv[r * qkv_w + g * gw..r * qkv_w + (g + 1) * gw]);
                     }
-                    attend_tile(kv, l, seqs[s].blocks, first, n, g, hd, nrep, q, out);
+                    attend_tile(isa, kv, l, seqs[s].blocks, first, n, g, hd, nrep, q, out);
                 })
             };
             let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * nh;
@@ -599,6 +605,7 @@ impl NativeModel {
             let w = nh * hd;
             produce(
                 &self.pool,
+                isa,
                 &mut sc.qa,
                 adapter.map(|_| &mut sc.h),
                 t,
@@ -611,7 +618,7 @@ impl NativeModel {
                 },
             );
             sc.out.resize(t * hidden, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.wo, &mut sc.out);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.wo, &mut sc.out);
             lora(
                 &self.pool,
                 adapter,
@@ -628,26 +635,27 @@ impl NativeModel {
             {
                 let norm = norm_rows(&sc.x, &layer.ffn_norm, cfg.eps, hidden);
                 let keep = adapter.map(|_| &mut sc.h);
-                produce(&self.pool, &mut sc.qa, keep, t, hidden, &norm);
+                produce(&self.pool, isa, &mut sc.qa, keep, t, hidden, &norm);
             }
             let ff = cfg.ff;
             sc.gu.resize(t * 2 * ff, 0.0);
-            kernels::gemm(&self.pool, &sc.qa, &layer.wgu, &mut sc.gu);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.wgu, &mut sc.gu);
             let gu_parts = [(4, 0), (5, ff)];
             lora(&self.pool, adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
             let gu = &sc.gu;
             produce(
                 &self.pool,
+                isa,
                 &mut sc.qa,
                 adapter.map(|_| &mut sc.act),
                 t,
                 ff,
                 &|r, out| {
                     let (g, u) = gu[r * 2 * ff..(r + 1) * 2 * ff].split_at(ff);
-                    kernels::silu_mul(g, u, out);
+                    kernels::silu_mul(isa, g, u, out);
                 },
             );
-            kernels::gemm(&self.pool, &sc.qa, &layer.wdown, &mut sc.out);
+            kernels::gemm(&self.pool, isa, &sc.qa, &layer.wdown, &mut sc.out);
             lora(
                 &self.pool,
                 adapter,
@@ -674,12 +682,12 @@ impl NativeModel {
             return Ok(Vec::new());
         }
         let (x, norm) = (&sc.x, &self.out_norm);
-        sc.qa.fill(&self.pool, last.len(), hidden, &|i, out| {
+        sc.qa.fill(&self.pool, isa, last.len(), hidden, &|i, out| {
             let r = last[i];
             rms_norm(&x[r * hidden..(r + 1) * hidden], norm, cfg.eps, out)
         });
         let mut logits = vec![0f32; last.len() * cfg.vocab];
-        kernels::gemm(&self.pool, &sc.qa, &self.lm_head, &mut logits);
+        kernels::gemm(&self.pool, isa, &sc.qa, &self.lm_head, &mut logits);
         Ok(logits
             .chunks_exact(cfg.vocab)
             .map(<[f32]>::to_vec)
@@ -732,6 +740,7 @@ const TILE: usize = 4;
 /// the tokens' pre-scaled heads side by side (`[n][nrep][hd]`), and so does `out`.
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
+    isa: Isa,
     kv: &KvCache,
     layer: usize,
     blocks: &[u32],
@@ -750,7 +759,16 @@ fn attend_tile(
         let bs = kv.block_size;
         for p0 in (0..padded).step_by(16) {
             let kt = kv.k_at(layer, blocks[p0 / bs], g, hd) + p0 % bs;
-            kernels::scores16(q, n * nrep, hd, &kv.k[kt..], bs, &mut scores[p0..], padded);
+            kernels::scores16(
+                isa,
+                q,
+                n * nrep,
+                hd,
+                &kv.k[kt..],
+                bs,
+                &mut scores[p0..],
+                padded,
+            );
         }
         // Each token's probabilities over the positions it sees, zero up to the tile's last
         // position (adding 0·v leaves its sums as they are), so one pass over the values
@@ -760,7 +778,7 @@ fn attend_tile(
             let len = first + i + 1;
             for r in 0..nrep {
                 let row = &mut scores[(i * nrep + r) * padded..(i * nrep + r + 1) * padded];
-                kernels::softmax(&mut row[..len]);
+                kernels::softmax(isa, &mut row[..len]);
                 row[len..end].fill(0.0);
             }
         }
@@ -769,6 +787,7 @@ fn attend_tile(
             let count = bs.min(end - p0);
             let v = kv.v_at(layer, blocks[p0 / bs], g, hd, 0);
             kernels::accumulate_values(
+                isa,
                 out,
                 &scores[p0..],
                 padded,
@@ -833,7 +852,7 @@ impl Backend for NativeModel {
     fn describe(&self) -> String {
         format!(
             "native cpu, {} kernel, {} threads, Q8_0 weights ({} MB), f16 kv cache ({} blocks of {})",
-            kernels::kernel_name(),
+            self.isa.gemm_kernel(),
             self.threads(),
             self.weight_bytes() >> 20,
             self.kv.blocks,
