@@ -63,7 +63,7 @@ struct Waiting {
 
 /// The waiting queue and the running batch.
 pub(super) struct Scheduler {
-    pub(super) config: EngineConfig,
+    config: EngineConfig,
     /// Context window in tokens.
     pub(super) context: usize,
     pub(super) cache: KvCache,
