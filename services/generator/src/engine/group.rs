@@ -55,6 +55,11 @@ pub(super) trait GroupPolicy {
     /// Sequences the group may run at once (room is kept for those not yet forked).
     fn width(&self) -> usize;
 
+    /// Whether a step may fork sequences (and so take cache blocks).
+    fn forks(&self) -> bool {
+        false
+    }
+
     /// Chooses what follows, now that every sequence of `group` holds its logits (taking
     /// them): appends tokens, forks or drops sequences, or ends the job.
     fn step(&mut self, group: &mut GroupState, cx: &mut StepContext<'_>) -> Decision;

@@ -41,7 +41,7 @@ impl Scheduler {
         touched.dedup();
         // Groups that cannot fork first, so that blocks freed by jobs ending this step are
         // there for the forks of the others.
-        touched.sort_by_key(|&g| self.running[g].policy.width() > 1);
+        touched.sort_by_key(|&g| self.running[g].policy.forks());
         let mut copies = Vec::new();
         let mut finished = Vec::new();
         let now = Instant::now();

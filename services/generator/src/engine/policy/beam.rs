@@ -54,6 +54,10 @@ impl GroupPolicy for BeamSearch {
         self.search.width()
     }
 
+    fn forks(&self) -> bool {
+        true
+    }
+
     fn step(&mut self, group: &mut GroupState, cx: &mut StepContext<'_>) -> Decision {
         if !group.params.stop.is_empty() {
             for s in &mut group.seqs {
