@@ -16,7 +16,7 @@ use ghostwriter_proto::v1::{
     Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
     GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
     RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
-    SynthesizeResponse,
+    SynthesizeResponse, VerifyAuthorRequest, VerifyAuthorResponse,
 };
 use tonic::{Status, Streaming};
 
@@ -185,6 +185,32 @@ impl Stages {
                         let mut c =
                             RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
                         Ok(c.rank(deadline::request(r, deadline)?).await?.into_inner())
+                    }
+                },
+            )
+            .await
+    }
+
+    /// The ranker's authorship judgement by style.
+    pub async fn verify_author(
+        &self,
+        r: VerifyAuthorRequest,
+        deadline: Option<Instant>,
+    ) -> Result<VerifyAuthorResponse, Status> {
+        self.balancer
+            .call(
+                &self.ranker,
+                "ranker",
+                |_| true,
+                true,
+                |e| {
+                    let r = r.clone();
+                    async move {
+                        let mut c =
+                            RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
+                        Ok(c.verify_author(deadline::request(r, deadline)?)
+                            .await?
+                            .into_inner())
                     }
                 },
             )

@@ -1,7 +1,9 @@
 //! Ranker stage: orders a user's retrieved documents by the paper's strategies — `RankDocBM25`,
 //! `RankDocDense`, `RankSnippet`, `RankDocBySnpt` (all-MiniLM-L6-v2 in candle) and `RecentDoc` —
-//! and joins the best entries up to the character budget.
+//! and joins the best entries up to the character budget; and judges authorship by style
+//! ([`authorship`], `VerifyAuthor`) with the same embedder and cache.
 
+pub mod authorship;
 pub mod rank;
 
 use std::path::PathBuf;
@@ -9,7 +11,10 @@ use std::path::PathBuf;
 use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_proto::v1::ranker_server::{Ranker, RankerServer};
-use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrategy};
+use ghostwriter_proto::v1::{
+    RankRequest, RankResponse, RankedEntry, RankingStrategy, StyleFeature, VerifyAuthorRequest,
+    VerifyAuthorResponse,
+};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +35,7 @@ pub struct RankerConfig {
 #[derive(Clone)]
 pub struct RankerService {
     dense: LazyEmbedder,
+    verifier: std::sync::Arc<ghostwriter_style::Verifier>,
 }
 
 impl RankerService {
@@ -116,6 +122,59 @@ impl Ranker for RankerService {
             .collect();
         Ok(Response::new(RankResponse { entries }))
     }
+
+    async fn verify_author(
+        &self,
+        request: Request<VerifyAuthorRequest>,
+    ) -> Result<Response<VerifyAuthorResponse>, Status> {
+        let r = request.into_inner();
+        let dense = self.dense.ready("ranker")?;
+        let verifier = self.verifier.clone();
+        let profile: Vec<String> = r
+            .profile
+            .into_iter()
+            .map(|d| authorship::document_text(&d.title, &d.text))
+            .collect();
+        let judgement = tokio::task::spawn_blocking(move || {
+            authorship::verify(&verifier, &dense, &r.text, &profile)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| match e {
+            authorship::VerifyError::Invalid(m) => Status::invalid_argument(m),
+            authorship::VerifyError::Embedding(m) => {
+                Status::internal(format!("embedding failed: {m}"))
+            }
+        })?;
+        let model = self.verifier.model().provenance.command.clone();
+        let prior_same_author = ghostwriter_style::PRIOR_SAME_AUTHOR;
+        Ok(Response::new(match judgement {
+            ghostwriter_style::Judgement::Judged {
+                probability,
+                contributions,
+            } => VerifyAuthorResponse {
+                probability: Some(probability),
+                prior_same_author,
+                features: contributions
+                    .into_iter()
+                    .map(|c| StyleFeature {
+                        name: c.feature,
+                        value: c.value,
+                        contribution: c.contribution,
+                    })
+                    .collect(),
+                abstention_reason: String::new(),
+                model,
+            },
+            ghostwriter_style::Judgement::Abstained(a) => VerifyAuthorResponse {
+                probability: None,
+                prior_same_author,
+                features: Vec::new(),
+                abstention_reason: a.reason(),
+                model,
+            },
+        }))
+    }
 }
 
 /// Serves the ranker on `listener` until `shutdown`. The embedding model loads in the
@@ -130,7 +189,11 @@ pub async fn serve(
     let cell = LazyEmbedder::default();
     let loader = cell.clone().load(config.embedder, model_dir);
     let routes = routes.add_service(
-        RankerServer::new(RankerService { dense: cell }).max_decoding_message_size(256 << 20),
+        RankerServer::new(RankerService {
+            dense: cell,
+            verifier: std::sync::Arc::new(ghostwriter_style::Verifier::shipped()?),
+        })
+        .max_decoding_message_size(256 << 20),
     );
     server.serve_after(routes, listener, shutdown, loader).await
 }

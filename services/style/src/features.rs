@@ -426,7 +426,7 @@ pub fn feature_names() -> Vec<String> {
     names.extend(RATE_NAMES.iter().map(|r| format!("{r}_difference")));
     names.push("content_similarity".into());
     names.push("log_text_words".into());
-    names.push("log_profile_words".into());
+    names.push("document_length_difference".into());
     names.push("log_profile_documents".into());
     names
 }
@@ -464,7 +464,10 @@ pub fn features(
     }
     f.push(f64::from(content_similarity));
     f.push((text.words as f64 + 1.0).ln());
-    f.push((profile.words as f64 + 1.0).ln());
+    // The habit of writing long or short documents: the text's length in words against the
+    // profile's mean document length (the profile's own size is no evidence of authorship).
+    let mean_doc = profile.words as f64 / profile.documents.max(1) as f64;
+    f.push(((text.words as f64 + 1.0).ln() - (mean_doc + 1.0).ln()).abs());
     f.push((profile.documents as f64).max(1.0).ln());
     f
 }
