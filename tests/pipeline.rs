@@ -12,10 +12,6 @@ use ghostwriter::proto::write_stream_response::Event;
 use ghostwriter::proto::{
     DistinguishMethod, Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest,
 };
-
-/// A validation-split review, its author and the user owning its best BM25 match among the
-/// split's other users (`eval-distinguish --split validation --protocols profile`'s impostor).
-const KNOWN_PAIR: (&str, &str, &str) = ("TBD", "TBD", "TBD");
 use tokio_stream::StreamExt;
 
 struct Data {
@@ -503,48 +499,60 @@ async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_docu
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
-/// A known pair on held-out users: a validation user's review judged against its author's
-/// earlier reviews scores above the same review judged against the user whose review matches it
-/// best (BM25) — an impostor on the same topic.
+/// Known pairs on held-out users: validation users' reviews (the `profile` protocol's first 12
+/// targets) judged against their authors' earlier reviews score above the same reviews judged
+/// against the user whose review matches each best (BM25) — impostors on the same topic — for
+/// most of them, through the served Distinguish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_scores_the_author_above_a_matched_impostor() {
     let Some(data) = data() else {
         return;
     };
+    use ghostwriter::eval::authorship::{self, Corpus, Protocol};
+    let corpus = Corpus::load(&common::amazon_docs().unwrap()).unwrap();
+    let pairs = authorship::pairs(
+        &corpus,
+        ghostwriter::eval::protocol::Split::Validation,
+        Protocol::Profile,
+        42,
+    );
     let mut client = common::client(&data.url).await;
-    let (author, text_id, impostor) = KNOWN_PAIR;
-    let text = data.by_user[author]
-        .iter()
-        .find(|d| d.doc_id == text_id)
-        .unwrap();
-    let judge = |user: &str, before: bool| ghostwriter::proto::DistinguishRequest {
-        user_id: user.into(),
-        text: ghostwriter::eval::protocol::full_text(&text.title, &text.text),
-        timestamp: before.then_some(text.timestamp),
-        doc_id: if before {
-            text.doc_id.clone()
-        } else {
-            String::new()
-        },
-        max_documents: 0,
-        method: 0,
-    };
-    let own = client
-        .distinguish(judge(author, true))
-        .await
-        .unwrap()
-        .into_inner();
-    let other = client
-        .distinguish(judge(impostor, false))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!own.abstained && !other.abstained);
+    let (mut wins, mut judged) = (0, 0);
+    for two in pairs.chunks(2).take(12) {
+        let (own, other) = (&two[0], &two[1]);
+        assert!(own.same && !other.same);
+        let text = &corpus.dataset.documents[own.text];
+        let impostor = &corpus.dataset.documents[other.profile[0]].user_id;
+        let judge = |user: &str, before: bool| ghostwriter::proto::DistinguishRequest {
+            user_id: user.into(),
+            text: corpus.texts[own.text].clone(),
+            timestamp: before.then_some(text.timestamp),
+            doc_id: if before {
+                text.doc_id.clone()
+            } else {
+                String::new()
+            },
+            max_documents: 0,
+            method: 0,
+        };
+        let a = client
+            .distinguish(judge(&own.author, true))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = client
+            .distinguish(judge(impostor, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!a.abstained && !b.abstained);
+        judged += 1;
+        wins += usize::from(a.probability > b.probability);
+    }
+    assert_eq!(judged, 12);
     assert!(
-        own.probability > other.probability,
-        "author {} <= impostor {}",
-        own.probability,
-        other.probability
+        wins >= 8,
+        "the author scored higher in only {wins} of {judged}"
     );
 }
 

@@ -89,20 +89,16 @@ pub struct TextStats {
     pub sentence_len_sq: f64,
 }
 
-fn fnv(bytes: impl Iterator<Item = u8>) -> u32 {
-    let h = bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    (h ^ (h >> 32)) as u32
-}
-
-/// The bucket of a character n-gram.
+/// The bucket of a character n-gram (FNV-1a over its UTF-8 bytes, folded to 32 bits).
 pub fn bucket(gram: &[char]) -> u32 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
     let mut buf = [0u8; 4];
-    let bytes = gram
-        .iter()
-        .flat_map(|c| c.encode_utf8(&mut buf).as_bytes().to_vec());
-    fnv(bytes) % BUCKETS as u32
+    for c in gram {
+        for b in c.encode_utf8(&mut buf).as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    ((h ^ (h >> 32)) as u32) % BUCKETS as u32
 }
 
 fn is_emoji(c: char) -> bool {
@@ -135,12 +131,15 @@ impl TextStats {
             squeezed.push(' ');
         }
         for (k, &n) in ORDERS.iter().enumerate() {
-            let mut map: HashMap<u32, f32> = HashMap::new();
-            for w in squeezed.windows(n) {
-                *map.entry(bucket(w)).or_default() += 1.0;
+            let mut all: Vec<u32> = squeezed.windows(n).map(bucket).collect();
+            all.sort_unstable();
+            let mut v: Vec<(u32, f32)> = Vec::with_capacity(all.len());
+            for b in all {
+                match v.last_mut() {
+                    Some(last) if last.0 == b => last.1 += 1.0,
+                    _ => v.push((b, 1.0)),
+                }
             }
-            let mut v: Vec<(u32, f32)> = map.into_iter().collect();
-            v.sort_unstable_by_key(|e| e.0);
             s.grams[k] = v;
         }
         let fw_index: HashMap<&str, usize> = FUNCTION_WORDS
@@ -341,6 +340,8 @@ pub struct Profile {
     pub words: usize,
     /// Characters in all.
     pub chars: usize,
+    /// Each document's character 3-gram counts.
+    pub document_trigrams: Vec<HashMap<u32, f32>>,
 }
 
 impl Profile {
@@ -365,6 +366,8 @@ impl Profile {
             for (a, b) in counts.iter_mut().zip(&d.counts) {
                 *a += b;
             }
+            p.document_trigrams
+                .push(d.grams[1].iter().copied().collect());
             p.words += d.words;
             p.chars += d.chars;
             letters += d.letters;
@@ -421,6 +424,7 @@ pub fn feature_names() -> Vec<String> {
         .iter()
         .map(|n| format!("char_{n}gram_tfidf_cosine"))
         .collect();
+    names.push("char_3gram_best_document_cosine".into());
     names.push("function_word_cosine".into());
     names.push("function_word_distance".into());
     names.extend(RATE_NAMES.iter().map(|r| format!("{r}_difference")));
@@ -445,6 +449,14 @@ pub fn features(
     for k in 0..ORDERS.len() {
         f.push(tfidf_cosine(&text.grams[k], &profile.grams[k], idf));
     }
+    // The profile's closest document: an author repeats phrasings across a few documents.
+    f.push(
+        profile
+            .document_trigrams
+            .iter()
+            .map(|d| tfidf_cosine(&text.grams[1], d, idf))
+            .fold(0.0, f64::max),
+    );
     f.push(cosine(&text.function_words, &profile.function_words));
     let (tw, pw) = (
         text.function_words.iter().sum::<f32>().max(1.0),
@@ -490,7 +502,7 @@ mod tests {
         assert!(at("all_caps_words") > 0.0, "OK");
         assert!(at("lowercase_sentence_starts") > 0.0);
         assert_eq!(s.sentences, 4, "{s:?}");
-        assert_eq!(feature_names().len(), 3 + 2 + RATES + 4);
+        assert_eq!(feature_names().len(), 3 + 3 + RATES + 4);
     }
 
     #[test]
