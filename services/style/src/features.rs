@@ -223,11 +223,11 @@ impl TextStats {
                 '!' => c[2] += 1.0,
                 '?' => c[3] += 1.0,
                 '…' => c[4] += 1.0,
-                '-' | '–' | '—' => {
-                    if prev.is_none_or(char::is_whitespace) || next.is_none_or(char::is_whitespace)
-                    {
-                        c[5] += 1.0;
-                    }
+                '-' | '–' | '—'
+                    if prev.is_none_or(char::is_whitespace)
+                        || next.is_none_or(char::is_whitespace) =>
+                {
+                    c[5] += 1.0;
                 }
                 '(' | ')' => c[6] += 1.0,
                 '"' | '“' | '”' => c[7] += 1.0,
@@ -470,9 +470,9 @@ pub fn features(
         .sum();
     f.push(l1);
     let rates = text.own_rates();
-    for i in 0..RATES {
+    for (i, (t, p)) in rates.iter().zip(&profile.rates).enumerate() {
         let scale = f64::from(rate_scale.get(i).copied().unwrap_or(1.0)).max(1e-6);
-        f.push((rates[i] - profile.rates[i]).abs() / scale);
+        f.push((t - p).abs() / scale);
     }
     f.push(f64::from(content_similarity));
     f.push((text.words as f64 + 1.0).ln());

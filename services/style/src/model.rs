@@ -96,6 +96,8 @@ impl Model {
 
     /// Fits the regression to `(features, same author)` pairs; `idf` and `rate_scale` are stored
     /// with it.
+    // Matrix code reads best with indices.
+    #[allow(clippy::needless_range_loop)]
     pub fn fit(
         x: &[Vec<f64>],
         y: &[bool],
@@ -201,6 +203,7 @@ pub fn sigmoid(t: f64) -> f64 {
 }
 
 /// Solves `a x = b` by Gaussian elimination with partial pivoting.
+#[allow(clippy::needless_range_loop)]
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
     let n = b.len();
     for col in 0..n {
