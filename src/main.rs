@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use ghostwriter::models;
 use ghostwriter_common::telemetry;
+use ghostwriter_transport::{Tls, TlsArgs};
 
 mod cli;
 
@@ -28,7 +29,7 @@ struct Cli {
     )]
     log_format: ghostwriter_common::telemetry::LogFormat,
     #[command(flatten)]
-    tls: ghostwriter_common::tls::TlsArgs,
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,8 +53,13 @@ enum Command {
     /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
     /// fine-tuned generator against the user's earlier documents).
     Distinguish(cli::api::DistinguishArgs),
-    /// Evaluate author distinction on pairs from test users: accuracy and ROC AUC; writes JSON.
+    /// Evaluate author distinction on held-out users by protocol (random, matched and profile
+    /// impostors): the style verifier's ROC AUC with a bootstrap interval by author, the char
+    /// 3-gram baseline and optionally the LLM judgement; writes JSON.
     EvalDistinguish(ghostwriter::train::distinguish::EvalArgs),
+    /// Train the style verifier behind `Distinguish` on training-split users' pairs and write
+    /// its model file (the one the ranker ships: services/style/model/verifier.json).
+    TrainStyle(ghostwriter::train::style::TrainStyleArgs),
     /// Pull the models, start the embedded pipeline, ingest the demo corpus and write one
     /// document for one of its users.
     Demo(cli::up::DemoArgs),
@@ -121,7 +127,6 @@ enum ModelsCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging_as(cli.log_format);
-    ghostwriter_common::tls::init(&cli.tls)?;
     let result = run(cli).await;
     telemetry::shutdown();
     result
@@ -129,6 +134,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_dir = models::dir_or_default(cli.model_dir);
+    // The files load once, here: a bad one stops the command before anything starts.
+    let tls = Tls::from_args(&cli.tls)?;
     match cli.command {
         Command::Models {
             command:
@@ -161,20 +168,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{sha}");
             Ok(())
         }
-        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, cli.log_format).await,
-        Command::Serve(args) => cli::serve::serve(args, model_dir).await,
-        Command::Ingest(a) => cli::api::ingest(&a.api.to, a.batch, &a.file, a.api.token.as_deref())
-            .await
-            .map(|_| ()),
-        Command::Write(args) => cli::api::write(args).await,
-        Command::Distinguish(args) => cli::api::distinguish(args).await,
+        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, tls, cli.log_format).await,
+        Command::Serve(args) => cli::serve::serve(args, model_dir, tls).await,
+        Command::Ingest(mut a) => {
+            a.api.tls = tls;
+            cli::api::ingest(&a.api, a.batch, &a.file).await.map(|_| ())
+        }
+        Command::Write(mut args) => {
+            args.api.tls = tls;
+            cli::api::write(args).await
+        }
+        Command::Distinguish(mut args) => {
+            args.api.tls = tls;
+            cli::api::distinguish(args).await
+        }
         Command::EvalDistinguish(args) => {
-            let report = ghostwriter::train::distinguish::evaluate(args, model_dir).await?;
+            let report = tokio::task::spawn_blocking(move || {
+                ghostwriter::train::distinguish::evaluate(args, model_dir)
+            })
+            .await??;
+            cli::report(&report, None)
+        }
+        Command::TrainStyle(args) => {
+            let report = tokio::task::spawn_blocking(move || {
+                ghostwriter::train::style::run(args, model_dir)
+            })
+            .await??;
             cli::report(&report, None)
         }
         Command::Demo(args) => cli::up::demo(args, model_dir).await,
-        Command::Presets(args) => cli::api::presets(args).await,
-        Command::Info(api) => cli::api::info(api).await,
+        Command::Presets(mut args) => {
+            args.tls = tls;
+            cli::api::presets(args).await
+        }
+        Command::Info(mut api) => {
+            api.tls = tls;
+            cli::api::info(api).await
+        }
         Command::Eval(args) => {
             let out = args.out.clone();
             let summary = ghostwriter::eval::run(args, model_dir).await?;

@@ -8,6 +8,7 @@
 //! where it stopped. Metrics follow [`metrics`]; the report is a JSON summary, a Markdown table
 //! and an SVG chart.
 
+pub mod authorship;
 pub mod bench;
 pub mod bench_generator;
 pub mod bench_job;
@@ -16,6 +17,7 @@ pub mod porter;
 pub mod protocol;
 pub mod report;
 pub mod train;
+pub mod voice;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write as _};
@@ -117,6 +119,15 @@ pub struct EvalArgs {
     pub token: Option<String>,
 }
 
+/// The `p` quantile (0..=1) of `sorted` (ascending), by the nearest rank; 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize;
+    sorted[i]
+}
+
 /// SplitMix64: a small, seedable generator for sampling and the bootstrap.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -210,7 +221,7 @@ async fn write_one(
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));
-    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
+    ghostwriter_transport::client::bearer(&mut request, args.token.as_deref())?;
     let started = Instant::now();
     let response = client
         .write(request)
@@ -272,9 +283,10 @@ pub async fn run_against(
         return Ok(());
     }
     let client = GhostwriterClient::new(
-        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+        ghostwriter_transport::client::channel(url, None)
+            .with_context(|| format!("connecting to {url}"))?,
     )
-    .max_decoding_message_size(256 << 20);
+    .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -346,6 +358,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         presets.join(",")
     );
     let started = Instant::now();
+    let model_dir_for_voice = model_dir.clone();
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
@@ -383,7 +396,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         .iter()
         .map(|d| (d.doc_id.as_str(), protocol::full_text(&d.title, &d.text)))
         .collect();
-    let summary = report::summarize(
+    let mut summary = report::summarize(
         &presets,
         &by_preset,
         &texts,
@@ -392,6 +405,18 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         wall,
         &args,
     );
+    drop(texts);
+    let voice = voice::score(
+        dataset,
+        args.split,
+        &by_preset,
+        report::BASELINE,
+        &model_dir_for_voice,
+        &authorship::default_embedding_cache(&args.data),
+        args.bootstrap,
+        args.seed,
+    )?;
+    report::attach_voice(&mut summary, voice);
     report::write_all(&args.out, &summary)?;
     Ok(summary)
 }

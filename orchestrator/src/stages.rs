@@ -3,9 +3,11 @@
 //! one is UNAVAILABLE (bounded by a retry budget, so failures cannot multiply load), and routing
 //! of a user's retrieval and ingest to the retriever shard that owns the user.
 
+use std::future::Future;
 use std::time::Instant;
 
-use ghostwriter_common::deadline;
+use ghostwriter_common::stage::StageKind;
+use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_discovery::{Balancer, EndpointInfo, EndpointSet, shard_of, urls};
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ranker_client::RankerClient;
@@ -16,13 +18,13 @@ use ghostwriter_proto::v1::{
     Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
     GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
     RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
-    SynthesizeResponse,
+    SynthesizeResponse, VerifyAuthorRequest, VerifyAuthorResponse,
 };
+use ghostwriter_transport::Tls;
+use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::OrchestratorConfig;
-
-pub(crate) const LIMIT: usize = 256 << 20;
+use crate::{Error, OrchestratorConfig};
 
 /// Every stage's endpoints.
 pub struct Stages {
@@ -35,31 +37,114 @@ pub struct Stages {
     balancer: Balancer,
 }
 
+/// How a call may be repeated on another endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// The call has no effect a repeat could double (reads, upserts, greedy or seeded
+    /// generation): an endpoint that is down is retried on another.
+    Idempotent,
+    /// Opened once (a stream whose tokens may already have been sent).
+    Once,
+}
+
 impl Stages {
-    /// Static, DNS-resolved (`dns:///HOST:PORT`) or etcd-watched (`--etcd`) endpoint sets.
-    pub fn new(c: &OrchestratorConfig) -> Result<Self, Status> {
+    /// Static, DNS-resolved (`dns:///HOST:PORT`) or etcd-watched (`--etcd`) endpoint sets,
+    /// dialed over `tls` when given.
+    pub fn new(c: &OrchestratorConfig, tls: Option<&Tls>) -> anyhow::Result<Self> {
         let d = &c.discovery;
-        let set = |stage: &str, list: &str| d.stage_set(stage, list);
+        let set = |stage: StageKind, list: &str| d.stage_set(stage, list, tls);
         let retriever = if d.etcd.is_empty() && c.retriever_shards > 1 {
             // Static shards: the i-th URL serves shard i.
-            EndpointSet::fixed_sharded("retriever", &urls(&c.retriever_url))?
+            EndpointSet::fixed_sharded(
+                StageKind::Retriever.name(),
+                &urls(&c.retriever_url),
+                tls.cloned(),
+            )?
         } else {
-            set("retriever", &c.retriever_url)?
+            set(StageKind::Retriever, &c.retriever_url)?
         };
         Ok(Self {
             retriever,
-            ranker: set("ranker", &c.ranker_url)?,
-            summarizer: set("summarizer", &c.summarizer_url)?,
-            synthesizer: set("synthesizer", &c.synthesizer_url)?,
-            generator: set("generator", &c.generator_url)?,
+            ranker: set(StageKind::Ranker, &c.ranker_url)?,
+            summarizer: set(StageKind::Summarizer, &c.summarizer_url)?,
+            synthesizer: set(StageKind::Synthesizer, &c.synthesizer_url)?,
+            generator: set(StageKind::Generator, &c.generator_url)?,
             shards: c.retriever_shards.max(1),
             balancer: Balancer::default(),
         })
     }
 
+    /// The endpoints of `stage` (the orchestrator has none of its own).
+    pub fn set(&self, stage: StageKind) -> Option<&EndpointSet> {
+        match stage {
+            StageKind::Retriever => Some(&self.retriever),
+            StageKind::Ranker => Some(&self.ranker),
+            StageKind::Summarizer => Some(&self.summarizer),
+            StageKind::Synthesizer => Some(&self.synthesizer),
+            StageKind::Generator => Some(&self.generator),
+            StageKind::Orchestrator => None,
+        }
+    }
+
     /// The generator endpoints (for tests and tools).
     pub fn generator_set(&self) -> &EndpointSet {
         &self.generator
+    }
+
+    /// The one balanced call every stage call goes through: `call` with a channel to an
+    /// endpoint of `stage` that passes `filter`, and the request carrying the deadline and
+    /// trace context; `what` names the stage in errors. See [`Balancer::call`] for retries.
+    #[allow(clippy::too_many_arguments)] // each says how this one call goes
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        stage: StageKind,
+        what: &str,
+        filter: impl Fn(&EndpointInfo) -> bool,
+        retry: Retry,
+        request: Req,
+        deadline: Option<Instant>,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let set = self.set(stage).ok_or(Error::NoEndpoint(what.to_string()))?;
+        Ok(self
+            .balancer
+            .call(set, what, filter, retry == Retry::Idempotent, |e| {
+                let request = deadline::request(request.clone(), deadline);
+                let call = &call;
+                async move { Ok(call(e.channel.clone(), request?).await?.into_inner()) }
+            })
+            .await?)
+    }
+
+    /// [`Self::call`] on any endpoint of a stage, retried when idempotent.
+    async fn call_any<Req, Resp, F, Fut>(
+        &self,
+        stage: StageKind,
+        request: Req,
+        deadline: Option<Instant>,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let what = stage.name();
+        self.call(
+            stage,
+            what,
+            |_| true,
+            Retry::Idempotent,
+            request,
+            deadline,
+            call,
+        )
+        .await
     }
 
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
@@ -70,30 +155,38 @@ impl Stages {
         })
     }
 
+    /// The retriever's name in errors: with its shard when sharded.
+    fn retriever_name(&self, shard: u32) -> String {
+        if self.shards > 1 {
+            format!("retriever (shard {shard})")
+        } else {
+            StageKind::Retriever.name().into()
+        }
+    }
+
     /// Retrieve from the shard that owns the user.
     pub async fn retrieve(
         &self,
         r: RetrieveRequest,
         deadline: Option<Instant>,
-    ) -> Result<RetrieveResponse, Status> {
+    ) -> Result<RetrieveResponse, Error> {
         let (shard, filter) = self.shard_filter(&r.user_id);
-        let what = if self.shards > 1 {
-            format!("retriever (shard {shard})")
-        } else {
-            "retriever".into()
-        };
-        self.balancer
-            .call(&self.retriever, &what, filter, true, |e| {
-                let r = r.clone();
-                async move {
-                    let mut c =
-                        RetrieverClient::new(e.channel.clone()).max_decoding_message_size(LIMIT);
-                    Ok(c.retrieve(deadline::request(r, deadline)?)
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await
+        let what = self.retriever_name(shard);
+        self.call(
+            StageKind::Retriever,
+            &what,
+            filter,
+            Retry::Idempotent,
+            r,
+            deadline,
+            |channel, request| async move {
+                RetrieverClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .retrieve(request)
+                    .await
+            },
+        )
+        .await
     }
 
     /// Ingest, each user's documents to the shard that owns the user (upserts are idempotent).
@@ -101,10 +194,7 @@ impl Stages {
         &self,
         documents: Vec<Document>,
         deadline: Option<Instant>,
-    ) -> Result<IngestResponse, Status> {
-        if documents.is_empty() {
-            return Err(Status::invalid_argument("no documents to ingest"));
-        }
+    ) -> Result<IngestResponse, Error> {
         let mut by_shard: std::collections::BTreeMap<u32, Vec<Document>> = Default::default();
         for d in documents {
             by_shard
@@ -116,12 +206,7 @@ impl Stages {
         for (shard, docs) in by_shard {
             let filter =
                 move |info: &EndpointInfo| info.shard.is_none() || info.shard == Some(shard);
-            let what = if self.shards > 1 {
-                format!("retriever (shard {shard})")
-            } else {
-                "retriever".into()
-            };
-            let docs = std::sync::Arc::new(docs);
+            let what = self.retriever_name(shard);
             // Every replica of the shard stores the batch.
             let replicas: Vec<_> = self
                 .retriever
@@ -130,32 +215,25 @@ impl Stages {
                 .filter(|e| self.shards <= 1 || filter(&e.info))
                 .collect();
             if replicas.is_empty() {
-                return Err(Status::unavailable(format!(
-                    "{what} stage: no endpoint available"
-                )));
+                return Err(Error::NoEndpoint(what));
             }
+            let request = IngestRequest { documents: docs };
             let mut stored = 0;
             for replica in replicas {
                 let url = replica.info.url.clone();
                 let response = self
-                    .balancer
                     .call(
-                        &self.retriever,
+                        StageKind::Retriever,
                         &what,
                         |info| info.url == url,
-                        true,
-                        |e| {
-                            let docs = docs.clone();
-                            async move {
-                                let mut c = RetrieverClient::new(e.channel.clone())
-                                    .max_encoding_message_size(LIMIT);
-                                let request = IngestRequest {
-                                    documents: docs.as_ref().clone(),
-                                };
-                                Ok(c.ingest(deadline::request(request, deadline)?)
-                                    .await?
-                                    .into_inner())
-                            }
+                        Retry::Idempotent,
+                        request.clone(),
+                        deadline,
+                        |channel, request| async move {
+                            RetrieverClient::new(channel)
+                                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                                .ingest(request)
+                                .await
                         },
                     )
                     .await?;
@@ -172,23 +250,39 @@ impl Stages {
         &self,
         r: RankRequest,
         deadline: Option<Instant>,
-    ) -> Result<RankResponse, Status> {
-        self.balancer
-            .call(
-                &self.ranker,
-                "ranker",
-                |_| true,
-                true,
-                |e| {
-                    let r = r.clone();
-                    async move {
-                        let mut c =
-                            RankerClient::new(e.channel.clone()).max_encoding_message_size(LIMIT);
-                        Ok(c.rank(deadline::request(r, deadline)?).await?.into_inner())
-                    }
-                },
-            )
-            .await
+    ) -> Result<RankResponse, Error> {
+        self.call_any(
+            StageKind::Ranker,
+            r,
+            deadline,
+            |channel, request| async move {
+                RankerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .rank(request)
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// The ranker's authorship judgement by style.
+    pub async fn verify_author(
+        &self,
+        r: VerifyAuthorRequest,
+        deadline: Option<Instant>,
+    ) -> Result<VerifyAuthorResponse, Error> {
+        self.call_any(
+            StageKind::Ranker,
+            r,
+            deadline,
+            |channel, request| async move {
+                RankerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .verify_author(request)
+                    .await
+            },
+        )
+        .await
     }
 
     /// Summarize.
@@ -196,25 +290,19 @@ impl Stages {
         &self,
         r: SummarizeRequest,
         deadline: Option<Instant>,
-    ) -> Result<SummarizeResponse, Status> {
-        self.balancer
-            .call(
-                &self.summarizer,
-                "summarizer",
-                |_| true,
-                true,
-                |e| {
-                    let r = r.clone();
-                    async move {
-                        let mut c = SummarizerClient::new(e.channel.clone())
-                            .max_encoding_message_size(LIMIT);
-                        Ok(c.summarize(deadline::request(r, deadline)?)
-                            .await?
-                            .into_inner())
-                    }
-                },
-            )
-            .await
+    ) -> Result<SummarizeResponse, Error> {
+        self.call_any(
+            StageKind::Summarizer,
+            r,
+            deadline,
+            |channel, request| async move {
+                SummarizerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .summarize(request)
+                    .await
+            },
+        )
+        .await
     }
 
     /// Synthesize.
@@ -222,25 +310,19 @@ impl Stages {
         &self,
         r: SynthesizeRequest,
         deadline: Option<Instant>,
-    ) -> Result<SynthesizeResponse, Status> {
-        self.balancer
-            .call(
-                &self.synthesizer,
-                "synthesizer",
-                |_| true,
-                true,
-                |e| {
-                    let r = r.clone();
-                    async move {
-                        let mut c = SynthesizerClient::new(e.channel.clone())
-                            .max_encoding_message_size(LIMIT);
-                        Ok(c.synthesize(deadline::request(r, deadline)?)
-                            .await?
-                            .into_inner())
-                    }
-                },
-            )
-            .await
+    ) -> Result<SynthesizeResponse, Error> {
+        self.call_any(
+            StageKind::Synthesizer,
+            r,
+            deadline,
+            |channel, request| async move {
+                SynthesizerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .synthesize(request)
+                    .await
+            },
+        )
+        .await
     }
 
     /// Unary generation (idempotent: greedy or seeded), retried on another worker.
@@ -248,42 +330,25 @@ impl Stages {
         &self,
         r: GenerateRequest,
         deadline: Option<Instant>,
-    ) -> Result<GenerateResponse, Status> {
-        self.balancer
-            .call(
-                &self.generator,
-                "generator",
-                |_| true,
-                true,
-                |e| {
-                    let r = r.clone();
-                    async move {
-                        Ok(GeneratorClient::new(e.channel.clone())
-                            .generate(deadline::request(r, deadline)?)
-                            .await?
-                            .into_inner())
-                    }
-                },
-            )
-            .await
+    ) -> Result<GenerateResponse, Error> {
+        self.call_any(
+            StageKind::Generator,
+            r,
+            deadline,
+            |channel, request| async move { GeneratorClient::new(channel).generate(request).await },
+        )
+        .await
     }
 
     /// One generator worker's model and engine.
-    pub async fn generator_info(&self, deadline: Option<Instant>) -> Result<GeneratorInfo, Status> {
-        self.balancer
-            .call(
-                &self.generator,
-                "generator",
-                |_| true,
-                true,
-                |e| async move {
-                    Ok(GeneratorClient::new(e.channel.clone())
-                        .info(deadline::request(GeneratorInfoRequest {}, deadline)?)
-                        .await?
-                        .into_inner())
-                },
-            )
-            .await
+    pub async fn generator_info(&self, deadline: Option<Instant>) -> Result<GeneratorInfo, Error> {
+        self.call_any(
+            StageKind::Generator,
+            GeneratorInfoRequest {},
+            deadline,
+            |channel, request| async move { GeneratorClient::new(channel).info(request).await },
+        )
+        .await
     }
 
     /// Streaming generation: the stream is opened once (tokens already sent cannot be retried).
@@ -291,23 +356,19 @@ impl Stages {
         &self,
         r: GenerateRequest,
         deadline: Option<Instant>,
-    ) -> Result<Streaming<GenerateStreamResponse>, Status> {
-        self.balancer
-            .call(
-                &self.generator,
-                "generator",
-                |_| true,
-                false,
-                |e| {
-                    let r = r.clone();
-                    async move {
-                        Ok(GeneratorClient::new(e.channel.clone())
-                            .generate_stream(deadline::request(r, deadline)?)
-                            .await?
-                            .into_inner())
-                    }
-                },
-            )
-            .await
+    ) -> Result<Streaming<GenerateStreamResponse>, Error> {
+        let what = StageKind::Generator.name();
+        self.call(
+            StageKind::Generator,
+            what,
+            |_| true,
+            Retry::Once,
+            r,
+            deadline,
+            |channel, request| async move {
+                GeneratorClient::new(channel).generate_stream(request).await
+            },
+        )
+        .await
     }
 }

@@ -7,13 +7,17 @@ pub mod index;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ghostwriter_common::server::StageServer;
+use ghostwriter_common::MAX_MESSAGE_BYTES;
+use ghostwriter_common::ingest::IngestBudget;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::status::{Invalid, Overloaded};
 use ghostwriter_proto::v1::retriever_server::{Retriever, RetrieverServer};
 use ghostwriter_proto::v1::{
     Document, IngestRequest, IngestResponse, RetrieveRequest, RetrieveResponse, RetrievedDocument,
     TermStatistics,
 };
+use ghostwriter_transport::{StageServer, Transport};
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
@@ -23,9 +27,12 @@ pub use index::{DocumentIndex, HistoryFilter, StoredDocument};
 /// Errors of the retriever.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The request is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// A request field fails its check.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The ingest budget is in use, or a batch is larger than it.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
     /// The index is still opening.
     #[error("the retriever is still opening its index")]
     NotReady,
@@ -43,7 +50,8 @@ impl From<tantivy::TantivyError> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::Invalid(e) => e.into(),
+            Error::Overloaded(e) => e.into(),
             Error::NotReady => Status::unavailable(e.to_string()),
             Error::Index(m) => Status::internal(m),
         }
@@ -73,6 +81,10 @@ pub struct RetrieverConfig {
         default_value_t = 32
     )]
     pub writer_mb: usize,
+    /// MiB of ingest batches the retriever holds at once (`serve --ingest-budget-mb`; 0 = the
+    /// default).
+    #[arg(skip)]
+    pub ingest_budget_mb: usize,
 }
 
 /// `~/.local/share/ghostwriter/index`.
@@ -92,7 +104,7 @@ pub use ghostwriter_common::ingest::MAX_BATCH;
 /// Validates a batch whole ([`ghostwriter_common::ingest::check_batch`]); the first bad
 /// document rejects it, naming the document.
 pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>, Error> {
-    ghostwriter_common::ingest::check_batch(documents).map_err(Error::InvalidArgument)?;
+    ghostwriter_common::ingest::check_batch(documents)?;
     Ok(documents
         .iter()
         .map(|d| StoredDocument {
@@ -110,15 +122,25 @@ pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>,
 pub struct RetrieverService {
     index: Arc<OnceCell<Arc<DocumentIndex>>>,
     default_limit: u32,
+    ingest_budget: IngestBudget,
+    /// Documents in the index, as last counted.
+    documents: IntGauge,
 }
 
 impl RetrieverService {
-    fn index(&self) -> Result<Arc<DocumentIndex>, Status> {
-        self.index
-            .get()
-            .cloned()
-            .ok_or_else(|| Error::NotReady.into())
+    fn index(&self) -> Result<Arc<DocumentIndex>, Error> {
+        self.index.get().cloned().ok_or(Error::NotReady)
     }
+}
+
+/// The gauge of the documents in the index.
+fn documents_gauge(metrics: &ghostwriter_transport::Metrics) -> IntGauge {
+    let gauge = IntGauge::new(
+        "ghostwriter_index_documents",
+        "Documents in the retriever's index",
+    )
+    .expect("metric definitions are valid");
+    metrics.register(gauge)
 }
 
 fn now_unix() -> i64 {
@@ -135,10 +157,10 @@ impl Retriever for RetrieverService {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         // Held until the batch is indexed: bounds the memory of concurrent ingests.
-        let _budget = ghostwriter_common::ingest::reserve_batch(
-            ghostwriter_common::ingest::Holder::Retriever,
-            request.get_ref(),
-        )?;
+        let _budget = self
+            .ingest_budget
+            .reserve_batch(request.get_ref())
+            .map_err(Error::from)?;
         let documents = validate_documents(&request.get_ref().documents)?;
         let index = self.index()?;
         // A batch may name one (user, doc_id) twice; the last one is stored.
@@ -149,7 +171,8 @@ impl Retriever for RetrieverService {
             .len() as u32;
         let total = tokio::task::spawn_blocking(move || index.ingest(&documents))
             .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+            .map_err(|e| Error::Index(e.to_string()))??;
+        self.documents.set(total as i64);
         tracing::debug!(ingested = n, total, "ingest");
         Ok(Response::new(IngestResponse {
             ingested: n,
@@ -163,7 +186,7 @@ impl Retriever for RetrieverService {
     ) -> Result<Response<RetrieveResponse>, Status> {
         let r = request.into_inner();
         if r.user_id.trim().is_empty() {
-            return Err(Status::invalid_argument("user_id is empty"));
+            return Err(Error::from(Invalid::new("user_id", "user_id is empty")).into());
         }
         let index = self.index()?;
         let filter = HistoryFilter {
@@ -172,10 +195,8 @@ impl Retriever for RetrieverService {
             current_doc_id: r.current_doc_id,
         };
         if r.limit > MAX_RETRIEVE_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "limit {} exceeds {MAX_RETRIEVE_LIMIT}",
-                r.limit
-            )));
+            let message = format!("limit {} exceeds {MAX_RETRIEVE_LIMIT}", r.limit);
+            return Err(Error::from(Invalid::new("limit", message)).into());
         }
         let limit = if r.limit == 0 {
             self.default_limit.min(MAX_RETRIEVE_LIMIT)
@@ -198,7 +219,7 @@ impl Retriever for RetrieverService {
             Ok::<_, Error>((retrieved, background))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .map_err(|e| Error::Index(e.to_string()))??;
         Ok(Response::new(RetrieveResponse {
             background: background.map(|b| TermStatistics {
                 documents: b.documents,
@@ -230,12 +251,16 @@ pub async fn serve(
     config: RetrieverConfig,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let (server, routes) = StageServer::new("ghostwriter.v1.Retriever").await;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Retriever", transport).await;
     let cell: Arc<OnceCell<Arc<DocumentIndex>>> = Arc::default();
+    let documents = documents_gauge(&transport.metrics);
     let service = RetrieverService {
         index: cell.clone(),
         default_limit: config.default_limit,
+        ingest_budget: IngestBudget::new(config.ingest_budget_mb),
+        documents: documents.clone(),
     };
     let dir = config.index_dir.clone();
     let writer_bytes = config.writer_mb * 1_000_000;
@@ -243,7 +268,9 @@ pub async fn serve(
     let loader = async move {
         match opened.await {
             Ok(Ok(index)) => {
-                tracing::info!(stage = "retriever", docs = index.num_docs(), dir = %config.index_dir.display(), "index open");
+                let docs = index.num_docs();
+                documents.set(docs as i64);
+                tracing::info!(stage = "retriever", docs, dir = %config.index_dir.display(), "index open");
                 let _ = cell.set(Arc::new(index));
                 Ok(())
             }
@@ -254,7 +281,7 @@ pub async fn serve(
             Err(e) => Err(anyhow::anyhow!(e)),
         }
     };
-    let routes =
-        routes.add_service(RetrieverServer::new(service).max_decoding_message_size(256 << 20));
+    let routes = routes
+        .add_service(RetrieverServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }
