@@ -785,6 +785,7 @@ fn retrieve_case(rng: &mut Rng, users: &Users) -> Case {
         current_doc_id: valid_doc_id(rng, true),
         limit: rng.pick(&[0, 1, 2, 200, MAX_RETRIEVE_LIMIT]),
         term_statistics: rng.percent(30),
+        ..Default::default()
     };
     let (what, expect) = match rng.below(4) {
         0 | 1 => {

@@ -367,6 +367,7 @@ impl OrchestratorService {
                         limit: self.config.max_candidates,
                         term_statistics: plan.synthesis.is_some()
                             && self.config.idf_corpus == IdfCorpus::Index,
+                        ..Default::default()
                     },
                     plan.context_deadline(),
                 )
@@ -698,6 +699,7 @@ impl Ghostwriter for OrchestratorService {
                     current_doc_id: r.doc_id,
                     limit,
                     term_statistics: false,
+                    ..Default::default()
                 },
                 deadline,
             )

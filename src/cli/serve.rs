@@ -176,7 +176,9 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
     let discovery = process.discovery.clone();
     let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         match stage {
-            Stage::Retriever { config } => {
+            Stage::Retriever { mut config } => {
+                // The users it keeps from the store are those of its shard.
+                config.shard = process.shard;
                 ghostwriter_retriever::serve(config, listener, stop).await
             }
             Stage::Ranker { config } => {

@@ -257,6 +257,7 @@ pub async fn distinction_partners(
                         },
                         limit: 1,
                         term_statistics: false,
+                        ..Default::default()
                     })
                     .await
                     .map_err(|s| anyhow::anyhow!("retrieving a distinction pair: {}", s.message()))?

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
@@ -48,6 +48,10 @@ pub struct Metrics {
     pub decode_tokens_per_second: Histogram,
     /// Retriever: documents in the index.
     pub index_documents: IntGauge,
+    /// Retriever following a store: how far behind the store's head its index is, in seconds.
+    pub store_lag: Gauge,
+    /// Retriever following a store: the watermark it has applied (every transaction below it).
+    pub store_applied: IntGauge,
     /// Orchestrator: time of a write not spent waiting on stages.
     pub orchestrator_overhead: Histogram,
 }
@@ -149,6 +153,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "ghostwriter_index_documents",
             "Documents in the retriever's index",
         )?,
+        store_lag: Gauge::new(
+            "ghostwriter_retriever_store_lag_seconds",
+            "How far the retriever's index is behind the store's head",
+        )?,
+        store_applied: IntGauge::new(
+            "ghostwriter_retriever_store_applied_xid",
+            "Store watermark the retriever's index has applied (every transaction below it)",
+        )?,
         orchestrator_overhead: Histogram::with_opts(
             HistogramOpts::new(
                 "ghostwriter_orchestrator_overhead_seconds",
@@ -185,6 +197,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
     m.registry
         .register(Box::new(m.decode_tokens_per_second.clone()))?;
     m.registry.register(Box::new(m.index_documents.clone()))?;
+    m.registry.register(Box::new(m.store_lag.clone()))?;
+    m.registry.register(Box::new(m.store_applied.clone()))?;
     m.registry
         .register(Box::new(m.orchestrator_overhead.clone()))?;
     Ok(m)
