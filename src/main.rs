@@ -49,6 +49,8 @@ enum Command {
     Ingest(cli::api::IngestArgs),
     /// Write the rest of a document for a user.
     Write(cli::api::WriteArgs),
+    /// Delete one document of a user, or every document of the user, from every copy.
+    Delete(cli::api::DeleteArgs),
     /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
     /// fine-tuned generator against the user's earlier documents).
     Distinguish(cli::api::DistinguishArgs),
@@ -83,6 +85,9 @@ enum Command {
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench(cli::bench::BenchArgs),
+    /// Benchmark the store on a throwaway Postgres: ingest throughput against the local index,
+    /// a new replica's catch-up rate, replication lag, retrieval at one shard's scale; JSON.
+    BenchStore(ghostwriter::bench_store::BenchStoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -163,9 +168,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(args) => cli::up::run(args, model_dir, cli.tls, cli.log_format).await,
         Command::Serve(args) => cli::serve::serve(args, model_dir).await,
-        Command::Ingest(a) => cli::api::ingest(&a.api.to, a.batch, &a.file, a.api.token.as_deref())
-            .await
-            .map(|_| ()),
+        Command::Ingest(a) => cli::api::ingest_command(a).await,
+        Command::Delete(args) => cli::api::delete(args).await,
         Command::Write(args) => cli::api::write(args).await,
         Command::Distinguish(args) => cli::api::distinguish(args).await,
         Command::EvalDistinguish(args) => {
@@ -192,6 +196,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => cli::bench::stages(args, model_dir).await,
+        Command::BenchStore(args) => {
+            let report = ghostwriter::bench_store::run(args).await?;
+            cli::report(&report, None)
+        }
         Command::BenchMetrics(args) => cli::bench::metrics(args).await,
         Command::BenchGenerator(args) => cli::bench::generator(args, model_dir).await,
         Command::BenchJob(args) => cli::bench::job(args, model_dir).await,

@@ -331,6 +331,7 @@ fn write_case(rng: &mut Rng, users: &Users) -> (String, Expect, WriteRequest) {
             Some(timestamp(rng))
         },
         doc_id: valid_doc_id(rng, true),
+        consistency_token: Default::default(),
     };
     let mut options = WriteOptions {
         generation: generation_valid(rng),
@@ -626,6 +627,7 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
         } else {
             rng.pick(&[0, MAX_DISTINGUISH_DOCUMENTS])
         },
+        consistency_token: Default::default(),
     };
     // About 4% stay valid (each asks the generator once per compared document).
     let mutations = if rng.percent(4) { 0 } else { rng.range(1, 2) };

@@ -59,6 +59,7 @@ fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> Wr
             }),
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     }
 }
 
@@ -390,6 +391,7 @@ async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
         timestamp: Some(target.timestamp),
         doc_id: target.doc_id.clone(),
         max_documents: max,
+        consistency_token: Default::default(),
     };
     let r = client
         .distinguish(request(&user, &target.text, 3))

@@ -5,6 +5,7 @@
 
 pub mod preset;
 pub mod stages;
+pub mod tokens;
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -19,11 +20,12 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    DistinctionInput, DistinctionScore, DistinguishRequest, DistinguishResponse, GenerateRequest,
-    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
-    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
-    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
-    WriteResponse, WriteStreamResponse,
+    DeleteRequest, DeleteResponse, DistinctionInput, DistinctionScore, DistinguishRequest,
+    DistinguishResponse, GenerateRequest, GenerateResponse, InfoRequest, InfoResponse,
+    IngestRequest, IngestResponse, ListPresetsRequest, ListPresetsResponse, PersonalizedInput,
+    PresetInfo, Provenance, RankRequest, RetrieveRequest, StageLatency, SummarizeRequest,
+    SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse,
+    WriteStreamResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -147,6 +149,7 @@ pub struct OrchestratorService {
     stages: std::sync::Arc<stages::Stages>,
     config: OrchestratorConfig,
     auth: Auth,
+    tokens: std::sync::Arc<tokens::RecentTokens>,
 }
 
 /// A validated write with everything resolved.
@@ -163,6 +166,8 @@ struct Plan {
     retrieval: bool,
     deadline: Option<Instant>,
     started: Instant,
+    /// The consistency token retrieval waits for (empty: none).
+    consistency_token: String,
 }
 
 /// Share of the time left that the stages before generation may use; the rest is kept for
@@ -238,7 +243,27 @@ impl OrchestratorService {
             stages: std::sync::Arc::new(stages::Stages::new(&config)?),
             config,
             auth,
+            tokens: Default::default(),
         })
+    }
+
+    /// The token a read of `user` waits for: the request's, or that of the user's latest write
+    /// through this orchestrator, whichever is later (read your writes).
+    fn read_token(&self, user: &str, requested: &str) -> Result<String, Status> {
+        let requested = if requested.is_empty() {
+            None
+        } else {
+            Some(
+                requested
+                    .parse::<ghostwriter_store::Token>()
+                    .map_err(|e| bad_field("consistency_token", e.to_string()))?,
+            )
+        };
+        Ok(self
+            .tokens
+            .for_read(user, requested)
+            .map(|t| t.to_string())
+            .unwrap_or_default())
     }
 
     /// The caller's deadline, or `--request-timeout` from `started` when it sets none.
@@ -312,7 +337,9 @@ impl OrchestratorService {
         };
         let context = immediate_context(&r.title, &r.start, context_chars);
         let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
+        let consistency_token = self.read_token(&r.user_id, &r.consistency_token)?;
         Ok(Plan {
+            consistency_token,
             preset,
             user_id: r.user_id,
             context,
@@ -367,7 +394,7 @@ impl OrchestratorService {
                         limit: self.config.max_candidates,
                         term_statistics: plan.synthesis.is_some()
                             && self.config.idf_corpus == IdfCorpus::Index,
-                        ..Default::default()
+                        consistency_token: plan.consistency_token.clone(),
                     },
                     plan.context_deadline(),
                 )
@@ -689,6 +716,7 @@ impl Ghostwriter for OrchestratorService {
         // As in training: the text's first 150 characters against an earlier document's first
         // 600.
         let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
+        let consistency_token = self.read_token(&r.user_id, &r.consistency_token)?;
         let retrieved = self
             .stages
             .retrieve(
@@ -699,7 +727,7 @@ impl Ghostwriter for OrchestratorService {
                     current_doc_id: r.doc_id,
                     limit,
                     term_statistics: false,
-                    ..Default::default()
+                    consistency_token,
                 },
                 deadline,
             )
@@ -767,7 +795,29 @@ impl Ghostwriter for OrchestratorService {
         }
         // Checked whole before any shard sees it: a rejected batch writes nothing anywhere.
         ingest::check_batch(&documents).map_err(|m| bad_field("documents", m))?;
+        let users: std::collections::BTreeSet<String> =
+            documents.iter().map(|d| d.user_id.clone()).collect();
         let response = self.stages.ingest(documents, deadline).await?;
+        if let Ok(token) = response.consistency_token.parse() {
+            self.tokens.record(users.iter().map(String::as_str), token);
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let deadline = self.deadline(request.metadata(), Instant::now());
+        let grant = self.auth.grant(request.metadata())?;
+        let r = request.into_inner();
+        check_ids(&r.user_id, &r.doc_id)?;
+        grant.allow(&r.user_id)?;
+        let user = r.user_id.clone();
+        let response = self.stages.delete(r, deadline).await?;
+        if let Ok(token) = response.consistency_token.parse() {
+            self.tokens.record([user.as_str()], token);
+        }
         Ok(Response::new(response))
     }
 }

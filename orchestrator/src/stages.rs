@@ -13,10 +13,10 @@ use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::{
-    Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
-    GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
-    RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
-    SynthesizeResponse,
+    DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, GeneratorInfo, GeneratorInfoRequest, IngestRequest, IngestResponse,
+    RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, SummarizeRequest,
+    SummarizeResponse, SynthesizeRequest, SynthesizeResponse,
 };
 use tonic::{Status, Streaming};
 
@@ -96,7 +96,10 @@ impl Stages {
             .await
     }
 
-    /// Ingest, each user's documents to the shard that owns the user (upserts are idempotent).
+    /// Ingest, each user's documents to the shard that owns the user. With a store, one replica
+    /// of the shard commits the batch there and answers with a consistency token, and every
+    /// replica applies it from the store (one that is restarting catches up); without one, each
+    /// replica's index is its own store, so every replica in the endpoint set gets the batch.
     pub async fn ingest(
         &self,
         documents: Vec<Document>,
@@ -114,57 +117,117 @@ impl Stages {
         }
         let mut total = IngestResponse::default();
         for (shard, docs) in by_shard {
-            let filter =
-                move |info: &EndpointInfo| info.shard.is_none() || info.shard == Some(shard);
-            let what = if self.shards > 1 {
-                format!("retriever (shard {shard})")
-            } else {
-                "retriever".into()
-            };
             let docs = std::sync::Arc::new(docs);
-            // Every replica of the shard stores the batch.
-            let replicas: Vec<_> = self
-                .retriever
-                .snapshot()
-                .into_iter()
-                .filter(|e| self.shards <= 1 || filter(&e.info))
-                .collect();
-            if replicas.is_empty() {
-                return Err(Status::unavailable(format!(
-                    "{what} stage: no endpoint available"
-                )));
-            }
-            let mut stored = 0;
-            for replica in replicas {
-                let url = replica.info.url.clone();
-                let response = self
-                    .balancer
-                    .call(
-                        &self.retriever,
-                        &what,
-                        |info| info.url == url,
-                        true,
-                        |e| {
-                            let docs = docs.clone();
-                            async move {
-                                let mut c = RetrieverClient::new(e.channel.clone())
-                                    .max_encoding_message_size(LIMIT);
-                                let request = IngestRequest {
-                                    documents: docs.as_ref().clone(),
-                                };
-                                Ok(c.ingest(deadline::request(request, deadline)?)
-                                    .await?
-                                    .into_inner())
-                            }
-                        },
-                    )
-                    .await?;
-                total.total_documents = total.total_documents.max(response.total_documents);
-                stored = response.ingested;
-            }
-            total.ingested += stored;
+            let response = self
+                .to_shard(shard, |channel| {
+                    let docs = docs.clone();
+                    async move {
+                        let mut c = RetrieverClient::new(channel).max_encoding_message_size(LIMIT);
+                        let request = IngestRequest {
+                            documents: docs.as_ref().clone(),
+                        };
+                        let r = c
+                            .ingest(deadline::request(request, deadline)?)
+                            .await?
+                            .into_inner();
+                        let token = r.consistency_token.clone();
+                        Ok((r, token))
+                    }
+                })
+                .await?;
+            total.total_documents = total.total_documents.max(response.total_documents);
+            total.ingested += response.ingested;
+            total.consistency_token =
+                crate::tokens::later(&total.consistency_token, &response.consistency_token);
         }
         Ok(total)
+    }
+
+    /// Deletes one document or a user's every document, on the shard that owns the user (as
+    /// [`Self::ingest`]: one replica with a store, every replica without).
+    pub async fn delete(
+        &self,
+        r: DeleteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<DeleteResponse, Status> {
+        let shard = shard_of(&r.user_id, self.shards);
+        self.to_shard(shard, |channel| {
+            let r = r.clone();
+            async move {
+                let response = RetrieverClient::new(channel)
+                    .delete(deadline::request(r, deadline)?)
+                    .await?
+                    .into_inner();
+                let token = response.consistency_token.clone();
+                Ok((response, token))
+            }
+        })
+        .await
+    }
+
+    /// A write to the retriever shard `shard`: to the replicas in turn until one answers with a
+    /// consistency token (a store took the write: every replica gets it from there), else to
+    /// every replica (no store: each index is its own). While it is not known which, a replica
+    /// that is unavailable is passed over; once the answers say there is no store, it is an
+    /// error (it would miss the write for good). Writes are idempotent (upserts and deletions by
+    /// key), so a write retried after an ambiguous failure stores nothing twice.
+    async fn to_shard<R, F, Fut>(&self, shard: u32, call: F) -> Result<R, Status>
+    where
+        F: Fn(tonic::transport::Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<(R, String), Status>>,
+    {
+        let what = if self.shards > 1 {
+            format!("retriever (shard {shard})")
+        } else {
+            "retriever".into()
+        };
+        let replicas: Vec<_> = self
+            .retriever
+            .snapshot()
+            .into_iter()
+            .filter(|e| self.shards <= 1 || e.info.shard.is_none() || e.info.shard == Some(shard))
+            .collect();
+        if replicas.is_empty() {
+            return Err(Status::unavailable(format!(
+                "{what} stage: no endpoint available"
+            )));
+        }
+        let mut passed_over: Option<Status> = None;
+        let mut answer: Option<R> = None;
+        for replica in replicas {
+            let url = replica.info.url.clone();
+            let result = self
+                .balancer
+                .call(
+                    &self.retriever,
+                    &what,
+                    |info| info.url == url,
+                    true,
+                    |e| call(e.channel.clone()),
+                )
+                .await;
+            match result {
+                Ok((r, token)) if !token.is_empty() => return Ok(r),
+                Ok((r, _)) => {
+                    // No store: every replica needs the write; one passed over missed it.
+                    if let Some(e) = passed_over.take() {
+                        return Err(e);
+                    }
+                    answer = Some(r);
+                }
+                Err(e) if answer.is_none() && e.code() == tonic::Code::Unavailable => {
+                    passed_over = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match (answer, passed_over) {
+            (Some(r), None) => Ok(r),
+            (_, Some(e)) => Err(e),
+            (None, None) => Err(Status::unavailable(format!(
+                "{what} stage: no endpoint available"
+            ))),
+        }
     }
 
     /// Rank.

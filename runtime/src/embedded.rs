@@ -340,20 +340,29 @@ pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> a
         .map(|_| ())
 }
 
+/// What [`ingest_batches`] stored.
+#[derive(Debug, Clone, Default)]
+pub struct Ingested {
+    /// Documents in the index after the last batch (with a store: in the answering replica's).
+    pub total: u64,
+    /// The consistency token covering every batch (empty without a store).
+    pub consistency_token: String,
+}
+
 /// Ingests `documents` through the public API at `url` in batches of `batch`, with `token`,
-/// calling `progress(documents sent)` after each; returns the index's document count.
+/// calling `progress(documents sent)` after each.
 pub async fn ingest_batches(
     url: &str,
     documents: &[Document],
     batch: usize,
     token: Option<&str>,
     mut progress: impl FnMut(usize),
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Ingested> {
     let mut client = GhostwriterClient::new(
         ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
     )
     .max_encoding_message_size(256 << 20);
-    let mut total = 0;
+    let mut ingested = Ingested::default();
     for chunk in documents.chunks(batch.max(1)) {
         let mut request = tonic::Request::new(IngestRequest {
             documents: chunk.to_vec(),
@@ -364,8 +373,12 @@ pub async fn ingest_batches(
             .await
             .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
             .into_inner();
-        total = response.total_documents;
+        ingested.total = response.total_documents;
+        ingested.consistency_token = ghostwriter_orchestrator::tokens::later(
+            &ingested.consistency_token,
+            &response.consistency_token,
+        );
         progress(chunk.len());
     }
-    Ok(total)
+    Ok(ingested)
 }

@@ -45,6 +45,10 @@ pub struct IngestArgs {
     /// Documents per request.
     #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
     pub batch: usize,
+    /// Print the result as JSON on stdout: documents sent, documents in the index, and the
+    /// consistency token (give it to `write --after`).
+    #[arg(long)]
+    pub json: bool,
     /// The file.
     pub file: std::path::PathBuf,
 }
@@ -58,6 +62,25 @@ pub struct PresetsArgs {
     /// Bearer token of the public API.
     #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// Options of `delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The user whose documents are deleted.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// Delete only this document (default: every document of the user).
+    #[arg(long)]
+    doc_id: Option<String>,
+    /// Print the result as JSON (deleted count and consistency token).
+    #[arg(long)]
+    json: bool,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +99,9 @@ pub struct DistinguishArgs {
     /// Earlier documents compared (0 = 4).
     #[arg(long, default_value_t = 0)]
     max_documents: u32,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json`).
+    #[arg(long, env = "GHOSTWRITER_AFTER")]
+    after: Option<String>,
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -137,6 +163,10 @@ pub struct WriteArgs {
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT")]
     timeout: u64,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json` and
+    /// `delete --json`), through any orchestrator.
+    #[arg(long, env = "GHOSTWRITER_AFTER")]
+    after: Option<String>,
 }
 
 pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
@@ -148,6 +178,7 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
             timestamp: args.timestamp,
             doc_id: String::new(),
             max_documents: args.max_documents,
+            consistency_token: args.after.unwrap_or_default(),
         },
         args.timeout,
     )?;
@@ -173,13 +204,14 @@ pub async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::trans
         .max_encoding_message_size(256 << 20))
 }
 
-/// Sends every document of `file` in batches, with a progress bar; returns the count.
+/// Sends every document of `file` in batches, with a progress bar; returns the count and what
+/// the last batch answered.
 pub async fn ingest(
     url: &str,
     batch: usize,
     file: &std::path::Path,
     token: Option<&str>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, ghostwriter::embedded::Ingested)> {
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     if loaded.skipped_empty > 0 {
@@ -195,19 +227,65 @@ pub async fn ingest(
     );
     bar.set_message("ingesting");
     let started = Instant::now();
-    let total = ghostwriter::embedded::ingest_batches(url, &loaded.documents, batch, token, |n| {
-        bar.inc(n as u64)
-    })
-    .await?;
+    let ingested =
+        ghostwriter::embedded::ingest_batches(url, &loaded.documents, batch, token, |n| {
+            bar.inc(n as u64)
+        })
+        .await?;
     bar.finish_and_clear();
     eprintln!(
         "ingested {} documents from {} in {:.1}s ({} in the index)",
         loaded.documents.len(),
         file.display(),
         started.elapsed().as_secs_f64(),
-        total
+        ingested.total
     );
-    Ok(loaded.documents.len())
+    Ok((loaded.documents.len(), ingested))
+}
+
+/// `ingest`: the file's documents, printed as JSON with `--json`.
+pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
+    let (sent, ingested) = ingest(&a.api.to, a.batch, &a.file, a.api.token.as_deref()).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ingested": sent,
+                "total_documents": ingested.total,
+                "consistency_token": ingested.consistency_token,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `delete`: one document of a user, or all of them.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.api.to).await?;
+    let request = args.api.request(
+        ghostwriter::proto::DeleteRequest {
+            user_id: args.user.clone(),
+            doc_id: args.doc_id.clone().unwrap_or_default(),
+        },
+        args.timeout,
+    )?;
+    let r = client
+        .delete(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "deleted": r.deleted,
+                "consistency_token": r.consistency_token,
+            })
+        );
+    } else {
+        eprintln!("deleted {} documents of {}", r.deleted, args.user);
+    }
+    Ok(())
 }
 
 fn write_request(a: &WriteArgs) -> WriteRequest {
@@ -218,6 +296,7 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
         preset: a.preset.clone(),
         timestamp: a.timestamp,
         doc_id: a.doc_id.clone(),
+        consistency_token: a.after.clone().unwrap_or_default(),
         options: Some(WriteOptions {
             generation: Some(GenerationParams {
                 max_new_tokens: a.max_new_tokens,

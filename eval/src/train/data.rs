@@ -101,6 +101,7 @@ pub async fn generation_example(
             disable_summary: true,
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     };
     let (generate, provenance) = orchestrator
         .generator_input(request)

@@ -189,6 +189,7 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
                                 String::new()
                             },
                             max_documents,
+                            consistency_token: Default::default(),
                         });
                         request.set_timeout(Duration::from_secs(300));
                         let r = client
