@@ -24,6 +24,11 @@ pub struct UpArgs {
     /// defaults there.
     #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
     pub processes: bool,
+    /// With --processes: how many processes of a stage to run, `STAGE=N[,STAGE=N]` (for
+    /// example `retriever=2,generator=2`); each retriever replica gets its own index directory
+    /// under --index-dir, and needs --store (without one, replicas would diverge).
+    #[arg(long, env = "GHOSTWRITER_UP_REPLICAS")]
+    pub replicas: Option<String>,
     #[command(flatten)]
     pub config: EmbeddedConfig,
     #[command(flatten)]
@@ -53,8 +58,23 @@ pub async fn run(
     tls: ghostwriter_common::tls::TlsArgs,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
+    let replicas = ghostwriter::processes::parse_replicas(args.replicas.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
     if args.processes {
-        return up_processes(args.listen, args.config, model_dir, tls, log_format).await;
+        return up_processes(
+            args.listen,
+            args.config,
+            &replicas,
+            model_dir,
+            tls,
+            log_format,
+        )
+        .await;
+    }
+    if !replicas.is_empty() {
+        anyhow::bail!(
+            "--replicas needs --processes (the embedded topology runs one of each stage)"
+        );
     }
     args.process.apply(shutdown::Shutdown::never()).await?;
     up(args.listen, args.config, model_dir).await
@@ -86,6 +106,7 @@ async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> a
 async fn up_processes(
     listen: SocketAddr,
     config: EmbeddedConfig,
+    replicas: &std::collections::BTreeMap<String, u32>,
     model_dir: PathBuf,
     tls: ghostwriter_common::tls::TlsArgs,
     log_format: telemetry::LogFormat,
@@ -113,6 +134,8 @@ async fn up_processes(
             tls: &tls,
             auth: &config.auth,
             log_format,
+            store: &config.retriever.store,
+            replicas,
         },
     );
     let procs = tokio::select! {

@@ -21,19 +21,29 @@ pub struct StoreArgs {
     /// `?sslmode=verify-full` for TLS). Unset: no store, the local index is the store. The
     /// password comes from `--store-password-file`, else `PGPASSWORD`, else the URL; it is
     /// never logged.
-    #[arg(long = "store", env = "GHOSTWRITER_STORE", hide_env_values = true)]
+    #[arg(
+        id = "store",
+        long = "store",
+        env = "GHOSTWRITER_STORE",
+        hide_env_values = true
+    )]
     pub url: Option<String>,
     /// File holding the store's password, read again for every new connection (a rotated
     /// password takes effect without a restart).
-    #[arg(long = "store-password-file", env = "GHOSTWRITER_STORE_PASSWORD_FILE")]
+    #[arg(
+        id = "store-password-file",
+        long = "store-password-file",
+        env = "GHOSTWRITER_STORE_PASSWORD_FILE"
+    )]
     pub password_file: Option<PathBuf>,
     /// CA certificate (PEM) that signed the Postgres server's certificate; turns on
     /// `sslmode=verify-full` (the chain and the host name are checked) unless the URL says
     /// otherwise.
-    #[arg(long = "store-ca", env = "GHOSTWRITER_STORE_CA")]
+    #[arg(id = "store-ca", long = "store-ca", env = "GHOSTWRITER_STORE_CA")]
     pub ca: Option<PathBuf>,
     /// Connections in the pool (ingests and reads; `LISTEN` uses one more, direct).
     #[arg(
+        id = "store-pool-size",
         long = "store-pool-size",
         env = "GHOSTWRITER_STORE_POOL_SIZE",
         default_value_t = 8,
@@ -42,6 +52,7 @@ pub struct StoreArgs {
     pub pool_size: u32,
     /// Longest a store statement may run, in milliseconds (a write past it fails whole).
     #[arg(
+        id = "store-statement-timeout-ms",
         long = "store-statement-timeout-ms",
         env = "GHOSTWRITER_STORE_STATEMENT_TIMEOUT_MS",
         default_value_t = 10_000,
@@ -51,6 +62,7 @@ pub struct StoreArgs {
     /// How long the change log keeps a change, in hours; a replica further behind rebuilds
     /// from a snapshot.
     #[arg(
+        id = "store-retention-hours",
         long = "store-retention-hours",
         env = "GHOSTWRITER_STORE_RETENTION_HOURS",
         default_value_t = 168,
@@ -60,6 +72,7 @@ pub struct StoreArgs {
     /// Polling interval of a replica in milliseconds, the fallback when a `LISTEN`
     /// notification is lost.
     #[arg(
+        id = "store-poll-ms",
         long = "store-poll-ms",
         env = "GHOSTWRITER_STORE_POLL_MS",
         default_value_t = 1000,
