@@ -57,7 +57,8 @@ pub enum IdfCorpus {
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorConfig {
-    /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i).
+    /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i,
+    /// and `|` separates the replicas of one shard: `a0|a1,b0|b1`).
     #[arg(
         long = "retriever-url",
         env = "GHOSTWRITER_RETRIEVER_URL",

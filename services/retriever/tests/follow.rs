@@ -337,8 +337,8 @@ async fn a_changed_shard_count_backfills_from_the_store() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     // Two shards.
     let mut two = Vec::new();
-    for s in 0..2 {
-        two.push(Retriever::start_sharded(dirs[s].path(), Some(&url), Some(s as u32), 2).await);
+    for (s, dir) in dirs.iter().take(2).enumerate() {
+        two.push(Retriever::start_sharded(dir.path(), Some(&url), Some(s as u32), 2).await);
     }
     let docs: Vec<Document> = users
         .iter()
@@ -357,8 +357,8 @@ async fn a_changed_shard_count_backfills_from_the_store() {
     // Three shards over the same store and volumes: every user's history is complete on the
     // shard that now owns it, with no re-ingest.
     let mut three = Vec::new();
-    for s in 0..3 {
-        three.push(Retriever::start_sharded(dirs[s].path(), Some(&url), Some(s as u32), 3).await);
+    for (s, dir) in dirs.iter().enumerate() {
+        three.push(Retriever::start_sharded(dir.path(), Some(&url), Some(s as u32), 3).await);
     }
     let mut total = 0;
     for r in &three {
