@@ -492,3 +492,64 @@ async fn postgres_down_writes_keep_working_and_ingest_is_unavailable() {
         s.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_with_a_store_serves_every_preset_and_deletes() {
+    let Some(pg) = cluster::for_test() else {
+        return;
+    };
+    let url = pg.database("gw").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path().join("index"));
+    config.retriever.store = StoreArgs::with_url(&url);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let embedded = ghostwriter::embedded::Embedded::start(config, common::model_dir(), listener)
+        .await
+        .unwrap();
+    let mut c = common::client(&embedded.url()).await;
+    let docs: Vec<Document> = (0..6)
+        .map(|i| {
+            doc(
+                "maya",
+                &format!("m{i}"),
+                100 + i,
+                "The tuner clips on the headstock and holds pitch through a whole gig.",
+            )
+        })
+        .collect();
+    let token = c
+        .ingest(IngestRequest { documents: docs })
+        .await
+        .unwrap()
+        .into_inner()
+        .consistency_token;
+    assert!(
+        !token.is_empty(),
+        "the embedded retriever commits to the store"
+    );
+    for preset in ghostwriter_orchestrator::PRESETS {
+        let mut w = common::short_write("maya", "The tuner", preset.name, 2);
+        w.consistency_token = token.clone();
+        w.timestamp = Some(1_000);
+        let r = c.write(w).await.unwrap().into_inner();
+        let p = r.provenance.unwrap();
+        if preset.ranking.is_some() {
+            assert_eq!(p.history_size, 6, "{}", preset.name);
+        }
+    }
+    let deleted = c
+        .delete(DeleteRequest {
+            user_id: "maya".into(),
+            doc_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.deleted, 6);
+    let mut w = common::short_write("maya", "The tuner", "copy-best", 0);
+    w.consistency_token = deleted.consistency_token;
+    w.timestamp = Some(1_000);
+    let p = c.write(w).await.unwrap().into_inner().provenance.unwrap();
+    assert!(p.no_history);
+    embedded.shutdown().await;
+}

@@ -127,6 +127,11 @@ impl Embedded {
         model_dir: PathBuf,
         public: TcpListener,
     ) -> anyhow::Result<Self> {
+        // One retriever serves every user here: it must keep every user of the store.
+        anyhow::ensure!(
+            config.retriever.shards <= 1 && config.retriever.shard.unwrap_or(0) == 0,
+            "the embedded topology runs one retriever for every user: --retriever-shards must be 1"
+        );
         let mut listeners = BTreeMap::new();
         for stage in StageKind::STAGES {
             listeners.insert(stage.name(), TcpListener::bind("127.0.0.1:0").await?);
