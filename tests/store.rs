@@ -553,3 +553,41 @@ async fn up_with_a_store_serves_every_preset_and_deletes() {
     assert!(p.no_history);
     embedded.shutdown().await;
 }
+
+#[test]
+fn retriever_replicas_without_a_store_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+            .arg("--model-dir")
+            .arg(common::model_dir())
+            .arg("up")
+            .args(args)
+            .arg("--index-dir")
+            .arg(dir.path())
+            .env_remove("GHOSTWRITER_STORE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let listen = format!("127.0.0.1:{}", common::port());
+    let why = up(&[
+        "--processes",
+        "--listen",
+        &listen,
+        "--replicas",
+        "retriever=2",
+    ]);
+    assert!(
+        why.contains("needs --store") && why.contains("diverge"),
+        "{why}"
+    );
+    let why = up(&["--listen", &listen, "--replicas", "generator=2"]);
+    assert!(why.contains("needs --processes"), "{why}");
+    let why = up(&["--processes", "--listen", &listen, "--replicas", "etcd=2"]);
+    assert!(why.contains("not a stage"), "{why}");
+    let why = up(&["--processes", "--listen", &listen, "--replicas", "ranker=0"]);
+    assert!(why.contains("1 to 16"), "{why}");
+}
