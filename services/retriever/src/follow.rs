@@ -269,6 +269,7 @@ impl Run {
             Some(p) => p,
             None => self.resume_or_rebuild().await?,
         };
+        let read_started = Instant::now();
         let page = match self.store.read(&position, PAGE).await? {
             Feed::Pruned { pruned_below } => {
                 tracing::info!(
@@ -302,6 +303,9 @@ impl Run {
             .collect();
         let record = !changes.is_empty()
             || (self.recorded != Some(page.position) && self.last_record.elapsed() > RECORD_EVERY);
+        let read_took = read_started.elapsed();
+        let applied_started = Instant::now();
+        let applied = changes.len();
         if record {
             let index = self.index.clone();
             let payload = self.checkpoint(page.position);
@@ -311,6 +315,13 @@ impl Run {
             self.recorded = Some(page.position);
             self.last_record = Instant::now();
         }
+        tracing::debug!(
+            stage = "retriever",
+            applied,
+            read_ms = read_took.as_secs_f64() * 1e3,
+            apply_ms = applied_started.elapsed().as_secs_f64() * 1e3,
+            "applied a page of the store's log"
+        );
         self.position = Some(page.position);
         let lag = match page.lag {
             Some(lag) => {
