@@ -33,6 +33,8 @@ pub struct Stages {
     generator: EndpointSet,
     shards: u32,
     balancer: Balancer,
+    /// Where the next write to a shard starts among its replicas (writes spread over them).
+    next_replica: std::sync::atomic::AtomicUsize,
 }
 
 impl Stages {
@@ -54,6 +56,7 @@ impl Stages {
             generator: set("generator", &c.generator_url)?,
             shards: c.retriever_shards.max(1),
             balancer: Balancer::default(),
+            next_replica: Default::default(),
         })
     }
 
@@ -181,12 +184,19 @@ impl Stages {
         } else {
             "retriever".into()
         };
-        let replicas: Vec<_> = self
+        let mut replicas: Vec<_> = self
             .retriever
             .snapshot()
             .into_iter()
             .filter(|e| self.shards <= 1 || e.info.shard.is_none() || e.info.shard == Some(shard))
             .collect();
+        if !replicas.is_empty() {
+            let start = self
+                .next_replica
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let len = replicas.len();
+            replicas.rotate_left(start % len);
+        }
         if replicas.is_empty() {
             return Err(Status::unavailable(format!(
                 "{what} stage: no endpoint available"
