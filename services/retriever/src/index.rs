@@ -234,7 +234,8 @@ impl DocumentIndex {
             .writer
             .lock()
             .map_err(|_| Error::Index("writer poisoned".into()))?;
-        let mut deleted = false;
+        // The segments holding a deleted user's documents, merged after the commit.
+        let mut deleted_users: HashSet<&str> = HashSet::new();
         let result = (|| {
             for change in changes {
                 match change {
@@ -246,11 +247,11 @@ impl DocumentIndex {
                     }
                     IndexChange::DeleteDocument { user_id, doc_id } => {
                         writer.delete_query(self.key_query(user_id, Some(doc_id)))?;
-                        deleted = true;
+                        deleted_users.insert(user_id);
                     }
                     IndexChange::DeleteUser { user_id } => {
                         writer.delete_term(Term::from_field_text(f.user_id, user_id));
-                        deleted = true;
+                        deleted_users.insert(user_id);
                     }
                 }
             }
@@ -261,8 +262,8 @@ impl DocumentIndex {
             let _ = writer.rollback();
             return Err(e);
         }
-        if deleted {
-            self.expunge(&mut writer)?;
+        if !deleted_users.is_empty() {
+            self.expunge(&mut writer, &deleted_users)?;
         }
         drop(writer);
         self.reader.reload()?;
@@ -310,20 +311,45 @@ impl DocumentIndex {
         Ok(())
     }
 
-    /// Merges the segments that hold deleted documents, so their stored text is rewritten away
-    /// (tantivy otherwise keeps deleted documents in segment files until a merge).
-    fn expunge(&self, writer: &mut IndexWriter) -> Result<(), Error> {
-        let segments: Vec<_> = self
+    /// Merges (rewrites) the segments that held documents of `users` and now hold deletions,
+    /// so the deleted text leaves the segment files (tantivy otherwise keeps deleted documents
+    /// there until a merge happens to pick the segment). Only those segments: a deletion does
+    /// not rewrite the whole index.
+    fn expunge(&self, writer: &mut IndexWriter, users: &HashSet<&str>) -> Result<(), Error> {
+        let searcher = self.reader.searcher();
+        let mut segments = Vec::new();
+        for reader in searcher.segment_readers() {
+            let terms = reader.inverted_index(self.fields.user_id)?;
+            let mut holds = false;
+            for user in users {
+                let term = Term::from_field_text(self.fields.user_id, user);
+                if terms
+                    .get_term_info(&term)
+                    .map_err(|e| Error::Index(e.to_string()))?
+                    .is_some()
+                {
+                    holds = true;
+                    break;
+                }
+            }
+            if holds {
+                segments.push(reader.segment_id());
+            }
+        }
+        let live: HashSet<_> = self
             .index
             .searchable_segment_metas()?
             .into_iter()
             .filter(|m| m.has_deletes())
             .map(|m| m.id())
             .collect();
+        segments.retain(|id| live.contains(id));
         if segments.is_empty() {
             return Ok(());
         }
         writer.merge(&segments).wait()?;
+        // The merged-away files go now, not at some later commit.
+        writer.garbage_collect_files().wait()?;
         Ok(())
     }
 
@@ -696,6 +722,34 @@ mod tests {
                 .hits
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_deleted_users_text_leaves_the_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        let on_disk = |marker: &str| {
+            std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+                std::fs::read(e.path())
+                    .unwrap_or_default()
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_bytes())
+            })
+        };
+        index
+            .ingest(&[doc("gone", "a", 1, "zqxjv-secret-of-the-deleted-user")])
+            .unwrap();
+        index
+            .ingest(&[doc("kept", "b", 1, "wkpfy-text-that-stays")])
+            .unwrap();
+        assert!(on_disk("zqxjv-secret"), "the test must see the text before");
+        assert_eq!(index.delete("gone", None).unwrap(), 1);
+        assert!(
+            !on_disk("zqxjv-secret"),
+            "the deleted text is still in a segment file"
+        );
+        assert!(on_disk("wkpfy-text"));
+        assert_eq!(index.num_docs(), 1);
     }
 
     #[test]
