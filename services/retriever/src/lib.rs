@@ -446,7 +446,12 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let shard = config.shard()?;
+    // Without a store the shard only names the process in etcd: the orchestrator routes.
+    let shard = if config.store.url.is_some() {
+        config.shard()?
+    } else {
+        Shard::ALL
+    };
     let max_lag = std::time::Duration::try_from_secs_f64(config.max_lag_secs)
         .map_err(|_| anyhow::anyhow!("--max-lag must be a non-negative number of seconds"))?;
     let (server, routes) = StageServer::new("ghostwriter.v1.Retriever").await;
