@@ -210,23 +210,22 @@ fn main() -> anyhow::Result<()> {
         adapter.clone(),
         &dataset.documents,
         async |embedded| {
-            let orchestrator = OrchestratorService::new(embedded.orchestrator.clone())
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let orchestrator =
+                OrchestratorService::new(embedded.orchestrator.clone(), &embedded.transport)?;
             let mut inputs = Vec::new();
             for (i, e) in examples.iter().enumerate() {
                 let personalized = |g: ghostwriter_proto::v1::GenerateRequest| match g.input {
                     Some(Input::Personalized(p)) => Ok(p),
                     _ => Err(anyhow::anyhow!("{}: not a personalized input", e.doc_id)),
                 };
-                let (syn, provenance) =
-                    orchestrator
-                        .generator_input(request(e, "syn-ctx"))
-                        .await
-                        .map_err(|s| anyhow::anyhow!("{}: {}", e.doc_id, s.message()))?;
+                let (syn, provenance) = orchestrator
+                    .generator_input(request(e, "syn-ctx"))
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}: {s}", e.doc_id))?;
                 let (imm, _) = orchestrator
                     .generator_input(request(e, "immediate-context"))
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}: {}", e.doc_id, s.message()))?;
+                    .map_err(|s| anyhow::anyhow!("{}: {s}", e.doc_id))?;
                 inputs.push(Inputs {
                     example: i,
                     immediate_context: provenance.immediate_context.clone(),

@@ -63,7 +63,7 @@ async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_js
         .expect("start up");
     let pid = child.id();
     let url = format!("http://127.0.0.1:{port}");
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(120))
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
         .await
         .expect("up serving");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -74,7 +74,7 @@ async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_js
     let calls = requests.into_iter().map(|r| {
         let url = url.clone();
         async move {
-            let channel = ghostwriter_common::client::channel(&url).expect("channel");
+            let channel = ghostwriter_transport::client::channel(&url, None).expect("channel");
             let mut c = GhostwriterClient::new(channel)
                 .max_encoding_message_size(512 << 20)
                 .max_decoding_message_size(512 << 20);

@@ -7,6 +7,7 @@
 //! Run: `cargo build && cargo run --example security_cost --
 //!       --binary target/debug/ghostwriter --writes 300 --out security-cost.json`
 
+use ghostwriter::eval::percentile;
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
@@ -18,11 +19,6 @@ fn arg(name: &str, default: &str) -> String {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_string())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
@@ -41,7 +37,7 @@ fn authed<T>(body: T, secured: bool) -> tonic::Request<T> {
 
 async fn run(
     binary: &str,
-    secure: Option<&ghostwriter_common::tls::TlsArgs>,
+    secure: Option<&ghostwriter_transport::tls::TlsArgs>,
     dir: &std::path::Path,
     writes: usize,
 ) -> serde_json::Value {
@@ -69,14 +65,25 @@ async fn run(
         .spawn()
         .expect("start up");
     let url = format!("http://127.0.0.1:{port}");
-    if let Err(e) =
-        ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(120)).await
+    let tls = secure.map(|a| {
+        ghostwriter_transport::Tls::from_args(a)
+            .expect("TLS")
+            .expect("TLS on")
+    });
+    if let Err(e) = ghostwriter_transport::client::wait_until_serving(
+        &url,
+        "",
+        Duration::from_secs(120),
+        tls.as_ref(),
+    )
+    .await
     {
         let log = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
         panic!("up did not serve: {e:?}\n{log}");
     }
-    let mut client =
-        GhostwriterClient::new(ghostwriter_common::client::channel(&url).expect("channel"));
+    let mut client = GhostwriterClient::new(
+        ghostwriter_transport::client::channel(&url, tls.as_ref()).expect("channel"),
+    );
     let secured = secure.is_some();
     let docs: Vec<Document> = (0..20)
         .map(|i| Document {
@@ -139,9 +146,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plain = run(&binary, None, dir.path(), writes).await;
     eprintln!("{plain}");
-    // This process speaks TLS from here on (its channels are global).
     let tls = ghostwriter::processes::throwaway_ca(&dir.path().join("tls")).expect("CA");
-    ghostwriter_common::tls::init(&tls).expect("TLS");
     let secure = run(&binary, Some(&tls), dir.path(), writes).await;
     eprintln!("{secure}");
     let report = serde_json::json!({ "runs": [plain, secure] });

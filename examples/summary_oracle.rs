@@ -66,17 +66,20 @@ fn main() -> anyhow::Result<()> {
         &model_dir.join(ghostwriter_embed::EMBEDDER_DIR),
         &Device::Cpu,
     )?;
-    let summary_chars = ghostwriter::embedded::EmbeddedConfig::defaults().summary_chars as usize;
+    let summary_chars = ghostwriter::embedded::EmbeddedConfig::defaults()
+        .summary
+        .summary_chars as usize;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(ghostwriter::embedded::Embedded::with_pipeline(
         model_dir.clone(),
         adapter,
         &dataset.documents,
         async |embedded| {
-            let orchestrator = OrchestratorService::new(embedded.orchestrator.clone())
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            let generator = GeneratorClient::new(ghostwriter_common::client::channel(
+            let orchestrator =
+                OrchestratorService::new(embedded.orchestrator.clone(), &embedded.transport)?;
+            let generator = GeneratorClient::new(ghostwriter_transport::client::channel(
                 &embedded.orchestrator.generator_url,
+                None,
             )?);
             let mut file = std::fs::File::create(out.join("results.jsonl"))?;
             let (orchestrator, embedder) = (&orchestrator, &embedder);
@@ -106,7 +109,7 @@ fn main() -> anyhow::Result<()> {
                         let (mut generate, provenance) = orchestrator
                             .generator_input(request)
                             .await
-                            .map_err(|s| anyhow::anyhow!("{}: {}", e.doc_id, s.message()))?;
+                            .map_err(|s| anyhow::anyhow!("{}: {s}", e.doc_id))?;
                         if let Some(Input::Personalized(input)) = generate.input.as_mut()
                             && weak
                             && !input.past_passages.is_empty()

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use ghostwriter::models;
 use ghostwriter_common::telemetry;
+use ghostwriter_transport::{Tls, TlsArgs};
 
 mod cli;
 
@@ -28,7 +29,7 @@ struct Cli {
     )]
     log_format: ghostwriter_common::telemetry::LogFormat,
     #[command(flatten)]
-    tls: ghostwriter_common::tls::TlsArgs,
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -126,7 +127,6 @@ enum ModelsCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging_as(cli.log_format);
-    ghostwriter_common::tls::init(&cli.tls)?;
     let result = run(cli).await;
     telemetry::shutdown();
     result
@@ -134,6 +134,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_dir = models::dir_or_default(cli.model_dir);
+    // The files load once, here: a bad one stops the command before anything starts.
+    let tls = Tls::from_args(&cli.tls)?;
     match cli.command {
         Command::Models {
             command:
@@ -166,19 +168,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{sha}");
             Ok(())
         }
-        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, cli.log_format).await,
-        Command::Serve(args) => cli::serve::serve(args, model_dir).await,
-        Command::Ingest(a) => cli::api::ingest_command(a).await,
-        Command::Delete(args) => cli::api::delete(args).await,
-        Command::Write(args) => cli::api::write(args).await,
-        Command::Distinguish(args) => cli::api::distinguish(args).await,
+        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, tls, cli.log_format).await,
+        Command::Serve(args) => cli::serve::serve(args, model_dir, tls).await,
+        Command::Ingest(mut a) => {
+            a.api.tls = tls;
+            cli::api::ingest_command(a).await
+        }
+        Command::Delete(mut args) => {
+            args.api.tls = tls;
+            cli::api::delete(args).await
+        }
+        Command::Write(mut args) => {
+            args.api.tls = tls;
+            cli::api::write(args).await
+        }
+        Command::Distinguish(mut args) => {
+            args.api.tls = tls;
+            cli::api::distinguish(args).await
+        }
         Command::EvalDistinguish(args) => {
             let report = ghostwriter::train::distinguish::evaluate(args, model_dir).await?;
             cli::report(&report, None)
         }
         Command::Demo(args) => cli::up::demo(args, model_dir).await,
-        Command::Presets(args) => cli::api::presets(args).await,
-        Command::Info(api) => cli::api::info(api).await,
+        Command::Presets(mut args) => {
+            args.tls = tls;
+            cli::api::presets(args).await
+        }
+        Command::Info(mut api) => {
+            api.tls = tls;
+            cli::api::info(api).await
+        }
         Command::Eval(args) => {
             let out = args.out.clone();
             let summary = ghostwriter::eval::run(args, model_dir).await?;

@@ -70,7 +70,11 @@ fn stage(
 
 /// The keys under `prefix`; none while etcd does not answer (yet).
 async fn keys(etcd: &str, prefix: &str) -> Vec<String> {
-    let Ok(mut c) = Etcd::connect(&[etcd.to_string()]).await else {
+    let Ok(mut c) = Etcd::connect(&ghostwriter_discovery::EtcdTarget::plain(&[
+        etcd.to_string()
+    ]))
+    .await
+    else {
         return Vec::new();
     };
     c.get_prefix(prefix, true)
@@ -142,7 +146,7 @@ async fn etcd_discovery_sharding_and_failover() {
     // Killed by the test itself, or on a failure before that (never left running).
     let mut gen_a = Kill(vec![gen_a]);
 
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
         .await
         .unwrap();
     let generators = wait_keys(

@@ -135,7 +135,11 @@ async fn a_dns_set_follows_the_records() {
         &[Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)],
     );
     let set = discovery(&ns)
-        .stage_set("generator", "dns:///gen.test:50051")
+        .stage_set(
+            ghostwriter_common::stage::StageKind::Generator,
+            "dns:///gen.test:50051",
+            None,
+        )
         .unwrap();
     let urls = || {
         let mut u: Vec<String> = set.snapshot().iter().map(|e| e.info.url.clone()).collect();
@@ -180,16 +184,23 @@ async fn a_dns_set_follows_the_records() {
 
     // Bad URLs are refused with a reason.
     let bad = discovery(&ns)
-        .stage_set("generator", "dns:///gen.test")
+        .stage_set(
+            ghostwriter_common::stage::StageKind::Generator,
+            "dns:///gen.test",
+            None,
+        )
         .err()
         .unwrap();
-    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-    assert!(bad.message().contains("no port"), "{}", bad.message());
+    assert!(bad.to_string().contains("no port"), "{bad}");
     let mixed = discovery(&ns)
-        .stage_set("generator", "dns:///gen.test:1,http://127.0.0.1:2")
+        .stage_set(
+            ghostwriter_common::stage::StageKind::Generator,
+            "dns:///gen.test:1,http://127.0.0.1:2",
+            None,
+        )
         .err()
         .unwrap();
-    assert!(mixed.message().contains("only URL"), "{}", mixed.message());
+    assert!(mixed.to_string().contains("only URL"), "{mixed}");
 }
 
 /// `ghostwriter serve STAGE` on `listen`, resolving through `ns`.
@@ -277,15 +288,16 @@ async fn replicas_behind_one_name_share_the_traffic() {
     ));
 
     for u in url.values().chain([&orchestrator]) {
-        ghostwriter_common::client::wait_until_serving(u, "", Duration::from_secs(120))
+        ghostwriter_transport::client::wait_until_serving(u, "", Duration::from_secs(120), None)
             .await
             .unwrap();
     }
     for pod in pods {
-        ghostwriter_common::client::wait_until_serving(
+        ghostwriter_transport::client::wait_until_serving(
             &format!("http://{pod}:{port}"),
             "",
             Duration::from_secs(120),
+            None,
         )
         .await
         .unwrap();

@@ -91,10 +91,11 @@ async fn start(index: &std::path::Path, logs: &std::path::Path, n: usize) -> (Re
         url: format!("http://127.0.0.1:{p}"),
         log,
     };
-    let ready = ghostwriter_common::client::wait_until_serving(
+    let ready = ghostwriter_transport::client::wait_until_serving(
         &r.url,
         "ghostwriter.v1.Retriever",
         Duration::from_secs(60),
+        None,
     )
     .await;
     assert!(ready.is_ok(), "{ready:?}\n{}", r.log_tail());
@@ -109,8 +110,8 @@ async fn client(url: &str) -> RetrieverClient<Channel> {
             .await
             .unwrap(),
     )
-    .max_decoding_message_size(256 << 20)
-    .max_encoding_message_size(256 << 20)
+    .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
 }
 
 /// Writes batches from `WRITERS` concurrent tasks until `ACKED_PER_ROUND` documents are

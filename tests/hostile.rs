@@ -1105,7 +1105,7 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
         .await
         .unwrap();
     let ready = started.elapsed();
@@ -1144,8 +1144,8 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
         .await
         .unwrap();
     let client = GhostwriterClient::new(channel.clone())
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES);
     let retriever = match &retriever_url {
         Some(u) => Some(
             RetrieverClient::new(
@@ -1155,7 +1155,7 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
                     .await
                     .unwrap(),
             )
-            .max_decoding_message_size(256 << 20),
+            .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES),
         ),
         None => {
             eprintln!("the retriever's address is not in up's log: no Retrieve requests");

@@ -109,7 +109,7 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
         }
     });
 
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(120))
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
         .await
         .unwrap();
     let mut client = common::client(&url).await;

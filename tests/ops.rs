@@ -32,27 +32,26 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_deadlines_and_metrics() {
-    // One RPC at a time per service in this process.
-    ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
+    // One RPC at a time in this server.
+    let transport = ghostwriter_transport::Transport {
         max_concurrency: 1,
         ..Default::default()
-    });
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (trigger, stop) = shutdown::channel();
     let config = common::config(std::env::temp_dir()).generator;
-    let server = tokio::spawn(ghostwriter_generator::serve(
-        config,
-        common::model_dir(),
-        listener,
-        stop,
-    ));
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+    let t = transport.clone();
+    let server = tokio::spawn(async move {
+        ghostwriter_generator::serve(config, common::model_dir(), listener, stop, &t).await
+    });
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
         .await
         .unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();
-    tokio::spawn(ghostwriter_common::metrics::serve(
+    tokio::spawn(ghostwriter_transport::metrics::serve(
+        transport.metrics.clone(),
         metrics,
         trigger.subscribe(),
     ));
@@ -85,7 +84,7 @@ async fn limits_deadlines_and_metrics() {
         t.elapsed()
     );
     // Health is never shed.
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(1))
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(1), None)
         .await
         .unwrap();
     let first = long.await.unwrap().unwrap().into_inner();

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 struct Data {
     url: String,
     retriever: String,
-    stages: std::collections::BTreeMap<&'static str, String>,
+    stages: std::collections::BTreeMap<ghostwriter_common::stage::StageKind, String>,
     by_user: HashMap<String, Vec<Document>>,
 }
 
@@ -34,7 +34,7 @@ fn data() -> Option<Data> {
         common::shared(move |url| Box::pin(async move { common::ingest(&url, &documents).await }));
     Some(Data {
         url: shared.url.clone(),
-        retriever: shared.stage_urls["retriever"].clone(),
+        retriever: shared.stage_urls[&ghostwriter_common::stage::StageKind::Retriever].clone(),
         stages: shared.stage_urls.clone(),
         by_user,
     })
@@ -439,27 +439,31 @@ async fn tokens_bind_callers_to_their_users() {
     )
     .unwrap();
     let config = |tokens| ghostwriter_orchestrator::OrchestratorConfig {
-        retriever_url: data.stages["retriever"].clone(),
-        ranker_url: data.stages["ranker"].clone(),
-        summarizer_url: data.stages["summarizer"].clone(),
-        generator_url: data.stages["generator"].clone(),
-        synthesizer_url: data.stages["synthesizer"].clone(),
-        max_candidates: 200,
-        idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
-        request_timeout_secs: 120,
+        retriever_url: data.stages[&ghostwriter_common::stage::StageKind::Retriever].clone(),
+        ranker_url: data.stages[&ghostwriter_common::stage::StageKind::Ranker].clone(),
+        summarizer_url: data.stages[&ghostwriter_common::stage::StageKind::Summarizer].clone(),
+        generator_url: data.stages[&ghostwriter_common::stage::StageKind::Generator].clone(),
+        synthesizer_url: data.stages[&ghostwriter_common::stage::StageKind::Synthesizer].clone(),
+        writes: ghostwriter_orchestrator::WriteDefaults {
+            max_candidates: 200,
+            idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
+            request_timeout_secs: 120,
+        },
         max_new_tokens_limit: 1024,
         retriever_shards: 1,
-        auth: ghostwriter_common::auth::AuthArgs {
+        auth: ghostwriter_orchestrator::auth::AuthArgs {
             tokens,
             ..Default::default()
         },
         insecure_no_auth: false,
         discovery: Default::default(),
+        ingest_budget_mb: 0,
     };
     // Without tokens, the public API refuses a non-loopback address.
     let open = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let (_t, handle) = ghostwriter_common::shutdown::channel();
-    let err = ghostwriter_orchestrator::serve(config(None), open, handle)
+    let transport = ghostwriter_transport::Transport::default();
+    let err = ghostwriter_orchestrator::serve(config(None), open, handle, &transport)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("--auth-tokens"), "{err}");
@@ -467,14 +471,18 @@ async fn tokens_bind_callers_to_their_users() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, handle) = ghostwriter_common::shutdown::channel();
-    let server = tokio::spawn(ghostwriter_orchestrator::serve(
-        config(Some(tokens)),
-        listener,
-        handle,
-    ));
-    ghostwriter_common::client::wait_until_serving(&url, "", std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
+    let config = config(Some(tokens));
+    let server = tokio::spawn(async move {
+        ghostwriter_orchestrator::serve(config, listener, handle, &transport).await
+    });
+    ghostwriter_transport::client::wait_until_serving(
+        &url,
+        "",
+        std::time::Duration::from_secs(30),
+        None,
+    )
+    .await
+    .unwrap();
     let mut client = common::client(&url).await;
     let write = |user: &str, token: Option<&str>| {
         let mut r = tonic::Request::new(common::short_write(
@@ -483,7 +491,7 @@ async fn tokens_bind_callers_to_their_users() {
             "immediate-context",
             2,
         ));
-        ghostwriter_common::auth::bearer(&mut r, token).unwrap();
+        ghostwriter_transport::client::bearer(&mut r, token).unwrap();
         r
     };
     for (user, token, code) in [
@@ -514,7 +522,7 @@ async fn tokens_bind_callers_to_their_users() {
         text: "Great strings".into(),
         ..Default::default()
     });
-    ghostwriter_common::auth::bearer(&mut d, Some("alice-token-0123456789")).unwrap();
+    ghostwriter_transport::client::bearer(&mut d, Some("alice-token-0123456789")).unwrap();
     assert_eq!(
         client.distinguish(d).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
@@ -528,7 +536,7 @@ async fn tokens_bind_callers_to_their_users() {
             text: "planted text".into(),
         }],
     });
-    ghostwriter_common::auth::bearer(&mut i, Some("alice-token-0123456789")).unwrap();
+    ghostwriter_transport::client::bearer(&mut i, Some("alice-token-0123456789")).unwrap();
     assert_eq!(
         client.ingest(i).await.unwrap_err().code(),
         tonic::Code::PermissionDenied

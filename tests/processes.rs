@@ -73,12 +73,13 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
         .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no CA in the log:\n{log}"));
-    ghostwriter_common::tls::init(&ghostwriter_common::tls::TlsArgs {
+    let tls = ghostwriter_transport::Tls::from_args(&ghostwriter_transport::tls::TlsArgs {
         ca: Some(ca.into()),
-        server_name: ghostwriter_common::tls::DEFAULT_SERVER_NAME.into(),
+        server_name: ghostwriter_transport::tls::DEFAULT_SERVER_NAME.into(),
         ..Default::default()
     })
     .unwrap();
+    let tls = tls.as_ref();
     // Without TLS the public API does not answer.
     let plain =
         ghostwriter::proto::ghostwriter_client::GhostwriterClient::connect(url.clone()).await;
@@ -99,7 +100,11 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
     for refused in [etcd.replace("https://", "http://"), etcd.to_string()] {
         use ghostwriter_discovery::etcd::Etcd;
         let read = async {
-            let mut e = Etcd::connect(std::slice::from_ref(&refused)).await?;
+            let target = ghostwriter_discovery::EtcdTarget {
+                endpoints: vec![refused.clone()],
+                tls: tls.cloned(),
+            };
+            let mut e = Etcd::connect(&target).await?;
             e.get_prefix("ghostwriter/", true).await
         };
         let r = tokio::time::timeout(Duration::from_secs(10), read).await;
@@ -111,7 +116,7 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
     // The orchestrator learns the stages from etcd: wait until it knows the retriever.
     let started = Instant::now();
     loop {
-        let mut c = common::client(&url).await;
+        let mut c = common::client_over(&url, tls);
         let probe = c
             .ingest(ghostwriter::proto::IngestRequest {
                 documents: vec![Document {
@@ -138,8 +143,10 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
             text: format!("Review {i}: these strings stay in tune through a long wedding gig."),
         })
         .collect();
-    common::ingest(&url, &docs).await;
-    let mut client = common::client(&url).await;
+    let mut client = common::client_over(&url, tls);
+    ghostwriter::embedded::ingest_batches(client.clone(), &docs, 1000, None, |_| {})
+        .await
+        .unwrap();
     // sum-ctx-ind: the summarizer process reaches the generator process.
     let response = client
         .write(common::short_write(

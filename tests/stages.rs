@@ -11,6 +11,7 @@ use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::generator_client::GeneratorClient;
 use ghostwriter::proto::{GenerateRequest, GenerationParams, PersonalizedInput, WriteRequest};
 use ghostwriter_common::shutdown;
+use ghostwriter_common::stage::StageKind;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -22,8 +23,11 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (trigger, stop) = shutdown::channel();
     let config = common::config(std::env::temp_dir()).generator;
-    let server = tokio::spawn(ghostwriter_generator::serve(config, models, listener, stop));
-    let mut health = HealthClient::new(ghostwriter_common::client::channel(&url).unwrap());
+    let server = tokio::spawn(async move {
+        let transport = ghostwriter_transport::Transport::default();
+        ghostwriter_generator::serve(config, models, listener, stop, &transport).await
+    });
+    let mut health = HealthClient::new(ghostwriter_transport::client::channel(&url, None).unwrap());
     let check = |service: &str| HealthCheckRequest {
         service: service.into(),
     };
@@ -54,10 +58,11 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
     if let Err(status) = &early {
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
-    ghostwriter_common::client::wait_until_serving(
+    ghostwriter_transport::client::wait_until_serving(
         &url,
         "ghostwriter.v1.Generator",
         Duration::from_secs(60),
+        None,
     )
     .await
     .unwrap();
@@ -81,6 +86,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         common::config(dir.path().join("index")),
         common::model_dir(),
         listener,
+        ghostwriter_transport::Transport::default(),
     )
     .await
     .unwrap();
@@ -103,7 +109,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
     // The generator goes: the summarizer's LLM summary fails downstream. The orchestrator reports
     // it naming both stages, and does not hold it against the (healthy) summarizer: after more
     // failures than its breaker allows, the summarizer is still called.
-    embedded.stop_stage("generator").await.unwrap();
+    embedded.stop_stage(StageKind::Generator).await.unwrap();
     for _ in 0..5 {
         let mut r = tonic::Request::new(WriteRequest {
             preset: "sum-ctx-ind".into(),
@@ -123,7 +129,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
     // Asked directly, the summarizer marks the failure as its generator's, across the wire, so
     // no caller counts it against the summarizer (or retries it on another summarizer).
     let mut summarizer = ghostwriter::proto::summarizer_client::SummarizerClient::connect(
-        embedded.stage_url("summarizer").unwrap(),
+        embedded.stage_url(StageKind::Summarizer),
     )
     .await
     .unwrap();
@@ -140,11 +146,13 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         .await
         .expect_err("generator is down");
     assert!(
-        ghostwriter_common::client::is_downstream(&status),
+        ghostwriter_transport::client::is_downstream(&status),
         "{status:?}"
     );
-    assert!(!ghostwriter_common::client::is_transport_failure(&status));
-    for stage in ["ranker", "retriever"] {
+    assert!(!ghostwriter_transport::client::is_transport_failure(
+        &status
+    ));
+    for stage in [StageKind::Ranker, StageKind::Retriever] {
         embedded.stop_stage(stage).await.unwrap();
         let started = Instant::now();
         let mut r = tonic::Request::new(request.clone());
@@ -152,7 +160,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
         let status = client.write(r).await.expect_err("stage is down");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(
-            status.message().contains(stage),
+            status.message().contains(stage.name()),
             "{:?} does not name {stage}",
             status.message()
         );

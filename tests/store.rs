@@ -46,8 +46,11 @@ async fn retriever(dir: &Path, store: &str) -> Server {
         ..StoreArgs::with_url(store)
     };
     let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(ghostwriter_retriever::serve(config, l, shutdown));
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+    let task = tokio::spawn(async move {
+        let transport = ghostwriter_transport::Transport::default();
+        ghostwriter_retriever::serve(config, l, shutdown, &transport).await
+    });
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
         .await
         .unwrap();
     Server { url, stop, task }
@@ -57,13 +60,11 @@ async fn ranker() -> Server {
     let (l, url) = listener().await;
     let config = common::config(std::env::temp_dir()).ranker;
     let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(ghostwriter_ranker::serve(
-        config,
-        common::model_dir(),
-        l,
-        shutdown,
-    ));
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(120))
+    let task = tokio::spawn(async move {
+        let transport = ghostwriter_transport::Transport::default();
+        ghostwriter_ranker::serve(config, common::model_dir(), l, shutdown, &transport).await
+    });
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
         .await
         .unwrap();
     Server { url, stop, task }
@@ -74,25 +75,29 @@ async fn ranker() -> Server {
 async fn orchestrator(retrievers: &[String], ranker: &str, auth: Option<&Path>) -> Server {
     let (l, url) = listener().await;
     let nowhere = "http://127.0.0.1:9".to_string();
+    let mut writes = common::config(std::env::temp_dir()).writes;
+    writes.request_timeout_secs = 30;
     let mut config = OrchestratorConfig {
         retriever_url: retrievers.join(","),
         ranker_url: ranker.into(),
         summarizer_url: nowhere.clone(),
         generator_url: nowhere.clone(),
         synthesizer_url: nowhere,
-        max_candidates: 200,
-        idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
-        request_timeout_secs: 30,
+        writes,
         max_new_tokens_limit: 64,
         retriever_shards: 1,
         auth: Default::default(),
         insecure_no_auth: false,
         discovery: Default::default(),
+        ingest_budget_mb: 0,
     };
     config.auth.tokens = auth.map(Path::to_path_buf);
     let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(ghostwriter_orchestrator::serve(config, l, shutdown));
-    ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(30))
+    let task = tokio::spawn(async move {
+        let transport = ghostwriter_transport::Transport::default();
+        ghostwriter_orchestrator::serve(config, l, shutdown, &transport).await
+    });
+    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(30), None)
         .await
         .unwrap();
     Server { url, stop, task }
@@ -275,7 +280,7 @@ async fn delete_through_the_api_is_bound_to_the_callers_token_and_reaches_every_
     assert_eq!(deleted.deleted, 1);
     for r in [&r1, &r2] {
         let mut retriever =
-            RetrieverClient::new(ghostwriter_common::client::channel(&r.url).unwrap());
+            RetrieverClient::new(ghostwriter_transport::client::channel(&r.url, None).unwrap());
         let found = retriever
             .retrieve(ghostwriter::proto::RetrieveRequest {
                 user_id: "alice".into(),
@@ -337,7 +342,7 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
     let (survivor, survivor_url) = retriever_process(dirs[1].path(), &url);
     let _survivor = common::Kill(vec![survivor]);
     for u in [&victim_url, &survivor_url] {
-        ghostwriter_common::client::wait_until_serving(u, "", Duration::from_secs(60))
+        ghostwriter_transport::client::wait_until_serving(u, "", Duration::from_secs(60), None)
             .await
             .unwrap();
     }
@@ -405,15 +410,21 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
     let restarted = Instant::now();
     let (victim, victim_url) = retriever_process(dirs[0].path(), &url);
     let _victim = common::Kill(vec![victim]);
-    ghostwriter_common::client::wait_until_serving(&victim_url, "", Duration::from_secs(60))
-        .await
-        .unwrap();
+    ghostwriter_transport::client::wait_until_serving(
+        &victim_url,
+        "",
+        Duration::from_secs(60),
+        None,
+    )
+    .await
+    .unwrap();
     let catch_up = restarted.elapsed();
-    let replica = RetrieverClient::new(ghostwriter_common::client::channel(&victim_url).unwrap())
-        .replica(ReplicaRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let replica =
+        RetrieverClient::new(ghostwriter_transport::client::channel(&victim_url, None).unwrap())
+            .replica(ReplicaRequest {})
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(replica.documents, 1020);
     assert_eq!(replica.rebuilds, 0, "it resumed from its recorded position");
     eprintln!(
@@ -503,9 +514,14 @@ async fn up_with_a_store_serves_every_preset_and_deletes() {
     let mut config = common::config(dir.path().join("index"));
     config.retriever.store = StoreArgs::with_url(&url);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let embedded = ghostwriter::embedded::Embedded::start(config, common::model_dir(), listener)
-        .await
-        .unwrap();
+    let embedded = ghostwriter::embedded::Embedded::start(
+        config,
+        common::model_dir(),
+        listener,
+        ghostwriter_transport::Transport::default(),
+    )
+    .await
+    .unwrap();
     let mut c = common::client(&embedded.url()).await;
     let docs: Vec<Document> = (0..6)
         .map(|i| {

@@ -28,6 +28,7 @@ async fn one_trace_spans_every_stage() {
         common::config(dir.path().join("index")),
         common::model_dir(),
         listener,
+        ghostwriter_transport::Transport::default(),
     )
     .await
     .unwrap();

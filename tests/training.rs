@@ -417,7 +417,7 @@ async fn matched_distinction_pairs_are_the_retrievers_best_matches() {
         &documents,
         async |embedded| {
             let mut retriever = ghostwriter_proto::v1::retriever_client::RetrieverClient::new(
-                ghostwriter_common::client::channel(&embedded.orchestrator.retriever_url)?,
+                ghostwriter_transport::client::channel(&embedded.orchestrator.retriever_url, None)?,
             );
             let matched = distinction_partners(
                 &starts,

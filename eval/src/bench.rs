@@ -18,15 +18,9 @@ use ghostwriter_proto::v1::{
 };
 use serde_json::{Value, json};
 
+use crate::percentile;
 use ghostwriter_runtime::loaders;
 use ghostwriter_runtime::processes::{Processes, free_port as port};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 /// Runs the benchmark; returns the JSON report.
 pub async fn run(
@@ -44,7 +38,7 @@ pub async fn run(
     let url = procs.urls["orchestrator"].clone();
     let mut client = GhostwriterClient::connect(url.clone())
         .await?
-        .max_encoding_message_size(256 << 20);
+        .max_encoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES);
 
     let path = data.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
@@ -363,7 +357,12 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
 }
 
 async fn wait_until(url: &str) -> anyhow::Result<()> {
-    ghostwriter_common::client::wait_until_serving(url, "", std::time::Duration::from_secs(120))
-        .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
+    ghostwriter_transport::client::wait_until_serving(
+        url,
+        "",
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .await
+    .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
 }

@@ -13,6 +13,7 @@
 //!   summary and important words);
 //! - peak resident memory of the process.
 
+use crate::percentile;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -82,13 +83,6 @@ pub struct BenchGeneratorArgs {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Peak resident memory of this process, MiB.

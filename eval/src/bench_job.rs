@@ -89,8 +89,8 @@ type WriteOutcome = (f64, String, u64, Vec<(String, f64)>);
 async fn client(url: &str) -> anyhow::Result<GhostwriterClient<Channel>> {
     Ok(GhostwriterClient::connect(url.to_string())
         .await?
-        .max_encoding_message_size(256 << 20)
-        .max_decoding_message_size(256 << 20))
+        .max_encoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES))
 }
 
 /// Starts a fresh embedded pipeline, ingests `docs`, warms it up on `warm`, and times the
@@ -107,7 +107,13 @@ async fn measure(
     let mut config = a.config.clone();
     config.retriever.index_dir = dir.path().join("index");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let embedded = Embedded::start(config, model_dir.to_path_buf(), listener).await?;
+    let embedded = Embedded::start(
+        config,
+        model_dir.to_path_buf(),
+        listener,
+        ghostwriter_transport::Transport::default(),
+    )
+    .await?;
     let url = embedded.url();
     let mut c = client(&url).await?;
     for chunk in docs.chunks(2000) {

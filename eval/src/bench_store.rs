@@ -125,6 +125,7 @@ async fn follow(store: &Arc<Store>, dir: &Path) -> anyhow::Result<(Arc<DocumentI
         Shard::ALL,
         Duration::from_millis(1000),
         ghostwriter_common::shutdown::Shutdown::never(),
+        ghostwriter_retriever::follow::StoreGauges::unregistered(),
     );
     Ok((index, follower))
 }

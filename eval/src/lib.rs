@@ -118,6 +118,15 @@ pub struct EvalArgs {
     pub token: Option<String>,
 }
 
+/// The `p` quantile (0..=1) of `sorted` (ascending), by the nearest rank; 0 when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize;
+    sorted[i]
+}
+
 /// SplitMix64: a small, seedable generator for sampling and the bootstrap.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -212,7 +221,7 @@ async fn write_one(
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));
-    ghostwriter_common::auth::bearer(&mut request, args.token.as_deref())?;
+    ghostwriter_transport::client::bearer(&mut request, args.token.as_deref())?;
     let started = Instant::now();
     let response = client
         .write(request)
@@ -274,9 +283,10 @@ pub async fn run_against(
         return Ok(());
     }
     let client = GhostwriterClient::new(
-        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
+        ghostwriter_transport::client::channel(url, None)
+            .with_context(|| format!("connecting to {url}"))?,
     )
-    .max_decoding_message_size(256 << 20);
+    .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES);
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

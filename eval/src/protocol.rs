@@ -48,11 +48,7 @@ pub fn split_of(user_id: &str) -> Split {
 
 /// The whole document as the paper scores it: title and body joined.
 pub fn full_text(title: &str, text: &str) -> String {
-    if title.trim().is_empty() {
-        text.to_string()
-    } else {
-        format!("{}\n{}", title.trim(), text)
-    }
+    ghostwriter_common::text::document_text(title, text)
 }
 
 /// One evaluation example.

@@ -3,6 +3,8 @@
 //! with its provenance: which documents were used, the summary, the important words, the preset
 //! and each stage's latency.
 
+pub mod auth;
+mod error;
 pub mod preset;
 pub mod stages;
 pub mod tokens;
@@ -10,12 +12,12 @@ pub mod tokens;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use ghostwriter_common::auth::{Auth, AuthArgs};
-use ghostwriter_common::ingest;
-use ghostwriter_common::server::StageServer;
+use ghostwriter_common::ingest::{self, IngestBudget};
 use ghostwriter_common::shutdown::Shutdown;
-use ghostwriter_common::status::bad_field;
-use ghostwriter_common::{MAX_DOCUMENT_CHARS, client, deadline};
+use ghostwriter_common::stage::StageKind;
+use ghostwriter_common::status::Invalid;
+use ghostwriter_common::text::document_text;
+use ghostwriter_common::{MAX_DOCUMENT_CHARS, MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
@@ -27,12 +29,15 @@ use ghostwriter_proto::v1::{
     SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse,
     WriteStreamResponse,
 };
+use ghostwriter_transport::{StageServer, Transport, client};
+use prometheus::{Histogram, HistogramOpts};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
-use tonic_types::StatusExt as _;
 
+use auth::{Auth, AuthArgs};
+pub use error::Error;
 pub use preset::{PRESETS, Preset};
 
 /// The paper's immediate-context length, in characters.
@@ -52,6 +57,35 @@ pub enum IdfCorpus {
     Index,
     /// The user's own earlier documents (with a short history, `IDF < 1.5` drops every word).
     User,
+}
+
+/// How writes run (shared by `serve orchestrator` and the embedded topology).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Writes")]
+pub struct WriteDefaults {
+    /// Past documents fetched per write (the ranker orders them; the synthesizer's corpus).
+    #[arg(
+        long = "max-candidates",
+        env = "GHOSTWRITER_MAX_CANDIDATES",
+        default_value_t = 200
+    )]
+    pub max_candidates: u32,
+    /// Corpus of the synthesizer's IDF: the whole index (every user's documents, from the
+    /// retriever) or, as before, the user's own earlier documents.
+    #[arg(
+        long = "idf-corpus",
+        env = "GHOSTWRITER_IDF_CORPUS",
+        value_enum,
+        default_value_t = IdfCorpus::Index
+    )]
+    pub idf_corpus: IdfCorpus,
+    /// Deadline of a write whose caller sets none, in seconds.
+    #[arg(
+        long = "request-timeout",
+        env = "GHOSTWRITER_REQUEST_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub request_timeout_secs: u64,
 }
 
 /// Where the stages are, and request defaults.
@@ -93,29 +127,9 @@ pub struct OrchestratorConfig {
         default_value = "http://127.0.0.1:50056"
     )]
     pub synthesizer_url: String,
-    /// Past documents fetched per write (the ranker orders them; the synthesizer's corpus).
-    #[arg(
-        long = "max-candidates",
-        env = "GHOSTWRITER_MAX_CANDIDATES",
-        default_value_t = 200
-    )]
-    pub max_candidates: u32,
-    /// Corpus of the synthesizer's IDF: the whole index (every user's documents, from the
-    /// retriever) or, as before, the user's own earlier documents.
-    #[arg(
-        long = "idf-corpus",
-        env = "GHOSTWRITER_IDF_CORPUS",
-        value_enum,
-        default_value_t = IdfCorpus::Index
-    )]
-    pub idf_corpus: IdfCorpus,
-    /// Deadline of a write whose caller sets none, in seconds.
-    #[arg(
-        long = "request-timeout",
-        env = "GHOSTWRITER_REQUEST_TIMEOUT",
-        default_value_t = 300
-    )]
-    pub request_timeout_secs: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub writes: WriteDefaults,
     /// Most new tokens a write may ask for: set it as the generators' --max-new-tokens-limit
     /// (the same variable), so a write over it is refused before any stage runs.
     #[arg(
@@ -142,6 +156,35 @@ pub struct OrchestratorConfig {
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
     #[arg(skip)]
     pub discovery: ghostwriter_discovery::DiscoveryArgs,
+    /// MiB of ingest batches the public API holds at once (`serve --ingest-budget-mb`; 0 = the
+    /// default).
+    #[arg(skip)]
+    pub ingest_budget_mb: usize,
+}
+
+/// The orchestrator's own metrics.
+#[derive(Clone)]
+struct OrchestratorMetrics {
+    /// Time of a write not spent waiting on stages.
+    overhead: Histogram,
+}
+
+impl OrchestratorMetrics {
+    fn register(metrics: &ghostwriter_transport::Metrics) -> Self {
+        let overhead = Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_orchestrator_overhead_seconds",
+                "Write time not spent waiting on stages",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+            ]),
+        )
+        .expect("metric definitions are valid");
+        Self {
+            overhead: metrics.register(overhead),
+        }
+    }
 }
 
 /// The public service.
@@ -151,6 +194,8 @@ pub struct OrchestratorService {
     config: OrchestratorConfig,
     auth: Auth,
     tokens: std::sync::Arc<tokens::RecentTokens>,
+    ingest_budget: IngestBudget,
+    metrics: OrchestratorMetrics,
 }
 
 /// A validated write with everything resolved.
@@ -196,28 +241,14 @@ pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
     joined.chars().take(chars).collect()
 }
 
-/// A generation-settings error of the common check, with its field under `options`.
-fn in_options(s: Status) -> Status {
-    match s.get_details_bad_request() {
-        Some(b) => {
-            let field = b
-                .field_violations
-                .first()
-                .map_or(String::new(), |v| format!("options.{}", v.field));
-            bad_field(&field, s.message())
-        }
-        None => s,
-    }
-}
-
 /// The user id is set, and neither id is longer than [`MAX_USER_ID`] bytes.
-fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Status> {
+fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Invalid> {
     if user_id.trim().is_empty() {
-        return Err(bad_field("user_id", "user_id is empty"));
+        return Err(Invalid::new("user_id", "user_id is empty"));
     }
     for (what, id) in [("user_id", user_id), ("doc_id", doc_id)] {
         if id.len() > MAX_USER_ID {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 what,
                 format!("{what} is limited to {MAX_USER_ID} bytes"),
             ));
@@ -226,22 +257,29 @@ fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn timed(latencies: &mut Vec<StageLatency>, stage: &str, since: Instant) {
+/// Records that `stage` took `took`.
+fn timed_for(latencies: &mut Vec<StageLatency>, stage: StageKind, took: Duration) {
     latencies.push(StageLatency {
-        stage: stage.into(),
-        millis: since.elapsed().as_secs_f64() * 1e3,
+        stage: stage.name().into(),
+        millis: took.as_secs_f64() * 1e3,
     });
 }
 
+/// Records that `stage` ran from `since` until now.
+fn timed(latencies: &mut Vec<StageLatency>, stage: StageKind, since: Instant) {
+    timed_for(latencies, stage, since.elapsed());
+}
+
 impl OrchestratorService {
-    /// Clients of the stages in `config` (connections are made lazily).
-    pub fn new(config: OrchestratorConfig) -> Result<Self, Status> {
-        let auth = config
-            .auth
-            .load()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    /// Clients of the stages in `config` over `transport` (connections are made lazily); a
+    /// credential file that does not load is an error.
+    pub fn new(config: OrchestratorConfig, transport: &Transport) -> anyhow::Result<Self> {
+        let auth = config.auth.load()?;
+        let stages = stages::Stages::new(&config, transport.tls.as_ref())?;
         Ok(Self {
-            stages: std::sync::Arc::new(stages::Stages::new(&config)?),
+            stages: std::sync::Arc::new(stages),
+            ingest_budget: IngestBudget::new(config.ingest_budget_mb),
+            metrics: OrchestratorMetrics::register(&transport.metrics),
             config,
             auth,
             tokens: Default::default(),
@@ -250,14 +288,14 @@ impl OrchestratorService {
 
     /// The token a read of `user` waits for: the request's, or that of the user's latest write
     /// through this orchestrator, whichever is later (read your writes).
-    fn read_token(&self, user: &str, requested: &str) -> Result<String, Status> {
+    fn read_token(&self, user: &str, requested: &str) -> Result<String, Invalid> {
         let requested = if requested.is_empty() {
             None
         } else {
             Some(
                 requested
                     .parse::<ghostwriter_store::Token>()
-                    .map_err(|e| bad_field("consistency_token", e.to_string()))?,
+                    .map_err(|e| Invalid::new("consistency_token", e.to_string()))?,
             )
         };
         Ok(self
@@ -273,11 +311,12 @@ impl OrchestratorService {
         metadata: &tonic::metadata::MetadataMap,
         started: Instant,
     ) -> Option<Instant> {
-        deadline::from_metadata(metadata, started)
-            .or_else(|| Some(started + Duration::from_secs(self.config.request_timeout_secs)))
+        deadline::from_metadata(metadata, started).or_else(|| {
+            Some(started + Duration::from_secs(self.config.writes.request_timeout_secs))
+        })
     }
 
-    fn plan(&self, request: Request<WriteRequest>) -> Result<Plan, Status> {
+    fn plan(&self, request: Request<WriteRequest>) -> Result<Plan, Error> {
         let started = Instant::now();
         let deadline = self.deadline(request.metadata(), started);
         let grant = self.auth.grant(request.metadata())?;
@@ -285,20 +324,22 @@ impl OrchestratorService {
         check_ids(&r.user_id, &r.doc_id)?;
         grant.allow(&r.user_id)?;
         if r.title.trim().is_empty() && r.start.trim().is_empty() {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 "start",
                 "the document start is empty: set start (and optionally title)",
-            ));
+            )
+            .into());
         }
         let chars = r.title.chars().count() + r.start.chars().count();
         if chars > MAX_DOCUMENT_CHARS {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 "start",
                 format!("title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"),
-            ));
+            )
+            .into());
         }
         let preset = preset::find(&r.preset).ok_or_else(|| {
-            bad_field(
+            Invalid::new(
                 "preset",
                 format!(
                     "unknown preset {}; known presets: {}",
@@ -310,26 +351,29 @@ impl OrchestratorService {
         let o = r.options.unwrap_or_default();
         // Generation settings are checked before any stage runs.
         if let Some(g) = &o.generation {
-            ghostwriter_common::check_sampling(g).map_err(in_options)?;
+            ghostwriter_common::check_sampling(g).map_err(|e| e.under("options"))?;
             let limit = self.config.max_new_tokens_limit;
             if g.max_new_tokens > limit {
-                return Err(bad_field(
+                return Err(Invalid::new(
                     "options.generation.max_new_tokens",
                     format!("generation: max_new_tokens is limited to {limit}"),
-                ));
+                )
+                .into());
             }
             if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
-                return Err(bad_field(
+                return Err(Invalid::new(
                     "options.generation.stop",
                     "generation: at most 16 stop strings of at most 256 bytes",
-                ));
+                )
+                .into());
             }
         }
         if o.context_chars > MAX_CONTEXT_CHARS {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 "options.context_chars",
                 format!("context_chars is limited to {MAX_CONTEXT_CHARS}"),
-            ));
+            )
+            .into());
         }
         let context_chars = if o.context_chars == 0 {
             DEFAULT_CONTEXT_CHARS
@@ -363,14 +407,14 @@ impl OrchestratorService {
     pub async fn generator_input(
         &self,
         request: WriteRequest,
-    ) -> Result<(GenerateRequest, Provenance), Status> {
+    ) -> Result<(GenerateRequest, Provenance), Error> {
         let plan = self.plan(Request::new(request))?;
         let prepared = self.prepare(&plan).await?;
         Ok((prepared.generate, prepared.provenance))
     }
 
     /// Runs every stage before generation.
-    async fn prepare(&self, plan: &Plan) -> Result<Prepared, Status> {
+    async fn prepare(&self, plan: &Plan) -> Result<Prepared, Error> {
         let s = &self.stages;
         let mut provenance = Provenance {
             preset: plan.preset.name.to_string(),
@@ -392,15 +436,15 @@ impl OrchestratorService {
                         query: plan.context.clone(),
                         before_timestamp: plan.timestamp,
                         current_doc_id: plan.doc_id.clone(),
-                        limit: self.config.max_candidates,
+                        limit: self.config.writes.max_candidates,
                         term_statistics: plan.synthesis.is_some()
-                            && self.config.idf_corpus == IdfCorpus::Index,
+                            && self.config.writes.idf_corpus == IdfCorpus::Index,
                         consistency_token: plan.consistency_token.clone(),
                     },
                     plan.context_deadline(),
                 )
                 .await?;
-            timed(&mut provenance.latencies, "retriever", t);
+            timed(&mut provenance.latencies, StageKind::Retriever, t);
             provenance.history_size = retrieved.total_history;
             let background = retrieved.background;
             let candidates = retrieved.documents;
@@ -408,7 +452,7 @@ impl OrchestratorService {
                 let corpus: Vec<String> = candidates
                     .iter()
                     .filter_map(|c| c.document.as_ref())
-                    .map(|d| format!("{}\n{}", d.title, d.text))
+                    .map(|d| document_text(&d.title, &d.text))
                     .collect();
                 let t = Instant::now();
                 let entries = s
@@ -423,7 +467,7 @@ impl OrchestratorService {
                     )
                     .await?
                     .entries;
-                timed(&mut provenance.latencies, "ranker", t);
+                timed(&mut provenance.latencies, StageKind::Ranker, t);
 
                 best_entry = entries.first().map(|e| e.text.clone());
                 let summarize = async {
@@ -439,7 +483,7 @@ impl OrchestratorService {
                         budget_chars: 0,
                     };
                     let summary = s.summarize(request, plan.context_deadline()).await?;
-                    Ok::<_, Status>(Some((summary.summary, t.elapsed())))
+                    Ok::<_, Error>(Some((summary.summary, t.elapsed())))
                 };
                 let synthesize = async {
                     let Some(mode) = plan.synthesis else {
@@ -455,23 +499,16 @@ impl OrchestratorService {
                         background,
                     };
                     let words = s.synthesize(request, plan.context_deadline()).await?;
-                    Ok::<_, Status>(Some((words.words, t.elapsed())))
+                    Ok::<_, Error>(Some((words.words, t.elapsed())))
                 };
                 let (summary, words) = tokio::try_join!(summarize, synthesize)?;
-                let millis = |d: Duration| d.as_secs_f64() * 1e3;
                 if let Some((summary, took)) = summary {
-                    provenance.latencies.push(StageLatency {
-                        stage: "summarizer".into(),
-                        millis: millis(took),
-                    });
+                    timed_for(&mut provenance.latencies, StageKind::Summarizer, took);
                     input.summary = summary.clone();
                     provenance.summary = summary;
                 }
                 if let Some((words, took)) = words {
-                    provenance.latencies.push(StageLatency {
-                        stage: "synthesizer".into(),
-                        millis: millis(took),
-                    });
+                    timed_for(&mut provenance.latencies, StageKind::Synthesizer, took);
                     input.important_words = words.into_iter().map(|w| w.word).collect();
                     provenance.important_words = input.important_words.clone();
                 }
@@ -496,20 +533,18 @@ impl OrchestratorService {
     }
 
     fn finish(
+        &self,
         plan: &Plan,
         mut provenance: Provenance,
         generation: GenerateResponse,
         generator_took: Option<Duration>,
     ) -> WriteResponse {
         if let Some(took) = generator_took {
-            provenance.latencies.push(StageLatency {
-                stage: "generator".into(),
-                millis: took.as_secs_f64() * 1e3,
-            });
+            timed_for(&mut provenance.latencies, StageKind::Generator, took);
         }
         provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
-        ghostwriter_common::metrics::metrics()
-            .orchestrator_overhead
+        self.metrics
+            .overhead
             .observe(overhead_millis(&provenance) / 1e3);
         WriteResponse {
             text: generation.text.clone(),
@@ -525,8 +560,9 @@ impl OrchestratorService {
 pub fn overhead_millis(p: &Provenance) -> f64 {
     let mut sequential = 0.0;
     let mut parallel: f64 = 0.0;
+    let parallel_stages = [StageKind::Summarizer.name(), StageKind::Synthesizer.name()];
     for l in &p.latencies {
-        if l.stage == "summarizer" || l.stage == "synthesizer" {
+        if parallel_stages.contains(&l.stage.as_str()) {
             parallel = parallel.max(l.millis);
         } else {
             sequential += l.millis;
@@ -568,36 +604,23 @@ fn preset_info(p: &Preset) -> PresetInfo {
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-#[tonic::async_trait]
-impl Ghostwriter for OrchestratorService {
-    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let deadline = self.deadline(request.metadata(), Instant::now());
-        self.auth.grant(request.metadata())?;
+/// The public API's handlers as domain calls: each returns the orchestrator's [`Error`], which
+/// the gRPC adapter below maps to a `Status` once.
+impl OrchestratorService {
+    async fn info(&self, metadata: &tonic::metadata::MetadataMap) -> Result<InfoResponse, Error> {
+        let deadline = self.deadline(metadata, Instant::now());
+        self.auth.grant(metadata)?;
         let generator = self.stages.generator_info(deadline).await?;
-        Ok(Response::new(InfoResponse {
+        Ok(InfoResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             generator: Some(generator),
             default_preset: preset::DEFAULT_PRESET.into(),
             presets: PRESETS.iter().map(|p| p.name.to_string()).collect(),
             authentication: self.auth.enabled(),
-        }))
+        })
     }
 
-    async fn list_presets(
-        &self,
-        request: Request<ListPresetsRequest>,
-    ) -> Result<Response<ListPresetsResponse>, Status> {
-        self.auth.grant(request.metadata())?;
-        Ok(Response::new(ListPresetsResponse {
-            presets: PRESETS.iter().map(preset_info).collect(),
-            default_preset: preset::DEFAULT_PRESET.into(),
-        }))
-    }
-
-    async fn write(
-        &self,
-        request: Request<WriteRequest>,
-    ) -> Result<Response<WriteResponse>, Status> {
+    async fn write(&self, request: Request<WriteRequest>) -> Result<WriteResponse, Error> {
         let plan = self.plan(request)?;
         let Prepared {
             generate,
@@ -605,22 +628,19 @@ impl Ghostwriter for OrchestratorService {
             best_entry,
         } = self.prepare(&plan).await?;
         if !plan.preset.generate {
-            let response = Self::finish(&plan, provenance, copy_best(best_entry), None);
-            return Ok(Response::new(response));
+            return Ok(self.finish(&plan, provenance, copy_best(best_entry), None));
         }
         let t = Instant::now();
         let generation = self.stages.generate(generate, plan.deadline).await?;
-        let response = Self::finish(&plan, provenance, generation, Some(t.elapsed()));
+        let response = self.finish(&plan, provenance, generation, Some(t.elapsed()));
         tracing::info!(user = %plan.user_id, preset = plan.preset.name, millis = response.provenance.as_ref().map_or(0.0, |p| p.total_millis), "write");
-        Ok(Response::new(response))
+        Ok(response)
     }
-
-    type WriteStreamStream = StreamOf<WriteStreamResponse>;
 
     async fn write_stream(
         &self,
         request: Request<WriteRequest>,
-    ) -> Result<Response<Self::WriteStreamStream>, Status> {
+    ) -> Result<StreamOf<WriteStreamResponse>, Error> {
         let plan = self.plan(request)?;
         let Prepared {
             generate,
@@ -628,7 +648,7 @@ impl Ghostwriter for OrchestratorService {
             best_entry,
         } = self.prepare(&plan).await?;
         if !plan.preset.generate {
-            let done = Self::finish(&plan, provenance.clone(), copy_best(best_entry), None);
+            let done = self.finish(&plan, provenance.clone(), copy_best(best_entry), None);
             let events = [
                 Event::Provenance(provenance),
                 Event::Text(done.text.clone()),
@@ -636,11 +656,12 @@ impl Ghostwriter for OrchestratorService {
             ];
             let stream =
                 tokio_stream::iter(events.map(|e| Ok(WriteStreamResponse { event: Some(e) })));
-            return Ok(Response::new(Box::pin(stream)));
+            return Ok(Box::pin(stream));
         }
         let t = Instant::now();
         let mut upstream = self.stages.generate_stream(generate, plan.deadline).await?;
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
+        let this = self.clone();
         tokio::spawn(async move {
             let event = |e: Event| Ok(WriteStreamResponse { event: Some(e) });
             if tx
@@ -655,7 +676,7 @@ impl Ghostwriter for OrchestratorService {
                 let out = match message {
                     Ok(m) => match m.summary {
                         Some(generation) => {
-                            let done = Self::finish(
+                            let done = this.finish(
                                 &plan,
                                 provenance.clone(),
                                 generation,
@@ -666,28 +687,26 @@ impl Ghostwriter for OrchestratorService {
                         }
                         None => event(Event::Text(m.text)),
                     },
-                    Err(e) => Err(client::stage_status("generator", e)),
+                    Err(e) => Err(Error::Stage(client::stage_status(
+                        StageKind::Generator.name(),
+                        e,
+                    ))
+                    .into()),
                 };
                 let failed = out.is_err();
                 if tx.send(out).await.is_err() || failed {
                     return;
                 }
             }
-            let _ = tx
-                .send(Err(Status::unavailable(
-                    "generator stage: the stream ended before the text was complete",
-                )))
-                .await;
+            let _ = tx.send(Err(Error::StreamCut.into())).await;
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn distinguish(
         &self,
         request: Request<DistinguishRequest>,
-    ) -> Result<Response<DistinguishResponse>, Status> {
+    ) -> Result<DistinguishResponse, Error> {
         let started = Instant::now();
         let deadline = self.deadline(request.metadata(), started);
         let grant = self.auth.grant(request.metadata())?;
@@ -695,19 +714,21 @@ impl Ghostwriter for OrchestratorService {
         check_ids(&r.user_id, &r.doc_id)?;
         grant.allow(&r.user_id)?;
         if r.text.trim().is_empty() {
-            return Err(bad_field("text", "text is empty"));
+            return Err(Invalid::new("text", "text is empty").into());
         }
         if r.text.chars().count() > MAX_DOCUMENT_CHARS {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 "text",
                 format!("text is limited to {MAX_DOCUMENT_CHARS} characters"),
-            ));
+            )
+            .into());
         }
         if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
-            return Err(bad_field(
+            return Err(Invalid::new(
                 "max_documents",
                 format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"),
-            ));
+            )
+            .into());
         }
         let limit = if r.max_documents == 0 {
             DEFAULT_DISTINGUISH_DOCUMENTS
@@ -734,16 +755,14 @@ impl Ghostwriter for OrchestratorService {
             )
             .await?;
         if retrieved.documents.is_empty() {
-            return Err(Status::failed_precondition(
-                "no earlier documents of this user to compare the text with",
-            ));
+            return Err(Error::NoHistory);
         }
         let judged = retrieved
             .documents
             .iter()
             .filter_map(|c| c.document.as_ref())
             .map(|d| {
-                let second: String = format!("{}\n{}", d.title, d.text)
+                let second: String = document_text(&d.title, &d.text)
                     .trim()
                     .chars()
                     .take(600)
@@ -758,7 +777,7 @@ impl Ghostwriter for OrchestratorService {
                 let doc_id = d.doc_id.clone();
                 async move {
                     let g = self.stages.generate(request, deadline).await?;
-                    Ok::<_, Status>((doc_id, g))
+                    Ok::<_, Error>((doc_id, g))
                 }
             });
         let judged = futures::future::try_join_all(judged).await?;
@@ -775,41 +794,35 @@ impl Ghostwriter for OrchestratorService {
             .collect();
         let probability =
             documents.iter().map(|d| d.probability).sum::<f32>() / documents.len() as f32;
-        Ok(Response::new(DistinguishResponse {
+        Ok(DistinguishResponse {
             probability,
             documents,
             model,
-        }))
+        })
     }
 
-    async fn ingest(
-        &self,
-        request: Request<IngestRequest>,
-    ) -> Result<Response<IngestResponse>, Status> {
+    async fn ingest(&self, request: Request<IngestRequest>) -> Result<IngestResponse, Error> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let grant = self.auth.grant(request.metadata())?;
         // Held until every shard has the batch: bounds the memory of concurrent ingests.
-        let _budget = ingest::reserve_batch(ingest::Holder::Orchestrator, request.get_ref())?;
+        let _budget = self.ingest_budget.reserve_batch(request.get_ref())?;
         let documents = request.into_inner().documents;
         for d in &documents {
             grant.allow(&d.user_id)?;
         }
         // Checked whole before any shard sees it: a rejected batch writes nothing anywhere.
-        ingest::check_batch(&documents).map_err(|m| bad_field("documents", m))?;
+        ingest::check_batch(&documents)?;
         let users: std::collections::BTreeSet<String> =
             documents.iter().map(|d| d.user_id.clone()).collect();
         let response = self.stages.ingest(documents, deadline).await?;
         if let Ok(token) = response.consistency_token.parse() {
             self.tokens.record(users.iter().map(String::as_str), token);
         }
-        Ok(Response::new(response))
+        Ok(response)
     }
 
-    async fn delete(
-        &self,
-        request: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
-        let deadline = self.deadline(request.metadata(), Instant::now());
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<DeleteResponse, Error> {
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let grant = self.auth.grant(request.metadata())?;
         let r = request.into_inner();
         check_ids(&r.user_id, &r.doc_id)?;
@@ -819,44 +832,131 @@ impl Ghostwriter for OrchestratorService {
         if let Ok(token) = response.consistency_token.parse() {
             self.tokens.record([user.as_str()], token);
         }
-        Ok(Response::new(response))
+        Ok(response)
     }
 }
 
-/// Serves the public API on `listener` until `shutdown`.
+/// The gRPC adapter: every handler's [`Error`] becomes a `Status` here, through its one `From`.
+#[tonic::async_trait]
+impl Ghostwriter for OrchestratorService {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::info(self, request.metadata()).await?,
+        ))
+    }
+
+    async fn list_presets(
+        &self,
+        request: Request<ListPresetsRequest>,
+    ) -> Result<Response<ListPresetsResponse>, Status> {
+        self.auth.grant(request.metadata()).map_err(Error::from)?;
+        Ok(Response::new(ListPresetsResponse {
+            presets: PRESETS.iter().map(preset_info).collect(),
+            default_preset: preset::DEFAULT_PRESET.into(),
+        }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::write(self, request).await?,
+        ))
+    }
+
+    type WriteStreamStream = StreamOf<WriteStreamResponse>;
+
+    async fn write_stream(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<Self::WriteStreamStream>, Status> {
+        Ok(Response::new(
+            OrchestratorService::write_stream(self, request).await?,
+        ))
+    }
+
+    async fn distinguish(
+        &self,
+        request: Request<DistinguishRequest>,
+    ) -> Result<Response<DistinguishResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::distinguish(self, request).await?,
+        ))
+    }
+
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::ingest(self, request).await?,
+        ))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::delete(self, request).await?,
+        ))
+    }
+}
+
+/// Serves the public API on `listener` until `shutdown`, over `transport`. A credential file
+/// that does not load stops it at once with the reason.
 pub async fn serve(
     config: OrchestratorConfig,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let loopback = listener.local_addr()?.ip().is_loopback();
-    match (config.auth.configured(), config.insecure_no_auth, loopback) {
-        (true, _, _) => tracing::info!("authentication on"),
-        (false, _, true) => tracing::warn!(
-            "AUTHENTICATION IS OFF: any caller on this machine may read and write any user's \
-             documents (loopback only; set --auth-tokens or a JWT key to turn it on)"
-        ),
-        (false, true, false) => tracing::warn!(
-            "AUTHENTICATION IS OFF on a non-loopback address (--insecure-no-auth): anyone who \
-             can reach it may read and write any user's documents"
-        ),
-        (false, false, false) => anyhow::bail!(
-            "refusing to serve the public API on a non-loopback address without authentication: \
-             set --auth-tokens FILE or a JWT key (--auth-jwt-secret-file, --auth-jwt-keys), or \
-             --insecure-no-auth to accept the risk"
-        ),
-    }
-    let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter").await;
-    let service =
-        OrchestratorService::new(config).map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+    config.check(listener.local_addr()?.ip())?;
+    let service = OrchestratorService::new(config, transport)?;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter", transport).await;
     let routes = routes.add_service(
         GhostwriterServer::new(service)
-            .max_decoding_message_size(stages::LIMIT)
-            .max_encoding_message_size(stages::LIMIT),
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     server
         .serve_after(routes, listener, shutdown, async { Ok(()) })
         .await
+}
+
+impl OrchestratorConfig {
+    /// Whether the public API may serve on `ip` with these settings: without authentication
+    /// only on loopback (or with --insecure-no-auth); credential files must load. Logs how it
+    /// authenticates.
+    pub fn check(&self, ip: std::net::IpAddr) -> anyhow::Result<()> {
+        let config = self;
+        match (
+            config.auth.configured(),
+            config.insecure_no_auth,
+            ip.is_loopback(),
+        ) {
+            (true, _, _) => {
+                // A credential file that does not load stops the process now, with the reason.
+                config.auth.check()?;
+                tracing::info!("authentication on")
+            }
+            (false, _, true) => tracing::warn!(
+                "AUTHENTICATION IS OFF: any caller on this machine may read and write any user's \
+             documents (loopback only; set --auth-tokens or a JWT key to turn it on)"
+            ),
+            (false, true, false) => tracing::warn!(
+                "AUTHENTICATION IS OFF on a non-loopback address (--insecure-no-auth): anyone who \
+             can reach it may read and write any user's documents"
+            ),
+            (false, false, false) => anyhow::bail!(
+                "refusing to serve the public API on a non-loopback address without authentication: \
+             set --auth-tokens FILE or a JWT key (--auth-jwt-secret-file, --auth-jwt-keys), or \
+             --insecure-no-auth to accept the risk"
+            ),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

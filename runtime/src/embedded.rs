@@ -7,24 +7,31 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use ghostwriter_common::client::wait_until_serving;
+use ghostwriter_common::MAX_MESSAGE_BYTES;
 use ghostwriter_common::shutdown::{self, Shutdown, ShutdownTrigger};
 use ghostwriter_generator::GeneratorConfig;
-use ghostwriter_orchestrator::OrchestratorConfig;
+use ghostwriter_orchestrator::auth::AuthArgs;
+use ghostwriter_orchestrator::{OrchestratorConfig, WriteDefaults};
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
 use ghostwriter_proto::v1::{
     Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest,
 };
 use ghostwriter_ranker::RankerConfig;
 use ghostwriter_retriever::RetrieverConfig;
-use ghostwriter_summarizer::SummarizerConfig;
-use ghostwriter_synthesizer::SynthesizerConfig;
+use ghostwriter_summarizer::{SummarizerConfig, SummaryOptions};
+use ghostwriter_synthesizer::{SynthesisOptions, SynthesizerConfig};
+use ghostwriter_transport::Transport;
+use ghostwriter_transport::client::{self, wait_until_serving};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use ghostwriter_common::stage::StageKind;
 
-/// Settings of every stage of the embedded topology.
+/// A stage's server, to be spawned.
+type BoxedServe = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Settings of every stage of the embedded topology: each stage's own options, flattened
+/// from the stage's configuration (said once, there).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmbeddedConfig {
     #[command(flatten)]
@@ -36,54 +43,20 @@ pub struct EmbeddedConfig {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub generator: GeneratorConfig,
-    /// Summary length in tokens.
-    #[arg(
-        long = "summary-tokens",
-        env = "GHOSTWRITER_SUMMARY_TOKENS",
-        default_value_t = 96
-    )]
-    pub summary_tokens: u32,
-    /// Beams of the LLM summary's beam search (the paper uses 4); 1 = greedy.
-    #[arg(
-        long = "summary-num-beams",
-        env = "GHOSTWRITER_SUMMARY_NUM_BEAMS",
-        default_value_t = 1,
-        value_parser = clap::value_parser!(u32).range(1..=ghostwriter_common::MAX_BEAMS as i64)
-    )]
-    pub summary_num_beams: u32,
-    /// Character budget of a SumCtx summary.
-    #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = ghostwriter_summarizer::DEFAULT_SUMMARY_CHARS)]
-    pub summary_chars: u32,
-    /// SynCtx word-similarity threshold (MiniLM cosine).
-    #[arg(long = "word-similarity", env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = ghostwriter_synthesizer::DEFAULT_WORD_SIMILARITY)]
-    pub word_similarity: f32,
-    /// Past documents fetched per write.
-    #[arg(
-        long = "max-candidates",
-        env = "GHOSTWRITER_MAX_CANDIDATES",
-        default_value_t = 200
-    )]
-    pub max_candidates: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub summary: SummaryOptions,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub synthesis: SynthesisOptions,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub writes: WriteDefaults,
     /// Authentication of the public API (off without a token file or JWT key; the embedded
     /// pipeline listens on loopback unless `up --listen` names another address, which then
     /// needs one).
     #[command(flatten)]
-    pub auth: ghostwriter_common::auth::AuthArgs,
-    /// Corpus of the synthesizer's IDF: the whole index, or the user's own documents.
-    #[arg(
-        long = "idf-corpus",
-        env = "GHOSTWRITER_IDF_CORPUS",
-        value_enum,
-        default_value_t = ghostwriter_orchestrator::IdfCorpus::Index
-    )]
-    pub idf_corpus: ghostwriter_orchestrator::IdfCorpus,
-    /// Deadline of a write whose caller sets none, in seconds.
-    #[arg(
-        long = "request-timeout",
-        env = "GHOSTWRITER_REQUEST_TIMEOUT",
-        default_value_t = 300
-    )]
-    pub request_timeout_secs: u64,
+    pub auth: AuthArgs,
     /// Seconds to wait for every stage to load its models and report SERVING.
     #[arg(
         long = "ready-timeout",
@@ -107,12 +80,14 @@ impl EmbeddedConfig {
 
 /// A running embedded topology.
 pub struct Embedded {
-    /// Address of each stage (`retriever`, ..., `orchestrator`).
-    pub addrs: BTreeMap<&'static str, SocketAddr>,
+    /// Address of each stage and of the orchestrator.
+    pub addrs: BTreeMap<StageKind, SocketAddr>,
     /// The settings its orchestrator runs with (stage URLs included).
     pub orchestrator: OrchestratorConfig,
-    triggers: BTreeMap<&'static str, ShutdownTrigger>,
-    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    /// What its servers share: limits, metrics and readiness (one process).
+    pub transport: Transport,
+    triggers: BTreeMap<StageKind, ShutdownTrigger>,
+    tasks: Vec<(StageKind, JoinHandle<anyhow::Result<()>>)>,
 }
 
 fn url(addr: SocketAddr) -> String {
@@ -121,11 +96,12 @@ fn url(addr: SocketAddr) -> String {
 
 impl Embedded {
     /// Starts every stage on `127.0.0.1:0` and the orchestrator on `public` (all must report
-    /// SERVING before this returns), with models from `model_dir`.
+    /// SERVING before this returns), with models from `model_dir`, over `transport`.
     pub async fn start(
         config: EmbeddedConfig,
         model_dir: PathBuf,
         public: TcpListener,
+        transport: Transport,
     ) -> anyhow::Result<Self> {
         // One retriever serves every user here: it must keep every user of the store.
         anyhow::ensure!(
@@ -134,82 +110,90 @@ impl Embedded {
         );
         let mut listeners = BTreeMap::new();
         for stage in StageKind::STAGES {
-            listeners.insert(stage.name(), TcpListener::bind("127.0.0.1:0").await?);
+            listeners.insert(stage, TcpListener::bind("127.0.0.1:0").await?);
         }
-        let mut addrs: BTreeMap<&'static str, SocketAddr> = listeners
+        let mut addrs: BTreeMap<StageKind, SocketAddr> = listeners
             .iter()
             .map(|(k, l)| Ok((*k, l.local_addr()?)))
             .collect::<std::io::Result<_>>()?;
-        addrs.insert("orchestrator", public.local_addr()?);
-        let mut take = |s: &str| listeners.remove(s).expect("every stage has a listener");
+        addrs.insert(StageKind::Orchestrator, public.local_addr()?);
+        let stage_url = |k: StageKind| url(addrs[&k]);
         let orchestrator = OrchestratorConfig {
-            retriever_url: url(addrs["retriever"]),
-            ranker_url: url(addrs["ranker"]),
-            summarizer_url: url(addrs["summarizer"]),
-            generator_url: url(addrs["generator"]),
-            synthesizer_url: url(addrs["synthesizer"]),
-            max_candidates: config.max_candidates,
-            idf_corpus: config.idf_corpus,
-            request_timeout_secs: config.request_timeout_secs,
+            retriever_url: stage_url(StageKind::Retriever),
+            ranker_url: stage_url(StageKind::Ranker),
+            summarizer_url: stage_url(StageKind::Summarizer),
+            generator_url: stage_url(StageKind::Generator),
+            synthesizer_url: stage_url(StageKind::Synthesizer),
+            writes: config.writes.clone(),
             max_new_tokens_limit: config.generator.max_new_tokens_limit,
             retriever_shards: 1,
             auth: config.auth.clone(),
             insecure_no_auth: false,
             discovery: Default::default(),
-        };
-        let mut me = Self {
-            addrs: addrs.clone(),
-            orchestrator: orchestrator.clone(),
-            triggers: BTreeMap::new(),
-            tasks: Vec::new(),
+            ingest_budget_mb: 0,
         };
         let summarizer = SummarizerConfig {
-            generator_url: url(addrs["generator"]),
-            max_new_tokens: config.summary_tokens,
-            num_beams: config.summary_num_beams,
-            summary_chars: config.summary_chars,
+            generator_url: stage_url(StageKind::Generator),
+            summary: config.summary.clone(),
             embedder: config.ranker.embedder.clone(),
             discovery: Default::default(),
         };
         let synthesizer = SynthesizerConfig {
-            word_similarity: config.word_similarity,
+            synthesis: config.synthesis.clone(),
             embedder: config.ranker.embedder.clone(),
         };
-
-        let l = take("retriever");
-        let s = me.trigger("retriever");
-        me.spawn(
-            "retriever",
-            ghostwriter_retriever::serve(config.retriever.clone(), l, s),
-        );
-        let l = take("ranker");
-        let s = me.trigger("ranker");
-        me.spawn(
-            "ranker",
-            ghostwriter_ranker::serve(config.ranker.clone(), model_dir.clone(), l, s),
-        );
-        let l = take("synthesizer");
-        let s = me.trigger("synthesizer");
-        me.spawn(
-            "synthesizer",
-            ghostwriter_synthesizer::serve(synthesizer, model_dir.clone(), l, s),
-        );
-        let l = take("generator");
-        let s = me.trigger("generator");
-        me.spawn(
-            "generator",
-            ghostwriter_generator::serve(config.generator.clone(), model_dir.clone(), l, s),
-        );
-        let l = take("summarizer");
-        let s = me.trigger("summarizer");
-        me.spawn(
-            "summarizer",
-            ghostwriter_summarizer::serve(summarizer, model_dir, l, s),
-        );
+        let mut me = Self {
+            addrs: addrs.clone(),
+            orchestrator: orchestrator.clone(),
+            transport: transport.clone(),
+            triggers: BTreeMap::new(),
+            tasks: Vec::new(),
+        };
+        for stage in StageKind::STAGES {
+            let listener = listeners
+                .remove(&stage)
+                .expect("every stage has a listener");
+            let stop = me.trigger(stage);
+            let (t, dir) = (transport.clone(), model_dir.clone());
+            let served: BoxedServe = match stage {
+                StageKind::Retriever => {
+                    let c = config.retriever.clone();
+                    Box::pin(
+                        async move { ghostwriter_retriever::serve(c, listener, stop, &t).await },
+                    )
+                }
+                StageKind::Ranker => {
+                    let c = config.ranker.clone();
+                    Box::pin(
+                        async move { ghostwriter_ranker::serve(c, dir, listener, stop, &t).await },
+                    )
+                }
+                StageKind::Synthesizer => {
+                    let c = synthesizer.clone();
+                    Box::pin(async move {
+                        ghostwriter_synthesizer::serve(c, dir, listener, stop, &t).await
+                    })
+                }
+                StageKind::Generator => {
+                    let c = config.generator.clone();
+                    Box::pin(async move {
+                        ghostwriter_generator::serve(c, dir, listener, stop, &t).await
+                    })
+                }
+                StageKind::Summarizer => {
+                    let c = summarizer.clone();
+                    Box::pin(async move {
+                        ghostwriter_summarizer::serve(c, dir, listener, stop, &t).await
+                    })
+                }
+                StageKind::Orchestrator => unreachable!("not a stage"),
+            };
+            me.spawn(stage, served);
+        }
 
         let timeout = Duration::from_secs(config.ready_timeout_secs);
-        for stage in StageKind::STAGES.map(StageKind::name) {
-            if let Err(e) = wait_until_serving(&url(addrs[stage]), "", timeout).await {
+        for stage in StageKind::STAGES {
+            if let Err(e) = wait_until_serving(&stage_url(stage), "", timeout, None).await {
                 // A stage that failed to start says why in its task's result.
                 let why = me
                     .stage_error(stage)
@@ -219,36 +203,48 @@ impl Embedded {
                 anyhow::bail!("{stage} did not become ready: {why}");
             }
         }
-        let s = me.trigger("orchestrator");
+        let stop = me.trigger(StageKind::Orchestrator);
+        let t = transport.clone();
         me.spawn(
-            "orchestrator",
-            ghostwriter_orchestrator::serve(orchestrator, public, s),
+            StageKind::Orchestrator,
+            Box::pin(async move {
+                ghostwriter_orchestrator::serve(orchestrator, public, stop, &t).await
+            }),
         );
-        wait_until_serving(&url(addrs["orchestrator"]), "", timeout)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message().to_string()))
-            .context("orchestrator did not become ready")?;
+        if let Err(e) =
+            wait_until_serving(&stage_url(StageKind::Orchestrator), "", timeout, None).await
+        {
+            let why = me
+                .stage_error(StageKind::Orchestrator)
+                .await
+                .unwrap_or_else(|| e.message().to_string());
+            me.shutdown().await;
+            anyhow::bail!("the orchestrator did not become ready: {why}");
+        }
         Ok(me)
     }
 
-    fn trigger(&mut self, stage: &'static str) -> Shutdown {
+    fn trigger(&mut self, stage: StageKind) -> Shutdown {
         let (trigger, handle) = shutdown::channel();
         self.triggers.insert(stage, trigger);
         handle
     }
 
-    fn spawn<F>(&mut self, stage: &'static str, future: F)
-    where
-        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
+    fn spawn(&mut self, stage: StageKind, future: BoxedServe) {
         self.tasks.push((stage, tokio::spawn(future)));
     }
 
-    async fn stage_error(&mut self, stage: &str) -> Option<String> {
-        let i = self
-            .tasks
-            .iter()
-            .position(|(s, t)| *s == stage && t.is_finished())?;
+    /// Why `stage` stopped, if it did: its error waited for (a stage that fails while starting
+    /// ends its task with the reason).
+    async fn stage_error(&mut self, stage: StageKind) -> Option<String> {
+        let i = self.tasks.iter().position(|(s, _)| *s == stage)?;
+        if !self.tasks[i].1.is_finished() {
+            // It may be on its way out: give it a moment to say why.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !self.tasks[i].1.is_finished() {
+                return None;
+            }
+        }
         let (_, task) = self.tasks.remove(i);
         match task.await {
             Ok(Err(e)) => Some(format!("{e:#}")),
@@ -272,7 +268,7 @@ impl Embedded {
         config.retriever.index_dir = work.path().join("index");
         config.generator.adapter = adapter;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let embedded = Self::start(config, model_dir, listener).await?;
+        let embedded = Self::start(config, model_dir, listener, Transport::default()).await?;
         let result = async {
             ingest(&embedded.url(), documents, None).await?;
             f(&embedded).await
@@ -284,17 +280,17 @@ impl Embedded {
 
     /// The public endpoint URL.
     pub fn url(&self) -> String {
-        url(self.addrs["orchestrator"])
+        url(self.addrs[&StageKind::Orchestrator])
     }
 
     /// The endpoint URL of one stage.
-    pub fn stage_url(&self, stage: &str) -> Option<String> {
-        self.addrs.get(stage).map(|a| url(*a))
+    pub fn stage_url(&self, stage: StageKind) -> String {
+        url(self.addrs[&stage])
     }
 
     /// Stops one stage (gracefully) and waits for it, leaving the rest running.
-    pub async fn stop_stage(&mut self, stage: &str) -> anyhow::Result<()> {
-        if let Some(t) = self.triggers.get(stage) {
+    pub async fn stop_stage(&mut self, stage: StageKind) -> anyhow::Result<()> {
+        if let Some(t) = self.triggers.get(&stage) {
             t.trigger();
         }
         if let Some(i) = self.tasks.iter().position(|(s, _)| *s == stage) {
@@ -306,15 +302,15 @@ impl Embedded {
 
     /// Stops everything: the orchestrator first, so in-flight writes drain through the stages.
     pub async fn shutdown(mut self) {
-        let _ = self.stop_stage("orchestrator").await;
+        let _ = self.stop_stage(StageKind::Orchestrator).await;
         for t in self.triggers.values() {
             t.trigger();
         }
         for (stage, task) in self.tasks.drain(..) {
             match task.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(stage, error = %e, "stage stopped with an error"),
-                Err(e) => tracing::warn!(stage, error = %e, "stage task failed"),
+                Ok(Err(e)) => tracing::warn!(%stage, error = %e, "stage stopped with an error"),
+                Err(e) => tracing::warn!(%stage, error = %e, "stage task failed"),
             }
         }
     }
@@ -338,9 +334,12 @@ pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteR
     }
 }
 
-/// Ingests `documents` through the public API at `url`, 1,000 at a time, with `token`.
+/// Ingests `documents` through the public API at `url` (plain HTTP/2), 1,000 at a time, with
+/// `token`.
 pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> anyhow::Result<()> {
-    ingest_batches(url, documents, 1000, token, |_| {})
+    let channel = client::channel(url, None).with_context(|| format!("connecting to {url}"))?;
+    let client = GhostwriterClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    ingest_batches(client, documents, 1000, token, |_| {})
         .await
         .map(|_| ())
 }
@@ -354,30 +353,23 @@ pub struct Ingested {
     pub consistency_token: String,
 }
 
-/// Ingests `documents` through the public API at `url` in batches of `batch`, with `token`,
-/// calling `progress(documents sent)` after each.
+/// Ingests `documents` through `client` in batches of `batch`, with `token`, calling
+/// `progress(documents sent)` after each. A refused call's error is its `tonic::Status` (for
+/// callers that explain it).
 pub async fn ingest_batches(
-    url: &str,
+    mut client: GhostwriterClient<tonic::transport::Channel>,
     documents: &[Document],
     batch: usize,
     token: Option<&str>,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<Ingested> {
-    let mut client = GhostwriterClient::new(
-        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
-    )
-    .max_encoding_message_size(256 << 20);
     let mut ingested = Ingested::default();
     for chunk in documents.chunks(batch.max(1)) {
         let mut request = tonic::Request::new(IngestRequest {
             documents: chunk.to_vec(),
         });
-        ghostwriter_common::auth::bearer(&mut request, token)?;
-        let response = client
-            .ingest(request)
-            .await
-            .map_err(|s| anyhow::anyhow!("ingest failed ({:?}): {}", s.code(), s.message()))?
-            .into_inner();
+        client::bearer(&mut request, token)?;
+        let response = client.ingest(request).await?.into_inner();
         ingested.total = response.total_documents;
         ingested.consistency_token = ghostwriter_orchestrator::tokens::later(
             &ingested.consistency_token,

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
-use ghostwriter_common::client::wait_until_serving;
 use ghostwriter_common::stage::StageKind;
+use ghostwriter_transport::client::wait_until_serving;
 
 /// Stage processes of a local multi-process topology; killed on drop.
 pub struct Processes {
@@ -112,7 +112,7 @@ impl Processes {
             me.urls.insert(stage.to_string(), url);
         }
         for (stage, url) in &me.urls {
-            wait_until_serving(url, "", Duration::from_secs(120))
+            wait_until_serving(url, "", Duration::from_secs(120), None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
         }
@@ -145,7 +145,7 @@ impl Processes {
 /// names include the mesh name), and the URL is `https://`.
 pub fn spawn_etcd(
     data_dir: &Path,
-    tls: Option<&ghostwriter_common::tls::TlsArgs>,
+    tls: Option<&ghostwriter_transport::tls::TlsArgs>,
 ) -> anyhow::Result<(Child, String, u16)> {
     spawn_etcd_on(data_dir, tls, free_port()?, free_port()?)
 }
@@ -154,7 +154,7 @@ pub fn spawn_etcd(
 /// URL before etcd started).
 pub fn spawn_etcd_on(
     data_dir: &Path,
-    tls: Option<&ghostwriter_common::tls::TlsArgs>,
+    tls: Option<&ghostwriter_transport::tls::TlsArgs>,
     client: u16,
     peer: u16,
 ) -> anyhow::Result<(Child, String, u16)> {
@@ -225,7 +225,7 @@ impl Authority {
         let issuer = Issuer::new(ca, &ca_key);
         let key = KeyPair::generate()?;
         let mut leaf = CertificateParams::new(vec![
-            ghostwriter_common::tls::DEFAULT_SERVER_NAME.to_string(),
+            ghostwriter_transport::tls::DEFAULT_SERVER_NAME.to_string(),
             "localhost".into(),
             "127.0.0.1".into(),
         ])?;
@@ -245,7 +245,7 @@ impl Authority {
 }
 
 /// Writes a throwaway [`Authority`] under `dir`; returns the flags that use it.
-pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_common::tls::TlsArgs> {
+pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_transport::tls::TlsArgs> {
     let authority = Authority::new("ghostwriter throwaway CA")?;
     std::fs::create_dir_all(dir)?;
     let (ca, cert, key) = (
@@ -256,20 +256,20 @@ pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_common::tls::TlsAr
     std::fs::write(&ca, authority.ca)?;
     std::fs::write(&cert, authority.cert)?;
     std::fs::write(&key, authority.key)?;
-    Ok(ghostwriter_common::tls::TlsArgs {
+    Ok(ghostwriter_transport::tls::TlsArgs {
         cert: Some(cert),
         key: Some(key),
         ca: Some(ca),
-        server_name: ghostwriter_common::tls::DEFAULT_SERVER_NAME.into(),
+        server_name: ghostwriter_transport::tls::DEFAULT_SERVER_NAME.into(),
     })
 }
 
 /// What the processes of `up --processes` share besides their stages' own flags.
 pub struct Mesh<'a> {
     /// Mutual TLS between the processes, etcd included.
-    pub tls: &'a ghostwriter_common::tls::TlsArgs,
+    pub tls: &'a ghostwriter_transport::tls::TlsArgs,
     /// The public API's authentication (the orchestrator's).
-    pub auth: &'a ghostwriter_common::auth::AuthArgs,
+    pub auth: &'a ghostwriter_orchestrator::auth::AuthArgs,
     /// How every process writes its log lines.
     pub log_format: ghostwriter_common::telemetry::LogFormat,
     /// The retrievers' store, when Postgres is the system of record (its URL reaches them
@@ -417,11 +417,13 @@ impl Processes {
                 me.urls.insert(name, url);
             }
         }
+        // This process checks their health as one of the mesh.
+        let client_tls = ghostwriter_transport::Tls::from_args(tls)?;
         for (stage, url) in me.urls.clone() {
             if stage == "etcd" {
                 continue;
             }
-            wait_until_serving(&url, "", Duration::from_secs(120))
+            wait_until_serving(&url, "", Duration::from_secs(120), client_tls.as_ref())
                 .await
                 .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
         }

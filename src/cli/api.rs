@@ -3,37 +3,90 @@
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::write_stream_response::Event;
 use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
 use ghostwriter::{loaders, output};
+use ghostwriter_common::MAX_MESSAGE_BYTES;
+use ghostwriter_transport::{Tls, client};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_stream::StreamExt;
 
+/// Default address of the public API (`up`'s).
+pub const DEFAULT_URL: &str = "http://127.0.0.1:50051";
+
 /// Where the public API is and the credential it is called with.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Connection")]
 pub struct ApiArgs {
-    /// Ghostwriter API URL.
-    #[arg(
-        long,
-        env = "GHOSTWRITER_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    /// Ghostwriter API: a URL, or HOST:PORT (http://, or https:// with --tls-ca).
+    #[arg(long, env = "GHOSTWRITER_URL", default_value = DEFAULT_URL)]
     pub to: String,
     /// Bearer token of the public API (one that may act for the users named).
     #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The TLS this command calls with (from the global --tls-* flags).
+    #[arg(skip)]
+    pub tls: Option<Tls>,
 }
 
 impl ApiArgs {
+    /// The API's URL: `--to`, with a scheme when it names none.
+    pub fn url(&self) -> String {
+        client::url(&self.to, self.tls.is_some())
+    }
+
     /// A request to the API: `body` with a deadline `timeout` seconds away and the token.
     pub fn request<T>(&self, body: T, timeout: u64) -> anyhow::Result<tonic::Request<T>> {
         let mut request = tonic::Request::new(body);
         request.set_timeout(Duration::from_secs(timeout));
-        ghostwriter_common::auth::bearer(&mut request, self.token.as_deref())?;
+        client::bearer(&mut request, self.token.as_deref())?;
         Ok(request)
+    }
+
+    /// A client of the API (connected at its first call).
+    pub fn connect(&self) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {
+        let url = self.url();
+        let channel = client::channel(&url, self.tls.as_ref())?;
+        Ok(GhostwriterClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// A failed call, as a person reads it: the code, the message, the URL called, and the
+    /// likely fix.
+    pub fn error(&self, s: tonic::Status) -> anyhow::Error {
+        let url = self.url();
+        let hint = match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown
+                if client::is_transport_failure(&s) || s.message().contains("connect") =>
+            {
+                if self.tls.is_none() {
+                    format!(
+                        "nothing answers at {url}: is Ghostwriter running there (`ghostwriter up`)? \
+                         Set --to or GHOSTWRITER_URL; a server that speaks TLS needs --tls-ca"
+                    )
+                } else {
+                    format!(
+                        "nothing answers at {url} over TLS: is Ghostwriter running there, and \
+                         does its certificate chain to --tls-ca?"
+                    )
+                }
+            }
+            tonic::Code::Unauthenticated => {
+                "send a token the server accepts: --token or GHOSTWRITER_TOKEN".to_string()
+            }
+            tonic::Code::PermissionDenied => {
+                "the token may not act for this user: use one issued for it".to_string()
+            }
+            _ => String::new(),
+        };
+        if hint.is_empty() {
+            anyhow::anyhow!("{:?} from {url}: {}", s.code(), s.message())
+        } else {
+            anyhow::anyhow!("{:?} from {url}: {}\n  {hint}", s.code(), s.message())
+        }
     }
 }
 
@@ -62,13 +115,16 @@ pub struct PresetsArgs {
     /// Bearer token of the public API.
     #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The TLS this command calls with (from the global --tls-* flags).
+    #[arg(skip)]
+    pub tls: Option<Tls>,
 }
 
 /// Options of `delete`.
 #[derive(Debug, clap::Args)]
 pub struct DeleteArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    pub api: ApiArgs,
     /// The user whose documents are deleted.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
@@ -86,7 +142,7 @@ pub struct DeleteArgs {
 #[derive(Debug, clap::Args)]
 pub struct DistinguishArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    pub api: ApiArgs,
     /// The supposed author.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
@@ -110,7 +166,7 @@ pub struct DistinguishArgs {
 #[derive(Parser)]
 pub struct WriteArgs {
     #[command(flatten)]
-    api: ApiArgs,
+    pub api: ApiArgs,
     /// The author.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
@@ -170,7 +226,7 @@ pub struct WriteArgs {
 }
 
 pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api.to).await?;
+    let mut client = args.api.connect()?;
     let request = args.api.request(
         ghostwriter::proto::DistinguishRequest {
             user_id: args.user,
@@ -185,7 +241,7 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
     let r = client
         .distinguish(request)
         .await
-        .map_err(status_error)?
+        .map_err(|s| args.api.error(s))?
         .into_inner();
     println!("{:.3}", r.probability);
     for d in &r.documents {
@@ -195,22 +251,12 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn connect(url: &str) -> anyhow::Result<GhostwriterClient<tonic::transport::Channel>> {
-    let client = GhostwriterClient::new(
-        ghostwriter_common::client::channel(url).with_context(|| format!("connecting to {url}"))?,
-    );
-    Ok(client
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20))
-}
-
 /// Sends every document of `file` in batches, with a progress bar; returns the count and what
-/// the last batch answered.
+/// the batches answered.
 pub async fn ingest(
-    url: &str,
+    api: &ApiArgs,
     batch: usize,
     file: &std::path::Path,
-    token: Option<&str>,
 ) -> anyhow::Result<(usize, ghostwriter::embedded::Ingested)> {
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
@@ -227,11 +273,18 @@ pub async fn ingest(
     );
     bar.set_message("ingesting");
     let started = Instant::now();
-    let ingested =
-        ghostwriter::embedded::ingest_batches(url, &loaded.documents, batch, token, |n| {
-            bar.inc(n as u64)
-        })
-        .await?;
+    let ingested = ghostwriter::embedded::ingest_batches(
+        api.connect()?,
+        &loaded.documents,
+        batch,
+        api.token.as_deref(),
+        |n| bar.inc(n as u64),
+    )
+    .await
+    .map_err(|e| match e.downcast::<tonic::Status>() {
+        Ok(s) => api.error(s),
+        Err(e) => e,
+    })?;
     bar.finish_and_clear();
     eprintln!(
         "ingested {} documents from {} in {:.1}s ({} in the index)",
@@ -245,7 +298,7 @@ pub async fn ingest(
 
 /// `ingest`: the file's documents, printed as JSON with `--json`.
 pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
-    let (sent, ingested) = ingest(&a.api.to, a.batch, &a.file, a.api.token.as_deref()).await?;
+    let (sent, ingested) = ingest(&a.api, a.batch, &a.file).await?;
     if a.json {
         println!(
             "{}",
@@ -261,7 +314,7 @@ pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
 
 /// `delete`: one document of a user, or all of them.
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api.to).await?;
+    let mut client = args.api.connect()?;
     let request = args.api.request(
         ghostwriter::proto::DeleteRequest {
             user_id: args.user.clone(),
@@ -272,7 +325,7 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     let r = client
         .delete(request)
         .await
-        .map_err(status_error)?
+        .map_err(|s| args.api.error(s))?
         .into_inner();
     if args.json {
         println!(
@@ -313,18 +366,14 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
     }
 }
 
-pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
-}
-
 pub async fn write(args: WriteArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.api.to).await?;
+    let mut client = args.api.connect()?;
     let request = args.api.request(write_request(&args), args.timeout)?;
     if !args.stream {
         let response = client
             .write(request)
             .await
-            .map_err(status_error)?
+            .map_err(|s| args.api.error(s))?
             .into_inner();
         if args.json {
             println!(
@@ -342,11 +391,11 @@ pub async fn write(args: WriteArgs) -> anyhow::Result<()> {
     let mut stream = client
         .write_stream(request)
         .await
-        .map_err(status_error)?
+        .map_err(|s| args.api.error(s))?
         .into_inner();
     let mut stdout = std::io::stdout();
     while let Some(message) = stream.next().await {
-        match message.map_err(status_error)?.event {
+        match message.map_err(|s| args.api.error(s))?.event {
             Some(Event::Provenance(p)) if !args.json => {
                 print!("{}", p.immediate_context);
                 stdout.flush()?;
@@ -385,12 +434,13 @@ pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
     let api = ApiArgs {
         to,
         token: args.token,
+        tls: args.tls,
     };
-    let r = connect(&api.to)
-        .await?
+    let r = api
+        .connect()?
         .list_presets(api.request(ghostwriter::proto::ListPresetsRequest {}, 30)?)
         .await
-        .map_err(status_error)?
+        .map_err(|s| api.error(s))?
         .into_inner();
     for p in r.presets {
         let default = if p.name == r.default_preset {
@@ -405,11 +455,11 @@ pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
 
 /// `info`: what a running Ghostwriter serves.
 pub async fn info(api: ApiArgs) -> anyhow::Result<()> {
-    let r = connect(&api.to)
-        .await?
+    let r = api
+        .connect()?
         .info(api.request(ghostwriter::proto::InfoRequest {}, 30)?)
         .await
-        .map_err(status_error)?
+        .map_err(|s| api.error(s))?
         .into_inner();
     let g = r.generator.unwrap_or_default();
     let info = serde_json::json!({

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use ghostwriter_common::shutdown;
 use ghostwriter_common::stage::StageKind;
+use ghostwriter_transport::{Metrics, Tls, Transport};
 use tokio::net::TcpListener;
 
 /// Options of `serve`.
@@ -70,26 +71,32 @@ pub struct ProcessArgs {
 }
 
 impl ProcessArgs {
-    /// Applies the limit and starts the metrics endpoint.
-    pub async fn apply(
+    /// The transport these flags describe, over `tls`; starts the metrics endpoint when asked.
+    pub async fn transport(
         &self,
+        tls: Option<Tls>,
         shutdown: ghostwriter_common::shutdown::Shutdown,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Transport> {
         let drain_timeout = Duration::try_from_secs_f64(self.drain_timeout_secs).map_err(|_| {
             anyhow::anyhow!("--drain-timeout-secs must be a non-negative number of seconds")
         })?;
-        ghostwriter_common::server::configure(ghostwriter_common::server::ServerOptions {
+        let transport = Transport {
+            tls,
             max_concurrency: self.max_concurrency,
             drain_timeout,
-        });
-        ghostwriter_common::ingest::configure_budget(self.ingest_budget_mb);
+            metrics: Metrics::new(),
+        };
         if let Some(addr) = self.metrics_listen {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding metrics on {addr}"))?;
-            tokio::spawn(ghostwriter_common::metrics::serve(listener, shutdown));
+            tokio::spawn(ghostwriter_transport::metrics::serve(
+                transport.metrics.clone(),
+                listener,
+                shutdown,
+            ));
         }
-        Ok(())
+        Ok(transport)
     }
 }
 
@@ -143,14 +150,19 @@ impl Stage {
 
 /// Runs the stage `args` names until a signal: serves, registers in etcd when discovery
 /// uses it, and on SIGTERM/ctrl-c deregisters, then drains.
-pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> anyhow::Result<()> {
     let ServeArgs {
         listen,
         process,
         stage,
     } = args;
-    process.apply(shutdown::Shutdown::never()).await?;
+    let transport = process.transport(tls, shutdown::Shutdown::never()).await?;
     use ghostwriter_discovery::{EndpointInfo, Registration};
+    // What can be refused is refused before binding: nothing says "listening" for a stage that
+    // will not serve.
+    if let Stage::Orchestrator { config } = &stage {
+        config.check(listen.ip())?;
+    }
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -161,7 +173,12 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         } else {
             local.ip().to_string()
         };
-        format!("http://{ip}:{}", local.port())
+        let scheme = if transport.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{ip}:{}", local.port())
     };
     // The first line on stdout: where the stage listens (what `--listen 127.0.0.1:0` chose), so
     // a parent that starts processes need not guess a free port. A closed stdout is no reason
@@ -174,31 +191,35 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
     let name = stage.kind().name();
     let (trigger, stop) = shutdown::channel();
     let discovery = process.discovery.clone();
+    let budget = process.ingest_budget_mb;
+    let t = transport.clone();
     let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         match stage {
             Stage::Retriever { mut config } => {
                 // The users it keeps from the store are those of its shard.
                 config.shard = process.shard;
-                ghostwriter_retriever::serve(config, listener, stop).await
+                config.ingest_budget_mb = budget;
+                ghostwriter_retriever::serve(config, listener, stop, &t).await
             }
             Stage::Ranker { config } => {
-                ghostwriter_ranker::serve(config, model_dir, listener, stop).await
+                ghostwriter_ranker::serve(config, model_dir, listener, stop, &t).await
             }
             Stage::Summarizer { mut config } => {
                 // It finds the generators the way the orchestrator does.
                 config.discovery = discovery;
-                ghostwriter_summarizer::serve(config, model_dir, listener, stop).await
+                ghostwriter_summarizer::serve(config, model_dir, listener, stop, &t).await
             }
             Stage::Synthesizer { config } => {
-                ghostwriter_synthesizer::serve(config, model_dir, listener, stop).await
+                ghostwriter_synthesizer::serve(config, model_dir, listener, stop, &t).await
             }
             Stage::Generator { config } => {
-                ghostwriter_generator::serve(config, model_dir, listener, stop).await
+                ghostwriter_generator::serve(config, model_dir, listener, stop, &t).await
             }
             Stage::Orchestrator { mut config } => {
                 // The orchestrator watches what the stages register under the same etcd.
                 config.discovery = discovery;
-                ghostwriter_orchestrator::serve(config, listener, stop).await
+                config.ingest_budget_mb = budget;
+                ghostwriter_orchestrator::serve(config, listener, stop, &t).await
             }
         }
     });
@@ -216,15 +237,17 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         };
         let d = process.discovery.clone();
         let local_url = reachable.clone();
+        let tls = transport.tls.clone();
         tokio::spawn(async move {
-            ghostwriter_common::client::wait_until_serving(
+            ghostwriter_transport::client::wait_until_serving(
                 &local_url,
                 "",
                 Duration::from_secs(600),
+                tls.as_ref(),
             )
             .await
             .map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
-            Registration::register(&d.etcd, &d.prefix, d.ttl_secs, info).await
+            Registration::register(&d.etcd_target(tls.as_ref()), &d.prefix, d.ttl_secs, info).await
         })
     });
     tokio::pin!(server);

@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use ghostwriter::embedded::{Embedded, EmbeddedConfig};
 use ghostwriter_common::{shutdown, telemetry};
+use ghostwriter_transport::{Tls, TlsArgs, Transport};
 use tokio::net::TcpListener;
 
-use super::api::{WriteArgs, ingest, write};
+use super::api::{ApiArgs, WriteArgs, ingest, write};
 use super::serve::ProcessArgs;
 
 /// Options of `up`.
@@ -55,7 +56,8 @@ const SHIPPED_ADAPTER: &[u8] = include_bytes!("../../adapters/smollm2-135m-revie
 pub async fn run(
     args: UpArgs,
     model_dir: PathBuf,
-    tls: ghostwriter_common::tls::TlsArgs,
+    tls_args: TlsArgs,
+    tls: Option<Tls>,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
     let replicas = ghostwriter::processes::parse_replicas(args.replicas.as_deref().unwrap_or(""))
@@ -66,7 +68,7 @@ pub async fn run(
             args.config,
             &replicas,
             model_dir,
-            tls,
+            tls_args,
             log_format,
         )
         .await;
@@ -76,17 +78,27 @@ pub async fn run(
             "--replicas needs --processes (the embedded topology runs one of each stage)"
         );
     }
-    args.process.apply(shutdown::Shutdown::never()).await?;
-    up(args.listen, args.config, model_dir).await
+    let mut config = args.config;
+    config.retriever.ingest_budget_mb = args.process.ingest_budget_mb;
+    let transport = args
+        .process
+        .transport(tls, shutdown::Shutdown::never())
+        .await?;
+    up(args.listen, config, model_dir, transport).await
 }
 
-async fn up(listen: SocketAddr, config: EmbeddedConfig, model_dir: PathBuf) -> anyhow::Result<()> {
+async fn up(
+    listen: SocketAddr,
+    config: EmbeddedConfig,
+    model_dir: PathBuf,
+    transport: Transport,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     super::ensure_models(&model_dir).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let embedded = Embedded::start(config, model_dir, listener).await?;
+    let embedded = Embedded::start(config, model_dir, listener, transport).await?;
     telemetry::status(&format!(
         "ghostwriter ready in {:.1}s on {}",
         started.elapsed().as_secs_f64(),
@@ -108,7 +120,7 @@ async fn up_processes(
     config: EmbeddedConfig,
     replicas: &std::collections::BTreeMap<String, u32>,
     model_dir: PathBuf,
-    tls: ghostwriter_common::tls::TlsArgs,
+    tls: TlsArgs,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -119,8 +131,6 @@ async fn up_processes(
     } else {
         ghostwriter::processes::throwaway_ca(&work.path().join("tls"))?
     };
-    // This process checks the stages' health over the same mesh.
-    ghostwriter_common::tls::init(&tls)?;
     let exe = std::env::current_exe()?;
     // The stage processes have their own process groups (a terminal's ctrl-c reaches only this
     // one): a signal while they start stops them too (dropping the half-started set kills it).
@@ -184,14 +194,19 @@ pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         config.generator.adapter = Some(adapter);
     }
     let listener = TcpListener::bind(listen).await?;
-    let embedded = Embedded::start(config, model_dir, listener).await?;
+    let embedded = Embedded::start(config, model_dir, listener, Transport::default()).await?;
     eprintln!(
         "pipeline ready in {:.1}s at {}",
         started.elapsed().as_secs_f64(),
         embedded.url()
     );
     let result = async {
-        ingest(&embedded.url(), 1000, &corpus, None).await?;
+        let api = ApiArgs {
+            to: embedded.url(),
+            token: None,
+            tls: None,
+        };
+        ingest(&api, 1000, &corpus).await?;
         let args = WriteArgs::parse_from([
             "write",
             "--to",

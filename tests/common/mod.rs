@@ -64,7 +64,7 @@ pub fn config(index_dir: PathBuf) -> EmbeddedConfig {
 /// A topology that lives for the whole test binary on its own runtime.
 pub struct Shared {
     pub url: String,
-    pub stage_urls: std::collections::BTreeMap<&'static str, String>,
+    pub stage_urls: std::collections::BTreeMap<ghostwriter_common::stage::StageKind, String>,
     _dir: tempfile::TempDir,
 }
 
@@ -92,14 +92,19 @@ where
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind");
-                let embedded = Embedded::start(config(dir.path().join("index")), models, listener)
-                    .await
-                    .expect("start");
+                let embedded = Embedded::start(
+                    config(dir.path().join("index")),
+                    models,
+                    listener,
+                    ghostwriter_transport::Transport::default(),
+                )
+                .await
+                .expect("start");
                 let url = embedded.url();
                 let stages = embedded
                     .addrs
                     .keys()
-                    .map(|k| (*k, embedded.stage_url(k).unwrap()))
+                    .map(|k| (*k, embedded.stage_url(*k)))
                     .collect();
                 std::mem::forget(embedded);
                 (url, stages)
@@ -117,11 +122,20 @@ where
     })
 }
 
-/// A client of the public API (over TLS when the test turned it on).
+/// A client of the public API (plain HTTP/2).
 pub async fn client(url: &str) -> GhostwriterClient<Channel> {
-    GhostwriterClient::new(ghostwriter_common::client::channel(url).expect("a channel"))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20)
+    client_over(url, None)
+}
+
+/// A client of the public API, over `tls` when given.
+#[allow(dead_code)] // not every test binary speaks TLS
+pub fn client_over(
+    url: &str,
+    tls: Option<&ghostwriter_transport::Tls>,
+) -> GhostwriterClient<Channel> {
+    GhostwriterClient::new(ghostwriter_transport::client::channel(url, tls).expect("a channel"))
+        .max_decoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ghostwriter_common::MAX_MESSAGE_BYTES)
 }
 
 /// Ingests `documents` in batches.

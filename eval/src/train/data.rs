@@ -106,7 +106,7 @@ pub async fn generation_example(
     let (generate, provenance) = orchestrator
         .generator_input(request)
         .await
-        .map_err(|s| anyhow::anyhow!("preparing {}: {}", example.doc_id, s.message()))?;
+        .map_err(|e| anyhow::anyhow!("preparing {}: {e}", example.doc_id))?;
     let Some(Input::Personalized(input)) = generate.input else {
         anyhow::bail!("the orchestrator did not build a personalized input");
     };

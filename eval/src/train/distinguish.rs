@@ -171,7 +171,8 @@ pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Valu
         let max_documents = args.max_documents;
         let author_history = args.author_history;
         async move {
-            let client = GhostwriterClient::new(ghostwriter_common::client::channel(&url)?);
+            let client =
+                GhostwriterClient::new(ghostwriter_transport::client::channel(&url, None)?);
             let results: Vec<anyhow::Result<Judgement>> = futures::stream::iter(jobs)
                 .map(|(user, e, same)| {
                     let mut client = client.clone();

@@ -362,8 +362,9 @@ async fn build_examples(
     };
     // The real stages, over an index of every user's documents (retrieval only ever returns
     // the target user's earlier ones).
-    let summary_chars =
-        ghostwriter_runtime::embedded::EmbeddedConfig::defaults().summary_chars as usize;
+    let summary_chars = ghostwriter_runtime::embedded::EmbeddedConfig::defaults()
+        .summary
+        .summary_chars as usize;
     let lengths = Lengths {
         max_target_tokens: args.max_target_tokens,
         max_tokens: args.max_tokens,
@@ -373,13 +374,17 @@ async fn build_examples(
         None,
         &dataset.documents,
         async |embedded| {
-            let orchestrator =
-                ghostwriter_orchestrator::OrchestratorService::new(embedded.orchestrator.clone())
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let orchestrator = ghostwriter_orchestrator::OrchestratorService::new(
+                embedded.orchestrator.clone(),
+                &embedded.transport,
+            )?;
             let mut retriever = match args.distinction_pairs {
                 DistinctionPairs::Matched => Some(
                     ghostwriter_proto::v1::retriever_client::RetrieverClient::new(
-                        ghostwriter_common::client::channel(&embedded.orchestrator.retriever_url)?,
+                        ghostwriter_transport::client::channel(
+                            &embedded.orchestrator.retriever_url,
+                            None,
+                        )?,
                     ),
                 ),
                 DistinctionPairs::Random => None,

@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use tonic::metadata::MetadataMap;
 
+pub use crate::status::DeadlinePassed;
+
 /// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
@@ -28,16 +30,14 @@ pub fn from_metadata(metadata: &MetadataMap, received: Instant) -> Option<Instan
     parse_grpc_timeout(value).map(|d| received + d)
 }
 
-/// Time left before `deadline`; `Err(DEADLINE_EXCEEDED)` once it has passed.
-pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, tonic::Status> {
+/// Time left before `deadline`; [`DeadlinePassed`] once it has passed.
+pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, DeadlinePassed> {
     match deadline {
         None => Ok(None),
         Some(d) => {
             let now = Instant::now();
             if now >= d {
-                Err(tonic::Status::deadline_exceeded(
-                    "the caller's deadline has passed",
-                ))
+                Err(DeadlinePassed)
             } else {
                 Ok(Some(d - now))
             }
@@ -50,7 +50,7 @@ pub fn remaining(deadline: Option<Instant>) -> Result<Option<Duration>, tonic::S
 pub fn request<T>(
     message: T,
     deadline: Option<Instant>,
-) -> Result<tonic::Request<T>, tonic::Status> {
+) -> Result<tonic::Request<T>, DeadlinePassed> {
     let mut request = tonic::Request::new(message);
     if let Some(left) = remaining(deadline)? {
         request.set_timeout(left);
@@ -78,7 +78,7 @@ mod tests {
     fn past_deadline_is_exceeded() {
         let past = Instant::now() - Duration::from_millis(1);
         assert_eq!(
-            remaining(Some(past)).unwrap_err().code(),
+            tonic::Status::from(remaining(Some(past)).unwrap_err()).code(),
             tonic::Code::DeadlineExceeded
         );
         assert!(remaining(None).unwrap().is_none());

@@ -3,11 +3,12 @@
 //! retriever again before indexing), and the bytes of batches being ingested are bounded per
 //! process, so concurrent maximum-size batches cannot exhaust memory.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 use ghostwriter_proto::v1::Document;
-use tokio::sync::{Semaphore, SemaphorePermit};
-use tonic::Status;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::status::{Invalid, Overloaded};
 
 /// Most documents in one batch.
 pub const MAX_BATCH: usize = 10_000;
@@ -28,20 +29,21 @@ pub fn check_id(field: &str, id: &str) -> Result<(), String> {
 }
 
 /// Checks a batch whole: the first bad document rejects it, naming the document (its index and
-/// id, quoted short).
-pub fn check_batch(documents: &[Document]) -> Result<(), String> {
+/// id, quoted short), as a violation of the field `documents`.
+pub fn check_batch(documents: &[Document]) -> Result<(), Invalid> {
+    let invalid = |message: String| Err(Invalid::new("documents", message));
     if documents.is_empty() {
-        return Err("no documents to ingest".into());
+        return invalid("no documents to ingest".into());
     }
     if documents.len() > MAX_BATCH {
-        return Err(format!(
+        return invalid(format!(
             "{} documents in one batch; at most {MAX_BATCH}",
             documents.len()
         ));
     }
     for (i, d) in documents.iter().enumerate() {
         let bad = |why: String| {
-            Err(format!(
+            invalid(format!(
                 "document {i} ({}): {why}",
                 crate::status::quote(&d.doc_id)
             ))
@@ -69,58 +71,62 @@ pub fn check_batch(documents: &[Document]) -> Result<(), String> {
     Ok(())
 }
 
-/// Who holds ingest batches in a process: each has its own budget, so the orchestrator and the
-/// retriever in one process (`up`) never wait on each other for the same batch.
-#[derive(Debug, Clone, Copy)]
-pub enum Holder {
-    /// The public API, until every shard has the batch.
-    Orchestrator = 0,
-    /// The retriever, until the batch is indexed.
-    Retriever = 1,
+/// The ingest budget of one holder (the public API until every shard has a batch, the retriever
+/// until it is stored): the encoded bytes of the batches it holds at once. Clones share it.
+#[derive(Debug, Clone)]
+pub struct IngestBudget {
+    semaphore: Arc<Semaphore>,
+    kib: usize,
 }
 
-static BUDGETS: OnceLock<[(Semaphore, usize); 2]> = OnceLock::new();
-
-/// Sets this process's ingest budget in MiB, per holder (the first call wins; 0 = the default).
-pub fn configure_budget(mb: usize) {
-    let mb = if mb == 0 { DEFAULT_BUDGET_MB } else { mb };
-    let kib = mb.saturating_mul(1024).min(Semaphore::MAX_PERMITS);
-    let _ = BUDGETS.set([(Semaphore::new(kib), kib), (Semaphore::new(kib), kib)]);
-}
-
-/// [`reserve`]s the encoded size of `request`.
-pub fn reserve_batch(
-    holder: Holder,
-    request: &ghostwriter_proto::v1::IngestRequest,
-) -> Result<SemaphorePermit<'static>, Status> {
-    reserve(holder, prost::Message::encoded_len(request))
-}
-
-/// Reserves `bytes` of `holder`'s ingest budget while the returned permit lives. A batch that
-/// does not fit now gets RESOURCE_EXHAUSTED with a RetryInfo; one larger than the whole budget
-/// is told to split (RESOURCE_EXHAUSTED, without a RetryInfo: retrying cannot help).
-pub fn reserve(holder: Holder, bytes: usize) -> Result<SemaphorePermit<'static>, Status> {
-    if BUDGETS.get().is_none() {
-        configure_budget(0);
+impl Default for IngestBudget {
+    fn default() -> Self {
+        Self::new(DEFAULT_BUDGET_MB)
     }
-    let Some((semaphore, total)) = BUDGETS.get().map(|b| &b[holder as usize]) else {
-        return Err(Status::internal("ingest budget unset"));
-    };
-    let kib = bytes.div_ceil(1024).max(1);
-    if kib > *total {
-        return Err(Status::resource_exhausted(format!(
-            "an ingest batch of {} MiB is larger than this process's ingest budget ({} MiB): \
-             split it",
-            kib.div_ceil(1024),
-            total / 1024
-        )));
+}
+
+impl IngestBudget {
+    /// A budget of `mb` MiB (0 = the default).
+    pub fn new(mb: usize) -> Self {
+        let mb = if mb == 0 { DEFAULT_BUDGET_MB } else { mb };
+        let kib = mb.saturating_mul(1024).min(Semaphore::MAX_PERMITS);
+        Self {
+            semaphore: Arc::new(Semaphore::new(kib)),
+            kib,
+        }
     }
-    semaphore.try_acquire_many(kib as u32).map_err(|_| {
-        crate::status::overloaded(format!(
-            "the ingest budget ({} MiB of batches in flight) is in use; retry later",
-            total / 1024
-        ))
-    })
+
+    /// [`Self::reserve`]s the encoded size of `request`.
+    pub fn reserve_batch(
+        &self,
+        request: &ghostwriter_proto::v1::IngestRequest,
+    ) -> Result<OwnedSemaphorePermit, Overloaded> {
+        self.reserve(prost::Message::encoded_len(request))
+    }
+
+    /// Reserves `bytes` while the returned permit lives. A batch that does not fit now is
+    /// [`Overloaded::Busy`]; one larger than the whole budget is told to split
+    /// ([`Overloaded::TooLarge`]: retrying cannot help).
+    pub fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Overloaded> {
+        let kib = bytes.div_ceil(1024).max(1);
+        if kib > self.kib {
+            return Err(Overloaded::TooLarge(format!(
+                "an ingest batch of {} MiB is larger than this process's ingest budget ({} MiB): \
+                 split it",
+                kib.div_ceil(1024),
+                self.kib / 1024
+            )));
+        }
+        self.semaphore
+            .clone()
+            .try_acquire_many_owned(kib as u32)
+            .map_err(|_| {
+                Overloaded::Busy(format!(
+                    "the ingest budget ({} MiB of batches in flight) is in use; retry later",
+                    self.kib / 1024
+                ))
+            })
+    }
 }
 
 #[cfg(test)]
@@ -130,16 +136,16 @@ mod tests {
     #[test]
     fn the_budget_bounds_batches_in_flight() {
         use tonic_types::StatusExt;
-        configure_budget(1); // 1 MiB per holder (the first call in this test binary)
-        let first = reserve(Holder::Retriever, 600 << 10).unwrap();
-        let refused = reserve(Holder::Retriever, 600 << 10).unwrap_err();
+        let (retriever, orchestrator) = (IngestBudget::new(1), IngestBudget::new(1));
+        let first = retriever.reserve(600 << 10).unwrap();
+        let refused = tonic::Status::from(retriever.reserve(600 << 10).unwrap_err());
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
-        // The other holder has its own budget.
-        drop(reserve(Holder::Orchestrator, 600 << 10).unwrap());
+        // Another holder has its own budget.
+        drop(orchestrator.reserve(600 << 10).unwrap());
         drop(first);
-        drop(reserve(Holder::Retriever, 600 << 10).unwrap());
-        let whole = reserve(Holder::Retriever, 2 << 20).unwrap_err();
+        drop(retriever.reserve(600 << 10).unwrap());
+        let whole = tonic::Status::from(retriever.reserve(2 << 20).unwrap_err());
         assert!(whole.message().contains("split it"), "{whole:?}");
         assert!(whole.get_details_retry_info().is_none());
     }
@@ -154,7 +160,11 @@ mod tests {
         };
         assert!(check_batch(&[doc("u", "1", "ok")]).is_ok());
         let e = check_batch(&[doc("u", "1", "ok"), doc("u", &"d".repeat(600), "ok")]).unwrap_err();
-        assert!(e.starts_with("document 1 (") && e.len() < 200, "{e}");
+        assert_eq!(e.field, "documents");
+        assert!(
+            e.message.starts_with("document 1 (") && e.message.len() < 200,
+            "{e}"
+        );
         assert!(check_batch(&[]).is_err());
         assert!(check_batch(&[doc("", "1", "x")]).is_err());
         assert!(check_batch(&[doc("u", "1", " ")]).is_err());

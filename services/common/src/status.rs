@@ -1,6 +1,8 @@
 //! Statuses with `google.rpc` error details, so clients act on errors without parsing messages:
 //! `BadRequest` names the field of an INVALID_ARGUMENT, `RetryInfo` says when to come back after a
-//! RESOURCE_EXHAUSTED.
+//! RESOURCE_EXHAUSTED. The errors every stage shares ([`Invalid`], [`Overloaded`],
+//! [`DeadlinePassed`]) are typed here with their one mapping to a `Status`; each stage's own error
+//! enum carries them as variants.
 
 use std::time::Duration;
 
@@ -41,6 +43,74 @@ pub fn overloaded(message: impl Into<String>) -> Status {
         message,
         ErrorDetails::with_retry_info(Some(RETRY_AFTER)),
     )
+}
+
+/// A request field that fails its check: INVALID_ARGUMENT with a `BadRequest` violation naming
+/// the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    /// The field's path in the request (`options.generation.top_p`).
+    pub field: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+impl Invalid {
+    /// `field` fails with `message`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same violation with its field under `parent` (a check of `generation` reported
+    /// inside `options`).
+    pub fn under(self, parent: &str) -> Self {
+        Self {
+            field: format!("{parent}.{}", self.field),
+            ..self
+        }
+    }
+}
+
+impl From<Invalid> for Status {
+    fn from(e: Invalid) -> Self {
+        bad_field(&e.field, e.message)
+    }
+}
+
+/// Refused for load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Overloaded {
+    /// Busy now: RESOURCE_EXHAUSTED with a `RetryInfo` of [`RETRY_AFTER`].
+    #[error("{0}")]
+    Busy(String),
+    /// Larger than the whole capacity: RESOURCE_EXHAUSTED without a `RetryInfo` (retrying
+    /// cannot help).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl From<Overloaded> for Status {
+    fn from(e: Overloaded) -> Self {
+        match e {
+            Overloaded::Busy(m) => overloaded(m),
+            Overloaded::TooLarge(m) => Status::resource_exhausted(m),
+        }
+    }
+}
+
+/// The caller's deadline passed: DEADLINE_EXCEEDED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the caller's deadline has passed")]
+pub struct DeadlinePassed;
+
+impl From<DeadlinePassed> for Status {
+    fn from(e: DeadlinePassed) -> Self {
+        Status::deadline_exceeded(e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,17 @@
 //! Text units of the method: sentences and snippets (consecutive sentences appended until they
 //! reach 250 characters or the document ends).
 
+/// A document whole, as it is indexed, ranked, summarized and scored: its title (trimmed) and
+/// body joined by a line break, or the body alone when the title is blank.
+pub fn document_text(title: &str, body: &str) -> String {
+    let title = title.trim();
+    if title.is_empty() {
+        body.to_string()
+    } else {
+        format!("{title}\n{body}")
+    }
+}
+
 /// The paper's snippet length, in characters.
 pub const SNIPPET_CHARS: usize = 250;
 
@@ -79,6 +90,16 @@ pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documents_join_a_trimmed_title_and_the_body() {
+        assert_eq!(
+            document_text(" Great ", "strings last"),
+            "Great\nstrings last"
+        );
+        assert_eq!(document_text("  ", "strings last"), "strings last");
+        assert_eq!(document_text("", ""), "");
+    }
 
     #[test]
     fn splits_sentences() {

@@ -5,6 +5,7 @@
 //! fails, the set keeps its last known endpoints (and says so once in the log); a name with no
 //! records empties it.
 
+use ghostwriter_transport::Tls;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,6 @@ use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use tonic::Status;
 
 use crate::set::{EndpointInfo, EndpointSet};
 
@@ -30,16 +30,14 @@ pub struct DnsTarget {
 impl DnsTarget {
     /// Parses `dns:///HOST:PORT` (or `dns://AUTHORITY/HOST:PORT`, whose authority is ignored:
     /// the nameserver comes from `--dns-server` or the system); `None` for other schemes.
-    pub fn parse(url: &str) -> Option<Result<Self, Status>> {
+    pub fn parse(url: &str) -> Option<anyhow::Result<Self>> {
         let rest = url.strip_prefix("dns:")?;
         let path = match rest.strip_prefix("//") {
             Some(after) => after.split_once('/').map_or(after, |(_, p)| p),
             None => rest,
         };
         let bad = |why: &str| {
-            Status::invalid_argument(format!(
-                "bad DNS stage URL {url:?}: {why} (expected dns:///HOST:PORT)"
-            ))
+            anyhow::anyhow!("bad DNS stage URL {url:?}: {why} (expected dns:///HOST:PORT)")
         };
         Some((|| {
             let (host, port) = path.rsplit_once(':').ok_or_else(|| bad("no port"))?;
@@ -69,7 +67,7 @@ pub struct DnsSettings {
     pub refresh: Duration,
 }
 
-fn resolver(settings: &DnsSettings) -> Result<TokioResolver, Status> {
+fn resolver(settings: &DnsSettings) -> anyhow::Result<TokioResolver> {
     let mut builder = match settings.server {
         Some(server) => {
             let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
@@ -88,9 +86,8 @@ fn resolver(settings: &DnsSettings) -> Result<TokioResolver, Status> {
                 TokioRuntimeProvider::default(),
             )
         }
-        None => TokioResolver::builder_tokio().map_err(|e| {
-            Status::failed_precondition(format!("reading the system's DNS configuration: {e}"))
-        })?,
+        None => TokioResolver::builder_tokio()
+            .map_err(|e| anyhow::anyhow!("reading the system's DNS configuration: {e}"))?,
     };
     let options = builder.options_mut();
     // Both families, and answers no older than one refresh (pods come and go).
@@ -99,14 +96,19 @@ fn resolver(settings: &DnsSettings) -> Result<TokioResolver, Status> {
     options.negative_max_ttl = Some(settings.refresh);
     builder
         .build()
-        .map_err(|e| Status::failed_precondition(format!("building the DNS resolver: {e}")))
+        .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))
 }
 
 impl EndpointSet {
     /// A set kept current by resolving `target` every `settings.refresh`.
-    pub fn dns(stage: &str, target: DnsTarget, settings: &DnsSettings) -> Result<Self, Status> {
+    pub fn dns(
+        stage: &str,
+        target: DnsTarget,
+        settings: &DnsSettings,
+        tls: Option<Tls>,
+    ) -> anyhow::Result<Self> {
         let resolver = Arc::new(resolver(settings)?);
-        let set = Self::empty(stage);
+        let set = Self::empty(stage, tls);
         tokio::spawn(resolve_loop(
             set.clone(),
             resolver,
@@ -160,7 +162,7 @@ mod tests {
 
     #[test]
     fn parses_dns_urls() {
-        let t = |u: &str| DnsTarget::parse(u).map(|r| r.map_err(|e| e.message().to_string()));
+        let t = |u: &str| DnsTarget::parse(u).map(|r| r.map_err(|e| e.to_string()));
         let ok = |host: &str, port| {
             Some(Ok(DnsTarget {
                 host: host.into(),

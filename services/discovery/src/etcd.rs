@@ -6,6 +6,8 @@
 //! dialed over mutual TLS with the process's mesh identity (`--tls-cert`, `--tls-key`,
 //! `--tls-ca`, `--tls-server-name`); `http://` or a bare `host:port` in plaintext.
 
+use ghostwriter_transport::Tls;
+use ghostwriter_transport::client::connect_now;
 use std::time::Duration;
 
 use ghostwriter_proto::etcd::etcdserverpb::kv_client::KvClient;
@@ -93,9 +95,30 @@ fn endpoint_url(e: &str) -> String {
     }
 }
 
+/// Where etcd is: its endpoints (`host:port` or URLs), and the TLS an `https://` one is
+/// dialed with (this process's mesh identity).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTarget {
+    /// Endpoints, tried in turn.
+    pub endpoints: Vec<String>,
+    /// TLS for `https://` endpoints.
+    pub tls: Option<Tls>,
+}
+
+impl EtcdTarget {
+    /// Plain endpoints, no TLS.
+    pub fn plain(endpoints: &[String]) -> Self {
+        Self {
+            endpoints: endpoints.to_vec(),
+            tls: None,
+        }
+    }
+}
+
 impl Etcd {
-    /// Connects to the first of `endpoints` (`host:port` or URLs) that answers.
-    pub async fn connect(endpoints: &[String]) -> Result<Self, EtcdError> {
+    /// Connects to the first of the target's endpoints that answers.
+    pub async fn connect(target: &EtcdTarget) -> Result<Self, EtcdError> {
+        let endpoints = &target.endpoints;
         let mut last = String::from("no endpoints given");
         for e in endpoints {
             let endpoint = match Endpoint::from_shared(endpoint_url(e)) {
@@ -109,8 +132,8 @@ impl Etcd {
                 }
             };
             // An https:// endpoint is dialed with this process's mesh TLS identity.
-            let tls = endpoint.uri().scheme_str() == Some("https");
-            match ghostwriter_common::client::connect_now(endpoint, tls).await {
+            let https = endpoint.uri().scheme_str() == Some("https");
+            match connect_now(endpoint, https, target.tls.as_ref()).await {
                 Ok(channel) => {
                     return Ok(Self {
                         kv: KvClient::new(channel.clone()),

@@ -18,6 +18,9 @@ pub mod set;
 use std::time::Duration;
 
 pub use dns::{DnsSettings, DnsTarget};
+pub use etcd::EtcdTarget;
+use ghostwriter_common::stage::StageKind;
+use ghostwriter_transport::Tls;
 pub use registry::Registration;
 pub use set::{Balancer, Endpoint, EndpointInfo, EndpointSet, InFlight, shard_of};
 
@@ -78,27 +81,45 @@ pub fn urls(list: &str) -> Vec<String> {
 impl DiscoveryArgs {
     /// The endpoint set of `stage`: watched in etcd when `--etcd` is given; otherwise resolved
     /// from DNS when `list` is one `dns:///HOST:PORT`; otherwise the fixed URLs of `list`.
-    pub fn stage_set(&self, stage: &str, list: &str) -> Result<EndpointSet, tonic::Status> {
+    /// Channels are dialed over `tls` when given (the process's mesh identity).
+    pub fn stage_set(
+        &self,
+        stage: StageKind,
+        list: &str,
+        tls: Option<&Tls>,
+    ) -> anyhow::Result<EndpointSet> {
+        let stage = stage.name();
         if !self.etcd.is_empty() {
-            return Ok(EndpointSet::watch(stage, &self.etcd, &self.prefix));
+            return Ok(EndpointSet::watch(
+                stage,
+                &self.etcd_target(tls),
+                &self.prefix,
+            ));
         }
         let urls = urls(list);
         let mut targets = urls.iter().filter_map(|u| DnsTarget::parse(u));
         match (targets.next(), urls.len()) {
-            (Some(target), 1) => EndpointSet::dns(stage, target?, &self.dns()?),
-            (Some(_), _) => Err(tonic::Status::invalid_argument(format!(
+            (Some(target), 1) => EndpointSet::dns(stage, target?, &self.dns()?, tls.cloned()),
+            (Some(_), _) => Err(anyhow::anyhow!(
                 "{stage}: a dns:/// URL must be the stage's only URL (got {list:?})"
-            ))),
-            (None, _) => EndpointSet::fixed(stage, &urls),
+            )),
+            (None, _) => EndpointSet::fixed(stage, &urls, tls.cloned()),
         }
     }
 
-    fn dns(&self) -> Result<DnsSettings, tonic::Status> {
-        if !(self.dns_refresh_secs.is_finite() && self.dns_refresh_secs > 0.0) {
-            return Err(tonic::Status::invalid_argument(
-                "--dns-refresh-secs must be a positive number of seconds",
-            ));
+    /// The etcd these flags name, dialed over `tls` when an endpoint is https://.
+    pub fn etcd_target(&self, tls: Option<&Tls>) -> EtcdTarget {
+        EtcdTarget {
+            endpoints: self.etcd.clone(),
+            tls: tls.cloned(),
         }
+    }
+
+    fn dns(&self) -> anyhow::Result<DnsSettings> {
+        anyhow::ensure!(
+            self.dns_refresh_secs.is_finite() && self.dns_refresh_secs > 0.0,
+            "--dns-refresh-secs must be a positive number of seconds"
+        );
         Ok(DnsSettings {
             server: self.dns_server,
             refresh: Duration::from_secs_f64(self.dns_refresh_secs),

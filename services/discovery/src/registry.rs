@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use crate::etcd::{Change, Etcd, EtcdError};
+use crate::etcd::{Change, Etcd, EtcdError, EtcdTarget};
 use crate::set::{EndpointInfo, EndpointSet};
 
 fn key(prefix: &str, stage: &str, url: &str) -> String {
@@ -26,16 +26,16 @@ fn stage_prefix(prefix: &str, stage: &str) -> String {
 pub struct Registration {
     task: JoinHandle<()>,
     lease: Arc<Mutex<Option<i64>>>,
-    etcd: Vec<String>,
+    etcd: EtcdTarget,
 }
 
 impl EndpointSet {
     /// A set kept current from etcd: everything under `PREFIX/STAGE/`.
-    pub fn watch(stage: &str, etcd: &[String], prefix: &str) -> Self {
-        let set = Self::empty(stage);
+    pub fn watch(stage: &str, etcd: &EtcdTarget, prefix: &str) -> Self {
+        let set = Self::empty(stage, etcd.tls.clone());
         tokio::spawn(watch_loop(
             set.clone(),
-            etcd.to_vec(),
+            etcd.clone(),
             stage_prefix(prefix, stage),
         ));
         set
@@ -49,7 +49,7 @@ impl Registration {
     /// it restarts, joins once etcd is back), so this returns only once the endpoint is
     /// registered.
     pub async fn register(
-        etcd: &[String],
+        etcd: &EtcdTarget,
         prefix: &str,
         ttl: i64,
         info: EndpointInfo,
@@ -61,7 +61,7 @@ impl Registration {
         *lease.lock().map_err(|_| anyhow::anyhow!("lease lock"))? = Some(id);
         tracing::info!(stage = %info.stage, url = %info.url, key, "registered in etcd");
         let task = tokio::spawn(keep_alive(
-            etcd.to_vec(),
+            etcd.clone(),
             key,
             value,
             ttl,
@@ -72,7 +72,7 @@ impl Registration {
         Ok(Self {
             task,
             lease,
-            etcd: etcd.to_vec(),
+            etcd: etcd.clone(),
         })
     }
 
@@ -92,7 +92,7 @@ impl Registration {
 }
 
 async fn put_with_lease(
-    etcd: &[String],
+    etcd: &EtcdTarget,
     key: &str,
     value: &str,
     ttl: i64,
@@ -109,7 +109,7 @@ fn renew_period(ttl: i64) -> Duration {
 }
 
 /// [`put_with_lease`], retried every [`renew_period`] until etcd takes it.
-async fn put_until_registered(etcd: &[String], key: &str, value: &str, ttl: i64) -> (Etcd, i64) {
+async fn put_until_registered(etcd: &EtcdTarget, key: &str, value: &str, ttl: i64) -> (Etcd, i64) {
     loop {
         match put_with_lease(etcd, key, value, ttl).await {
             Ok(registered) => return registered,
@@ -122,7 +122,7 @@ async fn put_until_registered(etcd: &[String], key: &str, value: &str, ttl: i64)
 }
 
 async fn keep_alive(
-    etcd: Vec<String>,
+    etcd: EtcdTarget,
     key: String,
     value: String,
     ttl: i64,
@@ -153,7 +153,7 @@ async fn keep_alive(
     }
 }
 
-async fn watch_loop(set: EndpointSet, etcd: Vec<String>, prefix: String) {
+async fn watch_loop(set: EndpointSet, etcd: EtcdTarget, prefix: String) {
     let mut warned = false;
     loop {
         let result: Result<std::convert::Infallible, EtcdError> = async {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ghostwriter_common::client;
+use ghostwriter_transport::Tls;
+use ghostwriter_transport::client;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tonic::transport::Channel;
@@ -61,9 +62,9 @@ impl EndpointInfo {
 }
 
 impl Endpoint {
-    fn new(info: EndpointInfo) -> Result<Self, tonic::Status> {
+    fn new(info: EndpointInfo, tls: Option<&Tls>) -> Result<Self, client::BadUrl> {
         Ok(Self {
-            channel: ghostwriter_common::client::channel(&info.url)?,
+            channel: client::channel(&info.url, tls)?,
             info,
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -120,48 +121,56 @@ impl Drop for InFlight {
 #[derive(Clone)]
 pub struct EndpointSet {
     stage: String,
+    /// What new endpoints' channels are dialed with.
+    tls: Option<Tls>,
     endpoints: Arc<RwLock<Vec<Arc<Endpoint>>>>,
     rng: Arc<AtomicUsize>,
 }
 
 impl EndpointSet {
-    pub(crate) fn empty(stage: &str) -> Self {
+    pub(crate) fn empty(stage: &str, tls: Option<Tls>) -> Self {
         Self {
             stage: stage.into(),
+            tls,
             endpoints: Arc::default(),
             rng: Arc::new(AtomicUsize::new(0x9e37_79b9)),
         }
     }
 
-    /// A fixed set of URLs (no discovery).
-    pub fn fixed(stage: &str, urls: &[String]) -> Result<Self, tonic::Status> {
-        let set = Self::empty(stage);
+    /// A fixed set of URLs (no discovery), dialed over `tls` when given.
+    pub fn fixed(stage: &str, urls: &[String], tls: Option<Tls>) -> anyhow::Result<Self> {
+        let set = Self::empty(stage, tls);
         let endpoints = urls
             .iter()
-            .map(|u| Endpoint::new(EndpointInfo::bare(stage, u.clone())).map(Arc::new))
+            .map(|u| {
+                Endpoint::new(EndpointInfo::bare(stage, u.clone()), set.tls.as_ref()).map(Arc::new)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         *set.endpoints
             .write()
-            .map_err(|_| tonic::Status::internal("endpoint set poisoned"))? = endpoints;
+            .map_err(|_| anyhow::anyhow!("endpoint set poisoned"))? = endpoints;
         Ok(set)
     }
 
     /// A fixed set of retriever URLs where the i-th entry serves shard i; an entry may name
     /// several replicas of its shard separated by `|` (`a0|a1,b0|b1`: shard 0 on a0 and a1).
-    pub fn fixed_sharded(stage: &str, urls: &[String]) -> Result<Self, tonic::Status> {
-        let set = Self::empty(stage);
+    pub fn fixed_sharded(stage: &str, urls: &[String], tls: Option<Tls>) -> anyhow::Result<Self> {
+        let set = Self::empty(stage, tls);
         let mut sharded = Vec::new();
         for (i, entry) in urls.iter().enumerate() {
             for url in entry.split('|').map(str::trim).filter(|u| !u.is_empty()) {
-                sharded.push(Arc::new(Endpoint::new(EndpointInfo {
-                    shard: Some(i as u32),
-                    ..EndpointInfo::bare(stage, url.to_string())
-                })?));
+                sharded.push(Arc::new(Endpoint::new(
+                    EndpointInfo {
+                        shard: Some(i as u32),
+                        ..EndpointInfo::bare(stage, url.to_string())
+                    },
+                    set.tls.as_ref(),
+                )?));
             }
         }
         *set.endpoints
             .write()
-            .map_err(|_| tonic::Status::internal("endpoint set poisoned"))? = sharded;
+            .map_err(|_| anyhow::anyhow!("endpoint set poisoned"))? = sharded;
         Ok(set)
     }
 
@@ -187,7 +196,7 @@ impl EndpointSet {
             .into_iter()
             .filter_map(|info| match current.iter().find(|e| e.info == info) {
                 Some(e) => Some(e.clone()),
-                None => Endpoint::new(info).ok().map(Arc::new),
+                None => Endpoint::new(info, self.tls.as_ref()).ok().map(Arc::new),
             })
             .collect();
         tracing::info!(stage = %self.stage, endpoints = ?next.iter().map(|e| e.info.url.as_str()).collect::<Vec<_>>(), "endpoint set changed");
@@ -352,6 +361,7 @@ mod tests {
         let set = EndpointSet::fixed_sharded(
             "retriever",
             &["http://a0:1|http://a1:1".into(), "http://b0:1".into()],
+            None,
         )
         .unwrap();
         let shards: Vec<(String, Option<u32>)> = set
@@ -401,6 +411,7 @@ mod tests {
         let set = EndpointSet::fixed(
             "x",
             &["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            None,
         )
         .unwrap();
         let busy = set.snapshot()[0].clone();

@@ -354,16 +354,59 @@ impl EmbedderArgs {
     }
 }
 
+/// Why an embedding a stage asked for is not there.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// The model is still loading (a stage answers UNAVAILABLE: retry elsewhere or later).
+    #[error("the embedding model is still loading")]
+    Loading,
+    /// The forward pass failed (INTERNAL).
+    #[error("embedding failed: {0}")]
+    Failed(String),
+}
+
+/// Runs `work` on a blocking thread; a failure (or a panic) is [`EmbedError::Failed`].
+async fn blocking<T, F>(work: F) -> Result<T, EmbedError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| EmbedError::Failed(e.to_string()))?
+        .map_err(|e| EmbedError::Failed(format!("{e:#}")))
+}
+
 /// An embedder that a stage loads in the background after it starts serving health checks.
 #[derive(Clone, Default)]
 pub struct LazyEmbedder(Arc<tokio::sync::OnceCell<Arc<CachedEmbedder>>>);
 
 impl LazyEmbedder {
-    /// The embedder, or UNAVAILABLE naming `stage` while it is still loading.
-    pub fn ready(&self, stage: &str) -> Result<Arc<CachedEmbedder>, tonic::Status> {
-        self.0.get().cloned().ok_or_else(|| {
-            tonic::Status::unavailable(format!("the {stage} is still loading its embedding model"))
-        })
+    /// The embedder, or [`EmbedError::Loading`] while it is still loading.
+    pub fn ready(&self) -> Result<Arc<CachedEmbedder>, EmbedError> {
+        self.0.get().cloned().ok_or(EmbedError::Loading)
+    }
+
+    /// Runs `work` with the embedder on a blocking thread (model inference never runs on the
+    /// async runtime).
+    pub async fn run<T, F>(&self, work: F) -> Result<T, EmbedError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&CachedEmbedder) -> anyhow::Result<T> + Send + 'static,
+    {
+        let embedder = self.ready()?;
+        blocking(move || work(&embedder)).await
+    }
+
+    /// Like [`Self::run`], for work that needs the embedder only when `needed` (it gets None
+    /// otherwise, loaded or not).
+    pub async fn run_if<T, F>(&self, needed: bool, work: F) -> Result<T, EmbedError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Option<&CachedEmbedder>) -> anyhow::Result<T> + Send + 'static,
+    {
+        let embedder = needed.then(|| self.ready()).transpose()?;
+        blocking(move || work(embedder.as_deref())).await
     }
 
     /// Loads the embedder `args` name (on a blocking thread) and makes it ready.

@@ -273,7 +273,7 @@ impl Engine {
             &job.input,
             job.params.max_new_tokens,
         )?;
-        let m = ghostwriter_common::metrics::metrics();
+        let m = crate::metrics::metrics();
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Overloaded(self.capacity));
@@ -522,13 +522,11 @@ impl Scheduler {
 
     fn dequeued(&self) {
         self.waiting_count.fetch_sub(1, Ordering::SeqCst);
-        ghostwriter_common::metrics::metrics()
-            .generator_queue_depth
-            .dec();
+        crate::metrics::metrics().generator_queue_depth.dec();
     }
 
     fn run(mut self, rx: Receiver<Queued>) {
-        let m = ghostwriter_common::metrics::metrics();
+        let m = crate::metrics::metrics();
         loop {
             if self.waiting.is_empty() && self.running.is_empty() {
                 match rx.recv() {
@@ -620,7 +618,7 @@ impl Scheduler {
 
     /// Admits waiting jobs in order while there is room.
     fn admit(&mut self) {
-        let m = ghostwriter_common::metrics::metrics();
+        let m = crate::metrics::metrics();
         let bs = self.blocks.block_size();
         loop {
             let Some(q) = self.waiting.front() else {
@@ -712,7 +710,7 @@ impl Scheduler {
 
     /// One forward pass and what follows from it.
     fn step(&mut self) -> anyhow::Result<()> {
-        let m = ghostwriter_common::metrics::metrics();
+        let m = crate::metrics::metrics();
         // (sequence, start, length, wants logits): decoding sequences first, then prompt chunks.
         let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new();
         let mut budget = self.config.max_batch_tokens;
@@ -867,7 +865,7 @@ impl Scheduler {
             }
         }
         self.backend.copy_blocks(&copies)?;
-        ghostwriter_common::metrics::metrics()
+        crate::metrics::metrics()
             .generator_beam_forks
             .inc_by(forks.len() as u64);
         let mut ended: Vec<(usize, Option<Finish>)> = Vec::new();
@@ -939,7 +937,7 @@ impl Scheduler {
         }
         s.sent = 0;
         s.log_prob = best.log_prob;
-        ghostwriter_common::metrics::metrics()
+        crate::metrics::metrics()
             .generator_running
             .set(self.running.len() as i64);
         finish_seq(s, best.finish);
@@ -952,7 +950,7 @@ fn first_token(enqueued: Instant, first: &mut Option<Instant>) {
     if first.is_none() {
         let now = Instant::now();
         *first = Some(now);
-        ghostwriter_common::metrics::metrics()
+        crate::metrics::metrics()
             .generator_time_to_first_token
             .observe(now.duration_since(enqueued).as_secs_f64());
     }
@@ -999,7 +997,7 @@ fn advance(s: &mut Seq, logits: &mut [f32], prompter: &Prompter, context: usize)
 /// Appends a chosen token to `s`, detokenizes it and streams the new text (beams stream
 /// nothing until their search ends); returns why the sequence ends, if it does.
 fn push_token(s: &mut Seq, next: u32, prompter: &Prompter, context: usize) -> Option<Finish> {
-    let m = ghostwriter_common::metrics::metrics();
+    let m = crate::metrics::metrics();
     s.tokens.push(next);
     m.generated_tokens.inc();
     // Incremental detokenization: decode a short window, emit what it adds.
@@ -1034,7 +1032,7 @@ fn push_token(s: &mut Seq, next: u32, prompter: &Prompter, context: usize) -> Op
 }
 
 fn finish_seq(s: Seq, finish: Finish) {
-    let m = ghostwriter_common::metrics::metrics();
+    let m = crate::metrics::metrics();
     if s.text.len() > s.sent {
         let _ = s.events.send(Event::Text(s.text[s.sent..].to_string()));
     }

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod gguf;
 pub mod gpu;
+pub mod metrics;
 pub mod model;
 pub mod native;
 pub mod prompt;
@@ -20,15 +21,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ghostwriter_common::deadline;
-use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::status::Invalid;
+use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_proto::v1::generate_request::Input as ProtoInput;
 use ghostwriter_proto::v1::generator_server::{Generator, GeneratorServer};
 use ghostwriter_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
     GeneratorInfoRequest,
 };
+use ghostwriter_transport::{StageServer, Transport};
 use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::Stream;
@@ -37,15 +39,33 @@ use tonic::{Request, Response, Status};
 pub use engine::{Engine, EngineConfig, EngineError, Event, Finish, Input, Job, Params, Stats};
 pub use model::{LanguageModel, LoadOptions};
 
-impl From<EngineError> for Status {
-    fn from(e: EngineError) -> Self {
+/// Why a generation request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field fails its check: INVALID_ARGUMENT.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The model is still loading: UNAVAILABLE.
+    #[error("the generator is still loading its model")]
+    Loading,
+    /// The engine refused or failed the job.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
         let message = e.to_string();
         match e {
-            EngineError::InvalidArgument(_) => Status::invalid_argument(message),
-            EngineError::Overloaded(_) => ghostwriter_common::status::overloaded(message),
-            EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-            EngineError::Stopped => Status::unavailable(message),
-            EngineError::Inference(_) => Status::internal(message),
+            Error::Invalid(e) => e.into(),
+            Error::Loading => Status::unavailable(message),
+            Error::Engine(e) => match e {
+                EngineError::InvalidArgument(_) => Status::invalid_argument(message),
+                EngineError::Overloaded(_) => ghostwriter_common::status::overloaded(message),
+                EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+                EngineError::Stopped => Status::unavailable(message),
+                EngineError::Inference(_) => Status::internal(message),
+            },
         }
     }
 }
@@ -232,30 +252,32 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
 }
 
 impl GeneratorService {
-    fn answer_tokens(&self) -> Result<[u32; 2], Status> {
+    fn answer_tokens(&self) -> Result<[u32; 2], Error> {
         self.engine()?
             .prompter()
             .answer_ids()
-            .map_err(|e| Status::internal(e.to_string()))
+            .map_err(|e| EngineError::Inference(e.to_string()).into())
     }
 
-    fn engine(&self) -> Result<&Engine, Status> {
-        self.engine
-            .get()
-            .ok_or_else(|| Status::unavailable("the generator is still loading its model"))
+    fn engine(&self) -> Result<&Engine, Error> {
+        self.engine.get().ok_or(Error::Loading)
     }
 
     /// Validates a request: what to condition on, the decoding settings and the deadline.
     fn parse(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<(Input, Params, Option<Instant>), Status> {
+    ) -> Result<(Input, Params, Option<Instant>), Error> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
         let r = request.into_inner();
         let input = match r.input {
             Some(ProtoInput::Personalized(p)) => {
                 if p.passage_start.trim().is_empty() {
-                    return Err(Status::invalid_argument("passage_start is empty"));
+                    return Err(Invalid::new(
+                        "input.personalized.passage_start",
+                        "passage_start is empty",
+                    )
+                    .into());
                 }
                 Input::Personalized(prompt::Parts {
                     passage_start: p.passage_start,
@@ -271,13 +293,17 @@ impl GeneratorService {
                 instruction: t.instruction,
             },
             Some(ProtoInput::Task(_)) => {
-                return Err(Status::invalid_argument("task.instruction is empty"));
+                return Err(
+                    Invalid::new("input.task.instruction", "task.instruction is empty").into(),
+                );
             }
             Some(ProtoInput::Distinction(d)) => {
                 if d.first.trim().is_empty() || d.second.trim().is_empty() {
-                    return Err(Status::invalid_argument(
+                    return Err(Invalid::new(
+                        "input.distinction",
                         "distinction needs two non-empty passages",
-                    ));
+                    )
+                    .into());
                 }
                 Input::Distinction {
                     first: d.first,
@@ -285,23 +311,29 @@ impl GeneratorService {
                 }
             }
             Some(ProtoInput::Instruction(_)) => {
-                return Err(Status::invalid_argument("instruction is empty"));
+                return Err(Invalid::new("input.instruction", "instruction is empty").into());
             }
             None => {
-                return Err(Status::invalid_argument(
+                return Err(Invalid::new(
+                    "input",
                     "input is missing: set personalized, task, instruction or distinction",
-                ));
+                )
+                .into());
             }
         };
         let g = r.params.unwrap_or_default();
         let c = &self.config;
         if g.max_new_tokens > c.max_new_tokens_limit {
-            return Err(Status::invalid_argument(format!(
-                "max_new_tokens {} exceeds the limit of {}",
-                g.max_new_tokens, c.max_new_tokens_limit
-            )));
+            return Err(Invalid::new(
+                "params.max_new_tokens",
+                format!(
+                    "max_new_tokens {} exceeds the limit of {}",
+                    g.max_new_tokens, c.max_new_tokens_limit
+                ),
+            )
+            .into());
         }
-        ghostwriter_common::check_sampling(&g)?;
+        ghostwriter_common::check_sampling(&g).map_err(|e| e.under("params"))?;
         let params = Params {
             max_new_tokens: if g.max_new_tokens == 0 {
                 c.default_max_new_tokens
@@ -339,7 +371,10 @@ impl Generator for GeneratorService {
     ) -> Result<Response<GenerateResponse>, Status> {
         let (input, params, deadline) = self.parse(request)?;
         let engine = self.engine()?;
-        let stats = engine.generate(input, params, deadline).await?;
+        let stats = engine
+            .generate(input, params, deadline)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(response(stats, &engine.model_name)))
     }
 
@@ -371,12 +406,14 @@ impl Generator for GeneratorService {
         let (input, params, deadline) = self.parse(request)?;
         let engine = self.engine()?;
         let (events, rx) = mpsc::unbounded_channel();
-        engine.submit(Job {
-            input,
-            params,
-            events,
-            deadline,
-        })?;
+        engine
+            .submit(Job {
+                input,
+                params,
+                events,
+                deadline,
+            })
+            .map_err(Error::from)?;
         let stream = event_stream(rx, engine.model_name.clone());
         Ok(Response::new(Box::pin(stream)))
     }
@@ -400,7 +437,7 @@ fn event_stream(
                         text: String::new(),
                         summary: Some(response(stats, &model)),
                     }),
-                    Event::Failed(e) => Err(e.into()),
+                    Event::Failed(e) => Err(Error::from(e).into()),
                 };
                 let last = !matches!(message, Ok(GenerateStreamResponse { summary: None, .. }));
                 if tx.send(message).await.is_err() || last {
@@ -446,8 +483,10 @@ pub async fn serve(
     model_dir: PathBuf,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let (server, routes) = StageServer::new("ghostwriter.v1.Generator").await;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Generator", transport).await;
+    metrics::register(&transport.metrics);
     let cell: Arc<OnceCell<Engine>> = Arc::default();
     let config = Arc::new(config);
     let service = GeneratorService {
@@ -460,7 +499,7 @@ pub async fn serve(
         let _ = cell.set(engine);
         anyhow::Ok(())
     };
-    let routes =
-        routes.add_service(GeneratorServer::new(service).max_decoding_message_size(64 << 20));
+    let routes = routes
+        .add_service(GeneratorServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }

@@ -6,16 +6,18 @@ pub mod rank;
 
 use std::path::PathBuf;
 
-use ghostwriter_common::server::StageServer;
+use ghostwriter_common::MAX_MESSAGE_BYTES;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::status::Invalid;
 use ghostwriter_proto::v1::ranker_server::{Ranker, RankerServer};
 use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrategy};
+use ghostwriter_transport::{StageServer, Transport};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 pub use ghostwriter_embed as embedder;
-use ghostwriter_embed::LazyEmbedder;
 pub use ghostwriter_embed::{CachedEmbedder as DenseRanker, Embedder};
+use ghostwriter_embed::{EmbedError, LazyEmbedder};
 pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 
 /// Ranker settings.
@@ -26,6 +28,27 @@ pub struct RankerConfig {
     pub embedder: ghostwriter_embed::EmbedderArgs,
 }
 
+/// Why a ranking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field fails its check: INVALID_ARGUMENT.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
+    #[error("ranker: {0}")]
+    Embed(#[from] EmbedError),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(e) => e.into(),
+            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
+            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
+        }
+    }
+}
+
 /// The gRPC adapter.
 #[derive(Clone)]
 pub struct RankerService {
@@ -34,28 +57,26 @@ pub struct RankerService {
 
 impl RankerService {
     /// Cosine similarity of each text to the query (embeddings cached across requests).
-    async fn dense_scores(&self, query: &str, texts: Vec<String>) -> Result<Vec<f32>, Status> {
+    async fn dense_scores(&self, query: &str, texts: Vec<String>) -> Result<Vec<f32>, Error> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let dense = self.dense.ready("ranker")?;
         let query = query.to_string();
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            dense.scores(&query, &refs)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("embedding failed: {e}")))
+        Ok(self
+            .dense
+            .run(move |dense| {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                dense.scores(&query, &refs)
+            })
+            .await?)
     }
-}
 
-#[tonic::async_trait]
-impl Ranker for RankerService {
-    async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        let r = request.into_inner();
+    async fn rank(&self, r: RankRequest) -> Result<RankResponse, Error> {
         let strategy = RankingStrategy::try_from(r.strategy).map_err(|_| {
-            Status::invalid_argument(format!("unknown ranking strategy {}", r.strategy))
+            Invalid::new(
+                "strategy",
+                format!("unknown ranking strategy {}", r.strategy),
+            )
         })?;
         let budget = if r.budget_chars == 0 {
             DEFAULT_BUDGET_CHARS
@@ -67,11 +88,7 @@ impl Ranker for RankerService {
             .into_iter()
             .filter_map(|c| {
                 let d = c.document?;
-                let text = if d.title.is_empty() {
-                    d.text
-                } else {
-                    format!("{}\n{}", d.title, d.text)
-                };
+                let text = ghostwriter_common::text::document_text(&d.title, &d.text);
                 let snippets = if c.snippets.is_empty() {
                     ghostwriter_common::text::snippets(&text)
                 } else {
@@ -114,7 +131,16 @@ impl Ranker for RankerService {
                 timestamp: e.timestamp,
             })
             .collect();
-        Ok(Response::new(RankResponse { entries }))
+        Ok(RankResponse { entries })
+    }
+}
+
+#[tonic::async_trait]
+impl Ranker for RankerService {
+    async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
+        Ok(Response::new(
+            RankerService::rank(self, request.into_inner()).await?,
+        ))
     }
 }
 
@@ -125,12 +151,14 @@ pub async fn serve(
     model_dir: PathBuf,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let (server, routes) = StageServer::new("ghostwriter.v1.Ranker").await;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Ranker", transport).await;
     let cell = LazyEmbedder::default();
     let loader = cell.clone().load(config.embedder, model_dir);
     let routes = routes.add_service(
-        RankerServer::new(RankerService { dense: cell }).max_decoding_message_size(256 << 20),
+        RankerServer::new(RankerService { dense: cell })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
     );
     server.serve_after(routes, listener, shutdown, loader).await
 }

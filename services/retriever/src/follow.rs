@@ -87,6 +87,43 @@ impl Checkpoint {
     }
 }
 
+/// The metrics of a replica's standing (`ghostwriter_retriever_store_lag_seconds`,
+/// `ghostwriter_retriever_store_applied_xid`).
+#[derive(Clone)]
+pub struct StoreGauges {
+    /// How far behind the store's head the index is, in seconds.
+    pub lag: prometheus::Gauge,
+    /// The watermark applied.
+    pub applied: prometheus::IntGauge,
+}
+
+impl StoreGauges {
+    /// The gauges, unregistered (tools that scrape nothing).
+    pub fn unregistered() -> Self {
+        Self {
+            lag: prometheus::Gauge::new(
+                "ghostwriter_retriever_store_lag_seconds",
+                "How far the retriever's index is behind the store's head",
+            )
+            .expect("metric definitions are valid"),
+            applied: prometheus::IntGauge::new(
+                "ghostwriter_retriever_store_applied_xid",
+                "Store watermark the retriever's index has applied (every transaction below it)",
+            )
+            .expect("metric definitions are valid"),
+        }
+    }
+
+    /// The gauges, registered with a server's `metrics`.
+    pub fn register(metrics: &ghostwriter_transport::Metrics) -> Self {
+        let g = Self::unregistered();
+        Self {
+            lag: metrics.register(g.lag),
+            applied: metrics.register(g.applied),
+        }
+    }
+}
+
 /// Where a replica stands.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -131,6 +168,7 @@ impl Follower {
         shard: Shard,
         poll: Duration,
         shutdown: Shutdown,
+        gauges: StoreGauges,
     ) -> Self {
         let (tx, progress) = watch::channel(Progress::default());
         let wake = Arc::new(Notify::new());
@@ -146,6 +184,7 @@ impl Follower {
             last_caught_up: Instant::now(),
             last_record: Instant::now(),
             recorded: None,
+            gauges,
         };
         let wake2 = wake.clone();
         let follower = tokio::spawn(async move {
@@ -248,6 +287,7 @@ struct Run {
     last_caught_up: Instant,
     last_record: Instant,
     recorded: Option<Position>,
+    gauges: StoreGauges,
 }
 
 impl Run {
@@ -333,10 +373,9 @@ impl Run {
         let ready = self
             .start_head
             .is_some_and(|h| page.position.watermark >= h);
-        let metrics = ghostwriter_common::metrics::metrics();
-        metrics.store_lag.set(lag.as_secs_f64());
-        metrics
-            .store_applied
+        self.gauges.lag.set(lag.as_secs_f64());
+        self.gauges
+            .applied
             .set(page.position.watermark.min(i64::MAX as u64) as i64);
         self.tx.send_modify(|p| {
             p.position = page.position;

@@ -32,11 +32,7 @@ pub struct StoredDocument {
 impl StoredDocument {
     /// Title and body joined, as they are indexed and ranked.
     pub fn content(&self) -> String {
-        if self.title.is_empty() {
-            self.text.clone()
-        } else {
-            format!("{}\n{}", self.title, self.text)
-        }
+        ghostwriter_common::text::document_text(&self.title, &self.text)
     }
 }
 
@@ -164,11 +160,7 @@ impl DocumentIndex {
 
     /// Number of documents searchable now.
     pub fn num_docs(&self) -> u64 {
-        let n = self.reader.searcher().num_docs();
-        ghostwriter_common::metrics::metrics()
-            .index_documents
-            .set(n as i64);
-        n
+        self.reader.searcher().num_docs()
     }
 
     /// Stores (upserts by doc_id) a validated batch and makes it searchable before returning.

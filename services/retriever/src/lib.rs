@@ -12,14 +12,18 @@ pub mod index;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ghostwriter_common::server::StageServer;
+use ghostwriter_common::MAX_MESSAGE_BYTES;
+use ghostwriter_common::ingest::IngestBudget;
 use ghostwriter_common::shutdown::Shutdown;
+use ghostwriter_common::status::{Invalid, Overloaded};
 use ghostwriter_proto::v1::retriever_server::{Retriever, RetrieverServer};
 use ghostwriter_proto::v1::{
     DeleteRequest, DeleteResponse, Document, IngestRequest, IngestResponse, ReplicaRequest,
     ReplicaResponse, RetrieveRequest, RetrieveResponse, RetrievedDocument, TermStatistics,
 };
 use ghostwriter_store::{Store, StoreArgs, Token};
+use ghostwriter_transport::{StageServer, Transport};
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
@@ -30,9 +34,12 @@ pub use index::{DocumentIndex, HistoryFilter, IndexChange, StoredDocument};
 /// Errors of the retriever.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The request is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// A request field fails its check.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The ingest budget is in use, or a batch is larger than it.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
     /// The index is still opening.
     #[error("the retriever is still opening its index")]
     NotReady,
@@ -56,7 +63,8 @@ impl From<tantivy::TantivyError> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::Invalid(e) => e.into(),
+            Error::Overloaded(e) => e.into(),
             Error::NotReady => Status::unavailable(e.to_string()),
             Error::Index(m) => Status::internal(m),
             Error::Store(e) => {
@@ -120,17 +128,21 @@ pub struct RetrieverConfig {
     /// This replica's shard (the process's --shard).
     #[arg(skip)]
     pub shard: Option<u32>,
+    /// MiB of ingest batches the retriever holds at once (`serve --ingest-budget-mb`; 0 = the
+    /// default).
+    #[arg(skip)]
+    pub ingest_budget_mb: usize,
 }
 
 impl RetrieverConfig {
     /// Which users this replica keeps.
-    pub fn shard(&self) -> Result<Shard, Error> {
+    pub fn shard(&self) -> Result<Shard, String> {
         let shards = self.shards.max(1);
         let shard = self.shard.unwrap_or(0);
         if shard >= shards {
-            return Err(Error::InvalidArgument(format!(
+            return Err(format!(
                 "--shard {shard} is not below --retriever-shards {shards}"
-            )));
+            ));
         }
         Ok(Shard { shard, shards })
     }
@@ -156,7 +168,7 @@ pub use ghostwriter_common::ingest::MAX_BATCH;
 /// Validates a batch whole ([`ghostwriter_common::ingest::check_batch`]); the first bad
 /// document rejects it, naming the document.
 pub fn validate_documents(documents: &[Document]) -> Result<Vec<StoredDocument>, Error> {
-    ghostwriter_common::ingest::check_batch(documents).map_err(Error::InvalidArgument)?;
+    ghostwriter_common::ingest::check_batch(documents)?;
     Ok(documents
         .iter()
         .map(|d| StoredDocument {
@@ -184,14 +196,14 @@ pub struct RetrieverService {
     replica: Arc<OnceCell<Replica>>,
     follows_store: bool,
     default_limit: u32,
+    ingest_budget: IngestBudget,
+    /// Documents in the index, as last counted.
+    documents: IntGauge,
 }
 
 impl RetrieverService {
-    fn index(&self) -> Result<Arc<DocumentIndex>, Status> {
-        self.index
-            .get()
-            .cloned()
-            .ok_or_else(|| Error::NotReady.into())
+    fn index(&self) -> Result<Arc<DocumentIndex>, Error> {
+        self.index.get().cloned().ok_or(Error::NotReady)
     }
 
     /// With a store: the store and follower (UNAVAILABLE until the store is open).
@@ -215,6 +227,16 @@ fn token(s: &str) -> Result<Option<Token>, Status> {
         .map_err(|e| Status::invalid_argument(format!("consistency_token: {e}")))
 }
 
+/// The gauge of the documents in the index.
+fn documents_gauge(metrics: &ghostwriter_transport::Metrics) -> IntGauge {
+    let gauge = IntGauge::new(
+        "ghostwriter_index_documents",
+        "Documents in the retriever's index",
+    )
+    .expect("metric definitions are valid");
+    metrics.register(gauge)
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -229,10 +251,10 @@ impl Retriever for RetrieverService {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         // Held until the batch is indexed: bounds the memory of concurrent ingests.
-        let _budget = ghostwriter_common::ingest::reserve_batch(
-            ghostwriter_common::ingest::Holder::Retriever,
-            request.get_ref(),
-        )?;
+        let _budget = self
+            .ingest_budget
+            .reserve_batch(request.get_ref())
+            .map_err(Error::from)?;
         let documents = validate_documents(&request.get_ref().documents)?;
         let index = self.index()?;
         // A batch may name one (user, doc_id) twice; the last one is stored.
@@ -277,7 +299,8 @@ impl Retriever for RetrieverService {
         }
         let total = tokio::task::spawn_blocking(move || index.ingest(&documents))
             .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+            .map_err(|e| Error::Index(e.to_string()))??;
+        self.documents.set(total as i64);
         tracing::debug!(ingested = n, total, "ingest");
         Ok(Response::new(IngestResponse {
             ingested: n,
@@ -364,7 +387,7 @@ impl Retriever for RetrieverService {
         );
         let r = request.into_inner();
         if r.user_id.trim().is_empty() {
-            return Err(Status::invalid_argument("user_id is empty"));
+            return Err(Error::from(Invalid::new("user_id", "user_id is empty")).into());
         }
         let index = self.index()?;
         if let (Some(token), Some(replica)) = (token(&r.consistency_token)?, self.replica()?) {
@@ -384,10 +407,8 @@ impl Retriever for RetrieverService {
             current_doc_id: r.current_doc_id,
         };
         if r.limit > MAX_RETRIEVE_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "limit {} exceeds {MAX_RETRIEVE_LIMIT}",
-                r.limit
-            )));
+            let message = format!("limit {} exceeds {MAX_RETRIEVE_LIMIT}", r.limit);
+            return Err(Error::from(Invalid::new("limit", message)).into());
         }
         let limit = if r.limit == 0 {
             self.default_limit.min(MAX_RETRIEVE_LIMIT)
@@ -410,7 +431,7 @@ impl Retriever for RetrieverService {
             Ok::<_, Error>((retrieved, background))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .map_err(|e| Error::Index(e.to_string()))??;
         Ok(Response::new(RetrieveResponse {
             background: background.map(|b| TermStatistics {
                 documents: b.documents,
@@ -445,24 +466,29 @@ pub async fn serve(
     config: RetrieverConfig,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
     // Without a store the shard only names the process in etcd: the orchestrator routes.
     let shard = if config.store.url.is_some() {
-        config.shard()?
+        config.shard().map_err(|e| anyhow::anyhow!(e))?
     } else {
         Shard::ALL
     };
     let max_lag = std::time::Duration::try_from_secs_f64(config.max_lag_secs)
         .map_err(|_| anyhow::anyhow!("--max-lag must be a non-negative number of seconds"))?;
-    let (server, routes) = StageServer::new("ghostwriter.v1.Retriever").await;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Retriever", transport).await;
     let health = server.health();
     let cell: Arc<OnceCell<Arc<DocumentIndex>>> = Arc::default();
     let replica_cell: Arc<OnceCell<Replica>> = Arc::default();
+    let documents = documents_gauge(&transport.metrics);
+    let gauges = follow::StoreGauges::register(&transport.metrics);
     let service = RetrieverService {
         index: cell.clone(),
         replica: replica_cell.clone(),
         follows_store: config.store.url.is_some(),
         default_limit: config.default_limit,
+        ingest_budget: IngestBudget::new(config.ingest_budget_mb),
+        documents: documents.clone(),
     };
     let dir = config.index_dir.clone();
     let writer_bytes = config.writer_mb * 1_000_000;
@@ -471,7 +497,9 @@ pub async fn serve(
     let loader = async move {
         let index = match opened.await {
             Ok(Ok(index)) => {
-                tracing::info!(stage = "retriever", docs = index.num_docs(), dir = %config.index_dir.display(), "index open");
+                let docs = index.num_docs();
+                documents.set(docs as i64);
+                tracing::info!(stage = "retriever", docs, dir = %config.index_dir.display(), "index open");
                 let index = Arc::new(index);
                 let _ = cell.set(index.clone());
                 index
@@ -494,6 +522,7 @@ pub async fn serve(
             shard,
             config.store.poll_interval(),
             stop.clone(),
+            gauges,
         );
         let progress = follower.progress();
         let _ = replica_cell.set(Replica {
@@ -507,8 +536,8 @@ pub async fn serve(
         tokio::spawn(prune(store, config.store.retention(), stop));
         Ok(())
     };
-    let routes =
-        routes.add_service(RetrieverServer::new(service).max_decoding_message_size(256 << 20));
+    let routes = routes
+        .add_service(RetrieverServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }
 
@@ -534,7 +563,7 @@ async fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
 /// SERVING while the index is ready, not rebuilding, and within `max_lag` of the store's head.
 async fn watch_lag(
     mut progress: tokio::sync::watch::Receiver<Progress>,
-    health: ghostwriter_common::server::Health,
+    health: ghostwriter_transport::Health,
     max_lag: std::time::Duration,
     stop: Shutdown,
 ) {

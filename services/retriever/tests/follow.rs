@@ -48,17 +48,21 @@ impl Retriever {
             max_lag_secs: 5.0,
             shards,
             shard,
+            ingest_budget_mb: 0,
         };
         let (stop, shutdown) = shutdown::channel();
-        let task = tokio::spawn(ghostwriter_retriever::serve(config, listener, shutdown));
-        ghostwriter_common::client::wait_until_serving(&url, "", Duration::from_secs(60))
+        let task = tokio::spawn(async move {
+            let transport = ghostwriter_transport::Transport::default();
+            ghostwriter_retriever::serve(config, listener, shutdown, &transport).await
+        });
+        ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
             .await
             .unwrap();
         Self { url, stop, task }
     }
 
     async fn client(&self) -> RetrieverClient<Channel> {
-        RetrieverClient::new(ghostwriter_common::client::channel(&self.url).unwrap())
+        RetrieverClient::new(ghostwriter_transport::client::channel(&self.url, None).unwrap())
     }
 
     async fn replica(&self) -> ReplicaResponse {
@@ -273,7 +277,7 @@ async fn postgres_down_keeps_retrieval_and_refuses_ingest_with_unavailable() {
     // Retrieval keeps serving from the index, and health stays SERVING past --max-lag.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(history(&r, "u", "").await, ["1"]);
-    ghostwriter_common::client::wait_until_serving(&r.url, "", Duration::from_secs(1))
+    ghostwriter_transport::client::wait_until_serving(&r.url, "", Duration::from_secs(1), None)
         .await
         .unwrap();
     pg.restart().unwrap();

@@ -13,11 +13,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ghostwriter_common::server::StageServer;
 use ghostwriter_common::shutdown::Shutdown;
-use ghostwriter_common::{client, deadline};
+use ghostwriter_common::stage::StageKind;
+use ghostwriter_common::status::Invalid;
+use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_discovery::{Balancer, DiscoveryArgs, EndpointSet};
-use ghostwriter_embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
+use ghostwriter_embed::{CachedEmbedder, EmbedError, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::summarizer_server::{Summarizer, SummarizerServer};
@@ -25,6 +26,7 @@ use ghostwriter_proto::v1::{
     GenerateRequest, GenerationParams, RankedEntry, SummarizeRequest, SummarizeResponse,
     SummaryMode, TaskInput,
 };
+use ghostwriter_transport::{StageServer, Transport, client};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -40,13 +42,28 @@ pub struct SummarizerConfig {
         default_value = "http://127.0.0.1:50055"
     )]
     pub generator_url: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub summary: SummaryOptions,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub embedder: EmbedderArgs,
+    /// Where to discover the generators (from `serve --etcd ...`/`--dns-*`).
+    #[arg(skip)]
+    pub discovery: DiscoveryArgs,
+}
+
+/// What summaries are like (shared by `serve summarizer` and the embedded topology).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Summaries")]
+pub struct SummaryOptions {
     /// Summary length in tokens when the request sets none.
     #[arg(
         long = "summary-tokens",
         env = "GHOSTWRITER_SUMMARY_TOKENS",
         default_value_t = 96
     )]
-    pub max_new_tokens: u32,
+    pub summary_tokens: u32,
     /// Beams of the LLM summary's beam search (the paper decodes its summaries with 4); 1 =
     /// greedy. At most the generators' --max-running.
     #[arg(
@@ -55,16 +72,10 @@ pub struct SummarizerConfig {
         default_value_t = 1,
         value_parser = clap::value_parser!(u32).range(1..=ghostwriter_common::MAX_BEAMS as i64)
     )]
-    pub num_beams: u32,
+    pub summary_num_beams: u32,
     /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
     #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
     pub summary_chars: u32,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub embedder: EmbedderArgs,
-    /// Where to discover the generators (from `serve --etcd ...`/`--dns-*`).
-    #[arg(skip)]
-    pub discovery: DiscoveryArgs,
 }
 
 /// Default SumCtx budget: about two snippets, the length of a typical review's picks.
@@ -134,6 +145,32 @@ pub fn passages(entries: &[RankedEntry]) -> Vec<String> {
     out
 }
 
+/// Why a summary failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field fails its check: INVALID_ARGUMENT.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
+    #[error("summarizer: {0}")]
+    Embed(#[from] EmbedError),
+    /// The generator's answer, passing through with its code and details, marked as a
+    /// downstream failure (not held against this summarizer by its callers).
+    #[error("{}", .0.message())]
+    Generator(tonic::Status),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(e) => e.into(),
+            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
+            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
+            Error::Generator(status) => status,
+        }
+    }
+}
+
 /// The gRPC adapter.
 #[derive(Clone)]
 pub struct SummarizerService {
@@ -152,39 +189,48 @@ impl Summarizer for SummarizerService {
         request: Request<SummarizeRequest>,
     ) -> Result<Response<SummarizeResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let r = request.into_inner();
+        let summary = self.summarize(request.into_inner(), deadline).await?;
+        Ok(Response::new(SummarizeResponse { summary }))
+    }
+}
+
+impl SummarizerService {
+    async fn summarize(
+        &self,
+        r: SummarizeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<String, Error> {
         if r.max_new_tokens > MAX_SUMMARY_TOKENS {
-            return Err(Status::invalid_argument(format!(
-                "max_new_tokens is limited to {MAX_SUMMARY_TOKENS}"
-            )));
+            return Err(Invalid::new(
+                "max_new_tokens",
+                format!("max_new_tokens is limited to {MAX_SUMMARY_TOKENS}"),
+            )
+            .into());
         }
         if r.entries.iter().all(|e| e.text.trim().is_empty()) {
-            return Ok(Response::new(SummarizeResponse {
-                summary: String::new(),
-            }));
+            return Ok(String::new());
         }
         let mode = SummaryMode::try_from(r.mode)
-            .map_err(|_| Status::invalid_argument(format!("unknown summary mode {}", r.mode)))?;
+            .map_err(|_| Invalid::new("mode", format!("unknown summary mode {}", r.mode)))?;
         let needs_query = matches!(mode, SummaryMode::Context | SummaryMode::ContextLlm);
         if needs_query && r.query.trim().is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(Invalid::new(
+                "query",
                 "a context-dependent summary needs the query (immediate context)",
-            ));
+            )
+            .into());
         }
         if mode == SummaryMode::Context {
-            let embedder = self.embedder.ready("summarizer")?;
             let budget = if r.budget_chars == 0 {
                 self.default_chars
             } else {
                 r.budget_chars
             } as usize;
-            let summary = tokio::task::spawn_blocking(move || {
-                context_summary(&embedder, &r.query, &r.entries, budget)
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("embedding failed: {e}")))?;
-            return Ok(Response::new(SummarizeResponse { summary }));
+            let summary = self
+                .embedder
+                .run(move |embedder| context_summary(embedder, &r.query, &r.entries, budget))
+                .await?;
+            return Ok(summary);
         }
         let tokens = if r.max_new_tokens == 0 {
             self.default_tokens
@@ -225,10 +271,8 @@ impl Summarizer for SummarizerService {
                 },
             )
             .await
-            .map_err(|s| client::mark_downstream(what, s))?;
-        Ok(Response::new(SummarizeResponse {
-            summary: response.text.trim().to_string(),
-        }))
+            .map_err(|s| Error::Generator(client::mark_downstream(what, s)))?;
+        Ok(response.text.trim().to_string())
     }
 }
 
@@ -239,22 +283,25 @@ pub async fn serve(
     model_dir: PathBuf,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer").await;
-    let generators = config
-        .discovery
-        .stage_set("generator", &config.generator_url)?;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Summarizer", transport).await;
+    let generators = config.discovery.stage_set(
+        StageKind::Generator,
+        &config.generator_url,
+        transport.tls.as_ref(),
+    )?;
     let cell = LazyEmbedder::default();
     let service = SummarizerService {
         generators,
         balancer: Arc::default(),
-        default_tokens: config.max_new_tokens,
-        num_beams: config.num_beams,
-        default_chars: config.summary_chars,
+        default_tokens: config.summary.summary_tokens,
+        num_beams: config.summary.summary_num_beams,
+        default_chars: config.summary.summary_chars,
         embedder: cell.clone(),
     };
     let loader = cell.clone().load(config.embedder.clone(), model_dir);
-    let routes =
-        routes.add_service(SummarizerServer::new(service).max_decoding_message_size(64 << 20));
+    let routes = routes
+        .add_service(SummarizerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }

@@ -6,11 +6,13 @@ pub mod text;
 
 use std::path::PathBuf;
 
-use ghostwriter_common::server::StageServer;
+use ghostwriter_common::MAX_MESSAGE_BYTES;
 use ghostwriter_common::shutdown::Shutdown;
-use ghostwriter_embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
+use ghostwriter_common::status::Invalid;
+use ghostwriter_embed::{CachedEmbedder, EmbedError, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
 use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
+use ghostwriter_transport::{StageServer, Transport};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -20,13 +22,22 @@ const MAX_WORDS_LIMIT: u32 = 1_000;
 /// Synthesizer settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SynthesizerConfig {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub synthesis: SynthesisOptions,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub embedder: EmbedderArgs,
+}
+
+/// How important words are chosen (shared by `serve synthesizer` and the embedded topology).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Important words")]
+pub struct SynthesisOptions {
     /// Cosine similarity of two words' MiniLM embeddings at or above which an entry word
     /// matches a word of the immediate context (SynCtx). Calibrated in docs/results.md.
     #[arg(long = "word-similarity", env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = DEFAULT_WORD_SIMILARITY)]
     pub word_similarity: f32,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub embedder: EmbedderArgs,
 }
 
 /// Default SynCtx word-similarity threshold.
@@ -52,6 +63,27 @@ pub fn close_words(
         .collect())
 }
 
+/// Why a synthesis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field fails its check: INVALID_ARGUMENT.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
+    #[error("synthesizer: {0}")]
+    Embed(#[from] EmbedError),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(e) => e.into(),
+            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
+            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
+        }
+    }
+}
+
 /// The gRPC adapter over [`synth`].
 #[derive(Clone)]
 pub struct SynthesizerService {
@@ -65,11 +97,18 @@ impl Synthesizer for SynthesizerService {
         &self,
         request: Request<SynthesizeRequest>,
     ) -> Result<Response<SynthesizeResponse>, Status> {
-        let r = request.into_inner();
+        Ok(Response::new(self.synthesize(request.into_inner()).await?))
+    }
+}
+
+impl SynthesizerService {
+    async fn synthesize(&self, r: SynthesizeRequest) -> Result<SynthesizeResponse, Error> {
         if r.max_words > MAX_WORDS_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "max_words is limited to {MAX_WORDS_LIMIT}"
-            )));
+            return Err(Invalid::new(
+                "max_words",
+                format!("max_words is limited to {MAX_WORDS_LIMIT}"),
+            )
+            .into());
         }
         let max = if r.max_words == 0 {
             synth::DEFAULT_MAX_WORDS
@@ -77,32 +116,29 @@ impl Synthesizer for SynthesizerService {
             r.max_words as usize
         };
         let mode = SynthesisMode::try_from(r.mode)
-            .map_err(|_| Status::invalid_argument(format!("unknown synthesis mode {}", r.mode)))?;
-        let embedder = match mode {
-            SynthesisMode::Context => Some(self.embedder.ready("synthesizer")?),
-            _ => None,
-        };
+            .map_err(|_| Invalid::new("mode", format!("unknown synthesis mode {}", r.mode)))?;
         let threshold = self.threshold;
-        let words = tokio::task::spawn_blocking(move || {
-            let docs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
-            let background = r.background.as_ref().map(|b| synth::Background {
-                documents: b.documents,
-                document_frequency: &b.document_frequency,
-            });
-            match embedder {
-                None => Ok(synth::important_words(&docs, max, background)),
-                Some(e) => {
-                    let entries: Vec<&str> = r.entries.iter().map(String::as_str).collect();
-                    synth::context_words(&r.query, &entries, &docs, max, background, |w, q| {
-                        close_words(&e, w, q, threshold)
-                    })
+        let context = mode == SynthesisMode::Context;
+        let words = self
+            .embedder
+            .run_if(context, move |embedder| {
+                let docs: Vec<&str> = r.documents.iter().map(String::as_str).collect();
+                let background = r.background.as_ref().map(|b| synth::Background {
+                    documents: b.documents,
+                    document_frequency: &b.document_frequency,
+                });
+                match embedder {
+                    None => Ok(synth::important_words(&docs, max, background)),
+                    Some(e) => {
+                        let entries: Vec<&str> = r.entries.iter().map(String::as_str).collect();
+                        synth::context_words(&r.query, &entries, &docs, max, background, |w, q| {
+                            close_words(e, w, q, threshold)
+                        })
+                    }
                 }
-            }
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("embedding failed: {e}")))?;
-        Ok(Response::new(SynthesizeResponse {
+            })
+            .await?;
+        Ok(SynthesizeResponse {
             words: words
                 .into_iter()
                 .map(|w| ImportantWord {
@@ -111,7 +147,7 @@ impl Synthesizer for SynthesizerService {
                     idf: w.idf,
                 })
                 .collect(),
-        }))
+        })
     }
 }
 
@@ -122,15 +158,16 @@ pub async fn serve(
     model_dir: PathBuf,
     listener: TcpListener,
     shutdown: Shutdown,
+    transport: &Transport,
 ) -> anyhow::Result<()> {
-    let (server, routes) = StageServer::new("ghostwriter.v1.Synthesizer").await;
+    let (server, routes) = StageServer::new("ghostwriter.v1.Synthesizer", transport).await;
     let cell = LazyEmbedder::default();
     let service = SynthesizerService {
         embedder: cell.clone(),
-        threshold: config.word_similarity,
+        threshold: config.synthesis.word_similarity,
     };
     let loader = cell.clone().load(config.embedder.clone(), model_dir);
-    let routes =
-        routes.add_service(SynthesizerServer::new(service).max_decoding_message_size(256 << 20));
+    let routes = routes
+        .add_service(SynthesizerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }

@@ -4,7 +4,6 @@
 //! drain on shutdown, bounded in time.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -15,8 +14,11 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use ghostwriter_common::shutdown::Shutdown;
+
+use crate::Transport;
 use crate::layers::{DeadlineLayer, MetricsLayer, ShedLayer, TraceLayer};
-use crate::shutdown::Shutdown;
+use crate::metrics::Metrics;
 
 /// Readiness of one stage as the health service reports it, under both the overall name `""`
 /// and the stage's own gRPC service name.
@@ -24,6 +26,7 @@ use crate::shutdown::Shutdown;
 pub struct Health {
     reporter: HealthReporter,
     service: &'static str,
+    metrics: Metrics,
 }
 
 impl Health {
@@ -38,38 +41,31 @@ impl Health {
     }
 
     async fn set(&self, status: ServingStatus) {
-        if let Ok(mut states) = STATES.lock() {
-            states.insert(self.service, status == ServingStatus::Serving);
-        }
+        self.metrics
+            .set_ready(self.service, status == ServingStatus::Serving);
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
     }
 }
 
-/// Whether each server of this process is SERVING (for `/readyz`).
-static STATES: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-/// Whether this process serves, and every server in it is SERVING: the plain-HTTP readiness
-/// the metrics endpoint answers on `/readyz` (for probes that cannot speak TLS gRPC).
-pub fn ready() -> bool {
-    STATES
-        .lock()
-        .is_ok_and(|s| !s.is_empty() && s.values().all(|serving| *serving))
-}
-
 /// A stage server being assembled: health and reflection, to which the stage adds its service.
 pub struct StageServer {
     health: Health,
+    transport: Transport,
 }
 
 impl StageServer {
     /// Starts assembling a server for the gRPC service `service` (its full name, such as
-    /// `ghostwriter.v1.Retriever`), which starts NOT_SERVING. Returns the server and the routes
-    /// (health and reflection) to which the caller adds its own service before [`Self::serve`].
-    pub async fn new(service: &'static str) -> (Self, Routes) {
+    /// `ghostwriter.v1.Retriever`), which starts NOT_SERVING, with the process's `transport`
+    /// (TLS, limits, metrics). Returns the server and the routes (health and reflection) to
+    /// which the caller adds its own service before [`Self::serve`].
+    pub async fn new(service: &'static str, transport: &Transport) -> (Self, Routes) {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = Health { reporter, service };
+        let health = Health {
+            reporter,
+            service,
+            metrics: transport.metrics.clone(),
+        };
         health.not_serving().await;
         // Reflection in both versions: v1, and v1alpha, which many GUI clients still ask for.
         let reflection = || {
@@ -84,7 +80,10 @@ impl StageServer {
             .build_v1alpha()
             .expect("the compiled-in descriptor sets are valid");
         (
-            Self { health },
+            Self {
+                health,
+                transport: transport.clone(),
+            },
             Routes::new(health_service)
                 .add_service(v1)
                 .add_service(v1alpha),
@@ -107,7 +106,7 @@ impl StageServer {
         let health = self.health.clone();
         let addr: Option<SocketAddr> = listener.local_addr().ok();
         tracing::info!(service = health.service, addr = ?addr, "listening");
-        let options = options();
+        let transport = self.transport.clone();
         let service = health.service;
         let watch = shutdown.clone();
         let stopping = async move {
@@ -116,17 +115,23 @@ impl StageServer {
         };
         let server = Server::builder()
             .layer(TraceLayer { service })
-            .layer(MetricsLayer { service })
-            .layer(ShedLayer::new(options.max_concurrency))
+            .layer(MetricsLayer {
+                service,
+                metrics: transport.metrics.rpc().clone(),
+            })
+            .layer(ShedLayer::new(
+                transport.max_concurrency,
+                transport.metrics.rpc().rejected.clone(),
+            ))
             .layer(DeadlineLayer { service })
             .add_routes(routes);
         let serving = async {
-            if crate::tls::enabled() {
+            if let Some(tls) = &transport.tls {
                 // The public API also takes callers without a client certificate (they present
                 // tokens); every stage API needs the mesh identity.
                 let public = service == PUBLIC_SERVICE;
                 server
-                    .serve_with_incoming_shutdown(crate::tls::incoming(listener, public)?, stopping)
+                    .serve_with_incoming_shutdown(tls.incoming(listener, public)?, stopping)
                     .await?;
             } else {
                 // No Nagle: small responses would otherwise wait for the caller's delayed ACK
@@ -145,7 +150,7 @@ impl StageServer {
         };
         // The drain after shutdown is bounded: past --drain-timeout-secs, what is still in
         // flight is cut off.
-        let drain = options.drain_timeout;
+        let drain = transport.drain_timeout;
         tokio::select! {
             served = serving => served?,
             () = async { watch.wait().await; tokio::time::sleep(drain).await } => {
@@ -186,34 +191,5 @@ impl StageServer {
 /// The public API's service name.
 const PUBLIC_SERVICE: &str = "ghostwriter.v1.Ghostwriter";
 
-/// Process-wide server settings, set once from the command line.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerOptions {
-    /// RPCs a service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
-    pub max_concurrency: usize,
-    /// How long a stopping server waits for the RPCs in flight.
-    pub drain_timeout: Duration,
-}
-
 /// Default bound of the drain on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Default for ServerOptions {
-    fn default() -> Self {
-        Self {
-            max_concurrency: 0,
-            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
-        }
-    }
-}
-
-static OPTIONS: OnceLock<ServerOptions> = OnceLock::new();
-
-/// Sets the process's server options (the first call wins).
-pub fn configure(options: ServerOptions) {
-    let _ = OPTIONS.set(options);
-}
-
-fn options() -> ServerOptions {
-    OPTIONS.get().copied().unwrap_or_default()
-}

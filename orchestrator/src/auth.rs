@@ -15,15 +15,28 @@
 //! Missing or unknown credentials get UNAUTHENTICATED; acting for another user gets
 //! PERMISSION_DENIED. Neither message says whether the user exists.
 
+use ghostwriter_common::watch::{RELOAD_EVERY, Reload, watch_files};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use tonic::Status;
 use tonic::metadata::MetadataMap;
+
+/// Why a call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// No `authorization` header: UNAUTHENTICATED.
+    #[error("missing credentials: send `authorization: Bearer TOKEN`")]
+    Missing,
+    /// Unknown, expired or badly signed credentials: UNAUTHENTICATED.
+    #[error("invalid credentials")]
+    Invalid,
+    /// Valid credentials acting for another user: PERMISSION_DENIED.
+    #[error("this credential may not act for the requested user")]
+    OtherUser,
+}
 
 /// What a caller may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +48,12 @@ pub enum Grant {
 }
 
 impl Grant {
-    /// Allows acting for `user_id`, or PERMISSION_DENIED.
-    pub fn allow(&self, user_id: &str) -> Result<(), Status> {
+    /// Allows acting for `user_id`, or [`Denied::OtherUser`].
+    pub fn allow(&self, user_id: &str) -> Result<(), Denied> {
         match self {
             Grant::Admin => Ok(()),
             Grant::User(u) if u == user_id => Ok(()),
-            Grant::User(_) => Err(Status::permission_denied(
-                "this credential may not act for the requested user",
-            )),
+            Grant::User(_) => Err(Denied::OtherUser),
         }
     }
 }
@@ -210,8 +221,8 @@ impl Jwt {
         Ok(Self { keys })
     }
 
-    fn grant(&self, token: &str) -> Result<Grant, Status> {
-        let invalid = || Status::unauthenticated("invalid credentials");
+    fn grant(&self, token: &str) -> Result<Grant, Denied> {
+        let invalid = || Denied::Invalid;
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         // The keys of the token's algorithm (and of its kid, when both name one).
         let claims = self
@@ -307,53 +318,35 @@ impl AuthArgs {
         Ok(Sources { tokens, jwt })
     }
 
+    /// Loads the credential files once, to report one that does not load (nothing is kept).
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.sources().map(|_| ())
+    }
+
     /// The authenticator these flags describe (off when none is set). Inside a tokio runtime,
     /// its files are watched: a change is loaded within [`RELOAD_EVERY`], and a file that no
     /// longer loads keeps the previous credentials.
     pub fn load(&self) -> anyhow::Result<Auth> {
-        let modified = |files: &[std::path::PathBuf]| -> Vec<Option<SystemTime>> {
-            files
-                .iter()
-                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-                .collect()
-        };
-        // The files' times as loaded: a change from here on is reloaded.
-        let files = self.files();
-        let mut seen = modified(&files);
         let auth = Auth::from_sources(self.sources()?);
-        if let (true, Ok(runtime)) = (self.configured(), tokio::runtime::Handle::try_current()) {
-            let (args, inner) = (self.clone(), Arc::downgrade(&auth.inner));
-            runtime.spawn(async move {
-                let mut failed = None;
-                loop {
-                    tokio::time::sleep(RELOAD_EVERY).await;
-                    // Stops with the authenticator.
-                    let Some(inner) = inner.upgrade() else { return };
-                    let now = modified(&files);
-                    if now == seen || failed.as_ref() == Some(&now) {
-                        continue;
+        if self.configured() && tokio::runtime::Handle::try_current().is_ok() {
+            let (args, weak) = (self.clone(), Arc::downgrade(&auth.inner));
+            watch_files("credential files", self.files(), RELOAD_EVERY, move || {
+                // Stops with the authenticator.
+                let Some(inner) = weak.upgrade() else {
+                    return Reload::Stop;
+                };
+                match args.sources() {
+                    Ok(sources) => {
+                        *inner.write().unwrap_or_else(|e| e.into_inner()) = sources;
+                        Reload::Loaded
                     }
-                    match args.sources() {
-                        Ok(sources) => {
-                            *inner.write().unwrap_or_else(|e| e.into_inner()) = sources;
-                            (seen, failed) = (now, None);
-                            tracing::info!("credential files reloaded");
-                        }
-                        // Tried again at the files' next change (they may be half written).
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "credential files changed but do not load; keeping the previous credentials");
-                            failed = Some(now);
-                        }
-                    }
+                    Err(e) => Reload::Failed(e),
                 }
             });
         }
         Ok(auth)
     }
 }
-
-/// How often the credential files are checked for changes.
-pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// The credentials in force.
 #[derive(Debug, Default)]
@@ -403,7 +396,7 @@ impl Auth {
 
     /// The caller's grant from its `authorization` header (with authentication off, everyone
     /// is an administrator).
-    pub fn grant(&self, metadata: &MetadataMap) -> Result<Grant, Status> {
+    pub fn grant(&self, metadata: &MetadataMap) -> Result<Grant, Denied> {
         let s = self.read();
         if s.tokens.is_none() && s.jwt.is_none() {
             return Ok(Grant::Admin);
@@ -413,32 +406,26 @@ impl Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .ok_or_else(|| {
-                Status::unauthenticated("missing credentials: send `authorization: Bearer TOKEN`")
-            })?;
+            .ok_or(Denied::Missing)?;
         if let Some(grant) = s.tokens.as_ref().and_then(|t| t.grants.get(token)) {
             return Ok(grant.clone());
         }
         match &s.jwt {
             Some(jwt) => jwt.grant(token),
-            None => Err(Status::unauthenticated("invalid credentials")),
+            None => Err(Denied::Invalid),
         }
     }
-}
-
-/// Adds `authorization: Bearer TOKEN` to a request (clients: `--token`).
-pub fn bearer<T>(request: &mut tonic::Request<T>, token: Option<&str>) -> anyhow::Result<()> {
-    if let Some(token) = token.filter(|t| !t.is_empty()) {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse()?);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// The code a refusal reaches the caller with.
+    fn code(d: Denied) -> tonic::Code {
+        tonic::Status::from(crate::Error::from(d)).code()
+    }
 
     fn md(header: Option<&str>) -> MetadataMap {
         let mut m = MetadataMap::new();
@@ -459,14 +446,14 @@ mod tests {
             .unwrap();
         assert!(alice.allow("alice").is_ok());
         let denied = alice.allow("bob").unwrap_err();
-        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert_eq!(code(denied), tonic::Code::PermissionDenied);
         let admin = auth
             .grant(&md(Some("Bearer admin-token-0123456789")))
             .unwrap();
         assert!(admin.allow("bob").is_ok());
         for bad in [None, Some("Bearer nope-nope-nope-nope"), Some("Basic abc")] {
             assert_eq!(
-                auth.grant(&md(bad)).unwrap_err().code(),
+                code(auth.grant(&md(bad)).unwrap_err()),
                 tonic::Code::Unauthenticated
             );
         }
@@ -504,7 +491,7 @@ mod tests {
             .unwrap();
         assert_eq!(alice, Grant::User("alice".into()));
         assert_eq!(
-            alice.allow("bob").unwrap_err().code(),
+            code(alice.allow("bob").unwrap_err()),
             tonic::Code::PermissionDenied
         );
         let admin = auth
@@ -528,7 +515,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                auth.grant(&bad).unwrap_err().code(),
+                code(auth.grant(&bad).unwrap_err()),
                 tonic::Code::Unauthenticated
             );
         }
@@ -568,7 +555,7 @@ mod tests {
     #[test]
     fn rs256_and_es256_from_pem_keys_and_a_jwk_set() {
         let unauthenticated = |auth: &Auth, m: &MetadataMap| {
-            auth.grant(m).unwrap_err().code() == tonic::Code::Unauthenticated
+            code(auth.grant(m).unwrap_err()) == tonic::Code::Unauthenticated
         };
         let alice = Grant::User("alice".into());
         // One PEM public key each.

@@ -12,9 +12,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use prometheus::IntCounterVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_layer::Layer;
 use tower_service::Service;
+
+use crate::metrics::RpcMetrics;
 
 type Body = tonic::body::Body;
 type Request = http::Request<Body>;
@@ -125,7 +128,7 @@ impl<S: Inner> Service<Request> for Trace<S> {
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
-        let span = crate::telemetry::server_span(request.headers(), &service, &method);
+        let span = ghostwriter_common::telemetry::server_span(request.headers(), &service, &method);
         let call = span.in_scope(|| take(&mut self.inner).call(request));
         Box::pin(tracing::Instrument::instrument(call, span))
     }
@@ -136,9 +139,11 @@ impl<S: Inner> Service<Request> for Trace<S> {
 pub struct MetricsLayer {
     /// The server's own service name, for paths that name none.
     pub service: &'static str,
+    /// Where they are recorded.
+    pub metrics: RpcMetrics,
 }
 
-layer!(MetricsLayer, Metrics { service: &'static str });
+layer!(MetricsLayer, Metrics { service: &'static str, metrics: RpcMetrics });
 
 /// Counts one RPC in flight until dropped.
 struct InFlight(prometheus::IntGauge);
@@ -151,6 +156,7 @@ impl Drop for InFlight {
 
 /// Records an RPC's outcome once: its code when answered, CANCELLED if dropped before.
 struct Outcome {
+    metrics: RpcMetrics,
     service: String,
     method: String,
     started: Instant,
@@ -159,7 +165,7 @@ struct Outcome {
 
 impl Drop for Outcome {
     fn drop(&mut self) {
-        let m = crate::metrics::metrics();
+        let m = &self.metrics;
         let code = self.code.unwrap_or(tonic::Code::Cancelled);
         m.requests
             .with_label_values(&[&self.service, &self.method, &format!("{code:?}")])
@@ -191,12 +197,11 @@ impl<S: Inner> Service<Request> for Metrics<S> {
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
-        let gauge = crate::metrics::metrics()
-            .in_flight
-            .with_label_values(&[&service]);
+        let gauge = self.metrics.in_flight.with_label_values(&[&service]);
         gauge.inc();
         let in_flight = InFlight(gauge);
         let mut outcome = Outcome {
+            metrics: self.metrics.clone(),
             service,
             method,
             started: Instant::now(),
@@ -219,18 +224,20 @@ impl<S: Inner> Service<Request> for Metrics<S> {
 #[derive(Clone)]
 pub struct ShedLayer {
     limit: Option<Arc<Semaphore>>,
+    rejected: IntCounterVec,
 }
 
 impl ShedLayer {
-    /// At most `max` RPCs at once (0 = no limit).
-    pub fn new(max: usize) -> Self {
+    /// At most `max` RPCs at once (0 = no limit); refusals counted in `rejected` by service.
+    pub fn new(max: usize, rejected: IntCounterVec) -> Self {
         Self {
             limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            rejected,
         }
     }
 }
 
-layer!(ShedLayer, Shed { limit: Option<Arc<Semaphore>> });
+layer!(ShedLayer, Shed { limit: Option<Arc<Semaphore>>, rejected: IntCounterVec });
 
 impl<S: Inner> Service<Request> for Shed<S> {
     type Response = Response;
@@ -249,11 +256,8 @@ impl<S: Inner> Service<Request> for Shed<S> {
                 Ok(p) => Some(p),
                 Err(_) => {
                     let (service, _) = rpc_name(&request, "");
-                    crate::metrics::metrics()
-                        .rejected
-                        .with_label_values(&[&service])
-                        .inc();
-                    let status = crate::status::overloaded(format!(
+                    self.rejected.with_label_values(&[&service]).inc();
+                    let status = ghostwriter_common::status::overloaded(format!(
                         "{service} is at its concurrency limit; retry later"
                     ));
                     return Box::pin(std::future::ready(Ok(status.into_http())));
@@ -291,7 +295,7 @@ impl<S: Inner> Service<Request> for Deadline<S> {
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
-            .and_then(crate::deadline::parse_grpc_timeout)
+            .and_then(ghostwriter_common::deadline::parse_grpc_timeout)
             .map(|d| d.saturating_sub((d / 10).min(std::time::Duration::from_millis(5))));
         let (service, _) = rpc_name(&request, self.service);
         let call = take(&mut self.inner).call(request);

@@ -4,40 +4,86 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-/// Opens a lazy channel to a stage: no connection is made until the first call, and a stage
-/// that is down fails that call quickly (connect timeout) instead of hanging. Over mutual TLS
-/// when the process has it on ([`crate::tls`]).
-pub fn channel(url: &str) -> Result<Channel, tonic::Status> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad endpoint URL {url:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30));
-    Ok(if crate::tls::enabled() {
-        endpoint.connect_with_connector_lazy(crate::tls::Connector)
-    } else {
-        endpoint.connect_lazy()
-    })
-}
+use crate::tls::Tls;
 
-/// Connects `endpoint` now; over this process's mutual TLS (its certificate, CA and server
-/// name) when `tls`, which needs TLS on in the process.
-pub async fn connect_now(endpoint: Endpoint, tls: bool) -> Result<Channel, String> {
-    match (tls, crate::tls::enabled()) {
-        (true, true) => endpoint
-            .connect_with_connector(crate::tls::Connector)
-            .await
-            .map_err(|e| transport_error(&e)),
-        (true, false) => Err(
-            "an https:// endpoint needs this process's TLS flags (--tls-cert, --tls-key, --tls-ca)"
-                .into(),
-        ),
-        (false, _) => endpoint.connect().await.map_err(|e| transport_error(&e)),
+/// `address` as a URL: `host:port` (grpcurl's habit) gets `http://`, or `https://` when the
+/// caller speaks TLS; a URL is kept as it is.
+pub fn url(address: &str, tls: bool) -> String {
+    let address = address.trim();
+    if address.contains("://") {
+        address.to_string()
+    } else if tls {
+        format!("https://{address}")
+    } else {
+        format!("http://{address}")
     }
 }
 
+/// A URL that names no endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("bad endpoint URL {url:?}: {reason}")]
+pub struct BadUrl {
+    /// The URL.
+    pub url: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// The endpoint of `url`, with the settings every channel shares: a stage that is down fails a
+/// call quickly (connect timeout) instead of hanging; keepalive pings find a dead connection.
+pub fn endpoint(url: &str) -> Result<Endpoint, BadUrl> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| BadUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30)))
+}
+
+/// Opens a lazy channel to a stage: no connection is made until the first call. Over mutual
+/// TLS when `tls` is given.
+pub fn channel(url: &str, tls: Option<&Tls>) -> Result<Channel, BadUrl> {
+    let endpoint = endpoint(url)?;
+    Ok(match tls {
+        Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+        None => endpoint.connect_lazy(),
+    })
+}
+
+/// Connects `endpoint` now; over `tls` when `https` (an https:// URL), which then needs it.
+pub async fn connect_now(
+    endpoint: Endpoint,
+    https: bool,
+    tls: Option<&Tls>,
+) -> Result<Channel, String> {
+    let url = endpoint.uri().to_string();
+    let connected = match (https, tls) {
+        (true, Some(tls)) => endpoint.connect_with_connector(tls.connector()).await,
+        (true, None) => {
+            return Err(format!(
+                "{url}: an https:// endpoint needs this process's TLS flags (--tls-cert, \
+                 --tls-key, --tls-ca)"
+            ));
+        }
+        (false, _) => endpoint.connect().await,
+    };
+    connected.map_err(|e| format!("{url}: {}", transport_error(&e)))
+}
+
+/// Adds `authorization: Bearer TOKEN` to a request (clients: `--token`).
+pub fn bearer<T>(request: &mut tonic::Request<T>, token: Option<&str>) -> anyhow::Result<()> {
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    Ok(())
+}
+
 /// A transport error with its causes (tonic's own message is only "transport error").
-fn transport_error(e: &tonic::transport::Error) -> String {
+pub fn transport_error(e: &tonic::transport::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -80,13 +126,19 @@ fn caused_by_connection(status: &tonic::Status) -> bool {
 }
 
 /// Rewrites a failed call's status so it names the stage. Transport failures (the stage is down
-/// or unreachable) become UNAVAILABLE; the stage's own errors keep their code.
+/// or unreachable) become UNAVAILABLE; the stage's own errors keep their code, their
+/// `google.rpc` details (a `RetryInfo`, a `BadRequest`) and their metadata.
 pub fn stage_status(stage: &str, status: tonic::Status) -> tonic::Status {
     let message = format!("{stage} stage: {}", status.message());
     if is_transport_failure(&status) {
         tonic::Status::unavailable(message)
     } else {
-        tonic::Status::new(status.code(), message)
+        tonic::Status::with_details_and_metadata(
+            status.code(),
+            message,
+            status.details().to_vec().into(),
+            status.metadata().clone(),
+        )
     }
 }
 
@@ -118,13 +170,15 @@ pub async fn wait_until_serving(
     url: &str,
     service: &str,
     timeout: Duration,
+    tls: Option<&Tls>,
 ) -> Result<(), tonic::Status> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
     let started = std::time::Instant::now();
-    let mut client = HealthClient::new(channel(url)?);
+    let channel = channel(url, tls).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    let mut client = HealthClient::new(channel);
     let mut last = String::from("no answer");
     while started.elapsed() < timeout {
         let mut request = tonic::Request::new(HealthCheckRequest {
@@ -167,5 +221,18 @@ mod tests {
             "generator",
             tonic::Status::unavailable("down")
         )));
+    }
+
+    #[test]
+    fn a_stages_error_keeps_its_details_when_named() {
+        use tonic_types::StatusExt;
+        let refused = ghostwriter_common::status::overloaded("the queue is full");
+        let named = stage_status("generator", refused);
+        assert_eq!(named.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(named.message(), "generator stage: the queue is full");
+        assert!(named.get_details_retry_info().is_some(), "{named:?}");
+        let twice = downstream_status("summarizer", named);
+        assert!(twice.get_details_retry_info().is_some());
+        assert!(is_downstream(&twice));
     }
 }

@@ -16,10 +16,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
+use ghostwriter_common::watch::{RELOAD_EVERY, Reload, watch_files};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,8 +32,6 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub const DEFAULT_SERVER_NAME: &str = "ghostwriter";
 /// How long a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
-/// How often the files are checked for changes.
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// TLS settings, shared by every command (servers and clients).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -92,13 +91,27 @@ struct Configs {
     client: Arc<ClientConfig>,
 }
 
-struct Tls {
-    args: TlsArgs,
+/// Mutual TLS of a process, as a value: its servers accept with it and its clients connect with
+/// it. Cloning shares the configuration (and its reloads); two values from two sets of files
+/// can live in one process (tests).
+#[derive(Clone)]
+pub struct Tls {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     name: ServerName<'static>,
+    server_name: String,
     configs: RwLock<Arc<Configs>>,
 }
 
-static TLS: OnceLock<Tls> = OnceLock::new();
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.inner.server_name)
+            .finish_non_exhaustive()
+    }
+}
 
 fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -164,133 +177,129 @@ fn load(args: &TlsArgs) -> anyhow::Result<Configs> {
     })
 }
 
-fn modified(args: &TlsArgs) -> Vec<Option<SystemTime>> {
-    [&args.cert, &args.key, &args.ca]
-        .into_iter()
-        .map(|p| {
-            p.as_ref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .and_then(|m| m.modified().ok())
-        })
-        .collect()
-}
-
-/// Turns TLS on for this process when `args` names any file: loads the files (an error stops
-/// the process) and watches them for changes. Call once, inside the tokio runtime.
-pub fn init(args: &TlsArgs) -> anyhow::Result<()> {
-    if !args.enabled() {
-        return Ok(());
-    }
-    let name = ServerName::try_from(args.server_name.clone())
-        .with_context(|| format!("bad --tls-server-name {:?}", args.server_name))?;
-    let configs = load(args)?;
-    let tls = Tls {
-        args: args.clone(),
-        name,
-        configs: RwLock::new(Arc::new(configs)),
-    };
-    if TLS.set(tls).is_err() {
-        return Ok(()); // already on (tests in one process)
-    }
-    tokio::spawn(async {
-        let Some(tls) = TLS.get() else { return };
-        let mut seen = modified(&tls.args);
-        let mut failed = None;
-        loop {
-            tokio::time::sleep(RELOAD_EVERY).await;
-            let now = modified(&tls.args);
-            if now == seen || failed.as_ref() == Some(&now) {
-                continue;
-            }
-            match load(&tls.args) {
-                Ok(configs) => {
-                    if let Ok(mut c) = tls.configs.write() {
-                        *c = Arc::new(configs);
-                    }
-                    seen = now;
-                    failed = None;
-                    tracing::info!("TLS certificates reloaded");
-                }
-                // Tried again at the files' next change (they may be half written).
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "TLS files changed but do not load; keeping the previous ones");
-                    failed = Some(now);
-                }
-            }
+impl Tls {
+    /// The TLS that `args` describes, or None when it names no file. Loads the files (an error
+    /// is the caller's to report) and, inside a tokio runtime, watches them for changes for as
+    /// long as a clone of the value lives.
+    pub fn from_args(args: &TlsArgs) -> anyhow::Result<Option<Self>> {
+        if !args.enabled() {
+            return Ok(None);
         }
-    });
-    tracing::info!(server_name = %args.server_name, "mutual TLS on");
-    Ok(())
-}
-
-/// Whether this process speaks TLS.
-pub fn enabled() -> bool {
-    TLS.get().is_some()
-}
-
-fn current() -> Option<(Arc<Configs>, &'static Tls)> {
-    let tls = TLS.get()?;
-    let configs = tls.configs.read().ok()?.clone();
-    Some((configs, tls))
-}
-
-/// The TLS connections accepted on `listener`: handshakes run concurrently (a slow client holds
-/// up no one) and are bounded in time; failed ones are dropped. `public` accepts callers
-/// without a client certificate (the public API); other servers require one.
-pub fn incoming(
-    listener: TcpListener,
-    public: bool,
-) -> anyhow::Result<
-    tokio_stream::wrappers::ReceiverStream<io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
-> {
-    let (configs, _) = current().context("TLS is not on")?;
-    anyhow::ensure!(
-        configs.mesh.is_some(),
-        "serving with TLS needs --tls-cert and --tls-key"
-    );
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = tx.closed() => return, // the server stopped: release the port
-            };
-            let (tcp, peer) = match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some((configs, _)) = current() else {
-                return;
-            };
-            let config = if public {
-                &configs.public
-            } else {
-                &configs.mesh
-            };
-            let Some(config) = config.clone() else { return };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE, TlsAcceptor::from(config).accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+        let name = ServerName::try_from(args.server_name.clone())
+            .with_context(|| format!("bad --tls-server-name {:?}", args.server_name))?;
+        let tls = Self {
+            inner: Arc::new(Inner {
+                name,
+                server_name: args.server_name.clone(),
+                configs: RwLock::new(Arc::new(load(args)?)),
+            }),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let files = [&args.cert, &args.key, &args.ca]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let (args, weak) = (args.clone(), Arc::downgrade(&tls.inner));
+            watch_files("TLS certificates", files, RELOAD_EVERY, move || {
+                let Some(inner) = weak.upgrade() else {
+                    return Reload::Stop;
+                };
+                match load(&args) {
+                    Ok(configs) => {
+                        *inner.configs.write().unwrap_or_else(|e| e.into_inner()) =
+                            Arc::new(configs);
+                        Reload::Loaded
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(e) => Reload::Failed(e),
                 }
             });
         }
-    });
-    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+        tracing::info!(server_name = %args.server_name, "mutual TLS on");
+        Ok(Some(tls))
+    }
+
+    fn configs(&self) -> Arc<Configs> {
+        self.inner
+            .configs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether this TLS has an identity of its own to serve with (--tls-cert and --tls-key).
+    pub fn can_serve(&self) -> bool {
+        self.configs().mesh.is_some()
+    }
+
+    /// A connector for channels over this TLS.
+    pub fn connector(&self) -> Connector {
+        Connector { tls: self.clone() }
+    }
+
+    /// The TLS connections accepted on `listener`: handshakes run concurrently (a slow client
+    /// holds up no one) and are bounded in time; failed ones are dropped. `public` accepts
+    /// callers without a client certificate (the public API); other servers require one.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+        public: bool,
+    ) -> anyhow::Result<
+        tokio_stream::wrappers::ReceiverStream<
+            io::Result<tokio_rustls::server::TlsStream<TcpStream>>,
+        >,
+    > {
+        anyhow::ensure!(
+            self.can_serve(),
+            "serving with TLS needs --tls-cert and --tls-key"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let tls = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = tx.closed() => return, // the server stopped: release the port
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let configs = tls.configs();
+                let config = if public {
+                    &configs.public
+                } else {
+                    &configs.mesh
+                };
+                let Some(config) = config.clone() else { return };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tokio::time::timeout(HANDSHAKE, TlsAcceptor::from(config).accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
 }
 
-/// Connects channels over TLS with the current client configuration.
-#[derive(Clone, Copy)]
-pub(crate) struct Connector;
+/// Connects channels over a [`Tls`] with its current client configuration.
+#[derive(Clone)]
+pub struct Connector {
+    tls: Tls,
+}
 
 type Connected = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -307,9 +316,9 @@ impl tower_service::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
         Box::pin(async move {
-            let (configs, tls) =
-                current().ok_or_else(|| io::Error::other("TLS is not on in this process"))?;
+            let configs = tls.configs();
             let host = uri
                 .host()
                 .ok_or_else(|| io::Error::other(format!("no host in {uri}")))?
@@ -320,7 +329,7 @@ impl tower_service::Service<http::Uri> for Connector {
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
             let stream = TlsConnector::from(configs.client.clone())
-                .connect(tls.name.clone(), tcp)
+                .connect(tls.inner.name.clone(), tcp)
                 .await?;
             Ok(hyper_util::rt::TokioIo::new(stream))
         })
