@@ -12,6 +12,7 @@ pub mod authorship;
 pub mod bench;
 pub mod bench_generator;
 pub mod bench_job;
+pub mod bench_store;
 pub mod metrics;
 pub mod porter;
 pub mod protocol;
@@ -218,6 +219,7 @@ async fn write_one(
             }),
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));
