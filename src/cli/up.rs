@@ -169,7 +169,7 @@ async fn up_processes(
         telemetry::status(&format!("  {name:<12} {url}"));
     }
     shutdown::os_signal().await;
-    procs.terminate();
+    procs.terminate().await;
     Ok(())
 }
 
