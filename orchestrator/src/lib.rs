@@ -87,6 +87,7 @@ pub struct WriteDefaults {
 
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Stages")]
 pub struct OrchestratorConfig {
     /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i,
     /// and `|` separates the replicas of one shard: `a0|a1,b0|b1`).

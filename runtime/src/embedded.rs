@@ -61,7 +61,8 @@ pub struct EmbeddedConfig {
     #[arg(
         long = "ready-timeout",
         env = "GHOSTWRITER_READY_TIMEOUT",
-        default_value_t = 120
+        default_value_t = 120,
+        help_heading = "Server"
     )]
     pub ready_timeout_secs: u64,
 }

@@ -92,9 +92,10 @@ impl Processes {
             };
             let mut cmd = Command::new(exe);
             own_group(&mut cmd)
+                .args(["serve", "--listen", "127.0.0.1:0"])
                 .arg("--model-dir")
                 .arg(model_dir)
-                .args(["serve", "--listen", "127.0.0.1:0", stage])
+                .arg(stage)
                 .args(&args)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null());
@@ -348,11 +349,12 @@ impl Processes {
                 };
                 let mut cmd = Command::new(exe);
                 own_group(&mut cmd);
-                cmd.arg("--model-dir")
-                    .arg(model_dir)
-                    .args(tls.to_args())
+                cmd.args(tls.to_args())
                     .args(["--log-format", log_format.as_arg()])
-                    .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
+                    .args(["serve", "--listen", &listen, "--etcd", &etcd_url])
+                    .arg("--model-dir")
+                    .arg(model_dir)
+                    .arg(stage);
                 if stage == "retriever" {
                     // Each replica its own index (a derived copy of the store).
                     let dir = if count(stage) > 1 {

@@ -201,11 +201,7 @@ pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         embedded.url()
     );
     let result = async {
-        let api = ApiArgs {
-            to: embedded.url(),
-            token: None,
-            tls: None,
-        };
+        let api = ApiArgs::to(embedded.url(), None, None);
         ingest(&api, 1000, &corpus).await?;
         let args = WriteArgs::parse_from([
             "write",

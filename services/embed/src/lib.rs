@@ -298,6 +298,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// Where the embedding model is and how it runs: shared by every stage that embeds.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Embeddings")]
 pub struct EmbedderArgs {
     /// Directory of the embedding model (config.json, tokenizer.json, model.safetensors).
     /// Default: all-minilm-l6-v2 under the model directory.

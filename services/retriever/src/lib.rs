@@ -90,6 +90,7 @@ pub const MAX_RETRIEVE_LIMIT: u32 = 10_000;
 
 /// Retriever settings.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Retriever")]
 pub struct RetrieverConfig {
     /// Directory of the persistent tantivy index (created when absent).
     #[arg(long = "index-dir", env = "GHOSTWRITER_INDEX_DIR", default_value_os_t = default_index_dir())]

@@ -16,6 +16,7 @@ use crate::Error;
 
 /// Where the store is and how to reach it (`--store` and its companions).
 #[derive(Clone, clap::Args)]
+#[command(next_help_heading = "Store")]
 pub struct StoreArgs {
     /// Postgres URL of the system of record (`postgres://USER@HOST:PORT/DB` or `postgresql://`;
     /// `?sslmode=verify-full` for TLS). Unset: no store, the local index is the store. The
