@@ -160,9 +160,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.legacy_model_dir.is_some() {
-        eprintln!(
-            "warning: --model-dir before the command is deprecated; give it after the command"
-        );
+        // Through the logger, so that --log-format json keeps every stderr line JSON.
+        tracing::warn!("--model-dir before the command is deprecated; give it after the command");
     }
     // The command's --model-dir, else the deprecated one before the command, else the default.
     let model_dir =

@@ -1069,9 +1069,9 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
     let url = format!("http://127.0.0.1:{p}");
     let log = dir.path().join("up.log");
     let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .args(["up", "--listen", &format!("127.0.0.1:{p}")])
         .arg("--model-dir")
         .arg(common::model_dir())
-        .args(["up", "--listen", &format!("127.0.0.1:{p}")])
         .arg("--index-dir")
         .arg(dir.path().join("index"))
         // Cheap generation: a request that sets no max_new_tokens (or 0) gets 2, a summary 4.

@@ -575,9 +575,9 @@ fn retriever_replicas_without_a_store_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let up = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+            .arg("up")
             .arg("--model-dir")
             .arg(common::model_dir())
-            .arg("up")
             .args(args)
             .arg("--index-dir")
             .arg(dir.path())
