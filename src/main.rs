@@ -14,10 +14,9 @@ mod cli;
 #[derive(Parser)]
 #[command(name = "ghostwriter", version, propagate_version = true)]
 struct Cli {
-    /// Directory of the model files (fetched by `models pull`).
-    /// Default: ~/.cache/ghostwriter/models.
-    #[arg(long, global = true, env = "GHOSTWRITER_MODEL_DIR")]
-    model_dir: Option<PathBuf>,
+    /// Deprecated here: give --model-dir after the command (`ghostwriter up --model-dir DIR`).
+    #[arg(long = "model-dir", hide = true)]
+    legacy_model_dir: Option<PathBuf>,
     /// How log lines are written to stderr: text, or json (one object per line, with the
     /// trace id of the request being served).
     #[arg(
@@ -25,7 +24,8 @@ struct Cli {
         global = true,
         env = "GHOSTWRITER_LOG_FORMAT",
         value_enum,
-        default_value_t
+        default_value_t,
+        help_heading = "Logging"
     )]
     log_format: ghostwriter_common::telemetry::LogFormat,
     #[command(flatten)]
@@ -34,61 +34,87 @@ struct Cli {
     command: Command,
 }
 
+/// Where a command finds the model files.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Models")]
+struct ModelDirArgs {
+    /// Directory of the model files (fetched by `models pull`).
+    /// Default: ~/.cache/ghostwriter/models.
+    #[arg(long = "model-dir", global = true, env = "GHOSTWRITER_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+}
+
+/// A command's own flags and the model directory it reads.
+#[derive(clap::Args)]
+struct WithModels<T: clap::Args> {
+    #[command(flatten)]
+    args: T,
+    #[command(flatten)]
+    models: ModelDirArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Manage the model files.
     Models {
+        #[command(flatten)]
+        models: ModelDirArgs,
         #[command(subcommand)]
         command: ModelsCommand,
     },
     /// Run every stage and the orchestrator in this process (the embedded default).
-    Up(cli::up::UpArgs),
+    Up(WithModels<cli::up::UpArgs>),
     /// Run one stage as its own server (how Kubernetes runs it). Its flags may come before or
     /// after STAGE.
-    Serve(cli::serve::ServeArgs),
+    Serve(WithModels<cli::serve::ServeArgs>),
     /// Ingest documents from a JSONL file (neutral format or Amazon reviews; .gz accepted).
     Ingest(cli::api::IngestArgs),
     /// Write the rest of a document for a user.
     Write(cli::api::WriteArgs),
+    /// Delete one document of a user, or every document of the user, from every copy.
+    Delete(cli::api::DeleteArgs),
     /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
     /// fine-tuned generator against the user's earlier documents).
     Distinguish(cli::api::DistinguishArgs),
     /// Evaluate author distinction on held-out users by protocol (random, matched and profile
     /// impostors): the style verifier's ROC AUC with a bootstrap interval by author, the char
     /// 3-gram baseline and optionally the LLM judgement; writes JSON.
-    EvalDistinguish(ghostwriter::train::distinguish::EvalArgs),
+    EvalDistinguish(WithModels<ghostwriter::train::distinguish::EvalArgs>),
     /// Train the style verifier behind `Distinguish` on training-split users' pairs and write
     /// its model file (the one the ranker ships: services/style/model/verifier.json).
-    TrainStyle(ghostwriter::train::style::TrainStyleArgs),
+    TrainStyle(WithModels<ghostwriter::train::style::TrainStyleArgs>),
     /// Pull the models, start the embedded pipeline, ingest the demo corpus and write one
     /// document for one of its users.
-    Demo(cli::up::DemoArgs),
+    Demo(WithModels<cli::up::DemoArgs>),
     /// List the presets (built in; with --to, those of a running Ghostwriter, with what each runs).
     Presets(cli::api::PresetsArgs),
     /// What a running Ghostwriter serves: version, the generator's model and adapter, presets,
     /// whether it needs a token (its Info RPC).
     Info(cli::api::ApiArgs),
     /// Evaluate presets the paper's way on real data (BLEU, ROUGE-1/2/L) through the services.
-    Eval(ghostwriter::eval::EvalArgs),
+    Eval(WithModels<ghostwriter::eval::EvalArgs>),
     /// Fine-tune the generator (LoRA) on the pipeline's own prompts of training-split users,
     /// with the paper's author-distinction task mixed in; writes a small adapter to serve with
     /// `--adapter`.
-    Train(ghostwriter::train::TrainArgs),
+    Train(WithModels<ghostwriter::train::TrainArgs>),
     /// Time the metrics on N real (prediction, target) pairs; writes JSON.
     BenchMetrics(cli::bench::MetricsArgs),
     /// Benchmark the generator engine alone (prompt tokens/s, single and concurrent decode,
     /// first-token latency, prefix-cache hits, peak memory), optionally beside llama.cpp on the
     /// same GGUF and threads; writes JSON.
-    BenchGenerator(ghostwriter::bench_generator::BenchGeneratorArgs),
+    BenchGenerator(WithModels<ghostwriter::bench_generator::BenchGeneratorArgs>),
     /// The whole job (embedded pipeline over gRPC) against the Python peer on the same
     /// targets, sequentially and with several writes in flight; writes JSON.
-    BenchJob(ghostwriter::bench_job::BenchJobArgs),
+    BenchJob(WithModels<ghostwriter::bench_job::BenchJobArgs>),
     /// Measure the operations targets with real processes: orchestrator overhead over five
     /// hops, RESOURCE_EXHAUSTED latency, generator failover; writes JSON.
-    BenchOps(cli::bench::OpsArgs),
+    BenchOps(WithModels<cli::bench::OpsArgs>),
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
-    Bench(cli::bench::BenchArgs),
+    Bench(WithModels<cli::bench::BenchArgs>),
+    /// Benchmark the store on a throwaway Postgres: ingest throughput against the local index,
+    /// a new replica's catch-up rate, replication lag, retrieval at one shard's scale; JSON.
+    BenchStore(ghostwriter::bench_store::BenchStoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -133,11 +159,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let model_dir = models::dir_or_default(cli.model_dir);
+    if cli.legacy_model_dir.is_some() {
+        // Through the logger, so that --log-format json keeps every stderr line JSON.
+        tracing::warn!("--model-dir before the command is deprecated; give it after the command");
+    }
+    // The command's --model-dir, else the deprecated one before the command, else the default.
+    let model_dir =
+        |m: ModelDirArgs| models::dir_or_default(m.model_dir.or(cli.legacy_model_dir.clone()));
     // The files load once, here: a bad one stops the command before anything starts.
     let tls = Tls::from_args(&cli.tls)?;
     match cli.command {
         Command::Models {
+            models,
             command:
                 ModelsCommand::Pull {
                     dir,
@@ -145,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     gpu_tier,
                 },
         } => {
-            let dir = dir.unwrap_or(model_dir);
+            let dir = dir.unwrap_or(model_dir(models));
             let report = tokio::task::spawn_blocking({
                 let dir = dir.clone();
                 move || models::pull(&dir, verify)
@@ -163,16 +196,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models {
             command: ModelsCommand::Requantize { from, to },
+            ..
         } => {
             let sha = tokio::task::spawn_blocking(move || models::requantize(&from, &to)).await??;
             println!("{sha}");
             Ok(())
         }
-        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, tls, cli.log_format).await,
-        Command::Serve(args) => cli::serve::serve(args, model_dir, tls).await,
+        Command::Up(a) => {
+            let dir = model_dir(a.models);
+            cli::up::run(a.args, dir, cli.tls, tls, cli.log_format).await
+        }
+        Command::Serve(a) => cli::serve::serve(a.args, model_dir(a.models), tls).await,
         Command::Ingest(mut a) => {
             a.api.tls = tls;
-            cli::api::ingest(&a.api, a.batch, &a.file).await.map(|_| ())
+            cli::api::ingest_command(a).await
+        }
+        Command::Delete(mut args) => {
+            args.api.tls = tls;
+            cli::api::delete(args).await
         }
         Command::Write(mut args) => {
             args.api.tls = tls;
@@ -182,32 +223,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             args.api.tls = tls;
             cli::api::distinguish(args).await
         }
-        Command::EvalDistinguish(args) => {
+        Command::EvalDistinguish(a) => {
+            let dir = model_dir(a.models);
             let report = tokio::task::spawn_blocking(move || {
-                ghostwriter::train::distinguish::evaluate(args, model_dir)
+                ghostwriter::train::distinguish::evaluate(a.args, dir)
             })
             .await??;
             cli::report(&report, None)
         }
-        Command::TrainStyle(args) => {
-            let report = tokio::task::spawn_blocking(move || {
-                ghostwriter::train::style::run(args, model_dir)
-            })
-            .await??;
+        Command::TrainStyle(a) => {
+            let dir = model_dir(a.models);
+            let report =
+                tokio::task::spawn_blocking(move || ghostwriter::train::style::run(a.args, dir))
+                    .await??;
             cli::report(&report, None)
         }
-        Command::Demo(args) => cli::up::demo(args, model_dir).await,
+        Command::Demo(a) => cli::up::demo(a.args, model_dir(a.models)).await,
         Command::Presets(mut args) => {
-            args.tls = tls;
+            args.api.tls = tls;
             cli::api::presets(args).await
         }
         Command::Info(mut api) => {
             api.tls = tls;
             cli::api::info(api).await
         }
-        Command::Eval(args) => {
-            let out = args.out.clone();
-            let summary = ghostwriter::eval::run(args, model_dir).await?;
+        Command::Eval(a) => {
+            let out = a.args.out.clone();
+            let summary = ghostwriter::eval::run(a.args, model_dir(a.models)).await?;
             println!("{}", ghostwriter::eval::report::markdown(&summary));
             eprintln!(
                 "wrote {}/{{results.jsonl,summary.json,table.md,rouge1.svg}}; metrics took {:.2}s",
@@ -216,16 +258,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Train(args) => {
-            let path = ghostwriter::train::run(args, model_dir).await?;
+        Command::Train(a) => {
+            let path = ghostwriter::train::run(a.args, model_dir(a.models)).await?;
             println!("{}", path.display());
             Ok(())
         }
-        Command::Bench(args) => cli::bench::stages(args, model_dir).await,
+        Command::Bench(a) => cli::bench::stages(a.args, model_dir(a.models)).await,
+        Command::BenchStore(args) => {
+            let report = ghostwriter::bench_store::run(args).await?;
+            cli::report(&report, None)
+        }
         Command::BenchMetrics(args) => cli::bench::metrics(args).await,
-        Command::BenchGenerator(args) => cli::bench::generator(args, model_dir).await,
-        Command::BenchJob(args) => cli::bench::job(args, model_dir).await,
-        Command::BenchOps(args) => cli::bench::ops(args, model_dir).await,
+        Command::BenchGenerator(a) => cli::bench::generator(a.args, model_dir(a.models)).await,
+        Command::BenchJob(a) => cli::bench::job(a.args, model_dir(a.models)).await,
+        Command::BenchOps(a) => cli::bench::ops(a.args, model_dir(a.models)).await,
     }
 }
 
@@ -266,11 +312,11 @@ mod tests {
             ][..],
         ] {
             let cli = super::Cli::try_parse_from(args).unwrap();
-            let super::Command::Serve(serve) = cli.command else {
+            let super::Command::Serve(super::WithModels { args: serve, .. }) = cli.command else {
                 panic!("not serve");
             };
             assert_eq!(serve.listen.to_string(), "127.0.0.1:7");
-            assert_eq!(serve.process.discovery.etcd, ["e:1"]);
+            assert_eq!(serve.discovery.etcd, ["e:1"]);
             assert!(matches!(
                 serve.stage,
                 super::cli::serve::Stage::Retriever { .. }

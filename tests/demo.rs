@@ -10,9 +10,9 @@ use std::process::Command;
 /// The demo's stdout: the title, then the document (start and continuation).
 fn demo(extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("demo")
         .arg("--model-dir")
         .arg(common::model_dir())
-        .arg("demo")
         .args(extra)
         .env("RUST_LOG", "warn")
         .output()

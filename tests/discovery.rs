@@ -44,8 +44,6 @@ fn stage(
 ) -> (Child, String) {
     let p = port();
     let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .arg("--model-dir")
-        .arg(common::model_dir())
         .args([
             "serve",
             "--listen",
@@ -56,6 +54,8 @@ fn stage(
             "2",
         ])
         .args(extra_serve)
+        .arg("--model-dir")
+        .arg(common::model_dir())
         .arg(stage)
         .args(extra_stage)
         // GHOSTWRITER_TEST_LOG=info shows the stages' logs (endpoint set changes, ...).

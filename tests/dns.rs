@@ -212,9 +212,9 @@ fn serve(
     args: &[String],
 ) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .args(["serve", "--listen", listen])
         .arg("--model-dir")
         .arg(common::model_dir())
-        .args(["serve", "--listen", listen])
         .args([
             "--dns-server",
             &ns.addr.to_string(),

@@ -14,7 +14,7 @@ async fn evaluation_runs_and_resumes() {
     };
     let out = tempfile::tempdir().unwrap();
     let args = EvalArgs {
-        to: None,
+        remote: Default::default(),
         data,
         presets: vec!["immediate-context".into(), "copy-best".into()],
         split: Split::Test,
@@ -29,7 +29,6 @@ async fn evaluation_runs_and_resumes() {
         no_ingest: false,
         timeout: 300,
         adapter: None,
-        token: None,
     };
     let summary = eval::run(args.clone(), common::model_dir()).await.unwrap();
     assert_eq!(summary.presets.len(), 2);

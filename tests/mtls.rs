@@ -100,19 +100,13 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
     let metrics = format!("127.0.0.1:{}", port());
     let _server = Kill(vec![
         Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-            .arg("--model-dir")
-            .arg(common::model_dir())
             .arg(format!("--tls-cert={}", tls.join("cert.pem").display()))
             .arg(format!("--tls-key={}", tls.join("key.pem").display()))
             .arg(format!("--tls-ca={}", tls.join("ca.pem").display()))
-            .args([
-                "serve",
-                "retriever",
-                "--listen",
-                &addr,
-                "--metrics-listen",
-                &metrics,
-            ])
+            .args(["serve", "--listen", &addr, "--metrics-listen", &metrics])
+            .arg("--model-dir")
+            .arg(common::model_dir())
+            .arg("retriever")
             .arg("--index-dir")
             .arg(dir.path().join("index"))
             .env("RUST_LOG", "warn")

@@ -79,8 +79,6 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
     let port = port();
     let url = format!("http://127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .arg("--model-dir")
-        .arg(common::model_dir())
         .args([
             "--log-format",
             "json",
@@ -88,6 +86,8 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .arg("--model-dir")
+        .arg(common::model_dir())
         .arg("--index-dir")
         .arg(dir.path().join("index"))
         .env("RUST_LOG", "info")

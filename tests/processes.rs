@@ -30,9 +30,9 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
     let url = format!("http://127.0.0.1:{p}");
     let stderr = dir.path().join("up.log");
     let up = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .args(["up", "--processes", "--listen", &format!("127.0.0.1:{p}")])
         .arg("--model-dir")
         .arg(common::model_dir())
-        .args(["up", "--processes", "--listen", &format!("127.0.0.1:{p}")])
         .arg("--index-dir")
         .arg(dir.path().join("index"))
         .env("RUST_LOG", "warn")

@@ -100,6 +100,7 @@ pub async fn run(
                 }),
                 ..Default::default()
             }),
+            consistency_token: Default::default(),
         };
         let t = Instant::now();
         let response = client.write(request).await?.into_inner();
@@ -176,9 +177,9 @@ fn spawn_stage(
     stage_args: &[String],
 ) -> anyhow::Result<std::process::Child> {
     Ok(std::process::Command::new(exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--model-dir")
         .arg(model_dir)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(serve_args)
         .arg(stage)
         .args(stage_args)

@@ -12,6 +12,7 @@ pub mod authorship;
 pub mod bench;
 pub mod bench_generator;
 pub mod bench_job;
+pub mod bench_store;
 pub mod metrics;
 pub mod porter;
 pub mod protocol;
@@ -65,9 +66,10 @@ pub struct Record {
 /// Settings of an evaluation run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Orchestrator URL; without it the embedded pipeline is started for the run.
-    #[arg(long, env = "GHOSTWRITER_URL")]
-    pub to: Option<String>,
+    /// A running Ghostwriter to evaluate (its token an administrator's: the examples span
+    /// users); without --to the embedded pipeline is started for the run.
+    #[command(flatten)]
+    pub remote: ghostwriter_runtime::remote::RemoteArgs,
     /// Documents (neutral JSONL or Amazon .json.gz).
     #[arg(
         long,
@@ -114,9 +116,6 @@ pub struct EvalArgs {
     /// LoRA adapter the embedded generator serves (a fine-tuned model from `train`).
     #[arg(long, env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
-    /// Bearer token of the public API at --to (an administrator's: the examples span users).
-    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
 }
 
 /// The `p` quantile (0..=1) of `sorted` (ascending), by the nearest rank; 0 when empty.
@@ -218,10 +217,11 @@ async fn write_one(
             }),
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));
-    ghostwriter_transport::client::bearer(&mut request, args.token.as_deref())?;
+    ghostwriter_transport::client::bearer(&mut request, args.remote.token.as_deref())?;
     let started = Instant::now();
     let response = client
         .write(request)
@@ -359,13 +359,13 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
     );
     let started = Instant::now();
     let model_dir_for_voice = model_dir.clone();
-    match &args.to {
+    match &args.remote.to {
         Some(url) => {
             if !args.no_ingest {
                 ghostwriter_runtime::embedded::ingest(
                     url,
                     &dataset.documents,
-                    args.token.as_deref(),
+                    args.remote.token.as_deref(),
                 )
                 .await?;
             }

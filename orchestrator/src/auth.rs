@@ -248,6 +248,7 @@ impl Jwt {
 
 /// How the public API authenticates (flags of `serve orchestrator` and `up`).
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Authentication")]
 pub struct AuthArgs {
     /// Token file of the public API: lines `TOKEN USER_ID` (acts for that user only) or
     /// `TOKEN *` (any user). Callers send `authorization: Bearer TOKEN`.

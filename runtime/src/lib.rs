@@ -7,3 +7,5 @@ pub mod embedded;
 pub mod loaders;
 pub mod models;
 pub mod processes;
+pub mod remote;
+pub mod stage_process;

@@ -11,59 +11,28 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ghostwriter_common::stage::StageKind;
-use ghostwriter_transport::client::wait_until_serving;
+use ghostwriter_transport::Tls;
+
+use crate::stage_process::{BIND_TIMEOUT, StageProcess};
 
 /// Stage processes of a local multi-process topology; killed on drop.
 pub struct Processes {
-    children: Vec<(&'static str, Child)>,
-    /// URL of each stage.
-    pub urls: BTreeMap<&'static str, String>,
+    /// Every stage process, by name, in start order.
+    stages: Vec<(String, StageProcess)>,
+    /// The local etcd, if the topology has one.
+    etcd: Option<Child>,
+    /// URL of each process: by stage name, `NAME-2`, `NAME-3`... for further replicas.
+    pub urls: BTreeMap<String, String>,
 }
 
 impl Drop for Processes {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        // The stage processes are killed as they are dropped; etcd is a plain child.
+        if let Some(etcd) = &mut self.etcd {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
         }
     }
-}
-
-/// Spawns `cmd`, a `ghostwriter serve`, and returns it with the URL it reports on its first
-/// line of stdout (where it bound; with `--listen 127.0.0.1:0`, the port the OS chose, so no
-/// other process can take it first). The rest of its stdout goes on to ours.
-async fn spawn_serving(cmd: &mut Command, stage: &str) -> anyhow::Result<(Child, String)> {
-    use std::io::BufRead as _;
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting the {stage} process"))?;
-    let stdout = child.stdout.take().context("the process has no stdout")?;
-    let read = tokio::task::spawn_blocking(move || {
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).map(|_| (reader, line))
-    });
-    let (reader, line) = match tokio::time::timeout(Duration::from_secs(120), read).await {
-        Ok(read) => read??,
-        Err(_) => {
-            // Killing it closes the pipe, which ends the blocked read.
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("the {stage} process did not report its address within 120 s");
-        }
-    };
-    let Some(url) = line.trim().strip_prefix("listening on ") else {
-        let _ = child.kill();
-        let _ = child.wait();
-        anyhow::bail!("the {stage} process did not report its address (first line: {line:?})");
-    };
-    let url = url.to_string();
-    std::thread::spawn(move || {
-        let mut reader = reader;
-        let _ = std::io::copy(&mut reader, &mut std::io::stdout());
-    });
-    Ok((child, url))
 }
 
 /// A port free on 127.0.0.1 now.
@@ -74,13 +43,35 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Processes {
+    fn empty() -> Self {
+        Self {
+            stages: Vec::new(),
+            etcd: None,
+            urls: BTreeMap::new(),
+        }
+    }
+
+    /// Starts `cmd` as the process `name` and records its URL.
+    async fn spawn(&mut self, name: String, cmd: Command) -> anyhow::Result<()> {
+        let process = StageProcess::spawn(name.clone(), cmd).await?;
+        self.urls.insert(name.clone(), process.url().to_string());
+        self.stages.push((name, process));
+        Ok(())
+    }
+
+    /// Waits until every stage process reports SERVING (called over `tls` when given); one
+    /// that exits first fails this at once, with its log.
+    async fn wait_serving(&mut self, tls: Option<&Tls>) -> anyhow::Result<()> {
+        for (_, process) in &mut self.stages {
+            process.wait_serving(tls, BIND_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
     /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
     /// loopback ports, wired by static URLs, and waits until each reports SERVING.
     pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
-        let mut me = Self {
-            children: Vec::new(),
-            urls: BTreeMap::new(),
-        };
+        let mut me = Self::empty();
         // In StageKind::ALL order, so a stage's dependencies report their URLs first.
         for stage in StageKind::ALL.map(StageKind::name) {
             let url = |s: &str| me.urls[s].clone();
@@ -101,31 +92,26 @@ impl Processes {
             };
             let mut cmd = Command::new(exe);
             own_group(&mut cmd)
+                .args(["serve", "--listen", "127.0.0.1:0"])
                 .arg("--model-dir")
                 .arg(model_dir)
-                .args(["serve", "--listen", "127.0.0.1:0", stage])
+                .arg(stage)
                 .args(&args)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null());
-            let (child, url) = spawn_serving(&mut cmd, stage).await?;
-            me.children.push((stage, child));
-            me.urls.insert(stage, url);
+            me.spawn(stage.to_string(), cmd).await?;
         }
-        for (stage, url) in &me.urls {
-            wait_until_serving(url, "", Duration::from_secs(120), None)
-                .await
-                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
-        }
+        me.wait_serving(None).await?;
         Ok(me)
     }
 
     /// Resident memory of each process, in MB (Linux `/proc`).
-    pub fn rss_mb(&self) -> BTreeMap<&'static str, f64> {
-        self.children
+    pub fn rss_mb(&self) -> BTreeMap<String, f64> {
+        self.stages
             .iter()
-            .filter_map(|(stage, child)| {
+            .filter_map(|(name, process)| {
                 let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                    std::fs::read_to_string(format!("/proc/{}/status", process.pid())).ok()?;
                 let kb: f64 = status
                     .lines()
                     .find(|l| l.starts_with("VmRSS:"))?
@@ -133,7 +119,7 @@ impl Processes {
                     .nth(1)?
                     .parse()
                     .ok()?;
-                Some((*stage, kb / 1024.0))
+                Some((name.clone(), kb / 1024.0))
             })
             .collect()
     }
@@ -272,6 +258,38 @@ pub struct Mesh<'a> {
     pub auth: &'a ghostwriter_orchestrator::auth::AuthArgs,
     /// How every process writes its log lines.
     pub log_format: ghostwriter_common::telemetry::LogFormat,
+    /// The retrievers' store, when Postgres is the system of record (its URL reaches them
+    /// through the environment, never a command line).
+    pub store: &'a ghostwriter_store::StoreArgs,
+    /// Processes per stage (absent: 1).
+    pub replicas: &'a BTreeMap<String, u32>,
+}
+
+/// Parses `--replicas`: `STAGE=N[,STAGE=N]` (stages: retriever, ranker, summarizer,
+/// synthesizer, generator; N from 1 to 16).
+pub fn parse_replicas(text: &str) -> Result<BTreeMap<String, u32>, String> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (stage, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected STAGE=N"))?;
+        let stage = stage.trim();
+        if !StageKind::STAGES.iter().any(|k| k.name() == stage) {
+            return Err(format!(
+                "{stage:?} is not a stage with replicas (retriever, ranker, summarizer, synthesizer, generator)"
+            ));
+        }
+        let n: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| format!("{part:?}: N must be a number from 1 to 16"))?;
+        if out.insert(stage.to_string(), n).is_some() {
+            return Err(format!("{stage} is named twice"));
+        }
+    }
+    Ok(out)
 }
 
 impl Processes {
@@ -290,12 +308,19 @@ impl Processes {
             tls,
             auth,
             log_format,
+            store,
+            replicas,
         } = mesh;
+        let count = |stage: &str| replicas.get(stage).copied().unwrap_or(1);
+        if count("retriever") > 1 && store.url.is_none() {
+            anyhow::bail!(
+                "--replicas retriever=N needs --store: without a store each retriever's index is \
+                 its own store, and replicas would diverge (one that misses an ingest never gets it)"
+            );
+        }
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
-        let mut me = Self {
-            children: vec![("etcd", etcd)],
-            urls: BTreeMap::new(),
-        };
+        let mut me = Self::empty();
+        me.etcd = Some(etcd);
         // Stages register as soon as they are ready: have etcd listening first.
         let started = std::time::Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", client))
@@ -308,86 +333,103 @@ impl Processes {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        me.urls.insert("etcd", etcd_url.clone());
+        me.urls.insert("etcd".into(), etcd_url.clone());
         // In StageKind::ALL order: the summarizer dials the generator directly, which has
         // reported its address by then.
         for stage in StageKind::ALL.map(StageKind::name) {
-            let listen = match stage {
-                "orchestrator" => public.to_string(),
-                _ => "127.0.0.1:0".to_string(),
-            };
-            let mut cmd = Command::new(exe);
-            own_group(&mut cmd);
-            cmd.arg("--model-dir")
-                .arg(model_dir)
-                .args(tls.to_args())
-                .args(["--log-format", log_format.as_arg()])
-                .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
-            if stage == "retriever" {
-                cmd.arg("--index-dir").arg(index_dir);
-            }
-            if stage == "summarizer" {
-                cmd.arg("--generator-url").arg(&me.urls["generator"]);
-            }
-            if stage == "orchestrator" {
-                for (flag, path) in [
-                    ("--auth-tokens", &auth.tokens),
-                    ("--auth-jwt-secret-file", &auth.jwt_secret_file),
-                    ("--auth-jwt-keys", &auth.jwt_keys),
-                ] {
-                    if let Some(p) = path {
-                        cmd.arg(flag).arg(p);
+            for replica in 1..=count(stage) {
+                let name = if replica == 1 {
+                    stage.to_string()
+                } else {
+                    format!("{stage}-{replica}")
+                };
+                let listen = match stage {
+                    "orchestrator" => public.to_string(),
+                    _ => "127.0.0.1:0".to_string(),
+                };
+                let mut cmd = Command::new(exe);
+                own_group(&mut cmd);
+                cmd.args(tls.to_args())
+                    .args(["--log-format", log_format.as_arg()])
+                    .args(["serve", "--listen", &listen, "--etcd", &etcd_url])
+                    .arg("--model-dir")
+                    .arg(model_dir)
+                    .arg(stage);
+                if stage == "retriever" {
+                    // Each replica its own index (a derived copy of the store).
+                    let dir = if count(stage) > 1 {
+                        index_dir.join(format!("replica-{replica}"))
+                    } else {
+                        index_dir.to_path_buf()
+                    };
+                    cmd.arg("--index-dir").arg(dir);
+                    if let Some(url) = &store.url {
+                        cmd.env("GHOSTWRITER_STORE", url).args(store.to_args());
                     }
                 }
-                if let Some(issuer) = &auth.jwt_issuer {
-                    cmd.arg("--auth-jwt-issuer").arg(issuer);
+                if stage == "summarizer" {
+                    // Every generator replica, balanced.
+                    let generators: Vec<&str> = me
+                        .urls
+                        .iter()
+                        .filter(|(k, _)| *k == "generator" || k.starts_with("generator-"))
+                        .map(|(_, v)| v.as_str())
+                        .collect();
+                    cmd.arg("--generator-url").arg(generators.join(","));
                 }
-                cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
+                if stage == "orchestrator" {
+                    for (flag, path) in [
+                        ("--auth-tokens", &auth.tokens),
+                        ("--auth-jwt-secret-file", &auth.jwt_secret_file),
+                        ("--auth-jwt-keys", &auth.jwt_keys),
+                    ] {
+                        if let Some(p) = path {
+                            cmd.arg(flag).arg(p);
+                        }
+                    }
+                    if let Some(issuer) = &auth.jwt_issuer {
+                        cmd.arg("--auth-jwt-issuer").arg(issuer);
+                    }
+                    cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
+                }
+                cmd.env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null());
+                me.spawn(name, cmd).await?;
             }
-            cmd.env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null());
-            let (child, url) = spawn_serving(&mut cmd, stage).await?;
-            me.children.push((stage, child));
-            me.urls.insert(stage, url);
         }
         // This process checks their health as one of the mesh.
-        let client_tls = ghostwriter_transport::Tls::from_args(tls)?;
-        for (stage, url) in me.urls.clone() {
-            if stage == "etcd" {
-                continue;
-            }
-            wait_until_serving(&url, "", Duration::from_secs(120), client_tls.as_ref())
-                .await
-                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
-        }
+        let client_tls = Tls::from_args(tls)?;
+        me.wait_serving(client_tls.as_ref()).await?;
         Ok(me)
     }
 
     /// Stops the topology in order, each step waiting for the last: the orchestrator first (it
     /// stops admitting and drains the writes in flight through the stages), then the stages
     /// (they deregister from etcd), then etcd. Each gets SIGTERM.
-    pub fn terminate(mut self) {
-        let phase = |name: &str| match name {
-            "orchestrator" => 0,
-            "etcd" => 2,
-            _ => 1,
-        };
-        for step in 0..3 {
-            for (name, child) in self.children.iter().filter(|(n, _)| phase(n) == step) {
-                tracing::debug!(process = name, "stopping");
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(child.id().to_string())
-                    .status();
+    pub async fn terminate(mut self) {
+        let orchestrator = |name: &str| name == "orchestrator";
+        for first in [true, false] {
+            let step = |name: &str| orchestrator(name) == first;
+            for (name, process) in self.stages.iter().filter(|(n, _)| step(n)) {
+                tracing::debug!(process = %name, "stopping");
+                let _ = process.signal("TERM");
             }
-            for (_, child) in self.children.iter_mut().filter(|(n, _)| phase(n) == step) {
-                let _ = child.wait();
+            for (_, process) in self.stages.iter_mut().filter(|(n, _)| step(n)) {
+                // The drain is bounded by the process's own --drain-timeout-secs.
+                let _ = process.wait_exit(Duration::from_secs(120)).await;
             }
         }
-        self.children.clear();
+        self.stages.clear();
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(etcd.id().to_string())
+                .status();
+            let _ = etcd.wait();
+        }
     }
 }
 

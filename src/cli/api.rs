@@ -1,5 +1,6 @@
 //! Clients of the public API: `write`, `ingest`, `distinguish`, `presets`, `info`.
 
+use ghostwriter::remote::RemoteArgs;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -13,35 +14,43 @@ use ghostwriter_transport::{Tls, client};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_stream::StreamExt;
 
-/// Default address of the public API (`up`'s).
-pub const DEFAULT_URL: &str = "http://127.0.0.1:50051";
-
-/// Where the public API is and the credential it is called with.
+/// Where the public API is, the credential it is called with, and the TLS it is called over.
 #[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Connection")]
 pub struct ApiArgs {
-    /// Ghostwriter API: a URL, or HOST:PORT (http://, or https:// with --tls-ca).
-    #[arg(long, env = "GHOSTWRITER_URL", default_value = DEFAULT_URL)]
-    pub to: String,
-    /// Bearer token of the public API (one that may act for the users named).
-    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The TLS this command calls with (from the global --tls-* flags).
     #[arg(skip)]
     pub tls: Option<Tls>,
 }
 
 impl ApiArgs {
-    /// The API's URL: `--to`, with a scheme when it names none.
+    /// Calls `url` with `token`, plain or over TLS as the global flags say.
+    pub fn to(url: String, token: Option<String>, tls: Option<Tls>) -> Self {
+        Self {
+            remote: RemoteArgs {
+                to: Some(url),
+                token,
+            },
+            tls,
+        }
+    }
+
+    /// The API's URL: `--to` (or the default), with a scheme when it names none.
     pub fn url(&self) -> String {
-        client::url(&self.to, self.tls.is_some())
+        client::url(self.remote.to_or_default(), self.tls.is_some())
+    }
+
+    /// The bearer token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.remote.token.as_deref()
     }
 
     /// A request to the API: `body` with a deadline `timeout` seconds away and the token.
     pub fn request<T>(&self, body: T, timeout: u64) -> anyhow::Result<tonic::Request<T>> {
         let mut request = tonic::Request::new(body);
         request.set_timeout(Duration::from_secs(timeout));
-        client::bearer(&mut request, self.token.as_deref())?;
+        client::bearer(&mut request, self.token())?;
         Ok(request)
     }
 
@@ -98,22 +107,39 @@ pub struct IngestArgs {
     /// Documents per request.
     #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
     pub batch: usize,
+    /// Print the result as JSON on stdout: documents sent, documents in the index, and the
+    /// consistency token (give it to `write --after`).
+    #[arg(long)]
+    pub json: bool,
     /// The file.
     pub file: std::path::PathBuf,
 }
 
-/// Options of `presets`.
+/// Options of `presets`: with --to, a running Ghostwriter's (its ListPresets RPC); without,
+/// the built-in ones.
 #[derive(clap::Args)]
 pub struct PresetsArgs {
-    /// Ask this running Ghostwriter (its ListPresets RPC) instead of listing the built-in ones.
-    #[arg(long, env = "GHOSTWRITER_URL")]
-    pub to: Option<String>,
-    /// Bearer token of the public API.
-    #[arg(long, env = "GHOSTWRITER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// The TLS this command calls with (from the global --tls-* flags).
-    #[arg(skip)]
-    pub tls: Option<Tls>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Options of `delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The user whose documents are deleted.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// Delete only this document (default: every document of the user).
+    #[arg(long)]
+    doc_id: Option<String>,
+    /// Print the result as JSON (deleted count and consistency token).
+    #[arg(long)]
+    json: bool,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +163,9 @@ pub struct DistinguishArgs {
     /// author-distinction answer; at chance on unseen users, for comparison only).
     #[arg(long, value_enum, default_value_t = Method::Style)]
     method: Method,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json`).
+    #[arg(long, env = "GHOSTWRITER_AFTER")]
+    after: Option<String>,
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -153,60 +182,114 @@ pub enum Method {
 
 #[derive(Parser)]
 pub struct WriteArgs {
-    #[command(flatten)]
-    pub api: ApiArgs,
     /// The author.
-    #[arg(long, env = "GHOSTWRITER_USER")]
+    #[arg(long, env = "GHOSTWRITER_USER", help_heading = "Document")]
     user: String,
     /// Title of the document.
-    #[arg(long, default_value = "", env = "GHOSTWRITER_TITLE")]
+    #[arg(
+        long,
+        default_value = "",
+        env = "GHOSTWRITER_TITLE",
+        help_heading = "Document"
+    )]
     title: String,
     /// The start of the document.
-    #[arg(long, env = "GHOSTWRITER_START")]
+    #[arg(long, env = "GHOSTWRITER_START", help_heading = "Document")]
     start: String,
+    /// When the document is written (unix seconds); only earlier documents are used.
+    #[arg(long, env = "GHOSTWRITER_TIMESTAMP", help_heading = "Document")]
+    timestamp: Option<i64>,
+    /// Id of the document being written.
+    #[arg(
+        long,
+        default_value = "",
+        env = "GHOSTWRITER_DOC_ID",
+        help_heading = "Document"
+    )]
+    doc_id: String,
     /// Preset (see `ghostwriter presets`).
-    #[arg(long, default_value = "full", env = "GHOSTWRITER_PRESET")]
+    #[arg(
+        long,
+        default_value = "full",
+        env = "GHOSTWRITER_PRESET",
+        help_heading = "Pipeline"
+    )]
     preset: String,
-    /// Print the whole response, provenance included, as JSON.
-    #[arg(long, env = "GHOSTWRITER_JSON")]
-    json: bool,
-    /// Print the text as it is generated.
-    #[arg(long, env = "GHOSTWRITER_STREAM")]
-    stream: bool,
+    /// Characters of title+start used as the immediate context (0 = the paper's 150).
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "GHOSTWRITER_CONTEXT_CHARS",
+        help_heading = "Pipeline"
+    )]
+    context_chars: u32,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json` and
+    /// `delete --json`), through any orchestrator.
+    #[arg(long, env = "GHOSTWRITER_AFTER", help_heading = "Pipeline")]
+    after: Option<String>,
     /// Tokens to generate at most (0 = server default).
-    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_WRITE_MAX_NEW_TOKENS")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "GHOSTWRITER_WRITE_MAX_NEW_TOKENS",
+        help_heading = "Generation"
+    )]
     max_new_tokens: u32,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TEMPERATURE")]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        env = "GHOSTWRITER_TEMPERATURE",
+        help_heading = "Generation"
+    )]
     temperature: f32,
     /// Nucleus sampling threshold (0 or 1 = off).
-    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TOP_P")]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        env = "GHOSTWRITER_TOP_P",
+        help_heading = "Generation"
+    )]
     top_p: f32,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_SEED")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "GHOSTWRITER_SEED",
+        help_heading = "Generation"
+    )]
     seed: u64,
     /// Stop string (repeatable).
-    #[arg(long, env = "GHOSTWRITER_STOP")]
+    #[arg(long, env = "GHOSTWRITER_STOP", help_heading = "Generation")]
     stop: Vec<String>,
     /// Beam search with this many beams (needs temperature 0; 0 or 1 = off). The text comes
     /// in one piece when the search ends, also with --stream.
-    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_NUM_BEAMS")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        env = "GHOSTWRITER_NUM_BEAMS",
+        help_heading = "Generation"
+    )]
     num_beams: u32,
     /// Beam hypotheses are ranked by log-probability / length^this (default 1).
-    #[arg(long, env = "GHOSTWRITER_LENGTH_PENALTY")]
+    #[arg(long, env = "GHOSTWRITER_LENGTH_PENALTY", help_heading = "Generation")]
     length_penalty: Option<f32>,
-    /// When the document is written (unix seconds); only earlier documents are used.
-    #[arg(long, env = "GHOSTWRITER_TIMESTAMP")]
-    timestamp: Option<i64>,
-    /// Id of the document being written.
-    #[arg(long, default_value = "", env = "GHOSTWRITER_DOC_ID")]
-    doc_id: String,
-    /// Characters of title+start used as the immediate context (0 = the paper's 150).
-    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_CONTEXT_CHARS")]
-    context_chars: u32,
+    /// Print the whole response, provenance included, as JSON.
+    #[arg(long, env = "GHOSTWRITER_JSON", help_heading = "Output")]
+    json: bool,
+    /// Print the text as it is generated.
+    #[arg(long, env = "GHOSTWRITER_STREAM", help_heading = "Output")]
+    stream: bool,
     /// Deadline of the request in seconds.
-    #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT")]
+    #[arg(
+        long,
+        default_value_t = 300,
+        env = "GHOSTWRITER_TIMEOUT",
+        help_heading = "Output"
+    )]
     timeout: u64,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
@@ -222,6 +305,7 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
                 Method::Style => ghostwriter::proto::DistinguishMethod::Style,
                 Method::Llm => ghostwriter::proto::DistinguishMethod::Llm,
             } as i32,
+            consistency_token: args.after.unwrap_or_default(),
         },
         args.timeout,
     )?;
@@ -250,8 +334,13 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends every document of `file` in batches, with a progress bar; returns the count.
-pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyhow::Result<usize> {
+/// Sends every document of `file` in batches, with a progress bar; returns the count and what
+/// the batches answered.
+pub async fn ingest(
+    api: &ApiArgs,
+    batch: usize,
+    file: &std::path::Path,
+) -> anyhow::Result<(usize, ghostwriter::embedded::Ingested)> {
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     if loaded.skipped_empty > 0 {
@@ -267,11 +356,11 @@ pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyh
     );
     bar.set_message("ingesting");
     let started = Instant::now();
-    let total = ghostwriter::embedded::ingest_batches(
+    let ingested = ghostwriter::embedded::ingest_batches(
         api.connect()?,
         &loaded.documents,
         batch,
-        api.token.as_deref(),
+        api.token(),
         |n| bar.inc(n as u64),
     )
     .await
@@ -285,9 +374,54 @@ pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyh
         loaded.documents.len(),
         file.display(),
         started.elapsed().as_secs_f64(),
-        total
+        ingested.total
     );
-    Ok(loaded.documents.len())
+    Ok((loaded.documents.len(), ingested))
+}
+
+/// `ingest`: the file's documents, printed as JSON with `--json`.
+pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
+    let (sent, ingested) = ingest(&a.api, a.batch, &a.file).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ingested": sent,
+                "total_documents": ingested.total,
+                "consistency_token": ingested.consistency_token,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `delete`: one document of a user, or all of them.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let mut client = args.api.connect()?;
+    let request = args.api.request(
+        ghostwriter::proto::DeleteRequest {
+            user_id: args.user.clone(),
+            doc_id: args.doc_id.clone().unwrap_or_default(),
+        },
+        args.timeout,
+    )?;
+    let r = client
+        .delete(request)
+        .await
+        .map_err(|s| args.api.error(s))?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "deleted": r.deleted,
+                "consistency_token": r.consistency_token,
+            })
+        );
+    } else {
+        eprintln!("deleted {} documents of {}", r.deleted, args.user);
+    }
+    Ok(())
 }
 
 fn write_request(a: &WriteArgs) -> WriteRequest {
@@ -298,6 +432,7 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
         preset: a.preset.clone(),
         timestamp: a.timestamp,
         doc_id: a.doc_id.clone(),
+        consistency_token: a.after.clone().unwrap_or_default(),
         options: Some(WriteOptions {
             generation: Some(GenerationParams {
                 max_new_tokens: a.max_new_tokens,
@@ -373,17 +508,13 @@ pub async fn write(args: WriteArgs) -> anyhow::Result<()> {
 
 /// `presets`: the built-in ones, or with `--to` those of a running Ghostwriter.
 pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
-    let Some(to) = args.to else {
+    let api = args.api;
+    if api.remote.to.is_none() {
         for p in ghostwriter_orchestrator::PRESETS {
             println!("{:<18} {}", p.name, p.description);
         }
         return Ok(());
-    };
-    let api = ApiArgs {
-        to,
-        token: args.token,
-        tls: args.tls,
-    };
+    }
     let r = api
         .connect()?
         .list_presets(api.request(ghostwriter::proto::ListPresetsRequest {}, 30)?)

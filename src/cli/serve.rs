@@ -26,12 +26,22 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub process: ProcessArgs,
+    #[command(flatten)]
+    pub discovery: ghostwriter_discovery::DiscoveryArgs,
+    /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
+    /// 127.0.0.1 for an unspecified address.
+    #[arg(long, env = "GHOSTWRITER_ADVERTISE", global = true)]
+    pub advertise: Option<String>,
+    /// Retriever shard this process serves (registered in etcd; see --retriever-shards).
+    #[arg(long, env = "GHOSTWRITER_SHARD", global = true)]
+    pub shard: Option<u32>,
     #[command(subcommand)]
     pub stage: Stage,
 }
 
-/// Settings of a serving process.
+/// Settings of a serving process (`serve` and `up`).
 #[derive(clap::Args)]
+#[command(next_help_heading = "Server")]
 pub struct ProcessArgs {
     /// RPCs each service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
     /// Health checks are never limited.
@@ -59,15 +69,6 @@ pub struct ProcessArgs {
     /// Address of the Prometheus endpoint (`/metrics`, plain HTTP); unset = no endpoint.
     #[arg(long, env = "GHOSTWRITER_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
-    #[command(flatten)]
-    pub discovery: ghostwriter_discovery::DiscoveryArgs,
-    /// URL other processes reach this one at, registered in etcd. Default: http://LISTEN, with
-    /// 127.0.0.1 for an unspecified address.
-    #[arg(long, env = "GHOSTWRITER_ADVERTISE", global = true)]
-    pub advertise: Option<String>,
-    /// Retriever shard this process serves (registered in etcd; see --retriever-shards).
-    #[arg(long, env = "GHOSTWRITER_SHARD", global = true)]
-    pub shard: Option<u32>,
 }
 
 impl ProcessArgs {
@@ -154,6 +155,9 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
     let ServeArgs {
         listen,
         process,
+        discovery: discovery_args,
+        advertise,
+        shard,
         stage,
     } = args;
     let transport = process.transport(tls, shutdown::Shutdown::never()).await?;
@@ -190,12 +194,14 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
     }
     let name = stage.kind().name();
     let (trigger, stop) = shutdown::channel();
-    let discovery = process.discovery.clone();
+    let discovery = discovery_args.clone();
     let budget = process.ingest_budget_mb;
     let t = transport.clone();
     let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         match stage {
             Stage::Retriever { mut config } => {
+                // The users it keeps from the store are those of its shard.
+                config.shard = shard;
                 config.ingest_budget_mb = budget;
                 ghostwriter_retriever::serve(config, listener, stop, &t).await
             }
@@ -221,19 +227,16 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
             }
         }
     });
-    let registration = (!process.discovery.etcd.is_empty()).then(|| {
-        let advertise = process
-            .advertise
-            .clone()
-            .unwrap_or_else(|| reachable.clone());
+    let registration = (!discovery_args.etcd.is_empty()).then(|| {
+        let advertise = advertise.clone().unwrap_or_else(|| reachable.clone());
         let info = EndpointInfo {
             url: advertise,
             stage: name.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             capacity: process.max_concurrency as u32,
-            shard: process.shard,
+            shard,
         };
-        let d = process.discovery.clone();
+        let d = discovery_args.clone();
         let local_url = reachable.clone();
         let tls = transport.tls.clone();
         tokio::spawn(async move {

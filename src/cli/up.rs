@@ -25,6 +25,11 @@ pub struct UpArgs {
     /// defaults there.
     #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
     pub processes: bool,
+    /// With --processes: how many processes of a stage to run, `STAGE=N[,STAGE=N]` (for
+    /// example `retriever=2,generator=2`); each retriever replica gets its own index directory
+    /// under --index-dir, and needs --store (without one, replicas would diverge).
+    #[arg(long, env = "GHOSTWRITER_UP_REPLICAS")]
+    pub replicas: Option<String>,
     #[command(flatten)]
     pub config: EmbeddedConfig,
     #[command(flatten)]
@@ -55,8 +60,23 @@ pub async fn run(
     tls: Option<Tls>,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
+    let replicas = ghostwriter::processes::parse_replicas(args.replicas.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
     if args.processes {
-        return up_processes(args.listen, args.config, model_dir, tls_args, log_format).await;
+        return up_processes(
+            args.listen,
+            args.config,
+            &replicas,
+            model_dir,
+            tls_args,
+            log_format,
+        )
+        .await;
+    }
+    if !replicas.is_empty() {
+        anyhow::bail!(
+            "--replicas needs --processes (the embedded topology runs one of each stage)"
+        );
     }
     let mut config = args.config;
     config.retriever.ingest_budget_mb = args.process.ingest_budget_mb;
@@ -98,6 +118,7 @@ async fn up(
 async fn up_processes(
     listen: SocketAddr,
     config: EmbeddedConfig,
+    replicas: &std::collections::BTreeMap<String, u32>,
     model_dir: PathBuf,
     tls: TlsArgs,
     log_format: telemetry::LogFormat,
@@ -123,6 +144,8 @@ async fn up_processes(
             tls: &tls,
             auth: &config.auth,
             log_format,
+            store: &config.retriever.store,
+            replicas,
         },
     );
     let procs = tokio::select! {
@@ -146,7 +169,7 @@ async fn up_processes(
         telemetry::status(&format!("  {name:<12} {url}"));
     }
     shutdown::os_signal().await;
-    procs.terminate();
+    procs.terminate().await;
     Ok(())
 }
 
@@ -178,11 +201,7 @@ pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
         embedded.url()
     );
     let result = async {
-        let api = ApiArgs {
-            to: embedded.url(),
-            token: None,
-            tls: None,
-        };
+        let api = ApiArgs::to(embedded.url(), None, None);
         ingest(&api, 1000, &corpus).await?;
         let args = WriteArgs::parse_from([
             "write",

@@ -33,6 +33,7 @@ pub const DEFAULT_DNS_REFRESH_SECS: f64 = 5.0;
 
 /// Settings of discovery, shared by every process.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Discovery")]
 pub struct DiscoveryArgs {
     /// etcd endpoints (comma-separated); unset = no etcd (stage URLs are static or dns:///).
     /// An https:// endpoint is dialed over mutual TLS with this process's --tls-* identity.

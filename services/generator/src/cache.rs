@@ -12,6 +12,12 @@
 //! A chain does not start from nothing: its [`ChainStart`] holds what else, besides the tokens,
 //! decides whether keys and values may be shared: the weights they were computed with, and the
 //! caller's cache salt, chained in where the template prefix that every caller shares ends.
+//!
+//! A deleted user's blocks are not evicted when the user is deleted: no API reads a block back
+//! (its keys and values, or the token ids of its key); a block is only reused by a request with
+//! the same cache salt whose prompt starts with the very same tokens, which only a caller who
+//! already has that text can send, and what it reuses are attention keys and values, never
+//! text. The blocks leave as the pool turns over (least recently used first).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};

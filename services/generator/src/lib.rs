@@ -74,6 +74,7 @@ impl From<Error> for Status {
 
 /// Generator settings.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Generator")]
 pub struct GeneratorConfig {
     /// GGUF model file (llama or qwen2 architecture). Default: SmolLM2-135M-Instruct Q8_0 under
     /// the model directory.

@@ -27,6 +27,7 @@ pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 
 /// Ranker settings.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Embeddings")]
 pub struct RankerConfig {
     #[command(flatten)]
     #[allow(missing_docs)]

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 
 /// Summarizer settings.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Summarizer")]
 pub struct SummarizerConfig {
     /// Generator endpoints that run the instruction LLM: URLs (comma-separated), or one
     /// dns:///HOST:PORT naming a headless Service; ignored with --etcd (the generators

@@ -21,6 +21,7 @@ const MAX_WORDS_LIMIT: u32 = 1_000;
 
 /// Synthesizer settings.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Important words")]
 pub struct SynthesizerConfig {
     #[command(flatten)]
     #[allow(missing_docs)]

@@ -35,6 +35,7 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// TLS settings, shared by every command (servers and clients).
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "TLS")]
 pub struct TlsArgs {
     /// PEM certificate (chain) this process presents, as a server and as a client of other
     /// stages. With --tls-key and --tls-ca: mutual TLS between every process.
