@@ -65,6 +65,7 @@ pub async fn run(
                     max_new_tokens: 128,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -253,6 +254,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
                 max_new_tokens: 512,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
     });
@@ -268,6 +270,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
                     max_new_tokens: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await;
         if matches!(&r, Err(s) if s.code() == tonic::Code::ResourceExhausted) {

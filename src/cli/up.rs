@@ -84,8 +84,8 @@ async fn up(
         started.elapsed().as_secs_f64(),
         embedded.url()
     ));
-    for (stage, addr) in &embedded.addrs {
-        telemetry::status(&format!("  {stage:<12} {addr}"));
+    for (stage, url) in &embedded.urls {
+        telemetry::status(&format!("  {stage:<12} {url}"));
     }
     shutdown::os_signal().await;
     embedded.shutdown().await;

@@ -102,7 +102,7 @@ where
                 .expect("start");
                 let url = embedded.url();
                 let stages = embedded
-                    .addrs
+                    .urls
                     .keys()
                     .map(|k| (*k, embedded.stage_url(*k)))
                     .collect();

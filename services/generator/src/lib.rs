@@ -31,7 +31,6 @@ use ghostwriter_proto::v1::{
     GeneratorInfoRequest,
 };
 use ghostwriter_transport::{StageServer, Transport};
-use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -432,10 +431,12 @@ fn event_stream(
                     Event::Text(text) => Ok(GenerateStreamResponse {
                         text,
                         summary: None,
+                        token_ids: Vec::new(),
                     }),
                     Event::Done(stats) => Ok(GenerateStreamResponse {
                         text: String::new(),
                         summary: Some(response(stats, &model)),
+                        token_ids: Vec::new(),
                     }),
                     Event::Failed(e) => Err(Error::from(e).into()),
                 };
@@ -481,7 +482,7 @@ pub fn load_engine(
 pub async fn serve(
     config: GeneratorConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {

@@ -12,7 +12,6 @@ use ghostwriter_common::status::Invalid;
 use ghostwriter_proto::v1::ranker_server::{Ranker, RankerServer};
 use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrategy};
 use ghostwriter_transport::{StageServer, Transport};
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 pub use ghostwriter_embed as embedder;
@@ -149,7 +148,7 @@ impl Ranker for RankerService {
 pub async fn serve(
     config: RankerConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {

@@ -18,7 +18,6 @@ use ghostwriter_proto::v1::{
 };
 use ghostwriter_transport::{StageServer, Transport};
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
@@ -249,7 +248,7 @@ impl Retriever for RetrieverService {
 /// health turns SERVING once it is open.
 pub async fn serve(
     config: RetrieverConfig,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {
