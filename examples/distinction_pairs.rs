@@ -17,8 +17,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::Device;
+use ghostwriter::eval::authorship::auc;
 use ghostwriter::train::data::{Task, TrainExample};
-use ghostwriter::train::distinguish::scored;
 use ghostwriter::train::model::TrainModel;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
 use ghostwriter_generator::backend::SeqStep;
@@ -127,7 +127,18 @@ fn main() -> anyhow::Result<()> {
         let (t, f) = (logits[true_id as usize], logits[false_id as usize]);
         scores.push((f64::from(same_author_probability(t, f)), same));
     }
-    let mut report = scored(&scores);
+    let correct = scores
+        .iter()
+        .filter(|(p, same)| (*p >= 0.5) == *same)
+        .count();
+    let mut report = serde_json::Map::from_iter([
+        ("pairs".to_string(), serde_json::json!(scores.len())),
+        (
+            "accuracy".to_string(),
+            serde_json::json!(correct as f64 / scores.len() as f64),
+        ),
+        ("roc_auc".to_string(), serde_json::json!(auc(&scores))),
+    ]);
     for (key, value) in [
         ("cache", serde_json::json!(cache)),
         ("split", serde_json::json!(split)),

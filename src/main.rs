@@ -53,8 +53,13 @@ enum Command {
     /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
     /// fine-tuned generator against the user's earlier documents).
     Distinguish(cli::api::DistinguishArgs),
-    /// Evaluate author distinction on pairs from test users: accuracy and ROC AUC; writes JSON.
+    /// Evaluate author distinction on held-out users by protocol (random, matched and profile
+    /// impostors): the style verifier's ROC AUC with a bootstrap interval by author, the char
+    /// 3-gram baseline and optionally the LLM judgement; writes JSON.
     EvalDistinguish(ghostwriter::train::distinguish::EvalArgs),
+    /// Train the style verifier behind `Distinguish` on training-split users' pairs and write
+    /// its model file (the one the ranker ships: services/style/model/verifier.json).
+    TrainStyle(ghostwriter::train::style::TrainStyleArgs),
     /// Pull the models, start the embedded pipeline, ingest the demo corpus and write one
     /// document for one of its users.
     Demo(cli::up::DemoArgs),
@@ -178,7 +183,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::api::distinguish(args).await
         }
         Command::EvalDistinguish(args) => {
-            let report = ghostwriter::train::distinguish::evaluate(args, model_dir).await?;
+            let report = tokio::task::spawn_blocking(move || {
+                ghostwriter::train::distinguish::evaluate(args, model_dir)
+            })
+            .await??;
+            cli::report(&report, None)
+        }
+        Command::TrainStyle(args) => {
+            let report = tokio::task::spawn_blocking(move || {
+                ghostwriter::train::style::run(args, model_dir)
+            })
+            .await??;
             cli::report(&report, None)
         }
         Command::Demo(args) => cli::up::demo(args, model_dir).await,

@@ -626,6 +626,8 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
         } else {
             rng.pick(&[0, MAX_DISTINGUISH_DOCUMENTS])
         },
+        // The default method (the style verifier): no generator call.
+        method: 0,
     };
     // About 4% stay valid (each asks the generator once per compared document).
     let mutations = if rng.percent(4) { 0 } else { rng.range(1, 2) };

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 
 use ghostwriter::loaders;
 use ghostwriter::proto::write_stream_response::Event;
-use ghostwriter::proto::{Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest};
+use ghostwriter::proto::{
+    DistinguishMethod, Document, GenerationParams, IngestRequest, WriteOptions, WriteRequest,
+};
 use tokio_stream::StreamExt;
 
 struct Data {
@@ -373,53 +375,185 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn distinguish_scores_a_text_against_the_users_earlier_documents() {
+async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_documents() {
     let Some(data) = data() else {
         return;
     };
-    let user = users(&data, 3).remove(0);
+    let user = users(&data, 6).remove(0);
     let docs = &data.by_user[&user];
     let target = docs
         .iter()
         .max_by_key(|d| (d.timestamp, d.doc_id.clone()))
         .unwrap();
     let mut client = common::client(&data.url).await;
-    let request = |user: &str, text: &str, max: u32| ghostwriter::proto::DistinguishRequest {
-        user_id: user.into(),
-        text: text.into(),
-        timestamp: Some(target.timestamp),
-        doc_id: target.doc_id.clone(),
-        max_documents: max,
+    let request = |user: &str, text: &str, max: u32, method: DistinguishMethod| {
+        ghostwriter::proto::DistinguishRequest {
+            user_id: user.into(),
+            text: text.into(),
+            timestamp: Some(target.timestamp),
+            doc_id: target.doc_id.clone(),
+            max_documents: max,
+            method: method as i32,
+        }
     };
     let r = client
-        .distinguish(request(&user, &target.text, 3))
+        .distinguish(request(
+            &user,
+            &target.text,
+            3,
+            DistinguishMethod::Unspecified,
+        ))
         .await
         .unwrap()
         .into_inner();
-    assert!(!r.documents.is_empty() && r.documents.len() <= 3);
+    // The three most recent documents before the target, newest first.
+    let mut before: Vec<&Document> = docs.iter().filter(|d| earlier(d, target)).collect();
+    before.sort_by(|a, b| (b.timestamp, &b.doc_id).cmp(&(a.timestamp, &a.doc_id)));
+    let expected: Vec<String> = before.iter().take(3).map(|d| d.doc_id.clone()).collect();
+    assert_eq!(r.profile_doc_ids, expected);
+    assert_eq!(r.profile_documents, 3);
+    assert_eq!(r.method, DistinguishMethod::Style as i32);
+    assert!(!r.abstained && r.abstention_reason.is_empty(), "{r:?}");
+    assert!((0.0..=1.0).contains(&r.probability) && r.prior_same_author == 0.5);
+    assert!(!r.top_features.is_empty() && r.top_features.len() <= 5);
     assert!(
-        r.documents
-            .iter()
-            .all(|d| d.doc_id != target.doc_id && (0.0..=1.0).contains(&d.probability))
+        r.top_features
+            .windows(2)
+            .all(|w| w[0].contribution.abs() >= w[1].contribution.abs())
     );
-    let mean = r.documents.iter().map(|d| d.probability).sum::<f32>() / r.documents.len() as f32;
-    assert!((r.probability - mean).abs() < 1e-6);
-    assert!(!r.model.is_empty());
+    assert!(r.model.contains("train-style"), "{}", r.model);
+    assert!(r.documents.is_empty());
+
+    // Too short to judge: an abstention with its reason, at the prior.
+    let short = client
+        .distinguish(request(
+            &user,
+            "Great strings!",
+            0,
+            DistinguishMethod::Style,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(short.abstained && short.abstention_reason.contains("too short"));
+    assert_eq!(short.probability, 0.5);
+    // No history at all: an abstention too.
+    let nobody = client
+        .distinguish(request(
+            "nobody-has-this-id",
+            &target.text,
+            0,
+            DistinguishMethod::Style,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        nobody.abstained && nobody.profile_documents == 0,
+        "{nobody:?}"
+    );
+
+    // The generator's judgement on request: one score per compared document, averaged.
+    let llm = client
+        .distinguish(request(&user, &target.text, 2, DistinguishMethod::Llm))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(llm.method, DistinguishMethod::Llm as i32);
+    assert!(!llm.documents.is_empty() && llm.documents.len() <= 2);
+    let mean =
+        llm.documents.iter().map(|d| d.probability).sum::<f32>() / llm.documents.len() as f32;
+    assert!((llm.probability - mean).abs() < 1e-6);
+    let err = client
+        .distinguish(request(
+            "nobody-has-this-id",
+            "some text",
+            0,
+            DistinguishMethod::Llm,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 
     for (bad, why) in [
-        (request(&user, "  ", 0), "text is empty"),
-        (request("", "some text", 0), "user_id is empty"),
-        (request(&user, "some text", 17), "max_documents"),
+        (
+            request(&user, "  ", 0, DistinguishMethod::Style),
+            "text is empty",
+        ),
+        (
+            request("", "some text", 0, DistinguishMethod::Style),
+            "user_id is empty",
+        ),
+        (
+            request(&user, "some text", 17, DistinguishMethod::Style),
+            "max_documents",
+        ),
     ] {
         let err = client.distinguish(bad).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains(why), "{}", err.message());
     }
-    let err = client
-        .distinguish(request("nobody-has-this-id", "some text", 0))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let mut unknown = request(&user, "some text", 0, DistinguishMethod::Style);
+    unknown.method = 9;
+    let err = client.distinguish(unknown).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+/// Known pairs on held-out users: validation users' reviews (the `profile` protocol's first 12
+/// targets) judged against their authors' earlier reviews score above the same reviews judged
+/// against the user whose review matches each best (BM25) — impostors on the same topic — for
+/// most of them, through the served Distinguish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinguish_scores_the_author_above_a_matched_impostor() {
+    let Some(data) = data() else {
+        return;
+    };
+    use ghostwriter::eval::authorship::{self, Corpus, Protocol};
+    let corpus = Corpus::load(&common::amazon_docs().unwrap()).unwrap();
+    let pairs = authorship::pairs(
+        &corpus,
+        ghostwriter::eval::protocol::Split::Validation,
+        Protocol::Profile,
+        42,
+    );
+    let mut client = common::client(&data.url).await;
+    let (mut wins, mut judged) = (0, 0);
+    for two in pairs.chunks(2).take(12) {
+        let (own, other) = (&two[0], &two[1]);
+        assert!(own.same && !other.same);
+        let text = &corpus.dataset.documents[own.text];
+        let impostor = &corpus.dataset.documents[other.profile[0]].user_id;
+        let judge = |user: &str, before: bool| ghostwriter::proto::DistinguishRequest {
+            user_id: user.into(),
+            text: corpus.texts[own.text].clone(),
+            timestamp: before.then_some(text.timestamp),
+            doc_id: if before {
+                text.doc_id.clone()
+            } else {
+                String::new()
+            },
+            max_documents: 0,
+            method: 0,
+        };
+        let a = client
+            .distinguish(judge(&own.author, true))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = client
+            .distinguish(judge(impostor, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!a.abstained && !b.abstained);
+        judged += 1;
+        wins += usize::from(a.probability > b.probability);
+    }
+    assert_eq!(judged, 12);
+    assert!(
+        wins >= 8,
+        "the author scored higher in only {wins} of {judged}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,6 +588,9 @@ async fn tokens_bind_callers_to_their_users() {
             ..Default::default()
         },
         insecure_no_auth: false,
+        generator_stall_timeout_secs: 15.0,
+        generator_failover_secs: 30.0,
+        cache_salt_key_file: None,
         discovery: Default::default(),
         ingest_budget_mb: 0,
     };

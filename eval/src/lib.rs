@@ -8,6 +8,7 @@
 //! where it stopped. Metrics follow [`metrics`]; the report is a JSON summary, a Markdown table
 //! and an SVG chart.
 
+pub mod authorship;
 pub mod bench;
 pub mod bench_generator;
 pub mod bench_job;
@@ -16,6 +17,7 @@ pub mod porter;
 pub mod protocol;
 pub mod report;
 pub mod train;
+pub mod voice;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write as _};
@@ -356,6 +358,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         presets.join(",")
     );
     let started = Instant::now();
+    let model_dir_for_voice = model_dir.clone();
     match &args.to {
         Some(url) => {
             if !args.no_ingest {
@@ -393,7 +396,7 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         .iter()
         .map(|d| (d.doc_id.as_str(), protocol::full_text(&d.title, &d.text)))
         .collect();
-    let summary = report::summarize(
+    let mut summary = report::summarize(
         &presets,
         &by_preset,
         &texts,
@@ -402,6 +405,18 @@ pub async fn run(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<report::S
         wall,
         &args,
     );
+    drop(texts);
+    let voice = voice::score(
+        dataset,
+        args.split,
+        &by_preset,
+        report::BASELINE,
+        &model_dir_for_voice,
+        &authorship::default_embedding_cache(&args.data),
+        args.bootstrap,
+        args.seed,
+    )?;
+    report::attach_voice(&mut summary, voice);
     report::write_all(&args.out, &summary)?;
     Ok(summary)
 }

@@ -49,6 +49,15 @@ pub struct PresetScore {
     /// Paired ROUGE-1 difference to the baseline on the shared examples, with its bootstrap
     /// 95% interval and the share of resamples where the difference is not positive.
     pub rouge1_vs_baseline: Option<Paired>,
+    /// Voice score: ROC AUC of the style verifier telling the true author's profile from a
+    /// matched other user's, on the generated continuation alone (see [`crate::voice`]).
+    pub voice_auc: Option<f64>,
+    /// 2.5th percentile of its bootstrap by author.
+    pub voice_auc_ci_low: Option<f64>,
+    /// 97.5th percentile.
+    pub voice_auc_ci_high: Option<f64>,
+    /// Voice score minus the baseline's on the shared examples, with its bootstrap interval.
+    pub voice_auc_vs_baseline: Option<crate::voice::VoiceDiff>,
 }
 
 /// A paired comparison.
@@ -83,6 +92,9 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// Seconds spent computing the metrics.
     pub metric_seconds: f64,
+    /// The voice score of the true continuations (the target after its immediate context):
+    /// the ceiling of every preset's.
+    pub voice_ceiling: Option<crate::voice::Voice>,
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -253,6 +265,10 @@ pub fn summarize(
                     words(&r.target).len().saturating_sub(context_words) as f64
                 })),
                 rouge1_vs_baseline: vs,
+                voice_auc: None,
+                voice_auc_ci_low: None,
+                voice_auc_ci_high: None,
+                voice_auc_vs_baseline: None,
             })
         })
         .collect();
@@ -264,20 +280,38 @@ pub fn summarize(
         max_new_tokens: args.max_new_tokens,
         wall_seconds: wall,
         metric_seconds: started.elapsed().as_secs_f64(),
+        voice_ceiling: None,
     }
+}
+
+/// Puts the voice scores into the summary's rows.
+pub fn attach_voice(summary: &mut Summary, voice: crate::voice::VoiceReport) {
+    for row in &mut summary.presets {
+        if let Some(v) = voice.presets.get(&row.preset) {
+            row.voice_auc = Some(v.auc);
+            row.voice_auc_ci_low = Some(v.ci_low);
+            row.voice_auc_ci_high = Some(v.ci_high);
+        }
+        row.voice_auc_vs_baseline = voice.vs_baseline.get(&row.preset).cloned();
+    }
+    summary.voice_ceiling = voice.ceiling;
 }
 
 /// The Markdown table.
 pub fn markdown(s: &Summary) -> String {
     let mut out = String::from(
-        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | repetition | generated precision | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | voice AUC [95% CI] | repetition | generated precision | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for p in &s.presets {
         let delta = p.rouge1_vs_baseline.as_ref().map_or("—".to_string(), |d| {
             format!("{:+.2} [{:+.2}, {:+.2}]", d.mean_diff, d.ci_low, d.ci_high)
         });
+        let voice = match (p.voice_auc, p.voice_auc_ci_low, p.voice_auc_ci_high) {
+            (Some(a), Some(l), Some(h)) => format!("{a:.2} [{l:.2}, {h:.2}]"),
+            _ => "—".to_string(),
+        };
         out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {} | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
             p.preset,
             p.bleu,
             p.rouge1,
@@ -285,6 +319,7 @@ pub fn markdown(s: &Summary) -> String {
             p.rouge_l,
             delta,
             100.0 * p.copy_rate,
+            voice,
             100.0 * p.repetition_rate,
             100.0 * p.generated_precision,
             p.mean_output_words,
@@ -293,6 +328,12 @@ pub fn markdown(s: &Summary) -> String {
                 .map_or("—".to_string(), |e| format!("{:.0}%", 100.0 * e)),
             p.mean_latency_ms / 1e3,
             p.examples
+        ));
+    }
+    if let Some(v) = &s.voice_ceiling {
+        out.push_str(&format!(
+            "\nVoice AUC of the true continuations (the ceiling): {:.2} [{:.2}, {:.2}], {} examples.\n",
+            v.auc, v.ci_low, v.ci_high, v.examples
         ));
     }
     out

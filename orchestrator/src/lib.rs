@@ -4,6 +4,7 @@
 //! and each stage's latency.
 
 pub mod auth;
+mod distinguish;
 mod error;
 pub mod preset;
 pub mod salt;
@@ -22,11 +23,11 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    DistinctionInput, DistinctionScore, DistinguishRequest, DistinguishResponse, GenerateRequest,
-    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
-    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
-    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
-    WriteResponse, WriteStreamResponse,
+    DistinguishRequest, DistinguishResponse, GenerateRequest, GenerateResponse, InfoRequest,
+    InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest, ListPresetsResponse,
+    PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest, StageLatency,
+    SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse,
+    WriteStreamResponse,
 };
 use ghostwriter_transport::{Listener, StageServer, Transport};
 use prometheus::{Histogram, HistogramOpts};
@@ -44,9 +45,6 @@ pub const DEFAULT_CONTEXT_CHARS: usize = 150;
 const MAX_CONTEXT_CHARS: u32 = 20_000;
 /// Longest user or document id (the same limit as ingest's).
 const MAX_USER_ID: usize = ingest::MAX_ID_BYTES;
-/// Earlier documents a Distinguish compares by default, and at most.
-const DEFAULT_DISTINGUISH_DOCUMENTS: u32 = 4;
-const MAX_DISTINGUISH_DOCUMENTS: u32 = 16;
 
 /// Corpus of the synthesizer's IDF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -716,99 +714,7 @@ impl OrchestratorService {
         &self,
         request: Request<DistinguishRequest>,
     ) -> Result<DistinguishResponse, Error> {
-        let started = Instant::now();
-        let deadline = self.deadline(request.metadata(), started);
-        let grant = self.auth.grant(request.metadata())?;
-        let r = request.into_inner();
-        check_ids(&r.user_id, &r.doc_id)?;
-        grant.allow(&r.user_id)?;
-        if r.text.trim().is_empty() {
-            return Err(Invalid::new("text", "text is empty").into());
-        }
-        if r.text.chars().count() > MAX_DOCUMENT_CHARS {
-            return Err(Invalid::new(
-                "text",
-                format!("text is limited to {MAX_DOCUMENT_CHARS} characters"),
-            )
-            .into());
-        }
-        if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
-            return Err(Invalid::new(
-                "max_documents",
-                format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"),
-            )
-            .into());
-        }
-        let limit = if r.max_documents == 0 {
-            DEFAULT_DISTINGUISH_DOCUMENTS
-        } else {
-            r.max_documents
-        };
-        // As in training: the text's first 150 characters against an earlier document's first
-        // 600.
-        let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
-        let salt = self.salt.of(&r.user_id);
-        let retrieved = self
-            .stages
-            .retrieve(
-                RetrieveRequest {
-                    user_id: r.user_id,
-                    query: first.clone(),
-                    before_timestamp: r.timestamp,
-                    current_doc_id: r.doc_id,
-                    limit,
-                    term_statistics: false,
-                },
-                deadline,
-            )
-            .await?;
-        if retrieved.documents.is_empty() {
-            return Err(Error::NoHistory);
-        }
-        let judged = retrieved
-            .documents
-            .iter()
-            .filter_map(|c| c.document.as_ref())
-            .map(|d| {
-                let second: String = document_text(&d.title, &d.text)
-                    .trim()
-                    .chars()
-                    .take(600)
-                    .collect();
-                let request = GenerateRequest {
-                    input: Some(Input::Distinction(DistinctionInput {
-                        first: first.clone(),
-                        second,
-                    })),
-                    params: None,
-                    cache_salt: salt.clone(),
-                    ..Default::default()
-                };
-                let doc_id = d.doc_id.clone();
-                async move {
-                    let g = self.stages.generate(request, deadline).await?;
-                    Ok::<_, Error>((doc_id, g))
-                }
-            });
-        let judged = futures::future::try_join_all(judged).await?;
-        let model = judged
-            .first()
-            .map(|(_, g)| g.model.clone())
-            .unwrap_or_default();
-        let documents: Vec<DistinctionScore> = judged
-            .into_iter()
-            .map(|(doc_id, g)| DistinctionScore {
-                doc_id,
-                probability: g.same_author_probability,
-            })
-            .collect();
-        let probability =
-            documents.iter().map(|d| d.probability).sum::<f32>() / documents.len() as f32;
-        Ok(DistinguishResponse {
-            probability,
-            documents,
-            model,
-        })
+        distinguish::distinguish(self, request).await
     }
 
     async fn ingest(&self, request: Request<IngestRequest>) -> Result<IngestResponse, Error> {

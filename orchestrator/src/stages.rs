@@ -20,7 +20,7 @@ use ghostwriter_proto::v1::{
     Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
     GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
     RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
-    SynthesizeResponse,
+    SynthesizeResponse, VerifyAuthorRequest, VerifyAuthorResponse,
 };
 use ghostwriter_transport::client::{self, Dialer};
 use tonic::transport::Channel;
@@ -248,6 +248,26 @@ impl Stages {
                 RankerClient::new(channel)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)
                     .rank(request)
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// The ranker's authorship judgement by style.
+    pub async fn verify_author(
+        &self,
+        r: VerifyAuthorRequest,
+        deadline: Option<Instant>,
+    ) -> Result<VerifyAuthorResponse, Error> {
+        self.call_any(
+            StageKind::Ranker,
+            r,
+            deadline,
+            |channel, request| async move {
+                RankerClient::new(channel)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .verify_author(request)
                     .await
             },
         )

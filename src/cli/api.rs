@@ -123,18 +123,32 @@ pub struct DistinguishArgs {
     /// The supposed author.
     #[arg(long, env = "GHOSTWRITER_USER")]
     user: String,
-    /// The text (its first 150 characters are judged).
+    /// The text (judged whole; the LLM method compares its first 150 characters).
     #[arg(long)]
     text: String,
     /// Compare only with documents written before this unix time.
     #[arg(long)]
     timestamp: Option<i64>,
-    /// Earlier documents compared (0 = 4).
+    /// Earlier documents compared: the most recent (style; 0 = 8) or the best matches (llm;
+    /// 0 = 4); at most 16.
     #[arg(long, default_value_t = 0)]
     max_documents: u32,
+    /// How to judge: `style` (the style verifier, calibrated at 1:1) or `llm` (the generator's
+    /// author-distinction answer; at chance on unseen users, for comparison only).
+    #[arg(long, value_enum, default_value_t = Method::Style)]
+    method: Method,
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+}
+
+/// How `distinguish` judges.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Method {
+    /// The style verifier.
+    Style,
+    /// The generator's author-distinction answer.
+    Llm,
 }
 
 #[derive(Parser)]
@@ -204,6 +218,10 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
             timestamp: args.timestamp,
             doc_id: String::new(),
             max_documents: args.max_documents,
+            method: match args.method {
+                Method::Style => ghostwriter::proto::DistinguishMethod::Style,
+                Method::Llm => ghostwriter::proto::DistinguishMethod::Llm,
+            } as i32,
         },
         args.timeout,
     )?;
@@ -212,9 +230,21 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| args.api.error(s))?
         .into_inner();
-    println!("{:.3}", r.probability);
+    if r.abstained {
+        println!("abstained: {}", r.abstention_reason);
+    } else {
+        println!("{:.3}", r.probability);
+    }
     for d in &r.documents {
         eprintln!("  {:.3}  {}", d.probability, d.doc_id);
+    }
+    eprintln!(
+        "profile: {} documents ({})",
+        r.profile_documents,
+        r.profile_doc_ids.join(", ")
+    );
+    for f in &r.top_features {
+        eprintln!("  {:+.3}  {} = {:.3}", f.contribution, f.name, f.value);
     }
     eprintln!("model: {}", r.model);
     Ok(())

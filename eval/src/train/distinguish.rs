@@ -1,264 +1,255 @@
-//! `ghostwriter eval-distinguish`: author distinction served (`Distinguish`) on pairs from
-//! held-out users: each sampled target is judged once against its own author's earlier
-//! documents (label: same author) and once against another user of the split (label: not),
-//! scored by accuracy at 0.5 and ROC AUC.
+//! `ghostwriter eval-distinguish`: author distinction on held-out users, by protocol
+//! ([`crate::authorship`]: `random`, `matched` — the headline — and `profile`). Each protocol
+//! reports the style verifier's ROC AUC with a bootstrap 95% interval resampled by author, its
+//! expected calibration error at the 1:1 prior, the char 3-gram TF-IDF cosine baseline on the
+//! same pairs, and, with `--llm`, the generator's author-distinction judgement (the text's
+//! first 150 characters against each profile document's first 600, averaged).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures::StreamExt;
-use ghostwriter_proto::v1::DistinguishRequest;
-use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
+use ghostwriter_generator::backend::SeqStep;
+use ghostwriter_generator::model::Prompter;
+use ghostwriter_generator::native::NativeModel;
+use ghostwriter_generator::{LoadOptions, prompt, same_author_probability};
+use ghostwriter_style::Verifier;
 use serde_json::{Value, json};
 
-use crate::Rng;
-use crate::protocol::{self, Split};
+use crate::authorship::{self, Baseline, Corpus, Pair, Protocol};
+use crate::protocol::{CONTEXT_CHARS, Split};
 
 /// Settings of a distinction evaluation.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// Orchestrator URL; without it the embedded pipeline is started for the run.
-    #[arg(long, env = "GHOSTWRITER_URL")]
-    pub to: Option<String>,
-    /// Documents (Amazon .json.gz or neutral JSONL).
+    /// Documents: any `docs.jsonl` (neutral JSONL: user_id, doc_id, timestamp, title, text) or
+    /// Amazon .json.gz; the protocol's targets and split apply.
     #[arg(long, default_value_os_t = crate::bench::default_data())]
     pub data: PathBuf,
     /// Users whose targets are judged.
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
-    /// Targets judged (each gives one same-author and one other-author pair; 0 = all).
-    #[arg(long, default_value_t = 60)]
-    pub targets: usize,
-    /// Adapter the embedded generator serves (the fine-tuned model); none = zero-shot.
+    /// Comma-separated protocols (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub protocols: Vec<Protocol>,
+    /// A style model file to evaluate instead of the shipped one (from `train-style --out`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Also score every pair with the generator's LLM judgement (slow on CPU: see
+    /// --llm-targets).
+    #[arg(long)]
+    pub llm: bool,
+    /// Adapter the LLM judgement uses with --llm (the fine-tuned model); none = zero-shot.
     #[arg(long, env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
-    /// Requests in flight.
-    #[arg(long, default_value_t = 4)]
-    pub concurrency: usize,
-    /// Earlier documents each judgement compares with.
-    #[arg(long, default_value_t = 4)]
-    pub max_documents: u32,
-    /// Which of the author's documents a same-author judgement may compare with: `before` (those
-    /// written before the target, as a write sees them) or `all` (every other one, so the
-    /// author's pool is as whole as the other user's, whose whole history is searched).
-    #[arg(long = "author-history", value_enum, default_value_t = AuthorHistory::Before)]
-    pub author_history: AuthorHistory,
-    /// Seed of the sampling.
+    /// With --llm: targets per protocol the LLM judges (their pairs only; 0 = all). The
+    /// verifier and the baseline are also reported on that subset.
+    #[arg(long, default_value_t = 60)]
+    pub llm_targets: usize,
+    /// Bootstrap resamples of the intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Seed of the impostor sampling and the bootstrap.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Cache of the documents' MiniLM embeddings (default: a file in the temporary directory
+    /// named after --data).
+    #[arg(long)]
+    pub embedding_cache: Option<PathBuf>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "eval-distinguish.json")]
     pub out: PathBuf,
 }
 
-/// One served judgement, as the report lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Judgement {
-    /// The supposed author asked about.
-    user_id: String,
-    /// The text judged (a target of the split).
-    doc_id: String,
-    /// Its real author.
-    author: String,
-    /// Whether `user_id` is the author.
-    same_author: bool,
-    /// P(same author) as served.
-    probability: f32,
-    /// The documents of `user_id` it was compared with.
-    compared: Vec<String>,
+/// The generator's author-distinction judgement, in process (the serving engine).
+struct Llm {
+    model: NativeModel,
+    prompter: Prompter,
+    answers: [u32; 2],
+    name: String,
 }
 
-/// The author's documents a same-author judgement may compare with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum AuthorHistory {
-    /// Those written before the target.
-    Before,
-    /// Every one but the target.
-    All,
-}
-
-/// ROC AUC of `scores` for `labels` (Mann–Whitney, ties counted half).
-pub fn roc_auc(scores: &[(f64, bool)]) -> f64 {
-    let pos: Vec<f64> = scores.iter().filter(|s| s.1).map(|s| s.0).collect();
-    let neg: Vec<f64> = scores.iter().filter(|s| !s.1).map(|s| s.0).collect();
-    if pos.is_empty() || neg.is_empty() {
-        return 0.5;
+impl Llm {
+    fn load(model_dir: &std::path::Path, adapter: Option<PathBuf>) -> anyhow::Result<Self> {
+        let base = model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0);
+        let prompter = Prompter::load(&base)?;
+        let answers = [
+            prompter.encode_plain("true")?[0],
+            prompter.encode_plain("false")?[0],
+        ];
+        let name = match &adapter {
+            Some(a) => format!("{} + {}", base.display(), a.display()),
+            None => format!("{} (zero-shot)", base.display()),
+        };
+        let model = NativeModel::load(
+            &base,
+            &LoadOptions {
+                device: "cpu".into(),
+                max_context: 2048,
+                threads: 0,
+                block_size: 16,
+                kv_cache_mb: 64,
+                adapter,
+            },
+        )?;
+        Ok(Self {
+            model,
+            prompter,
+            answers,
+            name,
+        })
     }
-    let mut wins = 0.0;
-    for p in &pos {
-        for n in &neg {
-            wins += if p > n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
-        }
-    }
-    wins / (pos.len() * neg.len()) as f64
-}
 
-/// The figures of judged pairs `(P(same author), same author)`: their count, accuracy at 0.5,
-/// ROC AUC and the mean probability for each label.
-pub fn scored(scores: &[(f64, bool)]) -> serde_json::Map<String, Value> {
-    let correct = scores
-        .iter()
-        .filter(|(p, same)| (*p >= 0.5) == *same)
-        .count();
-    let mean = |same: bool| {
-        let v: Vec<f64> = scores.iter().filter(|s| s.1 == same).map(|s| s.0).collect();
-        v.iter().sum::<f64>() / v.len().max(1) as f64
-    };
-    serde_json::Map::from_iter([
-        ("pairs".to_string(), json!(scores.len())),
-        (
-            "accuracy".to_string(),
-            json!(correct as f64 / scores.len().max(1) as f64),
-        ),
-        ("roc_auc".to_string(), json!(roc_auc(scores))),
-        (
-            "mean_probability_same_author".to_string(),
-            json!(mean(true)),
-        ),
-        (
-            "mean_probability_other_author".to_string(),
-            json!(mean(false)),
-        ),
-    ])
-}
-
-/// Runs the evaluation and writes its report.
-pub async fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
-    let data = args.data.clone();
-    let loaded =
-        tokio::task::spawn_blocking(move || ghostwriter_runtime::loaders::load(&data)).await??;
-    let dataset = protocol::build(loaded.documents);
-    let mut targets: Vec<_> = dataset
-        .examples
-        .iter()
-        .filter(|e| e.split == args.split)
-        .cloned()
-        .collect();
-    let mut rng = Rng::new(args.seed);
-    rng.shuffle(&mut targets);
-    if args.targets > 0 {
-        targets.truncate(args.targets);
-    }
-    let users: Vec<String> = {
-        let mut u: Vec<String> = dataset
-            .examples
-            .iter()
-            .filter(|e| e.split == args.split)
-            .map(|e| e.user_id.clone())
+    /// Mean P(same author) of the text's start against each profile document's first 600.
+    fn judge(&mut self, corpus: &Corpus, pair: &Pair) -> anyhow::Result<f64> {
+        let first: String = corpus.texts[pair.text]
+            .chars()
+            .take(CONTEXT_CHARS)
             .collect();
-        u.sort();
-        u.dedup();
-        u
-    };
-    anyhow::ensure!(users.len() >= 2, "the split needs two users at least");
-    let mut jobs = Vec::new();
-    for e in &targets {
-        jobs.push((e.user_id.clone(), e.clone(), true));
-        let mut other = &users[rng.below(users.len())];
-        while *other == e.user_id {
-            other = &users[rng.below(users.len())];
+        let mut sum = 0.0;
+        for &d in &pair.profile {
+            let second: String = corpus.texts[d].trim().chars().take(600).collect();
+            let ids = self.prompter.encode(&prompt::distinction(
+                prompt::DEFAULT_SYSTEM,
+                &first,
+                &second,
+            ))?;
+            let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+            let logits = self
+                .model
+                .forward(&[SeqStep {
+                    tokens: &ids,
+                    start: 0,
+                    blocks: &blocks,
+                    logits: true,
+                }])?
+                .remove(0);
+            let [t, f] = self.answers;
+            sum += f64::from(same_author_probability(
+                logits[t as usize],
+                logits[f as usize],
+            ));
         }
-        jobs.push((other.clone(), e.clone(), false));
+        Ok(sum / pair.profile.len().max(1) as f64)
     }
-    let run = |url: String| {
-        let jobs = jobs.clone();
-        let max_documents = args.max_documents;
-        let author_history = args.author_history;
-        async move {
-            let client =
-                GhostwriterClient::new(ghostwriter_transport::client::channel(&url, None)?);
-            let results: Vec<anyhow::Result<Judgement>> = futures::stream::iter(jobs)
-                .map(|(user, e, same)| {
-                    let mut client = client.clone();
-                    async move {
-                        let mut request = tonic::Request::new(DistinguishRequest {
-                            user_id: user.clone(),
-                            text: e.target(),
-                            // The author's history before the target (or all but the target);
-                            // another user's whole.
-                            timestamp: (same && author_history == AuthorHistory::Before)
-                                .then_some(e.timestamp),
-                            doc_id: if same {
-                                e.doc_id.clone()
-                            } else {
-                                String::new()
-                            },
-                            max_documents,
-                        });
-                        request.set_timeout(Duration::from_secs(300));
-                        let r = client
-                            .distinguish(request)
-                            .await
-                            .map_err(|s| anyhow::anyhow!("distinguish: {}", s.message()))?
-                            .into_inner();
-                        Ok(Judgement {
-                            user_id: user,
-                            doc_id: e.doc_id,
-                            author: e.user_id,
-                            same_author: same,
-                            probability: r.probability,
-                            compared: r.documents.into_iter().map(|d| d.doc_id).collect(),
-                        })
-                    }
-                })
-                .buffer_unordered(args.concurrency.max(1))
-                .collect()
-                .await;
-            results.into_iter().collect::<anyhow::Result<Vec<_>>>()
-        }
-    };
-    let started = Instant::now();
-    let judgements = match &args.to {
-        Some(url) => run(url.clone()).await?,
-        None => {
-            ghostwriter_runtime::embedded::Embedded::with_pipeline(
-                model_dir,
-                args.adapter.clone(),
-                &dataset.documents,
-                async |e| run(e.url()).await,
-            )
-            .await?
-        }
-    };
-    let pairs: Vec<(f64, bool)> = judgements
+}
+
+/// AUC and interval of scores over pairs, resampled by author.
+fn scored(pairs: &[Pair], scores: &[f64], resamples: usize, seed: u64) -> (f64, f64, f64) {
+    let s: Vec<(f64, bool)> = scores
         .iter()
-        .map(|j| (f64::from(j.probability), j.same_author))
+        .zip(pairs)
+        .map(|(x, p)| (*x, p.same))
         .collect();
-    let mut report = scored(&pairs);
-    for (key, value) in [
-        ("split", json!(format!("{:?}", args.split).to_lowercase())),
-        ("adapter", json!(args.adapter)),
-        ("max_documents", json!(args.max_documents)),
-        (
-            "author_history",
-            json!(super::value_name(&args.author_history)),
-        ),
-        ("seconds", json!(started.elapsed().as_secs_f64())),
-        ("judgements", json!(judgements)),
-    ] {
-        report.insert(key.to_string(), value);
+    let groups = authorship::groups_by_author(pairs.iter().map(|p| p.author.as_str()));
+    authorship::auc_ci(&s, &groups, resamples, seed)
+}
+
+/// Runs the protocols and writes the report.
+pub fn evaluate(args: EvalArgs, model_dir: PathBuf) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let verifier = match &args.model {
+        Some(path) => Verifier::from_json(&std::fs::read_to_string(path)?)?,
+        None => Verifier::shipped()?,
+    };
+    let mut corpus = Corpus::load(&args.data)?;
+    let cache = args
+        .embedding_cache
+        .clone()
+        .unwrap_or_else(|| authorship::default_embedding_cache(&args.data));
+    // Every pair of a split is drawn from that split's users alone: embed only their documents.
+    let split_docs: std::collections::HashSet<usize> = corpus
+        .users(args.split)
+        .iter()
+        .flat_map(|u| corpus.by_user[u].iter().copied())
+        .collect();
+    corpus.embed_where(&model_dir, Some(&cache), |i| split_docs.contains(&i))?;
+    let baseline = Baseline::new(&corpus.texts);
+    let mut llm = if args.llm {
+        Some(Llm::load(&model_dir, args.adapter.clone())?)
+    } else {
+        None
+    };
+    let protocols = if args.protocols.is_empty() {
+        Protocol::ALL.to_vec()
+    } else {
+        args.protocols.clone()
+    };
+    let mut rows = Vec::new();
+    for p in protocols {
+        let pairs = authorship::pairs(&corpus, args.split, p, args.seed);
+        anyhow::ensure!(
+            !pairs.is_empty(),
+            "no {} pairs on the {:?} split of {}",
+            p.name(),
+            args.split,
+            args.data.display()
+        );
+        let judged: Vec<(f64, bool)> =
+            crate::metrics::par_map(&pairs, |q| corpus.judge(&verifier, q));
+        let scores: Vec<f64> = judged.iter().map(|j| j.0).collect();
+        let base: Vec<f64> =
+            crate::metrics::par_map(&pairs, |q| baseline.score(q.text, &q.profile));
+        let (auc, low, high) = scored(&pairs, &scores, args.bootstrap, args.seed);
+        let (b_auc, b_low, b_high) = scored(&pairs, &base, args.bootstrap, args.seed);
+        let calibration: Vec<(f64, bool)> = scores
+            .iter()
+            .zip(&pairs)
+            .map(|(s, q)| (*s, q.same))
+            .collect();
+        let mut row = json!({
+            "name": p.name(),
+            "pairs": pairs.len(),
+            "authors": authorship::groups_by_author(pairs.iter().map(|q| q.author.as_str())).len(),
+            "auc": auc,
+            "auc_ci_low": low,
+            "auc_ci_high": high,
+            "baseline_auc": b_auc,
+            "baseline_auc_ci_low": b_low,
+            "baseline_auc_ci_high": b_high,
+            "expected_calibration_error": authorship::expected_calibration_error(&calibration),
+            "abstained": judged.iter().filter(|j| j.1).count(),
+            "mean_profile_documents": pairs.iter().map(|q| q.profile.len()).sum::<usize>() as f64 / pairs.len() as f64,
+            "llm_auc": Value::Null,
+        });
+        if let Some(llm) = llm.as_mut() {
+            let n = if args.llm_targets == 0 {
+                pairs.len()
+            } else {
+                (2 * args.llm_targets).min(pairs.len())
+            };
+            let subset = &pairs[..n];
+            let mut llm_scores = Vec::with_capacity(n);
+            for q in subset {
+                llm_scores.push(llm.judge(&corpus, q)?);
+            }
+            let (l_auc, l_low, l_high) = scored(subset, &llm_scores, args.bootstrap, args.seed);
+            let (v_auc, v_low, v_high) = scored(subset, &scores[..n], args.bootstrap, args.seed);
+            let (s_auc, _, _) = scored(subset, &base[..n], args.bootstrap, args.seed);
+            for (k, v) in [
+                ("llm_auc", json!(l_auc)),
+                ("llm_auc_ci_low", json!(l_low)),
+                ("llm_auc_ci_high", json!(l_high)),
+                ("llm_pairs", json!(n)),
+                ("llm_subset_verifier_auc", json!([v_auc, v_low, v_high])),
+                ("llm_subset_baseline_auc", json!(s_auc)),
+            ] {
+                row[k] = v;
+            }
+        }
+        eprintln!("{}", serde_json::to_string(&row)?);
+        rows.push(row);
     }
-    let report = Value::Object(report);
+    let report = json!({
+        "data": args.data,
+        "split": super::value_name(&args.split),
+        "model": args.model.as_ref().map_or("shipped".to_string(), |m| m.display().to_string()),
+        "model_provenance": verifier.model().provenance,
+        "llm": llm.as_ref().map(|l| l.name.clone()),
+        "seed": args.seed,
+        "bootstrap": args.bootstrap,
+        "seconds": started.elapsed().as_secs_f64(),
+        "protocols": rows,
+    });
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auc_counts_ordered_pairs() {
-        assert_eq!(roc_auc(&[(0.9, true), (0.1, false)]), 1.0);
-        assert_eq!(roc_auc(&[(0.1, true), (0.9, false)]), 0.0);
-        assert_eq!(roc_auc(&[(0.5, true), (0.5, false)]), 0.5);
-        let s = [(0.8, true), (0.4, true), (0.6, false), (0.2, false)];
-        assert_eq!(roc_auc(&s), 0.75);
-    }
 }

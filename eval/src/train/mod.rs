@@ -8,6 +8,7 @@
 pub mod data;
 pub mod distinguish;
 pub mod model;
+pub mod style;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;

@@ -1,7 +1,9 @@
 //! Ranker stage: orders a user's retrieved documents by the paper's strategies — `RankDocBM25`,
 //! `RankDocDense`, `RankSnippet`, `RankDocBySnpt` (all-MiniLM-L6-v2 in candle) and `RecentDoc` —
-//! and joins the best entries up to the character budget.
+//! and joins the best entries up to the character budget; and judges authorship by style
+//! ([`authorship`], `VerifyAuthor`) with the same embedder and cache.
 
+pub mod authorship;
 pub mod rank;
 
 use std::path::PathBuf;
@@ -10,7 +12,10 @@ use ghostwriter_common::MAX_MESSAGE_BYTES;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::status::Invalid;
 use ghostwriter_proto::v1::ranker_server::{Ranker, RankerServer};
-use ghostwriter_proto::v1::{RankRequest, RankResponse, RankedEntry, RankingStrategy};
+use ghostwriter_proto::v1::{
+    RankRequest, RankResponse, RankedEntry, RankingStrategy, StyleFeature, VerifyAuthorRequest,
+    VerifyAuthorResponse,
+};
 use ghostwriter_transport::{StageServer, Transport};
 use tonic::{Request, Response, Status};
 
@@ -52,6 +57,7 @@ impl From<Error> for Status {
 #[derive(Clone)]
 pub struct RankerService {
     dense: LazyEmbedder,
+    verifier: std::sync::Arc<ghostwriter_style::Verifier>,
 }
 
 impl RankerService {
@@ -141,6 +147,59 @@ impl Ranker for RankerService {
             RankerService::rank(self, request.into_inner()).await?,
         ))
     }
+
+    async fn verify_author(
+        &self,
+        request: Request<VerifyAuthorRequest>,
+    ) -> Result<Response<VerifyAuthorResponse>, Status> {
+        Ok(Response::new(
+            RankerService::verify_author(self, request.into_inner()).await?,
+        ))
+    }
+}
+
+impl RankerService {
+    async fn verify_author(&self, r: VerifyAuthorRequest) -> Result<VerifyAuthorResponse, Error> {
+        authorship::check(&r.text, r.profile.len())?;
+        let verifier = self.verifier.clone();
+        let profile: Vec<String> = r
+            .profile
+            .into_iter()
+            .map(|d| ghostwriter_common::text::document_text(&d.title, &d.text))
+            .collect();
+        let judgement = self
+            .dense
+            .run(move |dense| authorship::verify(&verifier, dense, &r.text, &profile))
+            .await?;
+        let model = self.verifier.model().provenance.command.clone();
+        let prior_same_author = ghostwriter_style::PRIOR_SAME_AUTHOR;
+        Ok(match judgement {
+            ghostwriter_style::Judgement::Judged {
+                probability,
+                contributions,
+            } => VerifyAuthorResponse {
+                probability: Some(probability),
+                prior_same_author,
+                features: contributions
+                    .into_iter()
+                    .map(|c| StyleFeature {
+                        name: c.feature,
+                        value: c.value,
+                        contribution: c.contribution,
+                    })
+                    .collect(),
+                abstention_reason: String::new(),
+                model,
+            },
+            ghostwriter_style::Judgement::Abstained(a) => VerifyAuthorResponse {
+                probability: None,
+                prior_same_author,
+                features: Vec::new(),
+                abstention_reason: a.reason(),
+                model,
+            },
+        })
+    }
 }
 
 /// Serves the ranker on `listener` until `shutdown`. The embedding model loads in the
@@ -156,8 +215,11 @@ pub async fn serve(
     let cell = LazyEmbedder::default();
     let loader = cell.clone().load(config.embedder, model_dir);
     let routes = routes.add_service(
-        RankerServer::new(RankerService { dense: cell })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        RankerServer::new(RankerService {
+            dense: cell,
+            verifier: std::sync::Arc::new(ghostwriter_style::Verifier::shipped()?),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES),
     );
     server.serve_after(routes, listener, shutdown, loader).await
 }

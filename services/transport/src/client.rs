@@ -71,15 +71,6 @@ impl From<Option<&Tls>> for Dialer {
     }
 }
 
-impl From<Option<Tls>> for Dialer {
-    fn from(tls: Option<Tls>) -> Self {
-        Self {
-            tls,
-            keepalive: Keepalive::default(),
-        }
-    }
-}
-
 impl Dialer {
     /// A lazy channel to `url` (see [`channel`]).
     pub fn channel(&self, url: &str) -> Result<Channel, BadUrl> {
