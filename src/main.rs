@@ -125,14 +125,23 @@ enum ModelsCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     telemetry::init_logging_as(cli.log_format);
-    let result = run(cli).await;
+    // `up --processes` passes the flags given to it on to the processes it starts: it needs
+    // to know which were given, and which `serve STAGE` takes.
+    let given = cli::up::Given {
+        matches: matches.subcommand_matches("up").cloned(),
+        command,
+    };
+    let result = run(cli, given).await;
     telemetry::shutdown();
     result
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
     let model_dir = models::dir_or_default(cli.model_dir);
     // The files load once, here: a bad one stops the command before anything starts.
     let tls = Tls::from_args(&cli.tls)?;
@@ -168,7 +177,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{sha}");
             Ok(())
         }
-        Command::Up(args) => cli::up::run(args, model_dir, cli.tls, tls, cli.log_format).await,
+        Command::Up(args) => {
+            cli::up::run(args, given, model_dir, cli.tls, tls, cli.log_format).await
+        }
         Command::Serve(args) => cli::serve::serve(args, model_dir, tls).await,
         Command::Ingest(mut a) => {
             a.api.tls = tls;

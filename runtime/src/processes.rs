@@ -18,6 +18,8 @@ pub struct Processes {
     children: Vec<(&'static str, Child)>,
     /// URL of each stage.
     pub urls: BTreeMap<&'static str, String>,
+    /// Where each process serves its metrics, when asked.
+    pub metrics: BTreeMap<&'static str, SocketAddr>,
 }
 
 impl Drop for Processes {
@@ -80,6 +82,7 @@ impl Processes {
         let mut me = Self {
             children: Vec::new(),
             urls: BTreeMap::new(),
+            metrics: BTreeMap::new(),
         };
         // In StageKind::ALL order, so a stage's dependencies report their URLs first.
         for stage in StageKind::ALL.map(StageKind::name) {
@@ -244,10 +247,20 @@ impl Authority {
     }
 }
 
-/// Writes a throwaway [`Authority`] under `dir`; returns the flags that use it.
+/// Writes a throwaway [`Authority`] under `dir`, a directory only this user can open (0700),
+/// the private key readable by this user alone (0600): whoever reads the key is one of the
+/// mesh, and reaches every stage API. Returns the flags that use it.
 pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_transport::tls::TlsArgs> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let authority = Authority::new("ghostwriter throwaway CA")?;
-    std::fs::create_dir_all(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // An existing directory keeps its mode through create: make it private either way.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let (ca, cert, key) = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),
@@ -255,7 +268,14 @@ pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_transport::tls::Tl
     );
     std::fs::write(&ca, authority.ca)?;
     std::fs::write(&cert, authority.cert)?;
-    std::fs::write(&key, authority.key)?;
+    // Created 0600, never readable by others even for a moment.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| f.write_all(authority.key.as_bytes()))
+        .with_context(|| format!("writing {}", key.display()))?;
     Ok(ghostwriter_transport::tls::TlsArgs {
         cert: Some(cert),
         key: Some(key),
@@ -272,6 +292,13 @@ pub struct Mesh<'a> {
     pub auth: &'a ghostwriter_orchestrator::auth::AuthArgs,
     /// How every process writes its log lines.
     pub log_format: ghostwriter_common::telemetry::LogFormat,
+    /// Flags for each stage's `serve STAGE` (from `up`'s command line).
+    pub flags: &'a BTreeMap<&'static str, Vec<std::ffi::OsString>>,
+    /// Metrics endpoints: the processes get consecutive ports from this one, in start order
+    /// (port 0: each its own, chosen by the OS); None = none.
+    pub metrics: Option<SocketAddr>,
+    /// How long each process may take to report SERVING.
+    pub ready_timeout: Duration,
 }
 
 impl Processes {
@@ -290,11 +317,15 @@ impl Processes {
             tls,
             auth,
             log_format,
+            flags,
+            metrics,
+            ready_timeout,
         } = mesh;
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
         let mut me = Self {
             children: vec![("etcd", etcd)],
             urls: BTreeMap::new(),
+            metrics: BTreeMap::new(),
         };
         // Stages register as soon as they are ready: have etcd listening first.
         let started = std::time::Instant::now();
@@ -344,6 +375,20 @@ impl Processes {
                 }
                 cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
             }
+            if let Some(base) = metrics {
+                let port = match base.port() {
+                    0 => 0,
+                    p => p
+                        .checked_add(me.metrics.len() as u16)
+                        .context("--metrics-listen: no port left for every process")?,
+                };
+                let addr = SocketAddr::new(base.ip(), port);
+                cmd.arg("--metrics-listen").arg(addr.to_string());
+                me.metrics.insert(stage, addr);
+            }
+            if let Some(extra) = flags.get(stage) {
+                cmd.args(extra);
+            }
             cmd.env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -359,7 +404,7 @@ impl Processes {
             if stage == "etcd" {
                 continue;
             }
-            wait_until_serving(&url, "", Duration::from_secs(120), client_tls.as_ref())
+            wait_until_serving(&url, "", ready_timeout, client_tls.as_ref())
                 .await
                 .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
         }
