@@ -369,7 +369,7 @@ impl Stages {
             first_text: None,
             done: false,
         };
-        stream.open(None).await?;
+        stream.open(None, false).await?;
         Ok(stream)
     }
 }
@@ -527,18 +527,20 @@ impl GenerationStream {
             if self.beam {
                 self.received.clear();
             }
-            self.open(failed).await?;
+            self.open(failed, true).await?;
             self.resumptions += 1;
             Ok(())
         } else {
-            self.open(None).await
+            self.open(None, true).await
         }
     }
 
     /// Opens the stream on a generator (not `avoid` while another is there), resuming from the
-    /// ids received so far; tries the generators in turn, and keeps looking for one while
-    /// the failover window (and the deadline) lasts.
-    async fn open(&mut self, avoid: Option<String>) -> Result<(), Error> {
+    /// ids received so far; tries the generators in turn. A stream under way (`resuming`)
+    /// keeps looking for one while the failover window (and the deadline) lasts; a new one
+    /// fails at once when every generator refused or could not be reached, as a unary call
+    /// does (the caller has lost nothing, and a refusal says when to come back).
+    async fn open(&mut self, avoid: Option<String>, resuming: bool) -> Result<(), Error> {
         let what = StageKind::Generator.name();
         let set = &self.stages.generator;
         let started = Instant::now();
@@ -556,7 +558,7 @@ impl GenerationStream {
                 None => {
                     // Every generator known was tried: wait for one to come (back), within the
                     // window.
-                    if started.elapsed() + pause > self.settings.window {
+                    if !resuming || started.elapsed() + pause > self.settings.window {
                         return Err(match last {
                             // A refusal for load is the answer to pass on (with its RetryInfo).
                             Some(s) if s.code() == tonic::Code::ResourceExhausted => {

@@ -214,8 +214,8 @@ pub fn transport_error(e: &tonic::transport::Error) -> String {
 }
 
 /// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its
-/// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL status whose cause is the
-/// connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the
+/// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL/CANCELLED status whose cause
+/// is the connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the
 /// message, which a stage's own error could echo). A downstream stage's failure reported by the
 /// stage ([`is_downstream`]) is not. Such a call can be retried on another endpoint.
 pub fn is_transport_failure(status: &tonic::Status) -> bool {
@@ -224,7 +224,11 @@ pub fn is_transport_failure(status: &tonic::Status) -> bool {
     }
     match status.code() {
         tonic::Code::Unavailable => true,
-        tonic::Code::Unknown | tonic::Code::Internal => caused_by_connection(status),
+        // CANCELLED by the connection, not by this caller: a request that was never sent
+        // because its connection went away (GOAWAY), or a stream the server reset as it left.
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => {
+            caused_by_connection(status)
+        }
         _ => false,
     }
 }
@@ -335,6 +339,9 @@ mod tests {
         )));
         assert_eq!(broken.code(), tonic::Code::Unknown);
         assert!(is_transport_failure(&broken));
+        // A CANCELLED that a stage reported (in its trailers) is the stage's answer, not a
+        // lost connection.
+        assert!(!is_transport_failure(&tonic::Status::cancelled("the caller went away")));
         assert!(is_transport_failure(&tonic::Status::unavailable("down")));
         // A downstream failure reported by the stage is not held against it.
         assert!(!is_transport_failure(&downstream_status(
