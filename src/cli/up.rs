@@ -106,9 +106,20 @@ pub fn forwarded(given: &Given) -> anyhow::Result<BTreeMap<&'static str, Vec<OsS
         .find_subcommand("serve")
         .ok_or_else(|| anyhow::anyhow!("no serve command"))?;
     let stages = ghostwriter_common::stage::StageKind::ALL.map(|s| s.name());
+    let up = given
+        .command
+        .find_subcommand("up")
+        .ok_or_else(|| anyhow::anyhow!("no up command"))?;
+    // Arguments only (the ids also name the groups of flattened settings), of `up` or global.
+    let is_arg = |id: &str| {
+        up.get_arguments()
+            .chain(given.command.get_arguments())
+            .any(|a| a.get_id().as_str() == id)
+    };
     for id in matches.ids() {
         let id = id.as_str();
-        if matches.value_source(id) != Some(ValueSource::CommandLine)
+        if !is_arg(id)
+            || matches.value_source(id) != Some(ValueSource::CommandLine)
             || APPLIED_BY_UP.contains(&id)
         {
             continue;
