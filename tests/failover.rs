@@ -71,7 +71,12 @@ async fn mesh(generators: usize, generator_args: &[&str], orchestrator_args: &[&
     for i in 0..generators {
         let mut args = owned(&["--threads", "1"]);
         args.extend(owned(generator_args));
-        gens.push(serve(dir.path(), &format!("generator-{i}"), "generator", &args));
+        gens.push(serve(
+            dir.path(),
+            &format!("generator-{i}"),
+            "generator",
+            &args,
+        ));
     }
     let urls: Vec<String> = gens.iter().map(|g| g.url.clone()).collect();
     let metrics = format!("127.0.0.1:{}", common::port());
@@ -126,7 +131,9 @@ async fn stream(
             _ => {}
         }
     }
-    Err(tonic::Status::unavailable("the stream ended without its final message"))
+    Err(tonic::Status::unavailable(
+        "the stream ended without its final message",
+    ))
 }
 
 /// Eight concurrent streams; `disturb` runs once they are well under way (every stream has
@@ -288,7 +295,10 @@ async fn a_streams_metrics_say_how_it_ended() {
             .await
             .unwrap()
             .into_inner();
-        while !matches!(s.message().await.unwrap().unwrap().event, Some(Event::Text(_))) {}
+        while !matches!(
+            s.message().await.unwrap().unwrap().event,
+            Some(Event::Text(_))
+        ) {}
     }
     // Cut by its deadline.
     let mut request = tonic::Request::new(write(1, 400));
@@ -338,11 +348,18 @@ async fn a_streams_metrics_say_how_it_ended() {
     );
     assert!(seconds >= 1.4, "{seconds}");
     assert_eq!(
-        common::sample(&metrics, "ghostwriter_rpc_in_flight", &[("service", "ghostwriter.v1.Ghostwriter")]),
+        common::sample(
+            &metrics,
+            "ghostwriter_rpc_in_flight",
+            &[("service", "ghostwriter.v1.Ghostwriter")]
+        ),
         0.0,
         "{metrics}"
     );
-    assert!(metrics.contains("ghostwriter_build_info{version=\""), "{metrics}");
+    assert!(
+        metrics.contains("ghostwriter_build_info{version=\""),
+        "{metrics}"
+    );
 }
 
 /// A percentile (nearest rank) of `xs`, milliseconds.
@@ -399,7 +416,12 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
     summarizer_args.extend(["--generator-url".to_string(), generator_urls.clone()]);
     let summarizers = two("summarizer", &summarizer_args);
     let synthesizers = two("synthesizer", &embedder);
-    let join = |s: &[Served]| s.iter().map(|p| p.url.as_str()).collect::<Vec<_>>().join(",");
+    let join = |s: &[Served]| {
+        s.iter()
+            .map(|p| p.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let orchestrator = serve(
         d,
         "orchestrator",

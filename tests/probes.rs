@@ -54,7 +54,10 @@ fn refused(args: &[&str], reason: &str) {
     let said = std::fs::read_to_string(&log).unwrap();
     let status = status.unwrap_or_else(|| panic!("{args:?} still ran after 5 s:\n{said}"));
     assert!(!status.success(), "{args:?} succeeded");
-    assert!(said.contains(reason), "{args:?} did not say {reason:?}:\n{said}");
+    assert!(
+        said.contains(reason),
+        "{args:?} did not say {reason:?}:\n{said}"
+    );
 }
 
 #[test]
@@ -71,7 +74,15 @@ fn bad_credential_files_stop_up_and_serve_at_once_with_the_reason() {
     let port = format!("127.0.0.1:{}", common::port());
     let sixteen = "tokens must be at least 16 characters";
     refused(
-        &["up", "--listen", &port, "--index-dir", index, "--auth-tokens", tokens],
+        &[
+            "up",
+            "--listen",
+            &port,
+            "--index-dir",
+            index,
+            "--auth-tokens",
+            tokens,
+        ],
         sixteen,
     );
     refused(
@@ -119,7 +130,11 @@ fn up_processes_refuses_the_flags_it_cannot_pass_on() {
     let port = format!("127.0.0.1:{}", common::port());
     for (flag, value, why) in [
         ("--shard", "1", "runs one retriever shard"),
-        ("--advertise", "http://10.0.0.1:1", "advertises its own address"),
+        (
+            "--advertise",
+            "http://10.0.0.1:1",
+            "advertises its own address",
+        ),
         ("--etcd", "http://127.0.0.1:1", "runs its own etcd"),
     ] {
         refused(

@@ -115,7 +115,11 @@ mod tests {
         std::fs::write(&file, "k".repeat(40)).unwrap();
         let a = CacheSalt::load(Some(&file)).unwrap();
         let b = CacheSalt::load(Some(&file)).unwrap();
-        assert_eq!(a.of("maya"), b.of("maya"), "one key file, one salt per user");
+        assert_eq!(
+            a.of("maya"),
+            b.of("maya"),
+            "one key file, one salt per user"
+        );
         assert_ne!(a.of("maya"), a.of("maya2"));
         assert!(!a.of("maya").windows(4).any(|w| w == b"maya"));
         let random = CacheSalt::load(None).unwrap();

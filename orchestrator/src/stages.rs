@@ -127,15 +127,8 @@ impl Stages {
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let what = stage.name();
-        self.call(
-            stage,
-            what,
-            |_| true,
-            request,
-            deadline,
-            call,
-        )
-        .await
+        self.call(stage, what, |_| true, request, deadline, call)
+            .await
     }
 
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
@@ -499,9 +492,7 @@ impl GenerationStream {
             Ok(None) => Err(Lost::Resumable(Status::unavailable(
                 "the stream ended before the text was complete",
             ))),
-            Err(status) if client::is_transport_failure(&status) => {
-                Err(Lost::Resumable(status))
-            }
+            Err(status) if client::is_transport_failure(&status) => Err(Lost::Resumable(status)),
             Err(status) => Err(Lost::Final(Error::Stage(client::stage_status(
                 StageKind::Generator.name(),
                 status,
@@ -518,7 +509,8 @@ impl GenerationStream {
                 .failed(&self.stages.generator, &up.endpoint, &lost);
             tracing::info!(url = %up.endpoint.info.url, received = self.received.len(), error = %lost.message(), "continuing a generation stream on another generator");
             let failed = Some(up.endpoint.info.url.clone());
-            if self.beam && self.text_sent || !self.beam && self.text_sent && self.received.is_empty()
+            if self.beam && self.text_sent
+                || !self.beam && self.text_sent && self.received.is_empty()
             {
                 // Text reached the caller that no continuation could follow without repeating
                 // it (a beam's, or a generator's that sends no token ids).

@@ -265,7 +265,12 @@ impl Embedded {
 
     /// Waits until `stage` at `url` reports SERVING; a stage that stops first (it failed to
     /// start) fails this at once with its reason, not after `timeout`.
-    async fn ready(&mut self, stage: StageKind, url: &str, timeout: Duration) -> Result<(), String> {
+    async fn ready(
+        &mut self,
+        stage: StageKind,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let Some(i) = self.tasks.iter().position(|(s, _)| *s == stage) else {
             return Err("not started".into());
         };

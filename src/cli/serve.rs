@@ -129,9 +129,8 @@ impl ProcessArgs {
         shutdown: ghostwriter_common::shutdown::Shutdown,
     ) -> anyhow::Result<Transport> {
         let secs = |flag: &str, value: f64| {
-            Duration::try_from_secs_f64(value).map_err(|_| {
-                anyhow::anyhow!("{flag} must be a non-negative number of seconds")
-            })
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| anyhow::anyhow!("{flag} must be a non-negative number of seconds"))
         };
         let positive = |flag: &str, value: f64| {
             let d = secs(flag, value)?;

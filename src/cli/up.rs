@@ -86,10 +86,7 @@ const APPLIED_BY_UP: &[&str] = &[
 /// Flags of `up` that mean nothing for a mesh of processes, and why.
 const REFUSED: &[(&str, &str)] = &[
     ("etcd", "up --processes runs its own etcd"),
-    (
-        "advertise",
-        "each process advertises its own address",
-    ),
+    ("advertise", "each process advertises its own address"),
     ("shard", "up --processes runs one retriever shard"),
 ];
 
@@ -181,14 +178,7 @@ pub async fn run(
     }
     if args.processes {
         let flags = forwarded(&given)?;
-        return up_processes(
-            args,
-            flags,
-            model_dir,
-            tls_args,
-            log_format,
-        )
-        .await;
+        return up_processes(args, flags, model_dir, tls_args, log_format).await;
     }
     let mut config = args.config;
     config.retriever.ingest_budget_mb = args.process.ingest_budget_mb;

@@ -130,9 +130,7 @@ pub fn channel_with(url: &str, dialer: &Dialer) -> Result<Channel, BadUrl> {
                 reason: "no socket path".into(),
             });
         }
-        return Ok(endpoint.connect_with_connector_lazy(UnixConnector {
-            path: path.into(),
-        }));
+        return Ok(endpoint.connect_with_connector_lazy(UnixConnector { path: path.into() }));
     }
     Ok(match &dialer.tls {
         Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
@@ -151,9 +149,8 @@ type UnixConnected = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
 impl tower_service::Service<http::Uri> for UnixConnector {
     type Response = UnixConnected;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<UnixConnected>> + Send>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<UnixConnected>> + Send>>;
 
     fn poll_ready(
         &mut self,
@@ -341,7 +338,9 @@ mod tests {
         assert!(is_transport_failure(&broken));
         // A CANCELLED that a stage reported (in its trailers) is the stage's answer, not a
         // lost connection.
-        assert!(!is_transport_failure(&tonic::Status::cancelled("the caller went away")));
+        assert!(!is_transport_failure(&tonic::Status::cancelled(
+            "the caller went away"
+        )));
         assert!(is_transport_failure(&tonic::Status::unavailable("down")));
         // A downstream failure reported by the stage is not held against it.
         assert!(!is_transport_failure(&downstream_status(

@@ -120,9 +120,7 @@ impl Metrics {
             &["version"],
         )
         .expect("metric definitions are valid");
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         metrics.register(build);
         metrics
     }

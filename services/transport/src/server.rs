@@ -163,7 +163,11 @@ impl StageServer {
             shutdown.wait().await;
             health.not_serving().await;
             if !delay.is_zero() {
-                tracing::info!(service, ?delay, "NOT_SERVING; still accepting for the drain delay");
+                tracing::info!(
+                    service,
+                    ?delay,
+                    "NOT_SERVING; still accepting for the drain delay"
+                );
                 tokio::time::sleep(delay).await;
             }
         };
