@@ -509,9 +509,7 @@ impl GenerationStream {
                 .failed(&self.stages.generator, &up.endpoint, &lost);
             tracing::info!(url = %up.endpoint.info.url, received = self.received.len(), error = %lost.message(), "continuing a generation stream on another generator");
             let failed = Some(up.endpoint.info.url.clone());
-            if self.beam && self.text_sent
-                || !self.beam && self.text_sent && self.received.is_empty()
-            {
+            if self.text_sent && (self.beam || self.received.is_empty()) {
                 // Text reached the caller that no continuation could follow without repeating
                 // it (a beam's, or a generator's that sends no token ids).
                 return Err(Error::Stage(client::stage_status(what, lost)));

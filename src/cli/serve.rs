@@ -198,7 +198,7 @@ pub enum Stage {
     /// The public API, fanning out to the stages.
     Orchestrator {
         #[command(flatten)]
-        config: ghostwriter_orchestrator::OrchestratorConfig,
+        config: Box<ghostwriter_orchestrator::OrchestratorConfig>,
     },
 }
 
@@ -285,7 +285,7 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
                 // The orchestrator watches what the stages register under the same etcd.
                 config.discovery = discovery;
                 config.ingest_budget_mb = budget;
-                ghostwriter_orchestrator::serve(config, listener, stop, &t).await
+                ghostwriter_orchestrator::serve(*config, listener, stop, &t).await
             }
         }
     });

@@ -90,7 +90,7 @@ impl Listener {
             Self::Unix(l) => l
                 .local_addr()
                 .ok()
-                .and_then(|a| a.as_pathname().map(|p| crate::client::unix_url(p)))
+                .and_then(|a| a.as_pathname().map(crate::client::unix_url))
                 .unwrap_or_else(|| "unix".into()),
         }
     }
