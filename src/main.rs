@@ -86,6 +86,10 @@ enum Command {
     /// Measure the operations targets with real processes: orchestrator overhead over five
     /// hops, RESOURCE_EXHAUSTED latency, generator failover; writes JSON.
     BenchOps(cli::bench::OpsArgs),
+    /// Measure what a generator dying mid-generation costs the writes in flight (streamed and
+    /// unary, two generators, one killed in every round): failures, added latency, a moved
+    /// stream's pause against the survivor's re-prefill; writes JSON.
+    BenchFailover(ghostwriter::bench_failover::FailoverArgs),
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench(cli::bench::BenchArgs),
@@ -237,6 +241,7 @@ async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
         Command::BenchGenerator(args) => cli::bench::generator(args, model_dir).await,
         Command::BenchJob(args) => cli::bench::job(args, model_dir).await,
         Command::BenchOps(args) => cli::bench::ops(args, model_dir).await,
+        Command::BenchFailover(args) => cli::bench::failover(args, model_dir).await,
     }
 }
 
