@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                                 disable_summary: weak,
                                 ..Default::default()
                             }),
+                            consistency_token: Default::default(),
                         };
                         let (mut generate, provenance) = orchestrator
                             .generator_input(request)

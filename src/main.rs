@@ -50,6 +50,8 @@ enum Command {
     Ingest(cli::api::IngestArgs),
     /// Write the rest of a document for a user.
     Write(cli::api::WriteArgs),
+    /// Delete one document of a user, or every document of the user, from every copy.
+    Delete(cli::api::DeleteArgs),
     /// Ask a running Ghostwriter whether a user wrote a text (author distinction by the
     /// fine-tuned generator against the user's earlier documents).
     Distinguish(cli::api::DistinguishArgs),
@@ -93,6 +95,9 @@ enum Command {
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench(cli::bench::BenchArgs),
+    /// Benchmark the store on a throwaway Postgres: ingest throughput against the local index,
+    /// a new replica's catch-up rate, replication lag, retrieval at one shard's scale; JSON.
+    BenchStore(ghostwriter::bench_store::BenchStoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -187,7 +192,11 @@ async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
         Command::Serve(args) => cli::serve::serve(args, model_dir, tls).await,
         Command::Ingest(mut a) => {
             a.api.tls = tls;
-            cli::api::ingest(&a.api, a.batch, &a.file).await.map(|_| ())
+            cli::api::ingest_command(a).await
+        }
+        Command::Delete(mut args) => {
+            args.api.tls = tls;
+            cli::api::delete(args).await
         }
         Command::Write(mut args) => {
             args.api.tls = tls;
@@ -237,6 +246,10 @@ async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => cli::bench::stages(args, model_dir).await,
+        Command::BenchStore(args) => {
+            let report = ghostwriter::bench_store::run(args).await?;
+            cli::report(&report, None)
+        }
         Command::BenchMetrics(args) => cli::bench::metrics(args).await,
         Command::BenchGenerator(args) => cli::bench::generator(args, model_dir).await,
         Command::BenchJob(args) => cli::bench::job(args, model_dir).await,

@@ -235,6 +235,7 @@ async fn verify(url: &str, batches: &[Batch]) -> BTreeMap<usize, Check> {
                 current_doc_id: String::new(),
                 limit: 10_000,
                 term_statistics: false,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -475,6 +475,7 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
                     }),
                     ..Default::default()
                 }),
+                ..Default::default()
             }
         })
         .collect();

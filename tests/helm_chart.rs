@@ -352,6 +352,34 @@ fn render(helm: &Path, site: &Path, name: &str, extra: &[&str]) -> Render {
     Render { text, summary }
 }
 
+/// The rendered documents, split well enough to find one by kind and name.
+mod serde_yaml_like {
+    pub struct Doc {
+        pub kind: String,
+        pub name: String,
+        pub text: String,
+    }
+
+    pub fn docs(text: &str) -> Vec<Doc> {
+        text.split("\n---")
+            .map(|d| {
+                let field = |key: &str| {
+                    d.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                };
+                Doc {
+                    kind: field("kind: "),
+                    name: field("  name: "),
+                    text: d.to_string(),
+                }
+            })
+            .collect()
+    }
+}
+
 const STAGES: [&str; 6] = {
     use ghostwriter_common::stage::StageKind;
     let mut names = [""; 6];
@@ -803,6 +831,89 @@ fn chart_lints_renders_and_validates() {
         "{orchestrator:?}"
     );
     assert!(orchestrator.contains(&format!("--generator-url={}", dns_url("generator"))));
+
+    // With the store, over the default, production and sharded values: one StatefulSet per
+    // shard with retriever.replicasPerShard replicas, its own headless Service and a budget that
+    // keeps one serving; only the retriever pods get the store's Secret; the orchestrator
+    // reaches every replica of each shard.
+    let store_set = "store.existingSecret=db-app,retriever.replicasPerShard=2";
+    for (name, values) in [
+        ("store-default", None),
+        ("store-production", Some(&production)),
+        ("store-sharded", Some(&sharded)),
+    ] {
+        let mut extra = vec!["--set", store_set];
+        if let Some(v) = values {
+            extra.extend(["-f", v.as_str()]);
+        }
+        let r = render(&helm, &site, name, &extra);
+        let shards: usize = match name {
+            "store-production" => 2,
+            "store-sharded" => 4,
+            _ => 1,
+        };
+        let docs: Vec<serde_yaml_like::Doc> = serde_yaml_like::docs(&r.text);
+        for shard in 0..shards {
+            let sts = format!("gw-ghostwriter-retriever-shard-{shard}");
+            let args = r.args(&sts);
+            assert!(
+                args.contains(&format!("--shard={shard}")),
+                "{name}: {args:?}"
+            );
+            assert!(
+                args.contains(&format!("--retriever-shards={shards}")),
+                "{name}: {args:?}"
+            );
+            assert!(
+                r.service(&format!("{sts}-headless")).is_some(),
+                "{name}: {sts}"
+            );
+            assert!(
+                docs.iter().any(|d| d.kind == "PodDisruptionBudget"
+                    && d.name == sts
+                    && d.text.contains("minAvailable: 1")),
+                "{name}: no budget keeping one replica of shard {shard}"
+            );
+            assert!(
+                docs.iter().any(|d| d.kind == "StatefulSet"
+                    && d.name == sts
+                    && d.text.contains("replicas: 2")
+                    && d.text.contains("name: GHOSTWRITER_STORE")
+                    && d.text.contains("name: db-app")),
+                "{name}: {sts}"
+            );
+        }
+        assert!(
+            docs.iter()
+                .filter(|d| d.text.contains("GHOSTWRITER_STORE"))
+                .all(|d| d.name.contains("retriever")),
+            "{name}: a pod other than the retrievers gets the store"
+        );
+        if shards > 1 {
+            let orchestrator = r.args("gw-ghostwriter-orchestrator").join(" ");
+            for shard in 0..shards {
+                assert!(
+                    orchestrator.contains(&format!(
+                        "http://gw-ghostwriter-retriever-shard-{shard}-0.gw-ghostwriter-retriever-shard-{shard}-headless:50051|http://gw-ghostwriter-retriever-shard-{shard}-1."
+                    )),
+                    "{name}: {orchestrator}"
+                );
+            }
+        }
+    }
+    // Replicas of a shard without a store would diverge: refused.
+    let out = Command::new(&helm)
+        .args([
+            "template",
+            "gw",
+            CHART,
+            "--set",
+            "retriever.replicasPerShard=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a store"));
 
     // Every option on at once still validates.
     let all = render(

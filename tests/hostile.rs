@@ -331,6 +331,7 @@ fn write_case(rng: &mut Rng, users: &Users) -> (String, Expect, WriteRequest) {
             Some(timestamp(rng))
         },
         doc_id: valid_doc_id(rng, true),
+        consistency_token: Default::default(),
     };
     let mut options = WriteOptions {
         generation: generation_valid(rng),
@@ -628,6 +629,7 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
         },
         // The default method (the style verifier): no generator call.
         method: 0,
+        consistency_token: Default::default(),
     };
     // About 4% stay valid (each asks the generator once per compared document).
     let mutations = if rng.percent(4) { 0 } else { rng.range(1, 2) };
@@ -787,6 +789,7 @@ fn retrieve_case(rng: &mut Rng, users: &Users) -> Case {
         current_doc_id: valid_doc_id(rng, true),
         limit: rng.pick(&[0, 1, 2, 200, MAX_RETRIEVE_LIMIT]),
         term_statistics: rng.percent(30),
+        ..Default::default()
     };
     let (what, expect) = match rng.below(4) {
         0 | 1 => {

@@ -61,6 +61,7 @@ fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> Wr
             }),
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     }
 }
 
@@ -394,6 +395,7 @@ async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_docu
             doc_id: target.doc_id.clone(),
             max_documents: max,
             method: method as i32,
+            consistency_token: Default::default(),
         }
     };
     let r = client
@@ -534,6 +536,7 @@ async fn distinguish_scores_the_author_above_a_matched_impostor() {
             },
             max_documents: 0,
             method: 0,
+            consistency_token: Default::default(),
         };
         let a = client
             .distinguish(judge(&own.author, true))

@@ -101,6 +101,7 @@ pub async fn run(
                 }),
                 ..Default::default()
             }),
+            consistency_token: Default::default(),
         };
         let t = Instant::now();
         let response = client.write(request).await?.into_inner();

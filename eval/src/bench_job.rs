@@ -158,6 +158,7 @@ async fn write_all(
                             }),
                             ..Default::default()
                         }),
+                        consistency_token: Default::default(),
                     })
                     .await?
                     .into_inner();

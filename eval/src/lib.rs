@@ -13,6 +13,7 @@ pub mod bench;
 pub mod bench_failover;
 pub mod bench_generator;
 pub mod bench_job;
+pub mod bench_store;
 pub mod metrics;
 pub mod porter;
 pub mod protocol;
@@ -219,6 +220,7 @@ async fn write_one(
             }),
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));

@@ -83,6 +83,7 @@ async fn style(
     } else {
         r.max_documents
     } as usize;
+    let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
     let retrieved = service
         .stages
         .retrieve(
@@ -94,6 +95,7 @@ async fn style(
                 current_doc_id: r.doc_id,
                 limit: HISTORY_FETCH,
                 term_statistics: false,
+                consistency_token,
             },
             deadline,
         )
@@ -144,6 +146,7 @@ async fn llm(
     // As in training: the text's first 150 characters against an earlier document's first 600.
     let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
     let salt = service.salt.of(&r.user_id);
+    let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
     let retrieved = service
         .stages
         .retrieve(
@@ -154,6 +157,7 @@ async fn llm(
                 current_doc_id: r.doc_id,
                 limit,
                 term_statistics: false,
+                consistency_token,
             },
             deadline,
         )

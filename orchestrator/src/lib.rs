@@ -9,6 +9,7 @@ mod error;
 pub mod preset;
 pub mod salt;
 pub mod stages;
+pub mod tokens;
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -23,11 +24,11 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
-    DistinguishRequest, DistinguishResponse, GenerateRequest, GenerateResponse, InfoRequest,
-    InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest, ListPresetsResponse,
-    PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest, StageLatency,
-    SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest, WriteResponse,
-    WriteStreamResponse,
+    DeleteRequest, DeleteResponse, DistinguishRequest, DistinguishResponse, GenerateRequest,
+    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
+    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
+    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
+    WriteResponse, WriteStreamResponse,
 };
 use ghostwriter_transport::{Listener, StageServer, Transport};
 use prometheus::{Histogram, HistogramOpts};
@@ -87,7 +88,8 @@ pub struct WriteDefaults {
 /// Where the stages are, and request defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub struct OrchestratorConfig {
-    /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i).
+    /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i,
+    /// and `|` separates the replicas of one shard: `a0|a1,b0|b1`).
     #[arg(
         long = "retriever-url",
         env = "GHOSTWRITER_RETRIEVER_URL",
@@ -213,6 +215,7 @@ pub struct OrchestratorService {
     auth: Auth,
     salt: salt::CacheSalt,
     streams: stages::StreamSettings,
+    tokens: std::sync::Arc<tokens::RecentTokens>,
     ingest_budget: IngestBudget,
     metrics: OrchestratorMetrics,
 }
@@ -231,6 +234,8 @@ struct Plan {
     retrieval: bool,
     deadline: Option<Instant>,
     started: Instant,
+    /// The consistency token retrieval waits for (empty: none).
+    consistency_token: String,
 }
 
 /// Share of the time left that the stages before generation may use; the rest is kept for
@@ -260,16 +265,13 @@ pub fn immediate_context(title: &str, start: &str, chars: usize) -> String {
 
 /// The user id is set, and neither id is longer than [`MAX_USER_ID`] bytes.
 fn check_ids(user_id: &str, doc_id: &str) -> Result<(), Invalid> {
-    if user_id.trim().is_empty() {
-        return Err(Invalid::new("user_id", "user_id is empty"));
-    }
-    for (what, id) in [("user_id", user_id), ("doc_id", doc_id)] {
-        if id.len() > MAX_USER_ID {
-            return Err(Invalid::new(
-                what,
-                format!("{what} is limited to {MAX_USER_ID} bytes"),
-            ));
-        }
+    ingest::check_id("user_id", user_id)?;
+    // A write's doc_id may be blank (the document is not stored), but not too long.
+    if doc_id.len() > MAX_USER_ID {
+        return Err(Invalid::new(
+            "doc_id",
+            format!("doc_id is limited to {MAX_USER_ID} bytes"),
+        ));
     }
     Ok(())
 }
@@ -314,7 +316,23 @@ impl OrchestratorService {
             metrics: OrchestratorMetrics::register(&transport.metrics),
             config,
             auth,
+            tokens: Default::default(),
         })
+    }
+
+    /// The token a read of `user` waits for: the request's, or that of the user's latest write
+    /// through this orchestrator, whichever is later (read your writes).
+    pub(crate) fn read_token(&self, user: &str, requested: &str) -> Result<String, Invalid> {
+        let requested = if requested.is_empty() {
+            None
+        } else {
+            Some(requested.parse::<ghostwriter_common::consistency::Token>()?)
+        };
+        Ok(self
+            .tokens
+            .for_read(user, requested)
+            .map(|t| t.to_string())
+            .unwrap_or_default())
     }
 
     /// The caller's deadline, or `--request-timeout` from `started` when it sets none.
@@ -394,7 +412,9 @@ impl OrchestratorService {
         };
         let context = immediate_context(&r.title, &r.start, context_chars);
         let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
+        let consistency_token = self.read_token(&r.user_id, &r.consistency_token)?;
         Ok(Plan {
+            consistency_token,
             preset,
             user_id: r.user_id,
             context,
@@ -449,6 +469,7 @@ impl OrchestratorService {
                         limit: self.config.writes.max_candidates,
                         term_statistics: plan.synthesis.is_some()
                             && self.config.writes.idf_corpus == IdfCorpus::Index,
+                        consistency_token: plan.consistency_token.clone(),
                     },
                     plan.context_deadline(),
                 )
@@ -728,7 +749,27 @@ impl OrchestratorService {
         }
         // Checked whole before any shard sees it: a rejected batch writes nothing anywhere.
         ingest::check_batch(&documents)?;
-        self.stages.ingest(documents, deadline).await
+        let users: std::collections::BTreeSet<String> =
+            documents.iter().map(|d| d.user_id.clone()).collect();
+        let response = self.stages.ingest(documents, deadline).await?;
+        if let Ok(token) = response.consistency_token.parse() {
+            self.tokens.record(users.iter().map(String::as_str), token);
+        }
+        Ok(response)
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<DeleteResponse, Error> {
+        let deadline = deadline::from_metadata(request.metadata(), Instant::now());
+        let grant = self.auth.grant(request.metadata())?;
+        let r = request.into_inner();
+        check_ids(&r.user_id, &r.doc_id)?;
+        grant.allow(&r.user_id)?;
+        let user = r.user_id.clone();
+        let response = self.stages.delete(r, deadline).await?;
+        if let Ok(token) = response.consistency_token.parse() {
+            self.tokens.record([user.as_str()], token);
+        }
+        Ok(response)
     }
 }
 
@@ -787,6 +828,15 @@ impl Ghostwriter for OrchestratorService {
     ) -> Result<Response<IngestResponse>, Status> {
         Ok(Response::new(
             OrchestratorService::ingest(self, request).await?,
+        ))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::delete(self, request).await?,
         ))
     }
 }

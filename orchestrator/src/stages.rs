@@ -17,10 +17,11 @@ use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::{
-    Document, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
-    GeneratorInfoRequest, IngestRequest, IngestResponse, RankRequest, RankResponse,
-    RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
-    SynthesizeResponse, VerifyAuthorRequest, VerifyAuthorResponse,
+    DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, GeneratorInfo, GeneratorInfoRequest, IngestRequest, IngestResponse,
+    RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, SummarizeRequest,
+    SummarizeResponse, SynthesizeRequest, SynthesizeResponse, VerifyAuthorRequest,
+    VerifyAuthorResponse,
 };
 use ghostwriter_transport::client::{self, Dialer};
 use tonic::transport::Channel;
@@ -37,6 +38,8 @@ pub struct Stages {
     generator: EndpointSet,
     shards: u32,
     balancer: Balancer,
+    /// Where the next write to a shard starts among its replicas (writes spread over them).
+    next_replica: std::sync::atomic::AtomicUsize,
 }
 
 impl Stages {
@@ -63,6 +66,7 @@ impl Stages {
             generator: set(StageKind::Generator, &c.generator_url)?,
             shards: c.retriever_shards.max(1),
             balancer: Balancer::default(),
+            next_replica: Default::default(),
         })
     }
 
@@ -172,7 +176,10 @@ impl Stages {
         .await
     }
 
-    /// Ingest, each user's documents to the shard that owns the user (upserts are idempotent).
+    /// Ingest, each user's documents to the shard that owns the user. With a store, one replica
+    /// of the shard commits the batch there and answers with a consistency token, and every
+    /// replica applies it from the store (one that is restarting catches up); without one, each
+    /// replica's index is its own store, so every replica in the endpoint set gets the batch.
     pub async fn ingest(
         &self,
         documents: Vec<Document>,
@@ -187,44 +194,120 @@ impl Stages {
         }
         let mut total = IngestResponse::default();
         for (shard, docs) in by_shard {
-            let filter =
-                move |info: &EndpointInfo| info.shard.is_none() || info.shard == Some(shard);
-            let what = self.retriever_name(shard);
-            // Every replica of the shard stores the batch.
-            let replicas: Vec<_> = self
-                .retriever
-                .snapshot()
-                .into_iter()
-                .filter(|e| self.shards <= 1 || filter(&e.info))
-                .collect();
-            if replicas.is_empty() {
-                return Err(Error::NoEndpoint(what));
-            }
             let request = IngestRequest { documents: docs };
-            let mut stored = 0;
-            for replica in replicas {
-                let url = replica.info.url.clone();
-                let response = self
-                    .call(
-                        StageKind::Retriever,
-                        &what,
-                        |info| info.url == url,
-                        request.clone(),
-                        deadline,
-                        |channel, request| async move {
-                            RetrieverClient::new(channel)
-                                .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                                .ingest(request)
-                                .await
-                        },
-                    )
-                    .await?;
-                total.total_documents = total.total_documents.max(response.total_documents);
-                stored = response.ingested;
-            }
-            total.ingested += stored;
+            let response = self
+                .to_shard(shard, request, deadline, |channel, request| async move {
+                    let r = RetrieverClient::new(channel)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                        .ingest(request)
+                        .await?;
+                    let token = r.get_ref().consistency_token.clone();
+                    Ok((r, token))
+                })
+                .await?;
+            total.total_documents = total.total_documents.max(response.total_documents);
+            total.ingested += response.ingested;
+            total.consistency_token =
+                crate::tokens::later(&total.consistency_token, &response.consistency_token);
         }
         Ok(total)
+    }
+
+    /// Deletes one document or a user's every document, on the shard that owns the user (as
+    /// [`Self::ingest`]: one replica with a store, every replica without).
+    pub async fn delete(
+        &self,
+        r: DeleteRequest,
+        deadline: Option<Instant>,
+    ) -> Result<DeleteResponse, Error> {
+        let shard = shard_of(&r.user_id, self.shards);
+        self.to_shard(shard, r, deadline, |channel, request| async move {
+            let r = RetrieverClient::new(channel).delete(request).await?;
+            let token = r.get_ref().consistency_token.clone();
+            Ok((r, token))
+        })
+        .await
+    }
+
+    /// A write to the retriever shard `shard`: to the replicas in turn until one answers with a
+    /// consistency token (a store took the write: every replica gets it from there), else to
+    /// every replica (no store: each index is its own). While it is not known which, a replica
+    /// that is unavailable is passed over; once the answers say there is no store, it is an
+    /// error (it would miss the write for good). Writes are idempotent (upserts and deletions by
+    /// key), so a write retried after an ambiguous failure stores nothing twice.
+    async fn to_shard<Req, Resp, F, Fut>(
+        &self,
+        shard: u32,
+        request: Req,
+        deadline: Option<Instant>,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<(tonic::Response<Resp>, String), Status>>,
+    {
+        let what = self.retriever_name(shard);
+        let mut replicas: Vec<_> = self
+            .retriever
+            .snapshot()
+            .into_iter()
+            .filter(|e| self.shards <= 1 || e.info.shard.is_none() || e.info.shard == Some(shard))
+            .collect();
+        if replicas.is_empty() {
+            return Err(Error::NoEndpoint(what));
+        }
+        let start = self
+            .next_replica
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let len = replicas.len();
+        replicas.rotate_left(start % len);
+        let mut passed_over: Option<Error> = None;
+        let mut answer: Option<Resp> = None;
+        for replica in replicas {
+            let url = replica.info.url.clone();
+            let token = std::sync::Mutex::new(String::new());
+            let result = self
+                .call(
+                    StageKind::Retriever,
+                    &what,
+                    |info| info.url == url,
+                    request.clone(),
+                    deadline,
+                    |channel, request| {
+                        let token = &token;
+                        let f = call(channel, request);
+                        async move {
+                            let (response, t) = f.await?;
+                            if let Ok(mut slot) = token.lock() {
+                                *slot = t;
+                            }
+                            Ok(response)
+                        }
+                    },
+                )
+                .await;
+            let token = token.into_inner().unwrap_or_default();
+            match result {
+                Ok(r) if !token.is_empty() => return Ok(r),
+                Ok(r) => {
+                    // No store: every replica needs the write; one passed over missed it.
+                    if let Some(e) = passed_over.take() {
+                        return Err(e);
+                    }
+                    answer = Some(r);
+                }
+                Err(e) if answer.is_none() && unavailable(&e) => {
+                    passed_over = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match (answer, passed_over) {
+            (Some(r), None) => Ok(r),
+            (_, Some(e)) => Err(e),
+            (None, None) => Err(Error::NoEndpoint(what)),
+        }
     }
 
     /// Rank.
@@ -592,5 +675,14 @@ impl GenerationStream {
                 Err(status) => return Err(Error::Stage(client::stage_status(what, status))),
             }
         }
+    }
+}
+
+/// Whether a stage call failed as UNAVAILABLE (another replica may answer).
+fn unavailable(e: &Error) -> bool {
+    match e {
+        Error::NoEndpoint(_) => true,
+        Error::Stage(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
     }
 }

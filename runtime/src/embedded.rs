@@ -151,6 +151,11 @@ impl Embedded {
         public: TcpListener,
         transport: Transport,
     ) -> anyhow::Result<Self> {
+        // One retriever serves every user here: it must keep every user of the store.
+        anyhow::ensure!(
+            config.retriever.shards <= 1 && config.retriever.shard.unwrap_or(0) == 0,
+            "the embedded topology runs one retriever for every user: --retriever-shards must be 1"
+        );
         // Credentials that do not load stop everything now, with the reason, before any model
         // loads.
         let private = config.auth.configured();
@@ -388,25 +393,38 @@ pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> a
         .map(|_| ())
 }
 
+/// What [`ingest_batches`] stored.
+#[derive(Debug, Clone, Default)]
+pub struct Ingested {
+    /// Documents in the index after the last batch (with a store: in the answering replica's).
+    pub total: u64,
+    /// The consistency token covering every batch (empty without a store).
+    pub consistency_token: String,
+}
+
 /// Ingests `documents` through `client` in batches of `batch`, with `token`, calling
-/// `progress(documents sent)` after each; returns the index's document count. A refused call's
-/// error is its `tonic::Status` (for callers that explain it).
+/// `progress(documents sent)` after each. A refused call's error is its `tonic::Status` (for
+/// callers that explain it).
 pub async fn ingest_batches(
     mut client: GhostwriterClient<tonic::transport::Channel>,
     documents: &[Document],
     batch: usize,
     token: Option<&str>,
     mut progress: impl FnMut(usize),
-) -> anyhow::Result<u64> {
-    let mut total = 0;
+) -> anyhow::Result<Ingested> {
+    let mut ingested = Ingested::default();
     for chunk in documents.chunks(batch.max(1)) {
         let mut request = tonic::Request::new(IngestRequest {
             documents: chunk.to_vec(),
         });
         client::bearer(&mut request, token)?;
         let response = client.ingest(request).await?.into_inner();
-        total = response.total_documents;
+        ingested.total = response.total_documents;
+        ingested.consistency_token = ghostwriter_orchestrator::tokens::later(
+            &ingested.consistency_token,
+            &response.consistency_token,
+        );
         progress(chunk.len());
     }
-    Ok(total)
+    Ok(ingested)
 }

@@ -15,11 +15,11 @@ use ghostwriter_transport::client::wait_until_serving;
 
 /// Stage processes of a local multi-process topology; killed on drop.
 pub struct Processes {
-    children: Vec<(&'static str, Child)>,
-    /// URL of each stage.
-    pub urls: BTreeMap<&'static str, String>,
-    /// Where each process serves its metrics, when asked.
-    pub metrics: BTreeMap<&'static str, SocketAddr>,
+    children: Vec<(String, Child)>,
+    /// URL of each process: by stage name, `NAME-2`, `NAME-3`... for further replicas.
+    pub urls: BTreeMap<String, String>,
+    /// Where each process serves its metrics, when asked (named as in `urls`).
+    pub metrics: BTreeMap<String, SocketAddr>,
 }
 
 impl Drop for Processes {
@@ -111,8 +111,8 @@ impl Processes {
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null());
             let (child, url) = spawn_serving(&mut cmd, stage).await?;
-            me.children.push((stage, child));
-            me.urls.insert(stage, url);
+            me.children.push((stage.to_string(), child));
+            me.urls.insert(stage.to_string(), url);
         }
         for (stage, url) in &me.urls {
             wait_until_serving(url, "", Duration::from_secs(120), None)
@@ -123,10 +123,10 @@ impl Processes {
     }
 
     /// Resident memory of each process, in MB (Linux `/proc`).
-    pub fn rss_mb(&self) -> BTreeMap<&'static str, f64> {
+    pub fn rss_mb(&self) -> BTreeMap<String, f64> {
         self.children
             .iter()
-            .filter_map(|(stage, child)| {
+            .filter_map(|(name, child)| {
                 let status =
                     std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
                 let kb: f64 = status
@@ -136,7 +136,7 @@ impl Processes {
                     .nth(1)?
                     .parse()
                     .ok()?;
-                Some((*stage, kb / 1024.0))
+                Some((name.clone(), kb / 1024.0))
             })
             .collect()
     }
@@ -292,6 +292,11 @@ pub struct Mesh<'a> {
     pub auth: &'a ghostwriter_orchestrator::auth::AuthArgs,
     /// How every process writes its log lines.
     pub log_format: ghostwriter_common::telemetry::LogFormat,
+    /// The retrievers' store, when Postgres is the system of record (its URL reaches them
+    /// through the environment, never a command line).
+    pub store: &'a ghostwriter_store::StoreArgs,
+    /// Processes per stage (absent: 1).
+    pub replicas: &'a BTreeMap<String, u32>,
     /// Flags for each stage's `serve STAGE` (from `up`'s command line).
     pub flags: &'a BTreeMap<&'static str, Vec<std::ffi::OsString>>,
     /// Metrics endpoints: the processes get consecutive ports from this one, in start order
@@ -299,6 +304,33 @@ pub struct Mesh<'a> {
     pub metrics: Option<SocketAddr>,
     /// How long each process may take to report SERVING.
     pub ready_timeout: Duration,
+}
+
+/// Parses `--replicas`: `STAGE=N[,STAGE=N]` (stages: retriever, ranker, summarizer,
+/// synthesizer, generator; N from 1 to 16).
+pub fn parse_replicas(text: &str) -> Result<BTreeMap<String, u32>, String> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (stage, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected STAGE=N"))?;
+        let stage = stage.trim();
+        if !StageKind::STAGES.iter().any(|k| k.name() == stage) {
+            return Err(format!(
+                "{stage:?} is not a stage with replicas (retriever, ranker, summarizer, synthesizer, generator)"
+            ));
+        }
+        let n: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| format!("{part:?}: N must be a number from 1 to 16"))?;
+        if out.insert(stage.to_string(), n).is_some() {
+            return Err(format!("{stage} is named twice"));
+        }
+    }
+    Ok(out)
 }
 
 impl Processes {
@@ -317,13 +349,22 @@ impl Processes {
             tls,
             auth,
             log_format,
+            store,
+            replicas,
             flags,
             metrics,
             ready_timeout,
         } = mesh;
+        let count = |stage: &str| replicas.get(stage).copied().unwrap_or(1);
+        if count("retriever") > 1 && store.url.is_none() {
+            anyhow::bail!(
+                "--replicas retriever=N needs --store: without a store each retriever's index is \
+                 its own store, and replicas would diverge (one that misses an ingest never gets it)"
+            );
+        }
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
         let mut me = Self {
-            children: vec![("etcd", etcd)],
+            children: vec![("etcd".into(), etcd)],
             urls: BTreeMap::new(),
             metrics: BTreeMap::new(),
         };
@@ -339,64 +380,87 @@ impl Processes {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        me.urls.insert("etcd", etcd_url.clone());
+        me.urls.insert("etcd".into(), etcd_url.clone());
         // In StageKind::ALL order: the summarizer dials the generator directly, which has
         // reported its address by then.
         for stage in StageKind::ALL.map(StageKind::name) {
-            let listen = match stage {
-                "orchestrator" => public.to_string(),
-                _ => "127.0.0.1:0".to_string(),
-            };
-            let mut cmd = Command::new(exe);
-            own_group(&mut cmd);
-            cmd.arg("--model-dir")
-                .arg(model_dir)
-                .args(tls.to_args())
-                .args(["--log-format", log_format.as_arg()])
-                .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
-            if stage == "retriever" {
-                cmd.arg("--index-dir").arg(index_dir);
-            }
-            if stage == "summarizer" {
-                cmd.arg("--generator-url").arg(&me.urls["generator"]);
-            }
-            if stage == "orchestrator" {
-                for (flag, path) in [
-                    ("--auth-tokens", &auth.tokens),
-                    ("--auth-jwt-secret-file", &auth.jwt_secret_file),
-                    ("--auth-jwt-keys", &auth.jwt_keys),
-                ] {
-                    if let Some(p) = path {
-                        cmd.arg(flag).arg(p);
+            for replica in 1..=count(stage) {
+                let name = if replica == 1 {
+                    stage.to_string()
+                } else {
+                    format!("{stage}-{replica}")
+                };
+                let listen = match stage {
+                    "orchestrator" => public.to_string(),
+                    _ => "127.0.0.1:0".to_string(),
+                };
+                let mut cmd = Command::new(exe);
+                own_group(&mut cmd);
+                cmd.arg("--model-dir")
+                    .arg(model_dir)
+                    .args(tls.to_args())
+                    .args(["--log-format", log_format.as_arg()])
+                    .args(["serve", "--listen", &listen, "--etcd", &etcd_url, stage]);
+                if stage == "retriever" {
+                    // Each replica its own index (a derived copy of the store).
+                    let dir = if count(stage) > 1 {
+                        index_dir.join(format!("replica-{replica}"))
+                    } else {
+                        index_dir.to_path_buf()
+                    };
+                    cmd.arg("--index-dir").arg(dir);
+                    if let Some(url) = &store.url {
+                        cmd.env("GHOSTWRITER_STORE", url).args(store.to_args());
                     }
                 }
-                if let Some(issuer) = &auth.jwt_issuer {
-                    cmd.arg("--auth-jwt-issuer").arg(issuer);
+                if stage == "summarizer" {
+                    // Every generator replica, balanced.
+                    let generators: Vec<&str> = me
+                        .urls
+                        .iter()
+                        .filter(|(k, _)| *k == "generator" || k.starts_with("generator-"))
+                        .map(|(_, v)| v.as_str())
+                        .collect();
+                    cmd.arg("--generator-url").arg(generators.join(","));
                 }
-                cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
+                if stage == "orchestrator" {
+                    for (flag, path) in [
+                        ("--auth-tokens", &auth.tokens),
+                        ("--auth-jwt-secret-file", &auth.jwt_secret_file),
+                        ("--auth-jwt-keys", &auth.jwt_keys),
+                    ] {
+                        if let Some(p) = path {
+                            cmd.arg(flag).arg(p);
+                        }
+                    }
+                    if let Some(issuer) = &auth.jwt_issuer {
+                        cmd.arg("--auth-jwt-issuer").arg(issuer);
+                    }
+                    cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
+                }
+                if let Some(base) = metrics {
+                    let port = match base.port() {
+                        0 => 0,
+                        p => p
+                            .checked_add(me.metrics.len() as u16)
+                            .context("--metrics-listen: no port left for every process")?,
+                    };
+                    let addr = SocketAddr::new(base.ip(), port);
+                    cmd.arg("--metrics-listen").arg(addr.to_string());
+                    me.metrics.insert(name.clone(), addr);
+                }
+                if let Some(extra) = flags.get(stage) {
+                    cmd.args(extra);
+                }
+                cmd.env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null());
+                let (child, url) = spawn_serving(&mut cmd, &name).await?;
+                me.children.push((name.clone(), child));
+                me.urls.insert(name, url);
             }
-            if let Some(base) = metrics {
-                let port = match base.port() {
-                    0 => 0,
-                    p => p
-                        .checked_add(me.metrics.len() as u16)
-                        .context("--metrics-listen: no port left for every process")?,
-                };
-                let addr = SocketAddr::new(base.ip(), port);
-                cmd.arg("--metrics-listen").arg(addr.to_string());
-                me.metrics.insert(stage, addr);
-            }
-            if let Some(extra) = flags.get(stage) {
-                cmd.args(extra);
-            }
-            cmd.env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null());
-            let (child, url) = spawn_serving(&mut cmd, stage).await?;
-            me.children.push((stage, child));
-            me.urls.insert(stage, url);
         }
         // This process checks their health as one of the mesh.
         let client_tls = ghostwriter_transport::Tls::from_args(tls)?;

@@ -98,6 +98,10 @@ pub struct IngestArgs {
     /// Documents per request.
     #[arg(long, env = "GHOSTWRITER_INGEST_BATCH", default_value_t = 1000)]
     pub batch: usize,
+    /// Print the result as JSON on stdout: documents sent, documents in the index, and the
+    /// consistency token (give it to `write --after`).
+    #[arg(long)]
+    pub json: bool,
     /// The file.
     pub file: std::path::PathBuf,
 }
@@ -114,6 +118,25 @@ pub struct PresetsArgs {
     /// The TLS this command calls with (from the global --tls-* flags).
     #[arg(skip)]
     pub tls: Option<Tls>,
+}
+
+/// Options of `delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The user whose documents are deleted.
+    #[arg(long, env = "GHOSTWRITER_USER")]
+    user: String,
+    /// Delete only this document (default: every document of the user).
+    #[arg(long)]
+    doc_id: Option<String>,
+    /// Print the result as JSON (deleted count and consistency token).
+    #[arg(long)]
+    json: bool,
+    /// Deadline of the request in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +160,9 @@ pub struct DistinguishArgs {
     /// author-distinction answer; at chance on unseen users, for comparison only).
     #[arg(long, value_enum, default_value_t = Method::Style)]
     method: Method,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json`).
+    #[arg(long, env = "GHOSTWRITER_AFTER")]
+    after: Option<String>,
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -207,6 +233,10 @@ pub struct WriteArgs {
     /// Deadline of the request in seconds.
     #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT")]
     timeout: u64,
+    /// See the ingest or deletion of this consistency token (printed by `ingest --json` and
+    /// `delete --json`), through any orchestrator.
+    #[arg(long, env = "GHOSTWRITER_AFTER")]
+    after: Option<String>,
 }
 
 pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
@@ -222,6 +252,7 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
                 Method::Style => ghostwriter::proto::DistinguishMethod::Style,
                 Method::Llm => ghostwriter::proto::DistinguishMethod::Llm,
             } as i32,
+            consistency_token: args.after.unwrap_or_default(),
         },
         args.timeout,
     )?;
@@ -250,8 +281,13 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends every document of `file` in batches, with a progress bar; returns the count.
-pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyhow::Result<usize> {
+/// Sends every document of `file` in batches, with a progress bar; returns the count and what
+/// the batches answered.
+pub async fn ingest(
+    api: &ApiArgs,
+    batch: usize,
+    file: &std::path::Path,
+) -> anyhow::Result<(usize, ghostwriter::embedded::Ingested)> {
     let path = file.to_path_buf();
     let loaded = tokio::task::spawn_blocking(move || loaders::load(&path)).await??;
     if loaded.skipped_empty > 0 {
@@ -267,7 +303,7 @@ pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyh
     );
     bar.set_message("ingesting");
     let started = Instant::now();
-    let total = ghostwriter::embedded::ingest_batches(
+    let ingested = ghostwriter::embedded::ingest_batches(
         api.connect()?,
         &loaded.documents,
         batch,
@@ -285,9 +321,54 @@ pub async fn ingest(api: &ApiArgs, batch: usize, file: &std::path::Path) -> anyh
         loaded.documents.len(),
         file.display(),
         started.elapsed().as_secs_f64(),
-        total
+        ingested.total
     );
-    Ok(loaded.documents.len())
+    Ok((loaded.documents.len(), ingested))
+}
+
+/// `ingest`: the file's documents, printed as JSON with `--json`.
+pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
+    let (sent, ingested) = ingest(&a.api, a.batch, &a.file).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ingested": sent,
+                "total_documents": ingested.total,
+                "consistency_token": ingested.consistency_token,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// `delete`: one document of a user, or all of them.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let mut client = args.api.connect()?;
+    let request = args.api.request(
+        ghostwriter::proto::DeleteRequest {
+            user_id: args.user.clone(),
+            doc_id: args.doc_id.clone().unwrap_or_default(),
+        },
+        args.timeout,
+    )?;
+    let r = client
+        .delete(request)
+        .await
+        .map_err(|s| args.api.error(s))?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "deleted": r.deleted,
+                "consistency_token": r.consistency_token,
+            })
+        );
+    } else {
+        eprintln!("deleted {} documents of {}", r.deleted, args.user);
+    }
+    Ok(())
 }
 
 fn write_request(a: &WriteArgs) -> WriteRequest {
@@ -298,6 +379,7 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
         preset: a.preset.clone(),
         timestamp: a.timestamp,
         doc_id: a.doc_id.clone(),
+        consistency_token: a.after.clone().unwrap_or_default(),
         options: Some(WriteOptions {
             generation: Some(GenerationParams {
                 max_new_tokens: a.max_new_tokens,

@@ -264,6 +264,8 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
     let server: tokio::task::JoinHandle<anyhow::Result<()>> = tokio::spawn(async move {
         match stage {
             Stage::Retriever { mut config } => {
+                // The users it keeps from the store are those of its shard.
+                config.shard = process.shard;
                 config.ingest_budget_mb = budget;
                 ghostwriter_retriever::serve(config, listener, stop, &t).await
             }

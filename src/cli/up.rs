@@ -29,6 +29,11 @@ pub struct UpArgs {
     /// HOST:PORT gives the processes consecutive ports from PORT, in start order.
     #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
     pub processes: bool,
+    /// With --processes: how many processes of a stage to run, `STAGE=N[,STAGE=N]` (for
+    /// example `retriever=2,generator=2`); each retriever replica gets its own index directory
+    /// under --index-dir, and needs --store (without one, replicas would diverge).
+    #[arg(long, env = "GHOSTWRITER_UP_REPLICAS")]
+    pub replicas: Option<String>,
     #[command(flatten)]
     pub config: EmbeddedConfig,
     #[command(flatten)]
@@ -81,6 +86,15 @@ const APPLIED_BY_UP: &[&str] = &[
     "index_dir",
     "metrics_listen",
     "ready_timeout_secs",
+    // The store reaches the retrievers through the mesh's settings (its URL through the
+    // environment, never a command line).
+    "store",
+    "store-password-file",
+    "store-ca",
+    "store-pool-size",
+    "store-statement-timeout-ms",
+    "store-retention-hours",
+    "store-poll-ms",
 ];
 
 /// Flags of `up` that mean nothing for a mesh of processes, and why.
@@ -176,9 +190,16 @@ pub async fn run(
     if args.config.auth.configured() {
         args.config.auth.check()?;
     }
+    let replicas = ghostwriter::processes::parse_replicas(args.replicas.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
     if args.processes {
         let flags = forwarded(&given)?;
-        return up_processes(args, flags, model_dir, tls_args, log_format).await;
+        return up_processes(args, &replicas, flags, model_dir, tls_args, log_format).await;
+    }
+    if !replicas.is_empty() {
+        anyhow::bail!(
+            "--replicas needs --processes (the embedded topology runs one of each stage)"
+        );
     }
     let mut config = args.config;
     config.retriever.ingest_budget_mb = args.process.ingest_budget_mb;
@@ -219,6 +240,7 @@ async fn up(
 /// pass as `--tls-ca`). `flags` are each stage's flags from `up`'s command line.
 async fn up_processes(
     args: UpArgs,
+    replicas: &BTreeMap<String, u32>,
     flags: BTreeMap<&'static str, Vec<OsString>>,
     model_dir: PathBuf,
     tls: TlsArgs,
@@ -247,6 +269,8 @@ async fn up_processes(
             tls: &tls,
             auth: &config.auth,
             log_format,
+            store: &config.retriever.store,
+            replicas,
             flags: &flags,
             metrics: args.process.metrics_listen,
             ready_timeout: Duration::from_secs(config.ready_timeout_secs),

@@ -101,6 +101,7 @@ pub async fn generation_example(
             disable_summary: true,
             ..Default::default()
         }),
+        consistency_token: Default::default(),
     };
     let (generate, provenance) = orchestrator
         .generator_input(request)
@@ -257,6 +258,7 @@ pub async fn distinction_partners(
                         },
                         limit: 1,
                         term_statistics: false,
+                        ..Default::default()
                     })
                     .await
                     .map_err(|s| anyhow::anyhow!("retrieving a distinction pair: {}", s.message()))?

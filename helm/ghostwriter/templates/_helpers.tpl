@@ -98,12 +98,27 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 {{- end -}}
 {{- end -}}
 
-{{/* Per-pod retriever URLs, shard order (sharded retriever without etcd). */}}
+{{/* Whether Postgres is the system of record ("true" or empty). */}}
+{{- define "ghostwriter.store" -}}
+{{- if or .Values.store.url .Values.store.existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* Per-pod retriever URLs, shard order (sharded retriever without etcd); with a store, each
+     shard's replicas joined by `|` (one StatefulSet and headless Service per shard). */}}
 {{- define "ghostwriter.retrieverShardUrls" -}}
 {{- $root := . -}}
+{{- $full := include "ghostwriter.fullname" $root -}}
 {{- $urls := list -}}
 {{- range $i := until (int $root.Values.retriever.replicaCount) -}}
-{{- $urls = append $urls (printf "http://%s-retriever-%d.%s-retriever-headless:%v" (include "ghostwriter.fullname" $root) $i (include "ghostwriter.fullname" $root) $root.Values.grpcPort) -}}
+{{- if include "ghostwriter.store" $root -}}
+{{- $replicas := list -}}
+{{- range $j := until (int $root.Values.retriever.replicasPerShard) -}}
+{{- $replicas = append $replicas (printf "http://%s-retriever-shard-%d-%d.%s-retriever-shard-%d-headless:%v" $full $i $j $full $i $root.Values.grpcPort) -}}
+{{- end -}}
+{{- $urls = append $urls (join "|" $replicas) -}}
+{{- else -}}
+{{- $urls = append $urls (printf "http://%s-retriever-%d.%s-retriever-headless:%v" $full $i $full $root.Values.grpcPort) -}}
+{{- end -}}
 {{- end -}}
 {{- join "," $urls -}}
 {{- end -}}
@@ -215,6 +230,10 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 {{- else if eq .stage "retriever" }}
 - --index-dir=/data/index
 - --retrieve-limit={{ $v.retrieveLimit }}
+{{- if include "ghostwriter.store" $root }}
+- --retriever-shards={{ $v.replicaCount }}
+- --max-lag={{ $root.Values.store.maxLagSeconds }}
+{{- end }}
 {{- else if eq .stage "ranker" }}
 - --embedder-device={{ $v.embedderDevice }}
 - --embedding-cache={{ $v.embeddingCache }}
@@ -286,6 +305,9 @@ metadata:
   labels:
     {{- include "ghostwriter.labels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ $stage }}
+    {{- if hasKey . "shard" }}
+    ghostwriter.io/shard: {{ .shard | quote }}
+    {{- end }}
     {{- with merge (deepCopy ($v.podLabels | default dict)) ($root.Values.podLabels | default dict) }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -353,9 +375,12 @@ spec:
         - --etcd={{ include "ghostwriter.etcdEndpoints" $root }}
         - --etcd-ttl={{ $root.Values.discovery.ttlSeconds }}
         - --advertise=http://$(POD_IP):{{ $root.Values.grpcPort }}
-        {{- if eq $stage "retriever" }}
+        {{- if and (eq $stage "retriever") (not (hasKey . "shard")) }}
         - --shard=$(POD_INDEX)
         {{- end }}
+        {{- end }}
+        {{- if hasKey . "shard" }}
+        - --shard={{ .shard }}
         {{- end }}
         - {{ $stage }}
         {{- include "ghostwriter.stageArgs" . | trim | nindent 8 }}
@@ -374,6 +399,17 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+        {{- if $root.Values.store.existingSecret }}
+        # Only the retriever pods hold the store's credentials.
+        - name: GHOSTWRITER_STORE
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.store.existingSecret }}
+              key: {{ $root.Values.store.existingSecretKey }}
+        {{- else if $root.Values.store.url }}
+        - name: GHOSTWRITER_STORE
+          value: {{ $root.Values.store.url | quote }}
+        {{- end }}
         {{- end }}
         {{- with $root.Values.extraEnv }}
         {{- toYaml . | nindent 8 }}

@@ -16,6 +16,21 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_ID_BYTES: usize = 512;
 /// Default ingest budget of a process, MiB of batches (their encoded size) in flight.
 pub const DEFAULT_BUDGET_MB: usize = 256;
+/// Checks one id (a user's or a document's, named `field`): not blank, at most
+/// [`MAX_ID_BYTES`].
+pub fn check_id(field: &str, id: &str) -> Result<(), Invalid> {
+    if id.trim().is_empty() {
+        return Err(Invalid::new(field, format!("{field} is empty")));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(Invalid::new(
+            field,
+            format!("{field} is limited to {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a batch whole: the first bad document rejects it, naming the document (its index and
 /// id, quoted short), as a violation of the field `documents`.
 pub fn check_batch(documents: &[Document]) -> Result<(), Invalid> {

@@ -8,6 +8,7 @@
 //! (embeddings and compute devices: `ghostwriter-embed`) and no authentication (the
 //! orchestrator's), so a stage without a model (the retriever) builds without them.
 
+pub mod consistency;
 pub mod deadline;
 pub mod ingest;
 pub mod models;

@@ -157,28 +157,26 @@ impl EndpointSet {
         Ok(set)
     }
 
-    /// A fixed set of retriever URLs where the i-th serves shard i.
+    /// A fixed set of retriever URLs where the i-th entry serves shard i; an entry may name
+    /// several replicas of its shard separated by `|` (`a0|a1,b0|b1`: shard 0 on a0 and a1).
     pub fn fixed_sharded(
         stage: &str,
         urls: &[String],
         dialer: impl Into<Dialer>,
     ) -> anyhow::Result<Self> {
-        let set = Self::fixed(stage, urls, dialer)?;
-        let sharded = set
-            .snapshot()
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                Endpoint::new(
+        let set = Self::empty(stage, dialer);
+        let mut sharded = Vec::new();
+        for (i, entry) in urls.iter().enumerate() {
+            for url in entry.split('|').map(str::trim).filter(|u| !u.is_empty()) {
+                sharded.push(Arc::new(Endpoint::new(
                     EndpointInfo {
                         shard: Some(i as u32),
-                        ..e.info.clone()
+                        ..EndpointInfo::bare(stage, url.to_string())
                     },
                     &set.dialer,
-                )
-                .map(Arc::new)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                )?));
+            }
+        }
         *set.endpoints
             .write()
             .map_err(|_| anyhow::anyhow!("endpoint set poisoned"))? = sharded;
@@ -394,6 +392,29 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_sharded_list_may_name_several_replicas_per_shard() {
+        let set = EndpointSet::fixed_sharded(
+            "retriever",
+            &["http://a0:1|http://a1:1".into(), "http://b0:1".into()],
+            None,
+        )
+        .unwrap();
+        let shards: Vec<(String, Option<u32>)> = set
+            .snapshot()
+            .iter()
+            .map(|e| (e.info.url.clone(), e.info.shard))
+            .collect();
+        assert_eq!(
+            shards,
+            [
+                ("http://a0:1".to_string(), Some(0)),
+                ("http://a1:1".to_string(), Some(0)),
+                ("http://b0:1".to_string(), Some(1)),
+            ]
+        );
+    }
 
     #[test]
     fn rendezvous_is_stable_and_moves_few_users() {

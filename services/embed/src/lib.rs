@@ -186,6 +186,11 @@ fn embed_f32(
 }
 
 /// Embeddings by text hash, evicted first in, first out.
+///
+/// A deleted user's entries are not evicted when the user is deleted: the cache holds no text,
+/// only a 64-bit hash of it and the vector, no API returns an entry, and an entry is found only
+/// by presenting the very text again (whoever can do that already has it). They leave as the
+/// cache turns over (first in, first out, `--embedding-cache` entries).
 struct EmbeddingCache {
     capacity: usize,
     map: HashMap<u64, Arc<[f32]>>,

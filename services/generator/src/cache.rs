@@ -7,6 +7,12 @@
 //! vLLM calls automatic prefix caching). Shared blocks are full and never written again; new
 //! tokens always go to a sequence's own blocks. Blocks of finished sequences stay registered
 //! and are evicted least recently used first when the pool runs out.
+//!
+//! A deleted user's blocks are not evicted when the user is deleted: no API reads a block back
+//! (its keys and values, or the token ids of its key); a block is only reused by a request whose
+//! prompt starts with the very same tokens, which only a caller who already has that text can
+//! send, and what it reuses are attention keys and values, never text. The blocks leave as the
+//! pool turns over (least recently used first).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};

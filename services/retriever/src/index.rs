@@ -56,6 +56,25 @@ pub struct Hit {
     pub snippets: Vec<String>,
 }
 
+/// One change applied to the index, in order ([`DocumentIndex::apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexChange {
+    /// Store (replace) the document.
+    Upsert(StoredDocument),
+    /// Delete one document.
+    DeleteDocument {
+        /// Author.
+        user_id: String,
+        /// Id.
+        doc_id: String,
+    },
+    /// Delete every document of the user.
+    DeleteUser {
+        /// The user.
+        user_id: String,
+    },
+}
+
 /// Which documents count as a user's history for the document being written.
 #[derive(Debug, Clone)]
 pub struct HistoryFilter {
@@ -146,55 +165,217 @@ impl DocumentIndex {
 
     /// Stores (upserts by doc_id) a validated batch and makes it searchable before returning.
     pub fn ingest(&self, documents: &[StoredDocument]) -> Result<u64, Error> {
+        let changes: Vec<IndexChange> =
+            documents.iter().cloned().map(IndexChange::Upsert).collect();
+        self.apply(&changes, None)
+    }
+
+    /// Deletes one document (`Some(doc_id)`) or every document of the user, and merges the
+    /// segments holding deleted documents so their text leaves the segment files too; returns
+    /// how many were deleted.
+    pub fn delete(&self, user_id: &str, doc_id: Option<&str>) -> Result<u64, Error> {
+        let before = self.count_user(user_id, doc_id)?;
+        let change = match doc_id {
+            Some(d) => IndexChange::DeleteDocument {
+                user_id: user_id.into(),
+                doc_id: d.into(),
+            },
+            None => IndexChange::DeleteUser {
+                user_id: user_id.into(),
+            },
+        };
+        self.apply(&[change], None)?;
+        Ok(before)
+    }
+
+    fn count_user(&self, user_id: &str, doc_id: Option<&str>) -> Result<u64, Error> {
+        let searcher = self.reader.searcher();
+        let n = searcher.search(&*self.key_query(user_id, doc_id), &Count)?;
+        Ok(n as u64)
+    }
+
+    /// The query matching one document, or every document of a user.
+    fn key_query(&self, user_id: &str, doc_id: Option<&str>) -> Box<dyn Query> {
+        let f = &self.fields;
+        let user: Box<dyn Query> = Box::new(TermQuery::new(
+            Term::from_field_text(f.user_id, user_id),
+            IndexRecordOption::Basic,
+        ));
+        match doc_id {
+            None => user,
+            Some(d) => Box::new(BooleanQuery::new(vec![
+                (Occur::Must, user),
+                (
+                    Occur::Must,
+                    Box::new(TermQuery::new(
+                        Term::from_field_text(f.doc_id, d),
+                        IndexRecordOption::Basic,
+                    )),
+                ),
+            ])),
+        }
+    }
+
+    /// Applies `changes` in order and commits them at once (with `payload` recorded in the
+    /// commit, where a follower keeps its store position); searchable before returning. After
+    /// a deletion, the segments holding deleted documents are merged, so the deleted text
+    /// leaves the segment files. Returns the documents searchable now.
+    pub fn apply(&self, changes: &[IndexChange], payload: Option<&str>) -> Result<u64, Error> {
         let f = &self.fields;
         let mut writer = self
             .writer
             .lock()
             .map_err(|_| Error::Index("writer poisoned".into()))?;
+        // The segments holding a deleted user's documents, merged after the commit.
+        let mut deleted_users: HashSet<&str> = HashSet::new();
         let result = (|| {
-            for d in documents {
-                // Documents are keyed by (user_id, doc_id): one user's id never replaces another
-                // user's document.
-                writer.delete_query(Box::new(BooleanQuery::new(vec![
-                    (
-                        Occur::Must,
-                        Box::new(TermQuery::new(
-                            Term::from_field_text(f.user_id, &d.user_id),
-                            IndexRecordOption::Basic,
-                        )) as Box<dyn Query>,
-                    ),
-                    (
-                        Occur::Must,
-                        Box::new(TermQuery::new(
-                            Term::from_field_text(f.doc_id, &d.doc_id),
-                            IndexRecordOption::Basic,
-                        )),
-                    ),
-                ])))?;
-                let content = d.content();
-                let mut document = doc!(
-                    f.user_id => d.user_id.as_str(),
-                    f.doc_id => d.doc_id.as_str(),
-                    f.timestamp => d.timestamp,
-                    f.title => d.title.as_str(),
-                    f.text => d.text.as_str(),
-                );
-                for snippet in ghostwriter_common::text::snippets(&content) {
-                    document.add_text(f.snippet, snippet);
+            for change in changes {
+                match change {
+                    IndexChange::Upsert(d) => {
+                        // Documents are keyed by (user_id, doc_id): one user's id never
+                        // replaces another user's document.
+                        writer.delete_query(self.key_query(&d.user_id, Some(&d.doc_id)))?;
+                        writer.add_document(Self::document(f, d))?;
+                    }
+                    IndexChange::DeleteDocument { user_id, doc_id } => {
+                        writer.delete_query(self.key_query(user_id, Some(doc_id)))?;
+                        deleted_users.insert(user_id);
+                    }
+                    IndexChange::DeleteUser { user_id } => {
+                        writer.delete_term(Term::from_field_text(f.user_id, user_id));
+                        deleted_users.insert(user_id);
+                    }
                 }
-                document.add_text(f.content, content);
-                writer.add_document(document)?;
             }
-            writer.commit()
+            Self::commit(&mut writer, payload)
         })();
         if let Err(e) = result {
             // Nothing half-written: drop whatever this batch added since the last commit.
             let _ = writer.rollback();
-            return Err(e.into());
+            return Err(e);
+        }
+        if !deleted_users.is_empty() {
+            self.expunge(&mut writer, &deleted_users)?;
         }
         drop(writer);
         self.reader.reload()?;
         Ok(self.num_docs())
+    }
+
+    /// Adds documents known not to be in the index (a rebuild's snapshot pages), without
+    /// committing: the rebuild commits once, with its position, at the end.
+    pub fn add_uncommitted(&self, documents: &[StoredDocument]) -> Result<(), Error> {
+        let writer = self
+            .writer
+            .lock()
+            .map_err(|_| Error::Index("writer poisoned".into()))?;
+        for d in documents {
+            writer.add_document(Self::document(&self.fields, d))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every document, committing with `payload` (the start of a rebuild).
+    pub fn clear(&self, payload: Option<&str>) -> Result<(), Error> {
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| Error::Index("writer poisoned".into()))?;
+        writer.delete_all_documents()?;
+        Self::commit(&mut writer, payload)?;
+        drop(writer);
+        self.reader.reload()?;
+        self.num_docs();
+        Ok(())
+    }
+
+    /// The payload of the last commit (a follower's store position), if any.
+    pub fn payload(&self) -> Result<Option<String>, Error> {
+        Ok(self.index.load_metas()?.payload)
+    }
+
+    fn commit(writer: &mut IndexWriter, payload: Option<&str>) -> Result<(), Error> {
+        let mut prepared = writer.prepare_commit()?;
+        if let Some(p) = payload {
+            prepared.set_payload(p);
+        }
+        prepared.commit()?;
+        Ok(())
+    }
+
+    /// Merges (rewrites) the segments that held documents of `users` and now hold deletions,
+    /// so the deleted text leaves the segment files (tantivy otherwise keeps deleted documents
+    /// there until a merge happens to pick the segment). Only those segments: a deletion does
+    /// not rewrite the whole index.
+    fn expunge(&self, writer: &mut IndexWriter, users: &HashSet<&str>) -> Result<(), Error> {
+        let searcher = self.reader.searcher();
+        let mut segments = Vec::new();
+        for reader in searcher.segment_readers() {
+            let terms = reader.inverted_index(self.fields.user_id)?;
+            let mut holds = false;
+            for user in users {
+                let term = Term::from_field_text(self.fields.user_id, user);
+                if terms
+                    .get_term_info(&term)
+                    .map_err(|e| Error::Index(e.to_string()))?
+                    .is_some()
+                {
+                    holds = true;
+                    break;
+                }
+            }
+            if holds {
+                segments.push(reader.segment_id());
+            }
+        }
+        let live: HashSet<_> = self
+            .index
+            .searchable_segment_metas()?
+            .into_iter()
+            .filter(|m| m.has_deletes())
+            .map(|m| m.id())
+            .collect();
+        segments.retain(|id| live.contains(id));
+        if segments.is_empty() {
+            return Ok(());
+        }
+        writer.merge(&segments).wait()?;
+        // The merged-away files go now, not at some later commit.
+        writer.garbage_collect_files().wait()?;
+        Ok(())
+    }
+
+    fn document(f: &Fields, d: &StoredDocument) -> TantivyDocument {
+        let content = d.content();
+        let mut document = doc!(
+            f.user_id => d.user_id.as_str(),
+            f.doc_id => d.doc_id.as_str(),
+            f.timestamp => d.timestamp,
+            f.title => d.title.as_str(),
+            f.text => d.text.as_str(),
+        );
+        for snippet in ghostwriter_common::text::snippets(&content) {
+            document.add_text(f.snippet, snippet);
+        }
+        document.add_text(f.content, content);
+        document
+    }
+
+    /// Every document of the index, ordered by (user_id, doc_id) (tests and tools).
+    pub fn all_documents(&self) -> Result<Vec<StoredDocument>, Error> {
+        let searcher = self.reader.searcher();
+        let mut out = Vec::new();
+        for reader in searcher.segment_readers() {
+            let store = reader
+                .get_store_reader(0)
+                .map_err(|e| Error::Index(e.to_string()))?;
+            for id in reader.doc_ids_alive() {
+                let d: TantivyDocument = store.get(id)?;
+                out.push(self.stored(&d));
+            }
+        }
+        out.sort_by(|a, b| (&a.user_id, &a.doc_id).cmp(&(&b.user_id, &b.doc_id)));
+        Ok(out)
     }
 
     fn query_terms(&self, query: &str) -> Result<Vec<Term>, Error> {
@@ -335,21 +516,15 @@ impl DocumentIndex {
         })
     }
 
-    /// A stored document and its snippets.
-    fn load(
-        &self,
-        searcher: &tantivy::Searcher,
-        addr: tantivy::DocAddress,
-    ) -> Result<(StoredDocument, Vec<String>), Error> {
+    fn stored(&self, d: &TantivyDocument) -> StoredDocument {
         let f = &self.fields;
-        let d: TantivyDocument = searcher.doc(addr)?;
         let text = |field| {
             d.get_first(field)
                 .and_then(|v| v.as_str())
                 .unwrap_or_default()
                 .to_string()
         };
-        let document = StoredDocument {
+        StoredDocument {
             user_id: text(f.user_id),
             doc_id: text(f.doc_id),
             timestamp: d
@@ -358,7 +533,18 @@ impl DocumentIndex {
                 .unwrap_or_default(),
             title: text(f.title),
             text: text(f.text),
-        };
+        }
+    }
+
+    /// A stored document and its snippets.
+    fn load(
+        &self,
+        searcher: &tantivy::Searcher,
+        addr: tantivy::DocAddress,
+    ) -> Result<(StoredDocument, Vec<String>), Error> {
+        let f = &self.fields;
+        let d: TantivyDocument = searcher.doc(addr)?;
+        let document = self.stored(&d);
         let snippets = d
             .get_all(f.snippet)
             .filter_map(|v| v.as_str().map(String::from))
@@ -528,6 +714,34 @@ mod tests {
                 .hits
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_deleted_users_text_leaves_the_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        let on_disk = |marker: &str| {
+            std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+                std::fs::read(e.path())
+                    .unwrap_or_default()
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_bytes())
+            })
+        };
+        index
+            .ingest(&[doc("gone", "a", 1, "zqxjv-secret-of-the-deleted-user")])
+            .unwrap();
+        index
+            .ingest(&[doc("kept", "b", 1, "wkpfy-text-that-stays")])
+            .unwrap();
+        assert!(on_disk("zqxjv-secret"), "the test must see the text before");
+        assert_eq!(index.delete("gone", None).unwrap(), 1);
+        assert!(
+            !on_disk("zqxjv-secret"),
+            "the deleted text is still in a segment file"
+        );
+        assert!(on_disk("wkpfy-text"));
+        assert_eq!(index.num_docs(), 1);
     }
 
     #[test]
