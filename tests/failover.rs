@@ -55,54 +55,252 @@ fn write(i: usize, tokens: u32) -> WriteRequest {
     }
 }
 
-/// Two generators (one compute thread each) and an orchestrator balancing over them.
+/// A topology and how to reach it: `up --processes` (etcd, mutual TLS, the orchestrator finding
+/// the stages in etcd), or processes started here (static URLs).
 struct Mesh {
-    /// Their logs.
-    _dir: tempfile::TempDir,
-    generators: Vec<Served>,
-    orchestrator: Served,
+    url: String,
+    tls: Option<ghostwriter_transport::Tls>,
+    /// The generators' process ids.
+    generators: Vec<u32>,
+    /// Every process of each stage: (stage, pid).
+    stages: Vec<(String, u32)>,
+    /// The orchestrator's metrics (own topologies).
     metrics: String,
+    up: Option<Up>,
+    served: Vec<Served>,
+    _dir: tempfile::TempDir,
 }
 
-async fn mesh(generators: usize, generator_args: &[&str], orchestrator_args: &[&str]) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let mut gens = Vec::new();
-    for i in 0..generators {
-        let mut args = owned(&["--threads", "1"]);
-        args.extend(owned(generator_args));
-        gens.push(serve(
-            dir.path(),
-            &format!("generator-{i}"),
-            "generator",
-            &args,
-        ));
-    }
-    let urls: Vec<String> = gens.iter().map(|g| g.url.clone()).collect();
-    let metrics = format!("127.0.0.1:{}", common::port());
-    let mut args = vec![
-        "--generator-url".to_string(),
-        urls.join(","),
-        "--metrics-listen".into(),
-        metrics.clone(),
-    ];
-    args.extend(owned(orchestrator_args));
-    let orchestrator = serve(dir.path(), "orchestrator", "orchestrator", &args);
-    for g in &gens {
-        serving(&g.url).await;
-    }
-    serving(&orchestrator.url).await;
-    Mesh {
-        _dir: dir,
-        generators: gens,
-        orchestrator,
-        metrics,
+/// `ghostwriter up --processes`, stopped with ctrl-c when dropped (it stops its processes).
+struct Up {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(40) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 impl Mesh {
     fn client(&self) -> GhostwriterClient<Channel> {
-        common::client_over(&self.orchestrator.url, None)
+        common::client_over(&self.url, self.tls.as_ref())
+    }
+
+    fn log(&self) -> String {
+        match &self.up {
+            Some(up) => std::fs::read_to_string(&up.log).unwrap_or_default(),
+            None => self.served.iter().map(Served::log).collect(),
+        }
+    }
+
+    /// Every process of `stage`.
+    fn pids(&self, stage: &str) -> Vec<u32> {
+        self.stages
+            .iter()
+            .filter(|(s, _)| s == stage)
+            .map(|(_, p)| *p)
+            .collect()
+    }
+}
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} {pid} failed");
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for its parent).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z")
+    })
+}
+
+/// `up --processes --replicas REPLICAS` with `args` (passed on to the processes) and `env`
+/// (which every process inherits), ready and its orchestrator knowing every generator.
+async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh> {
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_err()
+    {
+        return common::missing("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let port = common::port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        .args([
+            "up",
+            "--processes",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--index-dir")
+        .arg(dir.path().join("index"))
+        .args(["--replicas", replicas])
+        // Consecutive ports from here, one a process.
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", common::port())])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut up = Up { child, log };
+    let started = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&up.log).unwrap_or_default();
+        if text.contains("ready in") {
+            break text;
+        }
+        if let Some(s) = up.child.try_wait().unwrap() {
+            panic!("up exited with {s}:\n{text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "up did not start:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ca = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no CA in the log:\n{text}"));
+    let tls = ghostwriter_transport::Tls::from_args(&ghostwriter_transport::tls::TlsArgs {
+        ca: Some(ca.into()),
+        server_name: ghostwriter_transport::tls::DEFAULT_SERVER_NAME.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let names = [
+        "retriever",
+        "ranker",
+        "summarizer",
+        "synthesizer",
+        "generator",
+        "orchestrator",
+    ];
+    let children = common::children(pid);
+    let stages: Vec<(String, u32)> = children
+        .iter()
+        .filter_map(|(child, args)| {
+            let at = args.iter().position(|a| a == "serve")?;
+            let stage = args[at + 1..]
+                .iter()
+                .find(|a| names.contains(&a.as_str()))?;
+            Some((stage.clone(), *child))
+        })
+        .collect();
+    // Where each process serves its metrics (its `--metrics-listen`).
+    let metrics_of = |pid: u32| {
+        children
+            .iter()
+            .find(|(c, _)| *c == pid)
+            .and_then(|(_, args)| {
+                let at = args.iter().position(|a| a == "--metrics-listen")?;
+                args.get(at + 1).cloned()
+            })
+            .unwrap_or_default()
+    };
+    let mut mesh = Mesh {
+        url: format!("http://127.0.0.1:{port}"),
+        tls,
+        generators: Vec::new(),
+        stages,
+        metrics: String::new(),
+        up: Some(up),
+        served: Vec::new(),
+        _dir: dir,
+    };
+    mesh.generators = mesh.pids("generator");
+    let generator_metrics: Vec<String> = mesh.generators.iter().map(|p| metrics_of(*p)).collect();
+    // Every generator registered and known to the orchestrator: concurrent writes, which
+    // balancing spreads, reach each of them.
+    let started = Instant::now();
+    loop {
+        let writes = (0..4).map(|i| {
+            let mut c = mesh.client();
+            async move { c.write(write(i, 2)).await }
+        });
+        let ok = futures::future::join_all(writes)
+            .await
+            .iter()
+            .all(Result::is_ok);
+        let mut every = true;
+        for addr in &generator_metrics {
+            every &= common::generated_tokens(addr).await > 0;
+        }
+        if ok && every {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the orchestrator did not find the generators:\n{}",
+            mesh.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Some(mesh)
+}
+
+/// One generator (one compute thread) and an orchestrator over it, started here.
+async fn own(orchestrator_args: &[&str]) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let generator = serve(
+        dir.path(),
+        "generator",
+        "generator",
+        &owned(&["--threads", "1"]),
+    );
+    let metrics = format!("127.0.0.1:{}", common::port());
+    let mut args = vec![
+        "--generator-url".to_string(),
+        generator.url.clone(),
+        "--metrics-listen".into(),
+        metrics.clone(),
+    ];
+    args.extend(owned(orchestrator_args));
+    let orchestrator = serve(dir.path(), "orchestrator", "orchestrator", &args);
+    serving(&generator.url).await;
+    serving(&orchestrator.url).await;
+    Mesh {
+        url: orchestrator.url.clone(),
+        tls: None,
+        generators: vec![generator.child.id()],
+        stages: Vec::new(),
+        metrics,
+        up: None,
+        served: vec![generator, orchestrator],
+        _dir: dir,
     }
 }
 
@@ -136,8 +334,8 @@ async fn stream(
     ))
 }
 
-/// Eight concurrent streams; `disturb` runs once they are well under way (every stream has
-/// sent text, a quarter of the pieces are out).
+/// Eight concurrent streams; `disturb` runs once they are well under way (a quarter of their
+/// pieces are out).
 async fn eight_streams(m: &Mesh, disturb: impl FnOnce()) -> Vec<Streamed> {
     let pieces = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..8)
@@ -159,11 +357,15 @@ async fn eight_streams(m: &Mesh, disturb: impl FnOnce()) -> Vec<Streamed> {
     out
 }
 
-/// The scenario: a reference run undisturbed, then the same eight streams with one generator
-/// disturbed; every stream must match its reference and at least one must have moved.
-async fn survives(generator_args: &[&str], orchestrator_args: &[&str], signal: &str) {
+/// The scenario: `up --processes --replicas generator=2`, a reference run undisturbed, then the
+/// same eight streams with one generator sent `signal`; every stream must match its reference
+/// and at least one must have moved.
+async fn survives(args: &[&str], env: &[(&str, &str)], sig: &str) {
     let _heavy = HEAVY.lock().await;
-    let m = mesh(2, generator_args, orchestrator_args).await;
+    let Some(m) = up("generator=2", args, env).await else {
+        return;
+    };
+    assert_eq!(m.generators.len(), 2, "{:?}", m.stages);
     let reference: Vec<String> = eight_streams(&m, || {})
         .await
         .into_iter()
@@ -175,23 +377,24 @@ async fn survives(generator_args: &[&str], orchestrator_args: &[&str], signal: &
             "stream {i} is too short to be cut mid-way: {text:?}"
         );
     }
-    let victim = &m.generators[0];
-    let disturbed = eight_streams(&m, || victim.signal(signal)).await;
+    let victim = m.generators[0];
+    let disturbed = eight_streams(&m, || signal(victim, sig)).await;
+    if sig == "STOP" {
+        // Let it go on, so that `up` can stop it.
+        signal(victim, "CONT");
+    }
     let mut moved = 0;
     for (i, (got, want)) in disturbed.iter().zip(&reference).enumerate() {
         let (text, resumptions) = got.as_ref().unwrap_or_else(|e| {
             panic!(
-                "stream {i} failed after kill -{signal}: {e:?}\norchestrator:\n{}",
-                m.orchestrator.log()
+                "stream {i} failed after kill -{sig}: {e:?}\nlog:\n{}",
+                m.log()
             )
         });
         assert_eq!(text, want, "stream {i} differs from its undisturbed run");
         moved += resumptions;
     }
     assert!(moved >= 1, "no stream reports a resumption");
-    if signal == "STOP" {
-        victim.signal("CONT");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -209,15 +412,13 @@ async fn streams_longer_than_the_drain_are_handed_over() {
 async fn streams_survive_a_hung_generator() {
     // SIGSTOP: the process keeps its connections open and answers nothing.
     survives(
-        &[],
         &[
-            "--generator-stall-timeout-secs",
-            "2",
             "--keepalive-interval-secs",
             "1",
             "--keepalive-timeout-secs",
             "1",
         ],
+        &[("GHOSTWRITER_GENERATOR_STALL_TIMEOUT_SECS", "2")],
         "STOP",
     )
     .await;
@@ -226,7 +427,9 @@ async fn streams_survive_a_hung_generator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scale_in_under_streaming_load_fails_no_stream() {
     let _heavy = HEAVY.lock().await;
-    let mut m = mesh(2, &[], &[]).await;
+    let Some(m) = up("generator=2", &[], &[]).await else {
+        return;
+    };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pieces = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
@@ -246,20 +449,18 @@ async fn a_scale_in_under_streaming_load_fails_no_stream() {
             })
         })
         .collect();
-    // Steady load, then the scale-in: SIGTERM as Kubernetes sends it.
+    // Steady load, then the scale-in: SIGTERM as Kubernetes sends it. The generator leaves
+    // etcd, drains and exits.
     while pieces.load(Ordering::Relaxed) < 100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    m.generators[0].signal("TERM");
+    let victim = m.generators[0];
+    signal(victim, "TERM");
     let left = Instant::now();
-    let status = loop {
-        if let Some(s) = m.generators[0].child.try_wait().unwrap() {
-            break s;
-        }
+    while !gone(victim) {
         assert!(left.elapsed() < Duration::from_secs(40), "it did not leave");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "the generator left with {status:?}");
+    }
     // And the load goes on on the other.
     let after = pieces.load(Ordering::Relaxed);
     while pieces.load(Ordering::Relaxed) < after + 100 {
@@ -274,9 +475,10 @@ async fn a_scale_in_under_streaming_load_fails_no_stream() {
     }
     assert!(
         failed.is_empty(),
-        "{} of {} streams failed: {failed:?}",
+        "{} of {} streams failed: {failed:?}\n{}",
         failed.len(),
-        done + failed.len()
+        done + failed.len(),
+        m.log()
     );
     assert!(done >= 8, "{done}");
 }
@@ -285,7 +487,7 @@ async fn a_scale_in_under_streaming_load_fails_no_stream() {
 async fn a_streams_metrics_say_how_it_ended() {
     let _heavy = HEAVY.lock().await;
     // One generator: a stream that loses it has nowhere to go.
-    let m = mesh(1, &[], &["--generator-failover-secs", "1"]).await;
+    let m = own(&["--generator-failover-secs", "1"]).await;
     let pieces = Arc::new(AtomicUsize::new(0));
     // Cancelled: the caller goes away mid-stream.
     {
@@ -319,7 +521,7 @@ async fn a_streams_metrics_say_how_it_ended() {
     while pieces.load(Ordering::Relaxed) < 4 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    m.generators[0].signal("KILL");
+    signal(m.generators[0], "KILL");
     let lost = failing.await.unwrap().expect_err("no generator is left");
     assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
     {
@@ -390,70 +592,25 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
         .collect();
     assert_eq!(users.len(), 8);
 
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let embedder = owned(&["--embedder-threads", "1"]);
-    let retriever = serve(
-        d,
-        "retriever",
-        "retriever",
-        &["--index-dir".into(), d.join("index").display().to_string()],
-    );
-    let two = |stage: &str, args: &[String]| -> Vec<Served> {
-        (0..2)
-            .map(|i| serve(d, &format!("{stage}-{i}"), stage, args))
-            .collect()
+    let Some(m) = up(
+        "generator=2,ranker=2,summarizer=2,synthesizer=2",
+        &["--embedder-threads", "1"],
+        &[],
+    )
+    .await
+    else {
+        return;
     };
-    let generators = two("generator", &owned(&["--threads", "1"]));
-    let generator_urls = generators
-        .iter()
-        .map(|g| g.url.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let rankers = two("ranker", &embedder);
-    let mut summarizer_args = embedder.clone();
-    summarizer_args.extend(["--generator-url".to_string(), generator_urls.clone()]);
-    let summarizers = two("summarizer", &summarizer_args);
-    let synthesizers = two("synthesizer", &embedder);
-    let join = |s: &[Served]| {
-        s.iter()
-            .map(|p| p.url.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let orchestrator = serve(
-        d,
-        "orchestrator",
-        "orchestrator",
-        &[
-            "--retriever-url".into(),
-            retriever.url.clone(),
-            "--ranker-url".into(),
-            join(&rankers),
-            "--summarizer-url".into(),
-            join(&summarizers),
-            "--synthesizer-url".into(),
-            join(&synthesizers),
-            "--generator-url".into(),
-            generator_urls,
-        ],
-    );
-    for p in [&retriever, &orchestrator]
-        .into_iter()
-        .chain(&generators)
-        .chain(&rankers)
-        .chain(&summarizers)
-        .chain(&synthesizers)
-    {
-        serving(&p.url).await;
+    for stage in ["generator", "ranker", "summarizer", "synthesizer"] {
+        assert_eq!(m.pids(stage).len(), 2, "{stage}: {:?}", m.stages);
     }
-    let url = orchestrator.url.clone();
     let history: Vec<ghostwriter::proto::Document> = users
         .iter()
         .flat_map(|docs| docs[..docs.len() - 1].to_vec())
         .collect();
-    common::ingest(&url, &history).await;
+    ghostwriter::embedded::ingest_batches(m.client(), &history, 1000, None, |_| {})
+        .await
+        .unwrap();
     let requests: Vec<WriteRequest> = users
         .iter()
         .enumerate()
@@ -480,39 +637,35 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
         })
         .collect();
     let batch = |requests: Vec<WriteRequest>| {
-        let url = url.clone();
-        async move {
-            let calls: Vec<_> = requests
-                .into_iter()
-                .map(|r| {
-                    let mut c = common::client_over(&url, None);
-                    tokio::spawn(async move {
-                        let t = Instant::now();
-                        let out = c.write(r).await.map(|_| ());
-                        (out, t.elapsed().as_secs_f64() * 1e3)
-                    })
+        requests
+            .into_iter()
+            .map(|r| {
+                let mut c = m.client();
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let out = c.write(r).await.map(|_| ());
+                    (out, t.elapsed().as_secs_f64() * 1e3)
                 })
-                .collect();
-            calls
-        }
+            })
+            .collect::<Vec<_>>()
     };
     // Undisturbed, then with one replica of the generator, ranker, summarizer and synthesizer
     // killed while the writes are in flight.
     let mut normal = Vec::new();
-    for call in batch(requests.clone()).await {
+    for call in batch(requests.clone()) {
         let (out, ms) = call.await.unwrap();
         out.expect("an undisturbed write");
         normal.push(ms);
     }
-    let calls = batch(requests).await;
-    for (after, victim) in [
-        (100, &rankers[0]),
-        (300, &summarizers[0]),
-        (300, &synthesizers[0]),
-        (600, &generators[0]),
+    let calls = batch(requests);
+    for (after, stage) in [
+        (100, "ranker"),
+        (300, "summarizer"),
+        (300, "synthesizer"),
+        (600, "generator"),
     ] {
         tokio::time::sleep(Duration::from_millis(after)).await;
-        victim.signal("KILL");
+        signal(m.pids(stage)[0], "KILL");
     }
     let mut during = Vec::new();
     let mut failed = Vec::new();
@@ -527,7 +680,7 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
         failed.is_empty(),
         "{} of 8 writes failed: {failed:?}\n{}",
         failed.len(),
-        orchestrator.log()
+        m.log()
     );
     println!(
         "{}",

@@ -145,34 +145,6 @@ fn up_processes_refuses_the_flags_it_cannot_pass_on() {
     }
 }
 
-/// The children of `pid` and their command lines.
-fn children(pid: u32) -> Vec<(u32, Vec<String>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: the comm may hold spaces, the fields after it do not.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
-            let args = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            out.push((child, args));
-        }
-    }
-    out
-}
-
 /// Stops `up` with ctrl-c when dropped (its stage processes stop with it).
 struct Interrupt(Child);
 
@@ -262,7 +234,7 @@ async fn up_processes_passes_its_flags_on_and_keeps_its_key_private() {
     assert_eq!(mode(&tls.join("key.pem")), 0o600);
 
     // Every flag reached the processes that take it.
-    let stages: Vec<(String, Vec<String>)> = children(pid)
+    let stages: Vec<(String, Vec<String>)> = common::children(pid)
         .into_iter()
         .filter_map(|(_, args)| {
             let at = args.iter().position(|a| a == "serve")?;
