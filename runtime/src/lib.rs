@@ -7,3 +7,4 @@ pub mod embedded;
 pub mod loaders;
 pub mod models;
 pub mod processes;
+pub mod stage_process;

@@ -11,11 +11,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ghostwriter_common::stage::StageKind;
-use ghostwriter_transport::client::wait_until_serving;
+use ghostwriter_transport::Tls;
+
+use crate::stage_process::{BIND_TIMEOUT, StageProcess};
 
 /// Stage processes of a local multi-process topology; killed on drop.
 pub struct Processes {
-    children: Vec<(String, Child)>,
+    /// Every stage process, by name, in start order.
+    stages: Vec<(String, StageProcess)>,
+    /// The local etcd, if the topology has one.
+    etcd: Option<Child>,
     /// URL of each process: by stage name, `NAME-2`, `NAME-3`... for further replicas.
     pub urls: BTreeMap<String, String>,
     /// Where each process serves its metrics, when asked (named as in `urls`).
@@ -24,48 +29,12 @@ pub struct Processes {
 
 impl Drop for Processes {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        // The stage processes are killed as they are dropped; etcd is a plain child.
+        if let Some(etcd) = &mut self.etcd {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
         }
     }
-}
-
-/// Spawns `cmd`, a `ghostwriter serve`, and returns it with the URL it reports on its first
-/// line of stdout (where it bound; with `--listen 127.0.0.1:0`, the port the OS chose, so no
-/// other process can take it first). The rest of its stdout goes on to ours.
-async fn spawn_serving(cmd: &mut Command, stage: &str) -> anyhow::Result<(Child, String)> {
-    use std::io::BufRead as _;
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting the {stage} process"))?;
-    let stdout = child.stdout.take().context("the process has no stdout")?;
-    let read = tokio::task::spawn_blocking(move || {
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).map(|_| (reader, line))
-    });
-    let (reader, line) = match tokio::time::timeout(Duration::from_secs(120), read).await {
-        Ok(read) => read??,
-        Err(_) => {
-            // Killing it closes the pipe, which ends the blocked read.
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("the {stage} process did not report its address within 120 s");
-        }
-    };
-    let Some(url) = line.trim().strip_prefix("listening on ") else {
-        let _ = child.kill();
-        let _ = child.wait();
-        anyhow::bail!("the {stage} process did not report its address (first line: {line:?})");
-    };
-    let url = url.to_string();
-    std::thread::spawn(move || {
-        let mut reader = reader;
-        let _ = std::io::copy(&mut reader, &mut std::io::stdout());
-    });
-    Ok((child, url))
 }
 
 /// A port free on 127.0.0.1 now.
@@ -76,14 +45,36 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Processes {
+    fn empty() -> Self {
+        Self {
+            stages: Vec::new(),
+            etcd: None,
+            urls: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    /// Starts `cmd` as the process `name` and records its URL.
+    async fn spawn(&mut self, name: String, cmd: Command) -> anyhow::Result<()> {
+        let process = StageProcess::spawn(name.clone(), cmd).await?;
+        self.urls.insert(name.clone(), process.url().to_string());
+        self.stages.push((name, process));
+        Ok(())
+    }
+
+    /// Waits until every stage process reports SERVING (called over `tls` when given); one
+    /// that exits first fails this at once, with its log.
+    async fn wait_serving(&mut self, tls: Option<&Tls>, limit: Duration) -> anyhow::Result<()> {
+        for (_, process) in &mut self.stages {
+            process.wait_serving(tls, limit).await?;
+        }
+        Ok(())
+    }
+
     /// Starts every stage and the orchestrator as its own `ghostwriter serve` process on
     /// loopback ports, wired by static URLs, and waits until each reports SERVING.
     pub async fn start(exe: &Path, model_dir: &Path, index_dir: &Path) -> anyhow::Result<Self> {
-        let mut me = Self {
-            children: Vec::new(),
-            urls: BTreeMap::new(),
-            metrics: BTreeMap::new(),
-        };
+        let mut me = Self::empty();
         // In StageKind::ALL order, so a stage's dependencies report their URLs first.
         for stage in StageKind::ALL.map(StageKind::name) {
             let url = |s: &str| me.urls[s].clone();
@@ -110,25 +101,19 @@ impl Processes {
                 .args(&args)
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null());
-            let (child, url) = spawn_serving(&mut cmd, stage).await?;
-            me.children.push((stage.to_string(), child));
-            me.urls.insert(stage.to_string(), url);
+            me.spawn(stage.to_string(), cmd).await?;
         }
-        for (stage, url) in &me.urls {
-            wait_until_serving(url, "", Duration::from_secs(120), None)
-                .await
-                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
-        }
+        me.wait_serving(None, BIND_TIMEOUT).await?;
         Ok(me)
     }
 
     /// Resident memory of each process, in MB (Linux `/proc`).
     pub fn rss_mb(&self) -> BTreeMap<String, f64> {
-        self.children
+        self.stages
             .iter()
-            .filter_map(|(name, child)| {
+            .filter_map(|(name, process)| {
                 let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", child.id())).ok()?;
+                    std::fs::read_to_string(format!("/proc/{}/status", process.pid())).ok()?;
                 let kb: f64 = status
                     .lines()
                     .find(|l| l.starts_with("VmRSS:"))?
@@ -363,11 +348,8 @@ impl Processes {
             );
         }
         let (etcd, etcd_url, client) = spawn_etcd(&work.join("etcd"), Some(tls))?;
-        let mut me = Self {
-            children: vec![("etcd".into(), etcd)],
-            urls: BTreeMap::new(),
-            metrics: BTreeMap::new(),
-        };
+        let mut me = Self::empty();
+        me.etcd = Some(etcd);
         // Stages register as soon as they are ready: have etcd listening first.
         let started = std::time::Instant::now();
         while tokio::net::TcpStream::connect(("127.0.0.1", client))
@@ -457,46 +439,39 @@ impl Processes {
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
                 )
                 .stdin(Stdio::null());
-                let (child, url) = spawn_serving(&mut cmd, &name).await?;
-                me.children.push((name.clone(), child));
-                me.urls.insert(name, url);
+                me.spawn(name, cmd).await?;
             }
         }
         // This process checks their health as one of the mesh.
-        let client_tls = ghostwriter_transport::Tls::from_args(tls)?;
-        for (stage, url) in me.urls.clone() {
-            if stage == "etcd" {
-                continue;
-            }
-            wait_until_serving(&url, "", ready_timeout, client_tls.as_ref())
-                .await
-                .map_err(|e| anyhow::anyhow!("{stage}: {}", e.message()))?;
-        }
+        let client_tls = Tls::from_args(tls)?;
+        me.wait_serving(client_tls.as_ref(), ready_timeout).await?;
         Ok(me)
     }
 
     /// Stops the topology in order, each step waiting for the last: the orchestrator first (it
     /// stops admitting and drains the writes in flight through the stages), then the stages
     /// (they deregister from etcd), then etcd. Each gets SIGTERM.
-    pub fn terminate(mut self) {
-        let phase = |name: &str| match name {
-            "orchestrator" => 0,
-            "etcd" => 2,
-            _ => 1,
-        };
-        for step in 0..3 {
-            for (name, child) in self.children.iter().filter(|(n, _)| phase(n) == step) {
-                tracing::debug!(process = name, "stopping");
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(child.id().to_string())
-                    .status();
+    pub async fn terminate(mut self) {
+        let orchestrator = |name: &str| name == "orchestrator";
+        for first in [true, false] {
+            let step = |name: &str| orchestrator(name) == first;
+            for (name, process) in self.stages.iter().filter(|(n, _)| step(n)) {
+                tracing::debug!(process = %name, "stopping");
+                let _ = process.signal("TERM");
             }
-            for (_, child) in self.children.iter_mut().filter(|(n, _)| phase(n) == step) {
-                let _ = child.wait();
+            for (_, process) in self.stages.iter_mut().filter(|(n, _)| step(n)) {
+                // The drain is bounded by the process's own --drain-timeout-secs.
+                let _ = process.wait_exit(Duration::from_secs(120)).await;
             }
         }
-        self.children.clear();
+        self.stages.clear();
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(etcd.id().to_string())
+                .status();
+            let _ = etcd.wait();
+        }
     }
 }
 

@@ -300,7 +300,7 @@ async fn up_processes(
         telemetry::status(&format!("  metrics of {name:<12} http://{addr}/metrics"));
     }
     shutdown::os_signal().await;
-    procs.terminate();
+    procs.terminate().await;
     Ok(())
 }
 
