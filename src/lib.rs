@@ -7,6 +7,6 @@
 pub mod output;
 
 pub use ghostwriter_eval as eval;
-pub use ghostwriter_eval::{bench, bench_generator, bench_job, bench_store, train};
+pub use ghostwriter_eval::{bench, bench_failover, bench_generator, bench_job, bench_store, train};
 pub use ghostwriter_proto::v1 as proto;
 pub use ghostwriter_runtime::{embedded, loaders, models, processes, remote};

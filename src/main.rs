@@ -109,6 +109,10 @@ enum Command {
     /// Measure the operations targets with real processes: orchestrator overhead over five
     /// hops, RESOURCE_EXHAUSTED latency, generator failover; writes JSON.
     BenchOps(WithModels<cli::bench::OpsArgs>),
+    /// Measure what a generator dying mid-generation costs the writes in flight (streamed and
+    /// unary, two generators, one killed in every round): failures, added latency, a moved
+    /// stream's pause against the survivor's re-prefill; writes JSON.
+    BenchFailover(WithModels<ghostwriter::bench_failover::FailoverArgs>),
     /// Measure ingest, decode rate, per-stage latency and memory with one process per stage
     /// on real data; writes JSON.
     Bench(WithModels<cli::bench::BenchArgs>),
@@ -151,14 +155,23 @@ enum ModelsCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     telemetry::init_logging_as(cli.log_format);
-    let result = run(cli).await;
+    // `up --processes` passes the flags given to it on to the processes it starts: it needs
+    // to know which were given, and which `serve STAGE` takes.
+    let given = cli::up::Given {
+        matches: matches.subcommand_matches("up").cloned(),
+        command,
+    };
+    let result = run(cli, given).await;
     telemetry::shutdown();
     result
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
     if cli.legacy_model_dir.is_some() {
         // Through the logger, so that --log-format json keeps every stderr line JSON.
         tracing::warn!("--model-dir before the command is deprecated; give it after the command");
@@ -204,7 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up(a) => {
             let dir = model_dir(a.models);
-            cli::up::run(a.args, dir, cli.tls, tls, cli.log_format).await
+            cli::up::run(a.args, given, dir, cli.tls, tls, cli.log_format).await
         }
         Command::Serve(a) => cli::serve::serve(a.args, model_dir(a.models), tls).await,
         Command::Ingest(mut a) => {
@@ -272,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchGenerator(a) => cli::bench::generator(a.args, model_dir(a.models)).await,
         Command::BenchJob(a) => cli::bench::job(a.args, model_dir(a.models)).await,
         Command::BenchOps(a) => cli::bench::ops(a.args, model_dir(a.models)).await,
+        Command::BenchFailover(a) => cli::bench::failover(a.args, model_dir(a.models)).await,
     }
 }
 

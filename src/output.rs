@@ -15,6 +15,7 @@ pub fn provenance_json(p: &Provenance) -> Value {
         "history_size": p.history_size,
         "latencies_ms": p.latencies.iter().map(|l| (l.stage.clone(), json!(l.millis))).collect::<serde_json::Map<_, _>>(),
         "total_ms": p.total_millis,
+        "generator_resumptions": p.generator_resumptions,
     })
 }
 
@@ -29,6 +30,7 @@ pub fn write_response_json(r: &WriteResponse) -> Value {
             "model": g.model,
             "prompt_tokens": g.prompt_tokens,
             "generated_tokens": g.generated_tokens,
+            "cached_prompt_tokens": g.cached_prompt_tokens,
             "finish_reason": FinishReason::try_from(g.finish_reason).map(|f| f.as_str_name()).unwrap_or("UNKNOWN"),
             "tokens_per_second": g.tokens_per_second,
         },

@@ -359,3 +359,86 @@ async fn replicas_behind_one_name_share_the_traffic() {
     );
     drop(dir);
 }
+
+/// A health server for `service` on `addr` (a real gRPC server, in this process), SERVING.
+async fn health_server(addr: SocketAddr) -> ghostwriter_common::shutdown::ShutdownTrigger {
+    let transport = ghostwriter_transport::Transport::default();
+    let (server, routes) =
+        ghostwriter_transport::StageServer::new("ghostwriter.v1.Generator", &transport).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (trigger, stop) = ghostwriter_common::shutdown::channel();
+    tokio::spawn(server.serve_after(routes, listener, stop, async { Ok(()) }));
+    trigger
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_connect_resolves_the_name_again_at_once() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let ns = Nameserver::start().await;
+    // Two "pods" on one port, at two loopback addresses.
+    let port = free_port("127.0.0.2");
+    let (old, new) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+    let old_pod = health_server(SocketAddr::from((old, port))).await;
+    let _new_pod = health_server(SocketAddr::from((new, port))).await;
+    ns.set("gen.test", &[old]);
+    // Resolved again on the timer only once a minute: a quick change must come from a failure.
+    let args = DiscoveryArgs {
+        dns_server: Some(ns.addr),
+        dns_refresh_secs: 60.0,
+        ..Default::default()
+    };
+    let set = args
+        .stage_set(
+            ghostwriter_common::stage::StageKind::Generator,
+            &format!("dns:///gen.test:{port}"),
+            None,
+        )
+        .unwrap();
+    wait_for("the first record", Duration::from_secs(10), || {
+        set.snapshot().len() == 1
+    })
+    .await;
+    let balancer = ghostwriter_discovery::Balancer::default();
+    let check = |set: ghostwriter_discovery::EndpointSet| {
+        let balancer = &balancer;
+        async move {
+            balancer
+                .call(
+                    &set,
+                    "generator",
+                    |_| true,
+                    true,
+                    |e| async move {
+                        HealthClient::new(e.channel.clone())
+                            .check(HealthCheckRequest::default())
+                            .await
+                            .map(|_| e.info.url.clone())
+                    },
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        check(set.clone()).await.unwrap(),
+        format!("http://{old}:{port}")
+    );
+    // The pod goes away and another takes its place in DNS: the next call fails to connect,
+    // and the set looks again at once, not a minute later.
+    ns.set("gen.test", &[new]);
+    old_pod.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let served = loop {
+        if let Ok(url) = check(set.clone()).await {
+            break url;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still no endpoint after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(served, format!("http://{new}:{port}"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -1024,3 +1024,258 @@ fn chart_lints_renders_and_validates() {
         );
     }
 }
+
+/// Pod-level settings of the rendered Deployments and StatefulSets, and the NetworkPolicies'
+/// rules, as JSON (PyYAML).
+const KNOBS: &str = r#"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+out = {"pods": {}, "policies": {}, "config": {}, "scaled": {}, "rules": []}
+for d in docs:
+    kind, name, spec = d["kind"], d["metadata"]["name"], d.get("spec", {})
+    if kind in ("Deployment", "StatefulSet"):
+        t = spec["template"]
+        out["pods"][name] = {
+            "strategy": spec.get("strategy"),
+            "labels": t["metadata"].get("labels") or {},
+            "annotations": t["metadata"].get("annotations") or {},
+            "runtimeClassName": t["spec"].get("runtimeClassName"),
+            "priorityClassName": t["spec"].get("priorityClassName"),
+            "grace": t["spec"].get("terminationGracePeriodSeconds"),
+            "volumes": [v["name"] for v in t["spec"].get("volumes") or []],
+        }
+    if kind == "NetworkPolicy":
+        rules = []
+        for r in spec.get("ingress") or []:
+            rules.append({"ports": [p["port"] for p in r.get("ports") or []],
+                          "from": r.get("from")})
+        out["policies"][name] = {"types": spec["policyTypes"], "rules": rules}
+    if kind == "ConfigMap" and "data" in d and "RUST_LOG" in d["data"]:
+        out["config"] = d["data"]
+    if kind == "ScaledObject":
+        out["scaled"] = spec
+    if kind == "PrometheusRule":
+        for g in spec["groups"]:
+            out["rules"].extend(g["rules"])
+print(json.dumps(out))
+"#;
+
+fn knobs(helm: &Path, site: &Path, name: &str, extra: &[&str]) -> Value {
+    // Lints, validates (strict schemas) and checks the restricted pods, as every render.
+    render(helm, site, name, extra);
+    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.yaml"));
+    let out = run(Command::new("python3")
+        .args(["-c", KNOBS])
+        .arg(&file)
+        .env("PYTHONPATH", site));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The component labels a NetworkPolicy rule's pod selectors admit.
+fn admitted(rule: &Value) -> Vec<String> {
+    rule["from"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| {
+                    p["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str()
+                })
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn chart_knobs_and_network_policies_render_and_validate() {
+    let (helm, site) = tools();
+    let production = format!("{CHART}/values-production.yaml");
+
+    // Default values: a NetworkPolicy per stage, on; stages callable only by their callers.
+    let default = knobs(&helm, &site, "knobs-default", &[]);
+    let policy = |v: &Value, stage: &str| v["policies"][format!("gw-ghostwriter-{stage}")].clone();
+    for stage in STAGES {
+        let p = policy(&default, stage);
+        assert_eq!(p["types"], serde_json::json!(["Ingress"]), "{stage}: {p}");
+        let grpc = p["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"] == serde_json::json!(["grpc"]))
+            .unwrap_or_else(|| panic!("{stage}: no gRPC rule: {p}"))
+            .clone();
+        let mut from = admitted(&grpc);
+        from.sort();
+        match stage {
+            // The public API: anyone (a rule without `from`).
+            "orchestrator" => assert!(grpc["from"].is_null(), "{p}"),
+            "generator" => assert_eq!(from, ["orchestrator", "summarizer", "test"], "{p}"),
+            _ => assert_eq!(from, ["orchestrator", "test"], "{stage}: {p}"),
+        }
+        let metrics = p["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ports"] == serde_json::json!(["metrics"]))
+            .unwrap_or_else(|| panic!("{stage}: no metrics rule: {p}"))
+            .clone();
+        assert_eq!(
+            metrics["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+    }
+    // Leaving: the grace covers the drain delay and timeout; text logs.
+    for pod in default["pods"].as_object().unwrap().values() {
+        assert_eq!(pod["grace"], 45, "{pod}");
+    }
+    assert_eq!(default["config"]["GHOSTWRITER_LOG_FORMAT"], "text");
+    assert_eq!(default["config"]["GHOSTWRITER_DRAIN_DELAY_SECS"], "10");
+    assert_eq!(default["config"]["GHOSTWRITER_DRAIN_TIMEOUT_SECS"], "30");
+    assert_eq!(
+        default["config"]["GHOSTWRITER_MAX_CONNECTION_AGE_SECS"],
+        "300"
+    );
+
+    // Production: JSON logs, GPU generators replaced one at a time, KEDA's knobs, alerts with
+    // runbooks.
+    let prod = knobs(&helm, &site, "knobs-production", &["-f", &production]);
+    assert_eq!(prod["config"]["GHOSTWRITER_LOG_FORMAT"], "json");
+    assert_eq!(
+        prod["pods"]["gw-ghostwriter-generator"]["strategy"],
+        serde_json::json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+    );
+    assert_eq!(prod["pods"]["gw-ghostwriter-generator"]["grace"], 50);
+    assert_eq!(prod["scaled"]["pollingInterval"], 15);
+    assert_eq!(prod["scaled"]["cooldownPeriod"], 600);
+    assert_eq!(
+        prod["scaled"]["fallback"],
+        serde_json::json!({"failureThreshold": 3, "replicas": 2})
+    );
+    let rules = prod["rules"].as_array().unwrap();
+    for alert in ["GhostwriterStageNoReadyPod", "GhostwriterPodRestarting"] {
+        assert!(rules.iter().any(|r| r["alert"] == alert), "{alert}");
+    }
+    for r in rules {
+        let url = r["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        let anchor = r["alert"].as_str().unwrap().to_lowercase();
+        assert!(
+            url.ends_with(&format!("docs/operations.md#{anchor}")),
+            "{r}"
+        );
+        let guide =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+                .unwrap();
+        assert!(
+            guide
+                .lines()
+                .any(|l| l.starts_with('#') && l.to_lowercase().ends_with(&anchor)),
+            "docs/operations.md has no section {anchor}"
+        );
+    }
+
+    // Every knob, set: JWT through the chart, the cache salt's key, extra flags and volumes,
+    // pod metadata, classes, a restricted public API and the nodes' probes.
+    let file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("knobs-values.yaml");
+    std::fs::write(
+        &file,
+        r#"
+podAnnotations: {team: writers}
+podLabels: {cost-center: "42"}
+priorityClassName: serving
+networkPolicy:
+  publicFrom:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: gateway-system}}
+  nodeCidrs: [10.0.0.0/16]
+orchestrator:
+  auth:
+    jwt: {secretName: idp-keys, type: keys, key: jwks.json, issuer: "https://idp.example"}
+  cacheSalt: {secretName: salt}
+generator:
+  runtimeClassName: nvidia
+  priorityClassName: gpu-serving
+  podAnnotations: {prometheus.io/scrape: "true"}
+  extraArgs: ["--repeat-penalty=1.2"]
+  extraVolumes: [{name: scratch, emptyDir: {}}]
+  extraVolumeMounts: [{name: scratch, mountPath: /scratch}]
+"#,
+    )
+    .unwrap();
+    let set = knobs(&helm, &site, "knobs-set", &["-f", file.to_str().unwrap()]);
+    let render = render(&helm, &site, "knobs-set", &["-f", file.to_str().unwrap()]);
+    let orchestrator = render.args("gw-ghostwriter-orchestrator");
+    for flag in [
+        "--auth-jwt-keys=/etc/ghostwriter/jwt/jwks.json",
+        "--auth-jwt-issuer=https://idp.example",
+        "--auth-jwt-audience=ghostwriter",
+        "--cache-salt-key-file=/etc/ghostwriter/cache-salt/cache-salt-key",
+    ] {
+        assert!(
+            orchestrator.contains(&flag.to_string()),
+            "{flag} in {orchestrator:?}"
+        );
+    }
+    let pods = &set["pods"];
+    let volumes = pods["gw-ghostwriter-orchestrator"]["volumes"].to_string();
+    assert!(
+        volumes.contains("\"jwt\"") && volumes.contains("\"cache-salt\""),
+        "{volumes}"
+    );
+    assert!(
+        render
+            .args("gw-ghostwriter-generator")
+            .contains(&"--repeat-penalty=1.2".to_string())
+    );
+    let mounts = render.containers("gw-ghostwriter-generator")[1]["mounts"].to_string();
+    assert!(mounts.contains("/scratch"), "{mounts}");
+    let generator = &pods["gw-ghostwriter-generator"];
+    assert_eq!(generator["runtimeClassName"], "nvidia");
+    assert_eq!(generator["priorityClassName"], "gpu-serving");
+    assert_eq!(generator["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(generator["annotations"]["team"], "writers");
+    assert_eq!(generator["labels"]["cost-center"], "42");
+    let ranker = &pods["gw-ghostwriter-ranker"];
+    assert_eq!(ranker["priorityClassName"], "serving");
+    assert!(ranker["runtimeClassName"].is_null());
+    let public = policy(&set, "orchestrator")["rules"][0].clone();
+    let mut from = admitted(&public);
+    from.sort();
+    assert_eq!(from, ["ingest", "test"], "{public}");
+    assert_eq!(
+        public["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "gateway-system"
+    );
+    assert!(
+        policy(&set, "retriever")["rules"]
+            .to_string()
+            .contains("10.0.0.0/16")
+    );
+
+    // JWT without an issuer fails the render, saying why; the schema refuses a bad type.
+    let out = Command::new(&helm)
+        .args([
+            "template",
+            "gw",
+            CHART,
+            "--set",
+            "orchestrator.auth.jwt.secretName=k",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("needs orchestrator.auth.jwt.issuer"),
+        "{stderr}"
+    );
+    for bad in [
+        "orchestrator.auth.jwt.type=rs512",
+        "logFormat=xml",
+        "generator.extraArgs[0]=notaflag",
+    ] {
+        let out = Command::new(&helm)
+            .args(["template", "gw", CHART, "--set", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the schema must reject {bad}");
+    }
+}

@@ -23,6 +23,7 @@ fn request(tokens: u32) -> GenerateRequest {
             max_new_tokens: tokens,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

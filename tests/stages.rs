@@ -53,6 +53,7 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
             max_new_tokens: 3,
             ..Default::default()
         }),
+        ..Default::default()
     };
     let early = generator.generate(request.clone()).await;
     if let Err(status) = &early {

@@ -88,6 +88,9 @@ async fn orchestrator(retrievers: &[String], ranker: &str, auth: Option<&Path>) 
         retriever_shards: 1,
         auth: Default::default(),
         insecure_no_auth: false,
+        generator_stall_timeout_secs: 15.0,
+        generator_failover_secs: 30.0,
+        cache_salt_key_file: None,
         discovery: Default::default(),
         ingest_budget_mb: 0,
     };

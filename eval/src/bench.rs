@@ -65,6 +65,7 @@ pub async fn run(
                     max_new_tokens: 128,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -254,6 +255,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
                 max_new_tokens: 512,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
     });
@@ -269,6 +271,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
                     max_new_tokens: 1,
                     ..Default::default()
                 }),
+                ..Default::default()
             })
             .await;
         if matches!(&r, Err(s) if s.code() == tonic::Code::ResourceExhausted) {

@@ -1,6 +1,6 @@
 //! Offline work on Ghostwriter, kept out of the serving crates: the paper's evaluation
 //! (`ghostwriter eval`, through the real services over gRPC), the benchmarks ([`bench`],
-//! [`bench_generator`], [`bench_job`]) and LoRA fine-tuning ([`train`]).
+//! [`bench_generator`], [`bench_job`], [`bench_failover`]) and LoRA fine-tuning ([`train`]).
 //!
 //! Evaluation examples come from [`protocol`]; each (preset, example) is one `Write` to the
 //! orchestrator with the example's timestamp and id (so only strictly earlier documents are
@@ -10,6 +10,7 @@
 
 pub mod authorship;
 pub mod bench;
+pub mod bench_failover;
 pub mod bench_generator;
 pub mod bench_job;
 pub mod bench_store;

@@ -145,6 +145,7 @@ async fn llm(
     };
     // As in training: the text's first 150 characters against an earlier document's first 600.
     let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
+    let salt = service.salt.of(&r.user_id);
     let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
     let retrieved = service
         .stages
@@ -180,6 +181,8 @@ async fn llm(
                     second,
                 })),
                 params: None,
+                cache_salt: salt.clone(),
+                ..Default::default()
             };
             let doc_id = d.doc_id.clone();
             async move {

@@ -52,10 +52,27 @@ impl From<Error> for Status {
             Error::Overloaded(e) => e.into(),
             Error::Deadline(e) => e.into(),
             Error::NoHistory => Status::failed_precondition(e.to_string()),
-            Error::NoEndpoint(_) | Error::StreamCut => Status::unavailable(e.to_string()),
+            Error::NoEndpoint(_) | Error::StreamCut => unavailable(e.to_string()),
+            // A stage that could not be reached: when to come back, as for a refusal.
+            Error::Stage(status)
+                if status.code() == tonic::Code::Unavailable && status.details().is_empty() =>
+            {
+                unavailable(status.message().to_string())
+            }
             Error::Stage(status) => status,
         }
     }
+}
+
+/// UNAVAILABLE with a `RetryInfo`: the caller may try again after it (another orchestrator, or
+/// this one once a stage is back).
+fn unavailable(message: String) -> Status {
+    use tonic_types::StatusExt as _;
+    Status::with_error_details(
+        tonic::Code::Unavailable,
+        message,
+        tonic_types::ErrorDetails::with_retry_info(Some(ghostwriter_common::status::RETRY_AFTER)),
+    )
 }
 
 #[cfg(test)]
@@ -74,6 +91,16 @@ mod tests {
         assert_eq!(out.code(), tonic::Code::ResourceExhausted);
         assert_eq!(out.message(), "generator stage: the queue is full");
         assert!(out.get_details_retry_info().is_some(), "{out:?}");
+        // No generator left: UNAVAILABLE, with when to come back.
+        for lost in [
+            Error::NoEndpoint("generator".into()),
+            Error::StreamCut,
+            Error::Stage(Status::unavailable("generator stage: connection refused")),
+        ] {
+            let out = Status::from(lost);
+            assert_eq!(out.code(), tonic::Code::Unavailable);
+            assert!(out.get_details_retry_info().is_some(), "{out:?}");
+        }
         let bad = Status::from(Error::from(Invalid::new("user_id", "user_id is empty")));
         assert_eq!(bad.code(), tonic::Code::InvalidArgument);
         assert_eq!(

@@ -7,6 +7,7 @@ pub mod auth;
 mod distinguish;
 mod error;
 pub mod preset;
+pub mod salt;
 pub mod stages;
 pub mod tokens;
 
@@ -29,11 +30,10 @@ use ghostwriter_proto::v1::{
     StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
     WriteResponse, WriteStreamResponse,
 };
-use ghostwriter_transport::{StageServer, Transport, client};
+use ghostwriter_transport::{Listener, StageServer, Transport};
 use prometheus::{Histogram, HistogramOpts};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use auth::{Auth, AuthArgs};
@@ -151,6 +151,29 @@ pub struct OrchestratorConfig {
     /// and write any user's documents). Without it, authentication is off only on loopback.
     #[arg(long = "insecure-no-auth", env = "GHOSTWRITER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Seconds a generator may send nothing, once its stream has started, before the stream is
+    /// taken for hung and continued on another generator.
+    #[arg(
+        long = "generator-stall-timeout-secs",
+        env = "GHOSTWRITER_GENERATOR_STALL_TIMEOUT_SECS",
+        default_value_t = 15.0
+    )]
+    pub generator_stall_timeout_secs: f64,
+    /// Seconds a stream whose generator failed keeps looking for another (one coming back, or
+    /// a new one found by discovery) before it fails with UNAVAILABLE; never past the write's
+    /// deadline.
+    #[arg(
+        long = "generator-failover-secs",
+        env = "GHOSTWRITER_GENERATOR_FAILOVER_SECS",
+        default_value_t = 30.0
+    )]
+    pub generator_failover_secs: f64,
+    /// File holding the key (at least 32 bytes) of the prefix cache's per-user salt, a keyed
+    /// hash of the user id set on every generation, so no user's request reuses another user's
+    /// cached blocks. Give every orchestrator replica the same file; unset = a random key per
+    /// process (a user's writes then share cached blocks only through one replica).
+    #[arg(long = "cache-salt-key-file", env = "GHOSTWRITER_CACHE_SALT_KEY_FILE")]
+    pub cache_salt_key_file: Option<std::path::PathBuf>,
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
     #[arg(skip)]
     pub discovery: ghostwriter_discovery::DiscoveryArgs,
@@ -191,6 +214,8 @@ pub struct OrchestratorService {
     stages: std::sync::Arc<stages::Stages>,
     config: OrchestratorConfig,
     auth: Auth,
+    salt: salt::CacheSalt,
+    streams: stages::StreamSettings,
     tokens: std::sync::Arc<tokens::RecentTokens>,
     ingest_budget: IngestBudget,
     metrics: OrchestratorMetrics,
@@ -270,8 +295,23 @@ impl OrchestratorService {
     /// credential file that does not load is an error.
     pub fn new(config: OrchestratorConfig, transport: &Transport) -> anyhow::Result<Self> {
         let auth = config.auth.load()?;
-        let stages = stages::Stages::new(&config, transport.tls.as_ref())?;
+        let stages = stages::Stages::new(&config, &transport.dialer())?;
+        let seconds = |flag: &str, secs: f64| {
+            Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| anyhow::anyhow!("{flag} must be a positive number of seconds"))
+        };
+        let streams = stages::StreamSettings {
+            stall: seconds(
+                "--generator-stall-timeout-secs",
+                config.generator_stall_timeout_secs,
+            )?,
+            window: seconds("--generator-failover-secs", config.generator_failover_secs)?,
+        };
         Ok(Self {
+            salt: salt::CacheSalt::load(config.cache_salt_key_file.as_deref())?,
+            streams,
             stages: std::sync::Arc::new(stages),
             ingest_budget: IngestBudget::new(config.ingest_budget_mb),
             metrics: OrchestratorMetrics::register(&transport.metrics),
@@ -472,6 +512,7 @@ impl OrchestratorService {
                         mode: mode as i32,
                         query: plan.context.clone(),
                         budget_chars: 0,
+                        cache_salt: self.salt.of(&plan.user_id),
                     };
                     let summary = s.summarize(request, plan.context_deadline()).await?;
                     Ok::<_, Error>(Some((summary.summary, t.elapsed())))
@@ -515,6 +556,8 @@ impl OrchestratorService {
         let generate = GenerateRequest {
             input: Some(Input::Personalized(input)),
             params: Some(plan.generation.clone()),
+            cache_salt: self.salt.of(&plan.user_id),
+            ..Default::default()
         };
         Ok(Prepared {
             generate,
@@ -650,7 +693,10 @@ impl OrchestratorService {
             return Ok(Box::pin(stream));
         }
         let t = Instant::now();
-        let mut upstream = self.stages.generate_stream(generate, plan.deadline).await?;
+        let mut upstream = self
+            .stages
+            .generate_stream(generate, plan.deadline, self.streams)
+            .await?;
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
         let this = self.clone();
         tokio::spawn(async move {
@@ -663,26 +709,18 @@ impl OrchestratorService {
                 return;
             }
             // Dropping `upstream` when the caller goes away cancels generation downstream.
-            while let Some(message) = upstream.next().await {
-                let out = match message {
-                    Ok(m) => match m.summary {
-                        Some(generation) => {
-                            let done = this.finish(
-                                &plan,
-                                provenance.clone(),
-                                generation,
-                                Some(t.elapsed()),
-                            );
-                            let _ = tx.send(event(Event::Done(done))).await;
-                            return;
-                        }
-                        None => event(Event::Text(m.text)),
-                    },
-                    Err(e) => Err(Error::Stage(client::stage_status(
-                        StageKind::Generator.name(),
-                        e,
-                    ))
-                    .into()),
+            while let Some(piece) = upstream.next().await {
+                let out = match piece {
+                    Ok(stages::Piece::Done(generation, resumptions)) => {
+                        let mut provenance = provenance.clone();
+                        provenance.generator_resumptions = resumptions;
+                        let done = this.finish(&plan, provenance, generation, Some(t.elapsed()));
+                        let _ = tx.send(event(Event::Done(done))).await;
+                        return;
+                    }
+                    Ok(stages::Piece::Text(text)) if text.is_empty() => continue,
+                    Ok(stages::Piece::Text(text)) => event(Event::Text(text)),
+                    Err(e) => Err(e.into()),
                 };
                 let failed = out.is_err();
                 if tx.send(out).await.is_err() || failed {
@@ -808,11 +846,17 @@ impl Ghostwriter for OrchestratorService {
 /// that does not load stops it at once with the reason.
 pub async fn serve(
     config: OrchestratorConfig,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {
-    config.check(listener.local_addr()?.ip())?;
+    let listener = listener.into();
+    // A Unix socket is private to its directory, as loopback is to the machine.
+    config.check(
+        listener
+            .tcp_addr()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip()),
+    )?;
     let service = OrchestratorService::new(config, transport)?;
     let (server, routes) = StageServer::new("ghostwriter.v1.Ghostwriter", transport).await;
     let routes = routes.add_service(

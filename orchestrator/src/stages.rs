@@ -4,11 +4,13 @@
 //! of a user's retrieval and ingest to the retriever shard that owns the user.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ghostwriter_common::stage::StageKind;
 use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
-use ghostwriter_discovery::{Balancer, EndpointInfo, EndpointSet, shard_of, urls};
+use ghostwriter_discovery::{
+    Balancer, Endpoint, EndpointInfo, EndpointSet, InFlight, shard_of, urls,
+};
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ranker_client::RankerClient;
 use ghostwriter_proto::v1::retriever_client::RetrieverClient;
@@ -21,7 +23,7 @@ use ghostwriter_proto::v1::{
     SummarizeResponse, SynthesizeRequest, SynthesizeResponse, VerifyAuthorRequest,
     VerifyAuthorResponse,
 };
-use ghostwriter_transport::Tls;
+use ghostwriter_transport::client::{self, Dialer};
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
@@ -40,28 +42,18 @@ pub struct Stages {
     next_replica: std::sync::atomic::AtomicUsize,
 }
 
-/// How a call may be repeated on another endpoint.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// The call has no effect a repeat could double (reads, upserts, greedy or seeded
-    /// generation): an endpoint that is down is retried on another.
-    Idempotent,
-    /// Opened once (a stream whose tokens may already have been sent).
-    Once,
-}
-
 impl Stages {
     /// Static, DNS-resolved (`dns:///HOST:PORT`) or etcd-watched (`--etcd`) endpoint sets,
-    /// dialed over `tls` when given.
-    pub fn new(c: &OrchestratorConfig, tls: Option<&Tls>) -> anyhow::Result<Self> {
+    /// dialed with `dialer` (its TLS when given).
+    pub fn new(c: &OrchestratorConfig, dialer: &Dialer) -> anyhow::Result<Self> {
         let d = &c.discovery;
-        let set = |stage: StageKind, list: &str| d.stage_set(stage, list, tls);
+        let set = |stage: StageKind, list: &str| d.stage_set(stage, list, dialer.clone());
         let retriever = if d.etcd.is_empty() && c.retriever_shards > 1 {
             // Static shards: the i-th URL serves shard i.
             EndpointSet::fixed_sharded(
                 StageKind::Retriever.name(),
                 &urls(&c.retriever_url),
-                tls.cloned(),
+                dialer.clone(),
             )?
         } else {
             set(StageKind::Retriever, &c.retriever_url)?
@@ -95,16 +87,16 @@ impl Stages {
         &self.generator
     }
 
-    /// The one balanced call every stage call goes through: `call` with a channel to an
+    /// The one balanced unary call every stage call goes through: `call` with a channel to an
     /// endpoint of `stage` that passes `filter`, and the request carrying the deadline and
-    /// trace context; `what` names the stage in errors. See [`Balancer::call`] for retries.
-    #[allow(clippy::too_many_arguments)] // each says how this one call goes
+    /// trace context; `what` names the stage in errors. Every unary call is idempotent (reads,
+    /// upserts, greedy or seeded generation), so one that never reached or lost its endpoint
+    /// is retried on another ([`Balancer::call`]).
     async fn call<Req, Resp, F, Fut>(
         &self,
         stage: StageKind,
         what: &str,
         filter: impl Fn(&EndpointInfo) -> bool,
-        retry: Retry,
         request: Req,
         deadline: Option<Instant>,
         call: F,
@@ -117,7 +109,7 @@ impl Stages {
         let set = self.set(stage).ok_or(Error::NoEndpoint(what.to_string()))?;
         Ok(self
             .balancer
-            .call(set, what, filter, retry == Retry::Idempotent, |e| {
+            .call(set, what, filter, true, |e| {
                 let request = deadline::request(request.clone(), deadline);
                 let call = &call;
                 async move { Ok(call(e.channel.clone(), request?).await?.into_inner()) }
@@ -125,7 +117,7 @@ impl Stages {
             .await?)
     }
 
-    /// [`Self::call`] on any endpoint of a stage, retried when idempotent.
+    /// [`Self::call`] on any endpoint of a stage.
     async fn call_any<Req, Resp, F, Fut>(
         &self,
         stage: StageKind,
@@ -139,16 +131,8 @@ impl Stages {
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let what = stage.name();
-        self.call(
-            stage,
-            what,
-            |_| true,
-            Retry::Idempotent,
-            request,
-            deadline,
-            call,
-        )
-        .await
+        self.call(stage, what, |_| true, request, deadline, call)
+            .await
     }
 
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
@@ -180,7 +164,6 @@ impl Stages {
             StageKind::Retriever,
             &what,
             filter,
-            Retry::Idempotent,
             r,
             deadline,
             |channel, request| async move {
@@ -289,7 +272,6 @@ impl Stages {
                     StageKind::Retriever,
                     &what,
                     |info| info.url == url,
-                    Retry::Idempotent,
                     request.clone(),
                     deadline,
                     |channel, request| {
@@ -434,25 +416,265 @@ impl Stages {
         .await
     }
 
-    /// Streaming generation: the stream is opened once (tokens already sent cannot be retried).
+    /// Streaming generation that survives its generator: opened on a balanced endpoint (an
+    /// open that cannot connect moves on to another), then continued on another generator when
+    /// the one streaming fails, is cut, hangs (nothing for `settings.stall` after its first
+    /// message) or hands the stream over while it drains. The next generator gets the token ids
+    /// received so far (`resume_token_ids`) and continues where the stream stood: the caller
+    /// sees one stream, nothing repeated, nothing missing. A beam search, which sends its text
+    /// at the end, starts again instead. The stream fails, UNAVAILABLE, only when no generator
+    /// takes it within `settings.window` (or the deadline).
     pub async fn generate_stream(
-        &self,
+        self: &std::sync::Arc<Self>,
         r: GenerateRequest,
         deadline: Option<Instant>,
-    ) -> Result<Streaming<GenerateStreamResponse>, Error> {
-        let what = StageKind::Generator.name();
-        self.call(
-            StageKind::Generator,
-            what,
-            |_| true,
-            Retry::Once,
-            r,
+        settings: StreamSettings,
+    ) -> Result<GenerationStream, Error> {
+        let mut stream = GenerationStream {
+            stages: self.clone(),
+            beam: r.params.as_ref().is_some_and(|p| p.num_beams > 1),
+            request: r,
             deadline,
-            |channel, request| async move {
-                GeneratorClient::new(channel).generate_stream(request).await
-            },
-        )
-        .await
+            settings,
+            current: None,
+            received: Vec::new(),
+            text_sent: false,
+            first_message: false,
+            resumptions: 0,
+            opened: Instant::now(),
+            first_text: None,
+            done: false,
+        };
+        stream.open(None, false).await?;
+        Ok(stream)
+    }
+}
+
+/// How a generation stream moves between generators.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// A generator that sends nothing for this long, after its first message, is taken for
+    /// hung.
+    pub stall: Duration,
+    /// How long a stream whose generator failed looks for another before it fails.
+    pub window: Duration,
+}
+
+/// A piece of a generation stream.
+#[derive(Debug)]
+pub enum Piece {
+    /// Newly generated text.
+    Text(String),
+    /// The end: the whole generation's statistics (its text is every piece's), and how many
+    /// times it moved to another generator.
+    Done(GenerateResponse, u32),
+}
+
+/// The stream being read now.
+struct Upstream {
+    endpoint: std::sync::Arc<Endpoint>,
+    _in_flight: InFlight,
+    messages: Streaming<GenerateStreamResponse>,
+}
+
+/// A generation stream that survives its generator (see [`Stages::generate_stream`]).
+pub struct GenerationStream {
+    stages: std::sync::Arc<Stages>,
+    request: GenerateRequest,
+    deadline: Option<Instant>,
+    settings: StreamSettings,
+    beam: bool,
+    current: Option<Upstream>,
+    /// Every token id received, in order (what a continuation resumes from).
+    received: Vec<u32>,
+    /// Whether any text reached the caller.
+    text_sent: bool,
+    /// Whether the current upstream sent a message yet (the stall timeout starts after it).
+    first_message: bool,
+    resumptions: u32,
+    /// When the stream was opened, and when its first text came (a continuation's own time to
+    /// first token is not the stream's).
+    opened: Instant,
+    first_text: Option<Instant>,
+    done: bool,
+}
+
+/// Why the current upstream is given up.
+enum Lost {
+    /// It failed, was cut or hung: continue on another generator.
+    Resumable(Status),
+    /// Its own answer (an invalid request, the deadline): the stream ends with it.
+    Final(Error),
+}
+
+impl GenerationStream {
+    /// The next piece; None after [`Piece::Done`] or an error.
+    pub async fn next(&mut self) -> Option<Result<Piece, Error>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let lost = match self.read().await {
+                Ok(Some(piece)) => return Some(Ok(piece)),
+                Ok(None) => return None,
+                Err(Lost::Final(e)) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Err(Lost::Resumable(status)) => status,
+            };
+            if let Err(e) = self.resume(lost).await {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// The current upstream's next piece.
+    async fn read(&mut self) -> Result<Option<Piece>, Lost> {
+        let Some(up) = self.current.as_mut() else {
+            return Err(Lost::Resumable(Status::unavailable("no generator")));
+        };
+        let message = if self.first_message {
+            match tokio::time::timeout(self.settings.stall, up.messages.message()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    return Err(Lost::Resumable(Status::unavailable(format!(
+                        "sent nothing for {:?} (hung)",
+                        self.settings.stall
+                    ))));
+                }
+            }
+        } else {
+            up.messages.message().await
+        };
+        match message {
+            Ok(Some(m)) => {
+                self.first_message = true;
+                self.received.extend_from_slice(&m.token_ids);
+                if let Some(mut summary) = m.summary {
+                    up.endpoint.succeeded();
+                    self.done = true;
+                    self.current = None;
+                    if self.resumptions > 0 {
+                        // The statistics of the whole generation, not of its last part.
+                        summary.generated_tokens = self.received.len() as u32;
+                        if let Some(first) = self.first_text {
+                            summary.time_to_first_token =
+                                first.duration_since(self.opened).as_secs_f64();
+                        }
+                    }
+                    return Ok(Some(Piece::Done(summary, self.resumptions)));
+                }
+                if !m.text.is_empty() && !self.text_sent {
+                    self.text_sent = true;
+                    self.first_text = Some(Instant::now());
+                }
+                Ok(Some(Piece::Text(m.text)))
+            }
+            Ok(None) => Err(Lost::Resumable(Status::unavailable(
+                "the stream ended before the text was complete",
+            ))),
+            Err(status) if client::is_transport_failure(&status) => Err(Lost::Resumable(status)),
+            Err(status) => Err(Lost::Final(Error::Stage(client::stage_status(
+                StageKind::Generator.name(),
+                status,
+            )))),
+        }
+    }
+
+    /// Moves the stream to another generator after `lost` ended the current one.
+    async fn resume(&mut self, lost: Status) -> Result<(), Error> {
+        let what = StageKind::Generator.name();
+        if let Some(up) = self.current.take() {
+            self.stages
+                .balancer
+                .failed(&self.stages.generator, &up.endpoint, &lost);
+            tracing::info!(url = %up.endpoint.info.url, received = self.received.len(), error = %lost.message(), "continuing a generation stream on another generator");
+            let failed = Some(up.endpoint.info.url.clone());
+            if self.text_sent && (self.beam || self.received.is_empty()) {
+                // Text reached the caller that no continuation could follow without repeating
+                // it (a beam's, or a generator's that sends no token ids).
+                return Err(Error::Stage(client::stage_status(what, lost)));
+            }
+            if self.beam {
+                self.received.clear();
+            }
+            self.open(failed, true).await?;
+            self.resumptions += 1;
+            Ok(())
+        } else {
+            self.open(None, true).await
+        }
+    }
+
+    /// Opens the stream on a generator (not `avoid` while another is there), resuming from the
+    /// ids received so far; tries the generators in turn. A stream under way (`resuming`)
+    /// keeps looking for one while the failover window (and the deadline) lasts; a new one
+    /// fails at once when every generator refused or could not be reached, as a unary call
+    /// does (the caller has lost nothing, and a refusal says when to come back).
+    async fn open(&mut self, avoid: Option<String>, resuming: bool) -> Result<(), Error> {
+        let what = StageKind::Generator.name();
+        let set = &self.stages.generator;
+        let started = Instant::now();
+        let mut request = self.request.clone();
+        request.resume_token_ids = self.received.clone();
+        let mut tried: Vec<String> = avoid.into_iter().collect();
+        let mut last: Option<Status> = None;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if deadline::remaining(self.deadline).is_err() {
+                return Err(Error::Deadline(deadline::DeadlinePassed));
+            }
+            let endpoint = match set.pick(&tried) {
+                Some(e) => e,
+                None => {
+                    // Every generator known was tried: wait for one to come (back), within the
+                    // window.
+                    if !resuming || started.elapsed() + pause > self.settings.window {
+                        return Err(match last {
+                            // A refusal for load is the answer to pass on (with its RetryInfo).
+                            Some(s) if s.code() == tonic::Code::ResourceExhausted => {
+                                Error::Stage(client::stage_status(what, s))
+                            }
+                            Some(s) => Error::Stage(client::stage_status(what, s)),
+                            None => Error::NoEndpoint(what.into()),
+                        });
+                    }
+                    set.refresh();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    tried.clear();
+                    continue;
+                }
+            };
+            tried.push(endpoint.info.url.clone());
+            let in_flight = endpoint.start();
+            let call = deadline::request(request.clone(), self.deadline)?;
+            match GeneratorClient::new(endpoint.channel.clone())
+                .generate_stream(call)
+                .await
+            {
+                Ok(messages) => {
+                    self.current = Some(Upstream {
+                        endpoint,
+                        _in_flight: in_flight,
+                        messages: messages.into_inner(),
+                    });
+                    self.first_message = false;
+                    return Ok(());
+                }
+                Err(status) if client::is_transport_failure(&status) => {
+                    self.stages.balancer.failed(set, &endpoint, &status);
+                    last = Some(status);
+                }
+                // Full: another generator may have room.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    last = Some(status);
+                }
+                Err(status) => return Err(Error::Stage(client::stage_status(what, status))),
+            }
+        }
     }
 }
 

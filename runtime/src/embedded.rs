@@ -1,5 +1,8 @@
 //! The embedded default: every stage and the orchestrator in one process, each its own gRPC
-//! server on a loopback port, wired together with static endpoints. No external services.
+//! server, wired together with static endpoints. No external services. The stages listen on
+//! loopback ports, or, when the public API authenticates its callers, on Unix sockets in a
+//! directory only this process's user can open: then nobody on the machine reaches a stage API
+//! (such as `Retrieve`, which answers for any user) around the authentication.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -81,18 +84,63 @@ impl EmbeddedConfig {
 
 /// A running embedded topology.
 pub struct Embedded {
-    /// Address of each stage and of the orchestrator.
-    pub addrs: BTreeMap<StageKind, SocketAddr>,
+    /// URL of each stage (`http://127.0.0.1:PORT`, or `unix:PATH` when the public API
+    /// authenticates) and of the orchestrator (`http://ADDR`).
+    pub urls: BTreeMap<StageKind, String>,
     /// The settings its orchestrator runs with (stage URLs included).
     pub orchestrator: OrchestratorConfig,
     /// What its servers share: limits, metrics and readiness (one process).
     pub transport: Transport,
     triggers: BTreeMap<StageKind, ShutdownTrigger>,
     tasks: Vec<(StageKind, JoinHandle<anyhow::Result<()>>)>,
+    /// The private directory of the stages' sockets, when they use them.
+    _sockets: Option<tempfile::TempDir>,
 }
 
 fn url(addr: SocketAddr) -> String {
     format!("http://{addr}")
+}
+
+/// Stage listeners by stage, paired with their URLs: loopback ports, or with `private`, Unix
+/// sockets in a new directory only this user can open (returned, to be removed when dropped).
+async fn stage_listeners(
+    private: bool,
+) -> anyhow::Result<(
+    BTreeMap<StageKind, ghostwriter_transport::Listener>,
+    BTreeMap<StageKind, String>,
+    Option<tempfile::TempDir>,
+)> {
+    let mut listeners = BTreeMap::new();
+    let mut urls = BTreeMap::new();
+    let dir = if private {
+        // tempfile makes the directory 0700; said again here, since it is the point.
+        let dir = tempfile::Builder::new()
+            .prefix("ghostwriter-stages-")
+            .tempdir()
+            .context("creating the stages' socket directory")?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+        Some(dir)
+    } else {
+        None
+    };
+    for stage in StageKind::STAGES {
+        match &dir {
+            Some(dir) => {
+                let path = dir.path().join(format!("{}.sock", stage.name()));
+                let listener = tokio::net::UnixListener::bind(&path)
+                    .with_context(|| format!("binding {}", path.display()))?;
+                urls.insert(stage, client::unix_url(&path));
+                listeners.insert(stage, listener.into());
+            }
+            None => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                urls.insert(stage, url(listener.local_addr()?));
+                listeners.insert(stage, listener.into());
+            }
+        }
+    }
+    Ok((listeners, urls, dir))
 }
 
 impl Embedded {
@@ -109,16 +157,16 @@ impl Embedded {
             config.retriever.shards <= 1 && config.retriever.shard.unwrap_or(0) == 0,
             "the embedded topology runs one retriever for every user: --retriever-shards must be 1"
         );
-        let mut listeners = BTreeMap::new();
-        for stage in StageKind::STAGES {
-            listeners.insert(stage, TcpListener::bind("127.0.0.1:0").await?);
+        // Credentials that do not load stop everything now, with the reason, before any model
+        // loads.
+        let private = config.auth.configured();
+        if private {
+            config.auth.check()?;
         }
-        let mut addrs: BTreeMap<StageKind, SocketAddr> = listeners
-            .iter()
-            .map(|(k, l)| Ok((*k, l.local_addr()?)))
-            .collect::<std::io::Result<_>>()?;
-        addrs.insert(StageKind::Orchestrator, public.local_addr()?);
-        let stage_url = |k: StageKind| url(addrs[&k]);
+        let (listeners, urls, sockets) = stage_listeners(private).await?;
+        let mut urls = urls;
+        urls.insert(StageKind::Orchestrator, url(public.local_addr()?));
+        let stage_url = |k: StageKind| urls[&k].clone();
         let orchestrator = OrchestratorConfig {
             retriever_url: stage_url(StageKind::Retriever),
             ranker_url: stage_url(StageKind::Ranker),
@@ -130,6 +178,10 @@ impl Embedded {
             retriever_shards: 1,
             auth: config.auth.clone(),
             insecure_no_auth: false,
+            // One generator: nothing to move a stream to.
+            generator_stall_timeout_secs: 15.0,
+            generator_failover_secs: 30.0,
+            cache_salt_key_file: None,
             discovery: Default::default(),
             ingest_budget_mb: 0,
         };
@@ -144,12 +196,14 @@ impl Embedded {
             embedder: config.ranker.embedder.clone(),
         };
         let mut me = Self {
-            addrs: addrs.clone(),
+            urls: urls.clone(),
             orchestrator: orchestrator.clone(),
             transport: transport.clone(),
             triggers: BTreeMap::new(),
             tasks: Vec::new(),
+            _sockets: sockets,
         };
+        let mut listeners = listeners;
         for stage in StageKind::STAGES {
             let listener = listeners
                 .remove(&stage)
@@ -194,12 +248,7 @@ impl Embedded {
 
         let timeout = Duration::from_secs(config.ready_timeout_secs);
         for stage in StageKind::STAGES {
-            if let Err(e) = wait_until_serving(&stage_url(stage), "", timeout, None).await {
-                // A stage that failed to start says why in its task's result.
-                let why = me
-                    .stage_error(stage)
-                    .await
-                    .unwrap_or_else(|| e.message().to_string());
+            if let Err(why) = me.ready(stage, &stage_url(stage), timeout).await {
                 me.shutdown().await;
                 anyhow::bail!("{stage} did not become ready: {why}");
             }
@@ -212,17 +261,36 @@ impl Embedded {
                 ghostwriter_orchestrator::serve(orchestrator, public, stop, &t).await
             }),
         );
-        if let Err(e) =
-            wait_until_serving(&stage_url(StageKind::Orchestrator), "", timeout, None).await
-        {
-            let why = me
-                .stage_error(StageKind::Orchestrator)
-                .await
-                .unwrap_or_else(|| e.message().to_string());
+        let url = stage_url(StageKind::Orchestrator);
+        if let Err(why) = me.ready(StageKind::Orchestrator, &url, timeout).await {
             me.shutdown().await;
             anyhow::bail!("the orchestrator did not become ready: {why}");
         }
         Ok(me)
+    }
+
+    /// Waits until `stage` at `url` reports SERVING; a stage that stops first (it failed to
+    /// start) fails this at once with its reason, not after `timeout`.
+    async fn ready(
+        &mut self,
+        stage: StageKind,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let Some(i) = self.tasks.iter().position(|(s, _)| *s == stage) else {
+            return Err("not started".into());
+        };
+        let serving = wait_until_serving(url, "", timeout, None);
+        let stopped = tokio::select! {
+            serving = serving => return serving.map_err(|e| e.message().to_string()),
+            stopped = &mut self.tasks[i].1 => stopped,
+        };
+        self.tasks.remove(i);
+        Err(match stopped {
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => e.to_string(),
+            Ok(Ok(())) => "it stopped".into(),
+        })
     }
 
     fn trigger(&mut self, stage: StageKind) -> Shutdown {
@@ -233,25 +301,6 @@ impl Embedded {
 
     fn spawn(&mut self, stage: StageKind, future: BoxedServe) {
         self.tasks.push((stage, tokio::spawn(future)));
-    }
-
-    /// Why `stage` stopped, if it did: its error waited for (a stage that fails while starting
-    /// ends its task with the reason).
-    async fn stage_error(&mut self, stage: StageKind) -> Option<String> {
-        let i = self.tasks.iter().position(|(s, _)| *s == stage)?;
-        if !self.tasks[i].1.is_finished() {
-            // It may be on its way out: give it a moment to say why.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if !self.tasks[i].1.is_finished() {
-                return None;
-            }
-        }
-        let (_, task) = self.tasks.remove(i);
-        match task.await {
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(e) => Some(e.to_string()),
-            Ok(Ok(())) => None,
-        }
     }
 
     /// Runs `f` against a fresh embedded pipeline — models ensured, the index in a temporary
@@ -281,12 +330,12 @@ impl Embedded {
 
     /// The public endpoint URL.
     pub fn url(&self) -> String {
-        url(self.addrs[&StageKind::Orchestrator])
+        self.urls[&StageKind::Orchestrator].clone()
     }
 
     /// The endpoint URL of one stage.
     pub fn stage_url(&self, stage: StageKind) -> String {
-        url(self.addrs[&stage])
+        self.urls[&stage].clone()
     }
 
     /// Stops one stage (gracefully) and waits for it, leaving the rest running.

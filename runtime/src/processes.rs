@@ -23,6 +23,8 @@ pub struct Processes {
     etcd: Option<Child>,
     /// URL of each process: by stage name, `NAME-2`, `NAME-3`... for further replicas.
     pub urls: BTreeMap<String, String>,
+    /// Where each process serves its metrics, when asked (named as in `urls`).
+    pub metrics: BTreeMap<String, SocketAddr>,
 }
 
 impl Drop for Processes {
@@ -48,6 +50,7 @@ impl Processes {
             stages: Vec::new(),
             etcd: None,
             urls: BTreeMap::new(),
+            metrics: BTreeMap::new(),
         }
     }
 
@@ -61,9 +64,9 @@ impl Processes {
 
     /// Waits until every stage process reports SERVING (called over `tls` when given); one
     /// that exits first fails this at once, with its log.
-    async fn wait_serving(&mut self, tls: Option<&Tls>) -> anyhow::Result<()> {
+    async fn wait_serving(&mut self, tls: Option<&Tls>, limit: Duration) -> anyhow::Result<()> {
         for (_, process) in &mut self.stages {
-            process.wait_serving(tls, BIND_TIMEOUT).await?;
+            process.wait_serving(tls, limit).await?;
         }
         Ok(())
     }
@@ -101,7 +104,7 @@ impl Processes {
                 .stdin(Stdio::null());
             me.spawn(stage.to_string(), cmd).await?;
         }
-        me.wait_serving(None).await?;
+        me.wait_serving(None, BIND_TIMEOUT).await?;
         Ok(me)
     }
 
@@ -230,10 +233,20 @@ impl Authority {
     }
 }
 
-/// Writes a throwaway [`Authority`] under `dir`; returns the flags that use it.
+/// Writes a throwaway [`Authority`] under `dir`, a directory only this user can open (0700),
+/// the private key readable by this user alone (0600): whoever reads the key is one of the
+/// mesh, and reaches every stage API. Returns the flags that use it.
 pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_transport::tls::TlsArgs> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let authority = Authority::new("ghostwriter throwaway CA")?;
-    std::fs::create_dir_all(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // An existing directory keeps its mode through create: make it private either way.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let (ca, cert, key) = (
         dir.join("ca.pem"),
         dir.join("cert.pem"),
@@ -241,7 +254,14 @@ pub fn throwaway_ca(dir: &Path) -> anyhow::Result<ghostwriter_transport::tls::Tl
     );
     std::fs::write(&ca, authority.ca)?;
     std::fs::write(&cert, authority.cert)?;
-    std::fs::write(&key, authority.key)?;
+    // Created 0600, never readable by others even for a moment.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| f.write_all(authority.key.as_bytes()))
+        .with_context(|| format!("writing {}", key.display()))?;
     Ok(ghostwriter_transport::tls::TlsArgs {
         cert: Some(cert),
         key: Some(key),
@@ -263,6 +283,13 @@ pub struct Mesh<'a> {
     pub store: &'a ghostwriter_store::StoreArgs,
     /// Processes per stage (absent: 1).
     pub replicas: &'a BTreeMap<String, u32>,
+    /// Flags for each stage's `serve STAGE` (from `up`'s command line).
+    pub flags: &'a BTreeMap<&'static str, Vec<std::ffi::OsString>>,
+    /// Metrics endpoints: the processes get consecutive ports from this one, in start order
+    /// (port 0: each its own, chosen by the OS); None = none.
+    pub metrics: Option<SocketAddr>,
+    /// How long each process may take to report SERVING.
+    pub ready_timeout: Duration,
 }
 
 /// Parses `--replicas`: `STAGE=N[,STAGE=N]` (stages: retriever, ranker, summarizer,
@@ -310,6 +337,9 @@ impl Processes {
             log_format,
             store,
             replicas,
+            flags,
+            metrics,
+            ready_timeout,
         } = mesh;
         let count = |stage: &str| replicas.get(stage).copied().unwrap_or(1);
         if count("retriever") > 1 && store.url.is_none() {
@@ -392,6 +422,20 @@ impl Processes {
                     }
                     cmd.arg("--auth-jwt-audience").arg(&auth.jwt_audience);
                 }
+                if let Some(base) = metrics {
+                    let port = match base.port() {
+                        0 => 0,
+                        p => p
+                            .checked_add(me.metrics.len() as u16)
+                            .context("--metrics-listen: no port left for every process")?,
+                    };
+                    let addr = SocketAddr::new(base.ip(), port);
+                    cmd.arg("--metrics-listen").arg(addr.to_string());
+                    me.metrics.insert(name.clone(), addr);
+                }
+                if let Some(extra) = flags.get(stage) {
+                    cmd.args(extra);
+                }
                 cmd.env(
                     "RUST_LOG",
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -402,7 +446,7 @@ impl Processes {
         }
         // This process checks their health as one of the mesh.
         let client_tls = Tls::from_args(tls)?;
-        me.wait_serving(client_tls.as_ref()).await?;
+        me.wait_serving(client_tls.as_ref(), ready_timeout).await?;
         Ok(me)
     }
 

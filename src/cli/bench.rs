@@ -1,4 +1,5 @@
-//! The benchmarks: `bench`, `bench-metrics`, `bench-generator`, `bench-job`, `bench-ops`. Each
+//! The benchmarks: `bench`, `bench-metrics`, `bench-generator`, `bench-job`, `bench-ops`,
+//! `bench-failover`. Each
 //! writes its JSON report (to stdout, and to `--out` where it has one).
 
 use std::path::PathBuf;
@@ -77,6 +78,17 @@ pub async fn job(
     let out = args.out.clone();
     let r = ghostwriter::bench_job::run(args, model_dir).await?;
     report(&r, Some(&out))
+}
+
+/// `bench-failover`: writes in flight when a generator dies.
+pub async fn failover(
+    args: ghostwriter::bench_failover::FailoverArgs,
+    model_dir: PathBuf,
+) -> anyhow::Result<()> {
+    ensure_models(&model_dir).await?;
+    let exe = std::env::current_exe()?;
+    let r = ghostwriter::bench_failover::run(&exe, &model_dir, &args).await?;
+    report(&r, Some(&args.out))
 }
 
 /// `bench-ops`: the operations targets with real processes.

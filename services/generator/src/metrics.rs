@@ -1,10 +1,11 @@
 //! The generator's own metrics: queue, running batch, tokens, prefix cache, beam search, decode
-//! rate. Registered in the process's registry by [`register`] when the generator serves.
-
-use std::sync::LazyLock;
+//! rate. A value made by whoever runs an engine, fed by the engine's step statistics, and
+//! registered in the process's registry when the generator serves.
 
 use ghostwriter_transport::metrics::LATENCY_BUCKETS;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+
+use crate::engine::{Stats, StepStats};
 
 /// Every generator metric.
 pub struct GeneratorMetrics {
@@ -98,26 +99,62 @@ fn build() -> Result<GeneratorMetrics, prometheus::Error> {
     })
 }
 
-static METRICS: LazyLock<GeneratorMetrics> =
-    LazyLock::new(|| build().expect("metric definitions are valid"));
+impl GeneratorMetrics {
+    /// Every metric at zero, registered nowhere yet.
+    pub fn new() -> Self {
+        build().expect("metric definitions are valid")
+    }
 
-/// The generator's metrics.
-pub fn metrics() -> &'static GeneratorMetrics {
-    &METRICS
+    /// Registers every metric in `registry`.
+    pub fn register(&self, registry: &ghostwriter_transport::Metrics) {
+        registry.register(self.generator_queue_depth.clone());
+        registry.register(self.generator_running.clone());
+        registry.register(self.generator_queue_wait.clone());
+        registry.register(self.generator_time_to_first_token.clone());
+        registry.register(self.generator_batch_tokens.clone());
+        registry.register(self.generator_prompt_tokens.clone());
+        registry.register(self.generator_prefix_cache_hit_tokens.clone());
+        registry.register(self.generated_tokens.clone());
+        registry.register(self.generator_beam_searches.clone());
+        registry.register(self.generator_beam_forks.clone());
+        registry.register(self.decode_tokens_per_second.clone());
+    }
+
+    /// Records an engine step's statistics.
+    pub fn record_step(&self, s: &StepStats) {
+        self.generator_queue_depth.set(s.waiting as i64);
+        self.generator_running.set(s.running as i64);
+        if s.batch_tokens > 0 {
+            self.generator_batch_tokens.observe(s.batch_tokens as f64);
+        }
+        for a in &s.admitted {
+            self.generator_queue_wait
+                .observe(a.queue_wait.as_secs_f64());
+            self.generator_prompt_tokens.inc_by(a.prompt_tokens as u64);
+            self.generator_prefix_cache_hit_tokens
+                .inc_by(a.cached_tokens as u64);
+            if a.beams > 1 {
+                self.generator_beam_searches.inc();
+            }
+        }
+        for t in &s.first_tokens {
+            self.generator_time_to_first_token.observe(t.as_secs_f64());
+        }
+        self.generated_tokens.inc_by(s.sampled_tokens as u64);
+        self.generator_beam_forks.inc_by(s.beam_forks as u64);
+    }
+
+    /// Records a finished job's decode rate.
+    pub fn record_finished(&self, stats: &Stats) {
+        if stats.tokens_per_second > 0.0 {
+            self.decode_tokens_per_second
+                .observe(stats.tokens_per_second);
+        }
+    }
 }
 
-/// Registers every generator metric in `registry`.
-pub fn register(registry: &ghostwriter_transport::Metrics) {
-    let m = metrics();
-    registry.register(m.generator_queue_depth.clone());
-    registry.register(m.generator_running.clone());
-    registry.register(m.generator_queue_wait.clone());
-    registry.register(m.generator_time_to_first_token.clone());
-    registry.register(m.generator_batch_tokens.clone());
-    registry.register(m.generator_prompt_tokens.clone());
-    registry.register(m.generator_prefix_cache_hit_tokens.clone());
-    registry.register(m.generated_tokens.clone());
-    registry.register(m.generator_beam_searches.clone());
-    registry.register(m.generator_beam_forks.clone());
-    registry.register(m.decode_tokens_per_second.clone());
+impl Default for GeneratorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }

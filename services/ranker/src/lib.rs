@@ -17,7 +17,6 @@ use ghostwriter_proto::v1::{
     VerifyAuthorResponse,
 };
 use ghostwriter_transport::{StageServer, Transport};
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 pub use ghostwriter_embed as embedder;
@@ -209,7 +208,7 @@ impl RankerService {
 pub async fn serve(
     config: RankerConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {

@@ -24,7 +24,6 @@ use ghostwriter_proto::v1::{
 use ghostwriter_store::{Store, StoreArgs, Token};
 use ghostwriter_transport::{StageServer, Transport};
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
@@ -460,7 +459,7 @@ impl Retriever for RetrieverService {
 /// than `--max-lag` behind or rebuilding.
 pub async fn serve(
     config: RetrieverConfig,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {

@@ -27,7 +27,6 @@ use ghostwriter_proto::v1::{
     SummaryMode, TaskInput,
 };
 use ghostwriter_transport::{StageServer, Transport, client};
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 /// Summarizer settings.
@@ -253,6 +252,10 @@ impl SummarizerService {
                 num_beams: self.num_beams,
                 ..Default::default()
             }),
+            // The user's salt: this summary's prompt shares no cached block with another
+            // user's.
+            cache_salt: r.cache_salt.clone(),
+            ..Default::default()
         };
         // Generation is idempotent: an unavailable generator is retried on another one.
         let what = "generator (for the summarizer)";
@@ -282,7 +285,7 @@ impl SummarizerService {
 pub async fn serve(
     config: SummarizerConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {
@@ -290,7 +293,7 @@ pub async fn serve(
     let generators = config.discovery.stage_set(
         StageKind::Generator,
         &config.generator_url,
-        transport.tls.as_ref(),
+        transport.dialer(),
     )?;
     let cell = LazyEmbedder::default();
     let service = SummarizerService {

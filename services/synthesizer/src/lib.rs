@@ -13,7 +13,6 @@ use ghostwriter_embed::{CachedEmbedder, EmbedError, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
 use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
 use ghostwriter_transport::{StageServer, Transport};
-use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 /// Most words a request may ask for.
@@ -157,7 +156,7 @@ impl SynthesizerService {
 pub async fn serve(
     config: SynthesizerConfig,
     model_dir: PathBuf,
-    listener: TcpListener,
+    listener: impl Into<ghostwriter_transport::Listener>,
     shutdown: Shutdown,
     transport: &Transport,
 ) -> anyhow::Result<()> {

@@ -29,27 +29,144 @@ pub struct BadUrl {
     pub reason: String,
 }
 
+/// HTTP/2 keepalive: every `interval` a PING goes to the peer of a connection with calls in
+/// flight (clients) or of any connection (servers); no answer within `timeout` closes the
+/// connection, failing its calls, so a peer that hangs without closing (a lost node, a network
+/// partition, a stopped process) is found in at most `interval + timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// How often to ping.
+    pub interval: Duration,
+    /// How long to wait for the answer.
+    pub timeout: Duration,
+}
+
+/// The keepalive of a process that sets none: ping every 10 s, give up after 5 s more.
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    interval: Duration::from_secs(10),
+    timeout: Duration::from_secs(5),
+};
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        DEFAULT_KEEPALIVE
+    }
+}
+
+/// How a process dials other stages: over its TLS (when on), with its keepalive.
+#[derive(Debug, Clone, Default)]
+pub struct Dialer {
+    /// Mutual TLS for `https://` URLs.
+    pub tls: Option<Tls>,
+    /// HTTP/2 keepalive of every channel.
+    pub keepalive: Keepalive,
+}
+
+impl From<Option<&Tls>> for Dialer {
+    fn from(tls: Option<&Tls>) -> Self {
+        Self {
+            tls: tls.cloned(),
+            keepalive: Keepalive::default(),
+        }
+    }
+}
+
+impl Dialer {
+    /// A lazy channel to `url` (see [`channel`]).
+    pub fn channel(&self, url: &str) -> Result<Channel, BadUrl> {
+        channel_with(url, self)
+    }
+}
+
+/// The Unix socket path of a `unix:PATH` or `unix:///PATH` URL; None for other schemes.
+pub fn unix_path(url: &str) -> Option<&str> {
+    let rest = url.trim().strip_prefix("unix:")?;
+    Some(rest.strip_prefix("//").unwrap_or(rest))
+}
+
+/// The `unix:` URL of a socket at `path`.
+pub fn unix_url(path: &std::path::Path) -> String {
+    format!("unix:{}", path.display())
+}
+
 /// The endpoint of `url`, with the settings every channel shares: a stage that is down fails a
 /// call quickly (connect timeout) instead of hanging; keepalive pings find a dead connection.
+/// A `unix:` URL gets a placeholder authority (its socket is dialed by [`channel`]).
 pub fn endpoint(url: &str) -> Result<Endpoint, BadUrl> {
-    Ok(Endpoint::from_shared(url.to_string())
+    endpoint_with(url, DEFAULT_KEEPALIVE)
+}
+
+fn endpoint_with(url: &str, keepalive: Keepalive) -> Result<Endpoint, BadUrl> {
+    let target = if unix_path(url).is_some() {
+        "http://localhost"
+    } else {
+        url
+    };
+    Ok(Endpoint::from_shared(target.to_string())
         .map_err(|e| BadUrl {
             url: url.to_string(),
             reason: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30)))
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout))
 }
 
 /// Opens a lazy channel to a stage: no connection is made until the first call. Over mutual
-/// TLS when `tls` is given.
+/// TLS when `tls` is given; `unix:PATH` dials a Unix socket (never TLS: the socket's directory
+/// is what keeps others out).
 pub fn channel(url: &str, tls: Option<&Tls>) -> Result<Channel, BadUrl> {
-    let endpoint = endpoint(url)?;
-    Ok(match tls {
+    channel_with(url, &Dialer::from(tls))
+}
+
+/// [`channel`] with a [`Dialer`]'s TLS and keepalive.
+pub fn channel_with(url: &str, dialer: &Dialer) -> Result<Channel, BadUrl> {
+    let endpoint = endpoint_with(url, dialer.keepalive)?;
+    if let Some(path) = unix_path(url) {
+        if path.is_empty() {
+            return Err(BadUrl {
+                url: url.to_string(),
+                reason: "no socket path".into(),
+            });
+        }
+        return Ok(endpoint.connect_with_connector_lazy(UnixConnector { path: path.into() }));
+    }
+    Ok(match &dialer.tls {
         Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
         None => endpoint.connect_lazy(),
     })
+}
+
+/// Connects channels to a Unix socket.
+#[derive(Clone)]
+struct UnixConnector {
+    path: std::path::PathBuf,
+}
+
+type UnixConnected = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+
+impl tower_service::Service<http::Uri> for UnixConnector {
+    type Response = UnixConnected;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<UnixConnected>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let path = self.path.clone();
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))
+        })
+    }
 }
 
 /// Connects `endpoint` now; over `tls` when `https` (an https:// URL), which then needs it.
@@ -94,8 +211,8 @@ pub fn transport_error(e: &tonic::transport::Error) -> String {
 }
 
 /// Whether a failed call never reached, or lost, the stage (it is down, unreachable, or its
-/// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL status whose cause is the
-/// connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the
+/// connection broke mid-call): UNAVAILABLE, or an UNKNOWN/INTERNAL/CANCELLED status whose cause
+/// is the connection itself (a transport, HTTP/2 or I/O error, told apart by type, never by the
 /// message, which a stage's own error could echo). A downstream stage's failure reported by the
 /// stage ([`is_downstream`]) is not. Such a call can be retried on another endpoint.
 pub fn is_transport_failure(status: &tonic::Status) -> bool {
@@ -104,7 +221,11 @@ pub fn is_transport_failure(status: &tonic::Status) -> bool {
     }
     match status.code() {
         tonic::Code::Unavailable => true,
-        tonic::Code::Unknown | tonic::Code::Internal => caused_by_connection(status),
+        // CANCELLED by the connection, not by this caller: a request that was never sent
+        // because its connection went away (GOAWAY), or a stream the server reset as it left.
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => {
+            caused_by_connection(status)
+        }
         _ => false,
     }
 }
@@ -215,6 +336,11 @@ mod tests {
         )));
         assert_eq!(broken.code(), tonic::Code::Unknown);
         assert!(is_transport_failure(&broken));
+        // A CANCELLED that a stage reported (in its trailers) is the stage's answer, not a
+        // lost connection.
+        assert!(!is_transport_failure(&tonic::Status::cancelled(
+            "the caller went away"
+        )));
         assert!(is_transport_failure(&tonic::Status::unavailable("down")));
         // A downstream failure reported by the stage is not held against it.
         assert!(!is_transport_failure(&downstream_status(

@@ -1,10 +1,12 @@
 //! The servers' middleware, one concern per tower layer, outermost first:
 //! - [`TraceLayer`]: one span per RPC, child of the caller's `traceparent`;
-//! - [`MetricsLayer`]: requests by code, latency, in flight (until a streaming RPC's stream
-//!   ends); an RPC whose caller goes away before the answer is counted as CANCELLED;
+//! - [`MetricsLayer`]: requests by code, latency, in flight, each taken when the RPC ends: a
+//!   streaming RPC's code is the one its trailers carry (an error mid-stream, a deadline), its
+//!   duration runs to that end; an RPC whose caller goes away before its end is CANCELLED;
 //! - [`ShedLayer`]: the concurrency limit, RESOURCE_EXHAUSTED at once past it (health checks and
 //!   reflection are never shed);
-//! - [`DeadlineLayer`]: DEADLINE_EXCEEDED once the caller's `grpc-timeout` passes.
+//! - [`DeadlineLayer`]: DEADLINE_EXCEEDED once the caller's `grpc-timeout` passes, before the
+//!   answer or in the middle of a stream (which then ends with it in its trailers).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -154,13 +156,17 @@ impl Drop for InFlight {
     }
 }
 
-/// Records an RPC's outcome once: its code when answered, CANCELLED if dropped before.
+/// Records an RPC's outcome once, when it ends: the code its trailers (or, for an error
+/// answered at once, its headers) carry, and the time from the request to that end. An RPC
+/// whose response is dropped before it ended (the caller went away, the server stopped) is
+/// CANCELLED.
 struct Outcome {
     metrics: RpcMetrics,
     service: String,
     method: String,
     started: Instant,
     code: Option<tonic::Code>,
+    _in_flight: InFlight,
 }
 
 impl Drop for Outcome {
@@ -176,14 +182,62 @@ impl Drop for Outcome {
     }
 }
 
-/// The status a response carries in its headers (an error answered at once); OK otherwise.
-fn code_of(response: &Response) -> tonic::Code {
-    response
-        .headers()
+/// The gRPC status in `headers` (trailers, or the headers of an error answered at once).
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
-        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+        .map(tonic::Code::from_i32)
+}
+
+/// A response body that records its RPC's [`Outcome`] when its trailers pass (or when it
+/// ends or is dropped without them).
+struct Observed {
+    inner: Body,
+    outcome: Option<Outcome>,
+}
+
+impl Observed {
+    fn finish(&mut self, code: tonic::Code) {
+        if let Some(mut outcome) = self.outcome.take() {
+            outcome.code = Some(code);
+        }
+    }
+}
+
+impl http_body::Body for Observed {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    // A status-less end of a gRPC response is a broken one.
+                    this.finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => this.finish(status.code()),
+            // Ended without trailers: the status came in the headers, or never.
+            Poll::Ready(None) => this.finish(tonic::Code::Unknown),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl<S: Inner> Service<Request> for Metrics<S> {
@@ -199,23 +253,38 @@ impl<S: Inner> Service<Request> for Metrics<S> {
         let (service, method) = rpc_name(&request, self.service);
         let gauge = self.metrics.in_flight.with_label_values(&[&service]);
         gauge.inc();
-        let in_flight = InFlight(gauge);
         let mut outcome = Outcome {
             metrics: self.metrics.clone(),
             service,
             method,
             started: Instant::now(),
             code: None,
+            _in_flight: InFlight(gauge),
         };
         let call = take(&mut self.inner).call(request);
         Box::pin(async move {
-            let response = call.await;
-            outcome.code = Some(match &response {
-                Ok(r) => code_of(r),
-                Err(_) => tonic::Code::Unknown,
-            });
-            drop(outcome);
-            response.map(|r| hold(r, in_flight))
+            let response = match call.await {
+                Ok(r) => r,
+                Err(e) => {
+                    outcome.code = Some(tonic::Code::Unknown);
+                    drop(outcome);
+                    return Err(e);
+                }
+            };
+            // An error answered at once carries its status in the headers (trailers-only);
+            // otherwise the status comes in the trailers, at the end of the body: the RPC is
+            // recorded (code, duration, in flight) when that end passes.
+            if let Some(code) = grpc_status(response.headers()) {
+                outcome.code = Some(code);
+                drop(outcome);
+                return Ok(response);
+            }
+            Ok(response.map(|inner| {
+                Body::new(Observed {
+                    inner,
+                    outcome: Some(outcome),
+                })
+            }))
         })
     }
 }
@@ -302,14 +371,76 @@ impl<S: Inner> Service<Request> for Deadline<S> {
         match deadline {
             None => Box::pin(call),
             Some(d) => Box::pin(async move {
-                match tokio::time::timeout(d, call).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                let expiry = tokio::time::Instant::now() + d;
+                let expired = move || {
+                    tonic::Status::deadline_exceeded(format!(
                         "{service}: the caller's deadline passed"
                     ))
-                    .into_http()),
+                };
+                match tokio::time::timeout_at(expiry, call).await {
+                    // A streaming answer is bounded too: its body ends with DEADLINE_EXCEEDED
+                    // in the trailers when the deadline passes mid-stream.
+                    Ok(Ok(r)) => Ok(r.map(|inner| {
+                        Body::new(Bounded {
+                            inner,
+                            timer: Box::pin(tokio::time::sleep_until(expiry)),
+                            expired: Some(Box::new(expired)),
+                        })
+                    })),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Ok(expired().into_http()),
                 }
             }),
         }
+    }
+}
+
+/// A response body cut at a deadline: past it, trailers with DEADLINE_EXCEEDED end it.
+struct Bounded {
+    inner: Body,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The status to end with; taken when it is sent.
+    expired: Option<Box<dyn FnOnce() -> tonic::Status + Send>>,
+}
+
+impl http_body::Body for Bounded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(expired) = this.expired.take() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if frame.is_some() {
+                this.expired = Some(expired);
+            }
+            return Poll::Ready(frame);
+        }
+        match this.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let mut trailers = http::HeaderMap::new();
+                // The status's own headers: grpc-status, grpc-message (percent-encoded).
+                let status = expired();
+                let _ = status.add_header(&mut trailers);
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            Poll::Pending => {
+                this.expired = Some(expired);
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics of a process, served as text on `/metrics` on a port of its own, beside
 //! `/healthz` and `/readyz`: the RPC metrics every server records (requests and latency per RPC
-//! and status, requests in flight and rejected per service), and whatever each stage registers
+//! and status, requests in flight and rejected per service), the build (`ghostwriter_build_info`),
+//! and whatever each stage registers
 //! of its own (generator queue and tokens, index size, orchestrator overhead).
 
 use std::collections::BTreeMap;
@@ -26,7 +27,8 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 pub struct RpcMetrics {
     /// RPCs answered, by service, method and gRPC status code.
     pub requests: IntCounterVec,
-    /// RPC latency (until the response headers), by service and method.
+    /// RPC latency, until the RPC ends (a stream's last message and trailers), by service and
+    /// method.
     pub duration: HistogramVec,
     /// RPCs in flight, by service.
     pub in_flight: IntGaugeVec,
@@ -47,7 +49,7 @@ impl RpcMetrics {
             duration: HistogramVec::new(
                 HistogramOpts::new(
                     "ghostwriter_rpc_duration_seconds",
-                    "RPC latency until the response headers",
+                    "RPC latency, from the request to the end of the answer (a stream's trailers)",
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["service", "method"],
@@ -110,6 +112,16 @@ impl Metrics {
         metrics.register(rpc.duration);
         metrics.register(rpc.in_flight);
         metrics.register(rpc.rejected);
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "ghostwriter_build_info",
+                "Always 1; the labels say which build this process runs",
+            ),
+            &["version"],
+        )
+        .expect("metric definitions are valid");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        metrics.register(build);
         metrics
     }
 

@@ -1,14 +1,17 @@
 //! Server assembly shared by every stage: the standard gRPC health service (NOT_SERVING until
 //! the stage says it is ready, NOT_SERVING again on shutdown), server reflection, the middleware
-//! of [`crate::layers`] (tracing, metrics, load shedding, deadlines), TLS when on, and a graceful
-//! drain on shutdown, bounded in time.
+//! of [`crate::layers`] (tracing, metrics, load shedding, deadlines), TLS when on, keepalive,
+//! a maximum connection age, and a graceful exit on shutdown: NOT_SERVING at once, still
+//! accepting for the drain delay (callers move away), then a drain of what is in flight,
+//! bounded in time. A server listens on TCP or, for callers in the same private directory, on
+//! a Unix socket ([`Listener`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -45,6 +48,51 @@ impl Health {
             .set_ready(self.service, status == ServingStatus::Serving);
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
+    }
+}
+
+/// Where a server accepts connections: a TCP port, or a Unix socket (plain HTTP/2 even when
+/// the process speaks TLS: only processes that can open the socket's directory reach it).
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix socket listener.
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Self::Tcp(l)
+    }
+}
+
+impl From<UnixListener> for Listener {
+    fn from(l: UnixListener) -> Self {
+        Self::Unix(l)
+    }
+}
+
+impl Listener {
+    /// The TCP address it listens on (None for a Unix socket).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().ok(),
+            Self::Unix(_) => None,
+        }
+    }
+
+    /// Where it listens, for the log.
+    fn describe(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Self::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(crate::client::unix_url))
+                .unwrap_or_else(|| "unix".into()),
+        }
     }
 }
 
@@ -95,25 +143,44 @@ impl StageServer {
         self.health.clone()
     }
 
-    /// Serves `routes` on `listener` until `shutdown` fires; then reports NOT_SERVING, stops
-    /// accepting, and returns once in-flight requests are done.
+    /// Serves `routes` on `listener` until `shutdown` fires; then reports NOT_SERVING, keeps
+    /// accepting for the transport's drain delay, stops accepting, and returns once the RPCs
+    /// in flight are done or the drain timeout has passed.
     pub async fn serve(
         self,
         routes: Routes,
-        listener: TcpListener,
+        listener: impl Into<Listener>,
         shutdown: Shutdown,
     ) -> anyhow::Result<()> {
+        let listener = listener.into();
         let health = self.health.clone();
-        let addr: Option<SocketAddr> = listener.local_addr().ok();
-        tracing::info!(service = health.service, addr = ?addr, "listening");
+        tracing::info!(service = health.service, addr = %listener.describe(), "listening");
         let transport = self.transport.clone();
         let service = health.service;
         let watch = shutdown.clone();
+        let delay = transport.drain_delay;
         let stopping = async move {
             shutdown.wait().await;
             health.not_serving().await;
+            if !delay.is_zero() {
+                tracing::info!(
+                    service,
+                    ?delay,
+                    "NOT_SERVING; still accepting for the drain delay"
+                );
+                tokio::time::sleep(delay).await;
+            }
         };
-        let server = Server::builder()
+        let keepalive = transport.keepalive;
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(keepalive.interval))
+            .http2_keepalive_timeout(Some(keepalive.timeout));
+        if let Some(age) = transport.max_connection_age {
+            builder = builder
+                .max_connection_age(age)
+                .max_connection_age_grace(transport.max_connection_age_grace);
+        }
+        let server = builder
             .layer(TraceLayer { service })
             .layer(MetricsLayer {
                 service,
@@ -126,34 +193,42 @@ impl StageServer {
             .layer(DeadlineLayer { service })
             .add_routes(routes);
         let serving = async {
-            if let Some(tls) = &transport.tls {
-                // The public API also takes callers without a client certificate (they present
-                // tokens); every stage API needs the mesh identity.
-                let public = service == PUBLIC_SERVICE;
-                server
-                    .serve_with_incoming_shutdown(tls.incoming(listener, public)?, stopping)
-                    .await?;
-            } else {
-                // No Nagle: small responses would otherwise wait for the caller's delayed ACK
-                // (40 ms a hop on Linux).
-                let incoming = TcpListenerStream::new(listener).map(|accepted| {
-                    if let Ok(socket) = &accepted {
-                        let _ = socket.set_nodelay(true);
-                    }
-                    accepted
-                });
-                server
-                    .serve_with_incoming_shutdown(incoming, stopping)
-                    .await?;
+            match (listener, &transport.tls) {
+                (Listener::Tcp(listener), Some(tls)) => {
+                    // The public API also takes callers without a client certificate (they
+                    // present tokens); every stage API needs the mesh identity.
+                    let public = service == PUBLIC_SERVICE;
+                    server
+                        .serve_with_incoming_shutdown(tls.incoming(listener, public)?, stopping)
+                        .await?;
+                }
+                (Listener::Tcp(listener), None) => {
+                    // No Nagle: small responses would otherwise wait for the caller's delayed
+                    // ACK (40 ms a hop on Linux).
+                    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+                        if let Ok(socket) = &accepted {
+                            let _ = socket.set_nodelay(true);
+                        }
+                        accepted
+                    });
+                    server
+                        .serve_with_incoming_shutdown(incoming, stopping)
+                        .await?;
+                }
+                (Listener::Unix(listener), _) => {
+                    server
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopping)
+                        .await?;
+                }
             }
             Ok::<(), anyhow::Error>(())
         };
-        // The drain after shutdown is bounded: past --drain-timeout-secs, what is still in
+        // The drain after the delay is bounded: past --drain-timeout-secs, what is still in
         // flight is cut off.
         let drain = transport.drain_timeout;
         tokio::select! {
             served = serving => served?,
-            () = async { watch.wait().await; tokio::time::sleep(drain).await } => {
+            () = async { watch.wait().await; tokio::time::sleep(delay + drain).await } => {
                 tracing::warn!(service, ?drain, "drain timed out; closing the RPCs still in flight");
             }
         }
@@ -167,7 +242,7 @@ impl StageServer {
     pub async fn serve_after<F>(
         self,
         routes: Routes,
-        listener: TcpListener,
+        listener: impl Into<Listener>,
         shutdown: Shutdown,
         load: F,
     ) -> anyhow::Result<()>
@@ -193,3 +268,20 @@ const PUBLIC_SERVICE: &str = "ghostwriter.v1.Ghostwriter";
 
 /// Default bound of the drain on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A signal that fires, after `shutdown`, shortly before the transport's drain ends (its drain
+/// delay and drain timeout, less a margin of a tenth of the timeout, at most a second): a
+/// server whose long calls would be cut there ends them itself, in a way its callers can
+/// continue elsewhere (the generator hands its streams over).
+pub fn handover(shutdown: &Shutdown, transport: &Transport) -> Shutdown {
+    let (trigger, handle) = ghostwriter_common::shutdown::channel();
+    let shutdown = shutdown.clone();
+    let margin = (transport.drain_timeout / 10).min(Duration::from_secs(1));
+    let after = transport.drain_delay + transport.drain_timeout.saturating_sub(margin);
+    tokio::spawn(async move {
+        shutdown.wait().await;
+        tokio::time::sleep(after).await;
+        trigger.trigger();
+    });
+    handle
+}
