@@ -438,6 +438,8 @@ impl Stages {
             settings,
             current: None,
             received: Vec::new(),
+            earlier_text: String::new(),
+            current_text: String::new(),
             text_sent: false,
             first_message: false,
             resumptions: 0,
@@ -489,6 +491,11 @@ pub struct GenerationStream {
     received: Vec<u32>,
     /// Whether any text reached the caller.
     text_sent: bool,
+    /// The text that reached the caller from the generators before the current one: a
+    /// continuation's final message holds only what it generated after it.
+    earlier_text: String,
+    /// The text that reached the caller from the current generator.
+    current_text: String,
     /// Whether the current upstream sent a message yet (the stall timeout starts after it).
     first_message: bool,
     resumptions: u32,
@@ -557,7 +564,8 @@ impl GenerationStream {
                     self.done = true;
                     self.current = None;
                     if self.resumptions > 0 {
-                        // The statistics of the whole generation, not of its last part.
+                        // The text and statistics of the whole generation, not of its last part.
+                        summary.text = std::mem::take(&mut self.earlier_text) + &summary.text;
                         summary.generated_tokens = self.received.len() as u32;
                         if let Some(first) = self.first_text {
                             summary.time_to_first_token =
@@ -570,6 +578,7 @@ impl GenerationStream {
                     self.text_sent = true;
                     self.first_text = Some(Instant::now());
                 }
+                self.current_text.push_str(&m.text);
                 Ok(Some(Piece::Text(m.text)))
             }
             Ok(None) => Err(Lost::Resumable(Status::unavailable(
@@ -600,6 +609,9 @@ impl GenerationStream {
             if self.beam {
                 self.received.clear();
             }
+            // What the caller has is what the continuation follows.
+            let current = std::mem::take(&mut self.current_text);
+            self.earlier_text.push_str(&current);
             self.open(failed, true).await?;
             self.resumptions += 1;
             Ok(())
