@@ -1,10 +1,15 @@
-//! Test harness: real stages on 127.0.0.1:0 (the embedded topology), real models, real data.
+//! Test harness, a module of each of the four test binaries (`models`, `packaging`,
+//! `processes`, `services`): real stages on 127.0.0.1:0 (the embedded topology, or `ghostwriter`
+//! processes through `ghostwriter_runtime::stage_process::StageProcess`), real models, real data, and the slot that keeps the
+//! tests of one module apart from another module's.
 
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
+
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 
 use ghostwriter::embedded::{Embedded, EmbeddedConfig};
 use ghostwriter::proto::Document;
@@ -68,6 +73,70 @@ pub struct Shared {
     _dir: tempfile::TempDir,
 }
 
+/// The module whose tests hold the binary now, and how many of them run.
+static SLOT: Mutex<(Option<String>, usize)> = Mutex::new((None, 0));
+static SLOT_FREED: Condvar = Condvar::new();
+
+/// A test's place in its binary: the tests of one module run beside each other (as many at
+/// once as the harness runs), never beside another module's. Modules time kills against load,
+/// storm a server, install the process-wide tracer or count a process's metrics; each was
+/// written to have the machine to itself, as when it was a binary of its own.
+pub struct Slot;
+
+/// Waits until no other module's test runs; the first line of every test:
+/// `let _slot = crate::common::slot(module_path!());`.
+pub fn slot(module_path: &str) -> Slot {
+    // `binary::module` (a test in a nested module counts as its file's).
+    let module: String = module_path
+        .split("::")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("::");
+    let mut s = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        match &s.0 {
+            None => {
+                *s = (Some(module), 1);
+                break;
+            }
+            Some(m) if *m == module => {
+                s.1 += 1;
+                break;
+            }
+            Some(_) => s = SLOT_FREED.wait(s).unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+    Slot
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 -= 1;
+        if s.1 == 0 {
+            s.0 = None;
+            SLOT_FREED.notify_all();
+        }
+    }
+}
+
+/// The process-wide tracing of a test binary, installed once: text logs (`RUST_LOG`, default
+/// info) and every span kept in memory (the provider, to flush; the exporter, to read).
+pub fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
+    static TELEMETRY: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        ghostwriter_common::telemetry::init_with_provider(
+            Some(provider.clone()),
+            ghostwriter_common::telemetry::LogFormat::Text,
+        );
+        (provider, exporter)
+    })
+}
+
 /// Starts a topology on a runtime that outlives every test, running `setup` once against it.
 pub fn shared<F>(setup: F) -> &'static Shared
 where
@@ -77,7 +146,7 @@ where
 {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
-        ghostwriter_common::telemetry::init_logging();
+        telemetry();
         let models = model_dir();
         // Tests run inside their own runtimes: the shared topology gets a runtime of its own,
         // built and driven from a plain thread, and never dropped.

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_only_once_the_model_is_loaded() {
+    let _slot = crate::common::slot(module_path!());
     let models = common::model_dir();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -81,6 +82,7 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_stage_gives_unavailable_naming_it() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut embedded = Embedded::start(
@@ -176,6 +178,7 @@ async fn a_stopped_stage_gives_unavailable_naming_it() {
 
 #[test]
 fn tokenizer_from_gguf_matches_the_vocabulary() {
+    let _slot = crate::common::slot(module_path!());
     let path = common::model_dir().join(ghostwriter_common::models::GENERATOR_Q8_0);
     let (content, _) = ghostwriter_generator::gguf::read_content(&path).unwrap();
     let tokenizer = ghostwriter_generator::gguf::tokenizer(&content.metadata).unwrap();
@@ -200,6 +203,7 @@ fn tokenizer_from_gguf_matches_the_vocabulary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_stage_as_its_own_process() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_ghostwriter"));
     let procs = ghostwriter::processes::Processes::start(

@@ -151,6 +151,7 @@ async fn naive_read(store: &Store, last: &mut i64, table: &mut Table) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transaction() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -316,6 +317,7 @@ async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transacti
 
 #[tokio::test]
 async fn a_follower_behind_the_retention_rebuilds_from_a_snapshot() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -378,6 +380,7 @@ async fn a_follower_behind_the_retention_rebuilds_from_a_snapshot() {
 
 #[tokio::test]
 async fn deletion_removes_the_text_from_the_log_too() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -423,6 +426,7 @@ async fn deletion_removes_the_text_from_the_log_too() {
 
 #[tokio::test]
 async fn identity_tells_databases_and_clusters_apart() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -442,6 +446,7 @@ async fn identity_tells_databases_and_clusters_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -479,6 +484,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
 
 #[tokio::test]
 async fn a_failed_batch_stores_nothing_and_postgres_down_is_unavailable() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -560,6 +566,7 @@ fn authority(names: &[&str]) -> (String, String, String) {
 
 #[tokio::test]
 async fn tls_verify_full_checks_the_ca_and_the_host_name() {
+    let _slot = crate::common::slot(module_path!());
     let (ca, cert, key) = authority(&["localhost", "127.0.0.1"]);
     let Some(pg) = cluster::for_test_with(cluster::Options {
         tls: Some((cert, key)),
@@ -607,6 +614,7 @@ async fn tls_verify_full_checks_the_ca_and_the_host_name() {
 
 #[tokio::test]
 async fn a_rotated_password_file_is_read_again_for_new_connections() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -641,6 +649,7 @@ async fn a_rotated_password_file_is_read_again_for_new_connections() {
 
 #[tokio::test]
 async fn key_locks_are_taken_before_the_transaction_has_an_id() {
+    let _slot = crate::common::slot(module_path!());
     // The order's proof rests on this: a transaction waiting for (or holding) an advisory lock
     // has no transaction id yet; its first write takes one.
     let Some(pg) = cluster::for_test() else {

@@ -3,12 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use ghostwriter::eval::{self, EvalArgs, protocol::Split};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evaluation_runs_and_resumes() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = common::amazon_docs() else {
         return;
     };
@@ -99,6 +100,7 @@ async fn evaluation_runs_and_resumes() {
 /// protocols with their intervals and calibration error.
 #[test]
 fn distinction_evaluation_reports_every_protocol_with_intervals() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = common::amazon_docs() else {
         return;
     };

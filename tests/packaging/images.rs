@@ -58,6 +58,7 @@ fn read(file: &str) -> String {
 
 #[test]
 fn cpu_dockerfile_lints() {
+    let _slot = crate::common::slot(module_path!());
     lint("Dockerfile");
     let d = read("Dockerfile");
     assert!(
@@ -85,6 +86,7 @@ fn cpu_dockerfile_lints() {
 
 #[test]
 fn cuda_dockerfile_lints() {
+    let _slot = crate::common::slot(module_path!());
     lint("Dockerfile.cuda");
     let d = read("Dockerfile.cuda");
     assert!(d.contains("nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04"));
@@ -115,6 +117,7 @@ fn cuda_dockerfile_lints() {
 
 #[test]
 fn ci_script_builds_both_images_only_with_an_engine() {
+    let _slot = crate::common::slot(module_path!());
     let script = read(".ci/images");
     assert!(script.contains("docker info"));
     assert!(script.contains("docker build -t ghostwriter:ci ."));

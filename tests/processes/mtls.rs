@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{Kill, port};
 
@@ -90,6 +90,7 @@ async fn retrieve(channel: Channel) -> Result<(), tonic::Status> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
     std::fs::create_dir_all(&tls).unwrap();

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -79,6 +79,7 @@ fn pairs() -> Option<Vec<(String, String)>> {
 
 #[test]
 fn bleu_and_rouge_match_sacrebleu_and_rouge_score() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pairs) = pairs() else { return };
     assert!(pairs.len() >= 200);
     let site = reference_site();

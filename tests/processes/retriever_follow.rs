@@ -126,6 +126,7 @@ async fn history(r: &Retriever, user: &str, token: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_and_a_wiped_volume_rebuilds_with_the_same_documents() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -165,6 +166,7 @@ async fn a_restart_resumes_and_a_wiped_volume_rebuilds_with_the_same_documents()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_built_against_another_database_rebuilds() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -189,6 +191,7 @@ async fn an_index_built_against_another_database_rebuilds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_disappears_from_every_replica() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -256,6 +259,7 @@ async fn a_deletion_disappears_from_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_keeps_retrieval_and_refuses_ingest_with_unavailable() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -307,6 +311,7 @@ async fn postgres_down_keeps_retrieval_and_refuses_ingest_with_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_store_the_local_index_is_the_store() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let r = Retriever::start(dir.path(), None).await;
     let token = ingest(&r, vec![doc("u", "1", "guitar"), doc("u", "2", "guitar")]).await;
@@ -333,6 +338,7 @@ async fn without_a_store_the_local_index_is_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_shard_count_backfills_from_the_store() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -177,6 +177,7 @@ fn assert_agree(steps: &[(Vec<f32>, Vec<f32>); 2], what: &str) {
 
 #[test]
 fn native_forward_matches_candle() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(1);
     if cases.is_empty() {
         return;
@@ -201,6 +202,7 @@ fn native_forward_matches_candle() {
 /// engine's with the adapter, and are further from the native engine's without it.
 #[test]
 fn candle_serves_the_adapter_as_the_native_engine_does() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(1);
     if cases.is_empty() {
         return;
@@ -248,6 +250,7 @@ fn blocks_for(n: usize) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_text_does_not_depend_on_the_batch() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(8);
     if cases.is_empty() {
         return;
@@ -283,6 +286,7 @@ async fn greedy_text_does_not_depend_on_the_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_cache_reuses_keys_and_keeps_the_text() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(2);
     if cases.is_empty() {
         return;
@@ -361,6 +365,7 @@ fn long_job(deadline: Option<Instant>) -> (Job, tokio::sync::mpsc::UnboundedRece
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_and_expired_requests_free_their_slot() {
+    let _slot = crate::common::slot(module_path!());
     // One running sequence and a cache of one context: a request that kept its blocks would
     // block every later one.
     let e = engine(1, 8, true, 1);
@@ -403,6 +408,7 @@ async fn cancelled_and_expired_requests_free_their_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_past_the_queue() {
+    let _slot = crate::common::slot(module_path!());
     let e = engine(1, 2, true, 1);
     let (job, mut running) = long_job(None);
     e.submit(job).unwrap();
@@ -420,6 +426,7 @@ async fn refuses_past_the_queue() {
 
 #[test]
 fn chat_markers_in_user_text_are_plain_text() {
+    let _slot = crate::common::slot(module_path!());
     let lm = LanguageModel::load(&model_path(), &options(16)).unwrap();
     let (content, _) = ghostwriter_generator::gguf::read_content(&model_path()).unwrap();
     let special = ghostwriter_generator::gguf::tokenizer(&content.metadata).unwrap();
@@ -497,6 +504,7 @@ fn rescore(prompt: &[u32], generated: &[u32]) -> f32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beam_search_finds_likelier_text_with_forked_caches_and_batch_invariance() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(3);
     if cases.is_empty() {
         return;
@@ -589,6 +597,7 @@ async fn beam_search_finds_likelier_text_with_forked_caches_and_batch_invariance
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beam_searches_cancelled_or_expired_free_every_beams_blocks() {
+    let _slot = crate::common::slot(module_path!());
     // A cache of one 2,048-token context and four beams of up to 500 tokens each: a search
     // that kept any beam's blocks (or a forked beam's share of its parent's) would keep the
     // next one from starting.
@@ -640,6 +649,7 @@ async fn beam_searches_cancelled_or_expired_free_every_beams_blocks() {
 
 #[test]
 fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(1);
     if cases.is_empty() {
         return;
@@ -719,6 +729,7 @@ fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_beam_search_keeps_room_for_its_beams_when_other_jobs_arrive() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(8);
     if cases.is_empty() {
         return;
@@ -834,6 +845,7 @@ async fn chunks_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_stream_continues_exactly_where_it_stood() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(2);
     if cases.is_empty() {
         return;
@@ -972,6 +984,7 @@ async fn a_resumed_stream_continues_exactly_where_it_stood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_salts_share_only_the_instruction_between_callers() {
+    let _slot = crate::common::slot(module_path!());
     let cases = cases(1);
     if cases.is_empty() {
         return;

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -32,7 +32,7 @@ fn copy_rate(output: &str) -> (f64, usize) {
     const START: &str =
         "I have gone through three capos in two years, so I did not expect much from this one.";
     let continuation = output.split_once(START).map(|(_, rest)| rest).unwrap_or("");
-    let past: Vec<String> = include_str!("../demo/corpus.jsonl")
+    let past: Vec<String> = include_str!("../../demo/corpus.jsonl")
         .lines()
         .map(|l| {
             let d: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -47,6 +47,7 @@ fn copy_rate(output: &str) -> (f64, usize) {
 
 #[test]
 fn the_demo_writes_a_new_review_not_a_paste() {
+    let _slot = crate::common::slot(module_path!());
     let tuned = demo(&[]);
     let zero = demo(&["--zero-shot"]);
     let ((tuned_copy, tuned_words), (zero_copy, _)) = (copy_rate(&tuned), copy_rate(&zero));

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 
@@ -79,6 +79,7 @@ fn users(data: &Data, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provenance_comes_only_from_the_users_earlier_documents() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else { return };
     let mut client = common::client(&data.url).await;
     let picked = users(&data, 8);
@@ -132,6 +133,7 @@ async fn provenance_comes_only_from_the_users_earlier_documents() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_and_unary_give_the_same_greedy_text() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else { return };
     let mut client = common::client(&data.url).await;
     let user = &users(&data, 6)[3];
@@ -166,6 +168,7 @@ async fn streaming_and_unary_give_the_same_greedy_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_syntax_characters_neither_fail_nor_leak() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else { return };
     let mut client = common::client(&data.url).await;
     let user = &users(&data, 10)[0];
@@ -200,6 +203,7 @@ async fn query_syntax_characters_neither_fail_nor_leak() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_invalid_argument_and_nothing_half_written() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else { return };
     // A huge limit straight at the retriever is refused, not allocated (it used to abort the
     // process), and the retriever still answers afterwards.
@@ -358,6 +362,7 @@ async fn bad_input_is_invalid_argument_and_nothing_half_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_without_history_gets_text_from_the_context_alone() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else { return };
     let mut client = common::client(&data.url).await;
     let request = WriteRequest {
@@ -377,6 +382,7 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_documents() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else {
         return;
     };
@@ -507,6 +513,7 @@ async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_docu
 /// most of them, through the served Distinguish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_scores_the_author_above_a_matched_impostor() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else {
         return;
     };
@@ -561,6 +568,7 @@ async fn distinguish_scores_the_author_above_a_matched_impostor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_bind_callers_to_their_users() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = data() else {
         return;
     };
@@ -685,6 +693,7 @@ async fn tokens_bind_callers_to_their_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_presets_and_reflection_describe_the_deployment() {
+    let _slot = crate::common::slot(module_path!());
     use tonic_reflection::pb::{v1, v1alpha};
     let Some(data) = data() else { return };
     let mut c = common::client(&data.url).await;
@@ -795,6 +804,7 @@ fn words(text: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_sees_another_users_or_a_later_document() {
+    let _slot = crate::common::slot(module_path!());
     // The isolation property over the real Amazon users: writes for random (user, time) pairs,
     // 16 at once (500 here, about 3.5 minutes on 2 cores; GHOSTWRITER_ISOLATION_WRITES=10000
     // for the full property run).

@@ -1,4 +1,4 @@
-//! kill -9 durability of the retriever's index (issue 9, "Proof"), as a regression test: a real
+//! kill -9 durability of the retriever's index, as a regression test: a real
 //! `ghostwriter serve retriever` process takes batches of documents through its own `Ingest`
 //! RPC from concurrent writers, is killed with SIGKILL in the middle of the stream, and is
 //! restarted on the same index directory, three times. After each restart:
@@ -6,7 +6,7 @@
 //! - no batch is half stored: a batch that was in flight when the process died is there whole
 //!   or not at all.
 //!
-//! Run: `cargo test --test durability -- --nocapture`.
+//! Run: `cargo test --test processes durability:: -- --nocapture`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,7 +20,7 @@ use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, IngestRequest, RetrieveRequest};
 use tonic::transport::Channel;
 
-mod common;
+use crate::common;
 
 use common::{Rng, port};
 
@@ -277,6 +277,7 @@ async fn verify(url: &str, batches: &[Batch]) -> BTreeMap<usize, Check> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_document_and_never_half_a_batch() {
+    let _slot = crate::common::slot(module_path!());
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");

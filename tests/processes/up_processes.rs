@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::port;
 
@@ -16,6 +16,7 @@ use ghostwriter::proto::Document;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_processes_serves_every_preset_and_stops_in_order() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     if Command::new("etcd")
         .arg("--version")

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use ghostwriter::train::AdamW;
@@ -103,6 +103,7 @@ fn argmax(v: &[f32]) -> usize {
 
 #[test]
 fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
+    let _slot = crate::common::slot(module_path!());
     let Some((ids, _)) = real_example() else {
         return;
     };
@@ -158,6 +159,7 @@ fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
 
 #[test]
 fn optimizer_steps_lower_the_loss_of_a_real_review() {
+    let _slot = crate::common::slot(module_path!());
     let Some((prompt, answer)) = real_example() else {
         return;
     };
@@ -194,6 +196,7 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
 /// each run alone (summed with their weights): padding at the end is never attended to.
 #[test]
 fn a_padded_batch_gives_each_sequences_own_loss_and_gradients() {
+    let _slot = crate::common::slot(module_path!());
     let Some((prompt, answer)) = real_example() else {
         return;
     };
@@ -290,6 +293,7 @@ fn a_padded_batch_gives_each_sequences_own_loss_and_gradients() {
 /// refuses other settings and, with the same ones, finishes the epoch.
 #[test]
 fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
+    let _slot = crate::common::slot(module_path!());
     let Some((prompt, answer)) = real_example() else {
         return;
     };
@@ -364,6 +368,7 @@ fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
 /// start's words than the user's typical document; random pairs draw any document.
 #[tokio::test(flavor = "multi_thread")]
 async fn matched_distinction_pairs_are_the_retrievers_best_matches() {
+    let _slot = crate::common::slot(module_path!());
     use ghostwriter::eval::protocol::{self, Split};
     use ghostwriter::train::data::{DistinctionPairs, distinction_partners};
     use std::collections::{BTreeMap, BTreeSet};

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{Kill, generated_tokens, port};
 
@@ -100,6 +100,7 @@ fn write(user: &str, tokens: u32) -> WriteRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_discovery_sharding_and_failover() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let Some((etcd_child, etcd)) = etcd(dir.path()) else {
         return;
@@ -304,6 +305,7 @@ async fn etcd_discovery_sharding_and_failover() {
 /// is retried, not given up (before, such a stage served on, never discoverable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_started_before_etcd_registers_once_it_is_up() {
+    let _slot = crate::common::slot(module_path!());
     if !etcd_installed() {
         return;
     }

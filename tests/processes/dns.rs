@@ -9,7 +9,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{Kill, free_port, generated_tokens};
 
@@ -129,6 +129,7 @@ async fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_dns_set_follows_the_records() {
+    let _slot = crate::common::slot(module_path!());
     let ns = Nameserver::start().await;
     ns.set(
         "gen.test",
@@ -231,6 +232,7 @@ fn serve(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_behind_one_name_share_the_traffic() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let ns = Nameserver::start().await;
     let mut procs = Kill(Vec::new());
@@ -373,6 +375,7 @@ async fn health_server(addr: SocketAddr) -> ghostwriter_common::shutdown::Shutdo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_cannot_connect_resolves_the_name_again_at_once() {
+    let _slot = crate::common::slot(module_path!());
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     let ns = Nameserver::start().await;

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -130,6 +130,7 @@ fn write(user: &str, start: &str, token: &str) -> WriteRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_your_writes_over_two_replicas_and_two_orchestrators() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -197,6 +198,7 @@ async fn read_your_writes_over_two_replicas_and_two_orchestrators() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_through_the_api_is_bound_to_the_callers_token_and_reaches_every_replica() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -336,6 +338,7 @@ fn retriever_process(dir: &Path, store: &str) -> (Child, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -440,6 +443,7 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_writes_keep_working_and_ingest_is_unavailable() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -509,6 +513,7 @@ async fn postgres_down_writes_keep_working_and_ingest_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn up_with_a_store_serves_every_preset_and_deletes() {
+    let _slot = crate::common::slot(module_path!());
     let Some(pg) = cluster::for_test() else {
         return;
     };
@@ -575,6 +580,7 @@ async fn up_with_a_store_serves_every_preset_and_deletes() {
 
 #[test]
 fn retriever_replicas_without_a_store_are_refused_with_the_reason() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let up = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))

@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -399,17 +399,20 @@ async fn survives(args: &[&str], env: &[(&str, &str)], sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_survive_a_killed_generator() {
+    let _slot = crate::common::slot(module_path!());
     survives(&[], &[], "KILL").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_longer_than_the_drain_are_handed_over() {
+    let _slot = crate::common::slot(module_path!());
     // The generator drains for a second, far less than the streams take: it hands them over.
     survives(&["--drain-timeout-secs", "1"], &[], "TERM").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_survive_a_hung_generator() {
+    let _slot = crate::common::slot(module_path!());
     // SIGSTOP: the process keeps its connections open and answers nothing.
     survives(
         &[
@@ -426,6 +429,7 @@ async fn streams_survive_a_hung_generator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scale_in_under_streaming_load_fails_no_stream() {
+    let _slot = crate::common::slot(module_path!());
     let _heavy = HEAVY.lock().await;
     let Some(m) = up("generator=2", &[], &[]).await else {
         return;
@@ -485,6 +489,7 @@ async fn a_scale_in_under_streaming_load_fails_no_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_streams_metrics_say_how_it_ended() {
+    let _slot = crate::common::slot(module_path!());
     let _heavy = HEAVY.lock().await;
     // One generator: a stream that loses it has nowhere to go.
     let m = own(&["--generator-failover-secs", "1"]).await;
@@ -573,6 +578,7 @@ fn percentile(xs: &[f64], p: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unary_writes_survive_a_killed_replica_of_every_stage() {
+    let _slot = crate::common::slot(module_path!());
     let Some(path) = common::amazon_docs() else {
         return;
     };

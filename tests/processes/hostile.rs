@@ -1,11 +1,11 @@
-//! Hostile input against a real process (issue 9, "Proof"): `ghostwriter up` runs as a child
-//! process on loopback with a fresh index, a few real documents are ingested, then more than
-//! 10,000 requests generated from a fixed seed go through the real handlers of `Write`,
-//! `WriteStream`, `Ingest` and `Distinguish` (a few thousand each), plus malformed protobuf and
-//! gRPC frames on the wire and absurd `limit`s on the retriever's own `Retrieve`.
+//! Hostile input against a real process: `ghostwriter up` runs as a child process on loopback
+//! with a fresh index, a few real documents are ingested, then more than 10,000 requests
+//! generated from a fixed seed go through the real handlers of `Write`, `WriteStream`, `Ingest`
+//! and `Distinguish` (a few thousand each), plus malformed protobuf and gRPC frames on the
+//! wire and absurd `limit`s on the retriever's own `Retrieve`.
 //!
 //! Every request is built as a valid base plus mutations; a mutation that breaks a documented
-//! rule (README "gRPC API", the protos) makes the request invalid by construction. Asserted:
+//! rule (docs/api.md "gRPC API", the protos) makes the request invalid by construction. Asserted:
 //! the process never exits (no panic, no abort); every invalid request gets `INVALID_ARGUMENT`
 //! (undecodable protobuf: `INTERNAL`, as gRPC's status-code table says; an over-size message:
 //! `RESOURCE_EXHAUSTED`, or tonic's `OUT_OF_RANGE`); every valid one gets OK (`Distinguish`:
@@ -14,11 +14,11 @@
 //! storm a normal write still works. Per-RPC and per-code counts are printed (recorded in
 //! docs/measurements.md).
 //!
-//! Run: `cargo test --test hostile -- --nocapture`.
+//! Run: `cargo test --test processes hostile:: -- --nocapture`.
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::Rng;
 
@@ -53,7 +53,7 @@ const CONCURRENCY: usize = 16;
 /// Longest error message accepted (characters), well under HTTP/2 header limits; besides,
 /// no message may quote more than 100 characters of any field (`echo_probes`).
 const MAX_MESSAGE: usize = 512;
-/// Documented limits (README "gRPC API", orchestrator and retriever).
+/// Documented limits (docs/api.md "gRPC API", orchestrator and retriever).
 const MAX_ID_BYTES: usize = 512;
 const MAX_DOCUMENT_CHARS: usize = 100_000;
 const MAX_NEW_TOKENS: u32 = 4096;
@@ -1060,6 +1060,7 @@ fn real_documents(path: &std::path::Path, users: usize) -> Vec<Document> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
+    let _slot = crate::common::slot(module_path!());
     let Some(data) = common::amazon_docs() else {
         return;
     };

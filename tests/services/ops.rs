@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_deadlines_and_metrics() {
+    let _slot = crate::common::slot(module_path!());
     // One RPC at a time in this server.
     let transport = ghostwriter_transport::Transport {
         max_concurrency: 1,

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use ghostwriter_embed::{EMBEDDER_DIR, Embedder, Precision, cosine};
@@ -30,6 +30,7 @@ fn reviews(n: usize) -> Option<Vec<String>> {
 
 #[test]
 fn int8_embeddings_match_f32_and_rank_the_same() {
+    let _slot = crate::common::slot(module_path!());
     let Some(texts) = reviews(200) else { return };
     let dir = common::model_dir().join(EMBEDDER_DIR);
     let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8, 0).unwrap();
@@ -86,6 +87,7 @@ fn int8_embeddings_match_f32_and_rank_the_same() {
 
 #[test]
 fn a_text_embeds_the_same_alone_and_packed_with_others() {
+    let _slot = crate::common::slot(module_path!());
     let Some(texts) = reviews(12) else { return };
     let dir = common::model_dir().join(EMBEDDER_DIR);
     let int8 = Embedder::load_with(&dir, &Device::Cpu, Precision::Int8, 0).unwrap();

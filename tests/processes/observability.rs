@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{Kill, port};
 
@@ -74,6 +74,7 @@ async fn collector() -> (String, Posts) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let (collector_url, posts) = collector().await;
     let port = port();

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -62,6 +62,7 @@ fn refused(args: &[&str], reason: &str) {
 
 #[test]
 fn bad_credential_files_stop_up_and_serve_at_once_with_the_reason() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let short_token = dir.path().join("tokens");
     std::fs::write(&short_token, "short maya\n").unwrap();
@@ -127,6 +128,7 @@ fn bad_credential_files_stop_up_and_serve_at_once_with_the_reason() {
 
 #[test]
 fn up_takes_no_discovery_flags() {
+    let _slot = crate::common::slot(module_path!());
     // A local topology runs its own discovery (one shard, its own etcd, its own addresses):
     // the flags that only `serve` takes are refused by name.
     let port = format!("127.0.0.1:{}", common::port());
@@ -177,6 +179,7 @@ async fn ready(log: &Path, child: &mut Child) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_processes_passes_its_flags_on_and_keeps_its_key_private() {
+    let _slot = crate::common::slot(module_path!());
     if Command::new("etcd")
         .arg("--version")
         .stdout(Stdio::null())
@@ -305,6 +308,7 @@ fn listening_tcp_ports(pid: u32) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_up_with_auth_serves_no_stage_on_a_port() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "admin-token-0123456789 *\n").unwrap();
@@ -399,6 +403,7 @@ fn long_write(i: usize) -> WriteRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let generator = common::serve(
@@ -457,6 +462,7 @@ async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_that_is_down_does_not_flood_the_log() {
+    let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens there.
     let dead = format!("http://127.0.0.1:{}", common::port());

@@ -3,24 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::Document;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_spans_every_stage() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder()
-        .with_simple_exporter(exporter.clone())
-        .build();
-    ghostwriter_common::telemetry::init_with_provider(
-        Some(provider.clone()),
-        ghostwriter_common::telemetry::LogFormat::Text,
-    );
+    let _slot = crate::common::slot(module_path!());
+    let (provider, exporter) = common::telemetry();
 
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
