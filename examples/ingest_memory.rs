@@ -1,4 +1,4 @@
-//! The memory bound under concurrent maximum-size ingests (issue 9): starts `ghostwriter up` (a
+//! The memory bound under concurrent maximum-size ingests: starts `ghostwriter up` (a
 //! real process) with each `--ingest-budget-mb` given, sends N concurrent batches of about
 //! `--batch-mb` MB each at once, samples the process's resident memory, and writes JSON: the
 //! baseline and peak RSS, and how each batch was answered.

@@ -1,4 +1,4 @@
-//! The cost of authentication plus mutual TLS per write (issue 9): starts `ghostwriter up` (a
+//! The cost of authentication plus mutual TLS per write: starts `ghostwriter up` (a
 //! real process) twice on the same documents, first plaintext without tokens, then with every
 //! hop over mutual TLS (a throwaway CA) and a token file, and times the same sequential writes
 //! against each: preset `copy-best` (retrieval and ranking, no generation, so the hops dominate)

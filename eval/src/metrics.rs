@@ -5,7 +5,7 @@
 //!   F-measure (lower-casing, non-alphanumerics as spaces, NLTK's Porter stemmer on tokens longer
 //!   than 3 characters, `rougeL` = sentence-level LCS without sentence splitting).
 //!
-//! `tests/metrics_reference.rs` checks both against the Python packages on real pairs.
+//! `tests/services/metrics_reference.rs` checks both against the Python packages on real pairs.
 
 use std::collections::HashMap;
 

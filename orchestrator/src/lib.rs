@@ -137,7 +137,7 @@ pub struct OrchestratorConfig {
     )]
     pub max_new_tokens_limit: u32,
     /// Retriever shards: a user's documents live on shard `rendezvous(user_id, N)`. Changing N
-    /// moves users between shards: re-ingest after changing it (see the README).
+    /// moves users between shards (docs/operations.md, "Changing the shard count").
     #[arg(
         long = "retriever-shards",
         env = "GHOSTWRITER_RETRIEVER_SHARDS",
