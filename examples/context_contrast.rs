@@ -270,6 +270,7 @@ fn main() -> anyhow::Result<()> {
                     } else {
                         Vec::new()
                     },
+                    generator: engine.model_name.clone(),
                 };
                 writeln!(file, "{}", serde_json::to_string(&record)?)?;
             }

@@ -133,6 +133,7 @@ fn main() -> anyhow::Result<()> {
                             generated: g.text,
                             important_words: provenance.important_words.len() as u32,
                             passage_ids: provenance.doc_ids,
+                            generator: g.model,
                         })
                     }
                 })

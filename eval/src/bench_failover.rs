@@ -105,10 +105,17 @@ impl Generator {
     ) -> anyhow::Result<()> {
         let threads = a.threads.to_string();
         let child = std::process::Command::new(exe)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--model-dir")
             .arg(model_dir)
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["generator", "--threads", &threads, "--device", &a.device])
+            .args([
+                "generator",
+                "--zero-shot",
+                "--threads",
+                &threads,
+                "--device",
+                &a.device,
+            ])
             .env("RUST_LOG", "error")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -62,6 +62,9 @@ pub struct Record {
     /// Ids of the ranked past documents behind the prompt's entries.
     #[serde(default)]
     pub passage_ids: Vec<String>,
+    /// The generator's model, as it names itself (with its adapter and hash, if any).
+    #[serde(default)]
+    pub generator: String,
 }
 
 /// Settings of an evaluation run.
@@ -247,6 +250,11 @@ async fn write_one(
             .generation
             .as_ref()
             .map_or(0, |g| g.generated_tokens),
+        generator: response
+            .generation
+            .as_ref()
+            .map(|g| g.model.clone())
+            .unwrap_or_default(),
         generated: response.generation.map(|g| g.text).unwrap_or_default(),
         important_words: response
             .provenance

@@ -17,6 +17,10 @@ pub const BASELINE: &str = "immediate-context";
 pub struct PresetScore {
     /// Preset.
     pub preset: String,
+    /// The generator that wrote the row (its model, with its adapter and hash, if any; the
+    /// distinct names joined with " / " if they differ).
+    #[serde(default)]
+    pub generator: String,
     /// Examples scored.
     pub examples: usize,
     /// Corpus BLEU.
@@ -234,8 +238,11 @@ pub fn summarize(
                     .collect();
                 (!diffs.is_empty() && resamples > 0).then(|| paired(&diffs, resamples, seed))
             });
+            let generators: std::collections::BTreeSet<&str> =
+                rs.iter().map(|r| r.generator.as_str()).collect();
             Some(PresetScore {
                 preset: p.clone(),
+                generator: generators.into_iter().collect::<Vec<_>>().join(" / "),
                 examples: rs.len(),
                 bleu: bleu.bleu(),
                 rouge1: 100.0 * mean(rouge.values().map(|s| s.r1)),
@@ -300,7 +307,7 @@ pub fn attach_voice(summary: &mut Summary, voice: crate::voice::VoiceReport) {
 /// The Markdown table.
 pub fn markdown(s: &Summary) -> String {
     let mut out = String::from(
-        "| preset | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | voice AUC [95% CI] | repetition | generated precision | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| preset | generator | BLEU | R-1 | R-2 | R-L | ΔR-1 vs immediate-context [95% CI] | copy rate | voice AUC [95% CI] | repetition | generated precision | words out / target | no important word | mean latency (s) | examples |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for p in &s.presets {
         let delta = p.rouge1_vs_baseline.as_ref().map_or("—".to_string(), |d| {
@@ -311,8 +318,9 @@ pub fn markdown(s: &Summary) -> String {
             _ => "—".to_string(),
         };
         out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {} | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1}% | {} | {:.1}% | {:.1}% | {:.0} / {:.0} | {} | {:.1} | {} |\n",
             p.preset,
+            if p.generator.is_empty() { "—" } else { p.generator.as_str() },
             p.bleu,
             p.rouge1,
             p.rouge2,
@@ -439,6 +447,7 @@ mod tests {
             generated: String::new(),
             important_words: 0,
             passage_ids: Vec::new(),
+            generator: "SmolLM2-135M-Instruct".into(),
         };
         let mut records: BTreeMap<String, Vec<Record>> = BTreeMap::new();
         for i in 0..40 {

@@ -284,7 +284,8 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
             Stage::Synthesizer { config } => {
                 ghostwriter_synthesizer::serve(config, model_dir, listener, stop, &t).await
             }
-            Stage::Generator { config } => {
+            Stage::Generator { mut config } => {
+                config.shipped_by_default = true;
                 ghostwriter_generator::serve(config, model_dir, listener, stop, &t).await
             }
             Stage::Orchestrator { mut config } => {

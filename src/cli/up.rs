@@ -52,10 +52,6 @@ pub struct DemoArgs {
     pub zero_shot: bool,
 }
 
-/// The LoRA adapter the demo serves: `ghostwriter train` on the whole training split of the
-/// Amazon users, multitask (see `adapters/README.md`).
-const SHIPPED_ADAPTER: &[u8] = include_bytes!("../../adapters/smollm2-135m-reviews.safetensors");
-
 /// The command line as given: `up`'s matches (which flags came from the command line) and the
 /// whole command (which flags each `serve STAGE` takes).
 pub struct Given {
@@ -193,6 +189,7 @@ pub async fn run(
     }
     let mut config = args.config;
     config.retriever.ingest_budget_mb = args.process.ingest_budget_mb;
+    config.generator.shipped_by_default = true;
     let transport = args
         .process
         .transport(tls, shutdown::Shutdown::never())
@@ -307,12 +304,10 @@ pub async fn demo(args: DemoArgs, model_dir: PathBuf) -> anyhow::Result<()> {
     std::fs::write(&corpus, DEMO_CORPUS)?;
     let mut config = EmbeddedConfig::defaults();
     config.retriever.index_dir = work.path().join("index");
+    config.generator.shipped_by_default = true;
+    config.generator.zero_shot = args.zero_shot;
     if args.zero_shot {
         config.generator.adapter = None;
-    } else if config.generator.adapter.is_none() {
-        let adapter = work.path().join("smollm2-135m-reviews.safetensors");
-        std::fs::write(&adapter, SHIPPED_ADAPTER)?;
-        config.generator.adapter = Some(adapter);
     }
     let listener = TcpListener::bind(listen).await?;
     let embedded = Embedded::start(config, model_dir, listener, Transport::default()).await?;

@@ -46,6 +46,17 @@ async fn evaluation_runs_and_resumes() {
         copy.empty_words_share.is_none(),
         "copy-best has no synthesis"
     );
+    // Each row names its generator: the base model alone unless --adapter says otherwise.
+    let written = summary
+        .presets
+        .iter()
+        .find(|p| p.preset == "immediate-context")
+        .unwrap();
+    assert!(
+        !written.generator.is_empty() && !written.generator.contains('+'),
+        "{}",
+        written.generator
+    );
     let results = out.path().join("results.jsonl");
     let first = eval::read_records(&results).unwrap();
     assert_eq!(first.len(), 6);

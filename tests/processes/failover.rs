@@ -151,14 +151,17 @@ async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh>
     let log = dir.path().join("up.log");
     let port = common::port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .arg("--model-dir")
-        .arg(common::model_dir())
         .args([
             "up",
             "--processes",
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        // The base model, which continues these starts at length (the shipped adapter ends a
+        // review sooner): the streams must outlast a kill.
+        .arg("--zero-shot")
         .arg("--index-dir")
         .arg(dir.path().join("index"))
         .args(["--replicas", replicas])
@@ -279,7 +282,7 @@ async fn own(orchestrator_args: &[&str]) -> Mesh {
         dir.path(),
         "generator",
         "generator",
-        &owned(&["--threads", "1"]),
+        &owned(&["--threads", "1", "--zero-shot"]),
     );
     let metrics = format!("127.0.0.1:{}", common::port());
     let mut args = vec![

@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod adapters;
 mod discovery;
 mod dns;
 mod durability;

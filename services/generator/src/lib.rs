@@ -15,6 +15,7 @@ pub mod model;
 pub mod native;
 pub mod prompt;
 pub mod sampler;
+pub mod shipped;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -183,6 +184,15 @@ pub struct GeneratorConfig {
     /// response's model field.
     #[arg(long = "adapter", env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
+    /// Serve the model alone. Without this flag or --adapter, `up`, `serve generator` and
+    /// `demo` serve the shipped fine-tuned adapter (adapters/smollm2-135m-reviews.safetensors)
+    /// when the model is the one it was trained on (SmolLM2-135M Q8_0); another model runs alone.
+    #[arg(long = "zero-shot", env = "GHOSTWRITER_ZERO_SHOT")]
+    pub zero_shot: bool,
+    /// Whether the shipped adapter is the default (set by the commands that serve, not a flag):
+    /// libraries, benchmarks and `eval` load exactly what they are given.
+    #[arg(skip)]
+    pub shipped_by_default: bool,
 }
 
 impl GeneratorConfig {
@@ -395,13 +405,7 @@ impl Generator for GeneratorService {
             model: engine.model_name.clone(),
             backend: engine.backend.clone(),
             context_tokens: engine.context() as u32,
-            adapter: self
-                .config
-                .adapter
-                .as_ref()
-                .and_then(|p| p.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            adapter: engine.adapter.clone(),
         }))
     }
 
@@ -492,7 +496,11 @@ fn load_engine_with(
         .model
         .clone()
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
-    let model = LanguageModel::load(&path, &config.load_options())
+    let mut options = config.load_options();
+    if options.adapter.is_none() && config.shipped_by_default && !config.zero_shot {
+        options.adapter = shipped::for_model(&path)?;
+    }
+    let model = LanguageModel::load(&path, &options)
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
     let engine = Engine::start_with_stats(model, config.engine_config(), move |s: &StepStats| {
         metrics.record_step(s)

@@ -140,8 +140,10 @@ pub struct LanguageModel {
     pub backend: Box<dyn Backend>,
     /// Architecture name.
     pub architecture: String,
-    /// Human-readable model id.
+    /// Human-readable model id (with the adapter's name when one is applied).
     pub name: String,
+    /// The adapter applied: its file stem and the start of its sha256; empty for none.
+    pub adapter: String,
 }
 
 impl LanguageModel {
@@ -157,9 +159,14 @@ impl LanguageModel {
         });
         let prompter = Prompter::from_metadata(md)?;
         let device = ghostwriter_embed::device::parse(&opts.device)?;
-        let name = match &opts.adapter {
-            Some(a) => format!("{name}+{}", crate::adapter::Adapter::describe(a)),
-            None => name,
+        let adapter = opts
+            .adapter
+            .as_deref()
+            .map(crate::adapter::Adapter::describe)
+            .unwrap_or_default();
+        let name = match adapter.as_str() {
+            "" => name,
+            a => format!("{name}+{a}"),
         };
         let backend: Box<dyn Backend> = if device.is_cpu() {
             Box::new(
@@ -174,6 +181,7 @@ impl LanguageModel {
             backend,
             architecture,
             name,
+            adapter,
         })
     }
 }

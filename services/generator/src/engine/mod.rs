@@ -64,6 +64,8 @@ pub struct Engine {
     max_running: usize,
     /// Model id.
     pub model_name: String,
+    /// The adapter applied (file stem and the start of its sha256); empty for none.
+    pub adapter: String,
     /// One line about the backend.
     pub backend: String,
 }
@@ -91,6 +93,7 @@ impl Engine {
         let context = model.backend.context();
         let backend_line = model.backend.describe();
         let model_name = model.name.clone();
+        let adapter = model.adapter.clone();
         let capacity = config.queue_capacity.max(1);
         let system: Arc<str> = config.system.clone().into();
         let max_running = config.max_running;
@@ -128,6 +131,7 @@ impl Engine {
             context,
             max_running,
             model_name,
+            adapter,
             backend: backend_line,
         }
     }
