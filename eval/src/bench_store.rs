@@ -91,13 +91,8 @@ fn synthetic(reviews: &[Document], n: usize, seed: u64) -> Vec<Document> {
         per_user.into_values().collect()
     };
     sizes.sort();
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
+    let mut rng = crate::Rng::new(seed);
+    let mut next = move || rng.next_u64();
     let mut out = Vec::with_capacity(n);
     let mut user = 0usize;
     while out.len() < n {

@@ -229,7 +229,7 @@ impl Users {
 fn valid_doc_id(rng: &mut Rng, may_be_empty: bool) -> String {
     match rng.below(6) {
         0 if may_be_empty => String::new(),
-        0 | 1 => format!("d{}", rng.next()),
+        0 | 1 => format!("d{}", rng.next_u64()),
         2 => format!("d{}", cut(text(rng, 300), 300)),
         3 => "d".repeat(MAX_ID_BYTES),
         4 => format!("d{}", rng.pick(NASTY)),
@@ -245,7 +245,7 @@ fn timestamp(rng: &mut Rng) -> i64 {
         3 => -1,
         4 => i64::MIN + 1,
         5 => i64::MAX - 1,
-        _ => rng.next() as i64,
+        _ => rng.next_u64() as i64,
     }
 }
 
@@ -300,7 +300,7 @@ fn generation_valid(rng: &mut Rng) -> Option<GenerationParams> {
         temperature: rng.pick(&[0.0, -0.0, 0.7, 10.0, f32::MIN_POSITIVE, 1e-40]),
         top_p: rng.pick(&[0.0, 1.0, 0.5, 1e-30, -0.0]),
         seed: {
-            let random = rng.next();
+            let random = rng.next_u64();
             rng.pick(&[0, 1, u64::MAX, random])
         },
         stop,
@@ -1187,7 +1187,7 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
 
     // The storm: cases are made lazily from the seed (so at most CONCURRENCY live at once),
     // interleaving the RPCs.
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::new(SEED);
     let mut big_batches = 0;
     let retrieves = if retriever.is_some() { RETRIEVE } else { 0 };
     let total = 4 * PER_RPC + RAW + retrieves;

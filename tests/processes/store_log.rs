@@ -103,18 +103,7 @@ async fn open(url: &str) -> Store {
     Store::open(&StoreArgs::with_url(url)).await.unwrap()
 }
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
+use crate::common::Rng;
 
 /// The follower that the crate's docs warn against: rows with a sequence above the last seen.
 async fn naive_read(store: &Store, last: &mut i64, table: &mut Table) {
@@ -209,7 +198,7 @@ async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transacti
         let store = store.clone();
         let counted = counted.clone();
         writers.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (w + 1));
+            let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ (w + 1));
             let mut made = 0;
             while made < CHANGES / WRITERS {
                 let user = format!("user{}", rng.below(300));
@@ -224,7 +213,7 @@ async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transacti
                             })
                             .collect();
                         store.ingest(&batch).await.unwrap();
-                        made += n;
+                        made += n as u64;
                     }
                     70..=97 => {
                         let id = format!("doc{}", rng.below(40));

@@ -819,13 +819,8 @@ async fn no_write_sees_another_users_or_a_later_document() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500);
-    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = common::Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let jobs: Vec<(String, Document, &str)> = (0..writes)
         .map(|i| {
             let user = &picked[next() as usize % picked.len()];

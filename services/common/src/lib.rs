@@ -12,6 +12,8 @@ pub mod consistency;
 pub mod deadline;
 pub mod ingest;
 pub mod models;
+pub mod net;
+pub mod rng;
 pub mod shutdown;
 pub mod stage;
 pub mod status;

@@ -1,6 +1,8 @@
 //! Per-request token choice: repeat penalty, then greedy, temperature or nucleus sampling with
 //! the request's own seed (a request's draws never depend on other requests).
 
+use ghostwriter_common::rng::Rng;
+
 /// One request's sampling state.
 #[derive(Clone)]
 pub struct Sampler {
@@ -8,7 +10,7 @@ pub struct Sampler {
     top_p: f64,
     repeat_penalty: f32,
     repeat_last_n: usize,
-    state: u64,
+    rng: Rng,
 }
 
 impl Sampler {
@@ -25,18 +27,12 @@ impl Sampler {
             top_p,
             repeat_penalty,
             repeat_last_n,
-            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng: Rng::new(seed ^ 0x9E37_79B9_7F4A_7C15),
         }
     }
 
     fn next_f64(&mut self) -> f64 {
-        // splitmix64
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.unit()
     }
 
     /// Moves the sampler past `tokens` already chosen by an earlier run with the same seed: as
