@@ -273,29 +273,47 @@ impl EndpointSet {
     }
 }
 
-/// Calls stages through their [`EndpointSet`]s, with retries bounded by a budget: each call
-/// earns a tenth of a retry, up to ten in reserve, so retries stay a small fraction of traffic
-/// when a stage is down (no retry storms).
+/// Calls stages through their [`EndpointSet`]s, with retries bounded by a budget (Finagle's
+/// retry budget): each call earns a fifth of a retry, and a floor of [`RETRY_FLOOR_PER_SEC`]
+/// retries a second accrues with time, up to [`RETRY_RESERVE`] in reserve. A generator killed
+/// under a few writes has all of them retried; a stage that is down costs at most a fifth more
+/// calls plus the floor (no retry storms).
 pub struct Balancer {
-    tokens: Mutex<f64>,
+    budget: Mutex<Budget>,
     /// Failed calls' warnings, one per endpoint and interval.
     warnings: Throttle,
+}
+
+/// Retries earned per call made.
+pub const RETRY_PER_CALL: f64 = 0.2;
+/// Retries earned per second, whatever the traffic.
+pub const RETRY_FLOOR_PER_SEC: f64 = 10.0;
+/// Retries held at most.
+pub const RETRY_RESERVE: f64 = 10.0;
+
+struct Budget {
+    tokens: f64,
+    /// When the floor was last added.
+    accrued: Instant,
 }
 
 impl Default for Balancer {
     fn default() -> Self {
         Self {
-            tokens: Mutex::new(10.0),
+            budget: Mutex::new(Budget {
+                tokens: RETRY_RESERVE,
+                accrued: Instant::now(),
+            }),
             warnings: Throttle::default(),
         }
     }
 }
 
 impl Balancer {
-    /// Earns a tenth of a retry (one call made).
+    /// Earns [`RETRY_PER_CALL`] (one call made).
     pub fn deposit(&self) {
-        if let Ok(mut t) = self.tokens.lock() {
-            *t = (*t + 0.1).min(10.0);
+        if let Ok(mut b) = self.budget.lock() {
+            b.tokens = (b.tokens + RETRY_PER_CALL).min(RETRY_RESERVE);
         }
     }
 
@@ -313,12 +331,18 @@ impl Balancer {
 
     /// Whether the retry budget allows one more attempt (and spends it).
     pub fn withdraw(&self) -> bool {
-        match self.tokens.lock() {
-            Ok(mut t) if *t >= 1.0 => {
-                *t -= 1.0;
-                true
-            }
-            _ => false,
+        let Ok(mut b) = self.budget.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let floor = now.duration_since(b.accrued).as_secs_f64() * RETRY_FLOOR_PER_SEC;
+        b.tokens = (b.tokens + floor).min(RETRY_RESERVE);
+        b.accrued = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -392,6 +416,22 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_calls_plus_a_floor() {
+        let b = Balancer::default();
+        // The reserve, then nothing until calls or time earn more.
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 10);
+        for _ in 0..10 {
+            b.deposit();
+        }
+        // Ten calls earned two retries (and a few milliseconds of floor, less than one).
+        assert_eq!((0..20).filter(|_| b.withdraw()).count(), 2);
+        std::thread::sleep(Duration::from_millis(250));
+        // A quarter of a second of floor: two retries, whatever the traffic.
+        let floor = (0..20).filter(|_| b.withdraw()).count();
+        assert!((2..=5).contains(&floor), "{floor}");
+    }
 
     #[tokio::test]
     async fn a_sharded_list_may_name_several_replicas_per_shard() {
