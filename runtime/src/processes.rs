@@ -37,11 +37,9 @@ impl Drop for Processes {
     }
 }
 
-/// A port free on 127.0.0.1 now.
+/// A port free on 127.0.0.1 now, for etcd (see [`ghostwriter_common::net::free_port`]).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(ghostwriter_common::net::free_port()?)
 }
 
 impl Processes {

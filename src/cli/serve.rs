@@ -217,6 +217,28 @@ impl Stage {
     }
 }
 
+/// The URL a process bound to `local` is reached at on this machine: 127.0.0.1 for an
+/// unspecified address, `https` with TLS.
+pub fn reachable_url(local: SocketAddr, tls: bool) -> String {
+    let ip = if local.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        local.ip().to_string()
+    };
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{ip}:{}", local.port())
+}
+
+/// Prints the first line on stdout, `listening on URL`, once bound: where the process listens
+/// (what `--listen 127.0.0.1:0` chose), so a parent that starts processes
+/// (`ghostwriter_runtime::stage_process`) need not guess a free port. A closed stdout is no
+/// reason to stop serving.
+pub fn announce(url: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening on {url}").and_then(|()| out.flush());
+}
+
 /// Runs the stage `args` names until a signal: serves, registers in etcd when discovery
 /// uses it, and on SIGTERM/ctrl-c deregisters, then drains.
 pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> anyhow::Result<()> {
@@ -238,28 +260,8 @@ pub async fn serve(args: ServeArgs, model_dir: PathBuf, tls: Option<Tls>) -> any
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let local = listener.local_addr()?;
-    let reachable = {
-        let ip = if local.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            local.ip().to_string()
-        };
-        let scheme = if transport.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{ip}:{}", local.port())
-    };
-    // The first line on stdout: where the stage listens (what `--listen 127.0.0.1:0` chose), so
-    // a parent that starts processes need not guess a free port. A closed stdout is no reason
-    // to stop serving.
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {reachable}").and_then(|()| out.flush());
-    }
+    let reachable = reachable_url(listener.local_addr()?, transport.tls.is_some());
+    announce(&reachable);
     let name = stage.kind().name();
     let (trigger, stop) = shutdown::channel();
     let discovery = discovery_args.clone();

@@ -19,7 +19,8 @@ use super::serve::ProcessArgs;
 /// Options of `up`.
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// Address of the public Ghostwriter API.
+    /// Address of the public Ghostwriter API (port 0: the OS picks one; the first line on
+    /// stdout, `listening on URL`, says which).
     #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Run etcd and every stage as its own process instead (the distributed mode on one
@@ -208,6 +209,11 @@ async fn up(
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    // Like `serve`: the first line on stdout says where it listens, once bound.
+    super::serve::announce(&super::serve::reachable_url(
+        listener.local_addr()?,
+        transport.tls.is_some(),
+    ));
     let embedded = Embedded::start(config, model_dir, listener, transport).await?;
     telemetry::status(&format!(
         "ghostwriter ready in {:.1}s on {}",
@@ -270,8 +276,10 @@ async fn up_processes(
             return Ok(());
         }
     };
+    let public = procs.urls["orchestrator"].clone();
+    super::serve::announce(&public);
     telemetry::status(&format!(
-        "ghostwriter ready in {:.1}s on https://{listen} (one process per stage, discovery through etcd, mutual TLS)",
+        "ghostwriter ready in {:.1}s on {public} (one process per stage, discovery through etcd, mutual TLS)",
         started.elapsed().as_secs_f64()
     ));
     if let Some(ca) = &tls.ca {

@@ -1,13 +1,16 @@
 //! Test harness, a module of each of the four test binaries (`models`, `packaging`,
 //! `processes`, `services`): real stages on 127.0.0.1:0 (the embedded topology, or `ghostwriter`
-//! processes through `ghostwriter_runtime::stage_process::StageProcess`), real models, real data, and the slot that keeps the
+//! processes through [`StageProcess`]), real models, real data, and the slot that keeps the
 //! tests of one module apart from another module's.
 
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Condvar, Mutex, OnceLock};
+
+pub use ghostwriter_runtime::stage_process::StageProcess;
 
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 
@@ -137,6 +140,51 @@ pub fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
     })
 }
 
+/// The `ghostwriter` binary (its command's `--model-dir`: [`model_dir`]).
+pub fn ghostwriter() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
+}
+
+/// Starts `cmd` (a `ghostwriter serve ... --listen HOST:0`) as the process `name` and returns
+/// once it reports where it listens; panics, with its log, if it does not.
+pub async fn start(name: &str, cmd: Command) -> StageProcess {
+    StageProcess::spawn(name, cmd)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`StageProcess::wait_serving`] (plain HTTP/2) within `secs` seconds, or a panic with its log.
+pub async fn wait_serving(process: &mut StageProcess, secs: u64) {
+    process
+        .wait_serving(None, std::time::Duration::from_secs(secs))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Where a process started with `--metrics-listen 127.0.0.1:0` serves its metrics: the address
+/// it listens on besides its API.
+pub fn metrics_addr(process: &StageProcess) -> String {
+    let api: std::net::SocketAddr = process
+        .url()
+        .split("://")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("{}: no address in {}", process.name(), process.url()));
+    let others: Vec<_> = process
+        .listening()
+        .unwrap()
+        .into_iter()
+        .filter(|a| *a != api)
+        .collect();
+    assert_eq!(
+        others.len(),
+        1,
+        "{}: one metrics listener besides {api}: {others:?}",
+        process.name()
+    );
+    others[0].to_string()
+}
+
 /// Starts a topology on a runtime that outlives every test, running `setup` once against it.
 pub fn shared<F>(setup: F) -> &'static Shared
 where
@@ -238,9 +286,11 @@ pub fn free_port(ip: &str) -> u16 {
         .port()
 }
 
-/// A port free on 127.0.0.1 now.
+/// A port free on 127.0.0.1 now, below the kernel's range for port 0, so that no process
+/// started on port 0 takes it before the one it is for (prefer `--listen 127.0.0.1:0` and
+/// [`StageProcess`] where the process reports its address).
 pub fn port() -> u16 {
-    free_port("127.0.0.1")
+    ghostwriter_common::net::free_port().unwrap()
 }
 
 /// The whole HTTP/1.1 response (status line, headers, body) to `GET path` on the plain-HTTP
@@ -266,34 +316,8 @@ pub async fn generated_tokens(addr: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// xorshift64*: small, fast, and the same sequence everywhere.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    /// True with probability `percent` / 100.
-    pub fn percent(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[self.below(xs.len())]
-    }
-}
+/// The workspace's one seeded generator.
+pub use ghostwriter_common::rng::Rng;
 
 /// A `ghostwriter serve STAGE` process on `127.0.0.1:0`, its stderr in a log file; killed (and
 /// reaped) when dropped.

@@ -7,7 +7,7 @@
 
 use crate::common;
 
-use common::{Kill, generated_tokens, port};
+use common::{Kill, StageProcess, generated_tokens};
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -36,36 +36,35 @@ fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
     Some((child, url))
 }
 
-fn stage(
+/// `ghostwriter serve STAGE` on a port of its own choosing, registered in `etcd` with a
+/// 2-second lease.
+async fn stage(
     etcd: &str,
     stage: &str,
     extra_serve: &[String],
     extra_stage: &[String],
-) -> (Child, String) {
-    let p = port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{p}"),
-            "--etcd",
-            etcd,
-            "--etcd-ttl",
-            "2",
-        ])
-        .args(extra_serve)
-        .arg("--model-dir")
-        .arg(common::model_dir())
-        .arg(stage)
-        .args(extra_stage)
-        // GHOSTWRITER_TEST_LOG=info shows the stages' logs (endpoint set changes, ...).
-        .env(
-            "RUST_LOG",
-            std::env::var("GHOSTWRITER_TEST_LOG").unwrap_or("warn".into()),
-        )
-        .spawn()
-        .unwrap();
-    (child, format!("http://127.0.0.1:{p}"))
+) -> StageProcess {
+    let mut cmd = common::ghostwriter();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        etcd,
+        "--etcd-ttl",
+        "2",
+    ])
+    .args(extra_serve)
+    .arg("--model-dir")
+    .arg(common::model_dir())
+    .arg(stage)
+    .args(extra_stage)
+    // GHOSTWRITER_TEST_LOG=info shows the stages' logs (endpoint set changes, ...).
+    .env(
+        "RUST_LOG",
+        std::env::var("GHOSTWRITER_TEST_LOG").unwrap_or("warn".into()),
+    );
+    common::start(stage, cmd).await
 }
 
 /// The keys under `prefix`; none while etcd does not answer (yet).
@@ -105,7 +104,7 @@ async fn etcd_discovery_sharding_and_failover() {
     let Some((etcd_child, etcd)) = etcd(dir.path()) else {
         return;
     };
-    let mut procs = Kill(vec![etcd_child]);
+    let mut etcd_process = Kill(vec![etcd_child]);
     let models = common::model_dir();
     assert!(models.exists());
 
@@ -116,40 +115,33 @@ async fn etcd_discovery_sharding_and_failover() {
             dir.path().join(format!("index{i}")).display().to_string(),
         ]
     };
-    let (c, shard0) = stage(&etcd, "retriever", &shard_args(0), &index(0));
-    procs.0.push(c);
-    let (c, shard1) = stage(&etcd, "retriever", &shard_args(1), &index(1));
-    procs.0.push(c);
+    let mut procs = Vec::new();
+    let retriever = stage(&etcd, "retriever", &shard_args(0), &index(0)).await;
+    let shard0 = retriever.url().to_string();
+    procs.push(retriever);
+    let retriever = stage(&etcd, "retriever", &shard_args(1), &index(1)).await;
+    let shard1 = retriever.url().to_string();
+    procs.push(retriever);
     for s in ["ranker", "synthesizer", "summarizer"] {
-        procs.0.push(stage(&etcd, s, &[], &[]).0);
+        procs.push(stage(&etcd, s, &[], &[]).await);
     }
-    let metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", port())).collect();
-    let (gen_a, _) = stage(
-        &etcd,
-        "generator",
-        &["--metrics-listen".into(), metrics[0].clone()],
-        &[],
-    );
-    let (gen_b, _) = stage(
-        &etcd,
-        "generator",
-        &["--metrics-listen".into(), metrics[1].clone()],
-        &[],
-    );
-    let (orch, url) = stage(
+    let metrics_port = ["--metrics-listen".to_string(), "127.0.0.1:0".into()];
+    // Killed by the test itself, or on a failure before that (never left running).
+    let mut gen_a = stage(&etcd, "generator", &metrics_port, &[]).await;
+    let gen_b = stage(&etcd, "generator", &metrics_port, &[]).await;
+    let metrics = [common::metrics_addr(&gen_a), common::metrics_addr(&gen_b)];
+    procs.push(gen_b);
+    let mut orch = stage(
         &etcd,
         "orchestrator",
         &[],
         &["--retriever-shards".into(), "2".into()],
-    );
-    procs.0.push(gen_b);
-    procs.0.push(orch);
-    // Killed by the test itself, or on a failure before that (never left running).
-    let mut gen_a = Kill(vec![gen_a]);
+    )
+    .await;
+    let url = orch.url().to_string();
 
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
-        .await
-        .unwrap();
+    common::wait_serving(&mut orch, 60).await;
+    procs.push(orch);
     let generators = wait_keys(
         &etcd,
         "/ghostwriter/v1/generator/",
@@ -262,9 +254,8 @@ async fn etcd_discovery_sharding_and_failover() {
         load.push(tokio::spawn(async move { c.write(write(&u, 24)).await }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut a = gen_a.0.pop().unwrap();
-    a.kill().unwrap();
-    a.wait().unwrap();
+    gen_a.kill();
+    assert!(gen_a.try_wait().is_some(), "the generator outlived SIGKILL");
     for (i, w) in load.into_iter().enumerate() {
         let r = w
             .await
@@ -286,7 +277,7 @@ async fn etcd_discovery_sharding_and_failover() {
     client.write(write(&users[0], 2)).await.unwrap();
 
     // etcd goes away: the orchestrator keeps serving on the last known endpoints.
-    let etcd_child = &mut procs.0[0];
+    let etcd_child = &mut etcd_process.0[0];
     etcd_child.kill().unwrap();
     etcd_child.wait().unwrap();
     for u in users.iter().take(3) {
@@ -310,17 +301,18 @@ async fn a_stage_started_before_etcd_registers_once_it_is_up() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (port(), port());
+    // etcd's ports are chosen before it starts: the stage is told its URL first.
+    let free = || ghostwriter::processes::free_port().unwrap();
+    let (client, peer) = (free(), free());
     let url = format!("http://127.0.0.1:{client}");
     let index = dir.path().join("index").display().to_string();
-    let (retriever, _) = stage(&url, "retriever", &[], &["--index-dir".into(), index]);
-    let mut procs = Kill(vec![retriever]);
+    let _retriever = stage(&url, "retriever", &[], &["--index-dir".into(), index]).await;
     // Long enough for the stage to serve and find etcd unreachable.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (etcd, _, _) =
         ghostwriter::processes::spawn_etcd_on(&dir.path().join("etcd"), None, client, peer)
             .unwrap();
-    procs.0.push(etcd);
+    let _etcd = Kill(vec![etcd]);
     let registered = wait_keys(
         &url,
         "/ghostwriter/v1/retriever/",

@@ -11,11 +11,10 @@
 
 use crate::common;
 
-use common::{Kill, free_port, generated_tokens};
+use common::{StageProcess, generated_tokens};
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -205,17 +204,15 @@ async fn a_dns_set_follows_the_records() {
 }
 
 /// `ghostwriter serve STAGE` on `listen`, resolving through `ns`.
-fn serve(
+async fn serve(
     ns: &Nameserver,
     listen: &str,
     serve_args: &[&str],
     stage: &str,
     args: &[String],
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args(["serve", "--listen", listen])
-        .arg("--model-dir")
-        .arg(common::model_dir())
+) -> StageProcess {
+    let mut cmd = common::ghostwriter();
+    cmd.args(["serve", "--listen", listen])
         .args([
             "--dns-server",
             &ns.addr.to_string(),
@@ -223,11 +220,12 @@ fn serve(
             "0.2",
         ])
         .args(serve_args)
+        .arg("--model-dir")
+        .arg(common::model_dir())
         .arg(stage)
         .args(args)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap()
+        .env("RUST_LOG", "warn");
+    common::start(&format!("{stage} on {listen}"), cmd).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,29 +233,30 @@ async fn replicas_behind_one_name_share_the_traffic() {
     let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let ns = Nameserver::start().await;
-    let mut procs = Kill(Vec::new());
+    let mut procs = Vec::new();
 
-    // Two generator "pods": one port, two addresses (127.0.0.2 is loopback too on Linux).
-    let port = free_port("127.0.0.2").max(free_port("127.0.0.1"));
+    // Two generator "pods": one port, two addresses (127.0.0.2 is loopback too on Linux). The
+    // first takes any free port; the second binds the same port on its own address.
     let pods = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
-    let metrics: Vec<String> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port("127.0.0.1")))
-        .collect();
-    for (pod, m) in pods.iter().zip(&metrics) {
-        procs.0.push(serve(
-            &ns,
-            &format!("{pod}:{port}"),
-            &["--metrics-listen", m],
-            "generator",
-            &[],
-        ));
-    }
+    let metrics_port = ["--metrics-listen", "127.0.0.1:0"];
+    let first = serve(&ns, "127.0.0.1:0", &metrics_port, "generator", &[]).await;
+    let port = first.url().rsplit(':').next().unwrap().to_string();
+    let second = serve(
+        &ns,
+        &format!("{}:{port}", pods[1]),
+        &metrics_port,
+        "generator",
+        &[],
+    )
+    .await;
+    assert_eq!(second.url(), format!("http://{}:{port}", pods[1]));
+    let metrics = [common::metrics_addr(&first), common::metrics_addr(&second)];
+    procs.extend([first, second]);
     ns.set("generator.test", &pods);
     let generator = format!("dns:///generator.test:{port}");
 
     let mut url = std::collections::BTreeMap::new();
     for stage in ["retriever", "ranker", "synthesizer", "summarizer"] {
-        let p = free_port("127.0.0.1");
         let args = match stage {
             "retriever" => vec![
                 "--index-dir".into(),
@@ -266,13 +265,10 @@ async fn replicas_behind_one_name_share_the_traffic() {
             "summarizer" => vec!["--generator-url".into(), generator.clone()],
             _ => vec![],
         };
-        procs
-            .0
-            .push(serve(&ns, &format!("127.0.0.1:{p}"), &[], stage, &args));
-        url.insert(stage, format!("http://127.0.0.1:{p}"));
+        let process = serve(&ns, "127.0.0.1:0", &[], stage, &args).await;
+        url.insert(stage, process.url().to_string());
+        procs.push(process);
     }
-    let p = free_port("127.0.0.1");
-    let orchestrator = format!("http://127.0.0.1:{p}");
     let flags = [
         ("--retriever-url", url["retriever"].clone()),
         ("--ranker-url", url["ranker"].clone()),
@@ -281,28 +277,13 @@ async fn replicas_behind_one_name_share_the_traffic() {
         ("--generator-url", generator.clone()),
     ];
     let args: Vec<String> = flags.iter().map(|(f, v)| format!("{f}={v}")).collect();
-    procs.0.push(serve(
-        &ns,
-        &format!("127.0.0.1:{p}"),
-        &[],
-        "orchestrator",
-        &args,
-    ));
+    let process = serve(&ns, "127.0.0.1:0", &[], "orchestrator", &args).await;
+    let orchestrator = process.url().to_string();
+    procs.push(process);
 
-    for u in url.values().chain([&orchestrator]) {
-        ghostwriter_transport::client::wait_until_serving(u, "", Duration::from_secs(120), None)
-            .await
-            .unwrap();
-    }
-    for pod in pods {
-        ghostwriter_transport::client::wait_until_serving(
-            &format!("http://{pod}:{port}"),
-            "",
-            Duration::from_secs(120),
-            None,
-        )
-        .await
-        .unwrap();
+    // Every stage, the orchestrator and both pods.
+    for process in &mut procs {
+        common::wait_serving(process, 120).await;
     }
     let docs: Vec<Document> = (0..4)
         .map(|i| Document {
@@ -380,7 +361,7 @@ async fn a_call_that_cannot_connect_resolves_the_name_again_at_once() {
     use tonic_health::pb::health_client::HealthClient;
     let ns = Nameserver::start().await;
     // Two "pods" on one port, at two loopback addresses.
-    let port = free_port("127.0.0.2");
+    let port = common::free_port("127.0.0.2");
     let (old, new) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
     let old_pod = health_server(SocketAddr::from((old, port))).await;
     let _new_pod = health_server(SocketAddr::from((new, port))).await;

@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 use crate::common;
 
-use common::{Rng, port};
+use common::{Rng, StageProcess};
 
 /// Kill rounds.
 const ROUNDS: usize = 3;
@@ -47,58 +47,19 @@ struct Batch {
     acked: bool,
 }
 
-/// The retriever process; killed (SIGKILL) when dropped.
-struct Retriever {
-    child: Child,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Retriever {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Retriever {
-    fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let mut n = s.len().saturating_sub(3000);
-        while !s.is_char_boundary(n) {
-            n -= 1;
-        }
-        s[n..].to_string()
-    }
-}
-
-/// Starts `serve retriever` on a free loopback port over `index`, and waits until it serves.
-async fn start(index: &std::path::Path, logs: &std::path::Path, n: usize) -> (Retriever, Duration) {
+/// Starts `serve retriever` on a loopback port of its choosing over `index`, and waits until
+/// it serves. The process is killed (SIGKILL) when dropped.
+async fn start(index: &std::path::Path, n: usize) -> (StageProcess, Duration) {
     let started = Instant::now();
-    let p = port();
-    let log = logs.join(format!("retriever-{n}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{p}"), "retriever"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ghostwriter"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--model-dir"])
+        .arg(common::model_dir())
+        .arg("retriever")
         .arg("--index-dir")
         .arg(index)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let r = Retriever {
-        child,
-        url: format!("http://127.0.0.1:{p}"),
-        log,
-    };
-    let ready = ghostwriter_transport::client::wait_until_serving(
-        &r.url,
-        "ghostwriter.v1.Retriever",
-        Duration::from_secs(60),
-        None,
-    )
-    .await;
-    assert!(ready.is_ok(), "{ready:?}\n{}", r.log_tail());
+        .env("RUST_LOG", "warn");
+    let mut r = common::start(&format!("retriever {n}"), cmd).await;
+    common::wait_serving(&mut r, 60).await;
     (r, started.elapsed())
 }
 
@@ -117,12 +78,12 @@ async fn client(url: &str) -> RetrieverClient<Channel> {
 /// Writes batches from `WRITERS` concurrent tasks until `ACKED_PER_ROUND` documents are
 /// acknowledged, then kills the process (SIGKILL) a few milliseconds later, mid-stream.
 /// Returns every batch sent (acknowledged or not).
-async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> {
+async fn storm(round: usize, retriever: StageProcess, rng: &mut Rng) -> Vec<Batch> {
     let next = Arc::new(AtomicU64::new(0));
     let acked_docs = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let batches: Arc<Mutex<BTreeMap<u64, Batch>>> = Arc::default();
-    let c = client(&retriever.url).await;
+    let c = client(retriever.url()).await;
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (next, acked_docs, stop, batches) = (
@@ -132,7 +93,7 @@ async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> 
             batches.clone(),
         );
         let mut c = c.clone();
-        let mut rng = Rng(SEED ^ ((round * WRITERS + w) as u64 + 1).wrapping_mul(0x9e37_79b9));
+        let mut rng = Rng::new(SEED ^ ((round * WRITERS + w) as u64 + 1).wrapping_mul(0x9e37_79b9));
         writers.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let k = next.fetch_add(1, Ordering::SeqCst);
@@ -140,7 +101,7 @@ async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> 
                 let documents: Vec<Document> = (0..size)
                     .map(|i| {
                         let words: Vec<&str> = (0..rng.range(8, 60))
-                            .map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize])
+                            .map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize])
                             .collect();
                         Document {
                             user_id: format!("user-{}", (k * 7 + i) % USERS),
@@ -192,8 +153,10 @@ async fn storm(round: usize, retriever: Retriever, rng: &mut Rng) -> Vec<Batch> 
     tokio::time::sleep(Duration::from_millis(rng.range(0, 40) as u64)).await;
     stop.store(true, Ordering::SeqCst);
     let mut retriever = retriever;
-    retriever.child.kill().unwrap();
-    let status = retriever.child.wait().unwrap();
+    retriever.kill();
+    let status = retriever
+        .try_wait()
+        .expect("the retriever outlived SIGKILL");
     assert!(
         !status.success(),
         "the retriever exited by itself: {status}"
@@ -281,15 +244,15 @@ async fn kill_9_loses_no_acknowledged_document_and_never_half_a_batch() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::new(SEED);
     let mut all: Vec<Batch> = Vec::new();
-    let (mut retriever, _) = start(&index, dir.path(), 0).await;
+    let (mut retriever, _) = start(&index, 0).await;
     let mut last = BTreeMap::new();
     for round in 0..ROUNDS {
         all.extend(storm(round, retriever, &mut rng).await);
-        let (restarted, took) = start(&index, dir.path(), round + 1).await;
+        let (restarted, took) = start(&index, round + 1).await;
         retriever = restarted;
-        let checks = verify(&retriever.url, &all).await;
+        let checks = verify(retriever.url(), &all).await;
         let c = &checks[&round];
         eprintln!(
             "durability round {}: SIGKILL after {} acknowledged batches ({} documents); {} \

@@ -245,9 +245,7 @@ impl Drop for Cluster {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(ghostwriter_common::net::free_port()?)
 }
 
 /// A cluster for a test: started, or — when Postgres is missing — a failure, unless
