@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Condvar, Mutex, OnceLock};
 
+#[allow(unused_imports)] // not every test binary starts processes
 pub use ghostwriter_runtime::stage_process::StageProcess;
 
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
@@ -317,6 +318,7 @@ pub async fn generated_tokens(addr: &str) -> u64 {
 }
 
 /// The workspace's one seeded generator.
+#[allow(unused_imports)] // not every test binary draws
 pub use ghostwriter_common::rng::Rng;
 
 /// A `ghostwriter serve STAGE` process on `127.0.0.1:0`, its stderr in a log file; killed (and

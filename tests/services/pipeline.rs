@@ -380,6 +380,52 @@ async fn a_user_without_history_gets_text_from_the_context_alone() {
     assert!(!r.text.is_empty());
 }
 
+/// The guessing probe: a caller who sends exactly the text another user wrote (a right guess)
+/// gets no more of the prefix cache than one who sends other text (a wrong guess): only the
+/// instruction every caller shares, so neither the cached count nor the timing confirms a
+/// guess; a user's own repeated write still reuses its blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_confirms_no_guess_of_another_users_text() {
+    let _slot = crate::common::slot(module_path!());
+    let Some(data) = data() else { return };
+    let mut client = common::client(&data.url).await;
+    let secret = "My divorce lawyer told me to sell the Gibson before the hearing, so this is \
+                  the last review I write about that guitar and its long, warm sustain.";
+    let wrong = "My brother-in-law told me to keep the Fender until the summer, so this is \
+                 the first review I write about that guitar and its short, bright attack.";
+    let cached = |r: ghostwriter::proto::WriteResponse| {
+        r.generation.expect("a generation").cached_prompt_tokens
+    };
+    let mut write = async |user: &str, start: &str| {
+        let r = client
+            .write(common::short_write(user, start, "immediate-context", 2))
+            .await
+            .expect("write")
+            .into_inner();
+        cached(r)
+    };
+    // Fresh users: what the cache holds for them is only what these writes put there.
+    let tag = std::process::id();
+    let (victim, right, wrong_user) = (
+        format!("cache-victim-{tag}"),
+        format!("cache-guesser-right-{tag}"),
+        format!("cache-guesser-wrong-{tag}"),
+    );
+    write(&victim, secret).await;
+    let own = write(&victim, secret).await;
+    let by_right_guess = write(&right, secret).await;
+    let by_wrong_guess = write(&wrong_user, wrong).await;
+    assert_eq!(
+        by_right_guess, by_wrong_guess,
+        "a right guess reuses more cached tokens than a wrong one"
+    );
+    assert!(
+        own > by_right_guess,
+        "the user's own repeated write reuses its blocks ({own} cached) beyond the shared \
+         instruction ({by_right_guess})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_documents() {
     let _slot = crate::common::slot(module_path!());

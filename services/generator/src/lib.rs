@@ -440,13 +440,22 @@ fn event_stream(
 ) -> impl Stream<Item = Result<GenerateStreamResponse, Status>> {
     async_stream(
         move |tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>| async move {
+            let mut last_piece: Option<Instant> = None;
             while let Some(event) = rx.recv().await {
                 let message = match event {
-                    Event::Text(chunk) => Ok(GenerateStreamResponse {
-                        text: chunk.text,
-                        summary: None,
-                        token_ids: chunk.token_ids,
-                    }),
+                    Event::Text(chunk) => {
+                        let now = Instant::now();
+                        if let Some(before) = last_piece.replace(now) {
+                            metrics
+                                .inter_token_latency
+                                .observe(now.duration_since(before).as_secs_f64());
+                        }
+                        Ok(GenerateStreamResponse {
+                            text: chunk.text,
+                            summary: None,
+                            token_ids: chunk.token_ids,
+                        })
+                    }
                     Event::Done(stats) => {
                         metrics.record_finished(&stats);
                         Ok(GenerateStreamResponse {

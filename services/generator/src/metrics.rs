@@ -31,6 +31,10 @@ pub struct GeneratorMetrics {
     pub generator_beam_forks: IntCounter,
     /// Decode rate of finished jobs, tokens per second.
     pub decode_tokens_per_second: Histogram,
+    /// Share of the key/value cache held by running sequences.
+    pub kv_cache_usage: prometheus::Gauge,
+    /// Time between two pieces of a stream's text.
+    pub inter_token_latency: Histogram,
 }
 
 fn build() -> Result<GeneratorMetrics, prometheus::Error> {
@@ -96,6 +100,19 @@ fn build() -> Result<GeneratorMetrics, prometheus::Error> {
                 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0, 200.0, 400.0, 800.0,
             ]),
         )?,
+        kv_cache_usage: prometheus::Gauge::new(
+            "ghostwriter_generator_kv_cache_usage_ratio",
+            "Share of the key/value cache's blocks held by running sequences (0..1)",
+        )?,
+        inter_token_latency: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_inter_token_latency_seconds",
+                "Time between two pieces of a streamed generation's text",
+            )
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+            ]),
+        )?,
     })
 }
 
@@ -118,12 +135,15 @@ impl GeneratorMetrics {
         registry.register(self.generator_beam_searches.clone());
         registry.register(self.generator_beam_forks.clone());
         registry.register(self.decode_tokens_per_second.clone());
+        registry.register(self.kv_cache_usage.clone());
+        registry.register(self.inter_token_latency.clone());
     }
 
     /// Records an engine step's statistics.
     pub fn record_step(&self, s: &StepStats) {
         self.generator_queue_depth.set(s.waiting as i64);
         self.generator_running.set(s.running as i64);
+        self.kv_cache_usage.set(s.kv_cache_usage);
         if s.batch_tokens > 0 {
             self.generator_batch_tokens.observe(s.batch_tokens as f64);
         }

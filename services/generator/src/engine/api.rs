@@ -248,6 +248,9 @@ pub struct StepStats {
     pub waiting: usize,
     /// Sequences in the running batch after the step.
     pub running: usize,
+    /// Share of the key/value cache's blocks held by running sequences after the step (blocks
+    /// that only the prefix cache keeps are free to reuse, so they do not count), 0..=1.
+    pub kv_cache_usage: f64,
     /// Tokens in the step's forward pass (0: there was none).
     pub batch_tokens: usize,
     /// Jobs admitted.

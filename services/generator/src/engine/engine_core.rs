@@ -46,6 +46,8 @@ impl EngineCore {
             }
             stats.waiting = self.scheduler.waiting();
             stats.running = self.scheduler.running_seqs();
+            let cache = &self.scheduler.cache;
+            stats.kv_cache_usage = 1.0 - cache.available() as f64 / cache.total().max(1) as f64;
             // The statistics are current before any caller hears that its job is done.
             self.sink.record(&stats);
             if !out.is_empty() && self.outputs.send(out).is_err() {
