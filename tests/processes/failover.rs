@@ -699,3 +699,71 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
         })
     );
 }
+
+/// `up --processes --store URL --replicas retriever=2,generator=2`: every preset reads its
+/// writes (a consistency token), and keeps working with a retriever replica killed (-9): the
+/// orchestrator retries its reads on the other replica, which follows the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_processes_with_a_store_serves_every_preset_through_a_killed_retriever() {
+    let _slot = crate::common::slot(module_path!());
+    let Some(pg) = ghostwriter_store::cluster::for_test() else {
+        return;
+    };
+    let _heavy = HEAVY.lock().await;
+    let store = pg.database("gw").unwrap();
+    let Some(m) = up(
+        "retriever=2,generator=2",
+        &["--store", &store, "--embedder-threads", "1"],
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    let retrievers = m.pids("retriever");
+    assert_eq!(retrievers.len(), 2, "{:?}", m.stages);
+    let docs: Vec<ghostwriter::proto::Document> = (0..6)
+        .map(|i| ghostwriter::proto::Document {
+            user_id: "maya".into(),
+            doc_id: format!("m{i}"),
+            timestamp: 100 + i,
+            title: "A clip-on tuner".into(),
+            text: format!(
+                "Tuner number {i} clips on the headstock and holds pitch through a whole gig; \
+                 the display is bright on a dark stage."
+            ),
+        })
+        .collect();
+    let token = m
+        .client()
+        .ingest(ghostwriter::proto::IngestRequest { documents: docs })
+        .await
+        .unwrap()
+        .into_inner()
+        .consistency_token;
+    assert!(!token.is_empty(), "the retriever commits to the store");
+    let every_preset = async |round: &str| {
+        for preset in ghostwriter_orchestrator::PRESETS {
+            let mut w = common::short_write("maya", "The tuner", preset.name, 2);
+            w.consistency_token = token.clone();
+            w.timestamp = Some(1_000);
+            let r = m
+                .client()
+                .write(w)
+                .await
+                .unwrap_or_else(|e| panic!("{round}: {} failed: {e}\n{}", preset.name, m.log()))
+                .into_inner();
+            if preset.ranking.is_some() {
+                let p = r.provenance.unwrap();
+                assert!(
+                    !p.doc_ids.is_empty(),
+                    "{round}: {} read none of the user's writes",
+                    preset.name
+                );
+            }
+        }
+    };
+    every_preset("both replicas").await;
+    signal(retrievers[0], "KILL");
+    every_preset("one replica killed").await;
+}
