@@ -57,6 +57,22 @@ async fn evaluation_runs_and_resumes() {
         "{}",
         written.generator
     );
+    // The voice score: the generated continuations and the true ones (the ceiling), each an AUC
+    // with its interval.
+    let ceiling = summary
+        .voice_ceiling
+        .as_ref()
+        .expect("the ceiling's voice score");
+    // At most the 3 examples (a text too short to judge is left out).
+    assert!((1..=3).contains(&ceiling.examples), "{}", ceiling.examples);
+    assert!(ceiling.ci_low <= ceiling.auc && ceiling.auc <= ceiling.ci_high);
+    let voice = written
+        .voice_auc
+        .expect("a voice score for a generating preset");
+    assert!((0.0..=1.0).contains(&voice), "{voice}");
+    assert!(
+        written.voice_auc_ci_low.unwrap() <= voice && voice <= written.voice_auc_ci_high.unwrap()
+    );
     let results = out.path().join("results.jsonl");
     let first = eval::read_records(&results).unwrap();
     assert_eq!(first.len(), 6);
