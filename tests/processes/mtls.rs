@@ -8,10 +8,7 @@
 
 use crate::common;
 
-use common::{Kill, port};
-
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,23 +94,27 @@ async fn stage_apis_need_the_mesh_identity_and_certificates_reload() {
     let first = authority("mesh CA 1");
     let second = authority("mesh CA 2");
     install(&tls, &first);
-    let addr = format!("127.0.0.1:{}", port());
-    let metrics = format!("127.0.0.1:{}", port());
-    let _server = Kill(vec![
-        Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-            .arg(format!("--tls-cert={}", tls.join("cert.pem").display()))
-            .arg(format!("--tls-key={}", tls.join("key.pem").display()))
-            .arg(format!("--tls-ca={}", tls.join("ca.pem").display()))
-            .args(["serve", "--listen", &addr, "--metrics-listen", &metrics])
-            .arg("--model-dir")
-            .arg(common::model_dir())
-            .arg("retriever")
-            .arg("--index-dir")
-            .arg(dir.path().join("index"))
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    ]);
+    let mut cmd = common::ghostwriter();
+    cmd.arg(format!("--tls-cert={}", tls.join("cert.pem").display()))
+        .arg(format!("--tls-key={}", tls.join("key.pem").display()))
+        .arg(format!("--tls-ca={}", tls.join("ca.pem").display()))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--model-dir")
+        .arg(common::model_dir())
+        .arg("retriever")
+        .arg("--index-dir")
+        .arg(dir.path().join("index"))
+        .env("RUST_LOG", "warn");
+    let server = common::start("retriever", cmd).await;
+    assert!(server.url().starts_with("https://"), "{}", server.url());
+    let addr = server.url().trim_start_matches("https://").to_string();
+    let metrics = common::metrics_addr(&server);
     let member = |(ca, cert, key): &(String, String, String)| {
         tls_channel(&addr, ca, Some((cert.as_str(), key.as_str())))
     };

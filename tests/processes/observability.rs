@@ -6,10 +6,6 @@
 
 use crate::common;
 
-use common::{Kill, port};
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,16 +73,8 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
     let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
     let (collector_url, posts) = collector().await;
-    let port = port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args([
-            "--log-format",
-            "json",
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+    let mut cmd = common::ghostwriter();
+    cmd.args(["--log-format", "json", "up", "--listen", "127.0.0.1:0"])
         .arg("--model-dir")
         .arg(common::model_dir())
         .arg("--index-dir")
@@ -95,24 +83,14 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector_url)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
         .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("OTEL_SERVICE_NAME", "ghostwriter-test")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _child = Kill(vec![child]);
-    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            sink.lock().unwrap().push(line);
-        }
-    });
-
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
+        .env("OTEL_SERVICE_NAME", "ghostwriter-test");
+    // Every line of its log is kept: each must be JSON.
+    let mut up = common::StageProcess::spawn_keeping("up", cmd, usize::MAX)
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    common::wait_serving(&mut up, 120).await;
+    let url = up.url().to_string();
+    let lines = || up.log_lines();
     let mut client = common::client(&url).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut write = tonic::Request::new(common::short_write(
@@ -132,7 +110,7 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
     // Every line is a JSON object; the orchestrator's line about the write names the trace.
     let started = Instant::now();
     loop {
-        let found = lines.lock().unwrap().iter().any(|l| {
+        let found = lines().iter().any(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
             v["fields"]["message"] == "write" && v["span"]["trace_id"] == trace_id
         });
@@ -142,11 +120,11 @@ async fn json_logs_carry_trace_ids_and_spans_go_over_otlp_http() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "no JSON line about the write with trace_id {trace_id}:\n{}",
-            lines.lock().unwrap().join("\n")
+            lines().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for l in lines.lock().unwrap().iter() {
+    for l in lines().iter() {
         assert!(
             serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.is_object()),
             "not a JSON object: {l}"

@@ -7,9 +7,7 @@
 
 use crate::common;
 
-use common::port;
-
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::Document;
@@ -27,48 +25,38 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
         common::missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
         return;
     }
-    let p = port();
-    let url = format!("http://127.0.0.1:{p}");
-    let stderr = dir.path().join("up.log");
-    let up = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args(["up", "--processes", "--listen", &format!("127.0.0.1:{p}")])
+    let mut cmd = common::ghostwriter();
+    cmd.args(["up", "--processes", "--listen", "127.0.0.1:0"])
         .arg("--model-dir")
         .arg(common::model_dir())
         .arg("--index-dir")
         .arg(dir.path().join("index"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = up.id();
-    // Stop by ctrl-c even when an assertion fails: the stage processes have their own process
-    // groups, so only the parent can stop them.
-    struct Interrupt(Child);
+        .env("RUST_LOG", "warn");
+    // `up --processes` says where it listens once every stage process serves; its whole log
+    // is kept. Stopped by ctrl-c even when an assertion fails: the stage processes have their
+    // own process groups, so only the parent can stop them.
+    struct Interrupt(common::StageProcess);
     impl Drop for Interrupt {
         fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-INT", &self.0.id().to_string()])
-                .status();
-            let _ = self.0.wait();
+            if self.0.try_wait().is_none() && self.0.signal("INT").is_ok() {
+                let started = Instant::now();
+                while self.0.try_wait().is_none() && started.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     }
-    let mut guard = Interrupt(up);
-    // Ready once every stage process reports SERVING (the parent says so).
-    let started = Instant::now();
-    while !std::fs::read_to_string(&stderr)
-        .unwrap_or_default()
-        .contains("ready in")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "up did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut guard = Interrupt(
+        common::StageProcess::spawn_keeping("up --processes", cmd, usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}")),
+    );
+    let up = &mut guard.0;
+    let url = up.url().to_string();
+    assert!(url.starts_with("https://"), "{url}");
     // The processes speak mutual TLS with a throwaway CA; callers of the public API need only
     // the CA (they authenticate with tokens, not certificates).
-    let log = std::fs::read_to_string(&stderr).unwrap();
+    let log = up.log_lines().join("\n");
     let ca = log
         .lines()
         .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
@@ -162,25 +150,12 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
     assert!(!response.provenance.unwrap().summary.is_empty());
     // ctrl-c reaches only the parent, which stops the orchestrator, the stages, then etcd:
     // every stage deregisters cleanly.
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = guard.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "up did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    up.signal("INT").unwrap();
+    let status = up
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("up did not stop");
     assert!(status.success(), "{status:?}");
-    let log = std::fs::read_to_string(&stderr).unwrap();
+    let log = up.log_lines().join("\n");
     assert!(!log.contains("revoking the etcd lease failed"), "{log}");
 }
