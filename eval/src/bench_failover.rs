@@ -14,9 +14,7 @@ use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
 use ghostwriter_proto::v1::write_stream_response::Event;
-use ghostwriter_proto::v1::{
-    GenerateRequest, GenerationParams, PersonalizedInput, WriteOptions, WriteRequest,
-};
+use ghostwriter_proto::v1::{GenerateRequest, GenerationParams, PersonalizedInput, WriteRequest};
 use serde_json::{Value, json};
 
 /// Options of `bench-failover`.
@@ -45,8 +43,9 @@ pub struct FailoverArgs {
     pub out: PathBuf,
 }
 
-/// Starts the small model continues at length (a plain review start gets a sentence).
-const STARTS: [&str; 8] = [
+/// Starts the small model continues at length (a plain review start gets a sentence and the
+/// end-of-turn token): structured ones, so a stream outlasts a kill.
+pub const STARTS: [&str; 8] = [
     "Here is my detailed review of these acoustic strings, section by section.\n\nTone:",
     "Here is my detailed review of this capo, section by section.\n\nBuild:",
     "Here is my detailed review of this distortion pedal, section by section.\n\nSound:",
@@ -57,20 +56,15 @@ const STARTS: [&str; 8] = [
     "Here is my detailed review of this harmonica, section by section.\n\nReeds:",
 ];
 
-fn write(i: usize, user: &str, tokens: u32) -> WriteRequest {
-    WriteRequest {
-        user_id: user.into(),
-        start: STARTS[i % STARTS.len()].into(),
-        preset: "immediate-context".into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: tokens,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+/// Write `i` of `user`: start `i` (of [`STARTS`]) continued by `tokens` tokens at most, on the
+/// immediate-context preset.
+pub fn write(i: usize, user: &str, tokens: u32) -> WriteRequest {
+    ghostwriter_runtime::embedded::short_write(
+        user,
+        STARTS[i % STARTS.len()],
+        "immediate-context",
+        tokens,
+    )
 }
 
 /// The generator's input the orchestrator builds for [`write`] (the immediate-context preset:

@@ -23,36 +23,12 @@ use tonic::transport::Channel;
 /// One heavy scenario at a time: they share two cores.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Starts of the eight streamed writes: structured ones, which the small model continues at
-/// length (a plain review start gets a sentence and the end-of-turn token).
-const STARTS: [&str; 8] = [
-    "Here is my detailed review of these acoustic strings, section by section.\n\nTone:",
-    "Here is my detailed review of this capo, section by section.\n\nBuild:",
-    "Here is my detailed review of this distortion pedal, section by section.\n\nSound:",
-    "Here is my detailed review of this folding guitar stand, section by section.\n\nStability:",
-    "Here is my detailed review of this digital piano, section by section.\n\nKeys:",
-    "Here is my detailed review of this ukulele, section by section.\n\nTuning:",
-    "Here is my detailed review of this bass guitar, section by section.\n\nNeck:",
-    "Here is my detailed review of this harmonica, section by section.\n\nReeds:",
-];
-
 /// Tokens each streamed write generates at most.
 const TOKENS: u32 = 96;
 
+/// Write `i` (of the benchmark's structured starts, which the small model continues at length).
 fn write(i: usize, tokens: u32) -> WriteRequest {
-    WriteRequest {
-        user_id: format!("writer-{i}"),
-        start: STARTS[i % STARTS.len()].into(),
-        preset: "immediate-context".into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: tokens,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    ghostwriter::bench_failover::write(i, &format!("writer-{i}"), tokens)
 }
 
 /// A topology and how to reach it: `up --processes` (etcd, mutual TLS, the orchestrator finding
