@@ -141,6 +141,29 @@ pub fn telemetry() -> &'static (SdkTracerProvider, InMemorySpanExporter) {
     })
 }
 
+/// Installs `packages` (pinned) with pip into `target`, a directory to put on `PYTHONPATH` or
+/// run tools from; fails the test if pip does.
+pub fn pip_install(target: &std::path::Path, packages: &[&str]) {
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(target)
+        .args(packages)
+        .status()
+        .expect("python3 -m pip");
+    assert!(
+        status.success(),
+        "pip install {packages:?} into {} failed",
+        target.display()
+    );
+}
+
 /// The `ghostwriter` binary (its command's `--model-dir`: [`model_dir`]).
 pub fn ghostwriter() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ghostwriter"))

