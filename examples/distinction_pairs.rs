@@ -94,6 +94,7 @@ fn main() -> anyhow::Result<()> {
                 block_size: 16,
                 kv_cache_mb: 64,
                 adapter: adapter.clone(),
+                model_sha256: None,
             },
         )?;
         Box::new(move |ids: &[u32]| {

@@ -27,6 +27,7 @@ fn options(kv_cache_mb: usize) -> LoadOptions {
         block_size: 16,
         kv_cache_mb,
         adapter: None,
+        model_sha256: None,
     }
 }
 

@@ -52,6 +52,7 @@ fn load_native(adapter: Option<std::path::PathBuf>) -> anyhow::Result<NativeMode
             block_size: 16,
             kv_cache_mb: 32,
             adapter,
+            model_sha256: None,
         },
     )
 }

@@ -89,6 +89,7 @@ impl Llm {
                 block_size: 16,
                 kv_cache_mb: 64,
                 adapter,
+                model_sha256: None,
             },
         )?;
         Ok(Self {

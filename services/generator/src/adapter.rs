@@ -147,15 +147,20 @@ impl Adapter {
     }
 
     /// Reads an adapter file to serve on the model at `model`: checked against its layer
-    /// count, projection widths (`widths(projection)` = (in, out)) and sha256.
+    /// count, projection widths (`widths(projection)` = (in, out)) and sha256 (`model_sha256`
+    /// when the caller knows it, else read from the file).
     pub fn load_for(
         file: &Path,
         model: &Path,
+        model_sha256: Option<&str>,
         layers: usize,
         widths: impl Fn(&str) -> Option<(usize, usize)>,
     ) -> anyhow::Result<Self> {
         let a = Self::load(file)?;
-        let base = ghostwriter_common::models::sha256_file(model)?;
+        let base = match model_sha256 {
+            Some(sha) => sha.to_string(),
+            None => ghostwriter_common::models::sha256_file(model)?,
+        };
         a.check(layers, widths, Some(&base))?;
         Ok(a)
     }

@@ -135,9 +135,13 @@ impl CandleModel {
         let out_norm = vec(t("output_norm.weight")?)?;
         let adapter = match &opts.adapter {
             None => None,
-            Some(file) => Some(Adapter::load_for(file, path, cfg.layers, |p| {
-                cfg.projection_widths(p)
-            })?),
+            Some(file) => Some(Adapter::load_for(
+                file,
+                path,
+                opts.model_sha256.as_deref(),
+                cfg.layers,
+                |p| cfg.projection_widths(p),
+            )?),
         };
         // A projection of layer `l`, its adapter pair (if any) on the device.
         let projection = |l: usize, name: &str, q: QTensor| -> anyhow::Result<Projection> {

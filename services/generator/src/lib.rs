@@ -218,6 +218,7 @@ impl GeneratorConfig {
             kv_cache_mb: self.kv_cache_mb,
             // An empty GHOSTWRITER_ADAPTER means none.
             adapter: self.adapter.clone().filter(|p| !p.as_os_str().is_empty()),
+            model_sha256: None,
         }
     }
 }
@@ -507,7 +508,10 @@ fn load_engine_with(
         .unwrap_or_else(|| model_dir.join(ghostwriter_common::models::GENERATOR_Q8_0));
     let mut options = config.load_options();
     if options.adapter.is_none() && config.shipped_by_default && !config.zero_shot {
-        options.adapter = shipped::for_model(&path)?;
+        // Hashed once: the choice and the adapter's check of its base both need it.
+        let sha = ghostwriter_common::models::sha256_file(&path)?;
+        options.adapter = shipped::for_model(&path, &sha)?;
+        options.model_sha256 = Some(sha);
     }
     let model = LanguageModel::load(&path, &options)
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;

@@ -130,6 +130,9 @@ pub struct LoadOptions {
     pub kv_cache_mb: usize,
     /// LoRA adapter to apply (see [`crate::adapter`]).
     pub adapter: Option<std::path::PathBuf>,
+    /// sha256 of the model file, when the caller has computed it already: the adapter's check
+    /// of its base model reuses it instead of reading the file again.
+    pub model_sha256: Option<String>,
 }
 
 /// A loaded model.

@@ -25,12 +25,12 @@ pub fn base_sha256() -> anyhow::Result<String> {
         .context("the shipped adapter names no base model")
 }
 
-/// The shipped adapter as a file when `model` is its base (None for another model): written
-/// once under the system's temporary directory (atomically, so processes starting together do
-/// not see half a file) and reused while its bytes are the shipped ones.
-pub fn for_model(model: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let model_sha = ghostwriter_common::models::sha256_file(model)?;
-    if model_sha != base_sha256()? {
+/// The shipped adapter as a file when `model` (whose sha256 is `model_sha256`) is its base
+/// (None for another model): written once under the system's temporary directory (atomically,
+/// so processes starting together do not see half a file) and reused while its bytes are the
+/// shipped ones.
+pub fn for_model(model: &Path, model_sha256: &str) -> anyhow::Result<Option<PathBuf>> {
+    if model_sha256 != base_sha256()? {
         tracing::info!(model = %model.display(), "the shipped adapter was trained on another model: serving the model alone");
         return Ok(None);
     }

@@ -402,7 +402,10 @@ impl NativeModel {
         let adapter = match &opts.adapter {
             None => None,
             Some(file) => {
-                let a = Adapter::load_for(file, path, cfg.layers, |p| cfg.projection_widths(p))?;
+                let a =
+                    Adapter::load_for(file, path, opts.model_sha256.as_deref(), cfg.layers, |p| {
+                        cfg.projection_widths(p)
+                    })?;
                 Some(Lora::new(&a, cfg.layers))
             }
         };
