@@ -56,6 +56,10 @@ async fn up_processes_serves_every_preset_and_stops_in_order() {
     assert!(url.starts_with("https://"), "{url}");
     // The processes speak mutual TLS with a throwaway CA; callers of the public API need only
     // the CA (they authenticate with tokens, not certificates).
+    // The listening line comes first; the addresses it reports (the CA, etcd, each stage) follow.
+    up.wait_log(Duration::from_secs(30), |l| l.trim().starts_with("etcd "))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let log = up.log_lines().join("\n");
     let ca = log
         .lines()
