@@ -474,6 +474,7 @@ pub async fn serve(
     let (server, routes) = StageServer::new("ghostwriter.v1.Retriever", transport).await;
     let health = server.health();
     let cell: Arc<OnceCell<Arc<DocumentIndex>>> = Arc::default();
+    let opened_index = cell.clone();
     let replica_cell: Arc<OnceCell<Replica>> = Arc::default();
     let documents = documents_gauge(&transport.metrics);
     let gauges = follow::StoreGauges::register(&transport.metrics);
@@ -533,7 +534,30 @@ pub async fn serve(
     };
     let routes = routes
         .add_service(RetrieverServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
-    server.serve_after(routes, listener, shutdown, loader).await
+    let served = server.serve_after(routes, listener, shutdown, loader).await;
+    release(opened_index).await;
+    served
+}
+
+/// Waits, a bounded time, until nothing holds the index any more (a follower's or a call's
+/// blocking task may still run after the server stopped), so that its writer lock is free when
+/// `serve` returns: a retriever started again on the same directory in this process opens it.
+async fn release(cell: Arc<OnceCell<Arc<DocumentIndex>>>) {
+    let Some(index) = cell.get().cloned() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Free when only this cell holds the index, besides the clone here.
+    while Arc::strong_count(&cell) > 1 || Arc::strong_count(&index) > 2 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                stage = "retriever",
+                "the index is still in use 30s after shutdown"
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Opens the store, trying again while Postgres is unreachable (a replica may start before
