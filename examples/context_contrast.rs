@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }),
         consistency_token: Default::default(),
+        adapter: Default::default(),
     };
     let started = Instant::now();
     let inputs: Vec<Inputs> = runtime.block_on(ghostwriter::embedded::Embedded::with_pipeline(

@@ -99,12 +99,14 @@ fn main() -> anyhow::Result<()> {
         )?;
         Box::new(move |ids: &[u32]| {
             let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+            let adapter = model.startup_adapter();
             Ok(model
                 .forward(&[SeqStep {
                     tokens: ids,
                     start: 0,
                     blocks: &blocks,
                     logits: true,
+                    adapter,
                 }])?
                 .remove(0))
         })

@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
                                 ..Default::default()
                             }),
                             consistency_token: Default::default(),
+                            adapter: Default::default(),
                         };
                         let (mut generate, provenance) = orchestrator
                             .generator_input(request)

@@ -102,6 +102,7 @@ pub async fn run(
                 ..Default::default()
             }),
             consistency_token: Default::default(),
+            adapter: String::new(),
         };
         let t = Instant::now();
         let response = client.write(request).await?.into_inner();

@@ -362,6 +362,7 @@ pub async fn run(exe: &Path, model_dir: &Path, a: &FailoverArgs) -> anyhow::Resu
                             resume_token_ids: ids[..resumed].to_vec(),
                             // A salt of its own: nothing cached but the fixed instruction.
                             cache_salt: salt.to_vec(),
+                            adapter: String::new(),
                         })
                         .await?;
                         reprefill.push((pause, t.elapsed().as_secs_f64() * 1e3));

@@ -159,6 +159,7 @@ async fn write_all(
                             ..Default::default()
                         }),
                         consistency_token: Default::default(),
+                        adapter: String::new(),
                     })
                     .await?
                     .into_inner();

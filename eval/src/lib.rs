@@ -188,6 +188,7 @@ async fn write_one(
             ..Default::default()
         }),
         consistency_token: Default::default(),
+        adapter: String::new(),
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(Duration::from_secs(args.timeout));

@@ -237,6 +237,8 @@ struct Plan {
     started: Instant,
     /// The consistency token retrieval waits for (empty: none).
     consistency_token: String,
+    /// The generator adapter named (empty: the generators' default).
+    adapter: String,
 }
 
 /// Share of the time left that the stages before generation may use; the rest is kept for
@@ -414,8 +416,12 @@ impl OrchestratorService {
         let context = immediate_context(&r.title, &r.start, context_chars);
         let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
         let consistency_token = self.read_token(&r.user_id, &r.consistency_token)?;
+        if r.adapter.len() > 128 {
+            return Err(Invalid::new("adapter", "an adapter name has at most 128 bytes").into());
+        }
         Ok(Plan {
             consistency_token,
+            adapter: r.adapter,
             preset,
             user_id: r.user_id,
             context,
@@ -557,6 +563,7 @@ impl OrchestratorService {
             input: Some(Input::Personalized(input)),
             params: Some(plan.generation.clone()),
             cache_salt: self.salt.of(&plan.user_id),
+            adapter: plan.adapter.clone(),
             ..Default::default()
         };
         Ok(Prepared {

@@ -207,6 +207,15 @@ pub struct WriteArgs {
         help_heading = "Document"
     )]
     doc_id: String,
+    /// The generators' LoRA adapter to write with, by name (empty: their default; `base`: the
+    /// base model alone).
+    #[arg(
+        long,
+        default_value = "",
+        env = "GHOSTWRITER_WRITE_ADAPTER",
+        help_heading = "Pipeline"
+    )]
+    adapter: String,
     /// Preset (see `ghostwriter presets`).
     #[arg(
         long,
@@ -433,6 +442,7 @@ fn write_request(a: &WriteArgs) -> WriteRequest {
         timestamp: a.timestamp,
         doc_id: a.doc_id.clone(),
         consistency_token: a.after.clone().unwrap_or_default(),
+        adapter: a.adapter.clone(),
         options: Some(WriteOptions {
             generation: Some(GenerationParams {
                 max_new_tokens: a.max_new_tokens,

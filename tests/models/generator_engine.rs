@@ -10,7 +10,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use ghostwriter_generator::backend::{Backend, SeqStep};
+use ghostwriter_generator::backend::{AdapterId, BASE, Backend, STARTUP, SeqStep};
 use ghostwriter_generator::engine::{Engine, EngineConfig, EngineError, Event, Input, Job, Params};
 use ghostwriter_generator::prompt::{DEFAULT_SYSTEM, Parts};
 use ghostwriter_generator::{LanguageModel, LoadOptions};
@@ -42,6 +42,7 @@ fn engine(max_running: usize, queue: usize, prefix_cache: bool, kv_cache_mb: usi
             max_running,
             max_batch_tokens: 256,
             prefix_cache,
+            adapters: Default::default(),
         },
     )
 }
@@ -126,13 +127,19 @@ fn case_ids(
 
 /// The last-token logits of `ids` from each backend, then of one more token (`a`'s choice)
 /// decoded from their caches.
-fn two_steps(a: &mut dyn Backend, b: &mut dyn Backend, ids: &[u32]) -> [(Vec<f32>, Vec<f32>); 2] {
+fn two_steps(
+    a: &mut dyn Backend,
+    b: &mut dyn Backend,
+    ids: &[u32],
+    adapter: AdapterId,
+) -> [(Vec<f32>, Vec<f32>); 2] {
     let blocks = blocks_for(ids.len() + 1);
     let step = [SeqStep {
         tokens: ids,
         start: 0,
         blocks: &blocks,
         logits: true,
+        adapter,
     }];
     let first = (
         a.forward(&step).unwrap().remove(0),
@@ -144,6 +151,7 @@ fn two_steps(a: &mut dyn Backend, b: &mut dyn Backend, ids: &[u32]) -> [(Vec<f32
         start: ids.len(),
         blocks: &blocks,
         logits: true,
+        adapter,
     }];
     let second = (
         a.forward(&step).unwrap().remove(0),
@@ -193,7 +201,7 @@ fn native_forward_matches_candle() {
     )
     .unwrap();
     assert_agree(
-        &two_steps(native.as_mut(), &mut candle, &ids),
+        &two_steps(native.as_mut(), &mut candle, &ids, BASE),
         "native and candle",
     );
 }
@@ -223,7 +231,7 @@ fn candle_serves_the_adapter_as_the_native_engine_does() {
         &with,
     )
     .unwrap();
-    let steps = two_steps(tuned.as_mut(), &mut candle, &ids);
+    let steps = two_steps(tuned.as_mut(), &mut candle, &ids, STARTUP);
     assert_agree(&steps, "native and candle with the adapter");
     let mut plain = LanguageModel::load(&model_path(), &options(64))
         .unwrap()
@@ -235,6 +243,7 @@ fn candle_serves_the_adapter_as_the_native_engine_does() {
             start: 0,
             blocks: &blocks,
             logits: true,
+            adapter: BASE,
         }])
         .unwrap()
         .remove(0);
@@ -491,6 +500,7 @@ fn rescore(prompt: &[u32], generated: &[u32]) -> f32 {
             start,
             blocks: &blocks,
             logits: true,
+            adapter: BASE,
         }];
         let mut row = backend.forward(&step).unwrap().remove(0);
         for &id in &lm.prompter.stop_ids {
@@ -688,6 +698,7 @@ fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
             start: 0,
             blocks: &source,
             logits: true,
+            adapter: BASE,
         };
         b.forward(&[prefill]).unwrap();
         // The fork: the full blocks shared, the partly filled one copied to a fresh block.
@@ -704,6 +715,7 @@ fn copied_cache_blocks_continue_like_their_source_on_both_backends() {
                 start: n,
                 blocks,
                 logits: true,
+                adapter: BASE,
             };
             b.forward(&[s]).unwrap().remove(0)
         };

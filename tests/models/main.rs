@@ -14,4 +14,5 @@ mod common;
 mod embeddings;
 mod eval;
 mod generator_engine;
+mod multi_adapter;
 mod training;

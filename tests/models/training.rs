@@ -63,12 +63,14 @@ fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
 
 fn serving_logits(model: &mut NativeModel, ids: &[u32]) -> Vec<f32> {
     let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+    let adapter = model.startup_adapter();
     model
         .forward(&[SeqStep {
             tokens: ids,
             start: 0,
             blocks: &blocks,
             logits: true,
+            adapter,
         }])
         .unwrap()
         .remove(0)

@@ -332,6 +332,7 @@ fn write_case(rng: &mut Rng, users: &Users) -> (String, Expect, WriteRequest) {
         },
         doc_id: valid_doc_id(rng, true),
         consistency_token: Default::default(),
+        adapter: Default::default(),
     };
     let mut options = WriteOptions {
         generation: generation_valid(rng),

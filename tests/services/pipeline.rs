@@ -62,6 +62,7 @@ fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> Wr
             ..Default::default()
         }),
         consistency_token: Default::default(),
+        adapter: Default::default(),
     }
 }
 

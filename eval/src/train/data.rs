@@ -102,6 +102,7 @@ pub async fn generation_example(
             ..Default::default()
         }),
         consistency_token: Default::default(),
+        adapter: String::new(),
     };
     let (generate, provenance) = orchestrator
         .generator_input(request)

@@ -115,6 +115,7 @@ impl Llm {
                 &second,
             ))?;
             let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+            let adapter = self.model.startup_adapter();
             let logits = self
                 .model
                 .forward(&[SeqStep {
@@ -122,6 +123,7 @@ impl Llm {
                     start: 0,
                     blocks: &blocks,
                     logits: true,
+                    adapter,
                 }])?
                 .remove(0);
             let [t, f] = self.answers;

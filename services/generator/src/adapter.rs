@@ -64,9 +64,14 @@ impl Adapter {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("reading adapter {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses an adapter from a safetensors file's bytes (`what` names it in errors).
+    pub fn from_bytes(bytes: &[u8], what: &str) -> anyhow::Result<Self> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .with_context(|| format!("{what} is not a safetensors file"))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
         let metadata: BTreeMap<String, String> = header
             .metadata()
             .clone()
@@ -108,7 +113,7 @@ impl Adapter {
             );
         }
         if pairs.is_empty() {
-            bail!("adapter {} holds no LoRA pair", path.display());
+            bail!("adapter {what} holds no LoRA pair");
         }
         Ok(Self {
             rank,
@@ -120,28 +125,12 @@ impl Adapter {
 
     /// Writes the adapter (and its metadata, with `rank` and `alpha`).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
-        for ((layer, projection), p) in &self.pairs {
-            let prefix = format!("blk.{layer}.{projection}");
-            tensors.push((
-                format!("{prefix}.lora_a"),
-                bytes(&p.a),
-                vec![self.rank, p.inputs],
-            ));
-            tensors.push((
-                format!("{prefix}.lora_b"),
-                bytes(&p.b),
-                vec![p.outputs, self.rank],
-            ));
-        }
-        let mut metadata = self.metadata.clone();
-        metadata.insert("rank".into(), self.rank.to_string());
-        metadata.insert("alpha".into(), self.alpha.to_string());
+        let data = self.to_bytes()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, safetensors_f32(&tensors, &metadata)?)?;
+        std::fs::write(&tmp, data)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
@@ -174,6 +163,9 @@ impl Adapter {
         base_sha256: Option<&str>,
     ) -> anyhow::Result<()> {
         for ((layer, projection), p) in &self.pairs {
+            if !p.a.iter().chain(&p.b).all(|v| v.is_finite()) {
+                bail!("adapter {projection} of layer {layer} holds NaN or infinite values");
+            }
             if *layer >= layers {
                 bail!("adapter layer {layer} is past the model's {layers} layers");
             }
@@ -194,6 +186,82 @@ impl Adapter {
             bail!("the adapter was trained on base model sha256 {want}, this model is {have}");
         }
         Ok(())
+    }
+
+    /// An adapter of `rank` on every projection of every layer of `shape`, with values drawn
+    /// from `seed` (A uniform in ±1/√in, B in ±`b_scale`), for the base model `base_sha256`:
+    /// the shape `ghostwriter train` writes, with weights that change the output, for
+    /// benchmarks and tests of serving many adapters at once.
+    pub fn seeded(
+        shape: &crate::backend::AdapterShape,
+        rank: usize,
+        b_scale: f32,
+        seed: u64,
+        base_sha256: &str,
+    ) -> Self {
+        let mut rng = ghostwriter_common::rng::Rng::new(seed);
+        let mut draw = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.unit() as f32 * 2.0 - 1.0) * scale)
+                .collect()
+        };
+        let mut pairs = BTreeMap::new();
+        for layer in 0..shape.layers {
+            for (projection, &(inputs, outputs)) in &shape.widths {
+                let a = draw(rank * inputs, 1.0 / (inputs as f32).sqrt());
+                let b = draw(outputs * rank, b_scale);
+                pairs.insert(
+                    (layer, projection.clone()),
+                    LoraPair {
+                        inputs,
+                        outputs,
+                        a,
+                        b,
+                    },
+                );
+            }
+        }
+        Self {
+            rank,
+            alpha: 2.0 * rank as f32,
+            pairs,
+            metadata: [
+                ("base_sha256".to_string(), base_sha256.to_string()),
+                ("seed".to_string(), seed.to_string()),
+            ]
+            .into(),
+        }
+    }
+
+    /// The safetensors bytes [`Adapter::save`] writes.
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+        for ((layer, projection), p) in &self.pairs {
+            let prefix = format!("blk.{layer}.{projection}");
+            tensors.push((
+                format!("{prefix}.lora_a"),
+                bytes(&p.a),
+                vec![self.rank, p.inputs],
+            ));
+            tensors.push((
+                format!("{prefix}.lora_b"),
+                bytes(&p.b),
+                vec![p.outputs, self.rank],
+            ));
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.insert("rank".into(), self.rank.to_string());
+        metadata.insert("alpha".into(), self.alpha.to_string());
+        safetensors_f32(&tensors, &metadata)
+    }
+
+    /// Bytes its weights take in memory (f32).
+    pub fn weight_bytes(&self) -> usize {
+        4 * self
+            .pairs
+            .values()
+            .map(|p| p.a.len() + p.b.len())
+            .sum::<usize>()
     }
 
     /// A short name for provenance: the file stem and the first 12 hex digits of its sha256.

@@ -21,7 +21,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::adapter::Adapter;
-use crate::backend::{Backend, SeqStep};
+use crate::backend::{AdapterId, BASE, Backend, STARTUP, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
 use crate::native::Config;
@@ -103,6 +103,8 @@ pub struct CandleModel {
     block_size: usize,
     blocks: usize,
     weights: &'static str,
+    /// The adapter every row runs with: the one loaded at start-up, or none.
+    served: AdapterId,
 }
 
 impl CandleModel {
@@ -226,6 +228,11 @@ impl CandleModel {
             block_size: opts.block_size,
             blocks,
             weights: if quantized { "quantized" } else { "dense" },
+            served: if opts.adapter.is_some() {
+                STARTUP
+            } else {
+                BASE
+            },
         })
     }
 
@@ -449,6 +456,13 @@ fn attention_groups(seqs: &[SeqStep<'_>], bs: usize) -> Vec<Group> {
 
 impl Backend for CandleModel {
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        if let Some(s) = seqs.iter().find(|s| s.adapter != self.served) {
+            anyhow::bail!(
+                "the candle backend serves adapter #{} only, not #{}",
+                self.served,
+                s.adapter
+            );
+        }
         self.forward_impl(seqs)
     }
 

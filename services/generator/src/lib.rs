@@ -28,8 +28,9 @@ use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_proto::v1::generate_request::Input as ProtoInput;
 use ghostwriter_proto::v1::generator_server::{Generator, GeneratorServer};
 use ghostwriter_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse, GeneratorInfo,
-    GeneratorInfoRequest,
+    AdapterStatus, FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse,
+    GeneratorInfo, GeneratorInfoRequest, ListAdaptersRequest, ListAdaptersResponse,
+    LoadAdapterRequest, UnloadAdapterRequest, UnloadAdapterResponse,
 };
 use ghostwriter_transport::{StageServer, Transport};
 use tokio::sync::{OnceCell, mpsc};
@@ -68,6 +69,9 @@ impl From<Error> for Status {
                 EngineError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
                 EngineError::Stopped => Status::unavailable(message),
                 EngineError::Inference(_) => Status::internal(message),
+                EngineError::NotFound(_) => Status::not_found(message),
+                EngineError::FailedPrecondition(_) => Status::failed_precondition(message),
+                EngineError::ResourceExhausted(_) => Status::resource_exhausted(message),
             },
         }
     }
@@ -184,6 +188,18 @@ pub struct GeneratorConfig {
     /// response's model field.
     #[arg(long = "adapter", env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
+    /// Directory of named LoRA adapters (`NAME.safetensors`) that requests and LoadAdapter may
+    /// name; one is loaded on first use, within --adapter-memory-mb.
+    #[arg(long = "adapter-dir", env = "GHOSTWRITER_ADAPTER_DIR")]
+    pub adapter_dir: Option<PathBuf>,
+    /// Memory for adapters loaded at run time, MiB: past it the least recently used adapter
+    /// that is neither pinned nor running is evicted.
+    #[arg(
+        long = "adapter-memory-mb",
+        env = "GHOSTWRITER_ADAPTER_MEMORY_MB",
+        default_value_t = 256
+    )]
+    pub adapter_memory_mb: usize,
     /// Serve the model alone. Without this flag or --adapter, `up`, `serve generator` and
     /// `demo` serve the shipped fine-tuned adapter (adapters/smollm2-135m-reviews.safetensors)
     /// when the model is the one it was trained on (SmolLM2-135M Q8_0); another model runs alone.
@@ -205,6 +221,13 @@ impl GeneratorConfig {
             max_running: self.max_running.max(1),
             max_batch_tokens: self.max_batch_tokens,
             prefix_cache: self.prefix_cache,
+            adapters: engine::AdapterSettings {
+                dir: self
+                    .adapter_dir
+                    .clone()
+                    .filter(|p| !p.as_os_str().is_empty()),
+                memory_bytes: self.adapter_memory_mb << 20,
+            },
         }
     }
 
@@ -366,6 +389,7 @@ impl GeneratorService {
             length_penalty: g.length_penalty.unwrap_or(1.0),
             resume_token_ids: r.resume_token_ids,
             cache_salt: r.cache_salt,
+            adapter: r.adapter,
             ..Params::default()
         };
         let params = match &input {
@@ -394,7 +418,8 @@ impl Generator for GeneratorService {
             .await
             .map_err(Error::from)?;
         self.metrics.record_finished(&stats);
-        Ok(Response::new(response(stats, &engine.model_name)))
+        let model = engine.model_for(&stats.adapter);
+        Ok(Response::new(response(stats, &model)))
     }
 
     async fn info(
@@ -407,6 +432,45 @@ impl Generator for GeneratorService {
             backend: engine.backend.clone(),
             context_tokens: engine.context() as u32,
             adapter: engine.adapter.clone(),
+            adapters: engine.adapters().list().into_iter().map(status).collect(),
+        }))
+    }
+
+    async fn load_adapter(
+        &self,
+        request: Request<LoadAdapterRequest>,
+    ) -> Result<Response<AdapterStatus>, Status> {
+        let r = request.into_inner();
+        let adapters = self.engine()?.adapters().clone();
+        let bytes = (!r.safetensors.is_empty()).then_some(r.safetensors);
+        let info = tokio::task::spawn_blocking(move || adapters.load(&r.name, bytes, r.pin))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Error::from)?;
+        Ok(Response::new(status(info)))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<UnloadAdapterRequest>,
+    ) -> Result<Response<UnloadAdapterResponse>, Status> {
+        self.engine()?
+            .adapters()
+            .unload(&request.into_inner().name)
+            .map_err(Error::from)?;
+        Ok(Response::new(UnloadAdapterResponse {}))
+    }
+
+    async fn list_adapters(
+        &self,
+        _request: Request<ListAdaptersRequest>,
+    ) -> Result<Response<ListAdaptersResponse>, Status> {
+        let adapters = self.engine()?.adapters().clone();
+        let list = tokio::task::spawn_blocking(move || adapters.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ListAdaptersResponse {
+            adapters: list.into_iter().map(status).collect(),
         }))
     }
 
@@ -419,7 +483,7 @@ impl Generator for GeneratorService {
         let (input, params, deadline) = self.parse(request)?;
         let engine = self.engine()?;
         let (events, rx) = mpsc::unbounded_channel();
-        engine
+        let adapter = engine
             .submit(Job {
                 input,
                 params,
@@ -427,8 +491,21 @@ impl Generator for GeneratorService {
                 deadline,
             })
             .map_err(Error::from)?;
-        let stream = event_stream(rx, engine.model_name.clone(), self.metrics.clone());
+        let stream = event_stream(rx, engine.model_for(&adapter), self.metrics.clone());
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn status(a: engine::AdapterInfo) -> AdapterStatus {
+    AdapterStatus {
+        name: a.name,
+        resident: a.resident,
+        pinned: a.pinned,
+        running: a.running as u32,
+        bytes: a.bytes as u64,
+        sha256: a.sha256,
+        loads: a.loads,
+        evictions: a.evictions,
     }
 }
 
@@ -515,9 +592,13 @@ fn load_engine_with(
     }
     let model = LanguageModel::load(&path, &options)
         .map_err(|e| anyhow::anyhow!("loading the generator model {}: {e:#}", path.display()))?;
+    let steps = metrics.clone();
     let engine = Engine::start_with_stats(model, config.engine_config(), move |s: &StepStats| {
-        metrics.record_step(s)
+        steps.record_step(s)
     });
+    engine
+        .adapters()
+        .observe(move |e: &engine::AdapterEvent| metrics.record_adapter(e));
     tracing::info!(stage = "generator", model = %engine.model_name, backend = %engine.backend, context = engine.context(), "model loaded");
     Ok(engine)
 }

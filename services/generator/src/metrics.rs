@@ -3,9 +3,11 @@
 //! registered in the process's registry when the generator serves.
 
 use ghostwriter_transport::metrics::LATENCY_BUCKETS;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 
-use crate::engine::{Stats, StepStats};
+use crate::engine::{AdapterEvent, Stats, StepStats};
 
 /// Every generator metric.
 pub struct GeneratorMetrics {
@@ -35,6 +37,14 @@ pub struct GeneratorMetrics {
     pub kv_cache_usage: prometheus::Gauge,
     /// Time between two pieces of a stream's text.
     pub inter_token_latency: Histogram,
+    /// 1 while an adapter is resident, by adapter.
+    pub adapter_resident: IntGaugeVec,
+    /// Times an adapter was made resident, by adapter.
+    pub adapter_loads: IntCounterVec,
+    /// Times an adapter was evicted to make room, by adapter.
+    pub adapter_evictions: IntCounterVec,
+    /// Time to read, check and install an adapter.
+    pub adapter_load_seconds: Histogram,
 }
 
 fn build() -> Result<GeneratorMetrics, prometheus::Error> {
@@ -113,6 +123,34 @@ fn build() -> Result<GeneratorMetrics, prometheus::Error> {
                 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
             ]),
         )?,
+        adapter_resident: IntGaugeVec::new(
+            Opts::new(
+                "ghostwriter_generator_adapter_resident",
+                "1 while the LoRA adapter is resident on this worker",
+            ),
+            &["adapter"],
+        )?,
+        adapter_loads: IntCounterVec::new(
+            Opts::new(
+                "ghostwriter_generator_adapter_loads_total",
+                "Times a LoRA adapter was made resident",
+            ),
+            &["adapter"],
+        )?,
+        adapter_evictions: IntCounterVec::new(
+            Opts::new(
+                "ghostwriter_generator_adapter_evictions_total",
+                "Times a LoRA adapter was evicted to make room for another",
+            ),
+            &["adapter"],
+        )?,
+        adapter_load_seconds: Histogram::with_opts(
+            HistogramOpts::new(
+                "ghostwriter_generator_adapter_load_seconds",
+                "Time to read, check and install a LoRA adapter",
+            )
+            .buckets(latency()),
+        )?,
     })
 }
 
@@ -137,6 +175,28 @@ impl GeneratorMetrics {
         registry.register(self.decode_tokens_per_second.clone());
         registry.register(self.kv_cache_usage.clone());
         registry.register(self.inter_token_latency.clone());
+        registry.register(self.adapter_resident.clone());
+        registry.register(self.adapter_loads.clone());
+        registry.register(self.adapter_evictions.clone());
+        registry.register(self.adapter_load_seconds.clone());
+    }
+
+    /// Records what happened to an adapter.
+    pub fn record_adapter(&self, e: &AdapterEvent) {
+        match e {
+            AdapterEvent::Loaded(name, took) => {
+                self.adapter_resident.with_label_values(&[name]).set(1);
+                self.adapter_loads.with_label_values(&[name]).inc();
+                self.adapter_load_seconds.observe(took.as_secs_f64());
+            }
+            AdapterEvent::Evicted(name) => {
+                self.adapter_resident.with_label_values(&[name]).set(0);
+                self.adapter_evictions.with_label_values(&[name]).inc();
+            }
+            AdapterEvent::Unloaded(name) => {
+                self.adapter_resident.with_label_values(&[name]).set(0);
+            }
+        }
     }
 
     /// Records an engine step's statistics.

@@ -147,6 +147,12 @@ pub struct LanguageModel {
     pub name: String,
     /// The adapter applied: its file stem and the start of its sha256; empty for none.
     pub adapter: String,
+    /// Human-readable model id without the adapter.
+    pub base_name: String,
+    /// The GGUF file.
+    pub path: std::path::PathBuf,
+    /// Its sha256, when the loader was given it.
+    pub sha256: Option<String>,
 }
 
 impl LanguageModel {
@@ -167,6 +173,7 @@ impl LanguageModel {
             .as_deref()
             .map(crate::adapter::Adapter::describe)
             .unwrap_or_default();
+        let base_name = name.clone();
         let name = match adapter.as_str() {
             "" => name,
             a => format!("{name}+{a}"),
@@ -185,6 +192,9 @@ impl LanguageModel {
             architecture,
             name,
             adapter,
+            base_name,
+            path: path.to_path_buf(),
+            sha256: opts.model_sha256.clone(),
         })
     }
 }

@@ -25,6 +25,16 @@ pub enum EngineError {
     /// The model failed.
     #[error("inference failed: {0}")]
     Inference(String),
+    /// What was named (an adapter) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the engine's state (an adapter in use, or loaded with other
+    /// weights).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No room (the adapter memory).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 /// What to condition on.
@@ -112,6 +122,10 @@ pub struct Params {
     /// those wholly within the prompt's template prefix (the instruction, before the first
     /// caller-supplied token), which every caller shares. At most [`MAX_CACHE_SALT`] bytes.
     pub cache_salt: Vec<u8>,
+    /// The adapter to run with, by name: empty for the engine's default (its start-up
+    /// adapter, or the base model), [`BASE_NAME`](super::adapters::BASE_NAME) for the base
+    /// model, else one registered or in the adapter directory (see [`super::Adapters`]).
+    pub adapter: String,
 }
 
 /// Longest [`Params::cache_salt`] accepted, bytes.
@@ -135,6 +149,7 @@ impl Default for Params {
             contrast: None,
             resume_token_ids: Vec::new(),
             cache_salt: Vec::new(),
+            adapter: String::new(),
         }
     }
 }
@@ -174,6 +189,9 @@ pub struct Stats {
     /// Sum of the generated tokens' log-probabilities (an end-of-turn token's included) after
     /// the repeat penalty, before any temperature.
     pub log_prob: f32,
+    /// The adapter it ran with, `NAME@SHA` (empty: the base model); set by
+    /// [`super::Engine::generate`] (a caller of [`super::Engine::submit`] gets it there).
+    pub adapter: String,
 }
 
 /// New text of a job and the tokens it came from.
@@ -225,6 +243,8 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Reuse the cached keys and values of earlier prompts' prefixes.
     pub prefix_cache: bool,
+    /// Run-time adapters: where they come from, how much memory they may take.
+    pub adapters: super::adapters::AdapterSettings,
 }
 
 /// A job admitted to the running batch in a step.

@@ -11,15 +11,26 @@ use super::output::Update;
 use super::request::Request;
 use super::runner;
 use super::scheduler::Scheduler;
-use crate::backend::Backend;
+use crate::adapter::Adapter;
+use crate::backend::{AdapterId, Backend};
 use crate::model::Prompter;
+
+/// What reaches the engine thread, in the order it was sent.
+pub(super) enum Command {
+    /// A job to queue.
+    Job(Box<Request>),
+    /// Install an adapter under an id before any job that names it.
+    Install(AdapterId, Arc<Adapter>),
+    /// Remove an adapter no job names any more.
+    Remove(AdapterId),
+}
 
 /// Everything the engine thread owns.
 pub(super) struct EngineCore {
     pub scheduler: Scheduler,
     pub backend: Box<dyn Backend>,
     pub prompter: Arc<Prompter>,
-    pub inbox: Receiver<Request>,
+    pub inbox: Receiver<Command>,
     pub outputs: Sender<Vec<Update>>,
     pub sink: Box<dyn StatsSink>,
 }
@@ -31,12 +42,12 @@ impl EngineCore {
             let mut out = Vec::new();
             if self.scheduler.is_idle() {
                 match self.inbox.recv() {
-                    Ok(r) => self.scheduler.enqueue(r, &mut out),
+                    Ok(c) => self.take(c, &mut out),
                     Err(_) => return,
                 }
             }
-            while let Ok(r) = self.inbox.try_recv() {
-                self.scheduler.enqueue(r, &mut out);
+            while let Ok(c) = self.inbox.try_recv() {
+                self.take(c, &mut out);
             }
             let mut stats = StepStats::default();
             self.scheduler.sweep(Instant::now(), &mut out);
@@ -54,6 +65,18 @@ impl EngineCore {
                 tracing::error!("the output processor is gone");
                 return;
             }
+        }
+    }
+
+    fn take(&mut self, command: Command, out: &mut Vec<Update>) {
+        match command {
+            Command::Job(r) => self.scheduler.enqueue(*r, out),
+            Command::Install(id, adapter) => {
+                if let Err(e) = self.backend.install_adapter(id, &adapter) {
+                    tracing::error!(error = %e, id, "installing an adapter failed");
+                }
+            }
+            Command::Remove(id) => self.backend.remove_adapter(id),
         }
     }
 

@@ -90,6 +90,8 @@ pub(super) struct SequenceGroup {
     pub first_token: Option<Instant>,
     /// Blocks one of its sequences needs at most (room kept for beams yet to fork).
     pub seq_blocks: usize,
+    /// Its adapter's lease: the adapter stays installed while the group lives.
+    pub _adapter: super::adapters::AdapterUse,
 }
 
 impl SequenceGroup {

@@ -26,6 +26,7 @@
 //! prefix cache (the backends compute each row independently), so greedy text is the same
 //! alone, batched, chunked, cached or resumed ([`Params::resume_token_ids`]).
 
+mod adapters;
 mod api;
 mod engine_core;
 mod group;
@@ -42,6 +43,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
+pub use adapters::{AdapterEvent, AdapterInfo, AdapterSettings, AdapterUse, Adapters, BASE_NAME};
 pub use api::{
     Admission, Chunk, Contrast, EngineConfig, EngineError, Event, Finish, Input, Job,
     MAX_CACHE_SALT, Params, Stats, StatsSink, StepStats,
@@ -50,20 +52,24 @@ pub use output::{find_stop, held_back};
 
 use crate::cache::KvCache;
 use crate::model::{LanguageModel, Prompter};
+use engine_core::Command;
 use request::{Limits, Request};
 
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
-    tx: Sender<Request>,
+    tx: Sender<Command>,
     waiting: Arc<AtomicUsize>,
     capacity: usize,
     prompter: Arc<Prompter>,
     system: Arc<str>,
     context: usize,
     max_running: usize,
-    /// Model id.
+    /// Model id (with the start-up adapter's `NAME@SHA`, if any).
     pub model_name: String,
+    /// The base model's id.
+    pub base_name: String,
+    adapters: Adapters,
     /// The adapter applied (file stem and the start of its sha256); empty for none.
     pub adapter: String,
     /// One line about the backend.
@@ -93,7 +99,16 @@ impl Engine {
         let context = model.backend.context();
         let backend_line = model.backend.describe();
         let model_name = model.name.clone();
+        let base_name = model.base_name.clone();
         let adapter = model.adapter.clone();
+        let adapters = Adapters::new(
+            config.adapters.clone(),
+            model.backend.adapter_shape(),
+            model.path.clone(),
+            model.sha256.clone(),
+            &adapter,
+            tx.clone(),
+        );
         let capacity = config.queue_capacity.max(1);
         let system: Arc<str> = config.system.clone().into();
         let max_running = config.max_running;
@@ -131,8 +146,23 @@ impl Engine {
             context,
             max_running,
             model_name,
+            base_name,
+            adapters,
             adapter,
             backend: backend_line,
+        }
+    }
+
+    /// The engine's adapters: load, unload, list.
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
+    }
+
+    /// The model id of a response produced with `adapter` (`NAME@SHA`, empty for none).
+    pub fn model_for(&self, adapter: &str) -> String {
+        match adapter {
+            "" => self.base_name.clone(),
+            a => format!("{}+{a}", self.base_name),
         }
     }
 
@@ -150,18 +180,28 @@ impl Engine {
         }
     }
 
-    /// Checks and tokenizes the job and queues it, or refuses it at once when the queue is
-    /// full, its settings cannot be served or its prompt cannot fit.
-    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        let request = Request::new(job, &self.limits())?;
+    /// Checks and tokenizes the job, makes its adapter resident, and queues it, or refuses it
+    /// at once when the queue is full, its settings cannot be served, its adapter is unknown
+    /// or its prompt cannot fit. Returns the adapter it runs with (`NAME@SHA`, empty for none).
+    pub fn submit(&self, job: Job) -> Result<String, EngineError> {
+        let mut request = Request::new(job, &self.limits())?;
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Overloaded(self.capacity));
         }
-        self.tx.send(request).map_err(|_| {
+        request.adapter = match self.adapters.resolve(&request.params.adapter) {
+            Ok(a) => a,
+            Err(e) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let name = request.adapter.name.clone();
+        self.tx.send(Command::Job(Box::new(request))).map_err(|_| {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             EngineError::Stopped
-        })
+        })?;
+        Ok(name)
     }
 
     /// Runs one job to its end, discarding the streamed text (for tools and tests; the gRPC
@@ -173,7 +213,7 @@ impl Engine {
         deadline: Option<Instant>,
     ) -> Result<Stats, EngineError> {
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.submit(Job {
+        let adapter = self.submit(Job {
             input,
             params,
             events,
@@ -182,7 +222,7 @@ impl Engine {
         while let Some(e) = rx.recv().await {
             match e {
                 Event::Text(_) => {}
-                Event::Done(s) => return Ok(s),
+                Event::Done(s) => return Ok(Stats { adapter, ..s }),
                 Event::Failed(e) => return Err(e),
             }
         }

@@ -230,6 +230,7 @@ impl Answer {
             time_to_first_token: first.duration_since(self.enqueued).as_secs_f64(),
             scores,
             log_prob,
+            adapter: String::new(),
         }));
     }
 }

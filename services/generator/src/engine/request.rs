@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::adapters::AdapterUse;
 use super::api::{EngineError, Event, Input, Job, MAX_CACHE_SALT, Params};
 use crate::model::Prompter;
 use crate::prompt::{self, Parts};
@@ -29,6 +30,8 @@ pub(super) struct Request {
     pub events: UnboundedSender<Event>,
     pub deadline: Option<Instant>,
     pub enqueued: Instant,
+    /// Its adapter, leased until the job ends.
+    pub adapter: AdapterUse,
 }
 
 /// What [`Request::new`] checks a job against.
@@ -61,6 +64,7 @@ impl Request {
             events: job.events,
             deadline: job.deadline,
             enqueued: Instant::now(),
+            adapter: AdapterUse::default(),
         })
     }
 }

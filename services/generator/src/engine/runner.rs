@@ -22,6 +22,7 @@ pub(super) fn execute(
                 start: s.start,
                 blocks: seq.blocks.ids(),
                 logits: s.logits,
+                adapter: seq.adapter,
             }
         })
         .collect();

@@ -282,7 +282,7 @@ impl Scheduler {
                     );
                     // Resumed tokens were drawn by the earlier run.
                     sampler.replay(start.tokens.len() - start.prompt_len);
-                    Sequence::new(
+                    let mut seq = Sequence::new(
                         start.tokens,
                         start.prompt_len,
                         blocks,
@@ -290,7 +290,9 @@ impl Scheduler {
                         start.chain,
                         sampler,
                         bs,
-                    )
+                    );
+                    seq.adapter = w.request.adapter.id;
+                    seq
                 })
                 .collect();
             let seq_blocks = self.need(w.request.prompt.ids.len(), p.max_new_tokens);
@@ -311,6 +313,7 @@ impl Scheduler {
                 enqueued: request.enqueued,
                 first_token: None,
                 seq_blocks,
+                _adapter: request.adapter,
             });
         }
     }
@@ -333,7 +336,10 @@ impl Scheduler {
             .map(|(tokens, prompt)| Start {
                 tokens,
                 prompt_len: prompt.ids.len(),
-                chain: ChainStart::new(&p.cache_salt, prompt.shared_prefix),
+                chain: ChainStart {
+                    weights: r.adapter.weights,
+                    ..ChainStart::new(&p.cache_salt, prompt.shared_prefix)
+                },
                 need: self.need(prompt.ids.len(), p.max_new_tokens),
             })
             .collect()

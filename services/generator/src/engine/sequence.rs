@@ -1,6 +1,7 @@
 //! One sequence on the backend: its tokens, how many of them are computed, its cache blocks and
 //! its place on the prefix cache's hash chain.
 
+use crate::backend::AdapterId;
 use crate::cache::{BlockTable, ChainStart, KvCache};
 use crate::sampler::Sampler;
 
@@ -35,6 +36,8 @@ pub(super) struct Sequence {
     pub logits: Option<Vec<f32>>,
     /// Its text, where the engine itself must read it (a beam's stop strings).
     pub text: Option<Detokenizer>,
+    /// The adapter its rows run with.
+    pub adapter: AdapterId,
 }
 
 impl Sequence {
@@ -61,6 +64,7 @@ impl Sequence {
             log_prob: 0.0,
             logits: None,
             text: None,
+            adapter: crate::backend::BASE,
         }
     }
 
@@ -119,6 +123,7 @@ impl Sequence {
             log_prob: self.log_prob,
             logits: None,
             text: self.text.clone(),
+            adapter: self.adapter,
         };
         Some((child, copy))
     }

@@ -19,7 +19,7 @@ use half::f16;
 use super::kernels::{self, Isa, QActs, QK, QMatrix};
 use super::pool::{self, Pool};
 use crate::adapter::{Adapter, PROJECTIONS, Prepared, apply_row};
-use crate::backend::{Backend, SeqStep};
+use crate::backend::{AdapterId, AdapterShape, BASE, Backend, STARTUP, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
 
@@ -216,8 +216,8 @@ pub struct NativeModel {
     /// The key/value cache.
     pub kv: KvCache,
     scratch: Scratch,
-    /// LoRA adapter applied unmerged, in f32.
-    adapter: Option<Lora>,
+    /// LoRA adapters applied unmerged, in f32, by the id sequences name them with.
+    adapters: std::collections::HashMap<AdapterId, Lora>,
     /// The kernels' instruction set, detected at load.
     isa: Isa,
 }
@@ -264,28 +264,31 @@ impl Lora {
     }
 }
 
-/// Adds the adapter's updates of `layer`'s `projections` (index in [`PROJECTIONS`], first
-/// output column) for inputs `x` (rows) to `out` (rows of `stride`), rows spread over the pool.
+/// Adds each row's adapter's updates (`adapters[row]`, none for the base model) of `layer`'s
+/// `projections` (index in [`PROJECTIONS`], first output column) for inputs `x` (rows of
+/// `width`) to `out` (rows of `stride`), rows spread over the pool: rows of different adapters
+/// share the pass, each with its own low-rank pair (the SGMV idea of Punica and S-LoRA, one
+/// row at a time), so a row's output does not depend on the others'.
+#[allow(clippy::too_many_arguments)]
 fn lora(
     pool: &Pool,
-    adapter: Option<&Lora>,
+    adapters: &[Option<&Lora>],
     layer: usize,
     projections: &[(usize, usize)],
     x: &[f32],
+    width: usize,
     out: &mut [f32],
     stride: usize,
 ) {
-    let Some(a) = adapter else { return };
-    let pairs: Vec<(&Prepared, usize)> = projections
-        .iter()
-        .filter_map(|&(i, offset)| a.layers[layer][i].as_ref().map(|p| (p, offset)))
-        .collect();
-    let Some(width) = pairs.first().map(|(p, _)| p.inputs) else {
+    if adapters.iter().all(Option::is_none) {
         return;
-    };
+    }
     pool::for_each_chunk_mut(pool, out, stride, &|r, row| {
-        for (p, offset) in &pairs {
-            apply_row(p, &x[r * width..(r + 1) * width], row, *offset);
+        let Some(a) = adapters[r] else { return };
+        for &(i, offset) in projections {
+            if let Some(p) = &a.layers[layer][i] {
+                apply_row(p, &x[r * width..(r + 1) * width], row, offset);
+            }
         }
     });
 }
@@ -409,6 +412,7 @@ impl NativeModel {
                 Some(Lora::new(&a, cfg.layers))
             }
         };
+        let adapters = adapter.into_iter().map(|a| (STARTUP, a)).collect();
         let (cos, sin) = cfg.rope_tables();
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -435,7 +439,7 @@ impl NativeModel {
             kv,
             cfg,
             scratch: Scratch::default(),
-            adapter,
+            adapters,
             isa,
         })
     }
@@ -448,6 +452,15 @@ impl NativeModel {
             .map(|l| l.wqkv.bytes() + l.wo.bytes() + l.wgu.bytes() + l.wdown.bytes())
             .sum();
         l + self.lm_head.bytes() + self.embd_q.len() + 4 * self.embd_d.len()
+    }
+
+    /// The id rows name to run with the adapter given at load ([`BASE`] when none was).
+    pub fn startup_adapter(&self) -> AdapterId {
+        if self.adapters.contains_key(&STARTUP) {
+            STARTUP
+        } else {
+            BASE
+        }
     }
 
     /// Compute threads.
@@ -490,6 +503,20 @@ impl NativeModel {
                 _ => tiles.push((r, 1)),
             }
         }
+        // Each row's adapter; the f32 inputs of the projections are kept when any row has one.
+        let mut row_adapters: Vec<Option<&Lora>> = Vec::with_capacity(t);
+        for seq in seqs {
+            let a = match seq.adapter {
+                BASE => None,
+                id => Some(
+                    self.adapters
+                        .get(&id)
+                        .with_context(|| format!("adapter #{id} is not installed"))?,
+                ),
+            };
+            row_adapters.extend(std::iter::repeat_n(a, seq.tokens.len()));
+        }
+        let adapted = row_adapters.iter().any(Option::is_some);
         let sc = &mut self.scratch;
         sc.x.resize(t * hidden, 0.0);
         let kbs = hidden / QK;
@@ -511,7 +538,8 @@ impl NativeModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            let adapter = self.adapter.as_ref();
+            let adapter = adapted.then_some(());
+            let ra = &row_adapters;
             {
                 let norm = norm_rows(&sc.x, &layer.attn_norm, cfg.eps, hidden);
                 let keep = adapter.map(|_| &mut sc.h);
@@ -523,10 +551,11 @@ impl NativeModel {
             let qkv_parts = [(0, 0), (1, qw), (2, qw + kw)];
             lora(
                 &self.pool,
-                adapter,
+                ra,
                 l,
                 &qkv_parts,
                 &sc.h,
+                hidden,
                 &mut sc.qkv,
                 qkv_w,
             );
@@ -622,15 +651,7 @@ impl NativeModel {
             );
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, isa, &sc.qa, &layer.wo, &mut sc.out);
-            lora(
-                &self.pool,
-                adapter,
-                l,
-                &[(3, 0)],
-                &sc.h,
-                &mut sc.out,
-                hidden,
-            );
+            lora(&self.pool, ra, l, &[(3, 0)], &sc.h, w, &mut sc.out, hidden);
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
@@ -644,7 +665,16 @@ impl NativeModel {
             sc.gu.resize(t * 2 * ff, 0.0);
             kernels::gemm(&self.pool, isa, &sc.qa, &layer.wgu, &mut sc.gu);
             let gu_parts = [(4, 0), (5, ff)];
-            lora(&self.pool, adapter, l, &gu_parts, &sc.h, &mut sc.gu, 2 * ff);
+            lora(
+                &self.pool,
+                ra,
+                l,
+                &gu_parts,
+                &sc.h,
+                hidden,
+                &mut sc.gu,
+                2 * ff,
+            );
             let gu = &sc.gu;
             produce(
                 &self.pool,
@@ -661,10 +691,11 @@ impl NativeModel {
             kernels::gemm(&self.pool, isa, &sc.qa, &layer.wdown, &mut sc.out);
             lora(
                 &self.pool,
-                adapter,
+                ra,
                 l,
                 &[(6, 0)],
                 &sc.act,
+                ff,
                 &mut sc.out,
                 hidden,
             );
@@ -846,6 +877,27 @@ impl Backend for NativeModel {
 
     fn cache_blocks(&self) -> usize {
         self.kv.blocks
+    }
+
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        Some(AdapterShape {
+            layers: self.cfg.layers,
+            widths: PROJECTIONS
+                .iter()
+                .filter_map(|p| Some((p.to_string(), self.cfg.projection_widths(p)?)))
+                .collect(),
+        })
+    }
+
+    fn install_adapter(&mut self, id: AdapterId, adapter: &Adapter) -> anyhow::Result<()> {
+        anyhow::ensure!(id != BASE, "adapter id {BASE} is the base model's");
+        self.adapters
+            .insert(id, Lora::new(adapter, self.cfg.layers));
+        Ok(())
+    }
+
+    fn remove_adapter(&mut self, id: AdapterId) {
+        self.adapters.remove(&id);
     }
 
     fn context(&self) -> usize {
