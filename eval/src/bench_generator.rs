@@ -68,6 +68,14 @@ pub struct BenchGeneratorArgs {
     /// Key/value cache, MiB.
     #[arg(long, default_value_t = 512)]
     pub kv_cache_mb: usize,
+    /// Distinct LoRA adapters (seeded, of the shipped shape: rank 8, seven projections, every
+    /// layer) for the many-adapters measurement at the largest stream count: stream i runs on
+    /// adapter i mod N, against the same run with no adapter (0 = skip it).
+    #[arg(long, default_value_t = 0)]
+    pub adapters: usize,
+    /// Alternating runs of that measurement, each with and without adapters (medians).
+    #[arg(long, default_value_t = 3)]
+    pub adapter_runs: usize,
     /// Also measure llama.cpp through this Python interpreter (one with llama-cpp-python
     /// installed, e.g. /tmp/peer-venv/bin/python).
     #[arg(long)]
@@ -78,6 +86,9 @@ pub struct BenchGeneratorArgs {
     /// Where to write the JSON report.
     #[arg(long, default_value = "bench-generator.json")]
     pub out: PathBuf,
+    /// Where the seeded adapters are written (set by the run: a temporary directory).
+    #[arg(skip)]
+    pub adapter_dir: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -182,6 +193,8 @@ fn start_engine(
     config.prefix_cache = prefix_cache;
     config.queue_capacity = 4096;
     config.max_context = 4096;
+    config.adapter_dir = a.adapter_dir.clone();
+    config.adapter_memory_mb = 64 + a.adapters * 16;
     let t = Instant::now();
     let path = config
         .model
@@ -194,6 +207,11 @@ fn start_engine(
 
 /// Runs the benchmark.
 pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Value> {
+    let adapter_dir = tempfile::tempdir()?;
+    let a = &BenchGeneratorArgs {
+        adapter_dir: Some(adapter_dir.path().to_path_buf()),
+        ..a.clone()
+    };
     let texts = {
         let d = a.data.clone();
         tokio::task::spawn_blocking(move || load_texts(&d)).await??
@@ -282,6 +300,11 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
     } else {
         None
     };
+    let adapters = if a.adapters > 0 {
+        Some(many_adapters(a, &engine, &texts).await?)
+    } else {
+        None
+    };
     drop(engine);
 
     // Prefix cache: the presets of one write (one evaluation example): the same start and
@@ -363,6 +386,9 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
     if let Some(b) = beam_search {
         report["beam_search"] = b;
     }
+    if let Some(m) = adapters {
+        report["adapters"] = m;
+    }
     if let Some(agg) = aggregate_8 {
         report["aggregate_decode_8_over_single"] = json!(agg / single_decode);
     }
@@ -376,6 +402,112 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
         });
     }
     Ok(report)
+}
+
+/// The many-adapters measurement: at the largest stream count, stream i on adapter i mod N,
+/// alternating with the same streams on the base model (same prompts, end of text ignored);
+/// then each of the first eight streams alone on its adapter (its tokens must equal the mixed
+/// batch's), and the time to load a 10 MB adapter.
+async fn many_adapters(
+    a: &BenchGeneratorArgs,
+    engine: &Engine,
+    texts: &[String],
+) -> anyhow::Result<Value> {
+    use ghostwriter_generator::adapter::Adapter;
+    let registry = engine.adapters().clone();
+    let dir = a
+        .adapter_dir
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no adapter directory"))?;
+    let shape = registry
+        .shape()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("{} takes no run-time adapters", engine.backend))?;
+    let sha = registry.base_sha256()?;
+    let names: Vec<String> = (0..a.adapters).map(|i| format!("bench{i:03}")).collect();
+    let mut size = 0;
+    for (i, name) in names.iter().enumerate() {
+        let adapter = Adapter::seeded(&shape, 8, 0.08, 1000 + i as u64, &sha);
+        size = adapter.weight_bytes();
+        adapter.save(&dir.join(format!("{name}.safetensors")))?;
+    }
+    // The load of one adapter file (read, parse, checks, install), median of five.
+    let mut load_ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        registry.load(&names[0], None, false)?;
+        load_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        registry.unload(&names[0])?;
+    }
+    let streams = a.streams.iter().copied().max().unwrap_or(8).max(1);
+    let inputs: Vec<Input> = (0..streams)
+        .map(|i| instruction_of(engine, texts, 1000 + i * 13, a.decode_prompt_tokens))
+        .collect();
+    let run = |adapters: bool| {
+        let jobs = inputs.iter().enumerate().map(|(i, input)| {
+            let p = Params {
+                adapter: if adapters {
+                    names[i % names.len()].clone()
+                } else {
+                    ghostwriter_generator::engine::BASE_NAME.to_string()
+                },
+                ..params(a.new_tokens, true)
+            };
+            run_job(engine, input.clone(), p)
+        });
+        futures::future::join_all(jobs)
+    };
+    let aggregate = |stats: &[Stats]| stats.iter().map(|s| s.tokens_per_second).sum::<f64>();
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let (mut mixed, mut base) = (Vec::new(), Vec::new());
+    for r in 0..a.adapter_runs.max(1) {
+        let b: Vec<Stats> = run(false).await.into_iter().collect::<Result<_, _>>()?;
+        let m: Vec<Stats> = run(true).await.into_iter().collect::<Result<_, _>>()?;
+        without.push(aggregate(&b));
+        with.push(aggregate(&m));
+        eprintln!(
+            "adapters run {r}: {streams} streams, no adapter {:.1} tokens/s, {} adapters {:.1} tokens/s",
+            without[r],
+            names.len(),
+            with[r]
+        );
+        (mixed, base) = (m, b);
+    }
+    let solo_checked = streams.min(8);
+    let mut mixed_equals_solo = true;
+    for (i, input) in inputs.iter().take(solo_checked).enumerate() {
+        let p = Params {
+            adapter: names[i % names.len()].clone(),
+            ..params(a.new_tokens, true)
+        };
+        let alone = run_job(engine, input.clone(), p).await?;
+        mixed_equals_solo &= alone.tokens == mixed[i].tokens;
+    }
+    let differing = mixed
+        .iter()
+        .zip(&base)
+        .filter(|(m, b)| m.tokens != b.tokens)
+        .count();
+    let (w, wo) = (median(with.clone()), median(without.clone()));
+    Ok(json!({
+        "count": names.len(),
+        "rank": 8,
+        "adapter_bytes": size,
+        "streams": streams,
+        "runs": a.adapter_runs.max(1),
+        "aggregate_decode_tokens_per_s": w,
+        "no_adapter_aggregate_decode_tokens_per_s": wo,
+        "ratio": w / wo,
+        "aggregate_decode_runs": with,
+        "no_adapter_aggregate_decode_runs": without,
+        "mixed_equals_solo": mixed_equals_solo,
+        "solo_streams_checked": solo_checked,
+        "differs_from_base": differing * 2 >= streams,
+        "streams_differing_from_base": differing,
+        "load_ms": median(load_ms.clone()),
+        "load_ms_runs": load_ms,
+        "resident": registry.list().iter().filter(|x| x.resident).count(),
+    }))
 }
 
 /// `--beam-streams` beam searches at once against greedy decoding of the same prompts: wall

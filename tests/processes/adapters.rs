@@ -1,6 +1,7 @@
 //! The adapter a generator serves by default: `serve generator` serves the shipped fine-tuned
 //! adapter on its base model and names it in `Info` and in every response; `--zero-shot` serves
-//! the model alone.
+//! the model alone. Adapters loaded at run time over gRPC: by name from `--adapter-dir` or from
+//! bytes, used by name in requests, evicted within the memory budget, unloaded.
 
 #![allow(clippy::unwrap_used)]
 
@@ -66,4 +67,177 @@ async fn serve_generator_serves_the_shipped_adapter_unless_zero_shot() {
     let (adapter, model) = served(&["--zero-shot"]).await;
     assert_eq!(adapter, "", "--zero-shot serves the model alone");
     assert!(!model.contains('+'), "{model}");
+}
+
+/// A seeded adapter of the shipped shape for the model under test, as safetensors bytes.
+fn seeded_adapter(seed: u64) -> Vec<u8> {
+    let model = common::model_dir().join(ghostwriter_common::models::GENERATOR_Q8_0);
+    let sha = ghostwriter_common::models::sha256_file(&model).unwrap();
+    let loaded = ghostwriter_generator::LanguageModel::load(
+        &model,
+        &ghostwriter_generator::LoadOptions {
+            device: "cpu".into(),
+            max_context: 256,
+            threads: 1,
+            block_size: 16,
+            kv_cache_mb: 1,
+            adapter: None,
+            model_sha256: Some(sha.clone()),
+        },
+    )
+    .unwrap();
+    let shape = loaded.backend.adapter_shape().unwrap();
+    ghostwriter_generator::adapter::Adapter::seeded(&shape, 8, 0.08, seed, &sha)
+        .to_bytes()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_by_name_or_bytes_serve_requests_evict_and_unload_over_grpc() {
+    use ghostwriter::proto::{ListAdaptersRequest, LoadAdapterRequest, UnloadAdapterRequest};
+    let _slot = crate::common::slot(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("reviews-a.safetensors"), seeded_adapter(1)).unwrap();
+    std::fs::write(dir.path().join("reviews-b.safetensors"), seeded_adapter(2)).unwrap();
+    let mut cmd = common::ghostwriter();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--model-dir",
+    ])
+    .arg(common::model_dir())
+    .args(["generator", "--zero-shot", "--adapter-memory-mb", "16"])
+    .arg("--adapter-dir")
+    .arg(dir.path())
+    .env("RUST_LOG", "warn");
+    let mut process = common::start("generator", cmd).await;
+    common::wait_serving(&mut process, 120).await;
+    let metrics = common::metrics_addr(&process);
+    let mut client = GeneratorClient::connect(process.url().to_string())
+        .await
+        .unwrap();
+    let write = |adapter: &str| GenerateRequest {
+        input: Some(Input::Instruction("Say hello.".into())),
+        params: Some(GenerationParams {
+            max_new_tokens: 3,
+            ..Default::default()
+        }),
+        adapter: adapter.into(),
+        ..Default::default()
+    };
+
+    // By name from the directory.
+    let loaded = client
+        .load_adapter(LoadAdapterRequest {
+            name: "reviews-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(loaded.resident && loaded.sha256.len() == 12, "{loaded:?}");
+    let a = client
+        .generate(write("reviews-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        a.model.ends_with(&format!("+reviews-a@{}", loaded.sha256)),
+        "{}",
+        a.model
+    );
+    let base = client.generate(write("base")).await.unwrap().into_inner();
+    assert!(!base.model.contains('+'), "{}", base.model);
+    let unknown = client.generate(write("nope")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument, "{unknown:?}");
+    assert!(unknown.message().contains("unknown adapter"), "{unknown:?}");
+
+    // First use of another name in the directory loads it; 16 MiB hold one: reviews-a goes.
+    let b = client
+        .generate(write("reviews-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.model.contains("+reviews-b@"), "{}", b.model);
+    // The bytes of a file, pinned: reviews-b goes, and nothing evicts "given".
+    let given = client
+        .load_adapter(LoadAdapterRequest {
+            name: "given".into(),
+            safetensors: seeded_adapter(3),
+            pin: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(given.resident && given.pinned);
+    let no_room = client.generate(write("reviews-a")).await.unwrap_err();
+    assert_eq!(
+        no_room.code(),
+        tonic::Code::ResourceExhausted,
+        "{no_room:?}"
+    );
+    let list = client
+        .list_adapters(ListAdaptersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .adapters;
+    let by_name = |n: &str| list.iter().find(|a| a.name == n).unwrap().clone();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert!(!by_name("reviews-a").resident && by_name("reviews-a").evictions == 1);
+    assert!(!by_name("reviews-b").resident && by_name("reviews-b").evictions == 1);
+    assert!(by_name("given").resident);
+
+    // Names, never paths; what is not there is NOT_FOUND.
+    for (name, code) in [
+        ("../reviews-a", tonic::Code::InvalidArgument),
+        ("missing", tonic::Code::NotFound),
+    ] {
+        let e = client
+            .load_adapter(LoadAdapterRequest {
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{name}: {e:?}");
+    }
+    client
+        .unload_adapter(UnloadAdapterRequest {
+            name: "given".into(),
+        })
+        .await
+        .unwrap();
+    let again = client
+        .unload_adapter(UnloadAdapterRequest {
+            name: "given".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    // Room again: reviews-a loads on use.
+    client.generate(write("reviews-a")).await.unwrap();
+    let info = client
+        .info(GeneratorInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        info.adapters
+            .iter()
+            .any(|a| a.name == "reviews-a" && a.resident)
+    );
+
+    let scraped = common::http_get(&metrics, "/metrics").await;
+    for line in [
+        "ghostwriter_generator_adapter_loads_total{adapter=\"reviews-a\"} 2",
+        "ghostwriter_generator_adapter_evictions_total{adapter=\"reviews-a\"} 1",
+        "ghostwriter_generator_adapter_resident{adapter=\"given\"} 0",
+        "ghostwriter_generator_adapter_resident{adapter=\"reviews-a\"} 1",
+    ] {
+        assert!(scraped.contains(line), "{line} not in /metrics:\n{scraped}");
+    }
 }

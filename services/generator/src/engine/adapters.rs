@@ -425,6 +425,16 @@ impl Adapters {
         out.into_values().collect()
     }
 
+    /// The shape run-time adapters must have (`None`: the backend takes none).
+    pub fn shape(&self) -> Option<&AdapterShape> {
+        self.inner.shape.as_ref()
+    }
+
+    /// The base model's sha256 (hashed on the first call, unless the loader knew it).
+    pub fn base_sha256(&self) -> Result<String, EngineError> {
+        self.model_sha256().map(str::to_string)
+    }
+
     fn model_sha256(&self) -> Result<&str, EngineError> {
         if let Some(s) = self.inner.model_sha256.get() {
             return Ok(s);

@@ -199,6 +199,8 @@ struct Scratch {
     /// f32 inputs of the projections an adapter updates.
     h: Vec<f32>,
     act: Vec<f32>,
+    /// Adapter updates, rows grouped by adapter.
+    delta: Vec<f32>,
 }
 
 /// The model, its cache and its threads.
@@ -237,9 +239,7 @@ fn produce(
         None => qa.fill(pool, isa, m, k, row),
         Some(buf) => {
             buf.resize(m * k, 0.0);
-            for (r, out) in buf.chunks_exact_mut(k).enumerate() {
-                row(r, out);
-            }
+            pool::for_each_chunk_mut(pool, &mut buf[..m * k], k, row);
             let kept = &*buf;
             qa.fill(pool, isa, m, k, &|r, out| {
                 out.copy_from_slice(&kept[r * k..(r + 1) * k])
@@ -266,9 +266,10 @@ impl Lora {
 
 /// Adds each row's adapter's updates (`adapters[row]`, none for the base model) of `layer`'s
 /// `projections` (index in [`PROJECTIONS`], first output column) for inputs `x` (rows of
-/// `width`) to `out` (rows of `stride`), rows spread over the pool: rows of different adapters
-/// share the pass, each with its own low-rank pair (the SGMV idea of Punica and S-LoRA, one
-/// row at a time), so a row's output does not depend on the others'.
+/// `width`) to `out` (rows of `stride`). Rows of different adapters share the pass; rows are
+/// grouped by adapter (the SGMV idea of Punica and S-LoRA) so that each task applies one pair
+/// to all its rows while the pair is in cache. Each row's update is computed alone into
+/// `delta` and then added, so a row's output does not depend on the other rows.
 #[allow(clippy::too_many_arguments)]
 fn lora(
     pool: &Pool,
@@ -279,18 +280,47 @@ fn lora(
     width: usize,
     out: &mut [f32],
     stride: usize,
+    delta: &mut Vec<f32>,
 ) {
-    if adapters.iter().all(Option::is_none) {
+    let key = |r: usize| adapters[r].map_or(0, |a| a as *const Lora as usize);
+    let mut order: Vec<usize> = (0..adapters.len()).filter(|&r| key(r) != 0).collect();
+    if order.is_empty() {
         return;
     }
-    pool::for_each_chunk_mut(pool, out, stride, &|r, row| {
-        let Some(a) = adapters[r] else { return };
+    order.sort_by_key(|&r| (key(r), r));
+    // Tasks: runs of one adapter's rows, at most an even share of the rows each.
+    let share = order.len().div_ceil(pool.threads().max(1));
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for j in 1..=order.len() {
+        if j == order.len() || key(order[j]) != key(order[start]) || j - start == share {
+            ranges.push(start * stride..j * stride);
+            start = j;
+        }
+    }
+    delta.clear();
+    delta.resize(order.len() * stride, 0.0);
+    let order = &order;
+    pool::for_each_range_mut(pool, delta, &ranges, &|task, piece| {
+        let first = ranges[task].start / stride;
+        let Some(a) = adapters[order[first]] else {
+            return;
+        };
         for &(i, offset) in projections {
-            if let Some(p) = &a.layers[layer][i] {
+            let Some(p) = &a.layers[layer][i] else {
+                continue;
+            };
+            for (k, row) in piece.chunks_exact_mut(stride).enumerate() {
+                let r = order[first + k];
                 apply_row(p, &x[r * width..(r + 1) * width], row, offset);
             }
         }
     });
+    for (d, &r) in delta.chunks_exact(stride).zip(order) {
+        for (o, v) in out[r * stride..(r + 1) * stride].iter_mut().zip(d) {
+            *o += v;
+        }
+    }
 }
 
 /// A weight as Q8_0 rows: (rows, cols, scales `[rows][cols/32]`, quants `[rows][cols]`).
@@ -558,6 +588,7 @@ impl NativeModel {
                 hidden,
                 &mut sc.qkv,
                 qkv_w,
+                &mut sc.delta,
             );
             if let Some(b) = &layer.bqkv {
                 for row in sc.qkv.chunks_exact_mut(qkv_w) {
@@ -651,7 +682,17 @@ impl NativeModel {
             );
             sc.out.resize(t * hidden, 0.0);
             kernels::gemm(&self.pool, isa, &sc.qa, &layer.wo, &mut sc.out);
-            lora(&self.pool, ra, l, &[(3, 0)], &sc.h, w, &mut sc.out, hidden);
+            lora(
+                &self.pool,
+                ra,
+                l,
+                &[(3, 0)],
+                &sc.h,
+                w,
+                &mut sc.out,
+                hidden,
+                &mut sc.delta,
+            );
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
             }
@@ -674,6 +715,7 @@ impl NativeModel {
                 hidden,
                 &mut sc.gu,
                 2 * ff,
+                &mut sc.delta,
             );
             let gu = &sc.gu;
             produce(
@@ -698,6 +740,7 @@ impl NativeModel {
                 ff,
                 &mut sc.out,
                 hidden,
+                &mut sc.delta,
             );
             for (x, o) in sc.x.iter_mut().zip(&sc.out) {
                 *x += o;
