@@ -182,6 +182,7 @@ async fn llm(
                 })),
                 params: None,
                 cache_salt: salt.clone(),
+                adapter: service.config.distinguish_adapter.clone(),
                 ..Default::default()
             };
             let doc_id = d.doc_id.clone();

@@ -168,6 +168,15 @@ pub struct OrchestratorConfig {
         default_value_t = 30.0
     )]
     pub generator_failover_secs: f64,
+    /// The generators' adapter the LLM path of Distinguish scores with: `base` (the base model,
+    /// as the paper's author-distinction rows), empty for the generators' default, or an
+    /// adapter's name.
+    #[arg(
+        long = "distinguish-adapter",
+        env = "GHOSTWRITER_DISTINGUISH_ADAPTER",
+        default_value = "base"
+    )]
+    pub distinguish_adapter: String,
     /// File holding the key (at least 32 bytes) of the prefix cache's per-user salt, a keyed
     /// hash of the user id set on every generation, so no user's request reuses another user's
     /// cached blocks. Give every orchestrator replica the same file; unset = a random key per

@@ -390,19 +390,33 @@ impl Stages {
         .await
     }
 
-    /// Unary generation (idempotent: greedy or seeded), retried on another worker.
+    /// Unary generation (idempotent: greedy or seeded), retried on another worker; a request
+    /// naming an adapter goes to the worker that owns it ([`pick_generator`]).
     pub async fn generate(
         &self,
         r: GenerateRequest,
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, Error> {
-        self.call_any(
-            StageKind::Generator,
-            r,
-            deadline,
-            |channel, request| async move { GeneratorClient::new(channel).generate(request).await },
-        )
-        .await
+        let what = StageKind::Generator.name();
+        let set = &self.generator;
+        Ok(self
+            .balancer
+            .call_picking(
+                set,
+                what,
+                |tried| pick_generator(set, &r.adapter, tried),
+                true,
+                |e| {
+                    let request = deadline::request(r.clone(), deadline);
+                    async move {
+                        Ok(GeneratorClient::new(e.channel.clone())
+                            .generate(request?)
+                            .await?
+                            .into_inner())
+                    }
+                },
+            )
+            .await?)
     }
 
     /// One generator worker's model and engine.
@@ -638,7 +652,7 @@ impl GenerationStream {
             if deadline::remaining(self.deadline).is_err() {
                 return Err(Error::Deadline(deadline::DeadlinePassed));
             }
-            let endpoint = match set.pick(&tried) {
+            let endpoint = match pick_generator(set, &request.adapter, &tried) {
                 Some(e) => e,
                 None => {
                     // Every generator known was tried: wait for one to come (back), within the
@@ -687,6 +701,21 @@ impl GenerationStream {
                 Err(status) => return Err(Error::Stage(client::stage_status(what, status))),
             }
         }
+    }
+}
+
+/// The generator for a request naming `adapter`: the one that owns it by rendezvous hashing
+/// while that one is not overloaded (so a pool of generators does not load every adapter
+/// everywhere), else the least loaded of two random choices, which then loads it; a request
+/// naming none (or the base model) goes to the least loaded of two.
+fn pick_generator(
+    set: &EndpointSet,
+    adapter: &str,
+    tried: &[String],
+) -> Option<std::sync::Arc<Endpoint>> {
+    match adapter {
+        "" | "base" => set.pick(tried),
+        a => set.pick_affine(a, tried),
     }
 }
 

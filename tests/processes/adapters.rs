@@ -241,3 +241,107 @@ async fn adapters_load_by_name_or_bytes_serve_requests_evict_and_unload_over_grp
         assert!(scraped.contains(line), "{line} not in /metrics:\n{scraped}");
     }
 }
+
+/// The names of the adapters resident on the generator at `url`.
+async fn resident(url: &str) -> Vec<String> {
+    use ghostwriter::proto::ListAdaptersRequest;
+    GeneratorClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .list_adapters(ListAdaptersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .adapters
+        .into_iter()
+        .filter(|a| a.resident)
+        .map(|a| a.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
+    let _slot = crate::common::slot(module_path!());
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = dir.path().join("adapters");
+    std::fs::create_dir_all(&adapters).unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("team-{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(
+            adapters.join(format!("{n}.safetensors")),
+            seeded_adapter(10 + i as u64),
+        )
+        .unwrap();
+    }
+    let generator = |name: &str| {
+        common::serve(
+            dir.path(),
+            name,
+            "generator",
+            &[
+                "--zero-shot".into(),
+                "--adapter-dir".into(),
+                adapters.display().to_string(),
+                "--threads".into(),
+                "1".into(),
+            ],
+        )
+    };
+    let (a, b) = (generator("gen-a"), generator("gen-b"));
+    let orchestrator = common::serve(
+        dir.path(),
+        "orchestrator",
+        "orchestrator",
+        &["--generator-url".into(), format!("{},{}", a.url, b.url)],
+    );
+    for url in [&a.url, &b.url, &orchestrator.url] {
+        common::serving(url).await;
+    }
+    let mut client = common::client_over(&orchestrator.url, None);
+    let write = |adapter: &str| {
+        let mut w = ghostwriter_runtime::embedded::short_write(
+            "maya",
+            "These strings",
+            "immediate-context",
+            2,
+        );
+        w.adapter = adapter.to_string();
+        w
+    };
+    // Each adapter, written with three times, is loaded on one generator only.
+    for n in &names {
+        for _ in 0..3 {
+            let r = client.write(write(n)).await.unwrap().into_inner();
+            let model = r.generation.unwrap().model;
+            assert!(model.contains(&format!("+{n}@")), "{model}");
+        }
+    }
+    let (on_a, on_b) = (resident(&a.url).await, resident(&b.url).await);
+    for n in &names {
+        assert!(
+            on_a.contains(n) != on_b.contains(n),
+            "{n} should be resident on exactly one generator: {on_a:?} / {on_b:?}"
+        );
+    }
+    let unknown = client.write(write("nobody")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument, "{unknown:?}");
+
+    // The generator that holds team-0 goes away: its writes go on, on the other, which loads
+    // it; streams too.
+    let (gone, other) = if on_a.contains(&names[0]) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    drop(gone);
+    for _ in 0..2 {
+        client.write(write(&names[0])).await.unwrap();
+    }
+    let mut stream = client
+        .write_stream(write(&names[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert!(resident(&other.url).await.contains(&names[0]));
+}

@@ -90,6 +90,7 @@ async fn orchestrator(retrievers: &[String], ranker: &str, auth: Option<&Path>) 
         insecure_no_auth: false,
         generator_stall_timeout_secs: 15.0,
         generator_failover_secs: 30.0,
+        distinguish_adapter: "base".into(),
         cache_salt_key_file: None,
         discovery: Default::default(),
         ingest_budget_mb: 0,

@@ -233,6 +233,24 @@ impl EndpointSet {
         x
     }
 
+    /// The endpoints that pass `filter`, are not in `exclude` and are not ejected (the ejected
+    /// ones when nothing else is left).
+    fn candidates(
+        &self,
+        exclude: &[String],
+        filter: impl Fn(&EndpointInfo) -> bool,
+    ) -> Vec<Arc<Endpoint>> {
+        let eligible: Vec<Arc<Endpoint>> = self
+            .snapshot()
+            .into_iter()
+            .filter(|e| filter(&e.info) && !exclude.contains(&e.info.url))
+            .collect();
+        if eligible.iter().all(|e| e.ejected()) {
+            return eligible;
+        }
+        eligible.into_iter().filter(|e| !e.ejected()).collect()
+    }
+
     /// Power of two choices among the endpoints that pass `filter`, are not ejected and are not
     /// in `exclude`; ejected ones are used only when nothing else is left.
     pub fn pick_where(
@@ -240,24 +258,13 @@ impl EndpointSet {
         exclude: &[String],
         filter: impl Fn(&EndpointInfo) -> bool,
     ) -> Option<Arc<Endpoint>> {
-        let all = self.snapshot();
-        let eligible: Vec<&Arc<Endpoint>> = all
-            .iter()
-            .filter(|e| filter(&e.info) && !exclude.contains(&e.info.url))
-            .collect();
-        let healthy: Vec<&Arc<Endpoint>> =
-            eligible.iter().copied().filter(|e| !e.ejected()).collect();
-        let pool = if healthy.is_empty() {
-            eligible
-        } else {
-            healthy
-        };
+        let pool = self.candidates(exclude, filter);
         match pool.len() {
             0 => None,
             1 => Some(pool[0].clone()),
             n => {
-                let a = pool[self.next_random() % n];
-                let b = pool[self.next_random() % n];
+                let a = &pool[self.next_random() % n];
+                let b = &pool[self.next_random() % n];
                 Some(if b.in_flight() < a.in_flight() {
                     b.clone()
                 } else {
@@ -271,7 +278,25 @@ impl EndpointSet {
     pub fn pick(&self, exclude: &[String]) -> Option<Arc<Endpoint>> {
         self.pick_where(exclude, |_| true)
     }
+
+    /// The endpoint that owns `key` by rendezvous hashing among those [`Self::pick`] chooses
+    /// from, so that what `key` names (a generator's adapter) stays on one replica instead of
+    /// loading on every one; unless that endpoint carries [`AFFINITY_SPILL`] more calls than
+    /// the least loaded one, or is excluded or ejected: then the next in rendezvous order
+    /// that is not overloaded, else [`Self::pick`]'s choice.
+    pub fn pick_affine(&self, key: &str, exclude: &[String]) -> Option<Arc<Endpoint>> {
+        let mut pool = self.candidates(exclude, |_| true);
+        let least = pool.iter().map(|e| e.in_flight()).min()?;
+        pool.sort_by_key(|e| std::cmp::Reverse(weight(key, e.info.url.as_bytes())));
+        pool.into_iter()
+            .find(|e| e.in_flight() < least + AFFINITY_SPILL)
+            .or_else(|| self.pick(exclude))
+    }
 }
+
+/// Calls an endpoint may carry beyond the least loaded one before [`EndpointSet::pick_affine`]
+/// passes it over.
+pub const AFFINITY_SPILL: usize = 8;
 
 /// Calls stages through their [`EndpointSet`]s, with retries bounded by a budget (Finagle's
 /// retry budget): each call earns a fifth of a retry, and a floor of [`RETRY_FLOOR_PER_SEC`]
@@ -362,11 +387,34 @@ impl Balancer {
         F: Fn(Arc<Endpoint>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_picking(
+            set,
+            what,
+            |tried| set.pick_where(tried, &filter),
+            idempotent,
+            f,
+        )
+        .await
+    }
+
+    /// [`Self::call`] with endpoints chosen by `pick` (given those tried already).
+    pub async fn call_picking<T, F, Fut>(
+        &self,
+        set: &EndpointSet,
+        what: &str,
+        pick: impl Fn(&[String]) -> Option<Arc<Endpoint>>,
+        idempotent: bool,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        F: Fn(Arc<Endpoint>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         self.deposit();
         let mut tried: Vec<String> = Vec::new();
         let mut last: Option<Status> = None;
         for attempt in 0..ATTEMPTS {
-            let Some(endpoint) = set.pick_where(&tried, &filter) else {
+            let Some(endpoint) = pick(&tried) else {
                 break;
             };
             if attempt > 0 && !self.withdraw() {
@@ -399,18 +447,21 @@ impl Balancer {
 /// Rendezvous (highest random weight) hashing: the shard of `shards` that owns `key`.
 pub fn shard_of(key: &str, shards: u32) -> u32 {
     (0..shards.max(1))
-        .max_by_key(|s| {
-            // FNV-1a of key and shard: stable across processes and versions.
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in key.as_bytes().iter().chain(&s.to_le_bytes()) {
-                h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-            }
-            // splitmix64's finalizer, so shards differing in one byte get independent weights.
-            h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            h ^ (h >> 31)
-        })
+        .max_by_key(|s| weight(key, &s.to_le_bytes()))
         .unwrap_or(0)
+}
+
+/// The rendezvous weight of `key` on `node`: FNV-1a of both (stable across processes and
+/// versions) through splitmix64's finalizer, so nodes differing in one byte get independent
+/// weights.
+fn weight(key: &str, node: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes().iter().chain(node) {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]

@@ -76,6 +76,16 @@ pub struct SummaryOptions {
     /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
     #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
     pub summary_chars: u32,
+    /// The generators' adapter the LLM summary is written with: `base` (the base model, as the
+    /// paper's summaries, so its rows stay reproducible), empty for the generators' default
+    /// (the shipped adapter where it applies), or an adapter's name. A candle generator
+    /// started with --adapter serves no base model: set it empty there.
+    #[arg(
+        long = "summary-adapter",
+        env = "GHOSTWRITER_SUMMARY_ADAPTER",
+        default_value = "base"
+    )]
+    pub summary_adapter: String,
 }
 
 /// Default SumCtx budget: about two snippets, the length of a typical review's picks.
@@ -179,6 +189,7 @@ pub struct SummarizerService {
     default_tokens: u32,
     num_beams: u32,
     default_chars: u32,
+    adapter: String,
     embedder: LazyEmbedder,
 }
 
@@ -255,6 +266,7 @@ impl SummarizerService {
             // The user's salt: this summary's prompt shares no cached block with another
             // user's.
             cache_salt: r.cache_salt.clone(),
+            adapter: self.adapter.clone(),
             ..Default::default()
         };
         // Generation is idempotent: an unavailable generator is retried on another one.
@@ -302,6 +314,7 @@ pub async fn serve(
         default_tokens: config.summary.summary_tokens,
         num_beams: config.summary.summary_num_beams,
         default_chars: config.summary.summary_chars,
+        adapter: config.summary.summary_adapter.clone(),
         embedder: cell.clone(),
     };
     let loader = cell.clone().load(config.embedder.clone(), model_dir);
