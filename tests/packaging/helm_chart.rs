@@ -769,12 +769,23 @@ fn chart_lints_renders_and_validates() {
             "--set",
             "ranker.image.repository=other/ranker,generator.image.tag=x-cuda,generator.gpuTier=true",
             "--set",
+            "generator.adapters.claimName=team-adapters,generator.adapters.memoryMb=512",
+            "--set",
             "global.anything=1",
             "--set",
             "tls.enabled=true,tls.secretName=my-mesh-tls,tls.serverName=mesh.internal",
         ],
     );
     assert!(all.kinds().contains(&"Ingress") && all.kinds().contains(&"GRPCRoute"));
+    // Adapters from a shared claim: the generator mounts it read-only and names it.
+    let generator = all.args("gw-ghostwriter-generator");
+    for flag in ["--adapter-dir=/adapters", "--adapter-memory-mb=512"] {
+        assert!(generator.iter().any(|a| a == flag), "{flag} in {generator:?}");
+    }
+    assert!(
+        all.text.contains("claimName: team-adapters"),
+        "the adapters' claim is mounted"
+    );
     // TLS from an existing Secret: no Certificate, the Secret and the name given are used, and
     // the Ingress speaks TLS to the orchestrator.
     assert!(!all.kinds().contains(&"Certificate"));

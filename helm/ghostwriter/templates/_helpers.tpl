@@ -251,6 +251,10 @@ dns:///{{ include "ghostwriter.fullname" .root }}-{{ .stage }}-headless.{{ .root
 - --max-running={{ $v.maxRunning }}
 - --max-batch-tokens={{ $v.maxBatchTokens }}
 - --kv-cache-mb={{ $v.kvCacheMb }}
+- --adapter-memory-mb={{ $v.adapters.memoryMb }}
+{{- if $v.adapters.claimName }}
+- --adapter-dir=/adapters
+{{- end }}
 {{- if $v.model }}
 - --model={{ $v.model }}
 {{- else if $v.gpuTier }}
@@ -483,6 +487,11 @@ spec:
         - name: index
           mountPath: /data
         {{- end }}
+        {{- if and (eq $stage "generator") $v.adapters.claimName }}
+        - name: adapters
+          mountPath: /adapters
+          readOnly: true
+        {{- end }}
         # The root filesystem is read-only: scratch space (and the CUDA JIT cache) lives here.
         - name: tmp
           mountPath: /tmp
@@ -519,6 +528,12 @@ spec:
     {{- end }}
     - name: tmp
       emptyDir: {}
+    {{- if and (eq $stage "generator") $v.adapters.claimName }}
+    - name: adapters
+      persistentVolumeClaim:
+        claimName: {{ $v.adapters.claimName }}
+        readOnly: true
+    {{- end }}
     {{- if and (eq $stage "orchestrator") $v.auth.tokensSecret }}
     - name: auth
       secret:
