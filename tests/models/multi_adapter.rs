@@ -344,3 +344,125 @@ async fn a_thousand_registered_adapters_keep_sixteen_resident() {
         .unwrap();
     assert_eq!(s.generated_tokens, 2);
 }
+
+/// Logits of the last token of each of `prompts` (with its adapter id), all in one forward pass
+/// or each alone.
+fn step_logits(
+    backend: &mut dyn ghostwriter_generator::backend::Backend,
+    prompts: &[(Vec<u32>, u32)],
+    together: bool,
+) -> Vec<Vec<f32>> {
+    use ghostwriter_generator::backend::SeqStep;
+    // Each prompt in blocks of its own.
+    let mut next = 0u32;
+    let blocks: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(ids, _)| {
+            let n = ids.len().div_ceil(16) as u32;
+            next += n;
+            (next - n..next).collect()
+        })
+        .collect();
+    let steps: Vec<SeqStep<'_>> = prompts
+        .iter()
+        .zip(&blocks)
+        .map(|((ids, adapter), blocks)| SeqStep {
+            tokens: ids,
+            start: 0,
+            blocks,
+            logits: true,
+            adapter: *adapter,
+        })
+        .collect();
+    if together {
+        backend.forward(&steps).unwrap()
+    } else {
+        steps
+            .iter()
+            .map(|s| backend.forward(std::slice::from_ref(s)).unwrap().remove(0))
+            .collect()
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+fn argmax(v: &[f32]) -> usize {
+    ghostwriter_generator::sampler::argmax(v) as usize
+}
+
+#[test]
+fn candle_serves_a_mixed_batch_of_adapters_as_each_alone_and_as_the_native_engine() {
+    let _slot = common::slot(module_path!());
+    let sha = ghostwriter_common::models::sha256_file(&model_path()).unwrap();
+    let options = LoadOptions {
+        device: "cpu".into(),
+        max_context: 1024,
+        threads: 0,
+        block_size: 16,
+        kv_cache_mb: 64,
+        adapter: None,
+        model_sha256: Some(sha.clone()),
+    };
+    let native = LanguageModel::load(&model_path(), &options).unwrap();
+    let prompter = native.prompter;
+    let mut native = native.backend;
+    let mut candle = ghostwriter_generator::gpu::CandleModel::load(
+        &model_path(),
+        &candle_core::Device::Cpu,
+        &options,
+    )
+    .unwrap();
+    let shape = native.adapter_shape().unwrap();
+    assert_eq!(
+        Some(&shape),
+        ghostwriter_generator::backend::Backend::adapter_shape(&candle).as_ref()
+    );
+    for id in [2, 3] {
+        let a = Adapter::seeded(&shape, 8, 0.08, id as u64, &sha);
+        native.install_adapter(id, &a).unwrap();
+        ghostwriter_generator::backend::Backend::install_adapter(&mut candle, id, &a).unwrap();
+    }
+    let prompt = |text: &str| {
+        prompter
+            .encode(&ghostwriter_generator::prompt::instruction(
+                DEFAULT_SYSTEM,
+                text,
+            ))
+            .unwrap()
+    };
+    let prompts = vec![
+        (prompt("Describe a quiet harbour at dawn."), 2),
+        (prompt("Describe a quiet harbour at dawn."), 0),
+        (prompt("Review a pair of headphones."), 3),
+        (prompt("Review a pair of headphones."), 2),
+    ];
+    let candle_mixed = step_logits(&mut candle, &prompts, true);
+    let candle_alone = step_logits(&mut candle, &prompts, false);
+    let native_mixed = step_logits(native.as_mut(), &prompts, true);
+    let native_alone = step_logits(native.as_mut(), &prompts, false);
+    for i in 0..prompts.len() {
+        assert_eq!(
+            native_mixed[i], native_alone[i],
+            "native row {i}: mixed differs"
+        );
+        let c = cosine(&candle_mixed[i], &candle_alone[i]);
+        assert!(c > 0.99999, "candle row {i}: mixed vs alone cosine {c}");
+        assert_eq!(argmax(&candle_mixed[i]), argmax(&candle_alone[i]));
+        let c = cosine(&candle_mixed[i], &native_mixed[i]);
+        assert!(c > 0.99, "row {i}: candle vs native cosine {c}");
+    }
+    // The adapters change the logits: the same prompt under adapter 2 and the base model,
+    // under adapters 3 and 2.
+    for (a, b) in [(0, 1), (2, 3)] {
+        let c = cosine(&candle_mixed[a], &candle_mixed[b]);
+        assert!(c < 0.9995, "rows {a} and {b} barely differ: cosine {c}");
+    }
+}

@@ -780,7 +780,10 @@ fn chart_lints_renders_and_validates() {
     // Adapters from a shared claim: the generator mounts it read-only and names it.
     let generator = all.args("gw-ghostwriter-generator");
     for flag in ["--adapter-dir=/adapters", "--adapter-memory-mb=512"] {
-        assert!(generator.iter().any(|a| a == flag), "{flag} in {generator:?}");
+        assert!(
+            generator.iter().any(|a| a == flag),
+            "{flag} in {generator:?}"
+        );
     }
     assert!(
         all.text.contains("claimName: team-adapters"),

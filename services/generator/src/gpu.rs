@@ -10,8 +10,9 @@
 //!
 //! Weights: dense bf16 by default (candle's quantized CUDA matmul has a fast kernel only up to
 //! 8 rows and dequantizes on every call above that), or the GGUF's own quantized blocks with
-//! `--gpu-weights quantized`. A LoRA adapter is served unmerged: each updated projection adds
-//! its low-rank term, computed in f32, to the base product. On a CPU device (used by tests to
+//! `--gpu-weights quantized`. LoRA adapters are served unmerged, many in one batch: each
+//! updated projection adds, for the rows of each adapter (gathered with `index_select`), their
+//! low-rank term computed in f32, scattered back with `index_add`. On a CPU device (used by tests to
 //! check this code against the native engine) weights and activations are f32.
 
 use std::path::Path;
@@ -20,8 +21,8 @@ use anyhow::{Context, bail};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::adapter::Adapter;
-use crate::backend::{AdapterId, BASE, Backend, STARTUP, SeqStep};
+use crate::adapter::{Adapter, PROJECTIONS};
+use crate::backend::{AdapterId, AdapterShape, BASE, Backend, STARTUP, SeqStep};
 use crate::gguf;
 use crate::model::{LoadOptions, cache_blocks};
 use crate::native::Config;
@@ -52,25 +53,23 @@ impl Linear {
     }
 }
 
-/// A projection with, when an adapter is served, its low-rank update kept apart (unmerged, in
-/// f32): `x·Wᵀ + (x·Aᵀ)·(scale·B)ᵀ`.
-struct Projection {
-    w: Linear,
-    /// `Aᵀ` (in × rank) and `scale·Bᵀ` (rank × out), f32.
-    lora: Option<(Tensor, Tensor)>,
+/// One projection's low-rank pair on the device: `Aᵀ` (in × rank) and `scale·Bᵀ` (rank ×
+/// out), f32.
+type Pair = (Tensor, Tensor);
+
+/// An adapter on the device: per layer, per projection (in [`PROJECTIONS`] order).
+type DeviceAdapter = Vec<[Option<Pair>; 7]>;
+
+/// The rows of one adapter in a step: its id and the packed row indices.
+struct AdapterRows {
+    id: AdapterId,
+    rows: Tensor,
 }
 
-impl Projection {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
-        match &self.lora {
-            None => Ok(y),
-            Some((at, bt)) => {
-                let update = x.to_dtype(DType::F32)?.matmul(at)?.matmul(bt)?;
-                (y.to_dtype(DType::F32)? + update)?.to_dtype(y.dtype())
-            }
-        }
-    }
+/// A projection of a layer: its index in [`PROJECTIONS`] and its weight.
+struct Projection {
+    index: usize,
+    w: Linear,
 }
 
 struct Layer {
@@ -84,6 +83,29 @@ struct Layer {
     w_gate: Projection,
     w_up: Projection,
     w_down: Projection,
+}
+
+/// The device layout of an adapter.
+fn device_adapter(a: &Adapter, layers: usize, device: &Device) -> anyhow::Result<DeviceAdapter> {
+    let scale = a.scale() as f64;
+    (0..layers)
+        .map(|l| {
+            let mut pairs: [Option<Pair>; 7] = Default::default();
+            for (i, name) in PROJECTIONS.iter().enumerate() {
+                if let Some(p) = a.pair(l, name) {
+                    let rank = p.a.len() / p.inputs.max(1);
+                    let at = Tensor::from_slice(&p.a, (rank, p.inputs), device)?
+                        .t()?
+                        .contiguous()?;
+                    let bt = (Tensor::from_slice(&p.b, (p.outputs, rank), device)? * scale)?
+                        .t()?
+                        .contiguous()?;
+                    pairs[i] = Some((at, bt));
+                }
+            }
+            Ok(pairs)
+        })
+        .collect()
 }
 
 /// The model on a candle device, with its paged cache.
@@ -103,8 +125,8 @@ pub struct CandleModel {
     block_size: usize,
     blocks: usize,
     weights: &'static str,
-    /// The adapter every row runs with: the one loaded at start-up, or none.
-    served: AdapterId,
+    /// Adapters by the id sequences name them with.
+    adapters: std::collections::HashMap<AdapterId, DeviceAdapter>,
 }
 
 impl CandleModel {
@@ -145,28 +167,17 @@ impl CandleModel {
                 |p| cfg.projection_widths(p),
             )?),
         };
-        // A projection of layer `l`, its adapter pair (if any) on the device.
-        let projection = |l: usize, name: &str, q: QTensor| -> anyhow::Result<Projection> {
-            let lora = match adapter
-                .as_ref()
-                .and_then(|a| a.pair(l, name).map(|p| (a, p)))
-            {
-                None => None,
-                Some((a, p)) => {
-                    let rank = p.a.len() / p.inputs.max(1);
-                    let at = Tensor::from_slice(&p.a, (rank, p.inputs), device)?
-                        .t()?
-                        .contiguous()?;
-                    let bt = (Tensor::from_slice(&p.b, (p.outputs, rank), device)?
-                        * a.scale() as f64)?
-                        .t()?
-                        .contiguous()?;
-                    Some((at, bt))
-                }
-            };
+        let mut adapters = std::collections::HashMap::new();
+        if let Some(a) = &adapter {
+            adapters.insert(STARTUP, device_adapter(a, cfg.layers, device)?);
+        }
+        let projection = |name: &str, q: QTensor| -> anyhow::Result<Projection> {
             Ok(Projection {
+                index: PROJECTIONS
+                    .iter()
+                    .position(|p| *p == name)
+                    .context("a projection outside PROJECTIONS")?,
                 w: Linear::new(q, dense, device)?,
-                lora,
             })
         };
         let mut layers = Vec::with_capacity(cfg.layers);
@@ -183,15 +194,15 @@ impl CandleModel {
             };
             layers.push(Layer {
                 attn_norm: vec(t(&format!("{p}.attn_norm.weight"))?)?,
-                wq: projection(l, "attn_q", t(&format!("{p}.attn_q.weight"))?)?,
-                wk: projection(l, "attn_k", t(&format!("{p}.attn_k.weight"))?)?,
-                wv: projection(l, "attn_v", t(&format!("{p}.attn_v.weight"))?)?,
+                wq: projection("attn_q", t(&format!("{p}.attn_q.weight"))?)?,
+                wk: projection("attn_k", t(&format!("{p}.attn_k.weight"))?)?,
+                wv: projection("attn_v", t(&format!("{p}.attn_v.weight"))?)?,
                 bias,
-                wo: projection(l, "attn_output", t(&format!("{p}.attn_output.weight"))?)?,
+                wo: projection("attn_output", t(&format!("{p}.attn_output.weight"))?)?,
                 ffn_norm: vec(t(&format!("{p}.ffn_norm.weight"))?)?,
-                w_gate: projection(l, "ffn_gate", t(&format!("{p}.ffn_gate.weight"))?)?,
-                w_up: projection(l, "ffn_up", t(&format!("{p}.ffn_up.weight"))?)?,
-                w_down: projection(l, "ffn_down", t(&format!("{p}.ffn_down.weight"))?)?,
+                w_gate: projection("ffn_gate", t(&format!("{p}.ffn_gate.weight"))?)?,
+                w_up: projection("ffn_up", t(&format!("{p}.ffn_up.weight"))?)?,
+                w_down: projection("ffn_down", t(&format!("{p}.ffn_down.weight"))?)?,
             });
         }
         let half = cfg.head_dim / 2;
@@ -228,11 +239,7 @@ impl CandleModel {
             block_size: opts.block_size,
             blocks,
             weights: if quantized { "quantized" } else { "dense" },
-            served: if opts.adapter.is_some() {
-                STARTUP
-            } else {
-                BASE
-            },
+            adapters,
         })
     }
 
@@ -275,13 +282,41 @@ impl CandleModel {
             .iter()
             .map(|g| g.tensors(dev))
             .collect::<anyhow::Result<_>>()?;
+        // The rows of each adapter, in id order.
+        let mut by_adapter: std::collections::BTreeMap<AdapterId, Vec<u32>> = Default::default();
+        let mut row = 0u32;
+        for seq in seqs {
+            let n = seq.tokens.len() as u32;
+            if seq.adapter != BASE {
+                if !self.adapters.contains_key(&seq.adapter) {
+                    bail!("adapter #{} is not installed", seq.adapter);
+                }
+                by_adapter
+                    .entry(seq.adapter)
+                    .or_default()
+                    .extend(row..row + n);
+            }
+            row += n;
+        }
+        let adapter_rows: Vec<AdapterRows> = by_adapter
+            .into_iter()
+            .map(|(id, rows)| {
+                Ok(AdapterRows {
+                    id,
+                    rows: Tensor::new(rows.as_slice(), dev)?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let project = |l: usize, p: &Projection, x: &Tensor| -> candle_core::Result<Tensor> {
+            self.project(l, p, x, &adapter_rows)
+        };
         let mut x = self.embd.index_select(&ids, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
-            let mut q = layer.wq.forward(&h)?;
-            let mut k = layer.wk.forward(&h)?;
-            let mut v = layer.wv.forward(&h)?;
+            let mut q = project(l, &layer.wq, &h)?;
+            let mut k = project(l, &layer.wk, &h)?;
+            let mut v = project(l, &layer.wv, &h)?;
             if let Some((bq, bk, bv)) = &layer.bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -308,11 +343,11 @@ impl CandleModel {
                 outs.push(self.attend(&q, l, g, gt)?);
             }
             let att = Tensor::cat(&outs, 0)?;
-            x = (x + layer.wo.forward(&att)?)?;
+            x = (x + project(l, &layer.wo, &att)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let gate = candle_nn::ops::silu(&project(l, &layer.w_gate, &h)?)?;
+            let up = project(l, &layer.w_up, &h)?;
+            x = (x + project(l, &layer.w_down, &(gate * up)?)?)?;
         }
         let mut last = Vec::new();
         let mut offset = 0u32;
@@ -330,6 +365,35 @@ impl CandleModel {
         let xl = candle_nn::ops::rms_norm(&xl, &self.out_norm, cfg.eps)?;
         let logits = self.lm_head.forward(&xl)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
+    }
+
+    /// `x·Wᵀ` of projection `p` of layer `l`, plus, for the rows of each adapter, their
+    /// low-rank update `(x·Aᵀ)·(scale·B)ᵀ` in f32 (gathered, computed, scattered back).
+    fn project(
+        &self,
+        l: usize,
+        p: &Projection,
+        x: &Tensor,
+        adapters: &[AdapterRows],
+    ) -> candle_core::Result<Tensor> {
+        let y = p.w.forward(x)?;
+        let pairs: Vec<(&AdapterRows, &Pair)> = adapters
+            .iter()
+            .filter_map(|a| {
+                let pair = self.adapters.get(&a.id)?[l][p.index].as_ref()?;
+                Some((a, pair))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return Ok(y);
+        }
+        let mut y32 = y.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        for (a, (at, bt)) in pairs {
+            let update = x32.index_select(&a.rows, 0)?.matmul(at)?.matmul(bt)?;
+            y32 = y32.index_add(&a.rows, &update, 0)?;
+        }
+        y32.to_dtype(y.dtype())
     }
 
     /// Attention of one group's query rows over their sequences' cached keys and values.
@@ -456,14 +520,28 @@ fn attention_groups(seqs: &[SeqStep<'_>], bs: usize) -> Vec<Group> {
 
 impl Backend for CandleModel {
     fn forward(&mut self, seqs: &[SeqStep<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        if let Some(s) = seqs.iter().find(|s| s.adapter != self.served) {
-            anyhow::bail!(
-                "the candle backend serves adapter #{} only, not #{}",
-                self.served,
-                s.adapter
-            );
-        }
         self.forward_impl(seqs)
+    }
+
+    fn adapter_shape(&self) -> Option<AdapterShape> {
+        Some(AdapterShape {
+            layers: self.cfg.layers,
+            widths: PROJECTIONS
+                .iter()
+                .filter_map(|p| Some((p.to_string(), self.cfg.projection_widths(p)?)))
+                .collect(),
+        })
+    }
+
+    fn install_adapter(&mut self, id: AdapterId, adapter: &Adapter) -> anyhow::Result<()> {
+        anyhow::ensure!(id != BASE, "adapter id {BASE} is the base model's");
+        let on_device = device_adapter(adapter, self.cfg.layers, &self.device)?;
+        self.adapters.insert(id, on_device);
+        Ok(())
+    }
+
+    fn remove_adapter(&mut self, id: AdapterId) {
+        self.adapters.remove(&id);
     }
 
     fn copy_blocks(&mut self, pairs: &[(u32, u32)]) -> anyhow::Result<()> {
