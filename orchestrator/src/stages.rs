@@ -523,9 +523,34 @@ pub struct GenerationStream {
 /// Why the current upstream is given up.
 enum Lost {
     /// It failed, was cut or hung: continue on another generator.
-    Resumable(Status),
+    Resumable(Cut),
     /// Its own answer (an invalid request, the deadline): the stream ends with it.
     Final(Error),
+}
+
+/// Why a generator's stream was cut, in a way another generator can continue.
+#[derive(Debug)]
+enum Cut {
+    /// No stream was open.
+    NoGenerator,
+    /// Nothing came for this long after its first message.
+    Hung(Duration),
+    /// It ended without its final message.
+    EndedEarly,
+    /// The connection failed.
+    Transport(Status),
+}
+
+impl From<Cut> for Status {
+    /// How the cut counts against its endpoint (and is reported when no generator takes over).
+    fn from(cut: Cut) -> Self {
+        match cut {
+            Cut::NoGenerator => Status::unavailable("no generator"),
+            Cut::Hung(d) => Status::unavailable(format!("sent nothing for {d:?} (hung)")),
+            Cut::EndedEarly => Status::unavailable("the stream ended before the text was complete"),
+            Cut::Transport(status) => status,
+        }
+    }
 }
 
 impl GenerationStream {
@@ -542,7 +567,7 @@ impl GenerationStream {
                     self.done = true;
                     return Some(Err(e));
                 }
-                Err(Lost::Resumable(status)) => status,
+                Err(Lost::Resumable(cut)) => Status::from(cut),
             };
             if let Err(e) = self.resume(lost).await {
                 self.done = true;
@@ -554,17 +579,12 @@ impl GenerationStream {
     /// The current upstream's next piece.
     async fn read(&mut self) -> Result<Option<Piece>, Lost> {
         let Some(up) = self.current.as_mut() else {
-            return Err(Lost::Resumable(Status::unavailable("no generator")));
+            return Err(Lost::Resumable(Cut::NoGenerator));
         };
         let message = if self.first_message {
             match tokio::time::timeout(self.settings.stall, up.messages.message()).await {
                 Ok(m) => m,
-                Err(_) => {
-                    return Err(Lost::Resumable(Status::unavailable(format!(
-                        "sent nothing for {:?} (hung)",
-                        self.settings.stall
-                    ))));
-                }
+                Err(_) => return Err(Lost::Resumable(Cut::Hung(self.settings.stall))),
             }
         } else {
             up.messages.message().await
@@ -595,10 +615,10 @@ impl GenerationStream {
                 self.current_text.push_str(&m.text);
                 Ok(Some(Piece::Text(m.text)))
             }
-            Ok(None) => Err(Lost::Resumable(Status::unavailable(
-                "the stream ended before the text was complete",
-            ))),
-            Err(status) if client::is_transport_failure(&status) => Err(Lost::Resumable(status)),
+            Ok(None) => Err(Lost::Resumable(Cut::EndedEarly)),
+            Err(status) if client::is_transport_failure(&status) => {
+                Err(Lost::Resumable(Cut::Transport(status)))
+            }
             Err(status) => Err(Lost::Final(Error::Stage(client::stage_status(
                 StageKind::Generator.name(),
                 status,

@@ -233,9 +233,8 @@ pub fn synthesize(like: &Path, dst: &Path, seed: u64) -> anyhow::Result<()> {
         .collect();
     metadata.sort_by_key(|(k, _)| *k);
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let mut out = BufWriter::new(
-        File::create(dst).with_context(|| format!("creating {}", dst.display()))?,
-    );
+    let mut out =
+        BufWriter::new(File::create(dst).with_context(|| format!("creating {}", dst.display()))?);
     gguf_file::write(&mut out, &metadata, &tensor_refs)?;
     std::io::Write::flush(&mut out)?;
     Ok(())
