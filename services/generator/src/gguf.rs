@@ -153,13 +153,6 @@ pub fn requantize_q8_0(src: &Path, dst: &Path) -> anyhow::Result<()> {
         };
         tensors.push((name.clone(), q));
     }
-    let mut metadata: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    metadata.sort_by_key(|(k, _)| *k);
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     // A temporary name no concurrent requantization uses (init containers pulling into one
     // shared volume are each PID 1), renamed into place whole.
     let parent = dst
@@ -171,9 +164,7 @@ pub fn requantize_q8_0(src: &Path, dst: &Path) -> anyhow::Result<()> {
         .tempfile_in(parent)
         .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
     {
-        let mut out = BufWriter::new(tmp.as_file());
-        gguf_file::write(&mut out, &metadata, &tensor_refs)?;
-        std::io::Write::flush(&mut out)?;
+        write_gguf(&mut BufWriter::new(tmp.as_file()), &content, &tensors)?;
     }
     // Readable as a created file is (a temporary file starts private to its writer).
     {
@@ -226,16 +217,25 @@ pub fn synthesize(like: &Path, dst: &Path, seed: u64) -> anyhow::Result<()> {
         };
         tensors.push((name.clone(), QTensor::quantize(&t, dtype)?));
     }
+    let file = File::create(dst).with_context(|| format!("creating {}", dst.display()))?;
+    write_gguf(&mut BufWriter::new(file), &content, &tensors)
+}
+
+/// Writes `content`'s metadata (sorted by key: the same input gives the same bytes) and
+/// `tensors` as a GGUF file.
+fn write_gguf<W: std::io::Seek + std::io::Write>(
+    out: &mut W,
+    content: &gguf_file::Content,
+    tensors: &[(String, QTensor)],
+) -> anyhow::Result<()> {
     let mut metadata: Vec<(&str, &Value)> = content
         .metadata
         .iter()
         .map(|(k, v)| (k.as_str(), v))
         .collect();
     metadata.sort_by_key(|(k, _)| *k);
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let mut out =
-        BufWriter::new(File::create(dst).with_context(|| format!("creating {}", dst.display()))?);
-    gguf_file::write(&mut out, &metadata, &tensor_refs)?;
-    std::io::Write::flush(&mut out)?;
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    gguf_file::write(out, &metadata, &refs)?;
+    out.flush()?;
     Ok(())
 }

@@ -524,13 +524,7 @@ impl Backend for CandleModel {
     }
 
     fn adapter_shape(&self) -> Option<AdapterShape> {
-        Some(AdapterShape {
-            layers: self.cfg.layers,
-            widths: PROJECTIONS
-                .iter()
-                .filter_map(|p| Some((p.to_string(), self.cfg.projection_widths(p)?)))
-                .collect(),
-        })
+        Some(self.cfg.adapter_shape())
     }
 
     fn install_adapter(&mut self, id: AdapterId, adapter: &Adapter) -> anyhow::Result<()> {

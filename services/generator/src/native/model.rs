@@ -123,6 +123,17 @@ impl Config {
         })
     }
 
+    /// What an adapter of this model must fit: its layers and each projection's widths.
+    pub fn adapter_shape(&self) -> AdapterShape {
+        AdapterShape {
+            layers: self.layers,
+            widths: PROJECTIONS
+                .iter()
+                .filter_map(|p| Some((p.to_string(), self.projection_widths(p)?)))
+                .collect(),
+        }
+    }
+
     /// Bytes of key and value cache per token (f16).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * 2
@@ -923,13 +934,7 @@ impl Backend for NativeModel {
     }
 
     fn adapter_shape(&self) -> Option<AdapterShape> {
-        Some(AdapterShape {
-            layers: self.cfg.layers,
-            widths: PROJECTIONS
-                .iter()
-                .filter_map(|p| Some((p.to_string(), self.cfg.projection_widths(p)?)))
-                .collect(),
-        })
+        Some(self.cfg.adapter_shape())
     }
 
     fn install_adapter(&mut self, id: AdapterId, adapter: &Adapter) -> anyhow::Result<()> {
