@@ -36,6 +36,9 @@ pub enum Denied {
     /// Valid credentials acting for another user: PERMISSION_DENIED.
     #[error("this credential may not act for the requested user")]
     OtherUser,
+    /// Valid credentials of a user, for an administrator's call: PERMISSION_DENIED.
+    #[error("only an administrator (a `*` token or the ghostwriter:admin scope) may do this")]
+    NotAdmin,
 }
 
 /// What a caller may do.
@@ -48,6 +51,14 @@ pub enum Grant {
 }
 
 impl Grant {
+    /// Allows an administrator's call, or [`Denied::NotAdmin`].
+    pub fn admin(&self) -> Result<(), Denied> {
+        match self {
+            Grant::Admin => Ok(()),
+            Grant::User(_) => Err(Denied::NotAdmin),
+        }
+    }
+
     /// Allows acting for `user_id`, or [`Denied::OtherUser`].
     pub fn allow(&self, user_id: &str) -> Result<(), Denied> {
         match self {

@@ -26,6 +26,9 @@ pub enum Error {
     /// No endpoint of a stage (named) can be called: UNAVAILABLE.
     #[error("{0} stage: no endpoint available")]
     NoEndpoint(String),
+    /// No generator holds the adapter an administrator unloads: NOT_FOUND.
+    #[error("no generator holds adapter {0:?}")]
+    NoSuchAdapter(String),
     /// A generation stream ended before its final message: UNAVAILABLE.
     #[error("generator stage: the stream ended before the text was complete")]
     StreamCut,
@@ -48,10 +51,13 @@ impl From<Error> for Status {
             Error::Denied(d @ (Denied::Missing | Denied::Invalid)) => {
                 Status::unauthenticated(d.to_string())
             }
-            Error::Denied(d @ Denied::OtherUser) => Status::permission_denied(d.to_string()),
+            Error::Denied(d @ (Denied::OtherUser | Denied::NotAdmin)) => {
+                Status::permission_denied(d.to_string())
+            }
             Error::Overloaded(e) => e.into(),
             Error::Deadline(e) => e.into(),
             Error::NoHistory => Status::failed_precondition(e.to_string()),
+            Error::NoSuchAdapter(_) => Status::not_found(e.to_string()),
             Error::NoEndpoint(_) | Error::StreamCut => unavailable(e.to_string()),
             // A stage that could not be reached: when to come back, as for a refusal.
             Error::Stage(status)

@@ -25,10 +25,11 @@ use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
 use ghostwriter_proto::v1::{
     DeleteRequest, DeleteResponse, DistinguishRequest, DistinguishResponse, GenerateRequest,
-    GenerateResponse, InfoRequest, InfoResponse, IngestRequest, IngestResponse, ListPresetsRequest,
-    ListPresetsResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
-    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest, WriteRequest,
-    WriteResponse, WriteStreamResponse,
+    GenerateResponse, GeneratorsAdapters, InfoRequest, InfoResponse, IngestRequest, IngestResponse,
+    ListAdaptersRequest, ListPresetsRequest, ListPresetsResponse, LoadAdapterRequest,
+    LoadAdapterResponse, PersonalizedInput, PresetInfo, Provenance, RankRequest, RetrieveRequest,
+    StageLatency, SummarizeRequest, SummaryMode, SynthesisMode, SynthesizeRequest,
+    UnloadAdapterRequest, UnloadAdapterResponse, WriteRequest, WriteResponse, WriteStreamResponse,
 };
 use ghostwriter_transport::{Listener, StageServer, Transport};
 use prometheus::{Histogram, HistogramOpts};
@@ -670,6 +671,44 @@ impl OrchestratorService {
         })
     }
 
+    /// An administrator's call: the deadline, once the caller is checked.
+    fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Option<Instant>, Error> {
+        self.auth.grant(metadata)?.admin()?;
+        Ok(self.deadline(metadata, Instant::now()))
+    }
+
+    async fn load_adapter(
+        &self,
+        request: Request<LoadAdapterRequest>,
+    ) -> Result<LoadAdapterResponse, Error> {
+        let deadline = self.admin(request.metadata())?;
+        let generators = self
+            .stages
+            .load_adapter(request.into_inner(), deadline)
+            .await?;
+        Ok(LoadAdapterResponse { generators })
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<UnloadAdapterRequest>,
+    ) -> Result<UnloadAdapterResponse, Error> {
+        let deadline = self.admin(request.metadata())?;
+        self.stages
+            .unload_adapter(request.into_inner(), deadline)
+            .await?;
+        Ok(UnloadAdapterResponse {})
+    }
+
+    async fn list_adapters(
+        &self,
+        request: Request<ListAdaptersRequest>,
+    ) -> Result<GeneratorsAdapters, Error> {
+        let deadline = self.admin(request.metadata())?;
+        let generators = self.stages.list_adapters(deadline).await?;
+        Ok(GeneratorsAdapters { generators })
+    }
+
     async fn write(&self, request: Request<WriteRequest>) -> Result<WriteResponse, Error> {
         let plan = self.plan(request)?;
         let Prepared {
@@ -836,6 +875,33 @@ impl Ghostwriter for OrchestratorService {
     ) -> Result<Response<DistinguishResponse>, Status> {
         Ok(Response::new(
             OrchestratorService::distinguish(self, request).await?,
+        ))
+    }
+
+    async fn load_adapter(
+        &self,
+        request: Request<LoadAdapterRequest>,
+    ) -> Result<Response<LoadAdapterResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::load_adapter(self, request).await?,
+        ))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<UnloadAdapterRequest>,
+    ) -> Result<Response<UnloadAdapterResponse>, Status> {
+        Ok(Response::new(
+            OrchestratorService::unload_adapter(self, request).await?,
+        ))
+    }
+
+    async fn list_adapters(
+        &self,
+        request: Request<ListAdaptersRequest>,
+    ) -> Result<Response<GeneratorsAdapters>, Status> {
+        Ok(Response::new(
+            OrchestratorService::list_adapters(self, request).await?,
         ))
     }
 

@@ -17,11 +17,11 @@ use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::{
-    DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
-    GenerateStreamResponse, GeneratorInfo, GeneratorInfoRequest, IngestRequest, IngestResponse,
-    RankRequest, RankResponse, RetrieveRequest, RetrieveResponse, SummarizeRequest,
-    SummarizeResponse, SynthesizeRequest, SynthesizeResponse, VerifyAuthorRequest,
-    VerifyAuthorResponse,
+    AdapterStatus, DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, GeneratorAdapters, GeneratorInfo, GeneratorInfoRequest, IngestRequest,
+    IngestResponse, ListAdaptersRequest, LoadAdapterRequest, RankRequest, RankResponse,
+    RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
+    SynthesizeResponse, UnloadAdapterRequest, VerifyAuthorRequest, VerifyAuthorResponse,
 };
 use ghostwriter_transport::client::{self, Dialer};
 use tonic::transport::Channel;
@@ -417,6 +417,89 @@ impl Stages {
                 },
             )
             .await?)
+    }
+
+    /// Loads an adapter: by name on the generator that owns it (writes naming it go there),
+    /// with bytes on every generator (no other could load it on demand).
+    pub async fn load_adapter(
+        &self,
+        r: LoadAdapterRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<GeneratorAdapters>, Error> {
+        let targets = if r.safetensors.is_empty() {
+            pick_generator(&self.generator, &r.name, &[])
+                .into_iter()
+                .collect()
+        } else {
+            self.generator.snapshot()
+        };
+        if targets.is_empty() {
+            return Err(Error::NoEndpoint(StageKind::Generator.name().into()));
+        }
+        let loads = targets.into_iter().map(|e| {
+            let request = deadline::request(r.clone(), deadline);
+            async move {
+                let status = GeneratorClient::new(e.channel.clone())
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                    .load_adapter(request?)
+                    .await
+                    .map_err(|s| Error::Stage(client::stage_status("generator", s)))?
+                    .into_inner();
+                Ok::<_, Error>(GeneratorAdapters {
+                    generator: e.info.url.clone(),
+                    adapters: vec![status],
+                })
+            }
+        });
+        futures::future::try_join_all(loads).await
+    }
+
+    /// Unloads an adapter from every generator that holds it.
+    pub async fn unload_adapter(
+        &self,
+        r: UnloadAdapterRequest,
+        deadline: Option<Instant>,
+    ) -> Result<(), Error> {
+        let unloads = self.generator.snapshot().into_iter().map(|e| {
+            let request = deadline::request(r.clone(), deadline);
+            async move {
+                match GeneratorClient::new(e.channel.clone())
+                    .unload_adapter(request?)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+                    Err(s) => Err(Error::Stage(client::stage_status("generator", s))),
+                }
+            }
+        });
+        let unloaded = futures::future::try_join_all(unloads).await?;
+        if unloaded.contains(&true) {
+            Ok(())
+        } else {
+            Err(Error::NoSuchAdapter(r.name))
+        }
+    }
+
+    /// Every generator's adapters.
+    pub async fn list_adapters(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<GeneratorAdapters>, Error> {
+        let lists = self.generator.snapshot().into_iter().map(|e| async move {
+            let request = deadline::request(ListAdaptersRequest {}, deadline)?;
+            let adapters: Vec<AdapterStatus> = GeneratorClient::new(e.channel.clone())
+                .list_adapters(request)
+                .await
+                .map_err(|s| Error::Stage(client::stage_status("generator", s)))?
+                .into_inner()
+                .adapters;
+            Ok::<_, Error>(GeneratorAdapters {
+                generator: e.info.url.clone(),
+                adapters,
+            })
+        });
+        futures::future::try_join_all(lists).await
     }
 
     /// One generator worker's model and engine.

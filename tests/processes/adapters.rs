@@ -294,7 +294,24 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
         "orchestrator",
         &["--generator-url".into(), format!("{},{}", a.url, b.url)],
     );
-    for url in [&a.url, &b.url, &orchestrator.url] {
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "maya-token-0123456789 maya\nadmin-token-0123456789 *\n",
+    )
+    .unwrap();
+    let guarded = common::serve(
+        dir.path(),
+        "guarded",
+        "orchestrator",
+        &[
+            "--generator-url".into(),
+            format!("{},{}", a.url, b.url),
+            "--auth-tokens".into(),
+            tokens.display().to_string(),
+        ],
+    );
+    for url in [&a.url, &b.url, &orchestrator.url, &guarded.url] {
         common::serving(url).await;
     }
     let mut client = common::client_over(&orchestrator.url, None);
@@ -325,6 +342,75 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
     }
     let unknown = client.write(write("nobody")).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::InvalidArgument, "{unknown:?}");
+
+    // Administrators manage the generators' adapters through the orchestrator; users may not.
+    {
+        use ghostwriter::proto::{ListAdaptersRequest, LoadAdapterRequest, UnloadAdapterRequest};
+        fn as_who<T>(token: &str, m: T) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(m);
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            r
+        }
+        let mut admin = common::client_over(&guarded.url, None);
+        let denied = admin
+            .list_adapters(as_who("maya-token-0123456789", ListAdaptersRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        let listed = admin
+            .list_adapters(as_who("admin-token-0123456789", ListAdaptersRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .generators;
+        assert_eq!(listed.len(), 2);
+        let holding = |n: &str| {
+            listed
+                .iter()
+                .filter(|g| g.adapters.iter().any(|x| x.name == n && x.resident))
+                .count()
+        };
+        assert_eq!(holding(&names[1]), 1);
+        admin
+            .unload_adapter(as_who(
+                "admin-token-0123456789",
+                UnloadAdapterRequest {
+                    name: names[1].clone(),
+                },
+            ))
+            .await
+            .unwrap();
+        let again = admin
+            .unload_adapter(as_who(
+                "admin-token-0123456789",
+                UnloadAdapterRequest {
+                    name: names[1].clone(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+        // Bytes go to every generator, since no other could load them on demand.
+        let loaded = admin
+            .load_adapter(as_who(
+                "admin-token-0123456789",
+                LoadAdapterRequest {
+                    name: "given".into(),
+                    safetensors: seeded_adapter(99),
+                    pin: false,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .generators;
+        assert_eq!(loaded.len(), 2);
+        assert!(resident(&a.url).await.contains(&"given".to_string()));
+        assert!(resident(&b.url).await.contains(&"given".to_string()));
+        assert!(!resident(&a.url).await.contains(&names[1]));
+        assert!(!resident(&b.url).await.contains(&names[1]));
+    }
 
     // The generator that holds team-0 goes away: its writes go on, on the other, which loads
     // it; streams too.
