@@ -344,83 +344,22 @@ pub async fn generated_tokens(addr: &str) -> u64 {
 #[allow(unused_imports)] // not every test binary draws
 pub use ghostwriter_common::rng::Rng;
 
-/// A `ghostwriter serve STAGE` process on `127.0.0.1:0`, its stderr in a log file; killed (and
-/// reaped) when dropped.
-pub struct Served {
-    pub child: std::process::Child,
-    /// Where it listens (its first stdout line).
-    pub url: String,
-    /// Its stderr.
-    pub log: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    /// Sends `signal` (`KILL`, `TERM`, `STOP`, `CONT`) to the process.
-    pub fn signal(&self, signal: &str) {
-        let ok = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{signal} failed");
-    }
-
-    /// Its log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Starts `ghostwriter serve STAGE --listen 127.0.0.1:0 ARGS...` (models from [`model_dir`]),
-/// its stderr in `dir/NAME.log`, and returns once it reports where it listens (not yet that it
-/// is SERVING: see [`serving`]).
-pub fn serve(dir: &std::path::Path, name: &str, stage: &str, args: &[String]) -> Served {
-    use std::io::BufRead as _;
-    use std::process::{Command, Stdio};
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .arg("--model-dir")
+/// Starts `ghostwriter serve --listen 127.0.0.1:0 --model-dir M STAGE ARGS...` (models from
+/// [`model_dir`]) as the process `name`, keeping its whole log (`log_lines`), and returns once
+/// it reports where it listens (not yet that it is SERVING: see [`serving`]).
+pub async fn serve(name: &str, stage: &str, args: &[String]) -> StageProcess {
+    let mut cmd = ghostwriter();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--model-dir"])
         .arg(model_dir())
-        .args(["serve", "--listen", "127.0.0.1:0", stage])
+        .arg(stage)
         .args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep the pipe drained.
-        let _ = std::io::copy(&mut reader, &mut std::io::sink());
-    });
-    let served = |child, url| Served { child, url, log };
-    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-        Ok(line) if line.starts_with("listening on ") => {
-            let url = line.trim().trim_start_matches("listening on ").to_string();
-            served(child, url)
-        }
-        other => {
-            let s = served(child, String::new());
-            panic!("{name} did not start: {other:?}\n{}", s.log());
-        }
-    }
+        );
+    StageProcess::spawn_keeping(name, cmd, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Waits until the process at `url` reports SERVING.

@@ -273,27 +273,21 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
         )
         .unwrap();
     }
-    let generator = |name: &str| {
-        common::serve(
-            dir.path(),
-            name,
-            "generator",
-            &[
-                "--zero-shot".into(),
-                "--adapter-dir".into(),
-                adapters.display().to_string(),
-                "--threads".into(),
-                "1".into(),
-            ],
-        )
-    };
-    let (a, b) = (generator("gen-a"), generator("gen-b"));
+    let generator_args = [
+        "--zero-shot".to_string(),
+        "--adapter-dir".into(),
+        adapters.display().to_string(),
+        "--threads".into(),
+        "1".into(),
+    ];
+    let a = common::serve("gen-a", "generator", &generator_args).await;
+    let b = common::serve("gen-b", "generator", &generator_args).await;
     let orchestrator = common::serve(
-        dir.path(),
         "orchestrator",
         "orchestrator",
-        &["--generator-url".into(), format!("{},{}", a.url, b.url)],
-    );
+        &["--generator-url".into(), format!("{},{}", a.url(), b.url())],
+    )
+    .await;
     let tokens = dir.path().join("tokens");
     std::fs::write(
         &tokens,
@@ -301,20 +295,20 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
     )
     .unwrap();
     let guarded = common::serve(
-        dir.path(),
         "guarded",
         "orchestrator",
         &[
             "--generator-url".into(),
-            format!("{},{}", a.url, b.url),
+            format!("{},{}", a.url(), b.url()),
             "--auth-tokens".into(),
             tokens.display().to_string(),
         ],
-    );
-    for url in [&a.url, &b.url, &orchestrator.url, &guarded.url] {
+    )
+    .await;
+    for url in [&a.url(), &b.url(), &orchestrator.url(), &guarded.url()] {
         common::serving(url).await;
     }
-    let mut client = common::client_over(&orchestrator.url, None);
+    let mut client = common::client_over(&orchestrator.url(), None);
     let write = |adapter: &str| {
         let mut w = ghostwriter_runtime::embedded::short_write(
             "maya",
@@ -333,7 +327,7 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
             assert!(model.contains(&format!("+{n}@")), "{model}");
         }
     }
-    let (on_a, on_b) = (resident(&a.url).await, resident(&b.url).await);
+    let (on_a, on_b) = (resident(&a.url()).await, resident(&b.url()).await);
     for n in &names {
         assert!(
             on_a.contains(n) != on_b.contains(n),
@@ -352,7 +346,7 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
                 .insert("authorization", format!("Bearer {token}").parse().unwrap());
             r
         }
-        let mut admin = common::client_over(&guarded.url, None);
+        let mut admin = common::client_over(&guarded.url(), None);
         let denied = admin
             .list_adapters(as_who("maya-token-0123456789", ListAdaptersRequest {}))
             .await
@@ -406,10 +400,10 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
             .into_inner()
             .generators;
         assert_eq!(loaded.len(), 2);
-        assert!(resident(&a.url).await.contains(&"given".to_string()));
-        assert!(resident(&b.url).await.contains(&"given".to_string()));
-        assert!(!resident(&a.url).await.contains(&names[1]));
-        assert!(!resident(&b.url).await.contains(&names[1]));
+        assert!(resident(&a.url()).await.contains(&"given".to_string()));
+        assert!(resident(&b.url()).await.contains(&"given".to_string()));
+        assert!(!resident(&a.url()).await.contains(&names[1]));
+        assert!(!resident(&b.url()).await.contains(&names[1]));
     }
 
     // The generator that holds team-0 goes away: its writes go on, on the other, which loads
@@ -429,5 +423,5 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
         .unwrap()
         .into_inner();
     while stream.message().await.unwrap().is_some() {}
-    assert!(resident(&other.url).await.contains(&names[0]));
+    assert!(resident(&other.url()).await.contains(&names[0]));
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Served, serve, serving};
+use common::{StageProcess, serve, serving};
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::write_stream_response::Event;
 use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
@@ -43,7 +43,7 @@ struct Mesh {
     /// The orchestrator's metrics (own topologies).
     metrics: String,
     up: Option<Up>,
-    served: Vec<Served>,
+    served: Vec<StageProcess>,
     _dir: tempfile::TempDir,
 }
 
@@ -78,7 +78,12 @@ impl Mesh {
     fn log(&self) -> String {
         match &self.up {
             Some(up) => std::fs::read_to_string(&up.log).unwrap_or_default(),
-            None => self.served.iter().map(Served::log).collect(),
+            None => self
+                .served
+                .iter()
+                .map(|s| s.log_lines().join("\n"))
+                .collect::<Vec<_>>()
+                .join("\n"),
         }
     }
 
@@ -255,26 +260,26 @@ async fn own(orchestrator_args: &[&str]) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let generator = serve(
-        dir.path(),
         "generator",
         "generator",
         &owned(&["--threads", "1", "--zero-shot"]),
-    );
+    )
+    .await;
     let metrics = format!("127.0.0.1:{}", common::port());
     let mut args = vec![
         "--generator-url".to_string(),
-        generator.url.clone(),
+        generator.url().to_string(),
         "--metrics-listen".into(),
         metrics.clone(),
     ];
     args.extend(owned(orchestrator_args));
-    let orchestrator = serve(dir.path(), "orchestrator", "orchestrator", &args);
-    serving(&generator.url).await;
-    serving(&orchestrator.url).await;
+    let orchestrator = serve("orchestrator", "orchestrator", &args).await;
+    serving(generator.url()).await;
+    serving(orchestrator.url()).await;
     Mesh {
-        url: orchestrator.url.clone(),
+        url: orchestrator.url().to_string(),
         tls: None,
-        generators: vec![generator.child.id()],
+        generators: vec![generator.pid()],
         stages: Vec::new(),
         metrics,
         up: None,

@@ -404,10 +404,8 @@ fn long_write(i: usize) -> WriteRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
     let _slot = crate::common::slot(module_path!());
-    let dir = tempfile::tempdir().unwrap();
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let generator = common::serve(
-        dir.path(),
         "generator",
         "generator",
         &args(&[
@@ -418,24 +416,25 @@ async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
             "--threads",
             "1",
         ]),
-    );
+    )
+    .await;
     let orchestrator = common::serve(
-        dir.path(),
         "orchestrator",
         "orchestrator",
-        &["--generator-url".into(), generator.url.clone()],
-    );
-    common::serving(&generator.url).await;
-    common::serving(&orchestrator.url).await;
+        &["--generator-url".into(), generator.url().to_string()],
+    )
+    .await;
+    common::serving(&generator.url()).await;
+    common::serving(&orchestrator.url()).await;
     let unary: Vec<_> = (0..12)
         .map(|i| {
-            let mut c = common::client_over(&orchestrator.url, None);
+            let mut c = common::client_over(&orchestrator.url(), None);
             tokio::spawn(async move { c.write(long_write(i)).await.map(|_| ()) })
         })
         .collect();
     let streams: Vec<_> = (0..12)
         .map(|i| {
-            let mut c = common::client_over(&orchestrator.url, None);
+            let mut c = common::client_over(&orchestrator.url(), None);
             tokio::spawn(async move {
                 let mut s = c.write_stream(long_write(i)).await?.into_inner();
                 while let Some(m) = s.message().await? {
@@ -463,17 +462,16 @@ async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_that_is_down_does_not_flood_the_log() {
     let _slot = crate::common::slot(module_path!());
-    let dir = tempfile::tempdir().unwrap();
     // Nothing listens there.
     let dead = format!("http://127.0.0.1:{}", common::port());
     let orchestrator = common::serve(
-        dir.path(),
         "orchestrator",
         "orchestrator",
         &["--generator-url".into(), dead],
-    );
-    common::serving(&orchestrator.url).await;
-    let mut client = common::client_over(&orchestrator.url, None);
+    )
+    .await;
+    common::serving(&orchestrator.url()).await;
+    let mut client = common::client_over(&orchestrator.url(), None);
     let write = || common::short_write("maya", "These strings", "immediate-context", 4);
     for _ in 0..300 {
         let e = client.write(write()).await.expect_err("no generator");
@@ -481,14 +479,14 @@ async fn a_stage_that_is_down_does_not_flood_the_log() {
         assert!(e.get_details_retry_info().is_some(), "{e:?}");
     }
     let lines = |log: &str, what: &str| log.lines().filter(|l| l.contains(what)).count();
-    let log = orchestrator.log();
+    let log = orchestrator.log_lines().join("\n");
     assert_eq!(lines(&log, "stage unavailable"), 1, "{log}");
     assert!(lines(&log, "endpoint ejected") <= 1, "{log}");
     // The next one, an interval later, says how many were held back.
     tokio::time::sleep(ghostwriter_common::throttle::DEFAULT_EVERY + Duration::from_millis(300))
         .await;
     client.write(write()).await.expect_err("no generator");
-    let log = orchestrator.log();
+    let log = orchestrator.log_lines().join("\n");
     assert_eq!(lines(&log, "stage unavailable"), 2, "{log}");
     assert!(log.contains("repeated=299"), "{log}");
 }
