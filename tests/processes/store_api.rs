@@ -8,7 +8,7 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::retriever_client::RetrieverClient;
@@ -311,30 +311,20 @@ fn authed<T>(body: T, token: &str) -> tonic::Request<T> {
     r
 }
 
-/// A `ghostwriter serve retriever` process following `store` with its index in `dir`.
-fn retriever_process(dir: &Path, store: &str) -> (Child, String) {
-    use std::io::BufRead as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args(["serve", "--listen", "127.0.0.1:0", "retriever"])
+/// A `ghostwriter serve retriever` process following `store` with its index in `dir`, and its
+/// URL.
+async fn retriever_process(dir: &Path, store: &str) -> (common::StageProcess, String) {
+    let mut cmd = common::ghostwriter();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "retriever"])
         .arg("--index-dir")
         .arg(dir)
         .args(["--store-poll-ms", "200"])
         .env("GHOSTWRITER_STORE", store)
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    (child, url)
+        .stdin(Stdio::null());
+    let process = common::start("retriever", cmd).await;
+    let url = process.url().to_string();
+    (process, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -345,9 +335,8 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
     };
     let url = pg.database("gw").unwrap();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let (mut victim, victim_url) = retriever_process(dirs[0].path(), &url);
-    let (survivor, survivor_url) = retriever_process(dirs[1].path(), &url);
-    let _survivor = common::Kill(vec![survivor]);
+    let (mut victim, victim_url) = retriever_process(dirs[0].path(), &url).await;
+    let (_survivor, survivor_url) = retriever_process(dirs[1].path(), &url).await;
     for u in [&victim_url, &survivor_url] {
         ghostwriter_transport::client::wait_until_serving(u, "", Duration::from_secs(60), None)
             .await
@@ -394,8 +383,7 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    victim.kill().unwrap();
-    victim.wait().unwrap();
+    victim.kill();
     let mut failed = 0;
     for w in writers {
         failed += w.await.unwrap();
@@ -415,8 +403,7 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
         .collect();
     c.ingest(IngestRequest { documents: docs }).await.unwrap();
     let restarted = Instant::now();
-    let (victim, victim_url) = retriever_process(dirs[0].path(), &url);
-    let _victim = common::Kill(vec![victim]);
+    let (_victim, victim_url) = retriever_process(dirs[0].path(), &url).await;
     ghostwriter_transport::client::wait_until_serving(
         &victim_url,
         "",
