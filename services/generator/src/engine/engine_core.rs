@@ -33,6 +33,8 @@ pub(super) struct EngineCore {
     pub inbox: Receiver<Command>,
     pub outputs: Sender<Vec<Update>>,
     pub sink: Box<dyn StatsSink>,
+    /// Adapters whose install failed, and why: their jobs fail alone, not the whole batch.
+    pub broken: std::collections::HashMap<AdapterId, String>,
 }
 
 impl EngineCore {
@@ -70,13 +72,24 @@ impl EngineCore {
 
     fn take(&mut self, command: Command, out: &mut Vec<Update>) {
         match command {
-            Command::Job(r) => self.scheduler.enqueue(*r, out),
+            Command::Job(r) => match self.broken.get(&r.adapter.id) {
+                Some(why) => {
+                    let error =
+                        EngineError::Inference(format!("the adapter is not installed: {why}"));
+                    self.scheduler.refuse(*r, error, out);
+                }
+                None => self.scheduler.enqueue(*r, out),
+            },
             Command::Install(id, adapter) => {
                 if let Err(e) = self.backend.install_adapter(id, &adapter) {
                     tracing::error!(error = %e, id, "installing an adapter failed");
+                    self.broken.insert(id, e.to_string());
                 }
             }
-            Command::Remove(id) => self.backend.remove_adapter(id),
+            Command::Remove(id) => {
+                self.broken.remove(&id);
+                self.backend.remove_adapter(id);
+            }
         }
     }
 

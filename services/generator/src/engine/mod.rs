@@ -133,6 +133,7 @@ impl Engine {
                     inbox,
                     outputs,
                     sink,
+                    broken: Default::default(),
                 }
                 .run()
             })

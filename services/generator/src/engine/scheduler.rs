@@ -135,6 +135,15 @@ impl Scheduler {
         });
     }
 
+    /// Answers a job that reached the engine thread with `error` at once.
+    pub fn refuse(&mut self, request: Request, error: EngineError, out: &mut Vec<Update>) {
+        self.enqueue(request, out);
+        if let Some(w) = self.waiting.pop_back() {
+            out.push(Update::Failed { id: w.id, error });
+            self.dequeued();
+        }
+    }
+
     /// Drops waiting and running jobs whose caller went away, whose answer is complete or
     /// whose deadline passed (dropping a group frees its blocks).
     pub fn sweep(&mut self, now: Instant, out: &mut Vec<Update>) {
