@@ -12,8 +12,8 @@ mkdir -p "$out"
 lib=$(find /opt /usr/local -name 'libcublas.so.13' 2>/dev/null | head -1)
 [[ -n $lib ]] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv > "$out/gpu.txt" 2>&1
-bin=.gpu/ghostwriter
-chmod +x "$bin"
+bin=/tmp/ghostwriter
+gunzip -c .gpu/ghostwriter.gz > "$bin" && chmod +x "$bin"
 "$bin" models synthesize --like .gpu/head.gguf --to /tmp/smollm2-shape.gguf 2>&1 | tee "$out/bench.log"
 "$bin" bench-generator --device cuda --model /tmp/smollm2-shape.gguf --data .gpu/texts.jsonl \
   --streams 1,8,32,128,256 --max-running 256 --max-batch-tokens 2048 --kv-cache-mb 8192 \
