@@ -305,10 +305,10 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
         ],
     )
     .await;
-    for url in [&a.url(), &b.url(), &orchestrator.url(), &guarded.url()] {
+    for url in [a.url(), b.url(), orchestrator.url(), guarded.url()] {
         common::serving(url).await;
     }
-    let mut client = common::client_over(&orchestrator.url(), None);
+    let mut client = common::client_over(orchestrator.url(), None);
     let write = |adapter: &str| {
         let mut w = ghostwriter_runtime::embedded::short_write(
             "maya",
@@ -327,7 +327,7 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
             assert!(model.contains(&format!("+{n}@")), "{model}");
         }
     }
-    let (on_a, on_b) = (resident(&a.url()).await, resident(&b.url()).await);
+    let (on_a, on_b) = (resident(a.url()).await, resident(b.url()).await);
     for n in &names {
         assert!(
             on_a.contains(n) != on_b.contains(n),
@@ -346,7 +346,7 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
                 .insert("authorization", format!("Bearer {token}").parse().unwrap());
             r
         }
-        let mut admin = common::client_over(&guarded.url(), None);
+        let mut admin = common::client_over(guarded.url(), None);
         let denied = admin
             .list_adapters(as_who("maya-token-0123456789", ListAdaptersRequest {}))
             .await
@@ -400,10 +400,10 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
             .into_inner()
             .generators;
         assert_eq!(loaded.len(), 2);
-        assert!(resident(&a.url()).await.contains(&"given".to_string()));
-        assert!(resident(&b.url()).await.contains(&"given".to_string()));
-        assert!(!resident(&a.url()).await.contains(&names[1]));
-        assert!(!resident(&b.url()).await.contains(&names[1]));
+        assert!(resident(a.url()).await.contains(&"given".to_string()));
+        assert!(resident(b.url()).await.contains(&"given".to_string()));
+        assert!(!resident(a.url()).await.contains(&names[1]));
+        assert!(!resident(b.url()).await.contains(&names[1]));
     }
 
     // The generator that holds team-0 goes away: its writes go on, on the other, which loads
@@ -423,5 +423,5 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
         .unwrap()
         .into_inner();
     while stream.message().await.unwrap().is_some() {}
-    assert!(resident(&other.url()).await.contains(&names[0]));
+    assert!(resident(other.url()).await.contains(&names[0]));
 }

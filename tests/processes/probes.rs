@@ -424,17 +424,17 @@ async fn a_full_generators_refusal_reaches_the_caller_with_retry_info() {
         &["--generator-url".into(), generator.url().to_string()],
     )
     .await;
-    common::serving(&generator.url()).await;
-    common::serving(&orchestrator.url()).await;
+    common::serving(generator.url()).await;
+    common::serving(orchestrator.url()).await;
     let unary: Vec<_> = (0..12)
         .map(|i| {
-            let mut c = common::client_over(&orchestrator.url(), None);
+            let mut c = common::client_over(orchestrator.url(), None);
             tokio::spawn(async move { c.write(long_write(i)).await.map(|_| ()) })
         })
         .collect();
     let streams: Vec<_> = (0..12)
         .map(|i| {
-            let mut c = common::client_over(&orchestrator.url(), None);
+            let mut c = common::client_over(orchestrator.url(), None);
             tokio::spawn(async move {
                 let mut s = c.write_stream(long_write(i)).await?.into_inner();
                 while let Some(m) = s.message().await? {
@@ -470,8 +470,8 @@ async fn a_stage_that_is_down_does_not_flood_the_log() {
         &["--generator-url".into(), dead],
     )
     .await;
-    common::serving(&orchestrator.url()).await;
-    let mut client = common::client_over(&orchestrator.url(), None);
+    common::serving(orchestrator.url()).await;
+    let mut client = common::client_over(orchestrator.url(), None);
     let write = || common::short_write("maya", "These strings", "immediate-context", 4);
     for _ in 0..300 {
         let e = client.write(write()).await.expect_err("no generator");
