@@ -594,6 +594,12 @@ impl OrchestratorService {
             timed_for(&mut provenance.latencies, StageKind::Generator, took);
         }
         provenance.total_millis = plan.started.elapsed().as_secs_f64() * 1e3;
+        // The generator names its model `BASE+NAME@SHA` when an adapter wrote the text.
+        provenance.adapter = generation
+            .model
+            .split_once('+')
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_default();
         self.metrics
             .overhead
             .observe(overhead_millis(&provenance) / 1e3);

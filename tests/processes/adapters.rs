@@ -325,6 +325,8 @@ async fn writes_naming_an_adapter_go_to_the_generator_that_holds_it() {
             let r = client.write(write(n)).await.unwrap().into_inner();
             let model = r.generation.unwrap().model;
             assert!(model.contains(&format!("+{n}@")), "{model}");
+            let named = r.provenance.unwrap().adapter;
+            assert!(named.starts_with(&format!("{n}@")), "{named}");
         }
     }
     let (on_a, on_b) = (resident(a.url()).await, resident(b.url()).await);
