@@ -23,7 +23,6 @@ use crate::common;
 use common::Rng;
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -818,25 +817,6 @@ fn retrieve_case(rng: &mut Rng, users: &Users) -> Case {
     }
 }
 
-/// Kills the child when the test ends, however it ends.
-struct KillOnDrop(Arc<Mutex<Child>>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let mut c = self.0.lock().unwrap();
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Decodes a `grpc-message` (percent-encoded).
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -1068,69 +1048,42 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
     };
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let p = port();
-    let url = format!("http://127.0.0.1:{p}");
-    let log = dir.path().join("up.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args(["up", "--listen", &format!("127.0.0.1:{p}")])
-        .arg("--model-dir")
+    let mut cmd = common::ghostwriter();
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--model-dir"])
         .arg(common::model_dir())
         .arg("--index-dir")
         .arg(dir.path().join("index"))
         // Cheap generation: a request that sets no max_new_tokens (or 0) gets 2, a summary 4.
         .args(["--max-new-tokens", "2", "--summary-tokens", "4"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let child = Arc::new(Mutex::new(child));
-    let _guard = KillOnDrop(child.clone());
-    let log_tail = || {
-        let s = std::fs::read_to_string(&log).unwrap_or_default();
-        let n = s.len().saturating_sub(4000);
-        let mut n = n;
-        while !s.is_char_boundary(n) {
-            n -= 1;
-        }
-        s[n..].to_string()
-    };
+        .env("RUST_LOG", "warn");
+    let mut up = common::StageProcess::spawn_keeping("up", cmd, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let url = up.url().to_string();
     // Ready once `up` says so (every stage loaded).
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("ready in")
-    {
-        if let Some(status) = child.lock().unwrap().try_wait().unwrap() {
-            panic!("up exited while starting: {status}\n{}", log_tail());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "up did not start:\n{}",
-            log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    up.wait_log(Duration::from_secs(300), |l| l.contains("ready in"))
+        .await
+        .unwrap_or_else(|e| panic!("up did not start: {e:#}"));
     ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
         .await
         .unwrap();
     let ready = started.elapsed();
     // `up` prints each stage's loopback address: the retriever's own API gets absurd limits.
-    let retriever_url = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let mut words = l.split_whitespace();
-            (words.next() == Some("retriever"))
-                .then(|| words.next())
-                .flatten()
-                .map(|a| {
-                    if a.starts_with("http") {
-                        a.to_string()
-                    } else {
-                        format!("http://{a}")
-                    }
-                })
-        });
+    let retriever_url = up.log_lines().iter().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("retriever"))
+            .then(|| words.next())
+            .flatten()
+            .map(|a| {
+                if a.starts_with("http") {
+                    a.to_string()
+                } else {
+                    format!("http://{a}")
+                }
+            })
+    });
+    let up = Arc::new(Mutex::new(up));
+    let log_tail = || up.lock().unwrap().log_tail();
 
     let documents = real_documents(&data, 3);
     let users = Users {
@@ -1171,11 +1124,12 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
     // The process must never exit: a watcher polls it throughout.
     let died = Arc::new(AtomicBool::new(false));
     let watcher = {
-        let child = child.clone();
+        let up = up.clone();
         let died = died.clone();
         tokio::spawn(async move {
             loop {
-                if let Some(status) = child.lock().unwrap().try_wait().unwrap() {
+                let exited = up.lock().unwrap().try_wait();
+                if let Some(status) = exited {
                     died.store(true, Ordering::SeqCst);
                     return Some(status);
                 }
@@ -1374,7 +1328,7 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
         "a normal write after the storm failed: {after:?}\n{}",
         log_tail()
     );
-    assert!(child.lock().unwrap().try_wait().unwrap().is_none());
+    assert!(up.lock().unwrap().try_wait().is_none());
 
     let tally = tally.lock().unwrap();
     let expected = expected.lock().unwrap();
