@@ -17,7 +17,7 @@ use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::summarizer_client::SummarizerClient;
 use ghostwriter_proto::v1::synthesizer_client::SynthesizerClient;
 use ghostwriter_proto::v1::{
-    AdapterStatus, DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
+    DeleteRequest, DeleteResponse, Document, GenerateRequest, GenerateResponse,
     GenerateStreamResponse, GeneratorAdapters, GeneratorInfo, GeneratorInfoRequest, IngestRequest,
     IngestResponse, ListAdaptersRequest, LoadAdapterRequest, RankRequest, RankResponse,
     RetrieveRequest, RetrieveResponse, SummarizeRequest, SummarizeResponse, SynthesizeRequest,
@@ -106,15 +106,65 @@ impl Stages {
         F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
+        let pick = |set: &EndpointSet, tried: &[String]| set.pick_where(tried, &filter);
+        self.call_picking(stage, what, pick, request, deadline, call)
+            .await
+    }
+
+    /// [`Self::call`] on the endpoints `pick` chooses (given the set and those tried already).
+    async fn call_picking<Req, Resp, F, Fut>(
+        &self,
+        stage: StageKind,
+        what: &str,
+        pick: impl Fn(&EndpointSet, &[String]) -> Option<std::sync::Arc<Endpoint>>,
+        request: Req,
+        deadline: Option<Instant>,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
         let set = self.set(stage).ok_or(Error::NoEndpoint(what.to_string()))?;
         Ok(self
             .balancer
-            .call(set, what, filter, true, |e| {
-                let request = deadline::request(request.clone(), deadline);
-                let call = &call;
-                async move { Ok(call(e.channel.clone(), request?).await?.into_inner()) }
-            })
+            .call_picking(
+                set,
+                what,
+                |tried| pick(set, tried),
+                true,
+                |e| {
+                    let request = deadline::request(request.clone(), deadline);
+                    let call = &call;
+                    async move { Ok(call(e.channel.clone(), request?).await?.into_inner()) }
+                },
+            )
             .await?)
+    }
+
+    /// `call` on every endpoint of `targets` at once, the request carrying the deadline: each
+    /// endpoint's URL with its answer.
+    async fn each<Req, Resp, F, Fut>(
+        targets: Vec<std::sync::Arc<Endpoint>>,
+        request: &Req,
+        deadline: Option<Instant>,
+        call: F,
+    ) -> Result<Vec<(String, Result<Resp, Status>)>, Error>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let calls = targets.into_iter().map(|e| {
+            let request = deadline::request(request.clone(), deadline);
+            let call = &call;
+            async move {
+                let answer = call(e.channel.clone(), request?).await;
+                Ok::<_, Error>((e.info.url.clone(), answer.map(tonic::Response::into_inner)))
+            }
+        });
+        futures::future::try_join_all(calls).await
     }
 
     /// [`Self::call`] on any endpoint of a stage.
@@ -397,26 +447,16 @@ impl Stages {
         r: GenerateRequest,
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, Error> {
-        let what = StageKind::Generator.name();
-        let set = &self.generator;
-        Ok(self
-            .balancer
-            .call_picking(
-                set,
-                what,
-                |tried| pick_generator(set, &r.adapter, tried),
-                true,
-                |e| {
-                    let request = deadline::request(r.clone(), deadline);
-                    async move {
-                        Ok(GeneratorClient::new(e.channel.clone())
-                            .generate(request?)
-                            .await?
-                            .into_inner())
-                    }
-                },
-            )
-            .await?)
+        let adapter = r.adapter.clone();
+        self.call_picking(
+            StageKind::Generator,
+            StageKind::Generator.name(),
+            |set, tried| pick_generator(set, &adapter, tried),
+            r,
+            deadline,
+            |channel, request| async move { GeneratorClient::new(channel).generate(request).await },
+        )
+        .await
     }
 
     /// Loads an adapter: by name on the generator that owns it (writes naming it go there),
@@ -436,22 +476,22 @@ impl Stages {
         if targets.is_empty() {
             return Err(Error::NoEndpoint(StageKind::Generator.name().into()));
         }
-        let loads = targets.into_iter().map(|e| {
-            let request = deadline::request(r.clone(), deadline);
-            async move {
-                let status = GeneratorClient::new(e.channel.clone())
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .load_adapter(request?)
-                    .await
-                    .map_err(|s| Error::Stage(client::stage_status("generator", s)))?
-                    .into_inner();
-                Ok::<_, Error>(GeneratorAdapters {
-                    generator: e.info.url.clone(),
-                    adapters: vec![status],
+        let loaded = Self::each(targets, &r, deadline, |channel, request| async move {
+            GeneratorClient::new(channel)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                .load_adapter(request)
+                .await
+        })
+        .await?;
+        loaded
+            .into_iter()
+            .map(|(generator, answer)| {
+                Ok(GeneratorAdapters {
+                    generator,
+                    adapters: vec![answer.map_err(generator_error)?],
                 })
-            }
-        });
-        futures::future::try_join_all(loads).await
+            })
+            .collect()
     }
 
     /// Unloads an adapter from every generator that holds it.
@@ -460,21 +500,20 @@ impl Stages {
         r: UnloadAdapterRequest,
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
-        let unloads = self.generator.snapshot().into_iter().map(|e| {
-            let request = deadline::request(r.clone(), deadline);
-            async move {
-                match GeneratorClient::new(e.channel.clone())
-                    .unload_adapter(request?)
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-                    Err(s) => Err(Error::Stage(client::stage_status("generator", s))),
-                }
+        let targets = self.generator.snapshot();
+        let answers = Self::each(targets, &r, deadline, |channel, request| async move {
+            GeneratorClient::new(channel).unload_adapter(request).await
+        })
+        .await?;
+        let mut unloaded = false;
+        for (_, answer) in answers {
+            match answer {
+                Ok(_) => unloaded = true,
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(generator_error(s)),
             }
-        });
-        let unloaded = futures::future::try_join_all(unloads).await?;
-        if unloaded.contains(&true) {
+        }
+        if unloaded {
             Ok(())
         } else {
             Err(Error::NoSuchAdapter(r.name))
@@ -486,20 +525,26 @@ impl Stages {
         &self,
         deadline: Option<Instant>,
     ) -> Result<Vec<GeneratorAdapters>, Error> {
-        let lists = self.generator.snapshot().into_iter().map(|e| async move {
-            let request = deadline::request(ListAdaptersRequest {}, deadline)?;
-            let adapters: Vec<AdapterStatus> = GeneratorClient::new(e.channel.clone())
-                .list_adapters(request)
-                .await
-                .map_err(|s| Error::Stage(client::stage_status("generator", s)))?
-                .into_inner()
-                .adapters;
-            Ok::<_, Error>(GeneratorAdapters {
-                generator: e.info.url.clone(),
-                adapters,
+        let targets = self.generator.snapshot();
+        let lists =
+            Self::each(
+                targets,
+                &ListAdaptersRequest {},
+                deadline,
+                |channel, request| async move {
+                    GeneratorClient::new(channel).list_adapters(request).await
+                },
+            )
+            .await?;
+        lists
+            .into_iter()
+            .map(|(generator, answer)| {
+                Ok(GeneratorAdapters {
+                    generator,
+                    adapters: answer.map_err(generator_error)?.adapters,
+                })
             })
-        });
-        futures::future::try_join_all(lists).await
+            .collect()
     }
 
     /// One generator worker's model and engine.
@@ -807,6 +852,11 @@ impl GenerationStream {
     }
 }
 
+/// A generator's own answer, named as its stage's.
+fn generator_error(status: Status) -> Error {
+    Error::Stage(client::stage_status(StageKind::Generator.name(), status))
+}
+
 /// The generator for a request naming `adapter`: the one that owns it by rendezvous hashing
 /// while that one is not overloaded (so a pool of generators does not load every adapter
 /// everywhere), else the least loaded of two random choices, which then loads it; a request
@@ -817,7 +867,7 @@ fn pick_generator(
     tried: &[String],
 ) -> Option<std::sync::Arc<Endpoint>> {
     match adapter {
-        "" | "base" => set.pick(tried),
+        "" | ghostwriter_common::BASE_ADAPTER => set.pick(tried),
         a => set.pick_affine(a, tried),
     }
 }
