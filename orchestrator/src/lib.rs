@@ -175,7 +175,7 @@ pub struct OrchestratorConfig {
     #[arg(
         long = "distinguish-adapter",
         env = "GHOSTWRITER_DISTINGUISH_ADAPTER",
-        default_value = "base"
+        default_value = ghostwriter_common::BASE_ADAPTER
     )]
     pub distinguish_adapter: String,
     /// File holding the key (at least 32 bytes) of the prefix cache's per-user salt, a keyed

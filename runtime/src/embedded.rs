@@ -181,7 +181,7 @@ impl Embedded {
             // One generator: nothing to move a stream to.
             generator_stall_timeout_secs: 15.0,
             generator_failover_secs: 30.0,
-            distinguish_adapter: "base".into(),
+            distinguish_adapter: ghostwriter_common::BASE_ADAPTER.into(),
             cache_salt_key_file: None,
             discovery: Default::default(),
             ingest_budget_mb: 0,

@@ -27,6 +27,10 @@ use status::Invalid;
 /// Largest gRPC message any process sends or accepts (ingest batches, ranked candidates).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// The adapter name that asks a generator for its base model alone (`WriteRequest.adapter`,
+/// `GenerateRequest.adapter`).
+pub const BASE_ADAPTER: &str = "base";
+
 /// Most beams a beam search may ask for.
 pub const MAX_BEAMS: u32 = 16;
 

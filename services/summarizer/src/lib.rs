@@ -83,7 +83,7 @@ pub struct SummaryOptions {
     #[arg(
         long = "summary-adapter",
         env = "GHOSTWRITER_SUMMARY_ADAPTER",
-        default_value = "base"
+        default_value = ghostwriter_common::BASE_ADAPTER
     )]
     pub summary_adapter: String,
 }

@@ -25,7 +25,7 @@ use crate::adapter::Adapter;
 use crate::backend::{AdapterId, AdapterShape, STARTUP};
 
 /// The name that asks for the base model without an adapter.
-pub const BASE_NAME: &str = "base";
+pub const BASE_NAME: &str = ghostwriter_common::BASE_ADAPTER;
 
 /// Where adapters come from and how much memory they may take.
 #[derive(Debug, Clone, Default)]
@@ -240,11 +240,6 @@ impl Adapters {
         }
     }
 
-    /// The adapter jobs naming none run with (`None`: the base model).
-    pub fn default_name(&self) -> Option<&str> {
-        self.inner.default.as_deref()
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -406,19 +401,7 @@ impl Adapters {
                     continue;
                 };
                 if valid_name(name) && !out.contains_key(name) {
-                    out.insert(
-                        name.to_string(),
-                        AdapterInfo {
-                            name: name.to_string(),
-                            resident: false,
-                            pinned: false,
-                            running: 0,
-                            bytes: 0,
-                            sha256: String::new(),
-                            loads: 0,
-                            evictions: 0,
-                        },
-                    );
+                    out.insert(name.to_string(), info(name, &Entry::new(None)));
                 }
             }
         }
