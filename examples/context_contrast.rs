@@ -271,7 +271,7 @@ fn main() -> anyhow::Result<()> {
                     } else {
                         Vec::new()
                     },
-                    generator: engine.model_name.clone(),
+                    generator: engine.model_name(),
                 };
                 writeln!(file, "{}", serde_json::to_string(&record)?)?;
             }
@@ -346,7 +346,7 @@ async fn likelihoods(
     let sd = (gains.iter().map(|x| (x - g).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
     let half = 1.96 * sd / n.sqrt();
     Ok(serde_json::json!({
-        "model": engine.model_name,
+        "model": engine.model_name(),
         "examples": scored.len(),
         "tokens_per_example": scored.iter().map(|x| x[0].1).sum::<usize>() as f64 / n,
         "nats_per_token_syn_ctx": mean(0),

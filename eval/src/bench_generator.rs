@@ -223,7 +223,8 @@ pub async fn run(a: &BenchGeneratorArgs, model_dir: &Path) -> anyhow::Result<Val
     };
     eprintln!(
         "bench-generator: {} ({})",
-        engine.model_name, engine.backend
+        engine.model_name(),
+        engine.backend
     );
     // Warm-up.
     run_job(

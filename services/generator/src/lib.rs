@@ -290,6 +290,15 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
 }
 
 impl GeneratorService {
+    /// Every adapter registered (the directory is read off the async threads).
+    async fn adapter_list(&self) -> Result<Vec<AdapterStatus>, Error> {
+        let adapters = self.engine()?.adapters().clone();
+        let list = tokio::task::spawn_blocking(move || adapters.list())
+            .await
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        Ok(list.into_iter().map(status).collect())
+    }
+
     fn answer_tokens(&self) -> Result<[u32; 2], Error> {
         self.engine()?
             .prompter()
@@ -428,11 +437,11 @@ impl Generator for GeneratorService {
     ) -> Result<Response<GeneratorInfo>, Status> {
         let engine = self.engine()?;
         Ok(Response::new(GeneratorInfo {
-            model: engine.model_name.clone(),
+            model: engine.model_name(),
             backend: engine.backend.clone(),
             context_tokens: engine.context() as u32,
             adapter: engine.adapter.clone(),
-            adapters: engine.adapters().list().into_iter().map(status).collect(),
+            adapters: self.adapter_list().await?,
         }))
     }
 
@@ -445,7 +454,7 @@ impl Generator for GeneratorService {
         let bytes = (!r.safetensors.is_empty()).then_some(r.safetensors);
         let info = tokio::task::spawn_blocking(move || adapters.load(&r.name, bytes, r.pin))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Error::from(EngineError::Inference(e.to_string())))?
             .map_err(Error::from)?;
         Ok(Response::new(status(info)))
     }
@@ -465,12 +474,8 @@ impl Generator for GeneratorService {
         &self,
         _request: Request<ListAdaptersRequest>,
     ) -> Result<Response<ListAdaptersResponse>, Status> {
-        let adapters = self.engine()?.adapters().clone();
-        let list = tokio::task::spawn_blocking(move || adapters.list())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ListAdaptersResponse {
-            adapters: list.into_iter().map(status).collect(),
+            adapters: self.adapter_list().await?,
         }))
     }
 
@@ -599,7 +604,7 @@ fn load_engine_with(
     engine
         .adapters()
         .observe(move |e: &engine::AdapterEvent| metrics.record_adapter(e));
-    tracing::info!(stage = "generator", model = %engine.model_name, backend = %engine.backend, context = engine.context(), "model loaded");
+    tracing::info!(stage = "generator", model = %engine.model_name(), backend = %engine.backend, context = engine.context(), "model loaded");
     Ok(engine)
 }
 

@@ -143,8 +143,6 @@ pub struct LanguageModel {
     pub backend: Box<dyn Backend>,
     /// Architecture name.
     pub architecture: String,
-    /// Human-readable model id (with the adapter's name when one is applied).
-    pub name: String,
     /// The adapter applied: its file stem and the start of its sha256; empty for none.
     pub adapter: String,
     /// Human-readable model id without the adapter.
@@ -161,7 +159,7 @@ impl LanguageModel {
         let (content, _) = gguf::read_content(path)?;
         let md = &content.metadata;
         let architecture = gguf::meta_string(md, "general.architecture").unwrap_or_default();
-        let name = gguf::meta_string(md, "general.name").unwrap_or_else(|| {
+        let base_name = gguf::meta_string(md, "general.name").unwrap_or_else(|| {
             path.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
@@ -173,11 +171,6 @@ impl LanguageModel {
             .as_deref()
             .map(crate::adapter::Adapter::describe)
             .unwrap_or_default();
-        let base_name = name.clone();
-        let name = match adapter.as_str() {
-            "" => name,
-            a => format!("{name}+{a}"),
-        };
         let backend: Box<dyn Backend> = if device.is_cpu() {
             Box::new(
                 crate::native::NativeModel::load(path, opts)
@@ -190,7 +183,6 @@ impl LanguageModel {
             prompter,
             backend,
             architecture,
-            name,
             adapter,
             base_name,
             path: path.to_path_buf(),

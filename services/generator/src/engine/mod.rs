@@ -65,12 +65,11 @@ pub struct Engine {
     system: Arc<str>,
     context: usize,
     max_running: usize,
-    /// Model id (with the start-up adapter's `NAME@SHA`, if any).
-    pub model_name: String,
     /// The base model's id.
     pub base_name: String,
     adapters: Adapters,
-    /// The adapter applied (file stem and the start of its sha256); empty for none.
+    /// The start-up adapter, which jobs naming none run with (file stem and the start of its
+    /// sha256); empty for none.
     pub adapter: String,
     /// One line about the backend.
     pub backend: String,
@@ -98,7 +97,6 @@ impl Engine {
         let prompter = Arc::new(model.prompter);
         let context = model.backend.context();
         let backend_line = model.backend.describe();
-        let model_name = model.name.clone();
         let base_name = model.base_name.clone();
         let adapter = model.adapter.clone();
         let adapters = Adapters::new(
@@ -146,7 +144,6 @@ impl Engine {
             system,
             context,
             max_running,
-            model_name,
             base_name,
             adapters,
             adapter,
@@ -157,6 +154,12 @@ impl Engine {
     /// The engine's adapters: load, unload, list.
     pub fn adapters(&self) -> &Adapters {
         &self.adapters
+    }
+
+    /// The model id of a job naming no adapter (with the start-up adapter's `NAME@SHA`, if
+    /// any).
+    pub fn model_name(&self) -> String {
+        self.model_for(&self.adapter)
     }
 
     /// The model id of a response produced with `adapter` (`NAME@SHA`, empty for none).

@@ -275,16 +275,54 @@ impl Lora {
     }
 }
 
-/// Adds each row's adapter's updates (`adapters[row]`, none for the base model) of `layer`'s
+/// A step's rows that run with an adapter, grouped by adapter (the SGMV idea of Punica and
+/// S-LoRA): computed once per forward pass, used by every [`lora`] call of it.
+struct AdapterRows<'a> {
+    /// Each packed row's adapter (none for the base model).
+    adapters: Vec<Option<&'a Lora>>,
+    /// The rows that have one, those of one adapter together.
+    order: Vec<usize>,
+    /// The tasks: runs of `order` of one adapter, at most an even share of the rows each.
+    runs: Vec<std::ops::Range<usize>>,
+}
+
+impl<'a> AdapterRows<'a> {
+    fn new(adapters: Vec<Option<&'a Lora>>, threads: usize) -> Self {
+        let key = |r: usize| adapters[r].map_or(0, |a| a as *const Lora as usize);
+        let mut order: Vec<usize> = (0..adapters.len()).filter(|&r| key(r) != 0).collect();
+        order.sort_by_key(|&r| (key(r), r));
+        let share = order.len().div_ceil(threads.max(1));
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for j in 1..=order.len() {
+            if j == order.len() || key(order[j]) != key(order[start]) || j - start == share {
+                runs.push(start..j);
+                start = j;
+            }
+        }
+        Self {
+            adapters,
+            order,
+            runs,
+        }
+    }
+
+    /// Whether any row has an adapter (the projections' f32 inputs are then kept).
+    fn any(&self) -> bool {
+        !self.order.is_empty()
+    }
+}
+
+/// Adds each row's adapter's updates (none for the base model's rows) of `layer`'s
 /// `projections` (index in [`PROJECTIONS`], first output column) for inputs `x` (rows of
-/// `width`) to `out` (rows of `stride`). Rows of different adapters share the pass; rows are
-/// grouped by adapter (the SGMV idea of Punica and S-LoRA) so that each task applies one pair
-/// to all its rows while the pair is in cache. Each row's update is computed alone into
-/// `delta` and then added, so a row's output does not depend on the other rows.
+/// `width`) to `out` (rows of `stride`). Rows of different adapters share the pass; each task
+/// applies one pair to all its rows of one adapter while the pair is in cache. Each row's
+/// update is computed alone into `delta` and then added, so a row's output does not depend on
+/// the other rows.
 #[allow(clippy::too_many_arguments)]
 fn lora(
     pool: &Pool,
-    adapters: &[Option<&Lora>],
+    rows: &AdapterRows<'_>,
     layer: usize,
     projections: &[(usize, usize)],
     x: &[f32],
@@ -293,28 +331,20 @@ fn lora(
     stride: usize,
     delta: &mut Vec<f32>,
 ) {
-    let key = |r: usize| adapters[r].map_or(0, |a| a as *const Lora as usize);
-    let mut order: Vec<usize> = (0..adapters.len()).filter(|&r| key(r) != 0).collect();
-    if order.is_empty() {
+    if !rows.any() {
         return;
     }
-    order.sort_by_key(|&r| (key(r), r));
-    // Tasks: runs of one adapter's rows, at most an even share of the rows each.
-    let share = order.len().div_ceil(pool.threads().max(1));
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for j in 1..=order.len() {
-        if j == order.len() || key(order[j]) != key(order[start]) || j - start == share {
-            ranges.push(start * stride..j * stride);
-            start = j;
-        }
-    }
+    let order = &rows.order;
+    let ranges: Vec<std::ops::Range<usize>> = rows
+        .runs
+        .iter()
+        .map(|r| r.start * stride..r.end * stride)
+        .collect();
     delta.clear();
     delta.resize(order.len() * stride, 0.0);
-    let order = &order;
     pool::for_each_range_mut(pool, delta, &ranges, &|task, piece| {
-        let first = ranges[task].start / stride;
-        let Some(a) = adapters[order[first]] else {
+        let first = rows.runs[task].start;
+        let Some(a) = rows.adapters[order[first]] else {
             return;
         };
         for &(i, offset) in projections {
@@ -557,7 +587,8 @@ impl NativeModel {
             };
             row_adapters.extend(std::iter::repeat_n(a, seq.tokens.len()));
         }
-        let adapted = row_adapters.iter().any(Option::is_some);
+        let ra = AdapterRows::new(row_adapters, self.pool.threads());
+        let ra = &ra;
         let sc = &mut self.scratch;
         sc.x.resize(t * hidden, 0.0);
         let kbs = hidden / QK;
@@ -579,11 +610,9 @@ impl NativeModel {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            let adapter = adapted.then_some(());
-            let ra = &row_adapters;
             {
                 let norm = norm_rows(&sc.x, &layer.attn_norm, cfg.eps, hidden);
-                let keep = adapter.map(|_| &mut sc.h);
+                let keep = ra.any().then_some(&mut sc.h);
                 produce(&self.pool, isa, &mut sc.qa, keep, t, hidden, &norm);
             }
             sc.qkv.resize(t * qkv_w, 0.0);
@@ -681,7 +710,7 @@ impl NativeModel {
                 &self.pool,
                 isa,
                 &mut sc.qa,
-                adapter.map(|_| &mut sc.h),
+                ra.any().then_some(&mut sc.h),
                 t,
                 w,
                 &|r, out| {
@@ -710,7 +739,7 @@ impl NativeModel {
             // Feed-forward block.
             {
                 let norm = norm_rows(&sc.x, &layer.ffn_norm, cfg.eps, hidden);
-                let keep = adapter.map(|_| &mut sc.h);
+                let keep = ra.any().then_some(&mut sc.h);
                 produce(&self.pool, isa, &mut sc.qa, keep, t, hidden, &norm);
             }
             let ff = cfg.ff;
@@ -733,7 +762,7 @@ impl NativeModel {
                 &self.pool,
                 isa,
                 &mut sc.qa,
-                adapter.map(|_| &mut sc.act),
+                ra.any().then_some(&mut sc.act),
                 t,
                 ff,
                 &|r, out| {
