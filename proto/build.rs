@@ -16,17 +16,19 @@ const GHOSTWRITER: &[&str] = &[
     "proto/ghostwriter/v1/ghostwriter.proto",
 ];
 
-const ETCD: &[&str] = &["proto/etcd/kv.proto", "proto/etcd/rpc.proto"];
+/// etcd's own files (a trimmed copy, Apache-2.0), kept apart from ours as vendored code.
+const ETCD: &[&str] = &["third_party/etcd/kv.proto", "third_party/etcd/rpc.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=third_party");
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
     let api = protox::compile(GHOSTWRITER, ["proto"])?;
     std::fs::write(out.join("ghostwriter_descriptor.bin"), api.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(api)?;
 
-    let etcd = protox::compile(ETCD, ["proto"])?;
+    let etcd = protox::compile(ETCD, ["third_party"])?;
     tonic_prost_build::configure()
         .build_server(false)
         .compile_fds(etcd)?;

@@ -266,10 +266,7 @@ pub struct AuthArgs {
     #[arg(long = "auth-tokens", env = "GHOSTWRITER_AUTH_TOKENS")]
     pub tokens: Option<std::path::PathBuf>,
     /// Accept HS256 JWTs signed with the secret in this file (at least 32 bytes).
-    #[arg(
-        long = "auth-jwt-secret-file",
-        env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE"
-    )]
+    #[arg(long = "auth-jwt-secret-file", env = "GHOSTWRITER_AUTH_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<std::path::PathBuf>,
     /// Accept RS256/ES256 JWTs verified with the public keys in this file: one PEM key, or a
     /// JWK set (JSON) whose `kid`s select the key.

@@ -62,27 +62,19 @@ pub enum IdfCorpus {
 #[command(next_help_heading = "Writes")]
 pub struct WriteDefaults {
     /// Past documents fetched per write (the ranker orders them; the synthesizer's corpus).
-    #[arg(
-        long = "max-candidates",
-        env = "GHOSTWRITER_MAX_CANDIDATES",
-        default_value_t = 200
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_CANDIDATES", default_value_t = 200)]
     pub max_candidates: u32,
     /// Corpus of the synthesizer's IDF: the whole index (every user's documents, from the
     /// retriever) or, as before, the user's own earlier documents.
     #[arg(
-        long = "idf-corpus",
+        long,
         env = "GHOSTWRITER_IDF_CORPUS",
         value_enum,
         default_value_t = IdfCorpus::Index
     )]
     pub idf_corpus: IdfCorpus,
     /// Deadline of a write whose caller sets none, in seconds.
-    #[arg(
-        long = "request-timeout",
-        env = "GHOSTWRITER_REQUEST_TIMEOUT",
-        default_value_t = 300
-    )]
+    #[arg(long = "request-timeout", env = "GHOSTWRITER_REQUEST_TIMEOUT", default_value_t = 300)]
     pub request_timeout_secs: u64,
 }
 
@@ -92,88 +84,52 @@ pub struct WriteDefaults {
 pub struct OrchestratorConfig {
     /// Retriever endpoints (comma-separated; with --retriever-shards N, the i-th serves shard i,
     /// and `|` separates the replicas of one shard: `a0|a1,b0|b1`).
-    #[arg(
-        long = "retriever-url",
-        env = "GHOSTWRITER_RETRIEVER_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
+    #[arg(long, env = "GHOSTWRITER_RETRIEVER_URL", default_value = "http://127.0.0.1:50052")]
     pub retriever_url: String,
     /// Ranker endpoints (comma-separated).
-    #[arg(
-        long = "ranker-url",
-        env = "GHOSTWRITER_RANKER_URL",
-        default_value = "http://127.0.0.1:50053"
-    )]
+    #[arg(long, env = "GHOSTWRITER_RANKER_URL", default_value = "http://127.0.0.1:50053")]
     pub ranker_url: String,
     /// Summarizer endpoints (comma-separated).
-    #[arg(
-        long = "summarizer-url",
-        env = "GHOSTWRITER_SUMMARIZER_URL",
-        default_value = "http://127.0.0.1:50054"
-    )]
+    #[arg(long, env = "GHOSTWRITER_SUMMARIZER_URL", default_value = "http://127.0.0.1:50054")]
     pub summarizer_url: String,
     /// Generator endpoints (comma-separated).
-    #[arg(
-        long = "generator-url",
-        env = "GHOSTWRITER_GENERATOR_URL",
-        default_value = "http://127.0.0.1:50055"
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_URL", default_value = "http://127.0.0.1:50055")]
     pub generator_url: String,
     /// Synthesizer endpoints (comma-separated).
-    #[arg(
-        long = "synthesizer-url",
-        env = "GHOSTWRITER_SYNTHESIZER_URL",
-        default_value = "http://127.0.0.1:50056"
-    )]
+    #[arg(long, env = "GHOSTWRITER_SYNTHESIZER_URL", default_value = "http://127.0.0.1:50056")]
     pub synthesizer_url: String,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub writes: WriteDefaults,
     /// Most new tokens a write may ask for: set it as the generators' --max-new-tokens-limit
     /// (the same variable), so a write over it is refused before any stage runs.
-    #[arg(
-        long = "max-new-tokens-limit",
-        env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT",
-        default_value_t = 1024
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT", default_value_t = 1024)]
     pub max_new_tokens_limit: u32,
     /// Retriever shards: a user's documents live on shard `rendezvous(user_id, N)`. Changing N
     /// moves users between shards (docs/operations.md, "Changing the shard count").
-    #[arg(
-        long = "retriever-shards",
-        env = "GHOSTWRITER_RETRIEVER_SHARDS",
-        default_value_t = 1
-    )]
+    #[arg(long, env = "GHOSTWRITER_RETRIEVER_SHARDS", default_value_t = 1)]
     pub retriever_shards: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub auth: AuthArgs,
     /// Serve without authentication on a non-loopback address (anyone who can reach it may read
     /// and write any user's documents). Without it, authentication is off only on loopback.
-    #[arg(long = "insecure-no-auth", env = "GHOSTWRITER_INSECURE_NO_AUTH")]
+    #[arg(long, env = "GHOSTWRITER_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
     /// Seconds a generator may send nothing, once its stream has started, before the stream is
     /// taken for hung and continued on another generator.
-    #[arg(
-        long = "generator-stall-timeout-secs",
-        env = "GHOSTWRITER_GENERATOR_STALL_TIMEOUT_SECS",
-        default_value_t = 15.0
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_STALL_TIMEOUT_SECS", default_value_t = 15.0)]
     pub generator_stall_timeout_secs: f64,
     /// Seconds a stream whose generator failed keeps looking for another (one coming back, or
     /// a new one found by discovery) before it fails with UNAVAILABLE; never past the write's
     /// deadline.
-    #[arg(
-        long = "generator-failover-secs",
-        env = "GHOSTWRITER_GENERATOR_FAILOVER_SECS",
-        default_value_t = 30.0
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_FAILOVER_SECS", default_value_t = 30.0)]
     pub generator_failover_secs: f64,
     /// The generators' adapter the LLM path of Distinguish scores with: `base` (the base model,
     /// as the paper's author-distinction rows), empty for the generators' default, or an
     /// adapter's name.
     #[arg(
-        long = "distinguish-adapter",
+        long,
         env = "GHOSTWRITER_DISTINGUISH_ADAPTER",
         default_value = ghostwriter_common::BASE_ADAPTER
     )]
@@ -182,7 +138,7 @@ pub struct OrchestratorConfig {
     /// hash of the user id set on every generation, so no user's request reuses another user's
     /// cached blocks. Give every orchestrator replica the same file; unset = a random key per
     /// process (a user's writes then share cached blocks only through one replica).
-    #[arg(long = "cache-salt-key-file", env = "GHOSTWRITER_CACHE_SALT_KEY_FILE")]
+    #[arg(long, env = "GHOSTWRITER_CACHE_SALT_KEY_FILE")]
     pub cache_salt_key_file: Option<std::path::PathBuf>,
     /// Where to discover the stages (from `serve --etcd ...`); empty = the static URLs above.
     #[arg(skip)]
@@ -664,7 +620,8 @@ type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static
 /// The public API's handlers as domain calls: each returns the orchestrator's [`Error`], which
 /// the gRPC adapter below maps to a `Status` once.
 impl OrchestratorService {
-    async fn info(&self, metadata: &tonic::metadata::MetadataMap) -> Result<InfoResponse, Error> {
+    async fn info(&self, request: Request<InfoRequest>) -> Result<InfoResponse, Error> {
+        let metadata = request.metadata();
         let deadline = self.deadline(metadata, Instant::now());
         self.auth.grant(metadata)?;
         let generator = self.stages.generator_info(deadline).await?;
@@ -674,6 +631,17 @@ impl OrchestratorService {
             default_preset: preset::DEFAULT_PRESET.into(),
             presets: PRESETS.iter().map(|p| p.name.to_string()).collect(),
             authentication: self.auth.enabled(),
+        })
+    }
+
+    async fn list_presets(
+        &self,
+        request: Request<ListPresetsRequest>,
+    ) -> Result<ListPresetsResponse, Error> {
+        self.auth.grant(request.metadata())?;
+        Ok(ListPresetsResponse {
+            presets: PRESETS.iter().map(preset_info).collect(),
+            default_preset: preset::DEFAULT_PRESET.into(),
         })
     }
 
@@ -835,99 +803,34 @@ impl OrchestratorService {
     }
 }
 
-/// The gRPC adapter: every handler's [`Error`] becomes a `Status` here, through its one `From`.
-#[tonic::async_trait]
-impl Ghostwriter for OrchestratorService {
-    async fn info(&self, request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::info(self, request.metadata()).await?,
-        ))
-    }
+/// The gRPC adapter: each RPC is the domain handler of the same name, whose [`Error`] becomes
+/// a `Status` here, through its one `From`.
+macro_rules! grpc_adapter {
+    (streams { $($stream:ident = $stream_ty:ty;)* } $($name:ident($req:ty) -> $resp:ty;)*) => {
+        #[tonic::async_trait]
+        impl Ghostwriter for OrchestratorService {
+            $(type $stream = $stream_ty;)*
+            $(
+                async fn $name(&self, request: Request<$req>) -> Result<Response<$resp>, Status> {
+                    Ok(Response::new(OrchestratorService::$name(self, request).await?))
+                }
+            )*
+        }
+    };
+}
 
-    async fn list_presets(
-        &self,
-        request: Request<ListPresetsRequest>,
-    ) -> Result<Response<ListPresetsResponse>, Status> {
-        self.auth.grant(request.metadata()).map_err(Error::from)?;
-        Ok(Response::new(ListPresetsResponse {
-            presets: PRESETS.iter().map(preset_info).collect(),
-            default_preset: preset::DEFAULT_PRESET.into(),
-        }))
-    }
-
-    async fn write(
-        &self,
-        request: Request<WriteRequest>,
-    ) -> Result<Response<WriteResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::write(self, request).await?,
-        ))
-    }
-
-    type WriteStreamStream = StreamOf<WriteStreamResponse>;
-
-    async fn write_stream(
-        &self,
-        request: Request<WriteRequest>,
-    ) -> Result<Response<Self::WriteStreamStream>, Status> {
-        Ok(Response::new(
-            OrchestratorService::write_stream(self, request).await?,
-        ))
-    }
-
-    async fn distinguish(
-        &self,
-        request: Request<DistinguishRequest>,
-    ) -> Result<Response<DistinguishResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::distinguish(self, request).await?,
-        ))
-    }
-
-    async fn load_adapter(
-        &self,
-        request: Request<LoadAdapterRequest>,
-    ) -> Result<Response<LoadAdapterResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::load_adapter(self, request).await?,
-        ))
-    }
-
-    async fn unload_adapter(
-        &self,
-        request: Request<UnloadAdapterRequest>,
-    ) -> Result<Response<UnloadAdapterResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::unload_adapter(self, request).await?,
-        ))
-    }
-
-    async fn list_adapters(
-        &self,
-        request: Request<ListAdaptersRequest>,
-    ) -> Result<Response<GeneratorsAdapters>, Status> {
-        Ok(Response::new(
-            OrchestratorService::list_adapters(self, request).await?,
-        ))
-    }
-
-    async fn ingest(
-        &self,
-        request: Request<IngestRequest>,
-    ) -> Result<Response<IngestResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::ingest(self, request).await?,
-        ))
-    }
-
-    async fn delete(
-        &self,
-        request: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
-        Ok(Response::new(
-            OrchestratorService::delete(self, request).await?,
-        ))
-    }
+grpc_adapter! {
+    streams { WriteStreamStream = StreamOf<WriteStreamResponse>; }
+    info(InfoRequest) -> InfoResponse;
+    list_presets(ListPresetsRequest) -> ListPresetsResponse;
+    write(WriteRequest) -> WriteResponse;
+    write_stream(WriteRequest) -> StreamOf<WriteStreamResponse>;
+    distinguish(DistinguishRequest) -> DistinguishResponse;
+    load_adapter(LoadAdapterRequest) -> LoadAdapterResponse;
+    unload_adapter(UnloadAdapterRequest) -> UnloadAdapterResponse;
+    list_adapters(ListAdaptersRequest) -> GeneratorsAdapters;
+    ingest(IngestRequest) -> IngestResponse;
+    delete(DeleteRequest) -> DeleteResponse;
 }
 
 /// Serves the public API on `listener` until `shutdown`, over `transport`. A credential file
@@ -958,6 +861,23 @@ pub async fn serve(
 }
 
 impl OrchestratorConfig {
+    /// Every flag's default (environment variables still override them), with each stage at
+    /// `url(stage)`.
+    pub fn at(url: impl Fn(StageKind) -> String) -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: OrchestratorConfig,
+        }
+        let mut c = <Wrapper as clap::Parser>::parse_from(["orchestrator"]).config;
+        c.retriever_url = url(StageKind::Retriever);
+        c.ranker_url = url(StageKind::Ranker);
+        c.summarizer_url = url(StageKind::Summarizer);
+        c.generator_url = url(StageKind::Generator);
+        c.synthesizer_url = url(StageKind::Synthesizer);
+        c
+    }
+
     /// Whether the public API may serve on `ip` with these settings: without authentication
     /// only on loopback (or with --insecure-no-auth); credential files must load. Logs how it
     /// authenticates.

@@ -29,6 +29,26 @@ use tonic::{Status, Streaming};
 
 use crate::{Error, OrchestratorConfig};
 
+/// The unary calls that any endpoint of a stage may answer: each one method on [`Stages`] that
+/// goes through [`Stages::call`] on any endpoint of the stage, with the stage's client.
+macro_rules! balanced_calls {
+    ($($(#[$doc:meta])* $name:ident($req:ty) -> $resp:ty = $stage:ident via $client:ident;)*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $name(&self, r: $req, deadline: Option<Instant>) -> Result<$resp, Error> {
+                let (stage, pick) = (StageKind::$stage, |set: &EndpointSet, tried: &[String]| set.pick(tried));
+                self.call(stage, stage.name(), pick, r, deadline, |channel, request| async move {
+                    $client::new(channel)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                        .$name(request)
+                        .await
+                })
+                .await
+            }
+        )*
+    };
+}
+
 /// Every stage's endpoints.
 pub struct Stages {
     retriever: EndpointSet,
@@ -87,32 +107,12 @@ impl Stages {
         &self.generator
     }
 
-    /// The one balanced unary call every stage call goes through: `call` with a channel to an
-    /// endpoint of `stage` that passes `filter`, and the request carrying the deadline and
-    /// trace context; `what` names the stage in errors. Every unary call is idempotent (reads,
-    /// upserts, greedy or seeded generation), so one that never reached or lost its endpoint
-    /// is retried on another ([`Balancer::call`]).
+    /// The one balanced unary call every stage call goes through: `call` with a channel to the
+    /// endpoint of `stage` that `pick` chooses (given the set and those tried already), and the
+    /// request carrying the deadline and trace context; `what` names the stage in errors. Every
+    /// unary call is idempotent (reads, upserts, greedy or seeded generation), so one that
+    /// never reached or lost its endpoint is retried on another ([`Balancer::call`]).
     async fn call<Req, Resp, F, Fut>(
-        &self,
-        stage: StageKind,
-        what: &str,
-        filter: impl Fn(&EndpointInfo) -> bool,
-        request: Req,
-        deadline: Option<Instant>,
-        call: F,
-    ) -> Result<Resp, Error>
-    where
-        Req: Clone,
-        F: Fn(Channel, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        let pick = |set: &EndpointSet, tried: &[String]| set.pick_where(tried, &filter);
-        self.call_picking(stage, what, pick, request, deadline, call)
-            .await
-    }
-
-    /// [`Self::call`] on the endpoints `pick` chooses (given the set and those tried already).
-    async fn call_picking<Req, Resp, F, Fut>(
         &self,
         stage: StageKind,
         what: &str,
@@ -167,24 +167,6 @@ impl Stages {
         futures::future::try_join_all(calls).await
     }
 
-    /// [`Self::call`] on any endpoint of a stage.
-    async fn call_any<Req, Resp, F, Fut>(
-        &self,
-        stage: StageKind,
-        request: Req,
-        deadline: Option<Instant>,
-        call: F,
-    ) -> Result<Resp, Error>
-    where
-        Req: Clone,
-        F: Fn(Channel, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
-    {
-        let what = stage.name();
-        self.call(stage, what, |_| true, request, deadline, call)
-            .await
-    }
-
     fn shard_filter(&self, user: &str) -> (u32, impl Fn(&EndpointInfo) -> bool + use<>) {
         let shards = self.shards;
         let shard = shard_of(user, shards);
@@ -213,7 +195,7 @@ impl Stages {
         self.call(
             StageKind::Retriever,
             &what,
-            filter,
+            |set, tried| set.pick_where(tried, &filter),
             r,
             deadline,
             |channel, request| async move {
@@ -321,7 +303,7 @@ impl Stages {
                 .call(
                     StageKind::Retriever,
                     &what,
-                    |info| info.url == url,
+                    |set, tried| set.pick_where(tried, |info| info.url == url),
                     request.clone(),
                     deadline,
                     |channel, request| {
@@ -360,84 +342,15 @@ impl Stages {
         }
     }
 
-    /// Rank.
-    pub async fn rank(
-        &self,
-        r: RankRequest,
-        deadline: Option<Instant>,
-    ) -> Result<RankResponse, Error> {
-        self.call_any(
-            StageKind::Ranker,
-            r,
-            deadline,
-            |channel, request| async move {
-                RankerClient::new(channel)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .rank(request)
-                    .await
-            },
-        )
-        .await
-    }
-
-    /// The ranker's authorship judgement by style.
-    pub async fn verify_author(
-        &self,
-        r: VerifyAuthorRequest,
-        deadline: Option<Instant>,
-    ) -> Result<VerifyAuthorResponse, Error> {
-        self.call_any(
-            StageKind::Ranker,
-            r,
-            deadline,
-            |channel, request| async move {
-                RankerClient::new(channel)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .verify_author(request)
-                    .await
-            },
-        )
-        .await
-    }
-
-    /// Summarize.
-    pub async fn summarize(
-        &self,
-        r: SummarizeRequest,
-        deadline: Option<Instant>,
-    ) -> Result<SummarizeResponse, Error> {
-        self.call_any(
-            StageKind::Summarizer,
-            r,
-            deadline,
-            |channel, request| async move {
-                SummarizerClient::new(channel)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .summarize(request)
-                    .await
-            },
-        )
-        .await
-    }
-
-    /// Synthesize.
-    pub async fn synthesize(
-        &self,
-        r: SynthesizeRequest,
-        deadline: Option<Instant>,
-    ) -> Result<SynthesizeResponse, Error> {
-        self.call_any(
-            StageKind::Synthesizer,
-            r,
-            deadline,
-            |channel, request| async move {
-                SynthesizerClient::new(channel)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-                    .synthesize(request)
-                    .await
-            },
-        )
-        .await
+    balanced_calls! {
+        /// Rank.
+        rank(RankRequest) -> RankResponse = Ranker via RankerClient;
+        /// The ranker's authorship judgement by style.
+        verify_author(VerifyAuthorRequest) -> VerifyAuthorResponse = Ranker via RankerClient;
+        /// Summarize.
+        summarize(SummarizeRequest) -> SummarizeResponse = Summarizer via SummarizerClient;
+        /// Synthesize.
+        synthesize(SynthesizeRequest) -> SynthesizeResponse = Synthesizer via SynthesizerClient;
     }
 
     /// Unary generation (idempotent: greedy or seeded), retried on another worker; a request
@@ -448,7 +361,7 @@ impl Stages {
         deadline: Option<Instant>,
     ) -> Result<GenerateResponse, Error> {
         let adapter = r.adapter.clone();
-        self.call_picking(
+        self.call(
             StageKind::Generator,
             StageKind::Generator.name(),
             |set, tried| pick_generator(set, &adapter, tried),
@@ -549,8 +462,11 @@ impl Stages {
 
     /// One generator worker's model and engine.
     pub async fn generator_info(&self, deadline: Option<Instant>) -> Result<GeneratorInfo, Error> {
-        self.call_any(
-            StageKind::Generator,
+        let stage = StageKind::Generator;
+        self.call(
+            stage,
+            stage.name(),
+            |set, tried| set.pick(tried),
             GeneratorInfoRequest {},
             deadline,
             |channel, request| async move { GeneratorClient::new(channel).info(request).await },

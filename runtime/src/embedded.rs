@@ -168,23 +168,11 @@ impl Embedded {
         urls.insert(StageKind::Orchestrator, url(public.local_addr()?));
         let stage_url = |k: StageKind| urls[&k].clone();
         let orchestrator = OrchestratorConfig {
-            retriever_url: stage_url(StageKind::Retriever),
-            ranker_url: stage_url(StageKind::Ranker),
-            summarizer_url: stage_url(StageKind::Summarizer),
-            generator_url: stage_url(StageKind::Generator),
-            synthesizer_url: stage_url(StageKind::Synthesizer),
             writes: config.writes.clone(),
             max_new_tokens_limit: config.generator.max_new_tokens_limit,
-            retriever_shards: 1,
             auth: config.auth.clone(),
-            insecure_no_auth: false,
-            // One generator: nothing to move a stream to.
-            generator_stall_timeout_secs: 15.0,
-            generator_failover_secs: 30.0,
-            distinguish_adapter: ghostwriter_common::BASE_ADAPTER.into(),
-            cache_salt_key_file: None,
-            discovery: Default::default(),
-            ingest_budget_mb: 0,
+            retriever_shards: 1,
+            ..OrchestratorConfig::at(stage_url)
         };
         let summarizer = SummarizerConfig {
             generator_url: stage_url(StageKind::Generator),

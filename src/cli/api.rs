@@ -186,12 +186,7 @@ pub struct WriteArgs {
     #[arg(long, env = "GHOSTWRITER_USER", help_heading = "Document")]
     user: String,
     /// Title of the document.
-    #[arg(
-        long,
-        default_value = "",
-        env = "GHOSTWRITER_TITLE",
-        help_heading = "Document"
-    )]
+    #[arg(long, default_value = "", env = "GHOSTWRITER_TITLE", help_heading = "Document")]
     title: String,
     /// The start of the document.
     #[arg(long, env = "GHOSTWRITER_START", help_heading = "Document")]
@@ -200,37 +195,17 @@ pub struct WriteArgs {
     #[arg(long, env = "GHOSTWRITER_TIMESTAMP", help_heading = "Document")]
     timestamp: Option<i64>,
     /// Id of the document being written.
-    #[arg(
-        long,
-        default_value = "",
-        env = "GHOSTWRITER_DOC_ID",
-        help_heading = "Document"
-    )]
+    #[arg(long, default_value = "", env = "GHOSTWRITER_DOC_ID", help_heading = "Document")]
     doc_id: String,
     /// The generators' LoRA adapter to write with, by name (empty: their default; `base`: the
     /// base model alone).
-    #[arg(
-        long,
-        default_value = "",
-        env = "GHOSTWRITER_WRITE_ADAPTER",
-        help_heading = "Pipeline"
-    )]
+    #[arg(long, default_value = "", env = "GHOSTWRITER_WRITE_ADAPTER", help_heading = "Pipeline")]
     adapter: String,
     /// Preset (see `ghostwriter presets`).
-    #[arg(
-        long,
-        default_value = "full",
-        env = "GHOSTWRITER_PRESET",
-        help_heading = "Pipeline"
-    )]
+    #[arg(long, default_value = "full", env = "GHOSTWRITER_PRESET", help_heading = "Pipeline")]
     preset: String,
     /// Characters of title+start used as the immediate context (0 = the paper's 150).
-    #[arg(
-        long,
-        default_value_t = 0,
-        env = "GHOSTWRITER_CONTEXT_CHARS",
-        help_heading = "Pipeline"
-    )]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_CONTEXT_CHARS", help_heading = "Pipeline")]
     context_chars: u32,
     /// See the ingest or deletion of this consistency token (printed by `ingest --json` and
     /// `delete --json`), through any orchestrator.
@@ -253,32 +228,17 @@ pub struct WriteArgs {
     )]
     temperature: f32,
     /// Nucleus sampling threshold (0 or 1 = off).
-    #[arg(
-        long,
-        default_value_t = 0.0,
-        env = "GHOSTWRITER_TOP_P",
-        help_heading = "Generation"
-    )]
+    #[arg(long, default_value_t = 0.0, env = "GHOSTWRITER_TOP_P", help_heading = "Generation")]
     top_p: f32,
     /// Sampling seed.
-    #[arg(
-        long,
-        default_value_t = 0,
-        env = "GHOSTWRITER_SEED",
-        help_heading = "Generation"
-    )]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_SEED", help_heading = "Generation")]
     seed: u64,
     /// Stop string (repeatable).
     #[arg(long, env = "GHOSTWRITER_STOP", help_heading = "Generation")]
     stop: Vec<String>,
     /// Beam search with this many beams (needs temperature 0; 0 or 1 = off). The text comes
     /// in one piece when the search ends, also with --stream.
-    #[arg(
-        long,
-        default_value_t = 0,
-        env = "GHOSTWRITER_NUM_BEAMS",
-        help_heading = "Generation"
-    )]
+    #[arg(long, default_value_t = 0, env = "GHOSTWRITER_NUM_BEAMS", help_heading = "Generation")]
     num_beams: u32,
     /// Beam hypotheses are ranked by log-probability / length^this (default 1).
     #[arg(long, env = "GHOSTWRITER_LENGTH_PENALTY", help_heading = "Generation")]
@@ -290,12 +250,7 @@ pub struct WriteArgs {
     #[arg(long, env = "GHOSTWRITER_STREAM", help_heading = "Output")]
     stream: bool,
     /// Deadline of the request in seconds.
-    #[arg(
-        long,
-        default_value_t = 300,
-        env = "GHOSTWRITER_TIMEOUT",
-        help_heading = "Output"
-    )]
+    #[arg(long, default_value_t = 300, env = "GHOSTWRITER_TIMEOUT", help_heading = "Output")]
     timeout: u64,
     #[command(flatten)]
     pub api: ApiArgs,

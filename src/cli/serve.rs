@@ -17,12 +17,7 @@ use tokio::net::TcpListener;
 pub struct ServeArgs {
     /// Address to listen on (port 0: the OS picks one; the first line on stdout, `listening on
     /// URL`, says which).
-    #[arg(
-        long,
-        env = "GHOSTWRITER_LISTEN",
-        default_value = "0.0.0.0:50051",
-        global = true
-    )]
+    #[arg(long, env = "GHOSTWRITER_LISTEN", default_value = "0.0.0.0:50051", global = true)]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub process: ProcessArgs,
@@ -45,12 +40,7 @@ pub struct ServeArgs {
 pub struct ProcessArgs {
     /// RPCs each service runs at once; past it, RESOURCE_EXHAUSTED at once (0 = no limit).
     /// Health checks are never limited.
-    #[arg(
-        long,
-        env = "GHOSTWRITER_MAX_CONCURRENCY",
-        default_value_t = 256,
-        global = true
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_CONCURRENCY", default_value_t = 256, global = true)]
     pub max_concurrency: usize,
     /// Seconds a stopping server (SIGTERM, ctrl-c) keeps accepting calls after it turns
     /// NOT_SERVING, so that callers see it leave (readiness probes, DNS, etcd) and move away
@@ -67,12 +57,7 @@ pub struct ProcessArgs {
     /// Seconds a stopping server then waits for the RPCs in flight; the generator hands the
     /// streams still running over to another generator (through the orchestrator) just before
     /// this ends, so they are continued, not cut.
-    #[arg(
-        long,
-        env = "GHOSTWRITER_DRAIN_TIMEOUT_SECS",
-        default_value_t = 30.0,
-        global = true
-    )]
+    #[arg(long, env = "GHOSTWRITER_DRAIN_TIMEOUT_SECS", default_value_t = 30.0, global = true)]
     pub drain_timeout_secs: f64,
     /// Seconds after which a caller's connection is asked to go away (HTTP/2 GOAWAY; its calls
     /// in flight go on), so callers spread over replicas started after they connected (0 =
@@ -104,12 +89,7 @@ pub struct ProcessArgs {
     pub keepalive_interval_secs: f64,
     /// Seconds a keepalive ping may go unanswered before the connection is closed (its calls
     /// fail, and are retried or continued elsewhere).
-    #[arg(
-        long,
-        env = "GHOSTWRITER_KEEPALIVE_TIMEOUT_SECS",
-        default_value_t = 5.0,
-        global = true
-    )]
+    #[arg(long, env = "GHOSTWRITER_KEEPALIVE_TIMEOUT_SECS", default_value_t = 5.0, global = true)]
     pub keepalive_timeout_secs: f64,
     /// Ingest budget, MiB: encoded ingest batches this process holds at once (the public API
     /// and the retriever each); past it, RESOURCE_EXHAUSTED with a retry delay, so concurrent

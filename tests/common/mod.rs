@@ -362,6 +362,56 @@ pub async fn serve(name: &str, stage: &str, args: &[String]) -> StageProcess {
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// The first line of a test that needs Postgres: its [`slot`], a throwaway cluster and the URL
+/// of a database `gw` on it. `None` (the test returns) only where a missing Postgres may be
+/// skipped (`GHOSTWRITER_ALLOW_SKIP=1`); otherwise a missing Postgres fails the test.
+pub fn postgres(module_path: &str) -> Option<(Slot, ghostwriter_store::cluster::Cluster, String)> {
+    let slot = slot(module_path);
+    let pg = ghostwriter_store::cluster::for_test()?;
+    let url = pg.database("gw").unwrap();
+    Some((slot, pg, url))
+}
+
+/// A stage server in this test's process, on a loopback port of its own.
+pub struct InProcess {
+    pub url: String,
+    stop: ghostwriter_common::shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Starts `serve(listener, shutdown)` and returns once it reports SERVING (within
+    /// `ready_within`).
+    pub async fn start<F, Fut>(ready_within: std::time::Duration, serve: F) -> Self
+    where
+        F: FnOnce(tokio::net::TcpListener, ghostwriter_common::shutdown::Shutdown) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, shutdown) = ghostwriter_common::shutdown::channel();
+        let task = tokio::spawn(serve(listener, shutdown));
+        ghostwriter_transport::client::wait_until_serving(&url, "", ready_within, None)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {}", e.message()));
+        Self { url, stop, task }
+    }
+
+    /// The trigger that stops it (for a test that stops it its own way).
+    pub fn trigger(&self) -> &ghostwriter_common::shutdown::ShutdownTrigger {
+        &self.stop
+    }
+
+    /// Stops it and waits until it has stopped cleanly.
+    pub async fn stop(self) {
+        self.stop.trigger();
+        let url = self.url;
+        if let Err(e) = self.task.await.unwrap() {
+            panic!("{url} did not stop cleanly: {e:#}");
+        }
+    }
+}
+
 /// Waits until the process at `url` reports SERVING.
 pub async fn serving(url: &str) {
     ghostwriter_transport::client::wait_until_serving(

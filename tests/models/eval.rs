@@ -10,9 +10,7 @@ use ghostwriter::eval::{self, EvalArgs, protocol::Split};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evaluation_runs_and_resumes() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = common::amazon_docs() else {
-        return;
-    };
+    let Some(data) = common::amazon_docs() else { return };
     let out = tempfile::tempdir().unwrap();
     let args = EvalArgs {
         remote: Default::default(),
@@ -128,9 +126,7 @@ async fn evaluation_runs_and_resumes() {
 #[test]
 fn distinction_evaluation_reports_every_protocol_with_intervals() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = common::amazon_docs() else {
-        return;
-    };
+    let Some(data) = common::amazon_docs() else { return };
     let out = tempfile::tempdir().unwrap();
     let args = ghostwriter::train::distinguish::EvalArgs {
         data,

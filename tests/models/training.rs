@@ -107,9 +107,7 @@ fn argmax(v: &[f32]) -> usize {
 #[test]
 fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
     let _slot = crate::common::slot(module_path!());
-    let Some((ids, _)) = real_example() else {
-        return;
-    };
+    let Some((ids, _)) = real_example() else { return };
     let train = TrainModel::load(&model_path(), &Device::Cpu, 4, 8.0, &PROJECTIONS, 7).unwrap();
     let base_train = training_logits(&train, &ids);
     let base_serve = serving_logits(&mut native(None), &ids);
@@ -163,9 +161,7 @@ fn training_forward_matches_the_serving_engine_with_and_without_an_adapter() {
 #[test]
 fn optimizer_steps_lower_the_loss_of_a_real_review() {
     let _slot = crate::common::slot(module_path!());
-    let Some((prompt, answer)) = real_example() else {
-        return;
-    };
+    let Some((prompt, answer)) = real_example() else { return };
     let mut ids = prompt.clone();
     ids.extend(&answer);
     let model = TrainModel::load(&model_path(), &Device::Cpu, 8, 16.0, &PROJECTIONS, 1).unwrap();
@@ -200,9 +196,7 @@ fn optimizer_steps_lower_the_loss_of_a_real_review() {
 #[test]
 fn a_padded_batch_gives_each_sequences_own_loss_and_gradients() {
     let _slot = crate::common::slot(module_path!());
-    let Some((prompt, answer)) = real_example() else {
-        return;
-    };
+    let Some((prompt, answer)) = real_example() else { return };
     let long: Vec<u32> = prompt.iter().chain(&answer).copied().collect();
     let short: Vec<u32> = prompt
         .iter()
@@ -297,9 +291,7 @@ fn a_padded_batch_gives_each_sequences_own_loss_and_gradients() {
 #[test]
 fn train_from_a_cache_stops_at_max_steps_without_pulling_models() {
     let _slot = crate::common::slot(module_path!());
-    let Some((prompt, answer)) = real_example() else {
-        return;
-    };
+    let Some((prompt, answer)) = real_example() else { return };
     let out = tempfile::tempdir().unwrap();
     let empty_models = tempfile::tempdir().unwrap();
     let mut ids = prompt.clone();
@@ -376,9 +368,7 @@ async fn matched_distinction_pairs_are_the_retrievers_best_matches() {
     use ghostwriter::train::data::{DistinctionPairs, distinction_partners};
     use std::collections::{BTreeMap, BTreeSet};
 
-    let Some(path) = common::amazon_docs() else {
-        return;
-    };
+    let Some(path) = common::amazon_docs() else { return };
     let dataset = protocol::build(ghostwriter::loaders::load(&path).unwrap().documents);
     // The two training users with the most targets.
     let mut targets: BTreeMap<&str, usize> = BTreeMap::new();

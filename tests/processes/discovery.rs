@@ -101,9 +101,7 @@ fn write(user: &str, tokens: u32) -> WriteRequest {
 async fn etcd_discovery_sharding_and_failover() {
     let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
-    let Some((etcd_child, etcd)) = etcd(dir.path()) else {
-        return;
-    };
+    let Some((etcd_child, etcd)) = etcd(dir.path()) else { return };
     let mut etcd_process = Kill(vec![etcd_child]);
     let models = common::model_dir();
     assert!(models.exists());

@@ -41,9 +41,7 @@ impl Nameserver {
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
-                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-                    return;
-                };
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else { return };
                 if p.load(Ordering::Relaxed) {
                     continue;
                 }

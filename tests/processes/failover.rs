@@ -346,9 +346,7 @@ async fn eight_streams(m: &Mesh, disturb: impl FnOnce()) -> Vec<Streamed> {
 /// and at least one must have moved.
 async fn survives(args: &[&str], env: &[(&str, &str)], sig: &str) {
     let _heavy = HEAVY.lock().await;
-    let Some(m) = up("generator=2", args, env).await else {
-        return;
-    };
+    let Some(m) = up("generator=2", args, env).await else { return };
     assert_eq!(m.generators.len(), 2, "{:?}", m.stages);
     let reference: Vec<String> = eight_streams(&m, || {})
         .await
@@ -415,9 +413,7 @@ async fn streams_survive_a_hung_generator() {
 async fn a_scale_in_under_streaming_load_fails_no_stream() {
     let _slot = crate::common::slot(module_path!());
     let _heavy = HEAVY.lock().await;
-    let Some(m) = up("generator=2", &[], &[]).await else {
-        return;
-    };
+    let Some(m) = up("generator=2", &[], &[]).await else { return };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pieces = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
@@ -563,9 +559,7 @@ fn percentile(xs: &[f64], p: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unary_writes_survive_a_killed_replica_of_every_stage() {
     let _slot = crate::common::slot(module_path!());
-    let Some(path) = common::amazon_docs() else {
-        return;
-    };
+    let Some(path) = common::amazon_docs() else { return };
     let _heavy = HEAVY.lock().await;
     // Real users with a history: their earlier reviews are what the stages retrieve, rank,
     // summarize and mine for words.
@@ -687,9 +681,7 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn up_processes_with_a_store_serves_every_preset_through_a_killed_retriever() {
     let _slot = crate::common::slot(module_path!());
-    let Some(pg) = ghostwriter_store::cluster::for_test() else {
-        return;
-    };
+    let Some(pg) = ghostwriter_store::cluster::for_test() else { return };
     let _heavy = HEAVY.lock().await;
     let store = pg.database("gw").unwrap();
     let Some(m) = up(

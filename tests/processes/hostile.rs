@@ -176,6 +176,25 @@ fn blank(rng: &mut Rng) -> String {
 }
 
 /// An id over the 512-byte limit (sometimes by one byte, sometimes by a lot).
+/// The id mutations writes and distinctions share (`k` < 3): a blank user id, or a user or
+/// document id over 512 bytes. Says which.
+fn bad_id(rng: &mut Rng, k: usize, user_id: &mut String, doc_id: &mut String) -> &'static str {
+    match k {
+        0 => {
+            *user_id = blank(rng);
+            "user_id blank"
+        }
+        1 => {
+            *user_id = long_id(rng);
+            "user_id over 512 bytes"
+        }
+        _ => {
+            *doc_id = long_id(rng);
+            "doc_id over 512 bytes"
+        }
+    }
+}
+
 fn long_id(rng: &mut Rng) -> String {
     match rng.below(5) {
         0 => "u".repeat(MAX_ID_BYTES + 1),
@@ -364,18 +383,7 @@ fn write_case(rng: &mut Rng, users: &Users) -> (String, Expect, WriteRequest) {
         });
         let mutation = if rng.percent(2) { 11 } else { rng.below(11) };
         match mutation {
-            0 => {
-                r.user_id = blank(rng);
-                what.push("user_id blank");
-            }
-            1 => {
-                r.user_id = long_id(rng);
-                what.push("user_id over 512 bytes");
-            }
-            2 => {
-                r.doc_id = long_id(rng);
-                what.push("doc_id over 512 bytes");
-            }
+            k @ 0..=2 => what.push(bad_id(rng, k, &mut r.user_id, &mut r.doc_id)),
             3 => {
                 r.title = blank(rng);
                 r.start = blank(rng);
@@ -636,18 +644,7 @@ fn distinguish_case(rng: &mut Rng, users: &Users) -> (String, Expect, Distinguis
     let mut what = Vec::new();
     for _ in 0..mutations {
         match rng.below(6) {
-            0 => {
-                r.user_id = blank(rng);
-                what.push("user_id blank");
-            }
-            1 => {
-                r.user_id = long_id(rng);
-                what.push("user_id over 512 bytes");
-            }
-            2 => {
-                r.doc_id = long_id(rng);
-                what.push("doc_id over 512 bytes");
-            }
+            k @ 0..=2 => what.push(bad_id(rng, k, &mut r.user_id, &mut r.doc_id)),
             3 => {
                 r.text = blank(rng);
                 what.push("text blank");
@@ -1043,9 +1040,7 @@ fn real_documents(path: &std::path::Path, users: usize) -> Vec<Document> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = common::amazon_docs() else {
-        return;
-    };
+    let Some(data) = common::amazon_docs() else { return };
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = common::ghostwriter();

@@ -22,9 +22,7 @@ async fn collector() -> (String, Posts) {
     let kept = posts.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
+            let Ok((mut s, _)) = listener.accept().await else { return };
             let kept = kept.clone();
             tokio::spawn(async move {
                 // One request per connection is enough for the exporter's posts.

@@ -8,7 +8,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ghostwriter_common::shutdown::{self, ShutdownTrigger};
 use ghostwriter_proto::v1::retriever_client::RetrieverClient;
 use ghostwriter_proto::v1::{
     DeleteRequest, Document, IngestRequest, ReplicaRequest, ReplicaResponse, RetrieveRequest,
@@ -17,11 +16,7 @@ use ghostwriter_retriever::RetrieverConfig;
 use ghostwriter_store::{StoreArgs, cluster};
 use tonic::transport::Channel;
 
-struct Retriever {
-    url: String,
-    stop: ShutdownTrigger,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
+struct Retriever(crate::common::InProcess);
 
 impl Retriever {
     async fn start(dir: &Path, store: Option<&str>) -> Self {
@@ -34,8 +29,6 @@ impl Retriever {
         shard: Option<u32>,
         shards: u32,
     ) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let config = RetrieverConfig {
             index_dir: dir.to_path_buf(),
             default_limit: 200,
@@ -50,19 +43,16 @@ impl Retriever {
             shard,
             ingest_budget_mb: 0,
         };
-        let (stop, shutdown) = shutdown::channel();
-        let task = tokio::spawn(async move {
-            let transport = ghostwriter_transport::Transport::default();
-            ghostwriter_retriever::serve(config, listener, shutdown, &transport).await
-        });
-        ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
-            .await
-            .unwrap();
-        Self { url, stop, task }
+        Self(
+            crate::common::InProcess::start(Duration::from_secs(60), |l, shutdown| async move {
+                ghostwriter_retriever::serve(config, l, shutdown, &Default::default()).await
+            })
+            .await,
+        )
     }
 
     async fn client(&self) -> RetrieverClient<Channel> {
-        RetrieverClient::new(ghostwriter_transport::client::channel(&self.url, None).unwrap())
+        RetrieverClient::new(ghostwriter_transport::client::channel(&self.0.url, None).unwrap())
     }
 
     async fn replica(&self) -> ReplicaResponse {
@@ -75,8 +65,7 @@ impl Retriever {
     }
 
     async fn stop(self) {
-        self.stop.trigger();
-        self.task.await.unwrap().unwrap();
+        self.0.stop().await
     }
 }
 
@@ -126,11 +115,7 @@ async fn history(r: &Retriever, user: &str, token: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_and_a_wiped_volume_rebuilds_with_the_same_documents() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
     let r = Retriever::start(&index, Some(&url)).await;
@@ -167,9 +152,7 @@ async fn a_restart_resumes_and_a_wiped_volume_rebuilds_with_the_same_documents()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_built_against_another_database_rebuilds() {
     let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
+    let Some(pg) = cluster::for_test() else { return };
     let a = pg.database("a").unwrap();
     let b = pg.database("b").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -191,11 +174,7 @@ async fn an_index_built_against_another_database_rebuilds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_disappears_from_every_replica() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let one = Retriever::start(d1.path(), Some(&url)).await;
     let two = Retriever::start(d2.path(), Some(&url)).await;
@@ -259,11 +238,7 @@ async fn a_deletion_disappears_from_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_keeps_retrieval_and_refuses_ingest_with_unavailable() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, pg, url)) = crate::common::postgres(module_path!()) else { return };
     let dir = tempfile::tempdir().unwrap();
     let r = Retriever::start(dir.path(), Some(&url)).await;
     let token = ingest(&r, vec![doc("u", "1", "guitar before")]).await;
@@ -281,7 +256,7 @@ async fn postgres_down_keeps_retrieval_and_refuses_ingest_with_unavailable() {
     // Retrieval keeps serving from the index, and health stays SERVING past --max-lag.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(history(&r, "u", "").await, ["1"]);
-    ghostwriter_transport::client::wait_until_serving(&r.url, "", Duration::from_secs(1), None)
+    ghostwriter_transport::client::wait_until_serving(&r.0.url, "", Duration::from_secs(1), None)
         .await
         .unwrap();
     pg.restart().unwrap();
@@ -338,11 +313,7 @@ async fn without_a_store_the_local_index_is_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_shard_count_backfills_from_the_store() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let users: Vec<String> = (0..30).map(|i| format!("user{i}")).collect();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     // Two shards.

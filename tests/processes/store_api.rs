@@ -13,98 +13,64 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{DeleteRequest, Document, IngestRequest, ReplicaRequest, WriteRequest};
-use ghostwriter_common::shutdown::{self, ShutdownTrigger};
+use ghostwriter_common::stage::StageKind;
 use ghostwriter_orchestrator::OrchestratorConfig;
-use ghostwriter_store::{StoreArgs, cluster};
+use ghostwriter_store::StoreArgs;
 use tonic::Code;
 
-/// A stage server in this process.
-struct Server {
-    url: String,
-    stop: ShutdownTrigger,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    async fn stop(self) {
-        self.stop.trigger();
-        let _ = self.task.await;
-    }
-}
-
-async fn listener() -> (tokio::net::TcpListener, String) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    (l, url)
-}
+use common::InProcess as Server;
 
 async fn retriever(dir: &Path, store: &str) -> Server {
-    let (l, url) = listener().await;
     let mut config = common::config(dir.to_path_buf()).retriever;
     config.store = StoreArgs {
         poll_ms: 200,
         ..StoreArgs::with_url(store)
     };
-    let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(async move {
-        let transport = ghostwriter_transport::Transport::default();
-        ghostwriter_retriever::serve(config, l, shutdown, &transport).await
-    });
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
-        .await
-        .unwrap();
-    Server { url, stop, task }
+    Server::start(Duration::from_secs(60), |l, shutdown| async move {
+        ghostwriter_retriever::serve(config, l, shutdown, &Default::default()).await
+    })
+    .await
+}
+
+/// Two retriever replicas following `store`, and their index directories.
+async fn replicas(store: &str) -> ([tempfile::TempDir; 2], [Server; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let first = retriever(dirs[0].path(), store).await;
+    let second = retriever(dirs[1].path(), store).await;
+    (dirs, [first, second])
 }
 
 async fn ranker() -> Server {
-    let (l, url) = listener().await;
     let config = common::config(std::env::temp_dir()).ranker;
-    let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(async move {
-        let transport = ghostwriter_transport::Transport::default();
-        ghostwriter_ranker::serve(config, common::model_dir(), l, shutdown, &transport).await
-    });
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
+    Server::start(Duration::from_secs(120), |l, shutdown| async move {
+        ghostwriter_ranker::serve(
+            config,
+            common::model_dir(),
+            l,
+            shutdown,
+            &Default::default(),
+        )
         .await
-        .unwrap();
-    Server { url, stop, task }
+    })
+    .await
 }
 
 /// An orchestrator over `retrievers` and `ranker` (copy-best writes need no other stage: the
 /// others point at a closed port), with `auth` as its token file.
 async fn orchestrator(retrievers: &[String], ranker: &str, auth: Option<&Path>) -> Server {
-    let (l, url) = listener().await;
     let nowhere = "http://127.0.0.1:9".to_string();
-    let mut writes = common::config(std::env::temp_dir()).writes;
-    writes.request_timeout_secs = 30;
-    let mut config = OrchestratorConfig {
-        retriever_url: retrievers.join(","),
-        ranker_url: ranker.into(),
-        summarizer_url: nowhere.clone(),
-        generator_url: nowhere.clone(),
-        synthesizer_url: nowhere,
-        writes,
-        max_new_tokens_limit: 64,
-        retriever_shards: 1,
-        auth: Default::default(),
-        insecure_no_auth: false,
-        generator_stall_timeout_secs: 15.0,
-        generator_failover_secs: 30.0,
-        distinguish_adapter: "base".into(),
-        cache_salt_key_file: None,
-        discovery: Default::default(),
-        ingest_budget_mb: 0,
-    };
-    config.auth.tokens = auth.map(Path::to_path_buf);
-    let (stop, shutdown) = shutdown::channel();
-    let task = tokio::spawn(async move {
-        let transport = ghostwriter_transport::Transport::default();
-        ghostwriter_orchestrator::serve(config, l, shutdown, &transport).await
+    let mut config = OrchestratorConfig::at(|stage| match stage {
+        StageKind::Retriever => retrievers.join(","),
+        StageKind::Ranker => ranker.into(),
+        _ => nowhere.clone(),
     });
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(30), None)
-        .await
-        .unwrap();
-    Server { url, stop, task }
+    config.writes.request_timeout_secs = 30;
+    config.max_new_tokens_limit = 64;
+    config.auth.tokens = auth.map(Path::to_path_buf);
+    Server::start(Duration::from_secs(30), |l, shutdown| async move {
+        ghostwriter_orchestrator::serve(config, l, shutdown, &Default::default()).await
+    })
+    .await
 }
 
 fn doc(user: &str, id: &str, timestamp: i64, text: &str) -> Document {
@@ -131,14 +97,8 @@ fn write(user: &str, start: &str, token: &str) -> WriteRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_your_writes_over_two_replicas_and_two_orchestrators() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let r1 = retriever(dirs[0].path(), &url).await;
-    let r2 = retriever(dirs[1].path(), &url).await;
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
+    let (_dirs, [r1, r2]) = replicas(&url).await;
     let ranker = ranker().await;
     let urls = [r1.url.clone(), r2.url.clone()];
     let a = orchestrator(&urls, &ranker.url, None).await;
@@ -199,14 +159,8 @@ async fn read_your_writes_over_two_replicas_and_two_orchestrators() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_through_the_api_is_bound_to_the_callers_token_and_reaches_every_replica() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let r1 = retriever(dirs[0].path(), &url).await;
-    let r2 = retriever(dirs[1].path(), &url).await;
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
+    let (_dirs, [r1, r2]) = replicas(&url).await;
     let ranker = ranker().await;
     let tokens = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
@@ -329,11 +283,7 @@ async fn retriever_process(dir: &Path, store: &str) -> (common::StageProcess, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let (mut victim, victim_url) = retriever_process(dirs[0].path(), &url).await;
     let (_survivor, survivor_url) = retriever_process(dirs[1].path(), &url).await;
@@ -431,11 +381,7 @@ async fn a_replica_killed_during_writes_fails_none_and_catches_up_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_writes_keep_working_and_ingest_is_unavailable() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, pg, url)) = crate::common::postgres(module_path!()) else { return };
     let dir = tempfile::tempdir().unwrap();
     let r = retriever(dir.path(), &url).await;
     let ranker = ranker().await;
@@ -501,11 +447,7 @@ async fn postgres_down_writes_keep_working_and_ingest_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn up_with_a_store_serves_every_preset_and_deletes() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(dir.path().join("index"));
     config.retriever.store = StoreArgs::with_url(&url);

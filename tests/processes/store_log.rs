@@ -140,11 +140,7 @@ async fn naive_read(store: &Store, last: &mut i64, table: &mut Table) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transaction() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
     let store = Arc::new(open(&url).await);
 
     // Two followers tail the log the whole time, woken by LISTEN, polling as the fallback.
@@ -306,11 +302,8 @@ async fn followers_equal_the_table_under_concurrent_writers_and_a_held_transacti
 
 #[tokio::test]
 async fn a_follower_behind_the_retention_rebuilds_from_a_snapshot() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let store = open(&pg.database("gw").unwrap()).await;
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
+    let store = open(&url).await;
     store
         .ingest(&[doc("a", "1", "one"), doc("b", "1", "two")])
         .await
@@ -369,11 +362,8 @@ async fn a_follower_behind_the_retention_rebuilds_from_a_snapshot() {
 
 #[tokio::test]
 async fn deletion_removes_the_text_from_the_log_too() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let store = open(&pg.database("gw").unwrap()).await;
+    let Some((_slot, _pg, url)) = crate::common::postgres(module_path!()) else { return };
+    let store = open(&url).await;
     store
         .ingest(&[
             doc("u", "1", "secret one"),
@@ -416,12 +406,8 @@ async fn deletion_removes_the_text_from_the_log_too() {
 #[tokio::test]
 async fn identity_tells_databases_and_clusters_apart() {
     let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let Some(other) = cluster::for_test() else {
-        return;
-    };
+    let Some(pg) = cluster::for_test() else { return };
+    let Some(other) = cluster::for_test() else { return };
     let a = open(&pg.database("a").unwrap()).await;
     let b = open(&pg.database("b").unwrap()).await;
     let c = open(&other.database("a").unwrap()).await;
@@ -435,11 +421,7 @@ async fn identity_tells_databases_and_clusters_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let url = pg.database("gw").unwrap();
+    let Some((_slot, pg, url)) = crate::common::postgres(module_path!()) else { return };
     let opened = futures::future::join_all((0..6).map(|_| {
         let url = url.clone();
         tokio::spawn(async move { Store::open(&StoreArgs::with_url(url)).await })
@@ -473,11 +455,8 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
 
 #[tokio::test]
 async fn a_failed_batch_stores_nothing_and_postgres_down_is_unavailable() {
-    let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
-    let store = open(&pg.database("gw").unwrap()).await;
+    let Some((_slot, pg, url)) = crate::common::postgres(module_path!()) else { return };
+    let store = open(&url).await;
     store.ingest(&[doc("u", "1", "first")]).await.unwrap();
     // Postgres refuses the third document (a NUL byte): the first two are not stored either.
     let err = store
@@ -604,9 +583,7 @@ async fn tls_verify_full_checks_the_ca_and_the_host_name() {
 #[tokio::test]
 async fn a_rotated_password_file_is_read_again_for_new_connections() {
     let _slot = crate::common::slot(module_path!());
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
+    let Some(pg) = cluster::for_test() else { return };
     pg.database("gw").unwrap();
     pg.sql("postgres", "CREATE ROLE app LOGIN PASSWORD 'first-secret'")
         .unwrap();
@@ -641,9 +618,7 @@ async fn key_locks_are_taken_before_the_transaction_has_an_id() {
     let _slot = crate::common::slot(module_path!());
     // The order's proof rests on this: a transaction waiting for (or holding) an advisory lock
     // has no transaction id yet; its first write takes one.
-    let Some(pg) = cluster::for_test() else {
-        return;
-    };
+    let Some(pg) = cluster::for_test() else { return };
     let store = open(&pg.database("gw").unwrap()).await;
     let mut client = store.client().await.unwrap();
     let tx = client.transaction().await.unwrap();

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use ghostwriter::proto::generate_request::Input;
 use ghostwriter::proto::generator_client::GeneratorClient;
 use ghostwriter::proto::{GenerateRequest, GenerationParams};
-use ghostwriter_common::shutdown;
 
 fn request(tokens: u32) -> GenerateRequest {
     GenerateRequest {
@@ -39,23 +38,19 @@ async fn limits_deadlines_and_metrics() {
         max_concurrency: 1,
         ..Default::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (trigger, stop) = shutdown::channel();
     let config = common::config(std::env::temp_dir()).generator;
     let t = transport.clone();
-    let server = tokio::spawn(async move {
-        ghostwriter_generator::serve(config, common::model_dir(), listener, stop, &t).await
-    });
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)
-        .await
-        .unwrap();
+    let server = common::InProcess::start(Duration::from_secs(60), |l, stop| async move {
+        ghostwriter_generator::serve(config, common::model_dir(), l, stop, &t).await
+    })
+    .await;
+    let url = server.url.clone();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics.local_addr().unwrap();
     tokio::spawn(ghostwriter_transport::metrics::serve(
         transport.metrics.clone(),
         metrics,
-        trigger.subscribe(),
+        server.trigger().subscribe(),
     ));
 
     let mut a = GeneratorClient::connect(url.clone()).await.unwrap();
@@ -222,6 +217,5 @@ async fn limits_deadlines_and_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing in:\n{text}");
     }
-    trigger.trigger();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }

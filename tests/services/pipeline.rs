@@ -430,9 +430,7 @@ async fn the_prefix_cache_confirms_no_guess_of_another_users_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_documents() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = data() else {
-        return;
-    };
+    let Some(data) = data() else { return };
     let user = users(&data, 6).remove(0);
     let docs = &data.by_user[&user];
     let target = docs
@@ -561,9 +559,7 @@ async fn distinguish_judges_a_text_by_style_against_the_most_recent_earlier_docu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinguish_scores_the_author_above_a_matched_impostor() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = data() else {
-        return;
-    };
+    let Some(data) = data() else { return };
     use ghostwriter::eval::authorship::{self, Corpus, Protocol};
     let corpus = Corpus::load(&common::amazon_docs().unwrap()).unwrap();
     let pairs = authorship::pairs(
@@ -616,9 +612,7 @@ async fn distinguish_scores_the_author_above_a_matched_impostor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_bind_callers_to_their_users() {
     let _slot = crate::common::slot(module_path!());
-    let Some(data) = data() else {
-        return;
-    };
+    let Some(data) = data() else { return };
     let names = users(&data, 3);
     let (alice, bob) = (names[0].clone(), names[1].clone());
     let dir = tempfile::tempdir().unwrap();
@@ -628,30 +622,11 @@ async fn tokens_bind_callers_to_their_users() {
         format!("alice-token-0123456789 {alice}\nadmin-token-0123456789 *\n"),
     )
     .unwrap();
-    let config = |tokens| ghostwriter_orchestrator::OrchestratorConfig {
-        retriever_url: data.stages[&ghostwriter_common::stage::StageKind::Retriever].clone(),
-        ranker_url: data.stages[&ghostwriter_common::stage::StageKind::Ranker].clone(),
-        summarizer_url: data.stages[&ghostwriter_common::stage::StageKind::Summarizer].clone(),
-        generator_url: data.stages[&ghostwriter_common::stage::StageKind::Generator].clone(),
-        synthesizer_url: data.stages[&ghostwriter_common::stage::StageKind::Synthesizer].clone(),
-        writes: ghostwriter_orchestrator::WriteDefaults {
-            max_candidates: 200,
-            idf_corpus: ghostwriter_orchestrator::IdfCorpus::Index,
-            request_timeout_secs: 120,
-        },
-        max_new_tokens_limit: 1024,
-        retriever_shards: 1,
-        auth: ghostwriter_orchestrator::auth::AuthArgs {
-            tokens,
-            ..Default::default()
-        },
-        insecure_no_auth: false,
-        generator_stall_timeout_secs: 15.0,
-        generator_failover_secs: 30.0,
-        distinguish_adapter: "base".into(),
-        cache_salt_key_file: None,
-        discovery: Default::default(),
-        ingest_budget_mb: 0,
+    let config = |tokens| {
+        let mut c = ghostwriter_orchestrator::OrchestratorConfig::at(|k| data.stages[&k].clone());
+        c.writes.request_timeout_secs = 120;
+        c.auth.tokens = tokens;
+        c
     };
     // Without tokens, the public API refuses a non-loopback address.
     let open = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
@@ -662,21 +637,13 @@ async fn tokens_bind_callers_to_their_users() {
         .unwrap_err();
     assert!(err.to_string().contains("--auth-tokens"), "{err}");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, handle) = ghostwriter_common::shutdown::channel();
     let config = config(Some(tokens));
-    let server = tokio::spawn(async move {
-        ghostwriter_orchestrator::serve(config, listener, handle, &transport).await
-    });
-    ghostwriter_transport::client::wait_until_serving(
-        &url,
-        "",
-        std::time::Duration::from_secs(30),
-        None,
-    )
-    .await
-    .unwrap();
+    let server =
+        common::InProcess::start(std::time::Duration::from_secs(30), |l, stop| async move {
+            ghostwriter_orchestrator::serve(config, l, stop, &transport).await
+        })
+        .await;
+    let url = server.url.clone();
     let mut client = common::client(&url).await;
     let write = |user: &str, token: Option<&str>| {
         let mut r = tonic::Request::new(common::short_write(
@@ -735,8 +702,7 @@ async fn tokens_bind_callers_to_their_users() {
         client.ingest(i).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    stop.trigger();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

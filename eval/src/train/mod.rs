@@ -40,21 +40,17 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 240)]
     pub examples: usize,
     /// Presets whose prompts are trained, round robin over the examples.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "syn-ctx,immediate-context"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "syn-ctx,immediate-context")]
     pub presets: Vec<String>,
     /// Author-distinction examples per generation example (the paper mixes 1:1; 0 trains
     /// generation only).
-    #[arg(long = "distinction-ratio", default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub distinction_ratio: f64,
     /// How the second document of an author-distinction pair is chosen: `random` (any other
     /// document of the author, or of a random other user, as the paper frames it) or `matched`
     /// (the best retrieval match for the start among the author's earlier documents, or among
     /// the other user's: what the served `Distinguish` compares with).
-    #[arg(long = "distinction-pairs", value_enum, default_value_t = DistinctionPairs::Random)]
+    #[arg(long, value_enum, default_value_t = DistinctionPairs::Random)]
     pub distinction_pairs: DistinctionPairs,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
@@ -73,24 +69,24 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Linear warm-up, optimizer steps.
-    #[arg(long = "warmup-steps", default_value_t = 5)]
+    #[arg(long, default_value_t = 5)]
     pub warmup_steps: usize,
     /// AdamW weight decay.
-    #[arg(long = "weight-decay", default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Examples whose gradients are summed into one optimizer step.
-    #[arg(long = "grad-accum", default_value_t = 8)]
+    #[arg(long, default_value_t = 8)]
     pub grad_accum: usize,
     /// How a step's loss averages its examples: `token` (every answer token weighs the same, as
     /// sequence-to-sequence trainers average a batch) or `example` (each example's mean loss
     /// weighs the same, so a two-token distinction answer weighs as much as a whole review).
-    #[arg(long = "loss-weighting", value_enum, default_value_t = LossWeighting::Token)]
+    #[arg(long, value_enum, default_value_t = LossWeighting::Token)]
     pub loss_weighting: LossWeighting,
     /// Padded tokens per forward pass: a step's examples, longest first, share a pass while
     /// their count times the longest one's length fits (0 = one example per pass). The default
     /// packs the short examples without raising the peak memory above that of the longest
     /// example alone (attention memory grows as count × length²).
-    #[arg(long = "batch-tokens", default_value_t = 1280)]
+    #[arg(long, default_value_t = 1280)]
     pub batch_tokens: usize,
     /// Passes over the examples.
     #[arg(long, default_value_t = 1)]
@@ -98,26 +94,26 @@ pub struct TrainArgs {
     /// Stop at the first optimizer step that ends after this many minutes of training and write
     /// the adapter then (0 = no limit). The learning-rate schedule still spans every example, so
     /// a stopped run ends before its decay does; train.json says `stopped_early`.
-    #[arg(long = "max-minutes", default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0)]
     pub max_minutes: f64,
     /// Stop after this many optimizer steps in all (0 = no limit); like --max-minutes the
     /// schedule still spans every example, but the stop does not depend on the machine's speed.
-    #[arg(long = "max-steps", default_value_t = 0)]
+    #[arg(long, default_value_t = 0)]
     pub max_steps: usize,
     /// Answer tokens kept per generation example.
-    #[arg(long = "max-target-tokens", default_value_t = 96)]
+    #[arg(long, default_value_t = 96)]
     pub max_target_tokens: usize,
     /// Examples longer than this many tokens in all are skipped.
-    #[arg(long = "max-tokens", default_value_t = 1280)]
+    #[arg(long, default_value_t = 1280)]
     pub max_tokens: usize,
     /// Validation generation examples (validation users), scored every --eval-every steps.
-    #[arg(long = "val-examples", default_value_t = 12)]
+    #[arg(long, default_value_t = 12)]
     pub val_examples: usize,
     /// Optimizer steps between validation losses (0 = only at the end).
-    #[arg(long = "eval-every", default_value_t = 10)]
+    #[arg(long, default_value_t = 10)]
     pub eval_every: usize,
     /// Optimizer steps between checkpoints.
-    #[arg(long = "checkpoint-every", default_value_t = 5)]
+    #[arg(long, default_value_t = 5)]
     pub checkpoint_every: usize,
     /// Continue from the checkpoint in --out (same examples, optimizer state and position).
     #[arg(long)]

@@ -38,12 +38,7 @@ pub const DEFAULT_DNS_REFRESH_SECS: f64 = 5.0;
 pub struct DiscoveryArgs {
     /// etcd endpoints (comma-separated); unset = no etcd (stage URLs are static or dns:///).
     /// An https:// endpoint is dialed over mutual TLS with this process's --tls-* identity.
-    #[arg(
-        long = "etcd",
-        env = "GHOSTWRITER_ETCD",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long, env = "GHOSTWRITER_ETCD", value_delimiter = ',', global = true)]
     pub etcd: Vec<String>,
     /// Key prefix of registrations in etcd.
     #[arg(long = "etcd-prefix", env = "GHOSTWRITER_ETCD_PREFIX", default_value = DEFAULT_PREFIX, global = true)]
@@ -52,10 +47,10 @@ pub struct DiscoveryArgs {
     #[arg(long = "etcd-ttl", env = "GHOSTWRITER_ETCD_TTL", default_value_t = DEFAULT_TTL_SECS, global = true)]
     pub ttl_secs: i64,
     /// How often a dns:///HOST:PORT stage URL is resolved again, seconds.
-    #[arg(long = "dns-refresh-secs", env = "GHOSTWRITER_DNS_REFRESH_SECS", default_value_t = DEFAULT_DNS_REFRESH_SECS, global = true)]
+    #[arg(long, env = "GHOSTWRITER_DNS_REFRESH_SECS", default_value_t = DEFAULT_DNS_REFRESH_SECS, global = true)]
     pub dns_refresh_secs: f64,
     /// Nameserver (IP:PORT) for dns:/// stage URLs; unset = the system's (/etc/resolv.conf).
-    #[arg(long = "dns-server", env = "GHOSTWRITER_DNS_SERVER", global = true)]
+    #[arg(long, env = "GHOSTWRITER_DNS_SERVER", global = true)]
     pub dns_server: Option<std::net::SocketAddr>,
 }
 

@@ -206,9 +206,7 @@ impl EndpointSet {
     }
 
     pub(crate) fn replace(&self, infos: Vec<EndpointInfo>) {
-        let Ok(mut current) = self.endpoints.write() else {
-            return;
-        };
+        let Ok(mut current) = self.endpoints.write() else { return };
         if current.len() == infos.len() && current.iter().zip(&infos).all(|(e, i)| e.info == *i) {
             return;
         }

@@ -302,37 +302,25 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 pub struct EmbedderArgs {
     /// Directory of the embedding model (config.json, tokenizer.json, model.safetensors).
     /// Default: all-minilm-l6-v2 under the model directory.
-    #[arg(long = "embedder-dir", env = "GHOSTWRITER_EMBEDDER_DIR")]
+    #[arg(long, env = "GHOSTWRITER_EMBEDDER_DIR")]
     pub embedder_dir: Option<std::path::PathBuf>,
     /// Device of the embedding model: cpu, cuda or cuda:N.
-    #[arg(
-        long = "embedder-device",
-        env = "GHOSTWRITER_EMBEDDER_DEVICE",
-        default_value = "cpu"
-    )]
+    #[arg(long, env = "GHOSTWRITER_EMBEDDER_DEVICE", default_value = "cpu")]
     pub embedder_device: String,
     /// Forward pass of the embedding model: auto (int8 on CPU, f32 on CUDA), int8 (native
     /// kernels, CPU only; cosine > 0.999 to f32, about 3× faster) or f32 (candle).
     #[arg(
-        long = "embedder-precision",
+        long,
         env = "GHOSTWRITER_EMBEDDER_PRECISION",
         value_enum,
         default_value_t = Precision::Auto
     )]
     pub embedder_precision: Precision,
     /// Compute threads of the int8 forward pass (0 = every core).
-    #[arg(
-        long = "embedder-threads",
-        env = "GHOSTWRITER_EMBEDDER_THREADS",
-        default_value_t = 0
-    )]
+    #[arg(long, env = "GHOSTWRITER_EMBEDDER_THREADS", default_value_t = 0)]
     pub embedder_threads: usize,
     /// Embeddings kept in memory (1.5 KB each), so repeated texts are embedded once.
-    #[arg(
-        long = "embedding-cache",
-        env = "GHOSTWRITER_EMBEDDING_CACHE",
-        default_value_t = 20_000
-    )]
+    #[arg(long = "embedding-cache", env = "GHOSTWRITER_EMBEDDING_CACHE", default_value_t = 20_000)]
     pub cache_entries: usize,
 }
 

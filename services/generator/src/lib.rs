@@ -83,101 +83,53 @@ impl From<Error> for Status {
 pub struct GeneratorConfig {
     /// GGUF model file (llama or qwen2 architecture). Default: SmolLM2-135M-Instruct Q8_0 under
     /// the model directory.
-    #[arg(long = "model", env = "GHOSTWRITER_GENERATOR_MODEL")]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_MODEL")]
     pub model: Option<PathBuf>,
     /// Device of the model: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
-    #[arg(
-        long = "device",
-        env = "GHOSTWRITER_GENERATOR_DEVICE",
-        default_value = "cpu"
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Largest context window used, in tokens (the model's own is used when smaller).
-    #[arg(
-        long = "max-context",
-        env = "GHOSTWRITER_MAX_CONTEXT",
-        default_value_t = 2048
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_CONTEXT", default_value_t = 2048)]
     pub max_context: usize,
     /// Tokens generated when a request sets no max_new_tokens.
-    #[arg(
-        long = "max-new-tokens",
-        env = "GHOSTWRITER_MAX_NEW_TOKENS",
-        default_value_t = 128
-    )]
+    #[arg(long = "max-new-tokens", env = "GHOSTWRITER_MAX_NEW_TOKENS", default_value_t = 128)]
     pub default_max_new_tokens: u32,
     /// Most tokens a request may ask for.
-    #[arg(
-        long = "max-new-tokens-limit",
-        env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT",
-        default_value_t = 1024
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_NEW_TOKENS_LIMIT", default_value_t = 1024)]
     pub max_new_tokens_limit: u32,
     /// Repeat penalty on recently generated tokens (1 = none); applies to greedy decoding too.
-    #[arg(
-        long = "repeat-penalty",
-        env = "GHOSTWRITER_REPEAT_PENALTY",
-        default_value_t = 1.1
-    )]
+    #[arg(long, env = "GHOSTWRITER_REPEAT_PENALTY", default_value_t = 1.1)]
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty covers.
-    #[arg(
-        long = "repeat-last-n",
-        env = "GHOSTWRITER_REPEAT_LAST_N",
-        default_value_t = 64
-    )]
+    #[arg(long, env = "GHOSTWRITER_REPEAT_LAST_N", default_value_t = 64)]
     pub repeat_last_n: usize,
     /// Requests allowed to wait for admission to the running batch; beyond it
     /// RESOURCE_EXHAUSTED is returned at once.
-    #[arg(
-        long = "queue-capacity",
-        env = "GHOSTWRITER_GENERATOR_QUEUE",
-        default_value_t = 64
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_QUEUE", default_value_t = 64)]
     pub queue_capacity: usize,
     /// System message of the chat template.
     #[arg(long = "system-prompt", env = "GHOSTWRITER_SYSTEM_PROMPT", default_value = prompt::DEFAULT_SYSTEM)]
     pub system: String,
     /// CPU compute threads of the native engine (0 = every core).
-    #[arg(
-        long = "threads",
-        env = "GHOSTWRITER_GENERATOR_THREADS",
-        default_value_t = 0
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Sequences decoded together at most (the running batch).
-    #[arg(
-        long = "max-running",
-        env = "GHOSTWRITER_MAX_RUNNING",
-        default_value_t = 32
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_RUNNING", default_value_t = 32)]
     pub max_running: usize,
     /// Tokens in one forward pass at most: one per decoding sequence plus chunks of the
     /// prompts being prefilled.
-    #[arg(
-        long = "max-batch-tokens",
-        env = "GHOSTWRITER_MAX_BATCH_TOKENS",
-        default_value_t = 512
-    )]
+    #[arg(long, env = "GHOSTWRITER_MAX_BATCH_TOKENS", default_value_t = 512)]
     pub max_batch_tokens: usize,
     /// Memory for the key/value cache (running sequences and the prefix cache), MiB; at least
     /// one full context is always allocated.
-    #[arg(
-        long = "kv-cache-mb",
-        env = "GHOSTWRITER_KV_CACHE_MB",
-        default_value_t = 256
-    )]
+    #[arg(long, env = "GHOSTWRITER_KV_CACHE_MB", default_value_t = 256)]
     pub kv_cache_mb: usize,
     /// Positions per key/value cache block (the prefix cache's unit of reuse).
-    #[arg(
-        long = "kv-block-size",
-        env = "GHOSTWRITER_KV_BLOCK_SIZE",
-        default_value_t = 16
-    )]
+    #[arg(long = "kv-block-size", env = "GHOSTWRITER_KV_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
     /// Reuse the keys and values of earlier prompts' common prefixes (`false` to turn off).
     #[arg(
-        long = "prefix-cache",
+        long,
         env = "GHOSTWRITER_PREFIX_CACHE",
         default_value_t = true,
         action = clap::ArgAction::Set
@@ -186,24 +138,20 @@ pub struct GeneratorConfig {
     /// LoRA adapter trained by `ghostwriter train` (safetensors), applied unmerged on top of
     /// the model (the CPU engine and the candle backend alike); its name and hash appear in every
     /// response's model field.
-    #[arg(long = "adapter", env = "GHOSTWRITER_ADAPTER")]
+    #[arg(long, env = "GHOSTWRITER_ADAPTER")]
     pub adapter: Option<PathBuf>,
     /// Directory of named LoRA adapters (`NAME.safetensors`) that requests and LoadAdapter may
     /// name; one is loaded on first use, within --adapter-memory-mb.
-    #[arg(long = "adapter-dir", env = "GHOSTWRITER_ADAPTER_DIR")]
+    #[arg(long, env = "GHOSTWRITER_ADAPTER_DIR")]
     pub adapter_dir: Option<PathBuf>,
     /// Memory for adapters loaded at run time, MiB: past it the least recently used adapter
     /// that is neither pinned nor running is evicted.
-    #[arg(
-        long = "adapter-memory-mb",
-        env = "GHOSTWRITER_ADAPTER_MEMORY_MB",
-        default_value_t = 256
-    )]
+    #[arg(long, env = "GHOSTWRITER_ADAPTER_MEMORY_MB", default_value_t = 256)]
     pub adapter_memory_mb: usize,
     /// Serve the model alone. Without this flag or --adapter, `up`, `serve generator` and
     /// `demo` serve the shipped fine-tuned adapter (adapters/smollm2-135m-reviews.safetensors)
     /// when the model is the one it was trained on (SmolLM2-135M Q8_0); another model runs alone.
-    #[arg(long = "zero-shot", env = "GHOSTWRITER_ZERO_SHOT")]
+    #[arg(long, env = "GHOSTWRITER_ZERO_SHOT")]
     pub zero_shot: bool,
     /// Whether the shipped adapter is the default (set by the commands that serve, not a flag):
     /// libraries, benchmarks and `eval` load exactly what they are given.

@@ -92,21 +92,13 @@ pub const MAX_RETRIEVE_LIMIT: u32 = 10_000;
 #[command(next_help_heading = "Retriever")]
 pub struct RetrieverConfig {
     /// Directory of the persistent tantivy index (created when absent).
-    #[arg(long = "index-dir", env = "GHOSTWRITER_INDEX_DIR", default_value_os_t = default_index_dir())]
+    #[arg(long, env = "GHOSTWRITER_INDEX_DIR", default_value_os_t = default_index_dir())]
     pub index_dir: PathBuf,
     /// Documents returned by Retrieve when the request sets no limit.
-    #[arg(
-        long = "retrieve-limit",
-        env = "GHOSTWRITER_RETRIEVE_LIMIT",
-        default_value_t = 200
-    )]
+    #[arg(long = "retrieve-limit", env = "GHOSTWRITER_RETRIEVE_LIMIT", default_value_t = 200)]
     pub default_limit: u32,
     /// Memory of the index writer, in megabytes.
-    #[arg(
-        long = "index-writer-mb",
-        env = "GHOSTWRITER_INDEX_WRITER_MB",
-        default_value_t = 32
-    )]
+    #[arg(long = "index-writer-mb", env = "GHOSTWRITER_INDEX_WRITER_MB", default_value_t = 32)]
     pub writer_mb: usize,
     /// The system of record this retriever follows (unset: its index is the store).
     #[command(flatten)]
@@ -543,9 +535,7 @@ pub async fn serve(
 /// blocking task may still run after the server stopped), so that its writer lock is free when
 /// `serve` returns: a retriever started again on the same directory in this process opens it.
 async fn release(cell: Arc<OnceCell<Arc<DocumentIndex>>>) {
-    let Some(index) = cell.get().cloned() else {
-        return;
-    };
+    let Some(index) = cell.get().cloned() else { return };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     // Free when only this cell holds the index, besides the clone here.
     while Arc::strong_count(&cell) > 1 || Arc::strong_count(&index) > 2 {

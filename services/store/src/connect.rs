@@ -22,30 +22,21 @@ pub struct StoreArgs {
     /// `?sslmode=verify-full` for TLS). Unset: no store, the local index is the store. The
     /// password comes from `--store-password-file`, else `PGPASSWORD`, else the URL; it is
     /// never logged.
-    #[arg(
-        id = "store",
-        long = "store",
-        env = "GHOSTWRITER_STORE",
-        hide_env_values = true
-    )]
+    #[arg(id = "store", long, env = "GHOSTWRITER_STORE", hide_env_values = true)]
     pub url: Option<String>,
     /// File holding the store's password, read again for every new connection (a rotated
     /// password takes effect without a restart).
-    #[arg(
-        id = "store-password-file",
-        long = "store-password-file",
-        env = "GHOSTWRITER_STORE_PASSWORD_FILE"
-    )]
+    #[arg(id = "store-password-file", long, env = "GHOSTWRITER_STORE_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
     /// CA certificate (PEM) that signed the Postgres server's certificate; turns on
     /// `sslmode=verify-full` (the chain and the host name are checked) unless the URL says
     /// otherwise.
-    #[arg(id = "store-ca", long = "store-ca", env = "GHOSTWRITER_STORE_CA")]
+    #[arg(id = "store-ca", long, env = "GHOSTWRITER_STORE_CA")]
     pub ca: Option<PathBuf>,
     /// Connections in the pool (ingests and reads; `LISTEN` uses one more, direct).
     #[arg(
         id = "store-pool-size",
-        long = "store-pool-size",
+        long,
         env = "GHOSTWRITER_STORE_POOL_SIZE",
         default_value_t = 8,
         value_parser = clap::value_parser!(u32).range(1..=1024)
@@ -54,7 +45,7 @@ pub struct StoreArgs {
     /// Longest a store statement may run, in milliseconds (a write past it fails whole).
     #[arg(
         id = "store-statement-timeout-ms",
-        long = "store-statement-timeout-ms",
+        long,
         env = "GHOSTWRITER_STORE_STATEMENT_TIMEOUT_MS",
         default_value_t = 10_000,
         value_parser = clap::value_parser!(u64).range(1..=3_600_000)
@@ -64,7 +55,7 @@ pub struct StoreArgs {
     /// from a snapshot.
     #[arg(
         id = "store-retention-hours",
-        long = "store-retention-hours",
+        long,
         env = "GHOSTWRITER_STORE_RETENTION_HOURS",
         default_value_t = 168,
         value_parser = clap::value_parser!(u64).range(1..=87_600)
@@ -74,7 +65,7 @@ pub struct StoreArgs {
     /// notification is lost.
     #[arg(
         id = "store-poll-ms",
-        long = "store-poll-ms",
+        long,
         env = "GHOSTWRITER_STORE_POLL_MS",
         default_value_t = 1000,
         value_parser = clap::value_parser!(u64).range(10..=600_000)

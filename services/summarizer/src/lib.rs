@@ -36,11 +36,7 @@ pub struct SummarizerConfig {
     /// Generator endpoints that run the instruction LLM: URLs (comma-separated), or one
     /// dns:///HOST:PORT naming a headless Service; ignored with --etcd (the generators
     /// registered there are used), as in the orchestrator.
-    #[arg(
-        long = "generator-url",
-        env = "GHOSTWRITER_GENERATOR_URL",
-        default_value = "http://127.0.0.1:50055"
-    )]
+    #[arg(long, env = "GHOSTWRITER_GENERATOR_URL", default_value = "http://127.0.0.1:50055")]
     pub generator_url: String,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -58,30 +54,26 @@ pub struct SummarizerConfig {
 #[command(next_help_heading = "Summaries")]
 pub struct SummaryOptions {
     /// Summary length in tokens when the request sets none.
-    #[arg(
-        long = "summary-tokens",
-        env = "GHOSTWRITER_SUMMARY_TOKENS",
-        default_value_t = 96
-    )]
+    #[arg(long, env = "GHOSTWRITER_SUMMARY_TOKENS", default_value_t = 96)]
     pub summary_tokens: u32,
     /// Beams of the LLM summary's beam search (the paper decodes its summaries with 4); 1 =
     /// greedy. At most the generators' --max-running.
     #[arg(
-        long = "summary-num-beams",
+        long,
         env = "GHOSTWRITER_SUMMARY_NUM_BEAMS",
         default_value_t = 1,
         value_parser = clap::value_parser!(u32).range(1..=ghostwriter_common::MAX_BEAMS as i64)
     )]
     pub summary_num_beams: u32,
     /// Character budget of a context-dependent (SumCtx) summary when the request sets none.
-    #[arg(long = "summary-chars", env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
+    #[arg(long, env = "GHOSTWRITER_SUMMARY_CHARS", default_value_t = DEFAULT_SUMMARY_CHARS)]
     pub summary_chars: u32,
     /// The generators' adapter the LLM summary is written with: `base` (the base model, as the
     /// paper's summaries, so its rows stay reproducible), empty for the generators' default
     /// (the shipped adapter where it applies), or an adapter's name. A candle generator
     /// started with --adapter serves no base model: set it empty there.
     #[arg(
-        long = "summary-adapter",
+        long,
         env = "GHOSTWRITER_SUMMARY_ADAPTER",
         default_value = ghostwriter_common::BASE_ADAPTER
     )]

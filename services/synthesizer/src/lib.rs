@@ -36,7 +36,7 @@ pub struct SynthesizerConfig {
 pub struct SynthesisOptions {
     /// Cosine similarity of two words' MiniLM embeddings at or above which an entry word
     /// matches a word of the immediate context (SynCtx). Calibrated in docs/results.md.
-    #[arg(long = "word-similarity", env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = DEFAULT_WORD_SIMILARITY)]
+    #[arg(long, env = "GHOSTWRITER_WORD_SIMILARITY", default_value_t = DEFAULT_WORD_SIMILARITY)]
     pub word_similarity: f32,
 }
 

@@ -91,8 +91,10 @@ fn hold<T: Send + Unpin + 'static>(response: Response, held: T) -> Response {
     response.map(|inner| Body::new(Holding { inner, _held: held }))
 }
 
+/// A layer and its service: the `Layer` that clones the layer's fields into the service, and the
+/// `Service` whose readiness is the inner service's; only `call` (given verbatim) differs.
 macro_rules! layer {
-    ($layer:ident, $service:ident { $($field:ident: $ty:ty),* }) => {
+    ($layer:ident, $service:ident { $($field:ident: $ty:ty),* } $($call:tt)*) => {
         impl<S> Layer<S> for $layer {
             type Service = $service<S>;
 
@@ -107,6 +109,18 @@ macro_rules! layer {
             inner: S,
             $($field: $ty),*
         }
+
+        impl<S: Inner> Service<Request> for $service<S> {
+            type Response = Response;
+            type Error = S::Error;
+            type Future = BoxFuture<S::Error>;
+
+            fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                self.inner.poll_ready(cx)
+            }
+
+            $($call)*
+        }
     };
 }
 
@@ -117,16 +131,8 @@ pub struct TraceLayer {
     pub service: &'static str,
 }
 
-layer!(TraceLayer, Trace { service: &'static str });
-
-impl<S: Inner> Service<Request> for Trace<S> {
-    type Response = Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+layer! {
+    TraceLayer, Trace { service: &'static str }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
@@ -144,8 +150,6 @@ pub struct MetricsLayer {
     /// Where they are recorded.
     pub metrics: RpcMetrics,
 }
-
-layer!(MetricsLayer, Metrics { service: &'static str, metrics: RpcMetrics });
 
 /// Counts one RPC in flight until dropped.
 struct InFlight(prometheus::IntGauge);
@@ -240,14 +244,8 @@ impl http_body::Body for Observed {
     }
 }
 
-impl<S: Inner> Service<Request> for Metrics<S> {
-    type Response = Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+layer! {
+    MetricsLayer, Metrics { service: &'static str, metrics: RpcMetrics }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
@@ -306,16 +304,8 @@ impl ShedLayer {
     }
 }
 
-layer!(ShedLayer, Shed { limit: Option<Arc<Semaphore>>, rejected: IntCounterVec });
-
-impl<S: Inner> Service<Request> for Shed<S> {
-    type Response = Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+layer! {
+    ShedLayer, Shed { limit: Option<Arc<Semaphore>>, rejected: IntCounterVec }
 
     fn call(&mut self, request: Request) -> Self::Future {
         // Health checks and reflection are never shed: probes must see the truth under load.
@@ -346,16 +336,8 @@ pub struct DeadlineLayer {
     pub service: &'static str,
 }
 
-layer!(DeadlineLayer, Deadline { service: &'static str });
-
-impl<S: Inner> Service<Request> for Deadline<S> {
-    type Response = Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+layer! {
+    DeadlineLayer, Deadline { service: &'static str }
 
     fn call(&mut self, request: Request) -> Self::Future {
         // tonic answers an expired `grpc-timeout` with CANCELLED; answer DEADLINE_EXCEEDED, as

@@ -317,9 +317,7 @@ impl Processor {
                 }
             }
             Update::Finished { id, ending } => {
-                let Some(mut a) = self.answers.remove(&id) else {
-                    return;
-                };
+                let Some(mut a) = self.answers.remove(&id) else { return };
                 if let Some(answer) = ending.answer {
                     // Sent at once: the whole text, cut at a stop string.
                     let mut text = self.prompter.decode(&answer).unwrap_or_default();

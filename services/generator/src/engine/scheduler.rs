@@ -205,9 +205,7 @@ impl Scheduler {
     pub fn admit(&mut self, out: &mut Vec<Update>, stats: &mut StepStats) {
         let bs = self.cache.block_size();
         loop {
-            let Some(w) = self.waiting.front() else {
-                return;
-            };
+            let Some(w) = self.waiting.front() else { return };
             let r = &w.request;
             let p = &r.params;
             // Running groups keep room for the sequences they may still fork.

@@ -344,9 +344,7 @@ fn lora(
     delta.resize(order.len() * stride, 0.0);
     pool::for_each_range_mut(pool, delta, &ranges, &|task, piece| {
         let first = rows.runs[task].start;
-        let Some(a) = rows.adapters[order[first]] else {
-            return;
-        };
+        let Some(a) = rows.adapters[order[first]] else { return };
         for &(i, offset) in projections {
             let Some(p) = &a.layers[layer][i] else {
                 continue;

@@ -73,11 +73,7 @@ unsafe fn gelu_erf_avx512(x: &mut [f32]) {
     let half = _mm512_set1_ps(0.5);
     let mut i = 0;
     while i < n {
-        let mask: __mmask16 = if n - i >= 16 {
-            0xffff
-        } else {
-            ((1u32 << (n - i)) - 1) as u16
-        };
+        let mask: __mmask16 = super::isa::lanes(n - i);
         let p = unsafe { x.as_mut_ptr().add(i) };
         let v = unsafe { _mm512_maskz_loadu_ps(mask, p) };
         let z = _mm512_mul_ps(v, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
@@ -162,11 +158,7 @@ unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let mask: __mmask16 = if n - i >= 16 {
-            0xffff
-        } else {
-            ((1u32 << (n - i)) - 1) as u16
-        };
+        let mask: __mmask16 = super::isa::lanes(n - i);
         let g = unsafe { _mm512_maskz_loadu_ps(mask, gate.as_ptr().add(i)) };
         let u = unsafe { _mm512_maskz_loadu_ps(mask, up.as_ptr().add(i)) };
         let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));

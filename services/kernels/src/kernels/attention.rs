@@ -85,16 +85,13 @@ unsafe fn scores16_avx512<const ROWS: usize>(
     out: &mut [f32],
     stride: usize,
 ) {
+    use super::isa::load_f16x16;
     use std::arch::x86_64::*;
     let mut even = [_mm512_setzero_ps(); ROWS];
     let mut odd = [_mm512_setzero_ps(); ROWS];
     for d in (0..hd).step_by(2) {
-        let k0 = _mm512_cvtph_ps(unsafe {
-            _mm256_loadu_si256(kt.as_ptr().add(d * kstride) as *const _)
-        });
-        let k1 = _mm512_cvtph_ps(unsafe {
-            _mm256_loadu_si256(kt.as_ptr().add((d + 1) * kstride) as *const _)
-        });
+        let k0 = unsafe { load_f16x16(kt.as_ptr().add(d * kstride)) };
+        let k1 = unsafe { load_f16x16(kt.as_ptr().add((d + 1) * kstride)) };
         for r in 0..ROWS {
             let q0 = _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d) });
             let q1 = _mm512_set1_ps(unsafe { *q.get_unchecked(r * hd + d + 1) });
@@ -160,14 +157,13 @@ unsafe fn accumulate_values_avx512<const ROWS: usize>(
     v: &[f16],
     hd: usize,
 ) {
+    use super::isa::load_f16x16;
     use std::arch::x86_64::*;
     for c in (0..hd).step_by(16) {
         let mut acc: [__m512; ROWS] =
             std::array::from_fn(|r| unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c)) });
         for j in 0..count {
-            let vv = _mm512_cvtph_ps(unsafe {
-                _mm256_loadu_si256(v.as_ptr().add(j * hd + c) as *const _)
-            });
+            let vv = unsafe { load_f16x16(v.as_ptr().add(j * hd + c)) };
             for (r, a) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(unsafe { *p.get_unchecked(r * stride + j) });
                 *a = _mm512_fmadd_ps(vv, w, *a);

@@ -225,6 +225,34 @@ struct Tile {
     ncols: usize,
 }
 
+/// Where a tile's operands are (callers keep `i` below the tile's rows and `kb` below `kbs`).
+impl Tile {
+    /// Row `i`'s quantized activations of block `kb`.
+    unsafe fn x(&self, i: usize, kb: usize) -> *const i8 {
+        unsafe { self.xq.add(i * self.k + kb * QK) }
+    }
+
+    /// Row `i`'s activation scale and the weights' zero-point correction of block `kb`.
+    unsafe fn x_scale(&self, i: usize, kb: usize) -> (f32, i32) {
+        unsafe {
+            (
+                *self.xd.add(i * self.kbs + kb),
+                *self.xc.add(i * self.kbs + kb),
+            )
+        }
+    }
+
+    /// Block `kb` of the group's weights (16 rows interleaved by 4) and their 16 scales.
+    unsafe fn w(&self, kb: usize) -> (*const u8, *const f16) {
+        unsafe { (self.wq.add(kb * QK * NR), self.wd.add(kb * NR)) }
+    }
+
+    /// Row `i` of the output.
+    unsafe fn out(&self, i: usize) -> *mut f32 {
+        unsafe { self.out.add(i * self.ldo) }
+    }
+}
+
 /// All rows of `x` against weight group `g`, written to `out` (row stride `w.n`); `vnni` only
 /// where the CPU has AVX-512 VNNI.
 unsafe fn gemm_group(vnni: bool, x: &QActs, w: &QMatrix, g: usize, out: *mut f32) {
@@ -278,84 +306,59 @@ unsafe fn gemm_group(vnni: bool, x: &QActs, w: &QMatrix, g: usize, out: *mut f32
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_vnni<const MR: usize>(t: Tile) {
+    use super::isa::load_f16x16;
     use std::arch::x86_64::*;
-    let Tile {
-        xq,
-        k,
-        xd,
-        xc,
-        kbs,
-        wq,
-        wd,
-        out,
-        ldo,
-        ncols,
-    } = t;
     let mut acc = [_mm512_setzero_ps(); MR];
-    for kb in 0..kbs {
-        let wb = unsafe { wq.add(kb * QK * NR) };
+    for kb in 0..t.kbs {
+        let (wb, wd) = unsafe { t.w(kb) };
         let w: [__m512i; 8] =
             std::array::from_fn(|q| unsafe { _mm512_loadu_si512(wb.add(q * 64) as *const _) });
-        let dw = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(wd.add(kb * NR) as *const _) });
+        let dw = unsafe { load_f16x16(wd) };
         for (i, a) in acc.iter_mut().enumerate() {
-            let xb = unsafe { xq.add(i * k + kb * QK) } as *const i32;
+            let xb = unsafe { t.x(i, kb) } as *const i32;
+            let (dx, c) = unsafe { t.x_scale(i, kb) };
             let mut s = _mm512_setzero_si512();
             for (q, wv) in w.iter().enumerate() {
                 let xv = _mm512_set1_epi32(unsafe { xb.add(q).read_unaligned() });
                 s = _mm512_dpbusd_epi32(s, *wv, xv);
             }
-            let s = _mm512_sub_epi32(s, _mm512_set1_epi32(unsafe { *xc.add(i * kbs + kb) }));
+            let s = _mm512_sub_epi32(s, _mm512_set1_epi32(c));
             let f = _mm512_cvtepi32_ps(s);
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(unsafe { *xd.add(i * kbs + kb) }));
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
             *a = _mm512_fmadd_ps(f, scale, *a);
         }
     }
-    let mask: __mmask16 = if ncols >= 16 {
-        0xffff
-    } else {
-        ((1u32 << ncols) - 1) as u16
-    };
+    let mask: __mmask16 = super::isa::lanes(t.ncols);
     for (i, a) in acc.iter().enumerate() {
-        unsafe { _mm512_mask_storeu_ps(out.add(i * ldo), mask, *a) };
+        unsafe { _mm512_mask_storeu_ps(t.out(i), mask, *a) };
     }
 }
 
 unsafe fn tile_portable(rows: usize, t: Tile) {
-    let Tile {
-        xq,
-        k,
-        xd,
-        xc,
-        kbs,
-        wq,
-        wd,
-        out,
-        ldo,
-        ncols,
-    } = t;
     for i in 0..rows {
         let mut acc = [0f32; NR];
-        for kb in 0..kbs {
+        for kb in 0..t.kbs {
+            let (xb, (wb, wd)) = unsafe { (t.x(i, kb), t.w(kb)) };
             let mut s = [0i32; NR];
             for q in 0..QK / 4 {
                 for (r, sr) in s.iter_mut().enumerate() {
                     for b in 0..4 {
-                        let xv = unsafe { *xq.add(i * k + kb * QK + q * 4 + b) } as i32;
-                        let wv = unsafe { *wq.add(kb * QK * NR + q * 4 * NR + r * 4 + b) } as i32;
+                        let xv = unsafe { *xb.add(q * 4 + b) } as i32;
+                        let wv = unsafe { *wb.add(q * 4 * NR + r * 4 + b) } as i32;
                         *sr += xv * wv;
                     }
                 }
             }
-            let dx = unsafe { *xd.add(i * kbs + kb) };
-            let c = unsafe { *xc.add(i * kbs + kb) };
+            let (dx, c) = unsafe { t.x_scale(i, kb) };
             for (r, a) in acc.iter_mut().enumerate() {
                 let f = (s[r] - c) as f32;
-                let scale = unsafe { (*wd.add(kb * NR + r)).to_f32() } * dx;
+                let scale = unsafe { (*wd.add(r)).to_f32() } * dx;
                 *a = f.mul_add(scale, *a);
             }
         }
-        for (r, a) in acc.iter().enumerate().take(ncols) {
-            unsafe { *out.add(i * ldo + r) = *a };
+        let out = unsafe { t.out(i) };
+        for (r, a) in acc.iter().enumerate().take(t.ncols) {
+            unsafe { *out.add(r) = *a };
         }
     }
 }

@@ -63,6 +63,29 @@ impl Isa {
     }
 }
 
+/// The lanes of a 16-wide AVX-512 operation that the `left` elements still to do fill.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn lanes(left: usize) -> u16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as u16
+    }
+}
+
+/// The 16 f16 values at `p`, as f32.
+///
+/// # Safety
+/// 32 bytes at `p` are readable; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn load_f16x16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const _) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,11 +37,12 @@ pub fn dot_f16(isa: Isa, a: &[f32], b: &[f16]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_f16_avx512(a: &[f32], b: &[f16]) -> f32 {
+    use super::isa::load_f16x16;
     use std::arch::x86_64::*;
     let mut acc = _mm512_setzero_ps();
     for i in (0..a.len()).step_by(16) {
         let av = unsafe { _mm512_loadu_ps(a.as_ptr().add(i)) };
-        let bv = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(b.as_ptr().add(i) as *const _) });
+        let bv = unsafe { load_f16x16(b.as_ptr().add(i)) };
         acc = _mm512_fmadd_ps(av, bv, acc);
     }
     _mm512_reduce_add_ps(acc)
@@ -65,11 +66,12 @@ pub fn axpy_f16(isa: Isa, y: &mut [f32], a: f32, x: &[f16]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn axpy_f16_avx512(y: &mut [f32], a: f32, x: &[f16]) {
+    use super::isa::load_f16x16;
     use std::arch::x86_64::*;
     let av = _mm512_set1_ps(a);
     for i in (0..y.len()).step_by(16) {
         let yp = unsafe { y.as_mut_ptr().add(i) };
-        let xv = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(x.as_ptr().add(i) as *const _) });
+        let xv = unsafe { load_f16x16(x.as_ptr().add(i)) };
         unsafe { _mm512_storeu_ps(yp, _mm512_fmadd_ps(xv, av, _mm512_loadu_ps(yp))) };
     }
 }
