@@ -21,7 +21,6 @@ use ghostwriter::eval::authorship::auc;
 use ghostwriter::train::data::{Task, TrainExample};
 use ghostwriter::train::model::TrainModel;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
-use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::native::NativeModel;
 use ghostwriter_generator::{LoadOptions, same_author_probability};
@@ -85,31 +84,12 @@ fn main() -> anyhow::Result<()> {
     );
     // The logits after each pair's prompt, from the chosen engine.
     let mut logits_of: Box<Scorer> = if engine == "served" {
-        let mut model = NativeModel::load(
-            &base,
-            &LoadOptions {
-                device: "cpu".into(),
-                max_context: 2048,
-                threads: 0,
-                block_size: 16,
-                kv_cache_mb: 64,
-                adapter: adapter.clone(),
-                model_sha256: None,
-            },
-        )?;
-        Box::new(move |ids: &[u32]| {
-            let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
-            let adapter = model.startup_adapter();
-            Ok(model
-                .forward(&[SeqStep {
-                    tokens: ids,
-                    start: 0,
-                    blocks: &blocks,
-                    logits: true,
-                    adapter,
-                }])?
-                .remove(0))
-        })
+        let options = LoadOptions {
+            adapter: adapter.clone(),
+            ..LoadOptions::cpu(2048, 64)
+        };
+        let mut model = NativeModel::load(&base, &options)?;
+        Box::new(move |ids: &[u32]| model.logits_after(ids))
     } else {
         let mut model = TrainModel::load(&base, &Device::Cpu, 8, 16.0, &PROJECTIONS, 1)?;
         if let Some(path) = &adapter {

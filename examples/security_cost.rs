@@ -13,13 +13,8 @@ use std::time::{Duration, Instant};
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::{Document, IngestRequest, WriteRequest};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
+mod support;
+use support::arg;
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 

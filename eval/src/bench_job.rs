@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use ghostwriter_proto::v1::ghostwriter_client::GhostwriterClient;
-use ghostwriter_proto::v1::{GenerationParams, WriteOptions, WriteRequest};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -144,23 +143,9 @@ async fn write_all(
             async move {
                 let t = Instant::now();
                 let r = c
-                    .write(WriteRequest {
-                        user_id: d.user_id,
-                        title: d.title,
-                        start: d.text,
-                        preset,
-                        timestamp: Some(d.timestamp),
-                        doc_id: d.doc_id,
-                        options: Some(WriteOptions {
-                            generation: Some(GenerationParams {
-                                max_new_tokens: tokens,
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
-                        consistency_token: Default::default(),
-                        adapter: String::new(),
-                    })
+                    .write(ghostwriter_runtime::embedded::write_of(
+                        &d.user_id, &d, &preset, tokens,
+                    ))
                     .await?
                     .into_inner();
                 let cached = r.generation.map_or(0, |g| g.cached_prompt_tokens as u64);

@@ -72,34 +72,40 @@ pub(crate) async fn distinguish(
     }
 }
 
+/// The user's documents from before the text (the best `limit` for `query`), read after the
+/// request's consistency token.
+async fn earlier(
+    service: &OrchestratorService,
+    r: &DistinguishRequest,
+    query: String,
+    limit: u32,
+    deadline: Option<Instant>,
+) -> Result<ghostwriter_proto::v1::RetrieveResponse, Error> {
+    let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
+    let request = RetrieveRequest {
+        user_id: r.user_id.clone(),
+        query,
+        before_timestamp: r.timestamp,
+        current_doc_id: r.doc_id.clone(),
+        limit,
+        term_statistics: false,
+        consistency_token,
+    };
+    Ok(service.stages.retrieve(request, deadline).await?)
+}
+
 /// The style verifier against the user's most recent earlier documents.
 async fn style(
     service: &OrchestratorService,
     r: DistinguishRequest,
     deadline: Option<Instant>,
 ) -> Result<DistinguishResponse, Error> {
-    let limit = if r.max_documents == 0 {
-        DEFAULT_STYLE_DOCUMENTS
-    } else {
-        r.max_documents
+    let limit = match r.max_documents {
+        0 => DEFAULT_STYLE_DOCUMENTS,
+        n => n,
     } as usize;
-    let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
-    let retrieved = service
-        .stages
-        .retrieve(
-            RetrieveRequest {
-                user_id: r.user_id,
-                // No query: every earlier document scores alike; recency picks below.
-                query: String::new(),
-                before_timestamp: r.timestamp,
-                current_doc_id: r.doc_id,
-                limit: HISTORY_FETCH,
-                term_statistics: false,
-                consistency_token,
-            },
-            deadline,
-        )
-        .await?;
+    // No query: every earlier document scores alike; recency picks below.
+    let retrieved = earlier(service, &r, String::new(), HISTORY_FETCH, deadline).await?;
     let mut history: Vec<Document> = retrieved
         .documents
         .into_iter()
@@ -138,30 +144,14 @@ async fn llm(
     r: DistinguishRequest,
     deadline: Option<Instant>,
 ) -> Result<DistinguishResponse, Error> {
-    let limit = if r.max_documents == 0 {
-        DEFAULT_LLM_DOCUMENTS
-    } else {
-        r.max_documents
+    let limit = match r.max_documents {
+        0 => DEFAULT_LLM_DOCUMENTS,
+        n => n,
     };
     // As in training: the text's first 150 characters against an earlier document's first 600.
     let first = immediate_context("", &r.text, DEFAULT_CONTEXT_CHARS);
     let salt = service.salt.of(&r.user_id);
-    let consistency_token = service.read_token(&r.user_id, &r.consistency_token)?;
-    let retrieved = service
-        .stages
-        .retrieve(
-            RetrieveRequest {
-                user_id: r.user_id,
-                query: first.clone(),
-                before_timestamp: r.timestamp,
-                current_doc_id: r.doc_id,
-                limit,
-                term_statistics: false,
-                consistency_token,
-            },
-            deadline,
-        )
-        .await?;
+    let retrieved = earlier(service, &r, first.clone(), limit, deadline).await?;
     if retrieved.documents.is_empty() {
         return Err(Error::NoHistory);
     }

@@ -373,6 +373,17 @@ pub fn short_write(user: &str, start: &str, preset: &str, tokens: u32) -> WriteR
     }
 }
 
+/// The write that continues `target` for `user`: its title, its text as the start, its time and
+/// id (so that only the user's earlier documents count), as [`short_write`] otherwise.
+pub fn write_of(user: &str, target: &Document, preset: &str, tokens: u32) -> WriteRequest {
+    WriteRequest {
+        title: target.title.clone(),
+        timestamp: Some(target.timestamp),
+        doc_id: target.doc_id.clone(),
+        ..short_write(user, &target.text, preset, tokens)
+    }
+}
+
 /// Ingests `documents` through the public API at `url` (plain HTTP/2), 1,000 at a time, with
 /// `token`.
 pub async fn ingest(url: &str, documents: &[Document], token: Option<&str>) -> anyhow::Result<()> {

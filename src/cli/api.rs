@@ -63,6 +63,25 @@ impl ApiArgs {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
+    /// One unary call: `call` with a client and `body` as a request (its deadline `timeout`
+    /// seconds away, the token attached); a failure as [`Self::error`] reads it.
+    pub async fn call<Req, Resp, F, Fut>(
+        &self,
+        body: Req,
+        timeout: u64,
+        call: F,
+    ) -> anyhow::Result<Resp>
+    where
+        F: FnOnce(GhostwriterClient<tonic::transport::Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let request = self.request(body, timeout)?;
+        call(self.connect()?, request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error(s))
+    }
+
     /// A failed call, as a person reads it: the code, the message, the URL called, and the
     /// likely fix.
     pub fn error(&self, s: tonic::Status) -> anyhow::Error {
@@ -257,27 +276,23 @@ pub struct WriteArgs {
 }
 
 pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
-    let mut client = args.api.connect()?;
-    let request = args.api.request(
-        ghostwriter::proto::DistinguishRequest {
-            user_id: args.user,
-            text: args.text,
-            timestamp: args.timestamp,
-            doc_id: String::new(),
-            max_documents: args.max_documents,
-            method: match args.method {
-                Method::Style => ghostwriter::proto::DistinguishMethod::Style,
-                Method::Llm => ghostwriter::proto::DistinguishMethod::Llm,
-            } as i32,
-            consistency_token: args.after.unwrap_or_default(),
-        },
-        args.timeout,
-    )?;
-    let r = client
-        .distinguish(request)
-        .await
-        .map_err(|s| args.api.error(s))?
-        .into_inner();
+    let request = ghostwriter::proto::DistinguishRequest {
+        user_id: args.user,
+        text: args.text,
+        timestamp: args.timestamp,
+        doc_id: String::new(),
+        max_documents: args.max_documents,
+        method: match args.method {
+            Method::Style => ghostwriter::proto::DistinguishMethod::Style,
+            Method::Llm => ghostwriter::proto::DistinguishMethod::Llm,
+        } as i32,
+        consistency_token: args.after.unwrap_or_default(),
+    };
+    let r = (args.api)
+        .call(request, args.timeout, |mut c, r| async move {
+            c.distinguish(r).await
+        })
+        .await?;
     if r.abstained {
         println!("abstained: {}", r.abstention_reason);
     } else {
@@ -361,19 +376,15 @@ pub async fn ingest_command(a: IngestArgs) -> anyhow::Result<()> {
 
 /// `delete`: one document of a user, or all of them.
 pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
-    let mut client = args.api.connect()?;
-    let request = args.api.request(
-        ghostwriter::proto::DeleteRequest {
-            user_id: args.user.clone(),
-            doc_id: args.doc_id.clone().unwrap_or_default(),
-        },
-        args.timeout,
-    )?;
-    let r = client
-        .delete(request)
-        .await
-        .map_err(|s| args.api.error(s))?
-        .into_inner();
+    let request = ghostwriter::proto::DeleteRequest {
+        user_id: args.user.clone(),
+        doc_id: args.doc_id.clone().unwrap_or_default(),
+    };
+    let r = (args.api)
+        .call(request, args.timeout, |mut c, r| async move {
+            c.delete(r).await
+        })
+        .await?;
     if args.json {
         println!(
             "{}",
@@ -481,11 +492,12 @@ pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let r = api
-        .connect()?
-        .list_presets(api.request(ghostwriter::proto::ListPresetsRequest {}, 30)?)
-        .await
-        .map_err(|s| api.error(s))?
-        .into_inner();
+        .call(
+            ghostwriter::proto::ListPresetsRequest {},
+            30,
+            |mut c, r| async move { c.list_presets(r).await },
+        )
+        .await?;
     for p in r.presets {
         let default = if p.name == r.default_preset {
             " (default)"
@@ -500,11 +512,12 @@ pub async fn presets(args: PresetsArgs) -> anyhow::Result<()> {
 /// `info`: what a running Ghostwriter serves.
 pub async fn info(api: ApiArgs) -> anyhow::Result<()> {
     let r = api
-        .connect()?
-        .info(api.request(ghostwriter::proto::InfoRequest {}, 30)?)
-        .await
-        .map_err(|s| api.error(s))?
-        .into_inner();
+        .call(
+            ghostwriter::proto::InfoRequest {},
+            30,
+            |mut c, r| async move { c.info(r).await },
+        )
+        .await?;
     let g = r.generator.unwrap_or_default();
     let info = serde_json::json!({
         "version": r.version,

@@ -37,6 +37,17 @@ pub fn missing<T>(what: &str) -> Option<T> {
     None
 }
 
+/// Whether `etcd` is installed; a missing one fails the test unless `GHOSTWRITER_ALLOW_SKIP=1`.
+pub fn etcd_installed() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok()
+        || missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)")
+            .is_some()
+}
+
 /// `../shared/data/amazon-musical-instruments/docs.jsonl`; a missing file fails the test
 /// unless `GHOSTWRITER_ALLOW_SKIP=1` (then `None`).
 pub fn amazon_docs() -> Option<PathBuf> {
@@ -68,6 +79,17 @@ pub fn config(index_dir: PathBuf) -> EmbeddedConfig {
     let mut c = EmbeddedConfig::defaults();
     c.retriever.index_dir = index_dir;
     c
+}
+
+/// The embedded topology with `config`, its public API on a loopback port of its own.
+pub async fn embedded(config: EmbeddedConfig) -> Embedded {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let transport = ghostwriter_transport::Transport::default();
+    Embedded::start(config, model_dir(), listener, transport)
+        .await
+        .unwrap_or_else(|e| panic!("the embedded topology did not start: {e:#}"))
 }
 
 /// A topology that lives for the whole test binary on its own runtime.
@@ -219,7 +241,7 @@ where
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         telemetry();
-        let models = model_dir();
+        model_dir(); // pulled on the test's thread, where a failure reports
         // Tests run inside their own runtimes: the shared topology gets a runtime of its own,
         // built and driven from a plain thread, and never dropped.
         std::thread::spawn(move || {
@@ -230,17 +252,7 @@ where
                 .expect("runtime");
             let dir = tempfile::tempdir().expect("tempdir");
             let (url, stage_urls) = rt.block_on(async {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let embedded = Embedded::start(
-                    config(dir.path().join("index")),
-                    models,
-                    listener,
-                    ghostwriter_transport::Transport::default(),
-                )
-                .await
-                .expect("start");
+                let embedded = embedded(config(dir.path().join("index"))).await;
                 let url = embedded.url();
                 let stages = embedded
                     .urls

@@ -12,7 +12,6 @@ use ghostwriter::train::AdamW;
 use ghostwriter::train::model::{Scored, TrainModel};
 use ghostwriter_generator::LoadOptions;
 use ghostwriter_generator::adapter::{Adapter, PROJECTIONS};
-use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::native::NativeModel;
 use ghostwriter_generator::prompt::{DEFAULT_SYSTEM, Parts, personalized};
@@ -46,13 +45,8 @@ fn load_native(adapter: Option<std::path::PathBuf>) -> anyhow::Result<NativeMode
     NativeModel::load(
         &model_path(),
         &LoadOptions {
-            device: "cpu".into(),
-            max_context: 1024,
-            threads: 0,
-            block_size: 16,
-            kv_cache_mb: 32,
             adapter,
-            model_sha256: None,
+            ..LoadOptions::cpu(1024, 32)
         },
     )
 }
@@ -62,18 +56,7 @@ fn native(adapter: Option<std::path::PathBuf>) -> NativeModel {
 }
 
 fn serving_logits(model: &mut NativeModel, ids: &[u32]) -> Vec<f32> {
-    let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
-    let adapter = model.startup_adapter();
-    model
-        .forward(&[SeqStep {
-            tokens: ids,
-            start: 0,
-            blocks: &blocks,
-            logits: true,
-            adapter,
-        }])
-        .unwrap()
-        .remove(0)
+    model.logits_after(ids).unwrap()
 }
 
 fn training_logits(model: &TrainModel, ids: &[u32]) -> Vec<f32> {

@@ -128,6 +128,14 @@ impl Render {
             .collect()
     }
 
+    /// The container of `stage` in its own workload.
+    fn stage_container(&self, stage: &str) -> &Value {
+        self.containers(&format!("gw-ghostwriter-{stage}"))
+            .into_iter()
+            .find(|c| c["name"] == stage)
+            .unwrap_or_else(|| panic!("no container {stage}"))
+    }
+
     /// The containers of a workload (init containers included, `role` "init").
     fn containers(&self, name: &str) -> Vec<&Value> {
         self.workload(name)["containers"]
@@ -235,6 +243,16 @@ const STAGES: [&str; 6] = {
 const TLS_DIR: &str = "/etc/ghostwriter/tls";
 
 /// The four TLS flags every stage gets with tls.enabled.
+/// `helm template` with `--set set`, which the chart must refuse: what helm says why.
+fn refused(helm: &Path, set: &str) -> String {
+    let out = Command::new(helm)
+        .args(["template", "gw", CHART, "--set", set])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the chart must refuse {set}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn tls_flags(server_name: &str) -> [String; 4] {
     [
         format!("--tls-cert={TLS_DIR}/tls.crt"),
@@ -417,12 +435,7 @@ fn chart_lints_renders_and_validates() {
         "no TLS by default"
     );
     for stage in STAGES {
-        let name = format!("gw-ghostwriter-{stage}");
-        let main = default
-            .containers(&name)
-            .into_iter()
-            .find(|c| c["name"] == stage)
-            .unwrap();
+        let main = default.stage_container(stage);
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             assert_eq!(main["probes"][probe]["type"], "grpc", "{stage} {probe}");
             assert_eq!(main["probes"][probe]["port"], 50051, "{stage} {probe}");
@@ -567,11 +580,7 @@ fn chart_lints_renders_and_validates() {
     );
     for stage in STAGES {
         let name = format!("gw-ghostwriter-{stage}");
-        let main = prod
-            .containers(&name)
-            .into_iter()
-            .find(|c| c["name"] == stage)
-            .unwrap();
+        let main = prod.stage_container(stage);
         let args = prod.args(&name);
         for flag in tls_flags("ghostwriter") {
             assert!(args.contains(&flag), "{stage}: {flag} in {args:?}");
@@ -743,18 +752,7 @@ fn chart_lints_renders_and_validates() {
         }
     }
     // Replicas of a shard without a store would diverge: refused.
-    let out = Command::new(&helm)
-        .args([
-            "template",
-            "gw",
-            CHART,
-            "--set",
-            "retriever.replicasPerShard=2",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a store"));
+    assert!(refused(&helm, "retriever.replicasPerShard=2").contains("needs a store"));
 
     // Every option on at once still validates.
     let all = render(
@@ -849,11 +847,7 @@ fn chart_lints_renders_and_validates() {
         "tls.certManager.duration=90d",
         "tls.certManager.issuer=x",
     ] {
-        let out = Command::new(&helm)
-            .args(["template", "gw", CHART, "--set", bad])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "the schema must reject {bad}");
+        refused(&helm, bad);
     }
 
     // TLS values that cannot work fail the render, saying why.
@@ -868,13 +862,9 @@ fn chart_lints_renders_and_validates() {
             "needs tls.certManager.issuerRef.name",
         ),
     ] {
-        let out = Command::new(&helm)
-            .args(["template", "gw", CHART, "--set", bad])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(&helm, bad);
         assert!(
-            !out.status.success() && stderr.contains(why),
+            stderr.contains(why),
             "{bad} must fail with {why:?}: {stderr}"
         );
     }
@@ -1077,19 +1067,9 @@ generator:
     );
 
     // JWT without an issuer fails the render, saying why; the schema refuses a bad type.
-    let out = Command::new(&helm)
-        .args([
-            "template",
-            "gw",
-            CHART,
-            "--set",
-            "orchestrator.auth.jwt.secretName=k",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&helm, "orchestrator.auth.jwt.secretName=k");
     assert!(
-        !out.status.success() && stderr.contains("needs orchestrator.auth.jwt.issuer"),
+        stderr.contains("needs orchestrator.auth.jwt.issuer"),
         "{stderr}"
     );
     for bad in [
@@ -1097,10 +1077,6 @@ generator:
         "logFormat=xml",
         "generator.extraArgs[0]=notaflag",
     ] {
-        let out = Command::new(&helm)
-            .args(["template", "gw", CHART, "--set", bad])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "the schema must reject {bad}");
+        refused(&helm, bad);
     }
 }

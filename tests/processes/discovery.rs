@@ -10,26 +10,15 @@ use crate::common;
 use common::{Kill, StageProcess, generated_tokens};
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, RetrieveRequest, WriteRequest};
 use ghostwriter_discovery::etcd::Etcd;
 
-/// Whether `etcd` is installed; a missing one fails the test unless GHOSTWRITER_ALLOW_SKIP=1.
-fn etcd_installed() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok()
-        || common::missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)")
-            .is_some()
-}
-
 fn etcd(dir: &std::path::Path) -> Option<(Child, String)> {
-    if !etcd_installed() {
+    if !common::etcd_installed() {
         return None;
     }
     let (child, url, _) = ghostwriter::processes::spawn_etcd(&dir.join("etcd"), None).unwrap();
@@ -81,6 +70,9 @@ async fn keys(etcd: &str, prefix: &str) -> Vec<String> {
         .map(|(_, kvs)| kvs.into_iter().map(|kv| kv.key).collect())
         .unwrap_or_default()
 }
+
+/// Where the generators register in etcd.
+const GENERATORS: &str = "/ghostwriter/v1/generator/";
 
 async fn wait_keys(etcd: &str, prefix: &str, n: usize, within: Duration) -> Vec<String> {
     let started = Instant::now();
@@ -140,13 +132,7 @@ async fn etcd_discovery_sharding_and_failover() {
 
     common::wait_serving(&mut orch, 60).await;
     procs.push(orch);
-    let generators = wait_keys(
-        &etcd,
-        "/ghostwriter/v1/generator/",
-        2,
-        Duration::from_secs(60),
-    )
-    .await;
+    let generators = wait_keys(&etcd, GENERATORS, 2, Duration::from_secs(60)).await;
     assert_eq!(generators.len(), 2, "{generators:?}");
     assert_eq!(
         wait_keys(
@@ -263,13 +249,7 @@ async fn etcd_discovery_sharding_and_failover() {
     }
     // The dead endpoint leaves the set when its 2-second lease expires.
     let started = Instant::now();
-    let left = wait_keys(
-        &etcd,
-        "/ghostwriter/v1/generator/",
-        1,
-        Duration::from_secs(15),
-    )
-    .await;
+    let left = wait_keys(&etcd, GENERATORS, 1, Duration::from_secs(15)).await;
     assert_eq!(left.len(), 1, "{left:?}");
     eprintln!("dead generator left etcd after {:?}", started.elapsed());
     client.write(write(&users[0], 2)).await.unwrap();
@@ -295,7 +275,7 @@ async fn etcd_discovery_sharding_and_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_started_before_etcd_registers_once_it_is_up() {
     let _slot = crate::common::slot(module_path!());
-    if !etcd_installed() {
+    if !common::etcd_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

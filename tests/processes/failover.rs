@@ -120,13 +120,8 @@ fn gone(pid: u32) -> bool {
 /// `up --processes --replicas REPLICAS` with `args` (passed on to the processes) and `env`
 /// (which every process inherits), ready and its orchestrator knowing every generator.
 async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh> {
-    if std::process::Command::new("etcd")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_err()
-    {
-        return common::missing("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+    if !common::etcd_installed() {
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("up.log");

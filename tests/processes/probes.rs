@@ -74,45 +74,19 @@ fn bad_credential_files_stop_up_and_serve_at_once_with_the_reason() {
     let index = index.to_str().unwrap();
     let port = format!("127.0.0.1:{}", common::port());
     let sixteen = "tokens must be at least 16 characters";
+    let up = ["up", "--listen", &port, "--index-dir", index];
+    refused(&[&up[..], &["--auth-tokens", tokens]].concat(), sixteen);
     refused(
-        &[
-            "up",
-            "--listen",
-            &port,
-            "--index-dir",
-            index,
-            "--auth-tokens",
-            tokens,
-        ],
+        &[&up[..], &["--processes", "--auth-tokens", tokens]].concat(),
         sixteen,
     );
-    refused(
-        &[
-            "up",
-            "--processes",
-            "--listen",
-            &port,
-            "--index-dir",
-            index,
-            "--auth-tokens",
-            tokens,
-        ],
-        sixteen,
-    );
-    refused(
-        &[
-            "up",
-            "--listen",
-            &port,
-            "--index-dir",
-            index,
-            "--auth-jwt-secret-file",
-            secret,
-            "--auth-jwt-issuer",
-            "https://idp.example",
-        ],
-        "at least 32 bytes",
-    );
+    let jwt = [
+        "--auth-jwt-secret-file",
+        secret,
+        "--auth-jwt-issuer",
+        "https://idp.example",
+    ];
+    refused(&[&up[..], &jwt].concat(), "at least 32 bytes");
     refused(
         &[
             "serve",
@@ -180,13 +154,7 @@ async fn ready(log: &Path, child: &mut Child) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_processes_passes_its_flags_on_and_keeps_its_key_private() {
     let _slot = crate::common::slot(module_path!());
-    if Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        common::missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+    if !common::etcd_installed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -451,15 +451,7 @@ async fn up_with_a_store_serves_every_preset_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::config(dir.path().join("index"));
     config.retriever.store = StoreArgs::with_url(&url);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let embedded = ghostwriter::embedded::Embedded::start(
-        config,
-        common::model_dir(),
-        listener,
-        ghostwriter_transport::Transport::default(),
-    )
-    .await
-    .unwrap();
+    let embedded = common::embedded(config).await;
     let mut c = common::client(&embedded.url()).await;
     let docs: Vec<Document> = (0..6)
         .map(|i| {

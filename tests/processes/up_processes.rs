@@ -7,7 +7,6 @@
 
 use crate::common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ghostwriter::proto::Document;
@@ -16,13 +15,7 @@ use ghostwriter::proto::Document;
 async fn up_processes_serves_every_preset_and_stops_in_order() {
     let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
-    if Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        common::missing::<()>("etcd is not installed (Debian: etcd-server; .ci/run installs it)");
+    if !common::etcd_installed() {
         return;
     }
     let mut cmd = common::ghostwriter();

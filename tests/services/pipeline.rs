@@ -46,25 +46,7 @@ fn earlier(a: &Document, b: &Document) -> bool {
     (a.timestamp, a.doc_id.as_str()) < (b.timestamp, b.doc_id.as_str())
 }
 
-fn write_request(user: &str, target: &Document, preset: &str, tokens: u32) -> WriteRequest {
-    WriteRequest {
-        user_id: user.into(),
-        title: target.title.clone(),
-        start: target.text.clone(),
-        preset: preset.into(),
-        timestamp: Some(target.timestamp),
-        doc_id: target.doc_id.clone(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: tokens,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        consistency_token: Default::default(),
-        adapter: Default::default(),
-    }
-}
+use ghostwriter::embedded::write_of as write_request;
 
 /// Users with at least `n` documents, in a stable order.
 fn users(data: &Data, n: usize) -> Vec<String> {

@@ -7,7 +7,6 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::generator_client::GeneratorClient;
 use ghostwriter::proto::{GenerateRequest, GenerationParams, PersonalizedInput, WriteRequest};
 use ghostwriter_common::shutdown;
@@ -84,15 +83,7 @@ async fn health_is_serving_only_once_the_model_is_loaded() {
 async fn a_stopped_stage_gives_unavailable_naming_it() {
     let _slot = crate::common::slot(module_path!());
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut embedded = Embedded::start(
-        common::config(dir.path().join("index")),
-        common::model_dir(),
-        listener,
-        ghostwriter_transport::Transport::default(),
-    )
-    .await
-    .unwrap();
+    let mut embedded = common::embedded(common::config(dir.path().join("index"))).await;
     let docs: Vec<_> = (0..3)
         .map(|i| ghostwriter::proto::Document {
             user_id: "u".into(),

@@ -7,7 +7,6 @@ use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ghostwriter::embedded::Embedded;
 use ghostwriter::proto::Document;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,15 +15,7 @@ async fn one_trace_spans_every_stage() {
     let (provider, exporter) = common::telemetry();
 
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let embedded = Embedded::start(
-        common::config(dir.path().join("index")),
-        common::model_dir(),
-        listener,
-        ghostwriter_transport::Transport::default(),
-    )
-    .await
-    .unwrap();
+    let embedded = common::embedded(common::config(dir.path().join("index"))).await;
     let docs: Vec<Document> = (0..3)
         .map(|i| Document {
             user_id: "tracer".into(),

@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ghostwriter_generator::backend::SeqStep;
 use ghostwriter_generator::model::Prompter;
 use ghostwriter_generator::native::NativeModel;
 use ghostwriter_generator::{LoadOptions, prompt, same_author_probability};
@@ -83,13 +82,8 @@ impl Llm {
         let model = NativeModel::load(
             &base,
             &LoadOptions {
-                device: "cpu".into(),
-                max_context: 2048,
-                threads: 0,
-                block_size: 16,
-                kv_cache_mb: 64,
                 adapter,
-                model_sha256: None,
+                ..LoadOptions::cpu(2048, 64)
             },
         )?;
         Ok(Self {
@@ -114,18 +108,7 @@ impl Llm {
                 &first,
                 &second,
             ))?;
-            let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
-            let adapter = self.model.startup_adapter();
-            let logits = self
-                .model
-                .forward(&[SeqStep {
-                    tokens: &ids,
-                    start: 0,
-                    blocks: &blocks,
-                    logits: true,
-                    adapter,
-                }])?
-                .remove(0);
+            let logits = self.model.logits_after(&ids)?;
             let [t, f] = self.answers;
             sum += f64::from(same_author_probability(
                 logits[t as usize],

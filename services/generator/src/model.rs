@@ -135,6 +135,22 @@ pub struct LoadOptions {
     pub model_sha256: Option<String>,
 }
 
+impl LoadOptions {
+    /// On the CPU with every core, 16-position blocks, no adapter: a model for scoring or a
+    /// test, with a window of `max_context` and `kv_cache_mb` of cache.
+    pub fn cpu(max_context: usize, kv_cache_mb: usize) -> Self {
+        Self {
+            device: "cpu".into(),
+            max_context,
+            threads: 0,
+            block_size: 16,
+            kv_cache_mb,
+            adapter: None,
+            model_sha256: None,
+        }
+    }
+}
+
 /// A loaded model.
 pub struct LanguageModel {
     /// Tokenizer and prompt rendering.

@@ -91,10 +91,20 @@ fn hold<T: Send + Unpin + 'static>(response: Response, held: T) -> Response {
     response.map(|inner| Body::new(Holding { inner, _held: held }))
 }
 
-/// A layer and its service: the `Layer` that clones the layer's fields into the service, and the
+/// A layer and its service: the layer's struct, the `Layer` that clones the layer's fields into the service, and the
 /// `Service` whose readiness is the inner service's; only `call` (given verbatim) differs.
 macro_rules! layer {
-    ($layer:ident, $service:ident { $($field:ident: $ty:ty),* } $($call:tt)*) => {
+    (
+        $(#[$doc:meta])*
+        $layer:ident => $service:ident { $($(#[$fdoc:meta])* $vis:vis $field:ident: $ty:ty),* $(,)? }
+        $($call:tt)*
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub struct $layer {
+            $($(#[$fdoc])* $vis $field: $ty),*
+        }
+
         impl<S> Layer<S> for $layer {
             type Service = $service<S>;
 
@@ -124,15 +134,12 @@ macro_rules! layer {
     };
 }
 
-/// One span per RPC (see the module docs).
-#[derive(Clone)]
-pub struct TraceLayer {
-    /// The server's own service name, for paths that name none.
-    pub service: &'static str,
-}
-
 layer! {
-    TraceLayer, Trace { service: &'static str }
+    /// One span per RPC (see the module docs).
+    TraceLayer => Trace {
+        /// The server's own service name, for paths that name none.
+        pub service: &'static str,
+    }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
@@ -140,15 +147,6 @@ layer! {
         let call = span.in_scope(|| take(&mut self.inner).call(request));
         Box::pin(tracing::Instrument::instrument(call, span))
     }
-}
-
-/// Request counts, latency and in-flight gauges (see the module docs).
-#[derive(Clone)]
-pub struct MetricsLayer {
-    /// The server's own service name, for paths that name none.
-    pub service: &'static str,
-    /// Where they are recorded.
-    pub metrics: RpcMetrics,
 }
 
 /// Counts one RPC in flight until dropped.
@@ -245,7 +243,13 @@ impl http_body::Body for Observed {
 }
 
 layer! {
-    MetricsLayer, Metrics { service: &'static str, metrics: RpcMetrics }
+    /// Request counts, latency and in-flight gauges (see the module docs).
+    MetricsLayer => Metrics {
+        /// The server's own service name, for paths that name none.
+        pub service: &'static str,
+        /// Where they are recorded.
+        pub metrics: RpcMetrics,
+    }
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (service, method) = rpc_name(&request, self.service);
@@ -287,25 +291,12 @@ layer! {
     }
 }
 
-/// The concurrency limit (see the module docs).
-#[derive(Clone)]
-pub struct ShedLayer {
-    limit: Option<Arc<Semaphore>>,
-    rejected: IntCounterVec,
-}
-
-impl ShedLayer {
-    /// At most `max` RPCs at once (0 = no limit); refusals counted in `rejected` by service.
-    pub fn new(max: usize, rejected: IntCounterVec) -> Self {
-        Self {
-            limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
-            rejected,
-        }
-    }
-}
-
 layer! {
-    ShedLayer, Shed { limit: Option<Arc<Semaphore>>, rejected: IntCounterVec }
+    /// The concurrency limit (see the module docs).
+    ShedLayer => Shed {
+        limit: Option<Arc<Semaphore>>,
+        rejected: IntCounterVec,
+    }
 
     fn call(&mut self, request: Request) -> Self::Future {
         // Health checks and reflection are never shed: probes must see the truth under load.
@@ -329,15 +320,22 @@ layer! {
     }
 }
 
-/// The caller's deadline (see the module docs).
-#[derive(Clone)]
-pub struct DeadlineLayer {
-    /// The server's own service name, for messages.
-    pub service: &'static str,
+impl ShedLayer {
+    /// At most `max` RPCs at once (0 = no limit); refusals counted in `rejected` by service.
+    pub fn new(max: usize, rejected: IntCounterVec) -> Self {
+        Self {
+            limit: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            rejected,
+        }
+    }
 }
 
 layer! {
-    DeadlineLayer, Deadline { service: &'static str }
+    /// The caller's deadline (see the module docs).
+    DeadlineLayer => Deadline {
+        /// The server's own service name, for messages.
+        pub service: &'static str,
+    }
 
     fn call(&mut self, request: Request) -> Self::Future {
         // tonic answers an expired `grpc-timeout` with CANCELLED; answer DEADLINE_EXCEEDED, as

@@ -532,6 +532,20 @@ impl NativeModel {
         }
     }
 
+    /// The logits after `ids`, scored alone from position 0 with the start-up adapter, in the
+    /// first blocks of the cache: for a scorer that owns the model, never beside an engine.
+    pub fn logits_after(&mut self, ids: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let blocks: Vec<u32> = (0..ids.len().div_ceil(self.kv.block_size) as u32).collect();
+        let step = SeqStep {
+            tokens: ids,
+            start: 0,
+            blocks: &blocks,
+            logits: true,
+            adapter: self.startup_adapter(),
+        };
+        Ok(self.forward(&[step])?.remove(0))
+    }
+
     /// Compute threads.
     pub fn threads(&self) -> usize {
         self.pool.threads()
