@@ -361,12 +361,5 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
 }
 
 async fn wait_until(url: &str) -> anyhow::Result<()> {
-    ghostwriter_transport::client::wait_until_serving(
-        url,
-        "",
-        std::time::Duration::from_secs(120),
-        None,
-    )
-    .await
-    .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
+    ghostwriter_transport::client::serving(url, std::time::Duration::from_secs(120)).await
 }

@@ -133,9 +133,7 @@ impl Drop for Generator {
 }
 
 async fn wait_serving(url: &str) -> anyhow::Result<()> {
-    ghostwriter_transport::client::wait_until_serving(url, "", Duration::from_secs(120), None)
-        .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))
+    ghostwriter_transport::client::serving(url, Duration::from_secs(120)).await
 }
 
 /// One streamed write: when it opened, each piece (time, text length so far), its outcome.

@@ -91,7 +91,7 @@ async fn earlier(
         term_statistics: false,
         consistency_token,
     };
-    Ok(service.stages.retrieve(request, deadline).await?)
+    service.stages.retrieve(request, deadline).await
 }
 
 /// The style verifier against the user's most recent earlier documents.

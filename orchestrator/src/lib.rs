@@ -19,7 +19,7 @@ use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::stage::StageKind;
 use ghostwriter_common::status::Invalid;
 use ghostwriter_common::text::document_text;
-use ghostwriter_common::{MAX_DOCUMENT_CHARS, MAX_MESSAGE_BYTES, deadline};
+use ghostwriter_common::{BASE_ADAPTER, MAX_DOCUMENT_CHARS, MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::ghostwriter_server::{Ghostwriter, GhostwriterServer};
 use ghostwriter_proto::v1::write_stream_response::Event;
@@ -131,7 +131,7 @@ pub struct OrchestratorConfig {
     #[arg(
         long,
         env = "GHOSTWRITER_DISTINGUISH_ADAPTER",
-        default_value = ghostwriter_common::BASE_ADAPTER
+        default_value = BASE_ADAPTER
     )]
     pub distinguish_adapter: String,
     /// File holding the key (at least 32 bytes) of the prefix cache's per-user salt, a keyed
@@ -683,19 +683,24 @@ impl OrchestratorService {
         Ok(GeneratorsAdapters { generators })
     }
 
+    /// The write of a preset that generates nothing: the best-ranked entry, copied.
+    fn copied(&self, plan: &Plan, prepared: Prepared) -> WriteResponse {
+        let copy = copy_best(prepared.best_entry);
+        self.finish(plan, prepared.provenance, copy, None)
+    }
+
     async fn write(&self, request: Request<WriteRequest>) -> Result<WriteResponse, Error> {
         let plan = self.plan(request)?;
-        let Prepared {
-            generate,
-            provenance,
-            best_entry,
-        } = self.prepare(&plan).await?;
+        let prepared = self.prepare(&plan).await?;
         if !plan.preset.generate {
-            return Ok(self.finish(&plan, provenance, copy_best(best_entry), None));
+            return Ok(self.copied(&plan, prepared));
         }
         let t = Instant::now();
-        let generation = self.stages.generate(generate, plan.deadline).await?;
-        let response = self.finish(&plan, provenance, generation, Some(t.elapsed()));
+        let generation = self
+            .stages
+            .generate(prepared.generate, plan.deadline)
+            .await?;
+        let response = self.finish(&plan, prepared.provenance, generation, Some(t.elapsed()));
         tracing::info!(user = %plan.user_id, preset = plan.preset.name, millis = response.provenance.as_ref().map_or(0.0, |p| p.total_millis), "write");
         Ok(response)
     }
@@ -705,13 +710,10 @@ impl OrchestratorService {
         request: Request<WriteRequest>,
     ) -> Result<StreamOf<WriteStreamResponse>, Error> {
         let plan = self.plan(request)?;
-        let Prepared {
-            generate,
-            provenance,
-            best_entry,
-        } = self.prepare(&plan).await?;
+        let prepared = self.prepare(&plan).await?;
+        let provenance = prepared.provenance.clone();
         if !plan.preset.generate {
-            let done = self.finish(&plan, provenance.clone(), copy_best(best_entry), None);
+            let done = self.copied(&plan, prepared);
             let events = [
                 Event::Provenance(provenance),
                 Event::Text(done.text.clone()),
@@ -724,7 +726,7 @@ impl OrchestratorService {
         let t = Instant::now();
         let mut upstream = self
             .stages
-            .generate_stream(generate, plan.deadline, self.streams)
+            .generate_stream(prepared.generate, plan.deadline, self.streams)
             .await?;
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
         let this = self.clone();

@@ -426,14 +426,10 @@ impl InProcess {
 
 /// Waits until the process at `url` reports SERVING.
 pub async fn serving(url: &str) {
-    ghostwriter_transport::client::wait_until_serving(
-        url,
-        "",
-        std::time::Duration::from_secs(120),
-        None,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{url}: {}", e.message()));
+    let within = std::time::Duration::from_secs(120);
+    ghostwriter_transport::client::serving(url, within)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// The value of the Prometheus sample `name{labels}` (labels as written in the exposition, in

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::retriever_client::RetrieverClient;
 use ghostwriter::proto::{Document, RetrieveRequest, WriteRequest};
 use ghostwriter_discovery::etcd::Etcd;
@@ -87,6 +88,15 @@ async fn wait_keys(etcd: &str, prefix: &str, n: usize, within: Duration) -> Vec<
 
 fn write(user: &str, tokens: u32) -> WriteRequest {
     common::short_write(user, "This tuner", "rank-doc-bm25", tokens)
+}
+
+/// The provenance of a short write for `user`.
+async fn provenance(
+    client: &mut GhostwriterClient<tonic::transport::Channel>,
+    user: &str,
+) -> ghostwriter::proto::Provenance {
+    let written = client.write(write(user, 2)).await.unwrap().into_inner();
+    written.provenance.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,13 +223,7 @@ async fn etcd_discovery_sharding_and_failover() {
             }
         }
         assert_eq!(holders, 1, "{u} lives on {holders} shards");
-        let p = client
-            .write(write(u, 2))
-            .await
-            .unwrap()
-            .into_inner()
-            .provenance
-            .unwrap();
+        let p = provenance(&mut client, u).await;
         assert_eq!(p.history_size, 3, "retrieval for {u} goes to its shard");
     }
     assert_eq!(per_shard.len(), 2, "both shards own users: {per_shard:?}");
@@ -259,13 +263,7 @@ async fn etcd_discovery_sharding_and_failover() {
     etcd_child.kill().unwrap();
     etcd_child.wait().unwrap();
     for u in users.iter().take(3) {
-        let p = client
-            .write(write(u, 2))
-            .await
-            .unwrap()
-            .into_inner()
-            .provenance
-            .unwrap();
+        let p = provenance(&mut client, u).await;
         assert_eq!(p.history_size, 3);
     }
 }

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{StageProcess, serve, serving};
+use ghostwriter::proto::WriteRequest;
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::write_stream_response::Event;
-use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
 use tonic::transport::Channel;
 
 /// One heavy scenario at a time: they share two cores.
@@ -595,23 +595,12 @@ async fn unary_writes_survive_a_killed_replica_of_every_stage() {
         .enumerate()
         .map(|(i, docs)| {
             let last = docs.last().unwrap();
+            // The LLM summary (summarizer, then a generator) and the important words
+            // (synthesizer), in turn.
+            let preset = if i % 2 == 0 { "sum-ctx-ind" } else { "syn-ctx" };
             WriteRequest {
-                user_id: last.user_id.clone(),
-                title: last.title.clone(),
                 start: last.text.chars().take(80).collect(),
-                timestamp: Some(last.timestamp),
-                doc_id: last.doc_id.clone(),
-                // The LLM summary (summarizer, then a generator) and the important words
-                // (synthesizer), in turn.
-                preset: if i % 2 == 0 { "sum-ctx-ind" } else { "syn-ctx" }.into(),
-                options: Some(WriteOptions {
-                    generation: Some(GenerationParams {
-                        max_new_tokens: 24,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
+                ..ghostwriter::embedded::write_of(&last.user_id, last, preset, 24)
             }
         })
         .collect();

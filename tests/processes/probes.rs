@@ -14,8 +14,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ghostwriter::proto::WriteRequest;
 use ghostwriter::proto::write_stream_response::Event;
-use ghostwriter::proto::{GenerationParams, WriteOptions, WriteRequest};
 use tonic_types::StatusExt as _;
 
 fn ghostwriter(args: &[&str], log: &Path) -> Child {
@@ -354,19 +354,8 @@ async fn embedded_up_with_auth_serves_no_stage_on_a_port() {
 
 /// A write that takes the generator a while.
 fn long_write(i: usize) -> WriteRequest {
-    WriteRequest {
-        user_id: format!("u{i}"),
-        start: "Here is my detailed review of this capo, section by section.\n\nBuild:".into(),
-        preset: "immediate-context".into(),
-        options: Some(WriteOptions {
-            generation: Some(GenerationParams {
-                max_new_tokens: 64,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let start = "Here is my detailed review of this capo, section by section.\n\nBuild:";
+    common::short_write(&format!("u{i}"), start, "immediate-context", 64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

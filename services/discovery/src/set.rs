@@ -484,12 +484,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_sharded_list_may_name_several_replicas_per_shard() {
-        let set = EndpointSet::fixed_sharded(
-            "retriever",
-            &["http://a0:1|http://a1:1".into(), "http://b0:1".into()],
-            None,
-        )
-        .unwrap();
+        let list = ["http://a0:1|http://a1:1".into(), "http://b0:1".into()];
+        let set = EndpointSet::fixed_sharded("retriever", &list, None).unwrap();
         let shards: Vec<(String, Option<u32>)> = set
             .snapshot()
             .iter()
@@ -534,12 +530,8 @@ mod tests {
 
     #[tokio::test]
     async fn power_of_two_choices_prefers_the_idle_endpoint() {
-        let set = EndpointSet::fixed(
-            "x",
-            &["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
-            None,
-        )
-        .unwrap();
+        let list = ["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()];
+        let set = EndpointSet::fixed("x", &list, None).unwrap();
         let busy = set.snapshot()[0].clone();
         let _guards: Vec<_> = (0..5).map(|_| busy.start()).collect();
         let picks = (0..200)

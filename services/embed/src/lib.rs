@@ -11,6 +11,8 @@
 //! stay clear of it. Its `cuda` feature turns on candle's CUDA backend.
 
 pub mod device;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod native;
 
 use std::collections::{HashMap, VecDeque};

@@ -20,8 +20,8 @@ use ghostwriter_transport::{StageServer, Transport};
 use tonic::{Request, Response, Status};
 
 pub use ghostwriter_embed as embedder;
+use ghostwriter_embed::LazyEmbedder;
 pub use ghostwriter_embed::{CachedEmbedder as DenseRanker, Embedder};
-use ghostwriter_embed::{EmbedError, LazyEmbedder};
 pub use rank::{Candidate, DEFAULT_BUDGET_CHARS, Entry};
 
 /// Ranker settings.
@@ -33,26 +33,8 @@ pub struct RankerConfig {
     pub embedder: ghostwriter_embed::EmbedderArgs,
 }
 
-/// Why a ranking failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A request field fails its check: INVALID_ARGUMENT.
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
-    #[error("ranker: {0}")]
-    Embed(#[from] EmbedError),
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::Invalid(e) => e.into(),
-            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
-            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
-        }
-    }
-}
+/// Why a ranking failed: a request that fails its check, or the embedding model.
+pub use ghostwriter_embed::grpc::StageError as Error;
 
 /// The gRPC adapter.
 #[derive(Clone)]

@@ -328,13 +328,7 @@ impl Run {
             .into_iter()
             .filter(|c| self.shard.keeps(c.change.user_id()))
             .map(|c| match c.change {
-                Change::Upsert(d) => IndexChange::Upsert(StoredDocument {
-                    user_id: d.user_id,
-                    doc_id: d.doc_id,
-                    timestamp: d.timestamp,
-                    title: d.title,
-                    text: d.text,
-                }),
+                Change::Upsert(d) => IndexChange::Upsert(d.into()),
                 Change::DeleteDocument { user_id, doc_id } => {
                     IndexChange::DeleteDocument { user_id, doc_id }
                 }
@@ -450,13 +444,7 @@ impl Run {
                 let page: Vec<StoredDocument> = page
                     .into_iter()
                     .filter(|d| self.shard.keeps(&d.user_id))
-                    .map(|d| StoredDocument {
-                        user_id: d.user_id,
-                        doc_id: d.doc_id,
-                        timestamp: d.timestamp,
-                        title: d.title,
-                        text: d.text,
-                    })
+                    .map(StoredDocument::from)
                     .collect();
                 kept += page.len() as u64;
                 if pages_tx.send(page).await.is_err() {

@@ -29,6 +29,46 @@ pub struct StoredDocument {
     pub text: String,
 }
 
+/// A document of the store, as the index keeps it.
+impl From<ghostwriter_store::Document> for StoredDocument {
+    fn from(d: ghostwriter_store::Document) -> Self {
+        let ghostwriter_store::Document {
+            user_id,
+            doc_id,
+            timestamp,
+            title,
+            text,
+        } = d;
+        Self {
+            user_id,
+            doc_id,
+            timestamp,
+            title,
+            text,
+        }
+    }
+}
+
+/// A document of the index, as the store keeps it.
+impl From<StoredDocument> for ghostwriter_store::Document {
+    fn from(d: StoredDocument) -> Self {
+        let StoredDocument {
+            user_id,
+            doc_id,
+            timestamp,
+            title,
+            text,
+        } = d;
+        Self {
+            user_id,
+            doc_id,
+            timestamp,
+            title,
+            text,
+        }
+    }
+}
+
 impl StoredDocument {
     /// Title and body joined, as they are indexed and ranked.
     pub fn content(&self) -> String {

@@ -264,16 +264,8 @@ impl Retriever for RetrieverService {
             }
             // The store is the system of record: answered once the batch has committed there;
             // every replica (this one too) applies it from the change log.
-            let documents: Vec<ghostwriter_store::Document> = documents
-                .into_iter()
-                .map(|d| ghostwriter_store::Document {
-                    user_id: d.user_id,
-                    doc_id: d.doc_id,
-                    timestamp: d.timestamp,
-                    title: d.title,
-                    text: d.text,
-                })
-                .collect();
+            let documents: Vec<ghostwriter_store::Document> =
+                documents.into_iter().map(Into::into).collect();
             let written = replica
                 .store
                 .ingest(&documents)

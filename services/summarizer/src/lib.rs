@@ -16,8 +16,9 @@ use std::time::Instant;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::stage::StageKind;
 use ghostwriter_common::status::Invalid;
-use ghostwriter_common::{MAX_MESSAGE_BYTES, deadline};
+use ghostwriter_common::{BASE_ADAPTER, MAX_MESSAGE_BYTES, deadline};
 use ghostwriter_discovery::{Balancer, DiscoveryArgs, EndpointSet};
+use ghostwriter_embed::grpc::StageError;
 use ghostwriter_embed::{CachedEmbedder, EmbedError, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::generate_request::Input;
 use ghostwriter_proto::v1::generator_client::GeneratorClient;
@@ -75,7 +76,7 @@ pub struct SummaryOptions {
     #[arg(
         long,
         env = "GHOSTWRITER_SUMMARY_ADAPTER",
-        default_value = ghostwriter_common::BASE_ADAPTER
+        default_value = BASE_ADAPTER
     )]
     pub summary_adapter: String,
 }
@@ -150,24 +151,31 @@ pub fn passages(entries: &[RankedEntry]) -> Vec<String> {
 /// Why a summary failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A request field fails its check: INVALID_ARGUMENT.
+    /// The request fails its check, or the embedding model (as in the ranker).
     #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
-    #[error("summarizer: {0}")]
-    Embed(#[from] EmbedError),
+    Stage(#[from] StageError),
     /// The generator's answer, passing through with its code and details, marked as a
     /// downstream failure (not held against this summarizer by its callers).
     #[error("{}", .0.message())]
     Generator(tonic::Status),
 }
 
+impl From<Invalid> for Error {
+    fn from(e: Invalid) -> Self {
+        Self::Stage(e.into())
+    }
+}
+
+impl From<EmbedError> for Error {
+    fn from(e: EmbedError) -> Self {
+        Self::Stage(e.into())
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::Invalid(e) => e.into(),
-            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
-            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
+            Error::Stage(e) => e.into(),
             Error::Generator(status) => status,
         }
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use ghostwriter_common::MAX_MESSAGE_BYTES;
 use ghostwriter_common::shutdown::Shutdown;
 use ghostwriter_common::status::Invalid;
-use ghostwriter_embed::{CachedEmbedder, EmbedError, EmbedderArgs, LazyEmbedder};
+use ghostwriter_embed::{CachedEmbedder, EmbedderArgs, LazyEmbedder};
 use ghostwriter_proto::v1::synthesizer_server::{Synthesizer, SynthesizerServer};
 use ghostwriter_proto::v1::{ImportantWord, SynthesisMode, SynthesizeRequest, SynthesizeResponse};
 use ghostwriter_transport::{StageServer, Transport};
@@ -63,26 +63,8 @@ pub fn close_words(
         .collect())
 }
 
-/// Why a synthesis failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A request field fails its check: INVALID_ARGUMENT.
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// The embedding model is loading (UNAVAILABLE) or failed (INTERNAL).
-    #[error("synthesizer: {0}")]
-    Embed(#[from] EmbedError),
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::Invalid(e) => e.into(),
-            Error::Embed(EmbedError::Loading) => Status::unavailable(e.to_string()),
-            Error::Embed(EmbedError::Failed(_)) => Status::internal(e.to_string()),
-        }
-    }
-}
+/// Why a synthesis failed: a request that fails its check, or the embedding model.
+pub use ghostwriter_embed::grpc::StageError as Error;
 
 /// The gRPC adapter over [`synth`].
 #[derive(Clone)]

@@ -285,6 +285,13 @@ pub fn is_downstream(status: &tonic::Status) -> bool {
     status.metadata().get(DOWNSTREAM).is_some()
 }
 
+/// [`wait_until_serving`] for a whole server at a plain (not TLS) `url`, its error naming it.
+pub async fn serving(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_until_serving(url, "", timeout, None)
+        .await
+        .map_err(|s| anyhow::anyhow!("{url} did not report SERVING: {}", s.message()))
+}
+
 /// Polls the standard health service at `url` until `service` (`""` for the whole server)
 /// reports SERVING, or fails after `timeout` with the last status seen.
 pub async fn wait_until_serving(

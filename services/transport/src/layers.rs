@@ -60,6 +60,9 @@ fn rpc_name(request: &Request, fallback: &str) -> (String, String) {
     (service.to_string(), method.to_string())
 }
 
+/// What a response body's `poll_frame` answers.
+type Polled = Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>>;
+
 /// A response body that keeps `T` alive until the body is dropped: a streaming RPC holds its
 /// permit and its in-flight count until its stream ends, not just until its headers go out.
 struct Holding<T> {
@@ -71,10 +74,7 @@ impl<T: Unpin> http_body::Body for Holding<T> {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 
@@ -212,10 +212,7 @@ impl http_body::Body for Observed {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -387,10 +384,7 @@ impl http_body::Body for Bounded {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         let Some(expired) = this.expired.take() else {
             return Poll::Ready(None);

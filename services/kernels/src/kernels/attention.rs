@@ -129,8 +129,15 @@ pub fn accumulate_values(
         while r0 < rows {
             let n = (rows - r0).min(12);
             let (out, p) = (&mut out[r0 * hd..], &p[r0 * stride..]);
+            let block = Weighted {
+                p,
+                stride,
+                count,
+                v,
+                hd,
+            };
             // SAFETY: lengths asserted above; the CPU has AVX-512F.
-            unsafe { with_rows!(n, accumulate_values_avx512, (out, p, stride, count, v, hd)) }
+            unsafe { with_rows!(n, accumulate_values_avx512, (out, block)) }
             r0 += n;
         }
         return;
@@ -147,18 +154,25 @@ pub fn accumulate_values(
     }
 }
 
+/// The value rows of one cache block and each vector's weights of them, as
+/// [`accumulate_values`] takes them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn accumulate_values_avx512<const ROWS: usize>(
-    out: &mut [f32],
-    p: &[f32],
+#[derive(Clone, Copy)]
+struct Weighted<'a> {
+    p: &'a [f32],
     stride: usize,
     count: usize,
-    v: &[f16],
+    v: &'a [f16],
     hd: usize,
-) {
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_values_avx512<const ROWS: usize>(out: &mut [f32], b: Weighted) {
     use super::isa::load_f16x16;
     use std::arch::x86_64::*;
+    let Weighted { p, v, .. } = b;
+    let (stride, count, hd) = (b.stride, b.count, b.hd);
     for c in (0..hd).step_by(16) {
         let mut acc: [__m512; ROWS] =
             std::array::from_fn(|r| unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c)) });

@@ -95,16 +95,22 @@ pub struct QActs {
 }
 
 impl QActs {
-    /// Quantizes `x[m][k]` (reusing this buffer); the tests' reference for [`Self::fill`].
-    #[cfg(test)]
-    pub fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
-        debug_assert_eq!(x.len(), m * k);
+    /// Sizes the buffers for `m` rows of width `k`; the blocks per row.
+    fn resize(&mut self, m: usize, k: usize) -> usize {
         let kbs = k / QK;
         self.m = m;
         self.k = k;
         self.q.resize(m * k, 0);
         self.d.resize(m * kbs, 0.0);
         self.corr.resize(m * kbs, 0);
+        kbs
+    }
+
+    /// Quantizes `x[m][k]` (reusing this buffer); the tests' reference for [`Self::fill`].
+    #[cfg(test)]
+    pub fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, k: usize) {
+        debug_assert_eq!(x.len(), m * k);
+        self.resize(m, k);
         quantize_into(isa, x, &mut self.q, &mut self.d, &mut self.corr);
     }
 
@@ -119,12 +125,7 @@ impl QActs {
         k: usize,
         row: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
-        let kbs = k / QK;
-        self.m = m;
-        self.k = k;
-        self.q.resize(m * k, 0);
-        self.d.resize(m * kbs, 0.0);
-        self.corr.resize(m * kbs, 0);
+        let kbs = self.resize(m, k);
         // About 16K elements per task: big enough to pay for the hand-off.
         let per = (16_384 / k.max(1)).max(1);
         let tasks = m.div_ceil(per);
