@@ -129,7 +129,7 @@ impl Stages {
         let set = self.set(stage).ok_or(Error::NoEndpoint(what.to_string()))?;
         Ok(self
             .balancer
-            .call_picking(
+            .call(
                 set,
                 what,
                 |tried| pick(set, tried),

@@ -384,6 +384,17 @@ pub fn postgres(module_path: &str) -> Option<(Slot, ghostwriter_store::cluster::
     Some((slot, pg, url))
 }
 
+/// The stage a `ghostwriter serve … STAGE …` command line (`args`) serves.
+pub fn served_stage(args: &[String]) -> Option<String> {
+    let at = args.iter().position(|a| a == "serve")?;
+    let named = |a: &&String| {
+        ghostwriter_common::stage::StageKind::ALL
+            .iter()
+            .any(|k| k.name() == *a)
+    };
+    args[at + 1..].iter().find(named).cloned()
+}
+
 /// A stage server in this test's process, on a loopback port of its own.
 pub struct InProcess {
     pub url: String,

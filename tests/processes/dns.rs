@@ -389,7 +389,7 @@ async fn a_call_that_cannot_connect_resolves_the_name_again_at_once() {
                 .call(
                     &set,
                     "generator",
-                    |_| true,
+                    |tried| set.pick(tried),
                     true,
                     |e| async move {
                         HealthClient::new(e.channel.clone())

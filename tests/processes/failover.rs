@@ -179,24 +179,10 @@ async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh>
         ..Default::default()
     })
     .unwrap();
-    let names = [
-        "retriever",
-        "ranker",
-        "summarizer",
-        "synthesizer",
-        "generator",
-        "orchestrator",
-    ];
     let children = common::children(pid);
     let stages: Vec<(String, u32)> = children
         .iter()
-        .filter_map(|(child, args)| {
-            let at = args.iter().position(|a| a == "serve")?;
-            let stage = args[at + 1..]
-                .iter()
-                .find(|a| names.contains(&a.as_str()))?;
-            Some((stage.clone(), *child))
-        })
+        .filter_map(|(child, args)| Some((common::served_stage(args)?, *child)))
         .collect();
     // Where each process serves its metrics (its `--metrics-listen`).
     let metrics_of = |pid: u32| {

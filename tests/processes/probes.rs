@@ -204,24 +204,7 @@ async fn up_processes_passes_its_flags_on_and_keeps_its_key_private() {
     // Every flag reached the processes that take it.
     let stages: Vec<(String, Vec<String>)> = common::children(pid)
         .into_iter()
-        .filter_map(|(_, args)| {
-            let at = args.iter().position(|a| a == "serve")?;
-            let stage = args[at + 1..]
-                .iter()
-                .find(|a| {
-                    [
-                        "retriever",
-                        "ranker",
-                        "summarizer",
-                        "synthesizer",
-                        "generator",
-                        "orchestrator",
-                    ]
-                    .contains(&a.as_str())
-                })?
-                .clone();
-            Some((stage, args))
-        })
+        .filter_map(|(_, args)| Some((common::served_stage(&args)?, args)))
         .collect();
     assert_eq!(stages.len(), 6, "{stages:?}");
     let has = |stage: &str, flag: &str| {

@@ -369,34 +369,12 @@ impl Balancer {
         }
     }
 
-    /// Calls `f` on an endpoint of `set` that passes `filter`; an UNAVAILABLE answer of an
-    /// `idempotent` call (or one that never reached the stage) is retried on another endpoint
-    /// while the retry budget allows. Errors name the stage (`what`); a downstream stage's
-    /// failure reported by the endpoint is not held against the endpoint.
+    /// Calls `f` on the endpoint of `set` that `pick` chooses (given those tried already); an
+    /// UNAVAILABLE answer of an `idempotent` call (or one that never reached the stage) is
+    /// retried on another endpoint while the retry budget allows. Errors name the stage
+    /// (`what`); a downstream stage's failure reported by the endpoint is not held against the
+    /// endpoint.
     pub async fn call<T, F, Fut>(
-        &self,
-        set: &EndpointSet,
-        what: &str,
-        filter: impl Fn(&EndpointInfo) -> bool,
-        idempotent: bool,
-        f: F,
-    ) -> Result<T, Status>
-    where
-        F: Fn(Arc<Endpoint>) -> Fut,
-        Fut: Future<Output = Result<T, Status>>,
-    {
-        self.call_picking(
-            set,
-            what,
-            |tried| set.pick_where(tried, &filter),
-            idempotent,
-            f,
-        )
-        .await
-    }
-
-    /// [`Self::call`] with endpoints chosen by `pick` (given those tried already).
-    pub async fn call_picking<T, F, Fut>(
         &self,
         set: &EndpointSet,
         what: &str,

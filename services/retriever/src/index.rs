@@ -29,45 +29,23 @@ pub struct StoredDocument {
     pub text: String,
 }
 
-/// A document of the store, as the index keeps it.
-impl From<ghostwriter_store::Document> for StoredDocument {
-    fn from(d: ghostwriter_store::Document) -> Self {
-        let ghostwriter_store::Document {
-            user_id,
-            doc_id,
-            timestamp,
-            title,
-            text,
-        } = d;
-        Self {
-            user_id,
-            doc_id,
-            timestamp,
-            title,
-            text,
+/// A document of the store as the index keeps it, and back: the same five fields.
+macro_rules! same_document {
+    ($($from:ty => $to:ty),*) => {$(
+        impl From<$from> for $to {
+            fn from(d: $from) -> Self {
+                let (user_id, doc_id, timestamp, title, text) =
+                    (d.user_id, d.doc_id, d.timestamp, d.title, d.text);
+                Self { user_id, doc_id, timestamp, title, text }
+            }
         }
-    }
+    )*};
 }
 
-/// A document of the index, as the store keeps it.
-impl From<StoredDocument> for ghostwriter_store::Document {
-    fn from(d: StoredDocument) -> Self {
-        let StoredDocument {
-            user_id,
-            doc_id,
-            timestamp,
-            title,
-            text,
-        } = d;
-        Self {
-            user_id,
-            doc_id,
-            timestamp,
-            title,
-            text,
-        }
-    }
-}
+same_document!(
+    ghostwriter_store::Document => StoredDocument,
+    StoredDocument => ghostwriter_store::Document
+);
 
 impl StoredDocument {
     /// Title and body joined, as they are indexed and ranked.
@@ -597,6 +575,14 @@ impl DocumentIndex {
 mod tests {
     use super::*;
 
+    /// A fresh index in a temporary directory holding `docs`.
+    fn indexed(docs: &[StoredDocument]) -> (tempfile::TempDir, DocumentIndex) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        index.ingest(docs).unwrap();
+        (dir, index)
+    }
+
     fn doc(user: &str, id: &str, ts: i64, text: &str) -> StoredDocument {
         StoredDocument {
             user_id: user.into(),
@@ -621,11 +607,7 @@ mod tests {
 
     #[test]
     fn one_user_s_doc_id_never_replaces_another_user_s_document() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index
-            .ingest(&[doc("alice", "d1", 10, "alice's review of a capo")])
-            .unwrap();
+        let (_dir, index) = indexed(&[doc("alice", "d1", 10, "alice's review of a capo")]);
         // Bob re-uses alice's id: both documents stay, each with its owner.
         index
             .ingest(&[doc("bob", "d1", 20, "bob's review of a strap")])
@@ -649,15 +631,11 @@ mod tests {
 
     #[test]
     fn term_statistics_count_every_user_s_documents() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index
-            .ingest(&[
-                doc("u1", "a", 10, "Guitar strings isn't bright"),
-                doc("u2", "b", 20, "guitar strap"),
-                doc("u3", "c", 20, "guitar cable isn't long"),
-            ])
-            .unwrap();
+        let (_dir, index) = indexed(&[
+            doc("u1", "a", 10, "Guitar strings isn't bright"),
+            doc("u2", "b", 20, "guitar strap"),
+            doc("u3", "c", 20, "guitar cable isn't long"),
+        ]);
         let stats = index
             .term_statistics(&["guitar strings isn't".into(), "Capo".into()])
             .unwrap();
@@ -673,17 +651,13 @@ mod tests {
 
     #[test]
     fn only_the_users_earlier_documents_come_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index
-            .ingest(&[
-                doc("u1", "a", 10, "guitar strings sound bright"),
-                doc("u1", "b", 20, "guitar strap is comfortable"),
-                doc("u1", "c", 20, "guitar cable crackles"),
-                doc("u1", "d", 30, "guitar tuner works"),
-                doc("u2", "x", 5, "guitar guitar guitar"),
-            ])
-            .unwrap();
+        let (_dir, index) = indexed(&[
+            doc("u1", "a", 10, "guitar strings sound bright"),
+            doc("u1", "b", 20, "guitar strap is comfortable"),
+            doc("u1", "c", 20, "guitar cable crackles"),
+            doc("u1", "d", 30, "guitar tuner works"),
+            doc("u2", "x", 5, "guitar guitar guitar"),
+        ]);
         let r = index
             .retrieve(&filter("u1", 20, "c"), "guitar", 10)
             .unwrap();
@@ -703,15 +677,11 @@ mod tests {
 
     #[test]
     fn bm25_orders_matches_before_unmatched_recent_documents() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index
-            .ingest(&[
-                doc("u", "old", 1, "the pedal has a warm fuzz tone"),
-                doc("u", "mid", 2, "shipping was fast"),
-                doc("u", "new", 3, "box arrived on time"),
-            ])
-            .unwrap();
+        let (_dir, index) = indexed(&[
+            doc("u", "old", 1, "the pedal has a warm fuzz tone"),
+            doc("u", "mid", 2, "shipping was fast"),
+            doc("u", "new", 3, "box arrived on time"),
+        ]);
         let r = index
             .retrieve(&filter("u", 100, ""), "fuzz pedal", 10)
             .unwrap();
@@ -722,16 +692,12 @@ mod tests {
 
     #[test]
     fn query_syntax_is_plain_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
-        index
-            .ingest(&[doc(
-                "u",
-                "a",
-                1,
-                "AND OR NOT title:x \"quoted\" (paren) star*",
-            )])
-            .unwrap();
+        let (_dir, index) = indexed(&[doc(
+            "u",
+            "a",
+            1,
+            "AND OR NOT title:x \"quoted\" (paren) star*",
+        )]);
         for q in [
             "\"",
             "title:",

@@ -276,7 +276,7 @@ impl SummarizerService {
             .call(
                 &self.generators,
                 what,
-                |_| true,
+                |tried| self.generators.pick(tried),
                 true,
                 |e| {
                     let request = deadline::request(generate.clone(), deadline);
