@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::{Document, IngestRequest};
+use ghostwriter_runtime::stage_process::StageProcess;
 
 mod support;
 use support::arg;
@@ -43,24 +44,17 @@ fn batch(n: usize, mb: usize) -> IngestRequest {
 
 async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_json::Value {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
-    let mut child = std::process::Command::new(binary)
-        .args(["up", "--listen", &format!("127.0.0.1:{port}")])
+    let mut cmd = std::process::Command::new(binary);
+    cmd.args(["up", "--listen", "127.0.0.1:0"])
         .args(["--ingest-budget-mb", &budget.to_string()])
         .arg("--index-dir")
         .arg(dir.path().join("index"))
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start up");
-    let pid = child.id();
-    let url = format!("http://127.0.0.1:{port}");
-    ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(120), None)
+        .env("RUST_LOG", "warn");
+    let mut up = StageProcess::spawn("up", cmd).await.expect("start up");
+    up.wait_serving(None, Duration::from_secs(120))
         .await
         .expect("up serving");
+    let (pid, url) = (up.pid(), up.url().to_string());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline = rss_kib(pid, "VmRSS:");
     let requests: Vec<IngestRequest> = (0..batches).map(|n| batch(n, mb)).collect();
@@ -82,8 +76,7 @@ async fn run(binary: &str, budget: usize, batches: usize, mb: usize) -> serde_js
     let answers = futures::future::join_all(calls).await;
     let seconds = started.elapsed().as_secs_f64();
     let peak = rss_kib(pid, "VmHWM:");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(up);
     serde_json::json!({
         "ingest_budget_mb": budget,
         "batches": batches,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ghostwriter::proto::ghostwriter_client::GhostwriterClient;
 use ghostwriter::proto::{Document, IngestRequest, WriteRequest};
+use ghostwriter_runtime::stage_process::StageProcess;
 
 mod support;
 use support::arg;
@@ -36,46 +37,33 @@ async fn run(
     dir: &std::path::Path,
     writes: usize,
 ) -> serde_json::Value {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
     let mut cmd = std::process::Command::new(binary);
-    cmd.args(["up", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args(["up", "--listen", "127.0.0.1:0"]);
     if let Some(tls) = secure {
         cmd.args(tls.to_args());
         let tokens = dir.join("tokens");
         std::fs::write(&tokens, format!("{TOKEN} *\n")).expect("token file");
         cmd.arg("--auth-tokens").arg(tokens);
     }
-    let mut child = cmd
-        .arg("--index-dir")
-        .arg(dir.join(if secure.is_some() {
-            "index-secure"
-        } else {
-            "index-plain"
-        }))
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(dir.join("up.log")).expect("log"))
-        .spawn()
-        .expect("start up");
-    let url = format!("http://127.0.0.1:{port}");
+    let index = if secure.is_some() {
+        "index-secure"
+    } else {
+        "index-plain"
+    };
+    cmd.arg("--index-dir")
+        .arg(dir.join(index))
+        .env("RUST_LOG", "warn");
+    let mut up = StageProcess::spawn("up", cmd).await.expect("start up");
     let tls = secure.map(|a| {
         ghostwriter_transport::Tls::from_args(a)
             .expect("TLS")
             .expect("TLS on")
     });
-    if let Err(e) = ghostwriter_transport::client::wait_until_serving(
-        &url,
-        "",
-        Duration::from_secs(120),
-        tls.as_ref(),
-    )
-    .await
-    {
-        let log = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
-        panic!("up did not serve: {e:?}\n{log}");
-    }
+    let serving = up
+        .wait_serving(tls.as_ref(), Duration::from_secs(120))
+        .await;
+    serving.unwrap_or_else(|e| panic!("up did not serve: {e:#}"));
+    let url = up.url().to_string();
     let mut client = GhostwriterClient::new(
         ghostwriter_transport::client::channel(&url, tls.as_ref()).expect("channel"),
     );
@@ -125,8 +113,7 @@ async fn run(
             }),
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(up);
     serde_json::json!({
         "configuration": if secure.is_some() { "mTLS + token auth" } else { "plaintext, no auth" },
         "presets": results,

@@ -1,7 +1,8 @@
 //! One `ghostwriter serve` (or `up`) as a child process, the way every caller that starts one
 //! needs it: started on port 0, its address read from the first line it prints (`listening on
 //! URL`, once it is bound), the last lines of its log kept for the error that names it, and
-//! killed (and reaped) when dropped, also when a test fails first.
+//! killed (and reaped) when dropped, also when a test fails first (or stopped by a signal
+//! first, [`StageProcess::stopped_by`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{BufRead as _, Write as _};
@@ -23,6 +24,9 @@ pub struct StageProcess {
     child: Child,
     url: String,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// How it is stopped when dropped: this signal, then SIGKILL after the grace period;
+    /// `None`, SIGKILL at once.
+    stop: Option<(&'static str, Duration)>,
 }
 
 /// How long [`StageProcess::wait_log`] waits between looks at the log.
@@ -77,6 +81,7 @@ impl StageProcess {
             child,
             url: String::new(),
             tail,
+            stop: None,
         };
         let (reader, line) = match tokio::time::timeout(BIND_TIMEOUT, read).await {
             Ok(read) => read??,
@@ -223,6 +228,14 @@ impl StageProcess {
         Ok(())
     }
 
+    /// Stops it with `signal` when dropped, and kills it only if it has not exited within
+    /// `grace`: for a process that must stop its own children (`up --processes` on SIGINT),
+    /// which SIGKILL would leave running.
+    pub fn stopped_by(mut self, signal: &'static str, grace: Duration) -> Self {
+        self.stop = Some((signal, grace));
+        self
+    }
+
     /// Kills it at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -301,6 +314,17 @@ fn proc_net_address(text: &str) -> Option<SocketAddr> {
 
 impl Drop for StageProcess {
     fn drop(&mut self) {
+        if let Some((signal, grace)) = self.stop
+            && self.signal(signal).is_ok()
+        {
+            let started = Instant::now();
+            while started.elapsed() < grace {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         self.kill();
     }
 }

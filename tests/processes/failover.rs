@@ -42,32 +42,10 @@ struct Mesh {
     stages: Vec<(String, u32)>,
     /// The orchestrator's metrics (own topologies).
     metrics: String,
-    up: Option<Up>,
+    /// `up --processes` (stopped with ctrl-c: it stops its own processes), or the processes
+    /// started here.
     served: Vec<StageProcess>,
     _dir: tempfile::TempDir,
-}
-
-/// `ghostwriter up --processes`, stopped with ctrl-c when dropped (it stops its processes).
-struct Up {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(40) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Mesh {
@@ -76,15 +54,12 @@ impl Mesh {
     }
 
     fn log(&self) -> String {
-        match &self.up {
-            Some(up) => std::fs::read_to_string(&up.log).unwrap_or_default(),
-            None => self
-                .served
-                .iter()
-                .map(|s| s.log_lines().join("\n"))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        }
+        let logs: Vec<String> = self
+            .served
+            .iter()
+            .map(|s| s.log_lines().join("\n"))
+            .collect();
+        logs.join("\n")
     }
 
     /// Every process of `stage`.
@@ -124,50 +99,36 @@ async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh>
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("up.log");
-    let port = common::port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ghostwriter"))
-        .args([
-            "up",
-            "--processes",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--model-dir")
-        .arg(common::model_dir())
-        // The base model, which continues these starts at length (the shipped adapter ends a
-        // review sooner): the streams must outlast a kill.
-        .arg("--zero-shot")
-        .arg("--index-dir")
-        .arg(dir.path().join("index"))
-        .args(["--replicas", replicas])
-        // Consecutive ports from here, one a process.
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", common::port())])
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut up = Up { child, log };
-    let started = Instant::now();
-    let text = loop {
-        let text = std::fs::read_to_string(&up.log).unwrap_or_default();
-        if text.contains("ready in") {
-            break text;
-        }
-        if let Some(s) = up.child.try_wait().unwrap() {
-            panic!("up exited with {s}:\n{text}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "up did not start:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let mut cmd = common::ghostwriter();
+    cmd.args([
+        "up",
+        "--processes",
+        "--listen",
+        "127.0.0.1:0",
+        "--model-dir",
+    ])
+    .arg(common::model_dir())
+    // The base model, which continues these starts at length (the shipped adapter ends a
+    // review sooner): the streams must outlast a kill.
+    .arg("--zero-shot")
+    .arg("--index-dir")
+    .arg(dir.path().join("index"))
+    .args(["--replicas", replicas])
+    // Consecutive ports from here, one a process.
+    .args(["--metrics-listen", &format!("127.0.0.1:{}", common::port())])
+    .args(args)
+    .envs(env.iter().copied())
+    .env("RUST_LOG", "info")
+    .stdin(std::process::Stdio::null());
+    let mut up = StageProcess::spawn_keeping("up", cmd, usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .stopped_by("INT", Duration::from_secs(40));
+    let pid = up.pid();
+    up.wait_log(Duration::from_secs(180), |l| l.contains("ready in"))
+        .await
+        .unwrap_or_else(|e| panic!("up did not start: {e:#}"));
+    let text = up.log_lines().join("\n");
     let ca = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
@@ -196,13 +157,12 @@ async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh>
             .unwrap_or_default()
     };
     let mut mesh = Mesh {
-        url: format!("http://127.0.0.1:{port}"),
+        url: up.url().to_string(),
         tls,
         generators: Vec::new(),
         stages,
         metrics: String::new(),
-        up: Some(up),
-        served: Vec::new(),
+        served: vec![up],
         _dir: dir,
     };
     mesh.generators = mesh.pids("generator");
@@ -263,7 +223,6 @@ async fn own(orchestrator_args: &[&str]) -> Mesh {
         generators: vec![generator.pid()],
         stages: Vec::new(),
         metrics,
-        up: None,
         served: vec![generator, orchestrator],
         _dir: dir,
     }
