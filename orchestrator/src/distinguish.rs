@@ -34,6 +34,34 @@ const TOP_FEATURES: usize = 5;
 /// documents by recency only after its cut, so the whole history is fetched).
 const HISTORY_FETCH: u32 = 10_000;
 
+/// A distinction request, checked: ids, a text within the limits, a known method.
+struct Distinction {
+    request: DistinguishRequest,
+    method: DistinguishMethod,
+}
+
+impl TryFrom<DistinguishRequest> for Distinction {
+    type Error = Invalid;
+
+    fn try_from(r: DistinguishRequest) -> Result<Self, Invalid> {
+        check_ids(&r.user_id, &r.doc_id)?;
+        if r.text.trim().is_empty() {
+            return Err(Invalid::new("text", "text is empty"));
+        }
+        if r.text.chars().count() > MAX_DOCUMENT_CHARS {
+            let message = format!("text is limited to {MAX_DOCUMENT_CHARS} characters");
+            return Err(Invalid::new("text", message));
+        }
+        if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
+            let message = format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}");
+            return Err(Invalid::new("max_documents", message));
+        }
+        let method = DistinguishMethod::try_from(r.method)
+            .map_err(|_| Invalid::new("method", format!("unknown method {}", r.method)))?;
+        Ok(Self { request: r, method })
+    }
+}
+
 /// The `Distinguish` RPC.
 pub(crate) async fn distinguish(
     service: &OrchestratorService,
@@ -42,28 +70,8 @@ pub(crate) async fn distinguish(
     let started = Instant::now();
     let deadline = service.deadline(request.metadata(), started);
     let grant = service.auth.grant(request.metadata())?;
-    let r = request.into_inner();
-    check_ids(&r.user_id, &r.doc_id)?;
+    let Distinction { request: r, method } = request.into_inner().try_into()?;
     grant.allow(&r.user_id)?;
-    if r.text.trim().is_empty() {
-        return Err(Invalid::new("text", "text is empty").into());
-    }
-    if r.text.chars().count() > MAX_DOCUMENT_CHARS {
-        return Err(Invalid::new(
-            "text",
-            format!("text is limited to {MAX_DOCUMENT_CHARS} characters"),
-        )
-        .into());
-    }
-    if r.max_documents > MAX_DISTINGUISH_DOCUMENTS {
-        return Err(Invalid::new(
-            "max_documents",
-            format!("max_documents is limited to {MAX_DISTINGUISH_DOCUMENTS}"),
-        )
-        .into());
-    }
-    let method = DistinguishMethod::try_from(r.method)
-        .map_err(|_| Invalid::new("method", format!("unknown method {}", r.method)))?;
     match method {
         DistinguishMethod::Unspecified | DistinguishMethod::Style => {
             style(service, r, deadline).await

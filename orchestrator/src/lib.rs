@@ -187,6 +187,76 @@ pub struct OrchestratorService {
     metrics: OrchestratorMetrics,
 }
 
+/// A write request, checked (TGI's `Validation` in small): its ids, its start, its preset and
+/// its options. The caller's grant and this orchestrator's limits apply after, in `plan`.
+struct Write {
+    /// The request, its options taken out.
+    request: WriteRequest,
+    preset: Preset,
+    options: ghostwriter_proto::v1::WriteOptions,
+    /// Characters of title and start used as the immediate context.
+    context_chars: usize,
+}
+
+impl TryFrom<WriteRequest> for Write {
+    type Error = Invalid;
+
+    fn try_from(mut r: WriteRequest) -> Result<Self, Invalid> {
+        check_ids(&r.user_id, &r.doc_id)?;
+        if r.title.trim().is_empty() && r.start.trim().is_empty() {
+            return Err(Invalid::new(
+                "start",
+                "the document start is empty: set start (and optionally title)",
+            ));
+        }
+        let chars = r.title.chars().count() + r.start.chars().count();
+        if chars > MAX_DOCUMENT_CHARS {
+            return Err(Invalid::new(
+                "start",
+                format!("title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"),
+            ));
+        }
+        let preset = preset::find(&r.preset).ok_or_else(|| {
+            let known = preset::names();
+            let named = ghostwriter_common::status::quote(&r.preset);
+            Invalid::new(
+                "preset",
+                format!("unknown preset {named}; known presets: {known}"),
+            )
+        })?;
+        let o = r.options.take().unwrap_or_default();
+        if let Some(g) = &o.generation {
+            ghostwriter_common::check_sampling(g).map_err(|e| e.under("options"))?;
+            if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
+                return Err(Invalid::new(
+                    "options.generation.stop",
+                    "generation: at most 16 stop strings of at most 256 bytes",
+                ));
+            }
+        }
+        if o.context_chars > MAX_CONTEXT_CHARS {
+            let message = format!("context_chars is limited to {MAX_CONTEXT_CHARS}");
+            return Err(Invalid::new("options.context_chars", message));
+        }
+        if r.adapter.len() > 128 {
+            return Err(Invalid::new(
+                "adapter",
+                "an adapter name has at most 128 bytes",
+            ));
+        }
+        let context_chars = match o.context_chars {
+            0 => DEFAULT_CONTEXT_CHARS,
+            n => n as usize,
+        };
+        Ok(Self {
+            request: r,
+            preset,
+            options: o,
+            context_chars,
+        })
+    }
+}
+
 /// A validated write with everything resolved.
 struct Plan {
     preset: Preset,
@@ -319,72 +389,28 @@ impl OrchestratorService {
         let started = Instant::now();
         let deadline = self.deadline(request.metadata(), started);
         let grant = self.auth.grant(request.metadata())?;
-        let r = request.into_inner();
-        check_ids(&r.user_id, &r.doc_id)?;
+        let Write {
+            request: r,
+            preset,
+            options: o,
+            context_chars,
+        } = request.into_inner().try_into()?;
         grant.allow(&r.user_id)?;
-        if r.title.trim().is_empty() && r.start.trim().is_empty() {
-            return Err(Invalid::new(
-                "start",
-                "the document start is empty: set start (and optionally title)",
-            )
-            .into());
-        }
-        let chars = r.title.chars().count() + r.start.chars().count();
-        if chars > MAX_DOCUMENT_CHARS {
-            return Err(Invalid::new(
-                "start",
-                format!("title and start are {chars} characters; at most {MAX_DOCUMENT_CHARS}"),
-            )
-            .into());
-        }
-        let preset = preset::find(&r.preset).ok_or_else(|| {
-            Invalid::new(
-                "preset",
-                format!(
-                    "unknown preset {}; known presets: {}",
-                    ghostwriter_common::status::quote(&r.preset),
-                    preset::names()
-                ),
-            )
-        })?;
-        let o = r.options.unwrap_or_default();
         // Generation settings are checked before any stage runs.
-        if let Some(g) = &o.generation {
-            ghostwriter_common::check_sampling(g).map_err(|e| e.under("options"))?;
-            let limit = self.config.max_new_tokens_limit;
-            if g.max_new_tokens > limit {
-                return Err(Invalid::new(
-                    "options.generation.max_new_tokens",
-                    format!("generation: max_new_tokens is limited to {limit}"),
-                )
-                .into());
-            }
-            if g.stop.len() > 16 || g.stop.iter().any(|s| s.len() > 256) {
-                return Err(Invalid::new(
-                    "options.generation.stop",
-                    "generation: at most 16 stop strings of at most 256 bytes",
-                )
-                .into());
-            }
-        }
-        if o.context_chars > MAX_CONTEXT_CHARS {
+        let limit = self.config.max_new_tokens_limit;
+        if o.generation
+            .as_ref()
+            .is_some_and(|g| g.max_new_tokens > limit)
+        {
             return Err(Invalid::new(
-                "options.context_chars",
-                format!("context_chars is limited to {MAX_CONTEXT_CHARS}"),
+                "options.generation.max_new_tokens",
+                format!("generation: max_new_tokens is limited to {limit}"),
             )
             .into());
         }
-        let context_chars = if o.context_chars == 0 {
-            DEFAULT_CONTEXT_CHARS
-        } else {
-            o.context_chars as usize
-        };
         let context = immediate_context(&r.title, &r.start, context_chars);
         let retrieval = preset.ranking.is_some() && !o.disable_retrieval;
         let consistency_token = self.read_token(&r.user_id, &r.consistency_token)?;
-        if r.adapter.len() > 128 {
-            return Err(Invalid::new("adapter", "an adapter name has at most 128 bytes").into());
-        }
         Ok(Plan {
             consistency_token,
             adapter: r.adapter,

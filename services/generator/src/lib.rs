@@ -237,6 +237,81 @@ fn response(stats: Stats, model: &str) -> GenerateResponse {
     }
 }
 
+/// A generation request whose input and sampling settings are checked: the domain twin of
+/// [`GenerateRequest`] (TGI's `Validation` in small). The worker's own limits and defaults
+/// apply after, in [`GeneratorService::parse`].
+pub struct Generation {
+    /// What to write.
+    pub input: Input,
+    /// The sampling settings (checked; zeros mean the worker's defaults).
+    pub params: ghostwriter_proto::v1::GenerationParams,
+    /// The rest of the request: resume ids, salt and adapter.
+    pub request: GenerateRequest,
+}
+
+impl TryFrom<GenerateRequest> for Generation {
+    type Error = Invalid;
+
+    fn try_from(mut r: GenerateRequest) -> Result<Self, Invalid> {
+        let input = match r.input.take() {
+            Some(ProtoInput::Personalized(p)) => {
+                if p.passage_start.trim().is_empty() {
+                    return Err(Invalid::new(
+                        "input.personalized.passage_start",
+                        "passage_start is empty",
+                    ));
+                }
+                Input::Personalized(prompt::Parts {
+                    passage_start: p.passage_start,
+                    summary: p.summary,
+                    important_words: p.important_words,
+                    past_passages: p.past_passages,
+                    omit_passage_start: p.omit_passage_start,
+                })
+            }
+            Some(ProtoInput::Instruction(i)) if !i.trim().is_empty() => Input::Instruction(i),
+            Some(ProtoInput::Task(t)) if !t.instruction.trim().is_empty() => Input::Task {
+                passages: t.passages,
+                instruction: t.instruction,
+            },
+            Some(ProtoInput::Task(_)) => {
+                return Err(Invalid::new(
+                    "input.task.instruction",
+                    "task.instruction is empty",
+                ));
+            }
+            Some(ProtoInput::Distinction(d)) => {
+                if d.first.trim().is_empty() || d.second.trim().is_empty() {
+                    return Err(Invalid::new(
+                        "input.distinction",
+                        "distinction needs two non-empty passages",
+                    ));
+                }
+                Input::Distinction {
+                    first: d.first,
+                    second: d.second,
+                }
+            }
+            Some(ProtoInput::Instruction(_)) => {
+                return Err(Invalid::new("input.instruction", "instruction is empty"));
+            }
+            None => {
+                return Err(Invalid::new(
+                    "input",
+                    "input is missing: set personalized, task, instruction or distinction",
+                ));
+            }
+        };
+        let params = r.params.take().unwrap_or_default();
+        ghostwriter_common::check_sampling(&params).map_err(|e| e.under("params"))?;
+        Ok(Self {
+            input,
+            params,
+            request: r,
+        })
+    }
+}
+
 impl GeneratorService {
     /// Every adapter registered (the directory is read off the async threads).
     async fn adapter_list(&self) -> Result<Vec<AdapterStatus>, Error> {
@@ -259,64 +334,18 @@ impl GeneratorService {
     }
 
     /// Validates a request: what to condition on, the decoding settings and the deadline.
+    /// The engine's input and parameters for a checked request ([`Generation`]): this worker's
+    /// limit on new tokens, its defaults, and the answer tokens of a distinction.
     fn parse(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<(Input, Params, Option<Instant>), Error> {
         let deadline = deadline::from_metadata(request.metadata(), Instant::now());
-        let r = request.into_inner();
-        let input = match r.input {
-            Some(ProtoInput::Personalized(p)) => {
-                if p.passage_start.trim().is_empty() {
-                    return Err(Invalid::new(
-                        "input.personalized.passage_start",
-                        "passage_start is empty",
-                    )
-                    .into());
-                }
-                Input::Personalized(prompt::Parts {
-                    passage_start: p.passage_start,
-                    summary: p.summary,
-                    important_words: p.important_words,
-                    past_passages: p.past_passages,
-                    omit_passage_start: p.omit_passage_start,
-                })
-            }
-            Some(ProtoInput::Instruction(i)) if !i.trim().is_empty() => Input::Instruction(i),
-            Some(ProtoInput::Task(t)) if !t.instruction.trim().is_empty() => Input::Task {
-                passages: t.passages,
-                instruction: t.instruction,
-            },
-            Some(ProtoInput::Task(_)) => {
-                return Err(
-                    Invalid::new("input.task.instruction", "task.instruction is empty").into(),
-                );
-            }
-            Some(ProtoInput::Distinction(d)) => {
-                if d.first.trim().is_empty() || d.second.trim().is_empty() {
-                    return Err(Invalid::new(
-                        "input.distinction",
-                        "distinction needs two non-empty passages",
-                    )
-                    .into());
-                }
-                Input::Distinction {
-                    first: d.first,
-                    second: d.second,
-                }
-            }
-            Some(ProtoInput::Instruction(_)) => {
-                return Err(Invalid::new("input.instruction", "instruction is empty").into());
-            }
-            None => {
-                return Err(Invalid::new(
-                    "input",
-                    "input is missing: set personalized, task, instruction or distinction",
-                )
-                .into());
-            }
-        };
-        let g = r.params.unwrap_or_default();
+        let Generation {
+            input,
+            params: g,
+            request: r,
+        } = request.into_inner().try_into()?;
         let c = &self.config;
         if g.max_new_tokens > c.max_new_tokens_limit {
             return Err(Invalid::new(
@@ -328,7 +357,6 @@ impl GeneratorService {
             )
             .into());
         }
-        ghostwriter_common::check_sampling(&g).map_err(|e| e.under("params"))?;
         let params = Params {
             max_new_tokens: if g.max_new_tokens == 0 {
                 c.default_max_new_tokens

@@ -43,6 +43,64 @@ pub struct RankerService {
     verifier: std::sync::Arc<ghostwriter_style::Verifier>,
 }
 
+/// A ranking request, checked: a known strategy, the budget of the entries, the candidates
+/// as the ranker's own ([`Candidate`]: title and text joined, snippets made where the retriever
+/// sent none).
+pub struct Ranking {
+    /// How candidates are scored.
+    pub strategy: RankingStrategy,
+    /// Characters of the entries kept.
+    pub budget: usize,
+    /// The immediate context the dense strategies compare with.
+    pub query: String,
+    /// The retrieved documents.
+    pub candidates: Vec<Candidate>,
+}
+
+impl TryFrom<RankRequest> for Ranking {
+    type Error = Invalid;
+
+    fn try_from(r: RankRequest) -> Result<Self, Invalid> {
+        let strategy = RankingStrategy::try_from(r.strategy).map_err(|_| {
+            Invalid::new(
+                "strategy",
+                format!("unknown ranking strategy {}", r.strategy),
+            )
+        })?;
+        let budget = match r.budget_chars {
+            0 => DEFAULT_BUDGET_CHARS,
+            n => n as usize,
+        };
+        let candidates = r
+            .candidates
+            .into_iter()
+            .filter_map(|c| {
+                let d = c.document?;
+                let text = ghostwriter_common::text::document_text(&d.title, &d.text);
+                let snippets = if c.snippets.is_empty() {
+                    ghostwriter_common::text::snippets(&text)
+                } else {
+                    c.snippets
+                };
+                let (doc_id, timestamp, bm25) = (d.doc_id, d.timestamp, c.bm25_score);
+                Some(Candidate {
+                    doc_id,
+                    timestamp,
+                    text,
+                    bm25,
+                    snippets,
+                })
+            })
+            .collect();
+        Ok(Self {
+            strategy,
+            budget,
+            query: r.query,
+            candidates,
+        })
+    }
+}
+
 impl RankerService {
     /// Cosine similarity of each text to the query (embeddings cached across requests).
     async fn dense_scores(&self, query: &str, texts: Vec<String>) -> Result<Vec<f32>, Error> {
@@ -60,53 +118,28 @@ impl RankerService {
     }
 
     async fn rank(&self, r: RankRequest) -> Result<RankResponse, Error> {
-        let strategy = RankingStrategy::try_from(r.strategy).map_err(|_| {
-            Invalid::new(
-                "strategy",
-                format!("unknown ranking strategy {}", r.strategy),
-            )
-        })?;
-        let budget = if r.budget_chars == 0 {
-            DEFAULT_BUDGET_CHARS
-        } else {
-            r.budget_chars as usize
-        };
-        let mut candidates: Vec<Candidate> = r
-            .candidates
-            .into_iter()
-            .filter_map(|c| {
-                let d = c.document?;
-                let text = ghostwriter_common::text::document_text(&d.title, &d.text);
-                let snippets = if c.snippets.is_empty() {
-                    ghostwriter_common::text::snippets(&text)
-                } else {
-                    c.snippets
-                };
-                Some(Candidate {
-                    doc_id: d.doc_id,
-                    timestamp: d.timestamp,
-                    text,
-                    bm25: c.bm25_score,
-                    snippets,
-                })
-            })
-            .collect();
+        let Ranking {
+            strategy,
+            budget,
+            query,
+            mut candidates,
+        } = r.try_into()?;
         let scores = match strategy {
             RankingStrategy::Unspecified | RankingStrategy::Bm25 => rank::bm25_scores(&candidates),
             RankingStrategy::Recent => rank::recent_scores(&candidates),
             RankingStrategy::Dense => {
                 let texts: Vec<String> = candidates.iter().map(|c| c.text.clone()).collect();
-                self.dense_scores(&r.query, texts).await?
+                self.dense_scores(&query, texts).await?
             }
             RankingStrategy::Snippet => {
                 candidates = Candidate::snippet_units(&candidates);
                 let texts: Vec<String> = candidates.iter().map(|c| c.text.clone()).collect();
-                self.dense_scores(&r.query, texts).await?
+                self.dense_scores(&query, texts).await?
             }
             RankingStrategy::DocBySnippet => {
                 let units = Candidate::snippet_units(&candidates);
                 let texts: Vec<String> = units.into_iter().map(|c| c.text).collect();
-                let snippet_scores = self.dense_scores(&r.query, texts).await?;
+                let snippet_scores = self.dense_scores(&query, texts).await?;
                 rank::best_snippet_scores(&candidates, &snippet_scores)
             }
         };

@@ -217,6 +217,46 @@ fn token(s: &str) -> Result<Option<Token>, Error> {
     Ok(Some(s.parse::<Token>()?))
 }
 
+/// A retrieval request, checked: a user named, a limit within [`MAX_RETRIEVE_LIMIT`], a
+/// consistency token that parses.
+pub struct Retrieval {
+    /// Whose documents, from before when, never the one being written.
+    pub filter: HistoryFilter,
+    /// The BM25 query.
+    pub query: String,
+    /// Documents wanted (`None`: the retriever's `--retrieve-limit`).
+    pub limit: Option<usize>,
+    /// Whether the response carries the term statistics of the whole index.
+    pub term_statistics: bool,
+    /// The write the answer must include (with a store).
+    pub token: Option<Token>,
+}
+
+impl TryFrom<RetrieveRequest> for Retrieval {
+    type Error = Error;
+
+    fn try_from(r: RetrieveRequest) -> Result<Self, Error> {
+        if r.user_id.trim().is_empty() {
+            return Err(Invalid::new("user_id", "user_id is empty").into());
+        }
+        if r.limit > MAX_RETRIEVE_LIMIT {
+            let message = format!("limit {} exceeds {MAX_RETRIEVE_LIMIT}", r.limit);
+            return Err(Invalid::new("limit", message).into());
+        }
+        Ok(Self {
+            token: token(&r.consistency_token)?,
+            filter: HistoryFilter {
+                user_id: r.user_id,
+                before: r.before_timestamp.unwrap_or_else(now_unix),
+                current_doc_id: r.current_doc_id,
+            },
+            query: r.query,
+            limit: (r.limit > 0).then_some(r.limit as usize),
+            term_statistics: r.term_statistics,
+        })
+    }
+}
+
 /// The gauge of the documents in the index.
 fn documents_gauge(metrics: &ghostwriter_transport::Metrics) -> IntGauge {
     let gauge = IntGauge::new(
@@ -364,12 +404,9 @@ impl Retriever for RetrieverService {
             request.metadata(),
             std::time::Instant::now(),
         );
-        let r = request.into_inner();
-        if r.user_id.trim().is_empty() {
-            return Err(Error::from(Invalid::new("user_id", "user_id is empty")).into());
-        }
+        let r: Retrieval = request.into_inner().try_into()?;
         let index = self.index()?;
-        if let (Some(token), Some(replica)) = (token(&r.consistency_token)?, self.replica()?) {
+        if let (Some(token), Some(replica)) = (r.token, self.replica()?) {
             // Read your writes: wait for the write (within the deadline), else let the caller
             // try a replica that has it.
             let within = deadline
@@ -380,21 +417,10 @@ impl Retriever for RetrieverService {
                 return Err(Error::Behind(token).into());
             }
         }
-        let filter = HistoryFilter {
-            user_id: r.user_id,
-            before: r.before_timestamp.unwrap_or_else(now_unix),
-            current_doc_id: r.current_doc_id,
-        };
-        if r.limit > MAX_RETRIEVE_LIMIT {
-            let message = format!("limit {} exceeds {MAX_RETRIEVE_LIMIT}", r.limit);
-            return Err(Error::from(Invalid::new("limit", message)).into());
-        }
-        let limit = if r.limit == 0 {
-            self.default_limit.min(MAX_RETRIEVE_LIMIT)
-        } else {
-            r.limit
-        } as usize;
-        let statistics = r.term_statistics;
+        let limit = r
+            .limit
+            .unwrap_or(self.default_limit.min(MAX_RETRIEVE_LIMIT) as usize);
+        let (filter, statistics) = (r.filter, r.term_statistics);
         let (retrieved, background) = tokio::task::spawn_blocking(move || {
             let retrieved = index.retrieve(&filter, &r.query, limit)?;
             let background = if statistics {

@@ -205,21 +205,22 @@ impl Summarizer for SummarizerService {
     }
 }
 
-impl SummarizerService {
-    async fn summarize(
-        &self,
-        r: SummarizeRequest,
-        deadline: Option<Instant>,
-    ) -> Result<String, Error> {
+/// A summary request, checked: its mode known, its length within the limit, the query there
+/// when the mode needs it.
+pub struct Summary {
+    /// How the summary is made.
+    pub mode: SummaryMode,
+    /// The entries, the query, the lengths and the salt.
+    pub request: SummarizeRequest,
+}
+
+impl TryFrom<SummarizeRequest> for Summary {
+    type Error = Invalid;
+
+    fn try_from(r: SummarizeRequest) -> Result<Self, Invalid> {
         if r.max_new_tokens > MAX_SUMMARY_TOKENS {
-            return Err(Invalid::new(
-                "max_new_tokens",
-                format!("max_new_tokens is limited to {MAX_SUMMARY_TOKENS}"),
-            )
-            .into());
-        }
-        if r.entries.iter().all(|e| e.text.trim().is_empty()) {
-            return Ok(String::new());
+            let message = format!("max_new_tokens is limited to {MAX_SUMMARY_TOKENS}");
+            return Err(Invalid::new("max_new_tokens", message));
         }
         let mode = SummaryMode::try_from(r.mode)
             .map_err(|_| Invalid::new("mode", format!("unknown summary mode {}", r.mode)))?;
@@ -228,8 +229,21 @@ impl SummarizerService {
             return Err(Invalid::new(
                 "query",
                 "a context-dependent summary needs the query (immediate context)",
-            )
-            .into());
+            ));
+        }
+        Ok(Self { mode, request: r })
+    }
+}
+
+impl SummarizerService {
+    async fn summarize(
+        &self,
+        r: SummarizeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<String, Error> {
+        let Summary { mode, request: r } = r.try_into()?;
+        if r.entries.iter().all(|e| e.text.trim().is_empty()) {
+            return Ok(String::new());
         }
         if mode == SummaryMode::Context {
             let budget = if r.budget_chars == 0 {

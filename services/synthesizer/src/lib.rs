@@ -83,22 +83,45 @@ impl Synthesizer for SynthesizerService {
     }
 }
 
-impl SynthesizerService {
-    async fn synthesize(&self, r: SynthesizeRequest) -> Result<SynthesizeResponse, Error> {
+/// A synthesis request, checked (TGI's `Validation` in small): how many words, picked how.
+pub struct Synthesis {
+    /// Words wanted (the request's, or [`synth::DEFAULT_MAX_WORDS`]).
+    pub max: usize,
+    /// How they are picked.
+    pub mode: SynthesisMode,
+    /// The texts, the query and the background statistics.
+    pub request: SynthesizeRequest,
+}
+
+impl TryFrom<SynthesizeRequest> for Synthesis {
+    type Error = Invalid;
+
+    fn try_from(r: SynthesizeRequest) -> Result<Self, Invalid> {
         if r.max_words > MAX_WORDS_LIMIT {
-            return Err(Invalid::new(
-                "max_words",
-                format!("max_words is limited to {MAX_WORDS_LIMIT}"),
-            )
-            .into());
+            let message = format!("max_words is limited to {MAX_WORDS_LIMIT}");
+            return Err(Invalid::new("max_words", message));
         }
-        let max = if r.max_words == 0 {
-            synth::DEFAULT_MAX_WORDS
-        } else {
-            r.max_words as usize
+        let max = match r.max_words {
+            0 => synth::DEFAULT_MAX_WORDS,
+            n => n as usize,
         };
         let mode = SynthesisMode::try_from(r.mode)
             .map_err(|_| Invalid::new("mode", format!("unknown synthesis mode {}", r.mode)))?;
+        Ok(Self {
+            max,
+            mode,
+            request: r,
+        })
+    }
+}
+
+impl SynthesizerService {
+    async fn synthesize(&self, r: SynthesizeRequest) -> Result<SynthesizeResponse, Error> {
+        let Synthesis {
+            max,
+            mode,
+            request: r,
+        } = r.try_into()?;
         let threshold = self.threshold;
         let context = mode == SynthesisMode::Context;
         let words = self
