@@ -125,15 +125,17 @@ async fn up(replicas: &str, args: &[&str], env: &[(&str, &str)]) -> Option<Mesh>
         .unwrap_or_else(|e| panic!("{e:#}"))
         .stopped_by("INT", Duration::from_secs(40));
     let pid = up.pid();
-    up.wait_log(Duration::from_secs(180), |l| l.contains("ready in"))
+    // Ready, and (the line after "ready in") where its CA is.
+    let callers = up
+        .wait_log(Duration::from_secs(180), |l| {
+            l.contains("callers: --tls-ca ")
+        })
         .await
         .unwrap_or_else(|e| panic!("up did not start: {e:#}"));
-    let text = up.log_lines().join("\n");
-    let ca = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("callers: --tls-ca "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no CA in the log:\n{text}"));
+    let ca = callers
+        .split_once("callers: --tls-ca ")
+        .and_then(|(_, l)| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no CA in {callers:?}"));
     let tls = ghostwriter_transport::Tls::from_args(&ghostwriter_transport::tls::TlsArgs {
         ca: Some(ca.into()),
         server_name: ghostwriter_transport::tls::DEFAULT_SERVER_NAME.into(),

@@ -1055,8 +1055,10 @@ async fn ten_thousand_hostile_requests_no_panic_and_invalid_argument() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     let url = up.url().to_string();
-    // Ready once `up` says so (every stage loaded).
-    up.wait_log(Duration::from_secs(300), |l| l.contains("ready in"))
+    // Ready once `up` says so (every stage loaded), and the line after that names the
+    // retriever's own address.
+    let is_retriever = |l: &str| l.split_whitespace().next() == Some("retriever");
+    up.wait_log(Duration::from_secs(300), is_retriever)
         .await
         .unwrap_or_else(|e| panic!("up did not start: {e:#}"));
     ghostwriter_transport::client::wait_until_serving(&url, "", Duration::from_secs(60), None)

@@ -132,12 +132,13 @@ impl Drop for Interrupt {
     }
 }
 
-/// Waits until `log` says the topology is ready; its text.
-async fn ready(log: &Path, child: &mut Child) -> String {
+/// Waits until `log` says the topology is ready and has printed what `done` looks for (the
+/// lines `up` prints after "ready in"); its text.
+async fn ready(log: &Path, child: &mut Child, done: impl Fn(&str) -> bool) -> String {
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains("ready in") {
+        if text.contains("ready in") && done(&text) {
             return text;
         }
         if let Some(s) = child.try_wait().unwrap() {
@@ -188,7 +189,7 @@ async fn up_processes_passes_its_flags_on_and_keeps_its_key_private() {
     );
     let pid = up.id();
     let mut up = Interrupt(up);
-    let text = ready(&log, &mut up.0).await;
+    let text = ready(&log, &mut up.0, |t| t.contains("callers: --tls-ca ")).await;
 
     // The mesh's private key: 0600, in a directory only its owner opens.
     let ca = text
@@ -280,14 +281,20 @@ async fn embedded_up_with_auth_serves_no_stage_on_a_port() {
     );
     let pid = up.id();
     let mut up = Interrupt(up);
-    let text = ready(&log, &mut up.0).await;
+    let socket = |l: &str| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|u| u.starts_with("unix:"))
+    };
+    let stages = |t: &str| t.lines().filter(|l| socket(l)).count() >= 5;
+    let text = ready(&log, &mut up.0, stages).await;
     // The only port is the public API's.
     assert_eq!(listening_tcp_ports(pid), vec![port], "{text}");
     // The stages are on Unix sockets in a directory no other user may open.
     let sockets: Vec<&str> = text
         .lines()
+        .filter(|l| socket(l))
         .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|u| u.starts_with("unix:"))
         .collect();
     assert_eq!(sockets.len(), 5, "{text}");
     let retriever = sockets
