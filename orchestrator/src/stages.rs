@@ -36,7 +36,8 @@ macro_rules! balanced_calls {
         $(
             $(#[$doc])*
             pub async fn $name(&self, r: $req, deadline: Option<Instant>) -> Result<$resp, Error> {
-                let (stage, pick) = (StageKind::$stage, |set: &EndpointSet, tried: &[String]| set.pick(tried));
+                let stage = StageKind::$stage;
+                let pick = |set: &EndpointSet, tried: &[String]| set.pick(tried);
                 self.call(stage, stage.name(), pick, r, deadline, |channel, request| async move {
                     $client::new(channel)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -91,8 +91,9 @@ fn hold<T: Send + Unpin + 'static>(response: Response, held: T) -> Response {
     response.map(|inner| Body::new(Holding { inner, _held: held }))
 }
 
-/// A layer and its service: the layer's struct, the `Layer` that clones the layer's fields into the service, and the
-/// `Service` whose readiness is the inner service's; only `call` (given verbatim) differs.
+/// A layer and its service: the layer's struct, the `Layer` that clones the layer's fields into
+/// the service, and the `Service` whose readiness is the inner service's; only `call` (given
+/// verbatim) differs.
 macro_rules! layer {
     (
         $(#[$doc:meta])*
