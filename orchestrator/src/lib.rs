@@ -944,6 +944,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_write_is_checked_whole_and_names_the_field_that_fails() {
+        use ghostwriter_proto::v1::{GenerationParams, WriteOptions};
+        let good = WriteRequest {
+            user_id: "maya".into(),
+            start: "These strings".into(),
+            ..Default::default()
+        };
+        let checked = Write::try_from(good.clone()).unwrap();
+        assert_eq!(checked.preset.name, preset::DEFAULT_PRESET);
+        assert_eq!(checked.context_chars, DEFAULT_CONTEXT_CHARS);
+        let field = |r: WriteRequest| Write::try_from(r).err().map(|e| e.field);
+        let with = |f: fn(&mut WriteRequest)| {
+            let mut r = good.clone();
+            f(&mut r);
+            field(r)
+        };
+        assert_eq!(with(|r| r.user_id.clear()).as_deref(), Some("user_id"));
+        assert_eq!(with(|r| r.start = " ".into()).as_deref(), Some("start"));
+        assert_eq!(
+            with(|r| r.preset = "nope".into()).as_deref(),
+            Some("preset")
+        );
+        assert_eq!(
+            with(|r| r.adapter = "a".repeat(129)).as_deref(),
+            Some("adapter")
+        );
+        let options = |o: WriteOptions| {
+            let mut r = good.clone();
+            r.options = Some(o);
+            field(r)
+        };
+        let too_wide = WriteOptions {
+            context_chars: MAX_CONTEXT_CHARS + 1,
+            ..Default::default()
+        };
+        assert_eq!(options(too_wide).as_deref(), Some("options.context_chars"));
+        let stops = WriteOptions {
+            generation: Some(GenerationParams {
+                stop: vec!["x".into(); 17],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(options(stops).as_deref(), Some("options.generation.stop"));
+    }
+
+    #[test]
     fn immediate_context_joins_title_and_cuts() {
         assert_eq!(
             immediate_context("Great", "strings last", 150),

@@ -614,3 +614,36 @@ pub async fn serve(
         .add_service(GeneratorServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
     server.serve_after(routes, listener, shutdown, loader).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ghostwriter_proto::v1::{DistinctionInput, GenerationParams};
+
+    #[test]
+    fn a_generation_is_checked_before_the_engine_sees_it() {
+        let with = |input: ProtoInput| GenerateRequest {
+            input: Some(input),
+            ..Default::default()
+        };
+        let field = |r: GenerateRequest| Generation::try_from(r).err().map(|e| e.field);
+        assert_eq!(field(with(ProtoInput::Instruction("Say hi".into()))), None);
+        assert_eq!(field(GenerateRequest::default()).as_deref(), Some("input"));
+        let blank = ProtoInput::Instruction(" ".into());
+        assert_eq!(field(with(blank)).as_deref(), Some("input.instruction"));
+        let one_sided = ProtoInput::Distinction(DistinctionInput {
+            first: "a review".into(),
+            second: String::new(),
+        });
+        assert_eq!(field(with(one_sided)).as_deref(), Some("input.distinction"));
+        let hot = GenerateRequest {
+            params: Some(GenerationParams {
+                top_p: 2.0,
+                ..Default::default()
+            }),
+            ..with(ProtoInput::Instruction("Say hi".into()))
+        };
+        let f = field(hot).unwrap_or_default();
+        assert!(f.starts_with("params."), "{f}");
+    }
+}

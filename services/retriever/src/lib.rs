@@ -648,3 +648,34 @@ async fn prune(store: Arc<Store>, retention: std::time::Duration, stop: Shutdown
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retrieval_is_checked_before_the_index_is_asked() {
+        let good = RetrieveRequest {
+            user_id: "maya".into(),
+            query: "strings".into(),
+            ..Default::default()
+        };
+        let checked = Retrieval::try_from(good.clone()).unwrap();
+        assert_eq!((checked.limit, checked.token), (None, None));
+        assert_eq!(checked.filter.user_id, "maya");
+        let code = |f: fn(&mut RetrieveRequest)| {
+            let mut r = good.clone();
+            f(&mut r);
+            Retrieval::try_from(r).err().map(|e| Status::from(e).code())
+        };
+        assert_eq!(code(|r| r.limit = 7), None);
+        assert_eq!(
+            code(|r| r.user_id = " ".into()),
+            Some(tonic::Code::InvalidArgument)
+        );
+        let over = |r: &mut RetrieveRequest| r.limit = MAX_RETRIEVE_LIMIT + 1;
+        assert_eq!(code(over), Some(tonic::Code::InvalidArgument));
+        let token = |r: &mut RetrieveRequest| r.consistency_token = "not a token".into();
+        assert_eq!(code(token), Some(tonic::Code::InvalidArgument));
+    }
+}
