@@ -241,7 +241,7 @@ where
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         telemetry();
-        model_dir(); // pulled on the test's thread, where a failure reports
+        model_dir(); // pulls the models here, on the test's thread, where a failure is reported
         // Tests run inside their own runtimes: the shared topology gets a runtime of its own,
         // built and driven from a plain thread, and never dropped.
         std::thread::spawn(move || {
@@ -420,7 +420,7 @@ impl InProcess {
         Self { url, stop, task }
     }
 
-    /// The trigger that stops it (for a test that stops it its own way).
+    /// The trigger that stops it (other servers of the test subscribe to it, to stop with it).
     pub fn trigger(&self) -> &ghostwriter_common::shutdown::ShutdownTrigger {
         &self.stop
     }
