@@ -20,15 +20,7 @@ fn model_path() -> std::path::PathBuf {
 }
 
 fn options(kv_cache_mb: usize) -> LoadOptions {
-    LoadOptions {
-        device: "cpu".into(),
-        max_context: 2048,
-        threads: 0,
-        block_size: 16,
-        kv_cache_mb,
-        adapter: None,
-        model_sha256: None,
-    }
+    LoadOptions::cpu(2048, kv_cache_mb)
 }
 
 fn engine(max_running: usize, queue: usize, prefix_cache: bool, kv_cache_mb: usize) -> Engine {

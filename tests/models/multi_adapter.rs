@@ -30,13 +30,8 @@ fn engine(dir: &Path, memory_bytes: usize) -> (Engine, AdapterShape, String) {
     let model = LanguageModel::load(
         &model_path(),
         &LoadOptions {
-            device: "cpu".into(),
-            max_context: 2048,
-            threads: 0,
-            block_size: 16,
-            kv_cache_mb: 128,
-            adapter: None,
             model_sha256: Some(sha.clone()),
+            ..LoadOptions::cpu(2048, 128)
         },
     )
     .unwrap();
@@ -403,13 +398,8 @@ fn candle_serves_a_mixed_batch_of_adapters_as_each_alone_and_as_the_native_engin
     let _slot = common::slot(module_path!());
     let sha = ghostwriter_common::models::sha256_file(&model_path()).unwrap();
     let options = LoadOptions {
-        device: "cpu".into(),
-        max_context: 1024,
-        threads: 0,
-        block_size: 16,
-        kv_cache_mb: 64,
-        adapter: None,
         model_sha256: Some(sha.clone()),
+        ..LoadOptions::cpu(1024, 64)
     };
     let native = LanguageModel::load(&model_path(), &options).unwrap();
     let prompter = native.prompter;

@@ -76,13 +76,9 @@ fn seeded_adapter(seed: u64) -> Vec<u8> {
     let loaded = ghostwriter_generator::LanguageModel::load(
         &model,
         &ghostwriter_generator::LoadOptions {
-            device: "cpu".into(),
-            max_context: 256,
             threads: 1,
-            block_size: 16,
-            kv_cache_mb: 1,
-            adapter: None,
             model_sha256: Some(sha.clone()),
+            ..ghostwriter_generator::LoadOptions::cpu(256, 1)
         },
     )
     .unwrap();
