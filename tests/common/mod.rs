@@ -413,10 +413,15 @@ impl InProcess {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, shutdown) = ghostwriter_common::shutdown::channel();
-        let task = tokio::spawn(serve(listener, shutdown));
-        ghostwriter_transport::client::wait_until_serving(&url, "", ready_within, None)
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {}", e.message()));
+        let mut task = tokio::spawn(serve(listener, shutdown));
+        let ready = ghostwriter_transport::client::wait_until_serving(&url, "", ready_within, None);
+        tokio::select! {
+            ready = ready => {
+                ready.unwrap_or_else(|e| panic!("{url}: {}", e.message()));
+            }
+            // A server that ends before it serves says why, instead of a timeout on its port.
+            ended = &mut task => panic!("{url} ended before it was SERVING: {:?}", ended.unwrap()),
+        }
         Self { url, stop, task }
     }
 

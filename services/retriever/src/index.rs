@@ -5,9 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tantivy::collector::{Count, TopDocs};
 use tantivy::directory::MmapDirectory;
+use tantivy::directory::error::LockError;
 use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::{Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TEXT, Value};
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term, doc};
@@ -132,6 +134,9 @@ pub struct DocumentIndex {
     fields: Fields,
 }
 
+/// How long opening waits for a busy writer lock (see [`DocumentIndex::writer`]).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// Most query terms used (longer contexts are cut), so one request cannot build a huge query.
 const MAX_QUERY_TERMS: usize = 256;
 
@@ -167,13 +172,47 @@ impl DocumentIndex {
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
-        let writer = index.writer_with_num_threads(1, writer_memory_bytes.max(15_000_000))?;
+        let writer = Self::writer(&index, writer_memory_bytes, LOCK_WAIT)?;
         Ok(Self {
             index,
             reader,
             writer: Mutex::new(writer),
             fields,
         })
+    }
+
+    /// The index's one writer. Its lock file may still be held for a moment after the writer
+    /// that held it has gone (a child forked by the process in that moment keeps a copy of
+    /// the lock's file descriptor until it runs its program), so a busy lock is tried again,
+    /// for at most `wait`, as Elasticsearch waits for a shard lock; a lock still busy then is
+    /// another writer on this directory, refused.
+    fn writer(index: &Index, memory_bytes: usize, wait: Duration) -> Result<IndexWriter, Error> {
+        let deadline = Instant::now() + wait;
+        let mut logged = false;
+        loop {
+            match index.writer_with_num_threads(1, memory_bytes.max(15_000_000)) {
+                Err(tantivy::TantivyError::LockFailure(LockError::LockBusy, _))
+                    if Instant::now() < deadline =>
+                {
+                    if !logged {
+                        tracing::warn!(
+                            stage = "retriever",
+                            ?wait,
+                            "the index's writer lock is busy; waiting for it"
+                        );
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(tantivy::TantivyError::LockFailure(LockError::LockBusy, _)) => {
+                    return Err(Error::Index(format!(
+                        "another writer holds this index (its lock stayed busy for {wait:?}): \
+                         two retrievers cannot share one index directory"
+                    )));
+                }
+                written => return Ok(written?),
+            }
+        }
     }
 
     /// Number of documents searchable now.
@@ -763,5 +802,31 @@ mod tests {
         let r = index.retrieve(&filter("u", 10, ""), "version", 10).unwrap();
         assert_eq!(r.hits.len(), 1);
         assert_eq!(r.hits[0].document.text, "second version");
+    }
+
+    #[test]
+    fn a_writer_lock_freed_while_opening_is_taken_and_one_held_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        // Held throughout: refused after the wait, with the reason.
+        let held = DocumentIndex::writer(&first.index, 15_000_000, Duration::from_millis(200));
+        let Err(Error::Index(message)) = held else { panic!("a held lock was taken") };
+        assert!(
+            message.contains("another writer holds this index"),
+            "{message}"
+        );
+        // Freed while the second open waits: taken.
+        let freed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let started = Instant::now();
+        let second = DocumentIndex::open(dir.path(), 20_000_000).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        freed.join().unwrap();
+        second
+            .ingest(&[doc("u", "a", 1, "after the wait")])
+            .unwrap();
+        assert_eq!(second.num_docs(), 1);
     }
 }
