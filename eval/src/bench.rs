@@ -360,6 +360,7 @@ pub async fn ops(exe: &Path, model_dir: &Path, writes: usize) -> anyhow::Result<
     }))
 }
 
-async fn wait_until(url: &str) -> anyhow::Result<()> {
+/// Waits (at most two minutes) until the process at `url` reports SERVING.
+pub(crate) async fn wait_until(url: &str) -> anyhow::Result<()> {
     ghostwriter_transport::client::serving(url, std::time::Duration::from_secs(120)).await
 }

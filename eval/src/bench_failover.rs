@@ -115,7 +115,7 @@ impl Generator {
             .stdout(std::process::Stdio::null())
             .spawn()?;
         self.child = Some(child);
-        wait_serving(&self.url()).await
+        crate::bench::wait_until(&self.url()).await
     }
 
     fn kill(&mut self) {
@@ -130,10 +130,6 @@ impl Drop for Generator {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-async fn wait_serving(url: &str) -> anyhow::Result<()> {
-    ghostwriter_transport::client::serving(url, Duration::from_secs(120)).await
 }
 
 /// One streamed write: when it opened, each piece (time, text length so far), its outcome.
@@ -289,7 +285,7 @@ pub async fn run(exe: &Path, model_dir: &Path, a: &FailoverArgs) -> anyhow::Resu
         .context("starting the orchestrator")?;
     let url = format!("http://127.0.0.1:{o}");
     let result = async {
-        wait_serving(&url).await?;
+        crate::bench::wait_until(&url).await?;
         // Each start's undisturbed token ids, from a generator directly.
         let mut references = Vec::new();
         for i in 0..STARTS.len() {

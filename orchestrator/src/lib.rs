@@ -737,8 +737,8 @@ impl OrchestratorService {
     ) -> Result<StreamOf<WriteStreamResponse>, Error> {
         let plan = self.plan(request)?;
         let prepared = self.prepare(&plan).await?;
-        let provenance = prepared.provenance.clone();
         if !plan.preset.generate {
+            let provenance = prepared.provenance.clone();
             let done = self.copied(&plan, prepared);
             let events = [
                 Event::Provenance(provenance),
@@ -749,10 +749,15 @@ impl OrchestratorService {
                 tokio_stream::iter(events.map(|e| Ok(WriteStreamResponse { event: Some(e) })));
             return Ok(Box::pin(stream));
         }
+        let Prepared {
+            generate,
+            provenance,
+            ..
+        } = prepared;
         let t = Instant::now();
         let mut upstream = self
             .stages
-            .generate_stream(prepared.generate, plan.deadline, self.streams)
+            .generate_stream(generate, plan.deadline, self.streams)
             .await?;
         let (tx, rx) = mpsc::channel::<Result<WriteStreamResponse, Status>>(32);
         let this = self.clone();

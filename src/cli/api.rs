@@ -288,7 +288,8 @@ pub async fn distinguish(args: DistinguishArgs) -> anyhow::Result<()> {
         } as i32,
         consistency_token: args.after.unwrap_or_default(),
     };
-    let r = (args.api)
+    let r = args
+        .api
         .call(request, args.timeout, |mut c, r| async move {
             c.distinguish(r).await
         })
@@ -380,7 +381,8 @@ pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
         user_id: args.user.clone(),
         doc_id: args.doc_id.clone().unwrap_or_default(),
     };
-    let r = (args.api)
+    let r = args
+        .api
         .call(request, args.timeout, |mut c, r| async move {
             c.delete(r).await
         })

@@ -242,7 +242,6 @@ const STAGES: [&str; 6] = {
 /// Where every pod that speaks TLS has the Secret.
 const TLS_DIR: &str = "/etc/ghostwriter/tls";
 
-/// The four TLS flags every stage gets with tls.enabled.
 /// `helm template` with `--set set`, which the chart must refuse: what helm says why.
 fn refused(helm: &Path, set: &str) -> String {
     let out = Command::new(helm)
@@ -253,6 +252,7 @@ fn refused(helm: &Path, set: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The four TLS flags every stage gets with tls.enabled.
 fn tls_flags(server_name: &str) -> [String; 4] {
     [
         format!("--tls-cert={TLS_DIR}/tls.crt"),

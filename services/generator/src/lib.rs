@@ -333,7 +333,6 @@ impl GeneratorService {
         self.engine.get().ok_or(Error::Loading)
     }
 
-    /// Validates a request: what to condition on, the decoding settings and the deadline.
     /// The engine's input and parameters for a checked request ([`Generation`]): this worker's
     /// limit on new tokens, its defaults, and the answer tokens of a distinction.
     fn parse(

@@ -82,12 +82,11 @@ impl TryFrom<RankRequest> for Ranking {
                 } else {
                     c.snippets
                 };
-                let (doc_id, timestamp, bm25) = (d.doc_id, d.timestamp, c.bm25_score);
                 Some(Candidate {
-                    doc_id,
-                    timestamp,
+                    doc_id: d.doc_id,
+                    timestamp: d.timestamp,
                     text,
-                    bm25,
+                    bm25: c.bm25_score,
                     snippets,
                 })
             })

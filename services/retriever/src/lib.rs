@@ -550,8 +550,9 @@ pub async fn serve(
 }
 
 /// Waits, a bounded time, until nothing holds the index any more (a follower's or a call's
-/// blocking task may still run after the server stopped), so that its writer lock is free when
-/// `serve` returns: a retriever started again on the same directory in this process opens it.
+/// blocking task may still run after the server stopped), so that this process has let go of
+/// its writer lock when `serve` returns. (A child forked in that moment may still hold a copy
+/// of the lock for a while; the next open waits for it: `DocumentIndex::writer`.)
 async fn release(cell: Arc<OnceCell<Arc<DocumentIndex>>>) {
     let Some(index) = cell.get().cloned() else { return };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -171,8 +171,13 @@ struct Weighted<'a> {
 unsafe fn accumulate_values_avx512<const ROWS: usize>(out: &mut [f32], b: Weighted) {
     use super::isa::load_f16x16;
     use std::arch::x86_64::*;
-    let Weighted { p, v, .. } = b;
-    let (stride, count, hd) = (b.stride, b.count, b.hd);
+    let Weighted {
+        p,
+        stride,
+        count,
+        v,
+        hd,
+    } = b;
     for c in (0..hd).step_by(16) {
         let mut acc: [__m512; ROWS] =
             std::array::from_fn(|r| unsafe { _mm512_loadu_ps(out.as_ptr().add(r * hd + c)) });
